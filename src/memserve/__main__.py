@@ -1,0 +1,3 @@
+from memserve.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""``memserve fit MODEL``: will this model fit here, and how? Computed from headers, nothing is loaded."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
+from memserve.checkpoint.locate import read_facts
+from memserve.memory.inventory import Inventory
+from memserve.memory.planner import (
+    DEFAULT_CONTEXT_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    PlanResult,
+    Policy,
+    Request,
+    plan,
+)
+from memserve.memory.probe import probe_inventory
+from memserve.units import format_bytes
+
+EXIT_NO_FIT = 3
+
+
+def default_context(facts: CheckpointFacts) -> int:
+    """Like Ollama: a modest default context, never more than the model supports."""
+    limit = facts.max_context_tokens
+    return min(limit, DEFAULT_CONTEXT_TOKENS) if limit else DEFAULT_CONTEXT_TOKENS
+
+
+def fit_result(
+    model: str,
+    *,
+    context: int | None = None,
+    concurrency: int = 1,
+    quantization: str = "auto",
+    min_context: int | None = None,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    adapters: tuple[str, ...] = (),
+    device: str = "auto",
+    inventory: Inventory,
+) -> tuple[CheckpointFacts, Request, PlanResult]:
+    """Facts, request and plan for one model: what ``fit`` prints and the server will reuse."""
+    facts = read_facts(model)
+    facts = with_adapters(facts, tuple(read_adapter_facts(Path(a)) for a in adapters))
+    request = Request(
+        context_tokens=context if context is not None else default_context(facts),
+        concurrency=concurrency,
+        quantization=quantization,  # type: ignore[arg-type]  # validated by plan()
+        min_context_tokens=min_context,
+        max_batch_tokens=max_batch_tokens,
+    )
+    policy = Policy(allow_gpu=device != "cpu", allow_cpu=device != "cuda", allow_split=device == "auto")
+    return facts, request, plan(facts, request, inventory, policy)
+
+
+def fit_json(facts: CheckpointFacts, request: Request, result: PlanResult, inventory: Inventory) -> dict[str, Any]:
+    """The public shape of ``fit --json`` (the server's /api/fit answers the same)."""
+    return {
+        "model": facts.summary(),
+        "request": request.to_json(),
+        "devices": {
+            d.name: {
+                "kind": d.kind,
+                "description": d.description,
+                "total_bytes": d.total_bytes,
+                "free_bytes": d.free_bytes,
+                "budget_bytes": d.budget_bytes,
+                "headroom_bytes": d.headroom_bytes,
+                "usable_bytes": d.usable_bytes,
+            }
+            for d in inventory.devices
+        },
+        **result.to_json(),
+    }
+
+
+def _print_table(facts: CheckpointFacts, request: Request, result: PlanResult, inventory: Inventory) -> None:
+    console = Console()
+    console.print(
+        f"[bold]{facts.source}[/]  {facts.model_type}, {facts.params / 1e9:.2f}B params, "
+        f"{format_bytes(facts.weights_bytes)} {facts.dtype} in {facts.shards} shard(s), "
+        f"KV {format_bytes(facts.kv_bytes_per_token())}/token"
+    )
+    for warning in facts.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    for d in inventory.devices:
+        budget = f", budget {format_bytes(d.budget_bytes)}" if d.budget_bytes is not None else ""
+        console.print(
+            f"  {d.name}: {d.description or d.kind} — {format_bytes(d.free_bytes)} free of "
+            f"{format_bytes(d.total_bytes)}{budget}, headroom {format_bytes(d.headroom_bytes)} → "
+            f"{format_bytes(d.usable_bytes)} usable"
+        )
+    console.print(f"  request: context {request.context_tokens} tokens × {request.concurrency} sequence(s), "
+                  f"quantization {request.quantization}")
+    table = Table(title="placement ladder (first that fits wins)")
+    for col in ("rung", "fits", "dtype", "needs", "why"):
+        table.add_column(col, overflow="fold")
+    chosen = result.plan.rung if result.plan else None
+    for rung in result.rungs:
+        mark = "[green]yes[/]" if rung.fits else ("[dim]n/a[/]" if not rung.available else "[red]no[/]")
+        name = f"[bold]{rung.name} ◀[/]" if rung.name == chosen else rung.name
+        needs = ", ".join(f"{d} {format_bytes(n.total_bytes)}" for d, n in rung.devices.items()) or "-"
+        quant = "" if rung.quantization == "none" else f" {rung.quantization}"
+        table.add_row(name, mark, rung.dtype + quant, needs, rung.why)
+    console.print(table)
+    if result.plan is None:
+        return
+    p = result.plan
+    detail = Table(title=f"plan: {p.rung}, {p.dtype}{'' if p.quantization == 'none' else ' ' + p.quantization}, "
+                         f"context {p.context_tokens} × {p.concurrency}")
+    for col in ("device", "weights", "KV cache", "activations", "runtime", "total", "usable"):
+        detail.add_column(col, justify="right")
+    for name, n in p.devices.items():
+        detail.add_row(name, *(format_bytes(v) for v in (n.weights_bytes, n.kv_cache_bytes, n.activation_bytes,
+                                                         n.runtime_bytes, n.total_bytes, n.free_bytes)))
+    console.print(detail)
+
+
+@click.command("fit")
+@click.argument("model")
+@click.option("--context", type=int, default=None,
+              help="Tokens per sequence (prompt + completion). Default: the model's limit, at most 4096.")
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Sequences served at once.")
+@click.option("--memory", "memory", default=None,
+              help="Budget per device, e.g. cpu=16GiB,cuda:0=20GiB (plain byte counts work too).")
+@click.option("--headroom", default=None, help="Never hand out this much per device, e.g. 1GiB or cpu=2GiB.")
+@click.option("--quantization", default="auto", show_default=True, help="auto, none, int8 or 4bit.")
+@click.option("--min-context", type=int, default=None,
+              help="Allow a smaller context down to this many tokens when the requested one does not fit.")
+@click.option("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
+              help="Tokens in one forward (prefill chunk); bounds activation memory.")
+@click.option("--adapter", "adapters", multiple=True, help="A LoRA adapter folder to load on top (repeatable).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Restrict placement to host RAM or GPUs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def fit(
+    model: str,
+    context: int | None,
+    concurrency: int,
+    memory: str | None,
+    headroom: str | None,
+    quantization: str,
+    min_context: int | None,
+    max_batch_tokens: int,
+    adapters: tuple[str, ...],
+    device: str,
+    as_json: bool,
+) -> None:
+    """Say whether MODEL fits on this machine and how, from its headers alone.
+
+    MODEL is a local folder, a Hugging Face cache id or a hub id (org/name[@revision]).
+    Exit status: 0 a plan fits, 1 bad input, 3 nothing fits.
+    """
+    inventory = probe_inventory(memory=memory, headroom=headroom)
+    facts, request, result = fit_result(
+        model, context=context, concurrency=concurrency, quantization=quantization, min_context=min_context,
+        max_batch_tokens=max_batch_tokens, adapters=adapters, device=device, inventory=inventory,
+    )
+    if as_json:
+        click.echo(json.dumps(fit_json(facts, request, result, inventory), indent=2))
+    else:
+        _print_table(facts, request, result, inventory)
+    if result.nofit is not None:
+        if not as_json:
+            click.echo(f"no fit: {result.nofit.message}", err=True)
+        sys.exit(EXIT_NO_FIT)

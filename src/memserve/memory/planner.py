@@ -1,0 +1,458 @@
+"""The ladder: choose the first placement and quantization that fits, or say plainly what would.
+
+``plan(facts, request, inventory, policy)`` is a pure function. Rungs, first that fits wins:
+
+1. ``gpu``            every GPU, checkpoint dtype (fp32 checkpoints run in bf16, or fp16 without bf16)
+2. ``gpu-int8``       every GPU, bitsandbytes int8
+3. ``gpu-4bit``       every GPU, bitsandbytes nf4
+4. ``gpu-cpu-split``  GPUs first, the remaining layers in host RAM (accelerate offload)
+5. ``cpu``            host RAM; bf16 and fp32 checkpoints as stored, fp16 ones in bf16
+6. ``smaller-context`` the first of those that fits with the largest context at or above
+                      ``request.min_context_tokens`` (by default the requested context: never chosen
+                      unless the caller allows a smaller one)
+
+A rung is *available* when the host has its devices, the installed software supports it and the
+request allows it; an unavailable rung is still priced, so that a NoFit can say "fits with 4-bit".
+Layers are packed in order across the rung's devices the way accelerate's device maps are; each
+device that holds layers also holds their KV cache, the activations and a runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from memserve.checkpoint.facts import CheckpointFacts
+from memserve.errors import InvalidArgument
+from memserve.memory.estimate import (
+    CPU_RUNTIME_BYTES,
+    GPU_HOST_RUNTIME_BYTES,
+    GPU_RUNTIME_BYTES,
+    DeviceNeed,
+    Quantization,
+    activation_bytes,
+    batch_tokens_for,
+    block_weight_bytes,
+    kv_cache_bytes,
+)
+from memserve.memory.inventory import Device, Inventory
+from memserve.units import format_bytes
+
+QuantizationRequest = Literal["auto", "none", "int8", "4bit"]
+QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "4bit")
+RUNGS = ("gpu", "gpu-int8", "gpu-4bit", "gpu-cpu-split", "cpu", "smaller-context")
+DEFAULT_CONTEXT_TOKENS = 4096
+DEFAULT_MAX_BATCH_TOKENS = 2048
+MAX_CONCURRENCY = 4096
+CONTEXT_STEP_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the caller wants served. ``context_tokens`` counts prompt and completion of one sequence."""
+
+    context_tokens: int
+    concurrency: int = 1
+    quantization: QuantizationRequest = "auto"
+    # the smallest context the smaller-context rung may choose; None: never below context_tokens
+    min_context_tokens: int | None = None
+    # tokens in one forward (the engine's prefill chunk); bounds the activations
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "context_tokens": self.context_tokens,
+            "concurrency": self.concurrency,
+            "quantization": self.quantization,
+            "min_context_tokens": self.min_context_tokens,
+            "max_batch_tokens": self.max_batch_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the operator allows: which devices and rungs may be used."""
+
+    allow_gpu: bool = True
+    allow_split: bool = True
+    allow_cpu: bool = True
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung priced for this host: where everything goes, and whether it fits."""
+
+    name: str
+    fits: bool
+    available: bool
+    why: str
+    dtype: str
+    quantization: Quantization
+    context_tokens: int
+    concurrency: int
+    devices: dict[str, DeviceNeed] = field(default_factory=dict)
+    device_map: dict[str, str] = field(default_factory=dict)  # block name → device
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.total_bytes for d in self.devices.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fits": self.fits,
+            "available": self.available,
+            "why": self.why,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "context_tokens": self.context_tokens,
+            "concurrency": self.concurrency,
+            "devices": {name: need.to_json() for name, need in self.devices.items()},
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen rung: what a runner is started with."""
+
+    rung: str
+    dtype: str
+    quantization: Quantization
+    context_tokens: int
+    concurrency: int
+    max_batch_tokens: int
+    devices: dict[str, DeviceNeed]
+    device_map: dict[str, str]
+
+    @property
+    def reserved_bytes(self) -> dict[str, int]:
+        return {name: need.total_bytes for name, need in self.devices.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rung": self.rung,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "context_tokens": self.context_tokens,
+            "concurrency": self.concurrency,
+            "max_batch_tokens": self.max_batch_tokens,
+            "devices": {name: need.to_json() for name, need in self.devices.items()},
+            "device_map": self.device_map,
+        }
+
+
+@dataclass(frozen=True)
+class NoFit:
+    """Nothing fits: what was needed and free per device, and the nearest options. An answer, not an error."""
+
+    model: str
+    needed: dict[str, DeviceNeed]  # the closest rung's need per device
+    closest_rung: str
+    alternatives: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        parts = [
+            f"{name} needs {format_bytes(n.total_bytes)} (weights {format_bytes(n.weights_bytes)}, KV cache "
+            f"{format_bytes(n.kv_cache_bytes)}, activations {format_bytes(n.activation_bytes)}, runtime "
+            f"{format_bytes(n.runtime_bytes)}) but has {format_bytes(n.free_bytes)} usable"
+            for name, n in self.needed.items()
+            if not n.fits
+        ]
+        text = f"{self.model} does not fit on this host; closest is {self.closest_rung}: " + "; ".join(parts)
+        if self.alternatives:
+            text += ". Nearest options: " + "; ".join(self.alternatives)
+        else:
+            text += ". Free memory, raise --memory, or choose a smaller model"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "closest_rung": self.closest_rung,
+            "needed": {name: need.to_json() for name, need in self.needed.items()},
+            "alternatives": list(self.alternatives),
+        }
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """Every rung as priced, and either the chosen plan or the NoFit answer."""
+
+    rungs: tuple[Rung, ...]
+    plan: Plan | None
+    nofit: NoFit | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rungs": [r.to_json() for r in self.rungs],
+            "plan": self.plan.to_json() if self.plan else None,
+            "nofit": self.nofit.to_json() if self.nofit else None,
+        }
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def validate_request(facts: CheckpointFacts, request: Request) -> None:
+    """Reject what no plan could mean: one line saying what was wrong and what is accepted."""
+    limit = facts.max_context_tokens
+    if request.context_tokens < 1:
+        raise InvalidArgument(f"context must be a positive number of tokens, got {request.context_tokens}")
+    if limit is not None and request.context_tokens > limit:
+        raise InvalidArgument(
+            f"context {request.context_tokens} tokens is more than {facts.source} supports "
+            f"(max_position_embeddings {limit}); pass --context {limit} or less",
+            param="context",
+        )
+    if not 1 <= request.concurrency <= MAX_CONCURRENCY:
+        raise InvalidArgument(f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {request.concurrency}")
+    if request.quantization not in QUANTIZATIONS:
+        raise InvalidArgument(
+            f"unknown quantization {request.quantization!r}; expected one of {', '.join(QUANTIZATIONS)}"
+        )
+    if request.min_context_tokens is not None and not 1 <= request.min_context_tokens <= request.context_tokens:
+        raise InvalidArgument(
+            f"min context must be between 1 and the context ({request.context_tokens}), "
+            f"got {request.min_context_tokens}"
+        )
+    if request.max_batch_tokens < 1:
+        raise InvalidArgument(f"max batch tokens must be positive, got {request.max_batch_tokens}")
+
+
+# --------------------------------------------------------------------------------------- pricing
+
+
+def _gpu_dtype(facts: CheckpointFacts, gpus: tuple[Device, ...]) -> str:
+    bf16_ok = all(g.compute_capability is None or g.compute_capability >= (8, 0) for g in gpus)
+    if facts.dtype == "bfloat16" and not bf16_ok:
+        return "float16"
+    if facts.dtype == "float32":
+        return "bfloat16" if bf16_ok else "float16"
+    return facts.dtype
+
+
+def _cpu_dtype(facts: CheckpointFacts) -> str:
+    return "bfloat16" if facts.dtype == "float16" else facts.dtype
+
+
+def _pack(
+    facts: CheckpointFacts,
+    devices: tuple[Device, ...],
+    dtype: str,
+    quantization: Quantization,
+    context_tokens: int,
+    concurrency: int,
+    max_batch_tokens: int,
+    host: Device,
+) -> tuple[dict[str, DeviceNeed], dict[str, str]]:
+    """Place blocks in order across ``devices``; whatever does not fit lands on the last one.
+
+    The result always places everything, so an overfull last device shows how much is missing.
+    """
+    kv_total = kv_cache_bytes(facts, dtype, context_tokens, concurrency)
+    layer_blocks = sum(1 for b in facts.blocks if b.name.startswith("layer."))
+    kv_per_layer = kv_total // max(1, layer_blocks)
+    act = activation_bytes(facts, dtype, batch_tokens_for(context_tokens, concurrency, max_batch_tokens),
+                           concurrency)
+    needs: dict[str, dict[str, int]] = {}
+    device_map: dict[str, str] = {}
+
+    def fixed(device: Device) -> dict[str, int]:
+        runtime = GPU_RUNTIME_BYTES if device.kind == "cuda" else CPU_RUNTIME_BYTES
+        return {"weights": 0, "kv": 0, "act": act, "runtime": runtime}
+
+    index = 0
+    needs[devices[0].name] = fixed(devices[0])
+    for block in facts.blocks:
+        w = block_weight_bytes(block, facts, dtype, quantization)
+        kv = kv_per_layer if block.name.startswith("layer.") else 0
+        while True:
+            device = devices[index]
+            n = needs[device.name]
+            used = n["weights"] + n["kv"] + n["act"] + n["runtime"]
+            last = index == len(devices) - 1
+            if used + w + kv <= device.usable_bytes or last:
+                n["weights"] += w
+                n["kv"] += kv
+                device_map[block.name] = device.name
+                break
+            index += 1
+            needs[devices[index].name] = fixed(devices[index])
+    if any(d.kind == "cuda" for d in devices) and host.name not in needs:
+        # a process driving a GPU still lives in host RAM
+        needs[host.name] = {"weights": 0, "kv": 0, "act": 0, "runtime": GPU_HOST_RUNTIME_BYTES}
+    elif any(d.kind == "cuda" for d in devices):
+        needs[host.name]["runtime"] = max(needs[host.name]["runtime"], GPU_HOST_RUNTIME_BYTES)
+    by_name = {d.name: d for d in (*devices, host)}
+    return (
+        {
+            name: DeviceNeed(n["weights"], n["kv"], n["act"], n["runtime"], by_name[name].usable_bytes)
+            for name, n in needs.items()
+        },
+        device_map,
+    )
+
+
+def _price(
+    name: str,
+    facts: CheckpointFacts,
+    request: Request,
+    inventory: Inventory,
+    policy: Policy,
+    context_tokens: int,
+) -> Rung:
+    gpus = inventory.gpus
+    cpu = inventory.cpu
+    quant_req = request.quantization
+    quantization: Quantization = "int8" if name == "gpu-int8" else "4bit" if name == "gpu-4bit" else "none"
+    on_gpu = name != "cpu"
+
+    blocked: str | None = None
+    if on_gpu and not gpus:
+        return Rung(name, False, False, "no CUDA GPU on this host", facts.dtype, quantization,
+                    context_tokens, request.concurrency)
+    if on_gpu and not policy.allow_gpu:
+        blocked = "GPUs are not allowed by policy"
+    elif name == "gpu-cpu-split" and not (policy.allow_split and policy.allow_cpu):
+        blocked = "splitting across GPU and CPU is not allowed by policy"
+    elif name == "cpu" and not policy.allow_cpu:
+        blocked = "CPU placement is not allowed by policy"
+    elif quantization != "none" and facts.prequantized:
+        blocked = f"the checkpoint is already quantized ({facts.quantization.get('quant_method', '?')})" \
+            if facts.quantization else "the checkpoint is already quantized"
+    elif quantization != "none" and quant_req not in ("auto", quantization):
+        blocked = f"--quantization {quant_req} rules out {quantization}"
+    elif quantization == "none" and quant_req in ("int8", "4bit"):
+        blocked = f"--quantization {quant_req} asks for quantized weights"
+    elif quantization != "none" and not inventory.bitsandbytes:
+        blocked = "bitsandbytes is not installed (pip install 'memserve[gpu]')"
+    elif name == "cpu" and facts.prequantized:
+        method = (facts.quantization or {}).get("quant_method", "pre-quantized")
+        blocked = f"{method} checkpoints need a GPU kernel; CPU cannot run them"
+
+    if name == "cpu":
+        dtype, devices = _cpu_dtype(facts), (cpu,)
+    elif name == "gpu-cpu-split":
+        dtype, devices = _gpu_dtype(facts, gpus), (*gpus, cpu)
+    else:
+        dtype, devices = _gpu_dtype(facts, gpus), gpus
+    needs, device_map = _pack(facts, devices, dtype, quantization, context_tokens, request.concurrency,
+                              request.max_batch_tokens, cpu)
+    fits = all(n.fits for n in needs.values())
+    if fits:
+        where = ", ".join(f"{d}: {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)}"
+                          for d, n in needs.items())
+        why = f"fits ({where})"
+    else:
+        short = [f"{d} needs {format_bytes(n.total_bytes)}, {format_bytes(n.free_bytes)} usable"
+                 for d, n in needs.items() if not n.fits]
+        why = "; ".join(short)
+    if blocked:
+        why = f"{blocked}; would {'fit' if fits else 'not fit either'}: {why}"
+    return Rung(name, fits and blocked is None, blocked is None, why, dtype, quantization, context_tokens,
+                request.concurrency, needs, device_map)
+
+
+def _largest_context(
+    name: str, facts: CheckpointFacts, request: Request, inventory: Inventory, policy: Policy, floor: int
+) -> Rung | None:
+    """The rung at the largest context in [floor, requested) that fits.
+
+    Candidates are the floor and the multiples of 256 tokens above it (numbers people type); the KV
+    cache grows with context, so fitting is monotonic and a bisection finds the largest.
+    """
+    step = CONTEXT_STEP_TOKENS
+    candidates = [floor, *range((floor // step + 1) * step, request.context_tokens, step)]
+    best: Rung | None = None
+    low, high = 0, len(candidates) - 1
+    while low <= high:
+        mid = (low + high) // 2
+        rung = _price(name, facts, request, inventory, policy, candidates[mid])
+        if rung.fits:
+            best, low = rung, mid + 1
+        else:
+            high = mid - 1
+    return best
+
+
+def _alternatives(
+    facts: CheckpointFacts, request: Request, inventory: Inventory, policy: Policy, rungs: list[Rung]
+) -> list[str]:
+    """The nearest options a person can act on, best first."""
+    options: list[str] = []
+    for rung in rungs:
+        if not rung.available and rung.devices and all(n.fits for n in rung.devices.values()):
+            where = ", ".join(f"{d} {format_bytes(n.total_bytes)}" for d, n in rung.devices.items())
+            options.append(f"fits as {rung.name} ({where}) if allowed: {rung.why.split(';')[0]}")
+    placements = [r.name for r in rungs if r.available and r.devices]
+    smallest = 1 if request.min_context_tokens is None else request.min_context_tokens
+    for name in placements:
+        rung = _largest_context(name, facts, request, inventory, policy, min(smallest, CONTEXT_STEP_TOKENS))
+        if rung is not None and rung.context_tokens < request.context_tokens:
+            options.append(f"fits as {rung.name} with --context {rung.context_tokens}")
+            break
+    if request.concurrency > 1:
+        for name in placements:
+            for concurrency in range(request.concurrency - 1, 0, -1):
+                rung = _price(name, facts, replace(request, concurrency=concurrency), inventory, policy,
+                              request.context_tokens)
+                if rung.fits:
+                    options.append(f"fits as {rung.name} with --concurrency {concurrency}")
+                    break
+            else:
+                continue
+            break
+    return options
+
+
+def plan(
+    facts: CheckpointFacts, request: Request, inventory: Inventory, policy: Policy | None = None
+) -> PlanResult:
+    """Price every rung and choose the first that fits; otherwise a NoFit with the nearest options."""
+    validate_request(facts, request)
+    policy = policy or Policy()
+    rungs = [_price(name, facts, request, inventory, policy, request.context_tokens) for name in RUNGS[:-1]]
+    chosen = next((r for r in rungs if r.fits), None)
+
+    smaller: Rung | None = None
+    floor = request.min_context_tokens
+    if chosen is None and floor is not None and floor < request.context_tokens:
+        for name in RUNGS[:-1]:
+            smaller = _largest_context(name, facts, request, inventory, policy, floor)
+            if smaller is not None:
+                break
+    if smaller is not None:
+        chosen = replace(smaller, why=f"{smaller.name} with context {smaller.context_tokens}: {smaller.why}")
+        rungs.append(replace(chosen, name="smaller-context"))
+    else:
+        why = (
+            "not needed: the requested context fits" if chosen is not None
+            else "no smaller context allowed (pass --min-context to allow one)" if floor is None
+            else f"nothing fits even at --min-context {floor}"
+        )
+        rungs.append(Rung("smaller-context", False, floor is not None, why, facts.dtype, "none",
+                          request.context_tokens, request.concurrency))
+
+    if chosen is not None:
+        result = Plan(
+            rung=chosen.name if smaller is None else "smaller-context",
+            dtype=chosen.dtype,
+            quantization=chosen.quantization,
+            context_tokens=chosen.context_tokens,
+            concurrency=chosen.concurrency,
+            max_batch_tokens=batch_tokens_for(chosen.context_tokens, chosen.concurrency, request.max_batch_tokens),
+            devices=chosen.devices,
+            device_map=chosen.device_map,
+        )
+        return PlanResult(tuple(rungs), result, None)
+
+    priced = [r for r in rungs if r.available and r.devices] or [r for r in rungs if r.devices]
+    closest = min(priced, key=lambda r: sum(max(0, n.total_bytes - n.free_bytes) for n in r.devices.values()))
+    nofit = NoFit(
+        model=facts.source,
+        needed=closest.devices,
+        closest_rung=closest.name,
+        alternatives=tuple(_alternatives(facts, request, inventory, policy, rungs[:-1])),
+    )
+    return PlanResult(tuple(rungs), None, nofit)

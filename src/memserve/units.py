@@ -1,0 +1,80 @@
+"""Byte sizes: the one place where human units are parsed and printed.
+
+Everything inside memserve counts plain bytes (names end in ``_bytes``). Binary units (KiB, MiB,
+GiB, TiB) are powers of 1024; decimal units (KB, MB, GB, TB) are powers of 1000; a bare number is
+bytes. ``16G`` and ``16g`` are read as GiB, the way ``docker --memory`` and ``ollama`` users write it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from memserve.errors import InvalidArgument
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | int, *, what: str = "size") -> int:
+    """``"16GiB"`` → 17179869184. Raises InvalidArgument with the accepted forms."""
+    if isinstance(text, int):
+        if text < 0:
+            raise InvalidArgument(f"{what} must not be negative, got {text}")
+        return text
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise InvalidArgument(
+            f"cannot read {what} {text!r}: expected a number of bytes with an optional unit, "
+            "e.g. 123456789, 512MiB, 16GiB or 20GB"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: int | float) -> str:
+    """17179869184 → ``"16.0 GiB"``; always binary units, one decimal."""
+    sign = "-" if n < 0 else ""
+    value = float(abs(n))
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{sign}{value:.0f} {unit}" if unit == "B" else f"{sign}{value:.1f} {unit}"
+        value /= 1024
+    return f"{sign}{value:.1f} TiB"
+
+
+def parse_device_sizes(text: str, *, what: str = "--memory") -> dict[str, int]:
+    """``"cpu=16GiB,cuda:0=20GiB"`` → ``{"cpu": ..., "cuda:0": ...}``.
+
+    A bare size without ``device=`` applies to every device and is returned under ``"*"``.
+    """
+    sizes: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        device, sep, size = part.partition("=")
+        if not sep:
+            device, size = "*", part
+        device = device.strip().lower()
+        if device != "*" and not re.fullmatch(r"cpu|cuda:\d+", device):
+            raise InvalidArgument(
+                f"{what}: unknown device {device!r}; expected cpu or cuda:N, e.g. cpu=16GiB,cuda:0=20GiB"
+            )
+        sizes[device] = parse_bytes(size, what=f"{what} size for {device}")
+    if not sizes:
+        raise InvalidArgument(f"{what} is empty; expected e.g. cpu=16GiB,cuda:0=20GiB")
+    return sizes
