@@ -28,11 +28,16 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from memserve.checkpoint.demo_tokenizer import ENDOFTEXT, IM_END, save_tokenizer, train_tokenizer
 from memserve.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PretrainedConfig
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {
@@ -66,7 +71,11 @@ SIZES: dict[str, dict[str, int]] = {
 """Config dimensions per size (``vocab_size`` is the tokenizer's target, which it reaches exactly)."""
 
 ARCHS = ("llama", "qwen2")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 _DEFAULT_DTYPE = {"tiny": "float32", "small": "bfloat16", "1b": "bfloat16"}
 _INIT_STD = {"tiny": 0.3, "small": 0.02, "1b": 0.02}
@@ -127,10 +136,9 @@ def write_demo_model(
     staging.mkdir(parents=True)
     try:
         dims = SIZES[size]
-        vocab_size = save_tokenizer(
-            train_tokenizer(dims["vocab_size"]), staging, model_max_length=dims["max_position_embeddings"]
-        )
-        config = _make_config(size, arch, dtype, vocab_size)
+        tokenizer = train_tokenizer(dims["vocab_size"])
+        vocab_size = save_tokenizer(tokenizer, staging, model_max_length=dims["max_position_embeddings"])
+        config = _make_config(size, arch, dtype, tokenizer, vocab_size)
         params, shards = _write_weights(staging, config, size=size, dtype=DTYPES[dtype], seed=seed)
         _write_configs(staging, config)
         _move_into(staging, path)
@@ -172,17 +180,24 @@ def _check_target(path: Path, *, force: bool) -> None:
         )
 
 
-def _make_config(size: str, arch: str, dtype: str, vocab_size: int) -> object:
-    """A ``LlamaConfig``/``Qwen2Config``; Qwen2 ties embeddings and has q/k/v biases by design."""
+def _make_config(size: str, arch: str, dtype: str, tokenizer: Tokenizer, vocab_size: int) -> PretrainedConfig:
+    """A ``LlamaConfig``/``Qwen2Config``; Qwen2 ties embeddings and has q/k/v biases by design.
+
+    Like Qwen's, BOS and pad are ``<|endoftext|>`` and EOS is ``<|im_end|>`` (the end of a chat turn).
+    """
     from transformers import LlamaConfig, Qwen2Config
 
     config_class = LlamaConfig if arch == "llama" else Qwen2Config
-    # The tokenizer was built by us, so its special ids are known without loading it back.
-    from memserve.checkpoint.demo_tokenizer import SPECIAL_TOKENS
-
-    pad_id, eos_id = SPECIAL_TOKENS.index(ENDOFTEXT), SPECIAL_TOKENS.index(IM_END)
-    return config_class(
-        **{**SIZES[size], "vocab_size": vocab_size},
+    pad_id, eos_id = tokenizer.token_to_id(ENDOFTEXT), tokenizer.token_to_id(IM_END)
+    dims = SIZES[size]
+    config: PretrainedConfig = config_class(
+        hidden_size=dims["hidden_size"],
+        intermediate_size=dims["intermediate_size"],
+        num_hidden_layers=dims["num_hidden_layers"],
+        num_attention_heads=dims["num_attention_heads"],
+        num_key_value_heads=dims["num_key_value_heads"],
+        max_position_embeddings=dims["max_position_embeddings"],
+        vocab_size=vocab_size,
         initializer_range=_INIT_STD[size],
         tie_word_embeddings=arch == "qwen2",
         bos_token_id=pad_id,
@@ -190,3 +205,124 @@ def _make_config(size: str, arch: str, dtype: str, vocab_size: int) -> object:
         pad_token_id=pad_id,
         dtype=dtype,
     )
+    return config
+
+
+def _write_configs(path: Path, config: PretrainedConfig) -> None:
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+    )
+    generation.save_pretrained(path)
+    config.save_pretrained(path)
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _tensor_specs(config: PretrainedConfig) -> list[_TensorSpec]:
+    """Names and shapes exactly as the installed transformers builds them, at no memory cost."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    specs = [_TensorSpec(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+    if config.tie_word_embeddings:
+        specs = [s for s in specs if s.name != "lm_head.weight"]
+    return specs
+
+
+def _plan_shards(specs: list[_TensorSpec], itemsize: int, limit_bytes: int) -> list[list[_TensorSpec]]:
+    """Greedy in model order, like ``save_pretrained``: a tensor larger than the limit gets its own shard."""
+    shards: list[list[_TensorSpec]] = [[]]
+    used = 0
+    for spec in specs:
+        nbytes = spec.numel * itemsize
+        if shards[-1] and used + nbytes > limit_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += nbytes
+    return shards
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))
+
+
+def _make_tensor(spec: _TensorSpec, *, std: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Biases are zeros and norm weights ones (as transformers initialises them); the rest N(0, std)."""
+    if spec.name.endswith(".bias"):
+        return torch.zeros(spec.shape, dtype=dtype)
+    if spec.name.endswith("norm.weight"):
+        return torch.ones(spec.shape, dtype=dtype)
+    generator = torch.Generator().manual_seed(_tensor_seed(seed, spec.name))
+    values = torch.empty(spec.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    return values if dtype == torch.float32 else values.to(dtype)
+
+
+def _shard_names(count: int) -> Iterator[str]:
+    if count == 1:
+        yield "model.safetensors"
+        return
+    for i in range(1, count + 1):
+        yield f"model-{i:05d}-of-{count:05d}.safetensors"
+
+
+def _write_weights(
+    path: Path, config: PretrainedConfig, *, size: str, dtype: torch.dtype, seed: int
+) -> tuple[int, int]:
+    """Write the safetensors shards (and the index when there are several); return (params, shards)."""
+    from safetensors.torch import save_file
+
+    shards = _plan_shards(_tensor_specs(config), dtype.itemsize, _SHARD_LIMIT_BYTES[size])
+    weight_map: dict[str, str] = {}
+    params = 0
+    for filename, specs in zip(_shard_names(len(shards)), shards, strict=True):
+        tensors = {s.name: _make_tensor(s, std=_INIT_STD[size], seed=seed, dtype=dtype) for s in specs}
+        save_file(tensors, str(path / filename), metadata={"format": "pt"})
+        del tensors
+        for s in specs:
+            weight_map[s.name] = filename
+            params += s.numel
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": params * dtype.itemsize, "total_parameters": params},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
+    return params, len(shards)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name in _CHECKPOINT_FILES or name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+def _move_into(staging: Path, path: Path) -> None:
+    """Replace the checkpoint files of ``path`` with those in ``staging``; ``config.json`` goes last."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        if path.exists():
+            path.rmdir()
+        staging.rename(path)
+        return
+    for old in path.iterdir():
+        if old.is_file() and _is_checkpoint_file(old.name):
+            old.unlink()
+    for new in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        new.rename(path / new.name)

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from huggingface_hub import SafetensorsRepoMetadata, get_local_safetensors_metadata
+from huggingface_hub import get_local_safetensors_metadata
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
+from huggingface_hub.utils import SafetensorsRepoMetadata
 
 from memserve.errors import CheckpointError, ModelNotFound
 
