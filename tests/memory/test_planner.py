@@ -267,6 +267,8 @@ def test_cgroup_limited_host_from_the_probe(tmp_path) -> None:  # type: ignore[n
     assert plan(facts(QWEN2_05B), Request(4096), host).plan is not None
     refused = plan(facts(LLAMA3_8B, name="llama-3-8b"), Request(4096), host)
     assert refused.plan is None and refused.nofit is not None
-    assert "cpu needs 16.0 GiB" in refused.nofit.message and "6.8 GiB usable" in refused.nofit.message
+    need = refused.nofit.needed["cpu"]
+    assert need.total_bytes > 16 * 10**9 and need.free_bytes == 8 * GiB - (GiB - 256 * MiB) - 512 * MiB
+    assert "cpu needs 1" in refused.nofit.message and "6.8 GiB usable" in refused.nofit.message
     without_cgroup = probe_inventory(cgroup=None, virtual_memory=lambda: vm, nvml=object())
     assert plan(facts(LLAMA3_8B), Request(4096), without_cgroup).plan is not None

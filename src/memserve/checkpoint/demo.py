@@ -11,7 +11,7 @@ Why it is built the way it is:
   ``save_pretrained`` does.
 - Each tensor is drawn on its own from a generator seeded by ``(seed, name)``, cast to the target
   dtype, added to the current shard, and dropped once its shard is written: peak memory is about one
-  shard plus one fp32 tensor, never a second copy of the model. The same arguments give
+  shard plus one fp32 tensor per worker thread, never a second copy of the model. The same arguments give
   byte-identical files; the fp32 and bf16 builds of one size and seed hold the same weights up to
   rounding.
 - The tiny model is initialised with a large std: at std 0.02 a 64-wide random model puts all its
@@ -21,23 +21,30 @@ Why it is built the way it is:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from memserve.checkpoint.demo_tokenizer import ENDOFTEXT, IM_END, save_tokenizer, train_tokenizer
+from memserve.checkpoint.demo_tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    save_tokenizer,
+    special_token_id,
+    train_tokenizer,
+)
 from memserve.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    import torch
     from transformers import PretrainedConfig
+
+__all__ = ["ARCHS", "DTYPES", "SIZES", "DemoModelInfo", "write_demo_model"]
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {
@@ -71,12 +78,9 @@ SIZES: dict[str, dict[str, int]] = {
 """Config dimensions per size (``vocab_size`` is the tokenizer's target, which it reaches exactly)."""
 
 ARCHS = ("llama", "qwen2")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES = ("float32", "bfloat16", "float16")
 
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 _DEFAULT_DTYPE = {"tiny": "float32", "small": "bfloat16", "1b": "bfloat16"}
 _INIT_STD = {"tiny": 0.3, "small": 0.02, "1b": 0.02}
 _SHARD_LIMIT_BYTES = {"tiny": 512 * 1024, "small": 128 * 1024**2, "1b": 1024**3}
@@ -131,17 +135,25 @@ def write_demo_model(
     path = Path(path)
     _check_target(path, force=force)
 
-    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    target = path.absolute()  # so that "." has a parent and a name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # not mkdtemp: that makes it 0700, and it becomes the checkpoint directory
     try:
         dims = SIZES[size]
         tokenizer = train_tokenizer(dims["vocab_size"])
         vocab_size = save_tokenizer(tokenizer, staging, model_max_length=dims["max_position_embeddings"])
-        config = _make_config(size, arch, dtype, tokenizer, vocab_size)
-        params, shards = _write_weights(staging, config, size=size, dtype=DTYPES[dtype], seed=seed)
+        config = _make_config(
+            size,
+            arch,
+            dtype,
+            vocab_size=vocab_size,
+            pad_id=special_token_id(tokenizer, ENDOFTEXT),
+            eos_id=special_token_id(tokenizer, IM_END),
+        )
+        params, shards = _write_weights(staging, config, size=size, dtype=dtype, seed=seed)
         _write_configs(staging, config)
-        _move_into(staging, path)
+        _move_into(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return DemoModelInfo(
@@ -150,7 +162,7 @@ def write_demo_model(
         size=size,
         dtype=dtype,
         params=params,
-        weights_bytes=params * DTYPES[dtype].itemsize,
+        weights_bytes=params * _ITEMSIZE[dtype],
         shards=shards,
         seconds=time.perf_counter() - started,
     )
@@ -174,13 +186,15 @@ def _check_target(path: Path, *, force: bool) -> None:
         raise InvalidArgument(f"{path} exists and is not a directory; choose a directory path", param="path")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise InvalidArgument(
-            f"{path} is not empty; choose an empty or new directory, or pass --force to replace the "
-            "checkpoint files in it",
+            f"{path} is not empty; choose an empty or new directory, or pass --force (force=True) to "
+            "replace the checkpoint files in it",
             param="path",
         )
 
 
-def _make_config(size: str, arch: str, dtype: str, tokenizer: Tokenizer, vocab_size: int) -> PretrainedConfig:
+def _make_config(
+    size: str, arch: str, dtype: str, *, vocab_size: int, pad_id: int, eos_id: int
+) -> PretrainedConfig:
     """A ``LlamaConfig``/``Qwen2Config``; Qwen2 ties embeddings and has q/k/v biases by design.
 
     Like Qwen's, BOS and pad are ``<|endoftext|>`` and EOS is ``<|im_end|>`` (the end of a chat turn).
@@ -188,7 +202,6 @@ def _make_config(size: str, arch: str, dtype: str, tokenizer: Tokenizer, vocab_s
     from transformers import LlamaConfig, Qwen2Config
 
     config_class = LlamaConfig if arch == "llama" else Qwen2Config
-    pad_id, eos_id = tokenizer.token_to_id(ENDOFTEXT), tokenizer.token_to_id(IM_END)
     dims = SIZES[size]
     config: PretrainedConfig = config_class(
         hidden_size=dims["hidden_size"],
@@ -236,6 +249,7 @@ class _TensorSpec:
 
 def _tensor_specs(config: PretrainedConfig) -> list[_TensorSpec]:
     """Names and shapes exactly as the installed transformers builds them, at no memory cost."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -266,6 +280,8 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 def _make_tensor(spec: _TensorSpec, *, std: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Biases are zeros and norm weights ones (as transformers initialises them); the rest N(0, std)."""
+    import torch
+
     if spec.name.endswith(".bias"):
         return torch.zeros(spec.shape, dtype=dtype)
     if spec.name.endswith("norm.weight"):
@@ -284,24 +300,36 @@ def _shard_names(count: int) -> Iterator[str]:
 
 
 def _write_weights(
-    path: Path, config: PretrainedConfig, *, size: str, dtype: torch.dtype, seed: int
+    path: Path, config: PretrainedConfig, *, size: str, dtype: str, seed: int
 ) -> tuple[int, int]:
     """Write the safetensors shards (and the index when there are several); return (params, shards)."""
+    import torch
     from safetensors.torch import save_file
 
-    shards = _plan_shards(_tensor_specs(config), dtype.itemsize, _SHARD_LIMIT_BYTES[size])
+    torch_dtype: torch.dtype = getattr(torch, dtype)
+    shards = _plan_shards(_tensor_specs(config), _ITEMSIZE[dtype], _SHARD_LIMIT_BYTES[size])
+    file_mode = (path / "tokenizer.json").stat().st_mode & 0o777
     weight_map: dict[str, str] = {}
     params = 0
-    for filename, specs in zip(_shard_names(len(shards)), shards, strict=True):
-        tensors = {s.name: _make_tensor(s, std=_INIT_STD[size], seed=seed, dtype=dtype) for s in specs}
-        save_file(tensors, str(path / filename), metadata={"format": "pt"})
-        del tensors
-        for s in specs:
-            weight_map[s.name] = filename
-            params += s.numel
+
+    def make(spec: _TensorSpec) -> torch.Tensor:
+        return _make_tensor(spec, std=_INIT_STD[size], seed=seed, dtype=torch_dtype)
+
+    # normal_ runs on one core; a few threads (torch releases the GIL) fill the cores. Each tensor has
+    # its own generator, so the bytes do not depend on the scheduling.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads()))) as pool:
+        for filename, specs in zip(_shard_names(len(shards)), shards, strict=True):
+            tensors = dict(zip([s.name for s in specs], pool.map(make, specs), strict=True))
+            save_file(tensors, str(path / filename), metadata={"format": "pt"})
+            # safetensors writes through a private temp file (mode 0600); match the other files' mode.
+            (path / filename).chmod(file_mode)
+            del tensors
+            for s in specs:
+                weight_map[s.name] = filename
+                params += s.numel
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": params * dtype.itemsize, "total_parameters": params},
+            "metadata": {"total_size": params * _ITEMSIZE[dtype], "total_parameters": params},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (path / "model.safetensors.index.json").write_text(
@@ -315,14 +343,15 @@ def _is_checkpoint_file(name: str) -> bool:
 
 
 def _move_into(staging: Path, path: Path) -> None:
-    """Replace the checkpoint files of ``path`` with those in ``staging``; ``config.json`` goes last."""
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        if path.exists():
-            path.rmdir()
+    """Replace the checkpoint files of ``path`` with those in ``staging``; ``config.json`` goes last.
+
+    A new ``path`` is the staging directory renamed (atomic); an existing one keeps its inode and mode.
+    """
+    if not path.exists():
         staging.rename(path)
         return
     for old in path.iterdir():
         if old.is_file() and _is_checkpoint_file(old.name):
             old.unlink()
     for new in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-        new.rename(path / new.name)
+        shutil.move(new, path / new.name)  # a rename, or a copy when path is a mount point

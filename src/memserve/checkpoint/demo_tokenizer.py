@@ -15,8 +15,12 @@ import random
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from memserve.errors import MemserveError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -73,6 +77,8 @@ def _corpus(vocab_size: int) -> Iterator[str]:
 
 @functools.lru_cache(maxsize=4)
 def _trained_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -93,7 +99,17 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     Training is cached per size within a process (tests build the tiny model many times); a fresh
     object is returned each call so callers may change it freely.
     """
+    from tokenizers import Tokenizer
+
     return Tokenizer.from_str(_trained_json(vocab_size))
+
+
+def special_token_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of one of ``SPECIAL_TOKENS``; the trainer always adds them, so a miss is a bug here."""
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise MemserveError(f"internal error: the demo tokenizer has no {token!r} token")
+    return token_id
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: Path, *, model_max_length: int) -> int:

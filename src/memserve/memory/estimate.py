@@ -11,9 +11,12 @@ Pure arithmetic over CheckpointFacts; the constants below say where each number 
 - **activations**: the peak transient of one forward over ``max_batch_tokens`` tokens (the prefill
   chunk): the MLP holds about three ``tokens × intermediate`` tensors at once and the residual stream
   and attention projections a few ``tokens × hidden`` ones; plus fp32 logits for the rows whose next
-  token is sampled.
-- **runtime**: the process itself. Measured here: Python + torch + transformers + a tokenizer after a
-  forward is ≈ 0.3 GiB of RSS on CPU. On a GPU add the CUDA context and cuBLAS workspace (~0.6 GiB on
+  token is sampled; plus attention's workspace: with a mask (padding, chunked prefill, decode),
+  transformers' sdpa path repeats one layer's K and V to every query head (``repeat_kv``) and builds a
+  ``tokens × context`` boolean mask.
+- **runtime**: the process itself. Measured here (benchmarks/estimate_accuracy.py on the tiny demo
+  model): Python + torch + transformers after a forward is ≈ 0.35 GiB of RSS on CPU, 0.25 GiB of it
+  anonymous and 0.1 GiB mapped shared libraries. On a GPU add the CUDA context and cuBLAS workspace (~0.6 GiB on
   the GPU) and the CUDA libraries mapped into host RAM (~1 GiB); those GPU numbers are not yet
   calibrated on a lent GPU.
 """
@@ -31,7 +34,7 @@ GiB = 1024**3
 MiB = 1024**2
 DTYPE_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-CPU_RUNTIME_BYTES = 300 * MiB
+CPU_RUNTIME_BYTES = 350 * MiB
 GPU_RUNTIME_BYTES = 600 * MiB  # CUDA context + cuBLAS workspace on the device
 GPU_HOST_RUNTIME_BYTES = 1 * GiB  # the same process's host RAM when it drives a GPU
 # MLP: gate, up and act(gate)·up can be alive together; residual stream, norms, q/k/v/o projections
@@ -92,12 +95,20 @@ def kv_cache_bytes(facts: CheckpointFacts, dtype: str, context_tokens: int, conc
     return facts.kv_bytes(context_tokens, DTYPE_WIDTH[dtype]) * concurrency
 
 
-def activation_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int) -> int:
-    """Peak transient of one forward over ``batch_tokens`` tokens, plus the sampled rows' logits."""
+def activation_bytes(
+    facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int
+) -> int:
+    """Peak transient of one forward over ``batch_tokens`` tokens: MLP and residual stream, the
+    sampled rows' logits, and attention's repeated K/V and mask for one layer."""
     width = DTYPE_WIDTH[dtype]
     ffn = facts.intermediate_size * (facts.experts_per_token or 1)
     per_token = (MLP_TENSORS * ffn + HIDDEN_TENSORS * facts.hidden_size) * width
-    return batch_tokens * per_token + concurrency * facts.vocab_size * LOGITS_WIDTH
+    logits = concurrency * facts.vocab_size * LOGITS_WIDTH
+    repeated_kv = 2 * concurrency * context_tokens * facts.heads * facts.head_dim * width
+    if facts.heads == facts.kv_heads:
+        repeated_kv = 0
+    mask = batch_tokens * context_tokens  # one byte per (query, key) pair
+    return batch_tokens * per_token + logits + repeated_kv + mask
 
 
 def batch_tokens_for(context_tokens: int, concurrency: int, max_batch_tokens: int) -> int:

@@ -253,8 +253,8 @@ def _pack(
     kv_total = kv_cache_bytes(facts, dtype, context_tokens, concurrency)
     layer_blocks = sum(1 for b in facts.blocks if b.name.startswith("layer."))
     kv_per_layer = kv_total // max(1, layer_blocks)
-    act = activation_bytes(facts, dtype, batch_tokens_for(context_tokens, concurrency, max_batch_tokens),
-                           concurrency)
+    batch_tokens = batch_tokens_for(context_tokens, concurrency, max_batch_tokens)
+    act = activation_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
     needs: dict[str, dict[str, int]] = {}
     device_map: dict[str, str] = {}
 
@@ -331,6 +331,7 @@ def _price(
         method = (facts.quantization or {}).get("quant_method", "pre-quantized")
         blocked = f"{method} checkpoints need a GPU kernel; CPU cannot run them"
 
+    devices: tuple[Device, ...]
     if name == "cpu":
         dtype, devices = _cpu_dtype(facts), (cpu,)
     elif name == "gpu-cpu-split":
@@ -388,9 +389,9 @@ def _alternatives(
     placements = [r.name for r in rungs if r.available and r.devices]
     smallest = 1 if request.min_context_tokens is None else request.min_context_tokens
     for name in placements:
-        rung = _largest_context(name, facts, request, inventory, policy, min(smallest, CONTEXT_STEP_TOKENS))
-        if rung is not None and rung.context_tokens < request.context_tokens:
-            options.append(f"fits as {rung.name} with --context {rung.context_tokens}")
+        shorter = _largest_context(name, facts, request, inventory, policy, min(smallest, CONTEXT_STEP_TOKENS))
+        if shorter is not None and shorter.context_tokens < request.context_tokens:
+            options.append(f"fits as {shorter.name} with --context {shorter.context_tokens}")
             break
     if request.concurrency > 1:
         for name in placements:

@@ -1,0 +1,66 @@
+"""``memserve demo-model PATH``: write a deterministic demo checkpoint for tests and benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import click
+
+from memserve.checkpoint.demo import ARCHS, DTYPES, SIZES, write_demo_model
+from memserve.errors import MemserveError
+from memserve.units import format_bytes
+
+
+def _choices(names: Iterable[str]) -> str:
+    return "[" + "|".join(names) + "]"
+
+
+# Size, arch, dtype and seed are checked by write_demo_model, not by click.Choice/IntRange, so a bad
+# value gives the same one-line error from the CLI as from the library.
+@click.command("demo-model")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--size",
+    metavar=_choices(SIZES),
+    default="tiny",
+    show_default=True,
+    help="tiny: 0.2M params (tests); small: 100M; 1b: 1.5B (benchmarks).",
+)
+@click.option(
+    "--arch",
+    metavar=_choices(ARCHS),
+    default="llama",
+    show_default=True,
+    help="Model family; qwen2 ties embeddings and has attention biases.",
+)
+@click.option(
+    "--dtype",
+    metavar=_choices(DTYPES),
+    default=None,
+    help="Weight dtype  [default: float32 for tiny, bfloat16 otherwise]",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="0 to 2**32-1; the same seed and options give byte-identical weights.",
+)
+@click.option("--force", is_flag=True, help="Replace the checkpoint files in a non-empty PATH.")
+def demo_model(path: Path, size: str, arch: str, dtype: str | None, seed: int, force: bool) -> None:
+    """Write a random-weight checkpoint with a locally trained tokenizer and a chat template to PATH.
+
+    Nothing is downloaded; the result loads with transformers' from_pretrained like any hub model.
+    """
+    try:
+        info = write_demo_model(path, size=size, arch=arch, dtype=dtype, seed=seed, force=force)
+    except MemserveError as exc:
+        raise click.ClickException(exc.message) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from exc
+    click.echo(
+        f"wrote {info.path}: {info.arch} {info.size} {info.dtype}, {info.params:,} params, "
+        f"{format_bytes(info.weights_bytes)} in {info.shards} shard{'s' if info.shards != 1 else ''}, "
+        f"{info.seconds:.1f} s"
+    )
