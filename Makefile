@@ -35,10 +35,9 @@ $(DEMO)/config.json: | venv
 
 demo: $(DEMO)/config.json
 
-# Until the server lands (issues #3 and #4) this plans the demo model and says so.
+# One runner for the demo model on http://127.0.0.1:8000 (the multi-model gateway lands with issue #4).
 serve: venv $(DEMO)/config.json
-	$(BIN)/memserve fit $(DEMO)
-	@echo "memserve can plan models today; the HTTP server lands with the runner and gateway issues."
+	$(BIN)/memserve run-model $(DEMO) --name demo --port 8000
 
 fit: venv $(DEMO)/config.json
 	$(BIN)/memserve fit $(DEMO)

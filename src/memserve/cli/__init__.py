@@ -14,6 +14,7 @@ import click
 from memserve import __version__
 from memserve.cli.demo_model import demo_model
 from memserve.cli.fit import fit
+from memserve.cli.run_model import run_model
 from memserve.errors import MemserveError
 
 
@@ -47,5 +48,6 @@ def main() -> None:
 
 main.add_command(demo_model)
 main.add_command(fit)
+main.add_command(run_model)
 
 __all__ = ["main"]

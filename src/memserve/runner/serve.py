@@ -1,0 +1,65 @@
+"""Run one runner: load by plan, build the engine, serve the OpenAI-compatible app on a socket or port."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from memserve.runner.load import LoadReport, emit, load_model, process_memory
+
+DEFAULT_QUEUE_PER_SEQUENCE = 4
+
+
+def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max_queue: int | None = None) -> Any:
+    """Everything short of listening: the loaded model behind its FastAPI app."""
+    from memserve.runner.app import create_app
+    from memserve.runner.engine import make_engine
+
+    started = time.time()
+    report = LoadReport()
+    model, tokenizer = load_model(source, plan, report)
+    concurrency = int(plan["concurrency"])
+    engine, fallback_reason = make_engine(
+        model,
+        max_sequences=concurrency,
+        max_queue=max_queue if max_queue is not None else DEFAULT_QUEUE_PER_SEQUENCE * concurrency,
+        max_context_tokens=int(plan["context_tokens"]),
+        max_batch_tokens=int(plan["max_batch_tokens"]),
+    )
+    if fallback_reason:
+        emit({"event": "engine_fallback", "engine": engine.name, "reason": fallback_reason})
+    served_name = name or Path(source).name or source
+    eos = model.generation_config.eos_token_id
+    stop_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+
+    def health() -> dict[str, Any]:
+        return {
+            "state": report.state,
+            "model": served_name,
+            "source": source,
+            "plan": plan,
+            "load": report.to_json(),
+            "engine_fallback_reason": fallback_reason,
+            "memory": process_memory(),
+            "uptime_seconds": round(time.time() - started, 3),
+        }
+
+    app = create_app(engine=engine, tokenizer=tokenizer, model_name=served_name,
+                     context_tokens=int(plan["context_tokens"]), health=health, stop_token_ids=stop_ids or None)
+    emit({"event": "ready", "model": served_name, "engine": engine.name, "memory": process_memory()})
+    return app
+
+
+def serve(source: str, plan: dict[str, Any], *, name: str | None = None, port: int | None = None,
+          socket: Path | None = None, max_queue: int | None = None) -> None:
+    """Load, then listen on a Unix socket or 127.0.0.1:port until stopped."""
+    import uvicorn
+
+    app = build_app(source, plan, name=name, max_queue=max_queue)
+    if socket is not None:
+        config = uvicorn.Config(app, uds=str(socket), log_level="warning", access_log=False)
+    else:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port or 8001, log_level="warning", access_log=False)
+    emit({"event": "listening", "socket": str(socket) if socket else None, "port": None if socket else config.port})
+    uvicorn.Server(config).run()
