@@ -126,6 +126,7 @@ def test_files_and_metadata(tiny_model_dir: Path) -> None:
     assert not any(p.name.startswith(".tiny-llama.partial") for p in tiny_model_dir.parent.iterdir())
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["dtype"] == "float32" and config["model_type"] == "llama"
+    assert config["architectures"] == ["LlamaForCausalLM"]  # peers (transformers serve, vLLM) resolve by it
     with safe_open(str(tiny_model_dir / "model-00001-of-00002.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
 

@@ -217,6 +217,8 @@ def _make_config(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         dtype=dtype,
+        # real checkpoints name their class; transformers serve and vLLM resolve the model by it
+        architectures=["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
     )
     return config
 

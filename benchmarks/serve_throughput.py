@@ -1,0 +1,253 @@
+"""Aggregate tokens/s, TTFT p50 and peak memory at 1, 4 and 8 concurrent streams, for three setups
+run one after another in the same session on the same model:
+
+- ``runner``: ``python -m memserve.runner`` with a plan from ``memserve fit`` (continuous batching
+  sized from the plan);
+- ``sequential``: plain ``model.generate`` per request, one after another (the pattern our users
+  started from); TTFT includes the wait for the requests ahead;
+- ``transformers-serve``: ``transformers serve --continuous-batching`` with a bounded cache.
+
+    python benchmarks/serve_throughput.py --model models/demo-1b            # builds it if missing
+    python benchmarks/serve_throughput.py --model models/demo-tiny --levels 1,4 --max-tokens 16
+
+Greedy, the same prompts for every setup; each stream asks for ``--max-tokens`` tokens. Tokens are
+counted from the ``usage`` the server returns, or one per content chunk when it sends none. Peak
+memory is the largest RSS of the server process seen by a 20 Hz sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle and sails to the island"
+GiB = 1024**3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PeakRss:
+    """Samples a process tree's RSS in a thread; ``peak_bytes`` is the largest sum seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_bytes, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                self.peak_bytes = max(self.peak_bytes, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_bytes
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, chunks, usage = None, 0, None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage = data["usage"]
+            for choice in data.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    chunks += 1
+    tokens = usage["completion_tokens"] if usage else chunks
+    return {"ttft_seconds": ttft or 0.0, "tokens": tokens, "seconds": time.perf_counter() - start}
+
+
+async def http_level(url: str, model: str, streams: int, max_tokens: int) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_one(client, url, model, 4)  # warm-up, not counted
+        start = time.perf_counter()
+        results = await asyncio.gather(*(stream_one(client, url, model, max_tokens) for _ in range(streams)))
+        wall = time.perf_counter() - start
+    return summarize(results, wall)
+
+
+def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    tokens = sum(r["tokens"] for r in results)
+    return {"tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall,
+            "ttft_p50_seconds": statistics.median(r["ttft_seconds"] for r in results)}
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str = "/health", timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not ready in {timeout} s")
+
+
+def run_server(cmd: list[str], url: str, model: str, levels: list[int], max_tokens: int,
+               env: dict[str, str]) -> list[dict[str, Any]]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_ready(url, proc)
+        sampler = PeakRss(proc.pid)
+        rows = []
+        for streams in levels:
+            row = asyncio.run(http_level(url, model, streams, max_tokens))
+            row.update(streams=streams, peak_rss_bytes=sampler.peak_bytes)
+            rows.append(row)
+            print(f"  {streams} streams: {row['tokens_per_second']:.2f} tok/s, TTFT p50 "
+                  f"{row['ttft_p50_seconds']:.2f} s, peak {row['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+        sampler.stop()
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def sequential_child(model_dir: str, levels: list[int], max_tokens: int) -> None:
+    """Runs in a child: plain generate, one request after another; prints JSON rows."""
+    import resource
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")
+
+    class FirstToken(BaseStreamer):
+        def __init__(self) -> None:
+            self.calls, self.first = 0, None
+
+        def put(self, value: Any) -> None:
+            self.calls += 1
+            if self.calls == 2 and self.first is None:  # call 1 is the prompt
+                self.first = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def one(start: float) -> dict[str, Any]:
+        streamer = FirstToken()
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, streamer=streamer)
+        return {"ttft_seconds": (streamer.first or time.perf_counter()) - start,
+                "tokens": int(out.shape[1] - ids["input_ids"].shape[1])}
+
+    one(time.perf_counter())  # warm-up
+    for streams in levels:
+        start = time.perf_counter()
+        results = [one(start) for _ in range(streams)]  # all arrived at `start`, served in turn
+        row = summarize(results, time.perf_counter() - start)
+        row.update(streams=streams, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/demo-1b"))
+    parser.add_argument("--size", default="1b", help="demo size to build when --model is missing")
+    parser.add_argument("--levels", default="1,4,8")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--setups", default="runner,sequential,transformers-serve")
+    parser.add_argument("--json", type=Path, help="also write all rows as JSON here")
+    parser.add_argument("--sequential-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.sequential_child:
+        sequential_child(str(args.model), levels, args.max_tokens)
+        return
+    if not (args.model / "config.json").exists():
+        from memserve.checkpoint.demo import write_demo_model
+
+        write_demo_model(args.model, size=args.size, force=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    concurrency = max(levels)
+    results: dict[str, list[dict[str, Any]]] = {}
+    setups = args.setups.split(",")
+    if "runner" in setups:
+        print("runner (memserve)", flush=True)
+        port = free_port()
+        plan_file = Path(f"/tmp/memserve-bench-plan-{port}.json")
+        fit = subprocess.run([sys.executable, "-m", "memserve", "fit", str(args.model), "--context",
+                              str(args.context), "--concurrency", str(concurrency), "--json"],
+                             check=True, capture_output=True, text=True)
+        plan_file.write_text(fit.stdout)
+        reserved = json.loads(fit.stdout)["plan"]["devices"]["cpu"]["total_bytes"]
+        print(f"  plan reserves {reserved / GiB:.2f} GiB on cpu", flush=True)
+        results["runner"] = run_server(
+            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "m"],
+            f"http://127.0.0.1:{port}", "m", levels, args.max_tokens, env)
+        for row in results["runner"]:
+            row["plan_reserved_bytes"] = reserved
+    if "sequential" in setups:
+        print("sequential model.generate", flush=True)
+        child = subprocess.run([sys.executable, __file__, "--sequential-child", "--model", str(args.model),
+                                "--levels", args.levels, "--max-tokens", str(args.max_tokens)],
+                               check=True, capture_output=True, text=True, env=env)
+        results["sequential"] = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+        for row in results["sequential"]:
+            print(f"  {row['streams']} streams: {row['tokens_per_second']:.2f} tok/s, TTFT p50 "
+                  f"{row['ttft_p50_seconds']:.2f} s, peak {row['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+    if "transformers-serve" in setups:
+        print("transformers serve --continuous-batching (bounded cache)", flush=True)
+        port = free_port()
+        blocks = -(-args.context * concurrency // 64)
+        model_id = str(args.model.resolve())
+        results["transformers-serve"] = run_server(
+            ["transformers", "serve", model_id, "--continuous-batching", "--cb-block-size", "64",
+             "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", "2048", "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(port)],
+            f"http://127.0.0.1:{port}", model_id, levels, args.max_tokens, env)
+
+    print("\nratios at each level (runner ÷ peer): tokens/s, TTFT p50")
+    for peer in ("sequential", "transformers-serve"):
+        if "runner" not in results or peer not in results:
+            continue
+        for ours, theirs in zip(results["runner"], results[peer], strict=True):
+            print(f"  vs {peer:<18} {ours['streams']} streams: throughput ×"
+                  f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}, TTFT ×"
+                  f"{ours['ttft_p50_seconds'] / max(theirs['ttft_p50_seconds'], 1e-9):.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

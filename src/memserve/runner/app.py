@@ -1,0 +1,446 @@
+"""The runner's OpenAI-compatible HTTP app: one loaded model, its engine, and the OpenAI wire format.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE or not),
+``GET /v1/models``, ``GET /health`` and ``GET /stats``.
+
+Status codes, chosen to match what OpenAI answers and what the ``openai`` client expects:
+
+- 400 ``invalid_request_error`` for every request the server cannot accept, validation errors
+  included (never 422): malformed JSON, wrong types, missing fields, ``n`` > 1, unsupported fields,
+  a prompt that leaves no room in the context. ``param`` names the field as ``messages[0].content``.
+- 404 ``not_found_error`` for an unknown route or a ``model`` this runner does not serve.
+- 429 ``rate_limit_error`` with ``Retry-After`` when the engine's queue is full.
+- 500 ``api_error`` for anything unexpected; the server stays up.
+
+An engine error after a stream started is sent as ``data: {"error": ...}`` followed by
+``data: [DONE]``. Whatever way a response ends (finished, stop string, error, client gone), the
+engine iterator is closed, which frees the sequence at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from memserve.errors import InvalidArgument, MemserveError, ModelNotFound
+from memserve.runner.events import Engine, FinishReason, GenerationRequest, QueueFull, TokenEvent
+from memserve.runner.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseShape, Usage
+from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["ContextOverflow", "Overloaded", "UnsupportedParameter", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when a request does not say
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
+ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health and GET /stats"
+
+
+class ContextOverflow(InvalidArgument):
+    """The prompt leaves no room for a completion in the context this runner was planned for."""
+
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameter(InvalidArgument):
+    """A request field that would change the answer is not implemented here (``n`` > 1, tools, ...)."""
+
+    code = "unsupported_parameter"
+
+
+class Overloaded(MemserveError):
+    """The engine's bounded queue is full; the client should retry after ``retry_after_seconds``."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+def create_app(
+    *,
+    engine: Engine,
+    tokenizer: PreTrainedTokenizerBase,
+    model_name: str,
+    context_tokens: int,
+    health: Callable[[], dict[str, Any]],
+    stop_token_ids: tuple[int, ...] | None = None,
+) -> FastAPI:
+    """The runner's FastAPI app.
+
+    ``stop_token_ids`` adds to the tokenizer's eos (pass the generation config's eos ids); the engine
+    ends a sequence after emitting one. ``health`` is called on every ``GET /health``.
+    """
+    if context_tokens < 1:
+        raise InvalidArgument(f"context_tokens must be at least 1, got {context_tokens}")
+    eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
+    completer = _Completer(engine, tokenizer, model_name, context_tokens,
+                           tuple(dict.fromkeys([*eos, *(stop_token_ids or ())])))
+    created = int(time.time())
+    app = FastAPI(title=f"memserve runner: {model_name}")
+    _install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await completer.complete(request, body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await completer.complete(request, body)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        model = {"id": model_name, "object": "model", "created": created, "owned_by": "memserve",
+                 "context_tokens": context_tokens}
+        return {"object": "list", "data": [model]}
+
+    @app.get("/health")
+    async def health_route() -> dict[str, Any]:
+        return {**health(), "engine": engine.name}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return dataclasses.asdict(engine.stats())
+
+    return app
+
+
+class _Completer:
+    """Turns a validated request into prompt ids, an engine request, and an HTTP response."""
+
+    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, model_name: str,
+                 context_tokens: int, stop_token_ids: tuple[int, ...]) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.context_tokens = context_tokens
+        self.stop_token_ids = stop_token_ids
+
+    # Tokenizer calls stay on the event loop thread: a fast tokenizer used from two threads at once
+    # can fail with "Already borrowed", and even long prompts encode in milliseconds.
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception as exc:  # a template's raise_exception, or a tokenizer without a template
+            raise InvalidArgument(f"the chat template rejected these messages: {exc}",
+                                  param="messages") from exc
+        if not isinstance(text, str):
+            raise MemserveError(f"internal error: apply_chat_template returned {type(text).__name__}, "
+                                "not text")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def text_prompt(self, body: CompletionRequest) -> list[int]:
+        if isinstance(body.prompt, str):
+            return list(self.tokenizer.encode(body.prompt, add_special_tokens=True))
+        vocab = len(self.tokenizer)
+        bad = [t for t in body.prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}", param="prompt")
+        return body.prompt
+
+    def check(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        """Refuse what this runner cannot answer faithfully, before any tokenizing."""
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            raise UnsupportedParameter(unsupported[1], param=unsupported[0])
+        if body.model != self.model_name:
+            raise ModelNotFound(f"this runner serves the model '{self.model_name}', not '{body.model}'; "
+                                "send that name, or ask the gateway for the other model", param="model")
+
+    def engine_request(self, request_id: str, body: ChatCompletionRequest | CompletionRequest,
+                       prompt_ids: list[int]) -> GenerationRequest:
+        """Fit the request into the context: ``max_tokens`` is clipped to the room left."""
+        if not prompt_ids:
+            raise InvalidArgument("the prompt is empty; send at least one token of text", param="prompt")
+        room = self.context_tokens - len(prompt_ids)
+        if room < 1:
+            raise ContextOverflow(
+                f"the prompt is {len(prompt_ids)} tokens but this model's context is {self.context_tokens} "
+                f"tokens, which leaves no room for a completion; shorten the prompt to at most "
+                f"{self.context_tokens - 1} tokens",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            )
+        temperature = body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE
+        top_p = body.top_p if body.top_p is not None else 1.0
+        if top_p == 0:  # nothing may be sampled but the most likely token
+            temperature, top_p = 0.0, 1.0
+        return GenerationRequest(
+            request_id=request_id,
+            prompt_ids=tuple(prompt_ids),
+            max_new_tokens=min(body.max_new_tokens or room, room),
+            temperature=temperature,
+            top_p=top_p,
+            seed=body.seed,
+            stop_token_ids=self.stop_token_ids,
+        )
+
+    async def complete(self, request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
+        self.check(body)
+        if isinstance(body, ChatCompletionRequest):
+            prompt_ids, shape = self.chat_prompt(body), ResponseShape(chat=True, model=self.model_name)
+        else:
+            prompt_ids, shape = self.text_prompt(body), ResponseShape(chat=False, model=self.model_name)
+        generation = self.engine_request(shape.id, body, prompt_ids)
+        usage_of = _usage_counter(len(prompt_ids))
+        if not body.stream:
+            answer = await _unless_disconnected(request.receive, self._collect(generation, body.stop))
+            if answer is None:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            text, finish_reason, completion_tokens = answer
+            return JSONResponse(shape.response(text, finish_reason, usage_of(completion_tokens)))
+        # wait for the first token before sending headers, so a full queue is still a real 429
+        sequence = await _unless_disconnected(request.receive, _start(self.engine, generation))
+        if sequence is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        events = _sse_events(sequence, shape, self._pieces(sequence, body.stop), usage_of, body.include_usage)
+        return _EventStream(events, sequence)
+
+    def _pieces(self, sequence: AsyncIterator[TokenEvent], stop: list[str]) -> AsyncIterator[TextPiece]:
+        return text_pieces(sequence, IncrementalDetokenizer(self.tokenizer), StopStrings(stop))
+
+    async def _collect(self, generation: GenerationRequest, stop: list[str]) -> tuple[str, FinishReason, int]:
+        sequence = await _start(self.engine, generation)
+        parts: list[str] = []
+        finish_reason: FinishReason = "stop"
+        completion_tokens = 0
+        try:
+            async for piece in self._pieces(sequence, stop):
+                parts.append(piece.text)
+                finish_reason = piece.finish_reason or finish_reason
+                completion_tokens = piece.completion_tokens
+        finally:
+            await sequence.aclose()
+        return "".join(parts), finish_reason, completion_tokens
+
+
+def _usage_counter(prompt_tokens: int) -> Callable[[int], Usage]:
+    return lambda completion_tokens: Usage(prompt_tokens, completion_tokens)
+
+
+class _Sequence:
+    """One engine sequence with its first event already in hand; closes the engine iterator exactly once."""
+
+    def __init__(self, events: AsyncIterator[TokenEvent], first: TokenEvent | None) -> None:
+        self._events = events
+        self._first = first
+        self._exhausted = first is None
+        self._closed = False
+
+    def __aiter__(self) -> _Sequence:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._exhausted or self._closed:
+            raise StopAsyncIteration
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        """Free the sequence in the engine; shielded, so a cancelled response still frees it."""
+        if self._closed:
+            return
+        self._closed = True
+        await _aclose(self._events)
+
+
+async def _aclose(events: AsyncIterator[TokenEvent]) -> None:
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        with anyio.CancelScope(shield=True):
+            await close()
+
+
+async def _start(engine: Engine, generation: GenerationRequest) -> _Sequence:
+    """Submit a sequence and wait for its first event; a full queue becomes ``Overloaded`` (429)."""
+    try:
+        events = engine.generate(generation)
+        try:
+            first: TokenEvent | None = await anext(events)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await _aclose(events)
+            raise
+    except QueueFull as exc:
+        raise Overloaded(
+            f"the runner is at capacity ({exc.running} sequences running, {exc.waiting} waiting); "
+            f"retry in {exc.retry_after_seconds:g} s", retry_after_seconds=exc.retry_after_seconds,
+        ) from exc
+    return _Sequence(events, first)
+
+
+async def _unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run ``work`` until it ends or the client goes away (then cancel it and return None).
+
+    Neither uvicorn nor Starlette cancels a handler whose client left; without this, a long prefill
+    or a non-streamed answer would run to the end for nobody.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.wait((task, watcher))  # let the work close its engine iterator
+    return None if task.cancelled() else task.result()
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client disconnects (the request body has already been read)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a transport that fails to receive has lost its client too
+        logger.debug("receive failed; treating it as a disconnect", exc_info=True)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+async def _sse_events(sequence: _Sequence, shape: ResponseShape, pieces: AsyncIterator[TextPiece],
+                      usage_of: Callable[[int], Usage], include_usage: bool) -> AsyncGenerator[bytes, None]:
+    """The SSE body: role chunk, text deltas, finish chunk, optional usage chunk, ``[DONE]``."""
+    if shape.chat:
+        yield _sse(shape.chunk(role=True))
+    try:
+        finish_reason: FinishReason = "stop"
+        completion_tokens = 0
+        try:
+            async for piece in pieces:
+                if piece.text:
+                    yield _sse(shape.chunk(text=piece.text))
+                finish_reason = piece.finish_reason or finish_reason
+                completion_tokens = piece.completion_tokens
+        finally:
+            await sequence.aclose()  # at once, before the closing chunks
+        yield _sse(shape.chunk(finish_reason=finish_reason))
+        if include_usage:
+            yield _sse(shape.usage_chunk(usage_of(completion_tokens)))
+    except Exception as exc:  # headers are sent: the error must travel in the stream
+        logger.exception("generation %s failed mid-stream", shape.id)
+        yield _sse(_error_body(exc))
+    yield b"data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that closes its body and its engine sequence however the response ends.
+
+    Starlette cancels the body's iteration when the client disconnects but leaves the generator to the
+    garbage collector; closing it here frees the sequence at once, even if the body never started.
+    """
+
+    def __init__(self, body: AsyncGenerator[bytes, None], sequence: _Sequence) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._body = body
+        self._sequence = sequence
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._body.aclose()
+                await self._sequence.aclose()
+
+
+def _error_body(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, MemserveError):
+        return exc.to_openai()
+    return MemserveError(f"internal error: {type(exc).__name__}: {exc}").to_openai()
+
+
+def _error_type(status_code: int) -> str:
+    types = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+             409: "conflict_error", 429: "rate_limit_error"}
+    if status_code >= 500:
+        return "api_error"
+    return types.get(status_code, "invalid_request_error")
+
+
+def _error_response(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
+                    headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _error_type(status_code), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """``("body", "messages", 0, "content")`` → ``messages[0].content``."""
+    name = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or None
+
+
+def _validation_message(error: dict[str, Any], param: str | None) -> str:
+    kind = error.get("type", "")
+    if kind == "json_invalid":
+        reason = error.get("ctx", {}).get("error", "malformed")
+        return f"the request body is not valid JSON ({reason}); send one JSON object"
+    if param is None or kind == "model_attributes_type":
+        return "the request body must be a JSON object, sent with Content-Type: application/json"
+    if kind == "missing":
+        return f"missing required parameter '{param}'"
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"invalid value for '{param}': {message}"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in the OpenAI shape, with all four keys."""
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        first = errors[0] if errors else {}
+        param = None if first.get("type") == "json_invalid" else _param(tuple(first.get("loc", ())))
+        message = _validation_message(first, param)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return _error_response(400, message, param=param, code="invalid_argument")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"no route {where}; this runner serves {ROUTES}"
+        else:
+            message = f"{where}: {exc.detail}"
+        return _error_response(exc.status_code, message, headers=exc.headers)
+
+    @app.exception_handler(MemserveError)
+    async def memserve_error(request: Request, exc: MemserveError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, Overloaded):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this answer is sent, so the server logs the traceback once
+        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}")

@@ -1,0 +1,906 @@
+"""Generation engines: one loaded ``transformers`` model behind the async :class:`Engine` protocol.
+
+- :class:`ContinuousBatchingEngine` wraps transformers' continuous batching (a paged KV cache and a
+  scheduler on the library's own thread). Its cache is sized from the Plan, never from the library's
+  default (60% of *total* RAM, zero-filled).
+- :class:`GenerateEngine` is the fallback for models continuous batching cannot serve: one worker
+  thread running plain ``model.generate``, one request at a time.
+- :func:`make_engine` tries the first and falls back to the second, saying why.
+
+Both engines share the async front (:class:`_EngineBase`): validation, the bound on running and
+waiting sequences (``QueueFull``), streaming token events, cancellation when the consumer goes away,
+and the stats. One event loop should drive an engine at a time.
+
+Sampling semantics are OpenAI's: ``temperature == 0`` is greedy, otherwise temperature and top_p with
+no top_k. Other processors from the model's ``generation_config.json`` (a repetition penalty, say)
+apply in both engines, as they would in ``model.generate``. An empty ``stop_token_ids`` means the
+generation config's eos ids; negative ids are dropped, so ``(-1,)`` asks for no stop token at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from transformers import (
+    ContinuousBatchingConfig,
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from memserve.errors import InvalidArgument, MemserveError
+from memserve.runner.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+    from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "ContinuousBatchingEngine",
+    "GenerateEngine",
+    "GenerationFailed",
+    "continuous_batching_config",
+    "kv_cache_blocks",
+    "make_engine",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 64
+"""Tokens per KV page. The library defaults to 256; 64 wastes less of an exactly-sized cache on short
+sequences (each sequence rounds up to whole pages) at no measurable cost on CPU."""
+
+_POLL_SECONDS = 0.1
+_WARMUP_TIMEOUT_SECONDS = 600.0
+_STOP_TIMEOUT_SECONDS = 30.0
+
+
+class GenerationFailed(MemserveError):
+    """The engine could not finish a sequence: its generation thread died, or the engine was closed."""
+
+    status_code = 500
+    error_type = "api_error"
+    code = "generation_failed"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizing (pure)
+
+
+def kv_cache_blocks(*, max_sequences: int, max_context_tokens: int, page_size: int) -> int:
+    """Pages the cache needs so ``max_sequences`` sequences of ``max_context_tokens`` always fit.
+
+    Pages are never shared between sequences, so each one rounds up on its own; one more page per
+    sequence is slack for layer groups carved from shared sectors (a sliding-window group can hold a
+    page beyond its window).
+    """
+    return max_sequences * (math.ceil(max_context_tokens / page_size) + 1)
+
+
+def continuous_batching_config(
+    *,
+    max_sequences: int,
+    max_context_tokens: int,
+    max_batch_tokens: int,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    accelerator: bool = False,
+) -> ContinuousBatchingConfig:
+    """The library config for a Plan: every size explicit, nothing inferred from free memory.
+
+    - ``num_blocks`` from :func:`kv_cache_blocks`, ``max_batch_tokens`` as planned, and at most
+      ``max_sequences`` requests per forward (the engine never hands the library more than that).
+    - ``max_memory_percent=1.0``: the library only checks that the explicit footprint fits; whether it
+      is *wise* is the planner's call, and its CPU default (60% of total RAM) would refuse big plans.
+    - ``safety_margin=0`` and no prefix sharing: with an exactly-sized cache a margin would hold back
+      admitted sequences, and prefix-cached pages are only evicted under that margin.
+    - The manager decodes greedily; sampling is done by the engine's own per-request processors (see
+      :class:`ContinuousBatchingEngine`), so the library's per-request warpers stay off.
+    - On an accelerator the block-table decode path is sized to a whole sequence; on CPU it does not
+      exist, and asking for it only logs a warning.
+    """
+    blocks_per_sequence = math.ceil(max_context_tokens / page_size) + 1
+    return ContinuousBatchingConfig(
+        page_size=page_size,
+        num_blocks=kv_cache_blocks(
+            max_sequences=max_sequences, max_context_tokens=max_context_tokens, page_size=page_size
+        ),
+        max_batch_tokens=max_batch_tokens,
+        max_requests_per_batch=max_sequences,
+        max_memory_percent=1.0,
+        max_blocks_per_request=blocks_per_sequence + blocks_per_sequence % 2 if accelerator else None,
+        allow_block_sharing=False,
+        safety_margin=0.0,
+        per_request_processors=False,
+        cpu_offload_space=0.0,
+        max_queue_size=0,
+    )
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise InvalidArgument(f"{name} must be at least 1, got {value}", param=name)
+
+
+def _eos_ids(config: GenerationConfig) -> tuple[int, ...]:
+    eos = config.eos_token_id
+    if isinstance(eos, int):
+        return (eos,) if eos >= 0 else ()
+    if isinstance(eos, (list, tuple)):
+        return tuple(int(t) for t in eos if int(t) >= 0)
+    return ()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The async front shared by both engines
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """What a generation thread hands the event loop: new tokens, and whether (or how) it ended."""
+
+    tokens: list[int]
+    finished: bool = False
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
+    key: str  # unique inside the engine: callers may reuse request ids
+    loop: asyncio.AbstractEventLoop
+    stop_ids: frozenset[int]
+    accepted_at: float
+    chunks: asyncio.Queue[_Chunk] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    holds_slot: bool = False
+    done: bool = False  # the engine delivered its last chunk
+    received: int = 0  # tokens already taken from the library's cumulative outputs
+
+
+class _EngineBase:
+    """Validation, the running/waiting bound, streaming, cancellation and stats.
+
+    State is touched on the event loop only; generation threads reach it through
+    ``loop.call_soon_threadsafe(self._deliver, ...)``. Subclasses start a job (``_submit``, called
+    once the job holds a running slot) and stop one early (``_cancel``).
+    """
+
+    name = "engine"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        max_running: int,
+        max_sequences: int,
+        max_queue: int,
+        max_context_tokens: int | None,
+        generation_config: GenerationConfig | None,
+    ) -> None:
+        _check_positive(max_sequences=max_sequences)
+        if max_queue < 0:
+            raise InvalidArgument(f"max_queue must be 0 or more, got {max_queue}", param="max_queue")
+        self.model = model
+        self.max_sequences = max_sequences
+        self.max_queue = max_queue
+        self.max_context_tokens = max_context_tokens
+        self._max_running = max_running
+        base = generation_config if generation_config is not None else model.generation_config
+        self._base_config = copy.deepcopy(base) if base is not None else GenerationConfig()
+        self._default_stop_ids = _eos_ids(self._base_config)
+        embeddings = model.get_input_embeddings()
+        self._vocab_size = int(getattr(embeddings, "num_embeddings", 0) or model.config.vocab_size)
+        self._running = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._keys = itertools.count()
+        self._closed = False
+        self._failure: str | None = None
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._requests_total = 0
+        self._rejected_total = 0
+
+    # -- the protocol ----------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """Running and waiting sequences now, token and request totals since start."""
+        return EngineStats(
+            running=self._running,
+            waiting=len(self._waiters),
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            requests_total=self._requests_total,
+            extra={"rejected_total": self._rejected_total, **self._extra_stats()},
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Yield the request's tokens as they are produced; the last event carries ``finish_reason``.
+
+        Raises InvalidArgument or QueueFull before yielding anything. Leaving early (``aclose``, a
+        cancelled task) cancels the sequence at once and frees its slot and cache pages.
+        """
+        self._validate(request)
+        if self._closed or self._failure is not None:
+            raise GenerationFailed(self._failure or "the engine is closed", code="engine_closed")
+        if self._running + len(self._waiters) >= self.max_sequences + self.max_queue:
+            self._rejected_total += 1
+            raise QueueFull(self._running, len(self._waiters))
+        job = _Job(
+            request=request,
+            key=f"{request.request_id}#{next(self._keys)}",
+            loop=asyncio.get_running_loop(),
+            stop_ids=frozenset(t for t in request.stop_token_ids or self._default_stop_ids if t >= 0),
+            accepted_at=time.perf_counter(),
+        )
+        self._requests_total += 1
+        try:
+            await self._acquire_slot(job)
+            self._prompt_tokens_total += len(request.prompt_ids)
+            self._submit(job)
+            index = 0
+            while True:
+                chunk = await job.chunks.get()
+                if chunk.error is not None:
+                    raise GenerationFailed(f"generation of {request.request_id!r} failed: {chunk.error}")
+                for position, token in enumerate(chunk.tokens):
+                    last_of_chunk = chunk.finished and position == len(chunk.tokens) - 1
+                    yield TokenEvent(
+                        request_id=request.request_id,
+                        token_id=token,
+                        index=index,
+                        finish_reason=self._finish_reason(job, token, index, last_of_chunk),
+                        elapsed_seconds=time.perf_counter() - job.accepted_at,
+                    )
+                    index += 1
+                if chunk.finished:
+                    return
+        finally:
+            if not job.done:
+                job.done = True
+                job.cancelled.set()
+                if job.holds_slot:
+                    self._cancel(job)
+                self._release_slot(job)
+
+    async def close(self) -> None:
+        """Stop the generation thread; sequences still in flight or waiting fail with GenerationFailed."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(GenerationFailed("the engine was closed", code="engine_closed"))
+        await asyncio.to_thread(self._shutdown)
+        self._fail_all("the engine was closed")
+
+    # -- for subclasses --------------------------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, job: _Job) -> None:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        """Stop the generation thread (runs in a worker thread: it may block)."""
+        raise NotImplementedError
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {}
+
+    def _jobs_in_flight(self) -> list[_Job]:
+        raise NotImplementedError
+
+    def _forget(self, job: _Job) -> None:
+        """Drop the job from the routing table of the generation thread, if the engine has one."""
+
+    def _deliver(self, job: _Job, tokens: list[int], finished: bool = False, error: str | None = None) -> None:
+        """On the loop: hand a chunk to the job's consumer; free the slot as soon as the sequence ends."""
+        if job.done:
+            return
+        self._generation_tokens_total += len(tokens)
+        if finished or error is not None:
+            job.done = True
+            self._forget(job)
+            self._release_slot(job)
+        job.chunks.put_nowait(_Chunk(tokens, finished or error is not None, error))
+
+    def _post(self, job: _Job, callback: Callable[..., None], *args: Any) -> None:
+        """From any thread: run ``callback(*args)`` on the job's loop; a closed loop means nobody listens."""
+        try:
+            job.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: the consumer is gone, stop the sequence
+            job.cancelled.set()
+
+    def _fail_all(self, reason: str) -> None:
+        """From any thread: end every job in flight with ``reason``."""
+        for job in self._jobs_in_flight():
+            self._post(job, self._deliver, job, [], True, reason)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _validate(self, request: GenerationRequest) -> None:
+        if not request.prompt_ids:
+            raise InvalidArgument("the prompt is empty; send at least one token", param="prompt_ids")
+        if request.max_new_tokens < 1:
+            raise InvalidArgument(
+                f"max_new_tokens must be at least 1, got {request.max_new_tokens}", param="max_new_tokens"
+            )
+        if not math.isfinite(request.temperature) or request.temperature < 0:
+            raise InvalidArgument(
+                f"temperature must be 0 (greedy) or more, got {request.temperature}", param="temperature"
+            )
+        if not 0 < request.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {request.top_p}", param="top_p")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self._vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"prompt token ids {bad[:5]} are outside this model's vocabulary of {self._vocab_size}",
+                param="prompt_ids",
+            )
+        total = len(request.prompt_ids) + request.max_new_tokens
+        if self.max_context_tokens is not None and total > self.max_context_tokens:
+            raise InvalidArgument(
+                f"the prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) "
+                f"is {total} tokens, more than the {self.max_context_tokens}-token context this model was "
+                "loaded for; shorten the prompt or ask for fewer tokens",
+                param="max_new_tokens",
+            )
+
+    @staticmethod
+    def _finish_reason(job: _Job, token: int, index: int, last_of_chunk: bool) -> FinishReason | None:
+        if token in job.stop_ids:
+            return "stop"
+        if index + 1 >= job.request.max_new_tokens or last_of_chunk:
+            return "length"
+        return None
+
+    async def _acquire_slot(self, job: _Job) -> None:
+        """Take a running slot, or wait in FIFO order for one handed over by a finishing sequence."""
+        if self._running < self._max_running and not self._waiters:
+            self._running += 1
+            job.holds_slot = True
+            return
+        waiter: asyncio.Future[None] = job.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                job.holds_slot = True  # handed over just before the cancel: give it back in `finally`
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        job.holds_slot = True
+
+    def _release_slot(self, job: _Job) -> None:
+        if not job.holds_slot:
+            return
+        job.holds_slot = False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the next waiter; _running is unchanged
+                return
+        self._running -= 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-request sampling inside continuous batching
+
+
+def _as_int32(values: list[float]) -> torch.Tensor:
+    """The library passes processor arguments as int32 rows: float32 bits, viewed."""
+    return torch.tensor(values, dtype=torch.float32, device="cpu").view(dtype=torch.int32)
+
+
+def _in_static_graph(scores: torch.Tensor) -> bool:
+    """Under CUDA-graph capture or compile, no host-side branch on tensor values is allowed."""
+    capturing = scores.is_cuda and torch.cuda.is_current_stream_capturing()
+    return bool(capturing) or torch.compiler.is_compiling()
+
+
+class _Temperature(ContinuousBatchingLogitsProcessor):
+    """Divides each sampled row by its temperature. Temperature 0 marks a greedy row, left untouched so
+    that the manager's argmax is exactly ``generate``'s."""
+
+    supported_kwargs: dict[str, type] = {"temperature": float}  # noqa: RUF012 - the library's declared shape
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.copy_(torch.zeros_like(int32_tensor, dtype=torch.float32).view(dtype=torch.int32))
+
+    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
+        return _as_int32([r.state.logit_processor_kwargs.get("temperature", 0.0) for r in requests_with_new_token])
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        temperature = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
+        divisor = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+        return scores / divisor.unsqueeze(-1)
+
+
+class _NucleusSample(ContinuousBatchingLogitsProcessor):
+    """Top-p, then Gumbel noise: the argmax of ``logits + Gumbel`` is a sample from ``softmax(logits)``.
+
+    Sampling this way lets greedy and sampled rows share one argmax (the library samples all rows or
+    none), costs one uniform draw per logit instead of a multinomial, and sorts only when a row asks
+    for top_p < 1. ``top_p == 0`` marks a greedy row, which gets neither.
+    """
+
+    supported_kwargs: dict[str, type] = {"top_p": float}  # noqa: RUF012 - the library's declared shape
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.copy_(torch.zeros_like(int32_tensor, dtype=torch.float32).view(dtype=torch.int32))
+
+    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
+        return _as_int32([r.state.logit_processor_kwargs.get("top_p", 0.0) for r in requests_with_new_token])
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
+        sampled = top_p > 0
+        static = _in_static_graph(scores)
+        if not static and not bool(sampled.any()):
+            return scores
+        if static or bool((sampled & (top_p < 1)).any()):
+            scores = _top_p(scores, torch.where(sampled, top_p, torch.ones_like(top_p)))
+        gumbel = -torch.log(-torch.log(torch.rand_like(scores)))  # rand 0 gives -inf, never +inf
+        return torch.where(sampled.unsqueeze(-1), scores + gumbel, scores)
+
+
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row nucleus filtering, as transformers' ``TopPLogitsWarper`` does it."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p).unsqueeze(-1)
+    remove[..., -1:] = False  # always keep the most likely token
+    remove = remove.scatter(-1, sorted_indices, remove)
+    return scores.masked_fill(remove, -float("inf"))
+
+
+class _SamplingProcessors(ContinuousBatchingLogitsProcessorList):
+    """The model's own processors (penalties and the like, as the library keeps them) plus ours."""
+
+    def __init__(self, base: LogitsProcessorList) -> None:
+        super().__init__(
+            LogitsProcessorList([*base, _Temperature(), _NucleusSample()]),
+            per_request_processors=False,
+            drop_unsupported_processors=True,
+        )
+        # one int32 argument row per per-request processor; the library only counts the ones it converts
+        self.tensors_required = sum(
+            isinstance(p, ContinuousBatchingLogitsProcessor) for p in self.logits_processor
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+class ContinuousBatchingEngine(_EngineBase):
+    """transformers' continuous batching with a Plan-sized paged cache.
+
+    - The library runs its loop on its own (non-daemon) thread; a daemon dispatcher thread reads the
+      library's outputs and posts them to each request's event loop. :meth:`close` must be awaited, or
+      the process will not exit.
+    - At most ``max_sequences`` requests are inside the library at once (so the cache, sized for that
+      many full contexts, never runs out); up to ``max_queue`` more wait here, in FIFO order.
+    - The library decides greedy-or-sample once per manager, so the manager decodes by argmax and
+      the engine's own per-request processors (:class:`_Temperature`, :class:`_NucleusSample`) turn
+      sampled rows into Gumbel-max draws; greedy rows stay untouched, so they are ``generate``'s
+      argmax exactly (ties included).
+    - Per-request seeds are not supported (the noise comes from torch's global generator, shared by
+      the batch): ``seed`` is ignored.
+    """
+
+    name = "continuous-batching"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        max_sequences: int,
+        max_queue: int,
+        max_context_tokens: int,
+        max_batch_tokens: int,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        generation_config: GenerationConfig | None = None,
+        warmup: bool = True,
+    ) -> None:
+        _check_positive(max_context_tokens=max_context_tokens, max_batch_tokens=max_batch_tokens)
+        if page_size < 4:
+            raise InvalidArgument(f"page_size must be at least 4 tokens, got {page_size}", param="page_size")
+        super().__init__(
+            model,
+            max_running=max_sequences,
+            max_sequences=max_sequences,
+            max_queue=max_queue,
+            max_context_tokens=max_context_tokens,
+            generation_config=generation_config,
+        )
+        self.cb_config = continuous_batching_config(
+            max_sequences=max_sequences,
+            max_context_tokens=max_context_tokens,
+            max_batch_tokens=max_batch_tokens,
+            page_size=page_size,
+            accelerator=model.device.type != "cpu",
+        )
+        self._jobs: dict[str, _Job] = {}
+        self._jobs_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._memory: dict[str, int] = {}
+
+        self._original_attn = model.config._attn_implementation
+        try:
+            # may switch the model's attention implementation (to flash, where installed)
+            self._manager: ContinuousBatchingManager = cast(Any, model).init_continuous_batching(
+                generation_config=self._manager_config(), continuous_batching_config=self.cb_config
+            )
+        except BaseException:
+            self._restore_attention()
+            raise
+        try:
+            sampling = _SamplingProcessors(self._manager.logit_processor.logits_processor)
+            self._manager.logit_processor = sampling  # read when the batch processor is built, just below
+            self._manager.warmup()  # builds the paged cache here, so a model it cannot serve fails here
+            processor = self._manager.batch_processor
+            if processor is None or processor.logit_processor is not sampling:
+                raise RuntimeError("this transformers version did not take memserve's sampling processors")
+            self._memory = self._measure_memory()
+            self._manager.start()
+            if warmup:
+                self._warm_up()
+        except BaseException:
+            self._stop_manager()
+            raise
+        self._dispatcher = threading.Thread(target=self._dispatch, name="memserve-cb-dispatch", daemon=True)
+        self._dispatcher.start()
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the paged KV tensor the library allocated (pages plus its two trash sectors)."""
+        return self._memory.get("kv_cache_bytes", 0)
+
+    def _manager_config(self) -> GenerationConfig:
+        """The manager's config: argmax decoding (sampling is ours), the model's other processors kept."""
+        config = copy.deepcopy(self._base_config)
+        config.do_sample = False
+        config.temperature = config.top_k = config.top_p = None
+        config.num_return_sequences = 1
+        if config.eos_token_id is None:
+            config.eos_token_id = -1
+        return config
+
+    @staticmethod
+    def _request_kwargs(request: GenerationRequest) -> dict[str, Any]:
+        if request.temperature == 0:
+            return {"temperature": 0.0, "top_p": 0.0}
+        return {"temperature": float(request.temperature), "top_p": float(request.top_p)}
+
+    def _measure_memory(self) -> dict[str, int]:
+        processor = self._manager.batch_processor
+        if processor is None:
+            return {}
+        cache = processor.cache
+        memory = {
+            "kv_cache_bytes": int(cache.cache_tensor.nbytes),
+            "kv_cache_blocks": int(cache.num_blocks),
+            "page_size": int(self.cb_config.page_size),
+            "max_batch_tokens": int(cache.max_batch_tokens),
+        }
+        masks = getattr(processor.inputs_and_outputs, "attention_mask", None)
+        if isinstance(masks, dict):  # eager/sdpa preallocate [1, 1, M, cache tokens + M] per layer type
+            memory["attention_mask_bytes"] = sum(int(m.nbytes) for m in masks.values())
+        return memory
+
+    def _warm_up(self) -> None:
+        """One real request through the manager: proves the model runs under paged attention."""
+        token = self._default_stop_ids[0] if self._default_stop_ids else 0
+        request_id = self._manager.add_request(
+            [token], request_id="memserve-warmup", max_new_tokens=1, eos_token_id=-1, temperature=0.0, top_p=0.0
+        )
+        if request_id is None:
+            raise GenerationFailed("the continuous batching manager refused the warm-up request")
+        deadline = time.monotonic() + _WARMUP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            output = self._manager.get_result(request_id=request_id, timeout=_POLL_SECONDS)
+            if output is not None and output.is_finished():
+                if output.error is not None:
+                    raise GenerationFailed(f"continuous batching warm-up failed: {output.error}")
+                return
+            if output is None and not self._manager.is_running():
+                raise GenerationFailed(f"continuous batching thread died during warm-up: {self._thread_error()}")
+        raise GenerationFailed(f"continuous batching warm-up took more than {_WARMUP_TIMEOUT_SECONDS:.0f} s")
+
+    def _submit(self, job: _Job) -> None:
+        with self._jobs_lock:
+            self._jobs[job.key] = job
+        request = job.request
+        added = self._manager.add_request(
+            list(request.prompt_ids),
+            request_id=job.key,
+            max_new_tokens=request.max_new_tokens,
+            streaming=True,
+            eos_token_id=sorted(job.stop_ids),
+            **self._request_kwargs(request),
+        )
+        if added is None:
+            self._deliver(job, [], True, f"the continuous batching thread is not running: {self._thread_error()}")
+
+    def _cancel(self, job: _Job) -> None:
+        self._forget(job)
+        self._manager.cancel_request(job.key)
+
+    def _forget(self, job: _Job) -> None:
+        with self._jobs_lock:
+            self._jobs.pop(job.key, None)
+
+    def _jobs_in_flight(self) -> list[_Job]:
+        with self._jobs_lock:
+            return list(self._jobs.values())
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return dict(self._memory)
+
+    def _dispatch(self) -> None:
+        """Dispatcher thread: route the library's outputs to their requests' loops, a batch at a time."""
+        manager = self._manager
+        while not self._stopping.is_set():
+            output = manager.get_result(timeout=_POLL_SECONDS)
+            if output is None:
+                if not manager.is_running() and not self._stopping.is_set():
+                    self._failure = f"the continuous batching thread stopped: {self._thread_error()}"
+                    log.error(self._failure)
+                    self._fail_all(self._failure)
+                    return
+                continue
+            outputs = [output]
+            while (more := manager.get_result(timeout=0)) is not None:
+                outputs.append(more)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, GenerationOutput]]] = {}
+            with self._jobs_lock:
+                for item in outputs:
+                    job = self._jobs.get(item.request_id)
+                    if job is not None:  # outputs of cancelled requests have nobody to go to
+                        by_loop.setdefault(job.loop, []).append((job, item))
+            for batch in by_loop.values():
+                self._post(batch[0][0], self._on_outputs, batch)
+
+    def _on_outputs(self, batch: list[tuple[_Job, GenerationOutput]]) -> None:
+        """On the loop: turn the library's cumulative outputs into new-token chunks."""
+        for job, output in batch:
+            tokens = list(output.generated_tokens[job.received :])
+            job.received += len(tokens)
+            self._deliver(job, tokens, output.is_finished(), output.error)
+
+    def _thread_error(self) -> str:
+        status = getattr(self._manager, "background_thread_status", None)
+        error = getattr(status, "fatal_error", None)
+        return f"{type(error).__name__}: {error}" if error is not None else "no error recorded"
+
+    def _stop_manager(self) -> None:
+        manager = self._manager
+        if manager.is_running():
+            manager.stop(block=True, timeout=_STOP_TIMEOUT_SECONDS, hard_stop=True)
+        manager.destroy()
+        self._restore_attention()  # stop() skips this when the manager never started
+
+    def _restore_attention(self) -> None:
+        if self.model.config._attn_implementation != self._original_attn:
+            self.model.set_attn_implementation(self._original_attn)
+
+    def _shutdown(self) -> None:
+        self._stopping.set()
+        self._stop_manager()
+        self._dispatcher.join(timeout=_STOP_TIMEOUT_SECONDS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plain generate
+
+
+class _CancelCriteria(StoppingCriteria):
+    """Stops ``generate`` at the next step once the consumer has gone away."""
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        flag = torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+        return flag  # type: ignore[return-value]
+
+
+class _TokenStreamer(BaseStreamer):
+    """Receives token ids from ``generate`` (the prompt first, then one step at a time)."""
+
+    def __init__(self, on_tokens: Callable[[list[int]], None]) -> None:
+        self.on_tokens = on_tokens
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.on_tokens([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        """The worker reports the end itself, after ``generate`` returns."""
+
+
+class GenerateEngine(_EngineBase):
+    """The fallback: a worker thread running ``model.generate`` one request at a time.
+
+    Up to ``max_sequences + max_queue`` requests are accepted; one runs, the others wait in FIFO order.
+    Tokens stream through a custom streamer; cancellation is a StoppingCriteria flag. A ``seed`` is
+    honoured by seeding torch's global generator before the request (the worker is the only sampler).
+    """
+
+    name = "generate"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        max_sequences: int,
+        max_queue: int,
+        max_context_tokens: int | None = None,
+        generation_config: GenerationConfig | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            max_running=1,
+            max_sequences=max_sequences,
+            max_queue=max_queue,
+            max_context_tokens=max_context_tokens,
+            generation_config=generation_config,
+        )
+        self._inbox: queue.Queue[_Job | None] = queue.Queue()
+        self._current: _Job | None = None
+        self._worker = threading.Thread(target=self._work, name="memserve-generate", daemon=True)
+        self._worker.start()
+
+    def _submit(self, job: _Job) -> None:
+        self._current = job
+        self._inbox.put(job)
+
+    def _cancel(self, job: _Job) -> None:
+        job.cancelled.set()
+
+    def _jobs_in_flight(self) -> list[_Job]:
+        job = self._current
+        return [job] if job is not None and not job.done else []
+
+    def _shutdown(self) -> None:
+        job = self._current
+        if job is not None:
+            job.cancelled.set()
+        self._inbox.put(None)
+        self._worker.join(timeout=_STOP_TIMEOUT_SECONDS)
+
+    def _config_for(self, request: GenerationRequest, stop_ids: frozenset[int]) -> GenerationConfig:
+        config = copy.deepcopy(self._base_config)
+        config.max_new_tokens = request.max_new_tokens
+        config.num_return_sequences = 1
+        config.eos_token_id = sorted(stop_ids)  # [] turns the model's eos off; None would bring it back
+        if config.pad_token_id is None:  # never used at batch size 1, but generate warns without one
+            config.pad_token_id = min(stop_ids, default=0)
+        if request.temperature == 0:
+            config.do_sample = False
+        else:
+            config.do_sample = True
+            config.temperature = float(request.temperature)
+            config.top_p = float(request.top_p)
+            config.top_k = 0  # OpenAI semantics: no top-k (generate would default to 50)
+        return config
+
+    def _work(self) -> None:
+        """Worker thread: run each job's ``generate`` and post its tokens to the job's loop."""
+        while (job := self._inbox.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            error: str | None = None
+            try:
+                self._run(job)
+            except Exception as exc:  # reported to the job's consumer, never swallowed
+                log.exception("generate failed for %s", job.request.request_id)
+                error = f"{type(exc).__name__}: {exc}"
+            if error is None and job.cancelled.is_set():  # stopped early: it must not read as finished
+                error = "the engine was closed" if self._closed else "the sequence was cancelled"
+            self._post(job, self._deliver, job, [], True, error)
+
+    @torch.no_grad()
+    def _run(self, job: _Job) -> None:
+        request = job.request
+        if request.seed is not None and request.temperature > 0:
+            torch.manual_seed(request.seed)
+        device = self.model.device
+        input_ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=device)
+        streamer = _TokenStreamer(lambda tokens: self._post(job, self._deliver, job, tokens))
+        cast(Any, self.model).generate(  # PreTrainedModel's stubs leave out GenerationMixin
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            generation_config=self._config_for(request, job.stop_ids),
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancelled)]),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_engine(
+    model: PreTrainedModel,
+    *,
+    prefer: str = "continuous-batching",
+    max_sequences: int,
+    max_queue: int,
+    max_context_tokens: int,
+    max_batch_tokens: int,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    generation_config: GenerationConfig | None = None,
+    warmup: bool = True,
+) -> tuple[ContinuousBatchingEngine | GenerateEngine, str | None]:
+    """The engine to serve ``model`` with, and why it is not the preferred one (None when it is).
+
+    Continuous batching is tried first unless ``prefer="generate"``; any error while building it
+    (an attention implementation or layer type it cannot page, a failed warm-up) falls back to
+    :class:`GenerateEngine` with the error as the reason. Bad sizes are the caller's error and raise.
+    """
+    if prefer not in ("continuous-batching", "generate"):
+        raise InvalidArgument(
+            f"unknown engine {prefer!r}; choose 'continuous-batching' or 'generate'", param="prefer"
+        )
+    reason: str | None = None
+    if prefer == "continuous-batching":
+        original_attn = model.config._attn_implementation
+        try:
+            engine = ContinuousBatchingEngine(
+                model,
+                max_sequences=max_sequences,
+                max_queue=max_queue,
+                max_context_tokens=max_context_tokens,
+                max_batch_tokens=max_batch_tokens,
+                page_size=page_size,
+                generation_config=generation_config,
+                warmup=warmup,
+            )
+            return engine, None
+        except InvalidArgument:
+            raise
+        except Exception as exc:  # any library failure means "this model cannot be paged": fall back
+            log.warning("continuous batching unavailable, falling back to generate: %s", exc)
+            reason = f"continuous batching could not start for this model ({type(exc).__name__}: {exc})"
+            if model.config._attn_implementation != original_attn:
+                model.set_attn_implementation(original_attn)
+    fallback = GenerateEngine(
+        model,
+        max_sequences=max_sequences,
+        max_queue=max_queue,
+        max_context_tokens=max_context_tokens,
+        generation_config=generation_config,
+    )
+    return fallback, reason

@@ -1,0 +1,244 @@
+"""The OpenAI wire shapes the runner speaks: request models in, response and chunk dicts out.
+
+Requests ignore fields they do not know (clients send many), but fields that would change the answer
+and are not implemented are reported by ``unsupported()`` so the app can refuse them with a 400
+instead of silently answering something else. Union-typed fields (``content``, ``prompt``, ``stop``)
+are normalised in "before" validators that raise one plain message, so a wrong type reads as
+"messages[0].content must be ..." rather than one pydantic error per union member.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from memserve.runner.events import FinishReason
+
+MAX_STOP_STRINGS = 4
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message; list-of-parts content is joined with newlines (as vLLM does) before templating."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(_is_text_part(part) for part in value):
+            return "\n".join(part["text"] for part in value)
+        raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts '
+                         "(only text is supported)")
+
+
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.manual_seed takes
+    stop: list[str] = Field(default_factory=list)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ValueError("expected a string or a list of strings")
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(value)}")
+        return [s for s in value if s]  # an empty stop string can never mean anything
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """``(param, message)`` for the first field that would change the answer but is not implemented."""
+        if self.n is not None and self.n > 1:
+            return "n", (f"n={self.n} is unsupported: this server returns one choice per request; "
+                         f"send {self.n} requests instead")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                return name, _unsupported(name)
+        if self.logit_bias:
+            return "logit_bias", _unsupported("logit_bias")
+        return None
+
+
+def _unsupported(name: str) -> str:
+    return f"'{name}' is unsupported by this server (it would change the answer); remove it and retry"
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """Adds the chat-only fields: logprobs, tools and functions, structured output."""
+        found = super().unsupported()
+        if found is not None:
+            return found
+        if self.logprobs:
+            return "logprobs", _unsupported("logprobs")
+        if self.top_logprobs:
+            return "top_logprobs", _unsupported("top_logprobs")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", ('response_format other than {"type": "text"} is unsupported by '
+                                       "this server; remove it and retry")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, _unsupported(name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                return name, _unsupported(name)
+        return None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """Messages as chat templates expect them; ``developer`` is OpenAI's newer name for ``system``."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                for m in self.messages]
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``; ``prompt`` is one string or one list of token ids after validation."""
+
+    prompt: str | list[int]
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> str | list[int]:
+        if isinstance(value, list) and value and all(isinstance(p, str | list) for p in value):
+            if len(value) > 1:
+                raise ValueError(f"batching several prompts per request is unsupported (got {len(value)}); "
+                                 "send one request per prompt")
+            value = value[0]
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return value
+        raise ValueError("expected a string, a list of one string, or a list of token ids")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """Adds the legacy-completions fields: echo, suffix, logprobs, best_of."""
+        found = super().unsupported()
+        if found is not None:
+            return found
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of", _unsupported("best_of")
+        if self.echo:
+            return "echo", _unsupported("echo")
+        if self.suffix:
+            return "suffix", _unsupported("suffix")
+        if self.logprobs is not None:
+            return "logprobs", _unsupported("logprobs")
+        return None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class ResponseShape:
+    """Builds every body of one response, so ``id`` and ``created`` are the same in all its chunks."""
+
+    def __init__(self, *, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]], usage: Usage | None) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage.to_json() if usage else None}
+
+    def response(self, text: str, finish_reason: FinishReason, usage: Usage) -> dict[str, Any]:
+        """The whole non-streamed answer."""
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice |= {"logprobs": None, "finish_reason": finish_reason}
+        return self._envelope("chat.completion" if self.chat else "text_completion", [choice], usage)
+
+    def chunk(self, *, text: str | None = None, role: bool = False,
+              finish_reason: FinishReason | None = None) -> dict[str, Any]:
+        """One streamed choice chunk: the role opener, a text delta, or the closing finish_reason."""
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        choice |= {"logprobs": None, "finish_reason": finish_reason}
+        return self._envelope(self._chunk_object, [choice], None)
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The ``include_usage`` chunk: no choices, just the counts."""
+        return self._envelope(self._chunk_object, [], usage)
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"

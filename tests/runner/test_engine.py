@@ -1,0 +1,414 @@
+"""The generation engines against ``model.generate`` on the tiny fp32 demo models.
+
+The anchor: greedy token ids equal ``generate(do_sample=False)`` token for token, alone and with 8
+concurrent requests, for both engines. Async code runs under ``asyncio.run`` (no pytest-asyncio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from memserve.errors import InvalidArgument
+from memserve.runner.engine import (
+    ContinuousBatchingEngine,
+    GenerateEngine,
+    GenerationFailed,
+    kv_cache_blocks,
+    make_engine,
+)
+from memserve.runner.events import GenerationRequest, QueueFull, TokenEvent
+
+MAX_NEW_TOKENS = 24
+LONG_CONTEXT = 2048  # long requests outlive every check made while they run
+LONG = 1900
+KINDS = ["continuous-batching", "generate"]
+
+Engine = ContinuousBatchingEngine | GenerateEngine
+
+
+def _load(path: Path) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def _prompts(path: Path) -> list[tuple[int, ...]]:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    topics = ["cats", "the sea", "bread", "a red bicycle", "winter", "prime numbers", "tea", "old maps"]
+    prompts = []
+    for i, topic in enumerate(topics):
+        messages = [{"role": "user", "content": f"Tell me {i + 1} things about {topic}." + " Please." * i}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompts.append(tuple(tokenizer(text)["input_ids"]))
+    return prompts
+
+
+def _reference(model: Any, prompt: tuple[int, ...], stop_ids: tuple[int, ...], max_new_tokens: int) -> list[int]:
+    input_ids = torch.tensor([prompt])
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=stop_ids[0],
+    )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+def _eos(model: Any) -> tuple[int, ...]:
+    eos = model.generation_config.eos_token_id
+    return tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    return _load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir: Path) -> list[tuple[int, ...]]:
+    return _prompts(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def references(model: Any, prompts: list[tuple[int, ...]]) -> list[list[int]]:
+    return [_reference(model, p, _eos(model), MAX_NEW_TOKENS) for p in prompts]
+
+
+@pytest.fixture
+def build(model: Any) -> Iterator[Callable[..., Engine]]:
+    """Build engines on the shared tiny model; each is closed after the test (CB's thread is not a daemon)."""
+    built: list[Engine] = []
+
+    def _build(kind: str, *, target: Any = None, **sizes: Any) -> Engine:
+        sizes = {"max_sequences": 8, "max_queue": 8, "max_context_tokens": 512, **sizes}
+        engine: Engine
+        if kind == "continuous-batching":
+            sizes.setdefault("max_batch_tokens", 256)
+            engine = ContinuousBatchingEngine(target if target is not None else model, **sizes)
+        else:
+            sizes.pop("max_batch_tokens", None)
+            engine = GenerateEngine(target if target is not None else model, **sizes)
+        built.append(engine)
+        return engine
+
+    yield _build
+    for engine in built:
+        asyncio.run(engine.close())
+
+
+def _request(prompt: tuple[int, ...], rid: str = "r", **fields: Any) -> GenerationRequest:
+    fields.setdefault("max_new_tokens", MAX_NEW_TOKENS)
+    return GenerationRequest(request_id=rid, prompt_ids=prompt, **fields)
+
+
+async def _collect(engine: Engine, request: GenerationRequest) -> list[TokenEvent]:
+    return [event async for event in engine.generate(request)]
+
+
+async def _wait_until(predicate: Callable[[], bool], timeout_seconds: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+# -- sizing ---------------------------------------------------------------------------------------------
+
+
+def test_kv_cache_blocks_round_each_sequence_up_and_add_one_page_of_slack() -> None:
+    # 100 tokens need 2 pages of 64 per sequence (pages are never shared): 8 * (2 + 1), not ceil(800 / 64)
+    assert kv_cache_blocks(max_sequences=8, max_context_tokens=100, page_size=64) == 24
+    assert kv_cache_blocks(max_sequences=1, max_context_tokens=64, page_size=64) == 2
+
+
+def test_cb_cache_is_sized_from_the_plan_not_from_free_memory(model: Any, build: Callable[..., Engine]) -> None:
+    rss_before = psutil.Process().memory_info().rss
+    engine = build("continuous-batching", max_sequences=4, max_context_tokens=256, max_batch_tokens=128)
+    rss_growth = psutil.Process().memory_info().rss - rss_before
+
+    assert isinstance(engine, ContinuousBatchingEngine)
+    config = engine.cb_config
+    assert (config.page_size, config.num_blocks) == (64, 4 * (256 // 64 + 1))
+    assert (config.max_batch_tokens, config.max_requests_per_batch) == (128, 4)
+    c = model.config
+    block_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * config.page_size * 4
+    assert engine.kv_cache_bytes == (config.num_blocks + 2) * block_bytes  # + the library's 2 trash sectors
+    assert engine.stats().extra["kv_cache_bytes"] == engine.kv_cache_bytes
+    # the library's default would zero-fill 60% of total RAM (12.7 GiB here) for this model
+    assert rss_growth < 64 * 1024**2
+
+
+# -- the correctness anchor -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_equals_generate_alone_and_with_8_concurrent(
+    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]], references: list[list[int]]
+) -> None:
+    engine = build(kind)
+
+    async def scenario() -> None:
+        alone = await _collect(engine, _request(prompts[3], "alone"))
+        assert [e.token_id for e in alone] == references[3]
+        assert [e.index for e in alone] == list(range(len(alone)))
+        assert [e.finish_reason for e in alone[:-1]] == [None] * (len(alone) - 1)
+        assert alone[-1].finish_reason == "length"
+        assert all(e.request_id == "alone" for e in alone)
+        assert 0 < alone[0].elapsed_seconds <= alone[-1].elapsed_seconds
+
+        together = await asyncio.gather(
+            *(_collect(engine, _request(p, f"r{i}")) for i, p in enumerate(prompts))
+        )
+        for i, events in enumerate(together):
+            assert [e.token_id for e in events] == references[i], f"request {i} differs from generate"
+            assert all(e.request_id == f"r{i}" for e in events)
+
+        stats = engine.stats()
+        assert (stats.running, stats.waiting, stats.requests_total) == (0, 0, 9)
+        assert stats.prompt_tokens_total == len(prompts[3]) + sum(len(p) for p in prompts)
+        assert stats.generation_tokens_total == len(references[3]) + sum(len(r) for r in references)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stop_token_ends_the_sequence_after_emitting_it(
+    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]], references: list[list[int]]
+) -> None:
+    engine = build(kind)
+    stop = references[0][5]
+    expected = references[0][: references[0].index(stop) + 1]
+
+    events = asyncio.run(_collect(engine, _request(prompts[0], stop_token_ids=(stop,))))
+
+    assert [e.token_id for e in events] == expected
+    assert events[-1].finish_reason == "stop"
+
+
+def test_cb_greedy_equals_generate_on_qwen2_with_tied_embeddings_and_biases(tiny_qwen_dir: Path) -> None:
+    model = _load(tiny_qwen_dir)
+    prompts = _prompts(tiny_qwen_dir)
+    references = [_reference(model, p, _eos(model), MAX_NEW_TOKENS) for p in prompts]
+    engine = ContinuousBatchingEngine(
+        model, max_sequences=8, max_queue=0, max_context_tokens=256, max_batch_tokens=256
+    )
+
+    async def scenario() -> list[list[TokenEvent]]:
+        try:
+            return await asyncio.gather(*(_collect(engine, _request(p, f"q{i}")) for i, p in enumerate(prompts)))
+        finally:
+            await engine.close()
+
+    results = asyncio.run(scenario())
+    assert [[e.token_id for e in events] for events in results] == references
+
+
+# -- cancellation and bounds ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_leaving_early_frees_the_slot_for_the_next_request(
+    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]], references: list[list[int]]
+) -> None:
+    engine = build(kind, max_sequences=1, max_queue=0, max_context_tokens=LONG_CONTEXT)
+    long_request = _request(prompts[1], "long", max_new_tokens=LONG, stop_token_ids=(-1,))
+
+    async def scenario() -> None:
+        stream = engine.generate(long_request)
+        assert isinstance(stream, AsyncIterator)
+        await anext(stream)
+        assert engine.stats().running == 1
+        await stream.aclose()  # the client went away
+        assert (engine.stats().running, engine.stats().waiting) == (0, 0)
+        if isinstance(engine, ContinuousBatchingEngine):  # the library dropped it and freed its pages
+            processor = engine._manager.batch_processor
+            assert processor is not None
+            await _wait_until(lambda: not processor.scheduler.active_requests)
+            await _wait_until(lambda: not any(a.block_table for a in processor.cache.cache_allocators.values()))
+
+        # a cancelled task frees its slot too
+        task = asyncio.create_task(_collect(engine, long_request))
+        await _wait_until(lambda: engine.stats().generation_tokens_total > 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.stats().running == 0
+
+        events = await _collect(engine, _request(prompts[2], "next"))
+        assert [e.token_id for e in events] == references[2]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_queue_full_beyond_max_sequences_plus_max_queue(
+    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]]
+) -> None:
+    engine = build(kind, max_sequences=1, max_queue=1, max_context_tokens=LONG_CONTEXT)
+    long_request = _request(prompts[0], "long", max_new_tokens=LONG, stop_token_ids=(-1,))
+
+    async def scenario() -> None:
+        running = engine.generate(long_request)
+        await anext(running)
+        waiting = asyncio.create_task(_collect(engine, _request(prompts[1], "waiting")))
+        await _wait_until(lambda: engine.stats().waiting == 1)
+
+        with pytest.raises(QueueFull) as refused:
+            await anext(engine.generate(_request(prompts[2], "refused")))
+        assert (refused.value.running, refused.value.waiting) == (1, 1)
+        assert engine.stats().extra["rejected_total"] == 1
+
+        waiting.cancel()  # a waiter that leaves gives its place back
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert engine.stats().waiting == 0
+        await running.aclose()
+        assert len(await _collect(engine, _request(prompts[2], "after", max_new_tokens=3))) == 3
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_waiting_requests_run_in_turn(
+    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]], references: list[list[int]]
+) -> None:
+    engine = build(kind, max_sequences=2, max_queue=6)
+
+    async def scenario() -> list[list[TokenEvent]]:
+        return await asyncio.gather(*(_collect(engine, _request(p, f"r{i}")) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(scenario())
+    assert [[e.token_id for e in events] for events in results] == references
+
+
+# -- sampling, validation, lifecycle --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_runs_and_respects_max_new_tokens(
+    kind: str, build: Callable[..., Engine], model: Any, prompts: list[tuple[int, ...]]
+) -> None:
+    engine = build(kind)
+
+    async def scenario() -> list[list[TokenEvent]]:
+        return await asyncio.gather(
+            *(
+                _collect(engine, _request(p, f"s{i}", max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7))
+                for i, p in enumerate(prompts[:4])
+            )
+        )
+
+    for events in asyncio.run(scenario()):
+        assert 1 <= len(events) <= 10
+        assert events[-1].finish_reason in ("stop", "length")
+        assert len(events) == 10 or events[-1].finish_reason == "stop"
+        assert all(0 <= e.token_id < model.config.vocab_size for e in events)
+
+
+def test_generate_engine_honours_seeds(build: Callable[..., Engine], prompts: list[tuple[int, ...]]) -> None:
+    engine = build("generate")
+    request = _request(prompts[0], max_new_tokens=12, temperature=1.5, seed=1234, stop_token_ids=(-1,))
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        first = await _collect(engine, request)
+        second = await _collect(engine, request)
+        return [e.token_id for e in first], [e.token_id for e in second]
+
+    first, second = asyncio.run(scenario())
+    assert first == second
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"prompt_ids": ()}, "prompt_ids"),
+        ({"prompt_ids": (5000,)}, "prompt_ids"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 500}, "max_new_tokens"),  # the prompt plus 500 overflows the 512-token context
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_token(
+    fields: dict[str, Any], param: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]]
+) -> None:
+    engine = build("generate")
+    request = _request(fields["prompt_ids"]) if "prompt_ids" in fields else _request(prompts[7], **fields)
+
+    with pytest.raises(InvalidArgument) as refused:
+        asyncio.run(_collect(engine, request))
+    assert refused.value.param == param
+    assert engine.stats().requests_total == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_close_fails_requests_in_flight(kind: str, model: Any, prompts: list[tuple[int, ...]]) -> None:
+    engine: Engine = (
+        ContinuousBatchingEngine(
+            model, max_sequences=1, max_queue=1, max_context_tokens=LONG_CONTEXT, max_batch_tokens=64
+        )
+        if kind == "continuous-batching"
+        else GenerateEngine(model, max_sequences=1, max_queue=1, max_context_tokens=LONG_CONTEXT)
+    )
+    long_request = _request(prompts[0], max_new_tokens=LONG, stop_token_ids=(-1,))
+
+    async def scenario() -> None:
+        running = asyncio.create_task(_collect(engine, long_request))
+        waiting = asyncio.create_task(_collect(engine, long_request))
+        await _wait_until(lambda: engine.stats().waiting == 1 and engine.stats().generation_tokens_total > 0)
+        await engine.close()
+        for task in (running, waiting):
+            with pytest.raises(GenerationFailed):
+                await task
+        with pytest.raises(GenerationFailed):
+            await _collect(engine, long_request)
+
+    asyncio.run(scenario())
+    assert model.config._attn_implementation == "sdpa"  # restored (or never changed) after close
+
+
+def test_make_engine_prefers_continuous_batching(model: Any) -> None:
+    engine, reason = make_engine(model, max_sequences=2, max_queue=2, max_context_tokens=128, max_batch_tokens=64)
+    asyncio.run(engine.close())
+    assert (engine.name, reason) == ("continuous-batching", None)
+
+    engine, reason = make_engine(
+        model, prefer="generate", max_sequences=2, max_queue=2, max_context_tokens=128, max_batch_tokens=64
+    )
+    asyncio.run(engine.close())
+    assert (engine.name, reason) == ("generate", None)
+
+    with pytest.raises(InvalidArgument):
+        make_engine(model, prefer="vllm", max_sequences=2, max_queue=2, max_context_tokens=128, max_batch_tokens=64)
+
+
+def test_make_engine_falls_back_to_generate_with_the_reason(
+    model: Any, prompts: list[tuple[int, ...]], references: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(**kwargs: Any) -> None:
+        raise ValueError("Implementation flex_attention is not supported for continuous batching")
+
+    monkeypatch.setattr(model, "init_continuous_batching", refuse)
+    engine, reason = make_engine(model, max_sequences=2, max_queue=2, max_context_tokens=512, max_batch_tokens=64)
+    try:
+        assert engine.name == "generate"
+        assert reason is not None and "flex_attention is not supported" in reason
+        events = asyncio.run(_collect(engine, _request(prompts[4])))
+        assert [e.token_id for e in events] == references[4]
+    finally:
+        asyncio.run(engine.close())
+
+
+def test_make_engine_raises_on_bad_sizes_instead_of_falling_back(model: Any) -> None:
+    with pytest.raises(InvalidArgument):
+        make_engine(model, max_sequences=0, max_queue=2, max_context_tokens=128, max_batch_tokens=64)
