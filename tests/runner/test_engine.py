@@ -24,14 +24,14 @@ from memserve.runner.engine import (
     kv_cache_blocks,
     make_engine,
 )
-from memserve.runner.events import GenerationRequest, QueueFull, TokenEvent
+from memserve.runner.events import Engine, GenerationRequest, QueueFull, TokenEvent
 
 MAX_NEW_TOKENS = 24
 LONG_CONTEXT = 2048  # long requests outlive every check made while they run
 LONG = 1900
 KINDS = ["continuous-batching", "generate"]
 
-Engine = ContinuousBatchingEngine | GenerateEngine
+AnyEngine = ContinuousBatchingEngine | GenerateEngine
 
 
 def _load(path: Path) -> Any:
@@ -85,13 +85,13 @@ def references(model: Any, prompts: list[tuple[int, ...]]) -> list[list[int]]:
 
 
 @pytest.fixture
-def build(model: Any) -> Iterator[Callable[..., Engine]]:
+def build(model: Any) -> Iterator[Callable[..., AnyEngine]]:
     """Build engines on the shared tiny model; each is closed after the test (CB's thread is not a daemon)."""
-    built: list[Engine] = []
+    built: list[AnyEngine] = []
 
-    def _build(kind: str, *, target: Any = None, **sizes: Any) -> Engine:
+    def _build(kind: str, *, target: Any = None, **sizes: Any) -> AnyEngine:
         sizes = {"max_sequences": 8, "max_queue": 8, "max_context_tokens": 512, **sizes}
-        engine: Engine
+        engine: AnyEngine
         if kind == "continuous-batching":
             sizes.setdefault("max_batch_tokens", 256)
             engine = ContinuousBatchingEngine(target if target is not None else model, **sizes)
@@ -131,7 +131,7 @@ def test_kv_cache_blocks_round_each_sequence_up_and_add_one_page_of_slack() -> N
     assert kv_cache_blocks(max_sequences=1, max_context_tokens=64, page_size=64) == 2
 
 
-def test_cb_cache_is_sized_from_the_plan_not_from_free_memory(model: Any, build: Callable[..., Engine]) -> None:
+def test_cb_cache_is_sized_from_the_plan_not_from_free_memory(model: Any, build: Callable[..., AnyEngine]) -> None:
     rss_before = psutil.Process().memory_info().rss
     engine = build("continuous-batching", max_sequences=4, max_context_tokens=256, max_batch_tokens=128)
     rss_growth = psutil.Process().memory_info().rss - rss_before
@@ -140,12 +140,16 @@ def test_cb_cache_is_sized_from_the_plan_not_from_free_memory(model: Any, build:
     config = engine.cb_config
     assert (config.page_size, config.num_blocks) == (64, 4 * (256 // 64 + 1))
     assert (config.max_batch_tokens, config.max_requests_per_batch) == (128, 4)
+    assert config.num_blocks is not None
     c = model.config
     block_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * config.page_size * 4
     assert engine.kv_cache_bytes == (config.num_blocks + 2) * block_bytes  # + the library's 2 trash sectors
     assert engine.stats().extra["kv_cache_bytes"] == engine.kv_cache_bytes
     # the library's default would zero-fill 60% of total RAM (12.7 GiB here) for this model
     assert rss_growth < 64 * 1024**2
+    # a server that exits without awaiting close() must not hang on the library's thread
+    thread = engine._manager._generation_thread
+    assert thread is not None and thread.daemon
 
 
 # -- the correctness anchor -----------------------------------------------------------------------------
@@ -153,7 +157,7 @@ def test_cb_cache_is_sized_from_the_plan_not_from_free_memory(model: Any, build:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_equals_generate_alone_and_with_8_concurrent(
-    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]], references: list[list[int]]
+    kind: str, build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]], references: list[list[int]]
 ) -> None:
     engine = build(kind)
 
@@ -183,7 +187,7 @@ def test_greedy_equals_generate_alone_and_with_8_concurrent(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_stop_token_ends_the_sequence_after_emitting_it(
-    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]], references: list[list[int]]
+    kind: str, build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]], references: list[list[int]]
 ) -> None:
     engine = build(kind)
     stop = references[0][5]
@@ -213,12 +217,24 @@ def test_cb_greedy_equals_generate_on_qwen2_with_tied_embeddings_and_biases(tiny
     assert [[e.token_id for e in events] for events in results] == references
 
 
+def test_cb_prompts_longer_than_max_batch_tokens_are_prefilled_in_chunks(
+    build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]], references: list[list[int]]
+) -> None:
+    engine = build("continuous-batching", max_batch_tokens=16)
+    assert min(len(p) for p in prompts) > 16
+
+    async def scenario() -> list[list[TokenEvent]]:
+        return await asyncio.gather(*(_collect(engine, _request(p, f"r{i}")) for i, p in enumerate(prompts)))
+
+    assert [[e.token_id for e in events] for events in asyncio.run(scenario())] == references
+
+
 # -- cancellation and bounds ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_leaving_early_frees_the_slot_for_the_next_request(
-    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]], references: list[list[int]]
+    kind: str, build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]], references: list[list[int]]
 ) -> None:
     engine = build(kind, max_sequences=1, max_queue=0, max_context_tokens=LONG_CONTEXT)
     long_request = _request(prompts[1], "long", max_new_tokens=LONG, stop_token_ids=(-1,))
@@ -252,7 +268,7 @@ def test_leaving_early_frees_the_slot_for_the_next_request(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_queue_full_beyond_max_sequences_plus_max_queue(
-    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]]
+    kind: str, build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]]
 ) -> None:
     engine = build(kind, max_sequences=1, max_queue=1, max_context_tokens=LONG_CONTEXT)
     long_request = _request(prompts[0], "long", max_new_tokens=LONG, stop_token_ids=(-1,))
@@ -280,7 +296,7 @@ def test_queue_full_beyond_max_sequences_plus_max_queue(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_waiting_requests_run_in_turn(
-    kind: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]], references: list[list[int]]
+    kind: str, build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]], references: list[list[int]]
 ) -> None:
     engine = build(kind, max_sequences=2, max_queue=6)
 
@@ -295,27 +311,57 @@ def test_waiting_requests_run_in_turn(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_sampling_runs_and_respects_max_new_tokens(
-    kind: str, build: Callable[..., Engine], model: Any, prompts: list[tuple[int, ...]]
+def test_sampling_runs_beside_greedy_and_respects_max_new_tokens(
+    kind: str,
+    build: Callable[..., AnyEngine],
+    model: Any,
+    prompts: list[tuple[int, ...]],
+    references: list[list[int]],
 ) -> None:
     engine = build(kind)
 
     async def scenario() -> list[list[TokenEvent]]:
-        return await asyncio.gather(
-            *(
-                _collect(engine, _request(p, f"s{i}", max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7))
-                for i, p in enumerate(prompts[:4])
-            )
-        )
+        sampled = [
+            _request(p, f"s{i}", max_new_tokens=10, temperature=0.9, top_p=0.95 if i % 2 else 1.0, seed=7)
+            for i, p in enumerate(prompts[:4])
+        ]
+        nucleus_of_one = [_request(p, f"n{i}", temperature=1.0, top_p=1e-6) for i, p in enumerate(prompts[4:6])]
+        greedy = [_request(p, f"g{i}") for i, p in enumerate(prompts[6:])]
+        return await asyncio.gather(*(_collect(engine, r) for r in sampled + nucleus_of_one + greedy))
 
-    for events in asyncio.run(scenario()):
+    results = asyncio.run(scenario())
+    for events in results[:4]:
         assert 1 <= len(events) <= 10
         assert events[-1].finish_reason in ("stop", "length")
         assert len(events) == 10 or events[-1].finish_reason == "stop"
         assert all(0 <= e.token_id < model.config.vocab_size for e in events)
+    # a nucleus that holds one token is greedy, and greedy rows are untouched by their sampled neighbours
+    assert [[e.token_id for e in events] for events in results[4:]] == references[4:]
 
 
-def test_generate_engine_honours_seeds(build: Callable[..., Engine], prompts: list[tuple[int, ...]]) -> None:
+def test_cb_sampling_processors_draw_from_the_softmax_and_leave_greedy_rows_alone() -> None:
+    from memserve.runner.engine import _as_int32, _NucleusSample, _Temperature
+
+    torch.manual_seed(0)
+    rows = 20_000
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(rows, 1)
+
+    def draw(temperature: float, top_p: float) -> torch.Tensor:
+        scores = _Temperature()(logits, _as_int32([temperature] * rows))
+        scores = _NucleusSample()(scores, _as_int32([top_p] * rows))
+        return torch.bincount(scores.argmax(-1), minlength=4) / rows
+
+    assert torch.allclose(draw(1.0, 1.0), logits[0].softmax(-1), atol=0.015)
+    assert torch.allclose(draw(2.0, 1.0), (logits[0] / 2).softmax(-1), atol=0.015)
+    # top_p 0.7 keeps the two most likely tokens (0.64 + 0.24), renormalised
+    kept = logits[0][:2].softmax(-1)
+    assert torch.allclose(draw(1.0, 0.7), torch.tensor([kept[0], kept[1], 0.0, 0.0]), atol=0.015)
+    # temperature 0 and top_p 0 mark a greedy row: the scores come back as they were
+    greedy = _NucleusSample()(_Temperature()(logits[:2], _as_int32([0.0, 0.0])), _as_int32([0.0, 0.0]))
+    assert torch.equal(greedy, logits[:2])
+
+
+def test_generate_engine_honours_seeds(build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]]) -> None:
     engine = build("generate")
     request = _request(prompts[0], max_new_tokens=12, temperature=1.5, seed=1234, stop_token_ids=(-1,))
 
@@ -340,7 +386,7 @@ def test_generate_engine_honours_seeds(build: Callable[..., Engine], prompts: li
     ],
 )
 def test_bad_requests_are_refused_before_any_token(
-    fields: dict[str, Any], param: str, build: Callable[..., Engine], prompts: list[tuple[int, ...]]
+    fields: dict[str, Any], param: str, build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]]
 ) -> None:
     engine = build("generate")
     request = _request(fields["prompt_ids"]) if "prompt_ids" in fields else _request(prompts[7], **fields)
@@ -353,7 +399,7 @@ def test_bad_requests_are_refused_before_any_token(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_close_fails_requests_in_flight(kind: str, model: Any, prompts: list[tuple[int, ...]]) -> None:
-    engine: Engine = (
+    engine: AnyEngine = (
         ContinuousBatchingEngine(
             model, max_sequences=1, max_queue=1, max_context_tokens=LONG_CONTEXT, max_batch_tokens=64
         )
@@ -375,6 +421,38 @@ def test_close_fails_requests_in_flight(kind: str, model: Any, prompts: list[tup
 
     asyncio.run(scenario())
     assert model.config._attn_implementation == "sdpa"  # restored (or never changed) after close
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_failing_forward_fails_the_request_and_only_cb_stays_down(
+    kind: str,
+    build: Callable[..., AnyEngine],
+    model: Any,
+    prompts: list[tuple[int, ...]],
+    references: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = build(kind)
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom in forward")
+
+    async def scenario() -> None:
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "forward", boom)
+            with pytest.raises(GenerationFailed, match="boom in forward"):
+                await _collect(engine, _request(prompts[0]))
+        assert engine.stats().running == 0
+        if kind == "generate":  # one request failed; the worker goes on
+            assert [e.token_id for e in await _collect(engine, _request(prompts[1]))] == references[1]
+            assert engine.failure is None
+        else:  # the library's thread is gone: say so, and refuse at once
+            await _wait_until(lambda: engine.failure is not None)
+            assert "boom in forward" in (engine.failure or "")
+            with pytest.raises(GenerationFailed, match="boom in forward"):
+                await _collect(engine, _request(prompts[1]))
+
+    asyncio.run(scenario())
 
 
 def test_make_engine_prefers_continuous_batching(model: Any) -> None:

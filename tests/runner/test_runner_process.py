@@ -140,26 +140,26 @@ def test_eight_concurrent_streams_equal_generate(runner: str, tiny_model_dir: Pa
 
 def test_official_openai_client_chat_and_completions(runner: str, tiny_model_dir: Path) -> None:
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{runner}/v1", api_key="unused", max_retries=0)
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                          max_tokens=16, temperature=0)
-    assert chat.choices[0].finish_reason in ("stop", "length")
-    assert chat.usage is not None and chat.usage.completion_tokens > 0
-    expected = _decode(tiny_model_dir, _reference(tiny_model_dir, PROMPTS[:1], 16)[0])
-    assert chat.choices[0].message.content == expected
-    streamed = "".join(
-        c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                                max_tokens=16, temperature=0, stream=True)
-        if c.choices
-    )
-    assert streamed == expected
-    completion = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0)
-    assert completion.choices[0].text and completion.usage is not None
-    pieces = list(client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0,
-                                            stream=True))
-    assert "".join(p.choices[0].text for p in pieces if p.choices) == completion.choices[0].text
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 2000}],
-                                       max_tokens=4)
+    with openai.OpenAI(base_url=f"{runner}/v1", api_key="unused", max_retries=0) as client:
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                              max_tokens=16, temperature=0)
+        assert chat.choices[0].finish_reason in ("stop", "length")
+        assert chat.usage is not None and chat.usage.completion_tokens > 0
+        expected = _decode(tiny_model_dir, _reference(tiny_model_dir, PROMPTS[:1], 16)[0])
+        assert chat.choices[0].message.content == expected
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                    max_tokens=16, temperature=0, stream=True)
+            if c.choices
+        )
+        assert streamed == expected
+        completion = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0)
+        assert completion.choices[0].text and completion.usage is not None
+        pieces = list(client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0,
+                                                stream=True))
+        assert "".join(p.choices[0].text for p in pieces if p.choices) == completion.choices[0].text
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 2000}],
+                                           max_tokens=4)
     assert httpx.get(f"{runner}/health").json()["state"] == "ready"  # still up after bad input

@@ -12,8 +12,8 @@ Pure arithmetic over CheckpointFacts; the constants below say where each number 
   chunk): the MLP holds about three ``tokens × intermediate`` tensors at once and the residual stream
   and attention projections a few ``tokens × hidden`` ones; plus fp32 logits for the rows whose next
   token is sampled; plus attention's workspace: with a mask (padding, chunked prefill, decode),
-  transformers' sdpa path repeats one layer's K and V to every query head (``repeat_kv``) and builds a
-  ``tokens × context`` boolean mask.
+  transformers' sdpa path repeats one layer's K and V to every query head (``repeat_kv``), and the
+  continuous-batching engine preallocates a ``tokens × (cache tokens + tokens)`` mask in the model dtype.
 - **runtime**: the process itself. Measured here (benchmarks/estimate_accuracy.py on the tiny demo
   model): Python + torch + transformers after a forward is ≈ 0.35 GiB of RSS on CPU, 0.25 GiB of it
   anonymous and 0.1 GiB mapped shared libraries. On a GPU add the CUDA context and cuBLAS workspace (~0.6 GiB on
@@ -107,7 +107,9 @@ def activation_bytes(
     repeated_kv = 2 * concurrency * context_tokens * facts.heads * facts.head_dim * width
     if facts.heads == facts.kv_heads:
         repeated_kv = 0
-    mask = batch_tokens * context_tokens  # one byte per (query, key) pair
+    # the continuous-batching engine preallocates a (batch tokens × (cache tokens + batch tokens)) mask
+    # in the model dtype (transformers 5.23, sdpa/eager paged attention)
+    mask = batch_tokens * (context_tokens * concurrency + batch_tokens) * width
     return batch_tokens * per_token + logits + repeated_kv + mask
 
 

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,7 +48,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.streamers import BaseStreamer
 
 from memserve.errors import InvalidArgument, MemserveError
-from memserve.runner.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
+from memserve.runner.events import Engine, EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -68,10 +68,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 64
-"""Tokens per KV page. The library defaults to 256; 64 wastes less of an exactly-sized cache on short
-sequences (each sequence rounds up to whole pages) at no measurable cost on CPU."""
+"""Tokens per KV page. The library defaults to 256; every sequence rounds up to whole pages, so smaller
+pages waste less of a cache sized exactly for the Plan."""
 
 _POLL_SECONDS = 0.1
+_WARMUP_REQUEST = GenerationRequest(request_id="memserve-warmup", prompt_ids=(0,), max_new_tokens=1)
 _WARMUP_TIMEOUT_SECONDS = 600.0
 _STOP_TIMEOUT_SECONDS = 30.0
 
@@ -167,6 +168,8 @@ class _Chunk:
 
 @dataclass(eq=False)
 class _Job:
+    """One accepted request, as the event loop and the generation thread both see it."""
+
     request: GenerationRequest
     key: str  # unique inside the engine: callers may reuse request ids
     loop: asyncio.AbstractEventLoop
@@ -224,6 +227,11 @@ class _EngineBase:
 
     # -- the protocol ----------------------------------------------------------------------------------
 
+    @property
+    def failure(self) -> str | None:
+        """Why this engine can no longer generate (its thread died), or None while it is healthy."""
+        return self._failure
+
     def stats(self) -> EngineStats:
         """Running and waiting sequences now, token and request totals since start."""
         return EngineStats(
@@ -235,15 +243,17 @@ class _EngineBase:
             extra={"rejected_total": self._rejected_total, **self._extra_stats()},
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Yield the request's tokens as they are produced; the last event carries ``finish_reason``.
 
         Raises InvalidArgument or QueueFull before yielding anything. Leaving early (``aclose``, a
         cancelled task) cancels the sequence at once and frees its slot and cache pages.
         """
         self._validate(request)
-        if self._closed or self._failure is not None:
-            raise GenerationFailed(self._failure or "the engine is closed", code="engine_closed")
+        if self._closed:
+            raise GenerationFailed("the engine is closed", code="engine_closed")
+        if self._failure is not None:
+            raise GenerationFailed(self._failure, code="engine_failed")
         if self._running + len(self._waiters) >= self.max_sequences + self.max_queue:
             self._rejected_total += 1
             raise QueueFull(self._running, len(self._waiters))
@@ -501,12 +511,31 @@ class _SamplingProcessors(ContinuousBatchingLogitsProcessorList):
 # Continuous batching
 
 
+def _start_as_daemon(start: Callable[[], None]) -> None:
+    """Call ``start`` from a daemon thread: threads inherit daemon-ness from the thread that creates
+    them, and the library's generation thread (non-daemon by default) would otherwise hold the process
+    open at exit until someone stops it."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            start()
+        except BaseException as exc:  # handed back to the caller below
+            errors.append(exc)
+
+    starter = threading.Thread(target=run, name="memserve-cb-start", daemon=True)
+    starter.start()
+    starter.join()
+    if errors:
+        raise errors[0]
+
+
 class ContinuousBatchingEngine(_EngineBase):
     """transformers' continuous batching with a Plan-sized paged cache.
 
-    - The library runs its loop on its own (non-daemon) thread; a daemon dispatcher thread reads the
-      library's outputs and posts them to each request's event loop. :meth:`close` must be awaited, or
-      the process will not exit.
+    - The library runs its loop on its own thread (started as a daemon, so a server that exits
+      without awaiting :meth:`close` still exits); a daemon dispatcher thread reads the library's
+      outputs and posts them to each request's event loop. Await :meth:`close` to stop cleanly.
     - At most ``max_sequences`` requests are inside the library at once (so the cache, sized for that
       many full contexts, never runs out); up to ``max_queue`` more wait here, in FIFO order.
     - The library decides greedy-or-sample once per manager, so the manager decodes by argmax and
@@ -571,7 +600,7 @@ class ContinuousBatchingEngine(_EngineBase):
             if processor is None or processor.logit_processor is not sampling:
                 raise RuntimeError("this transformers version did not take memserve's sampling processors")
             self._memory = self._measure_memory()
-            self._manager.start()
+            _start_as_daemon(self._manager.start)
             if warmup:
                 self._warm_up()
         except BaseException:
@@ -707,7 +736,8 @@ class ContinuousBatchingEngine(_EngineBase):
         if manager.is_running():
             manager.stop(block=True, timeout=_STOP_TIMEOUT_SECONDS, hard_stop=True)
         manager.destroy()
-        self._restore_attention()  # stop() skips this when the manager never started
+        manager.batch_processor = None  # frees the cache now; stop() skips this when the manager never started
+        self._restore_attention()  # ... and this
 
     def _restore_attention(self) -> None:
         if self.model.config._attn_implementation != self._original_attn:
@@ -769,6 +799,7 @@ class GenerateEngine(_EngineBase):
         max_queue: int,
         max_context_tokens: int | None = None,
         generation_config: GenerationConfig | None = None,
+        warmup: bool = True,
     ) -> None:
         super().__init__(
             model,
@@ -780,6 +811,12 @@ class GenerateEngine(_EngineBase):
         )
         self._inbox: queue.Queue[_Job | None] = queue.Queue()
         self._current: _Job | None = None
+        if warmup:  # one forward faults the mapped weights in, so memory measured after is true
+            cast(Any, model).generate(
+                input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device),
+                attention_mask=torch.ones((1, 1), dtype=torch.long, device=model.device),
+                generation_config=self._config_for(_WARMUP_REQUEST, frozenset()),
+            )
         self._worker = threading.Thread(target=self._work, name="memserve-generate", daemon=True)
         self._worker.start()
 
@@ -863,7 +900,7 @@ def make_engine(
     page_size: int = DEFAULT_PAGE_SIZE,
     generation_config: GenerationConfig | None = None,
     warmup: bool = True,
-) -> tuple[ContinuousBatchingEngine | GenerateEngine, str | None]:
+) -> tuple[Engine, str | None]:
     """The engine to serve ``model`` with, and why it is not the preferred one (None when it is).
 
     Continuous batching is tried first unless ``prefer="generate"``; any error while building it
@@ -902,5 +939,6 @@ def make_engine(
         max_queue=max_queue,
         max_context_tokens=max_context_tokens,
         generation_config=generation_config,
+        warmup=warmup,
     )
     return fallback, reason
