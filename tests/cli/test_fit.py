@@ -67,7 +67,7 @@ def test_nothing_fits_exits_3_with_the_nofit_message(runner: CliRunner, tmp_path
 
 
 def test_min_context_lets_the_planner_shrink_the_context(runner: CliRunner, qwen: Path) -> None:
-    args = ["fit", str(qwen), "--memory", "cpu=2GiB", "--context", "32768", "--concurrency", "8", "--json"]
+    args = ["fit", str(qwen), "--memory", "cpu=3GiB", "--context", "32768", "--concurrency", "8", "--json"]
     refused = runner.invoke(main, args)
     assert refused.exit_code == 3
     assert any("--context" in a for a in json.loads(refused.stdout)["nofit"]["alternatives"])
