@@ -12,8 +12,16 @@ Status codes, chosen to match what OpenAI answers and what the ``openai`` client
 - 429 ``rate_limit_error`` with ``Retry-After`` when the engine's queue is full.
 - 500 ``api_error`` for anything unexpected; the server stays up.
 
-An engine error after a stream started is sent as ``data: {"error": ...}`` followed by
-``data: [DONE]``. Whatever way a response ends (finished, stop string, error, client gone), the
+Unsupported, refused with a 400 naming the field because ignoring them would change the answer:
+``n`` > 1, several prompts in one request, ``logprobs``/``top_logprobs``, ``tools``/``functions``
+(``tool_choice`` other than none/auto), ``response_format`` other than text, ``logit_bias``, non-zero
+``frequency_penalty``/``presence_penalty``, ``echo``, ``suffix``, ``best_of`` > 1, non-text content
+parts. Unknown fields are ignored. Defaults: ``temperature`` 1.0 (OpenAI's), ``max_tokens`` all the
+room the context leaves (not the legacy completions' 16); a larger ``max_tokens`` is clipped to it.
+
+A streamed response waits for the first token before sending headers, so a full queue is still a
+429. An engine error after that is sent as ``data: {"error": ...}`` followed by ``data: [DONE]``.
+Whatever way a response ends (finished, stop string, error, client gone, even during prefill), the
 engine iterator is closed, which frees the sequence at once.
 """
 
@@ -26,6 +34,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -203,21 +212,22 @@ class _Completer:
         else:
             prompt_ids, shape = self.text_prompt(body), ResponseShape(chat=False, model=self.model_name)
         generation = self.engine_request(shape.id, body, prompt_ids)
-        usage_of = _usage_counter(len(prompt_ids))
         if not body.stream:
             answer = await _unless_disconnected(request.receive, self._collect(generation, body.stop))
             if answer is None:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             text, finish_reason, completion_tokens = answer
-            return JSONResponse(shape.response(text, finish_reason, usage_of(completion_tokens)))
+            usage = Usage(len(prompt_ids), completion_tokens)
+            return JSONResponse(shape.response(text, finish_reason, usage))
         # wait for the first token before sending headers, so a full queue is still a real 429
         sequence = await _unless_disconnected(request.receive, _start(self.engine, generation))
         if sequence is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        events = _sse_events(sequence, shape, self._pieces(sequence, body.stop), usage_of, body.include_usage)
+        pieces = self._pieces(sequence, body.stop)
+        events = _sse_events(sequence, pieces, shape, len(prompt_ids), include_usage=body.include_usage)
         return _EventStream(events, sequence)
 
-    def _pieces(self, sequence: AsyncIterator[TokenEvent], stop: list[str]) -> AsyncIterator[TextPiece]:
+    def _pieces(self, sequence: _Sequence, stop: list[str]) -> AsyncGenerator[TextPiece, None]:
         return text_pieces(sequence, IncrementalDetokenizer(self.tokenizer), StopStrings(stop))
 
     async def _collect(self, generation: GenerationRequest, stop: list[str]) -> tuple[str, FinishReason, int]:
@@ -226,17 +236,14 @@ class _Completer:
         finish_reason: FinishReason = "stop"
         completion_tokens = 0
         try:
-            async for piece in self._pieces(sequence, stop):
-                parts.append(piece.text)
-                finish_reason = piece.finish_reason or finish_reason
-                completion_tokens = piece.completion_tokens
+            async with aclosing(self._pieces(sequence, stop)) as pieces:
+                async for piece in pieces:
+                    parts.append(piece.text)
+                    finish_reason = piece.finish_reason or finish_reason
+                    completion_tokens = piece.completion_tokens
         finally:
             await sequence.aclose()
         return "".join(parts), finish_reason, completion_tokens
-
-
-def _usage_counter(prompt_tokens: int) -> Callable[[int], Usage]:
-    return lambda completion_tokens: Usage(prompt_tokens, completion_tokens)
 
 
 class _Sequence:
@@ -324,8 +331,8 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
-async def _sse_events(sequence: _Sequence, shape: ResponseShape, pieces: AsyncIterator[TextPiece],
-                      usage_of: Callable[[int], Usage], include_usage: bool) -> AsyncGenerator[bytes, None]:
+async def _sse_events(sequence: _Sequence, pieces: AsyncGenerator[TextPiece, None], shape: ResponseShape,
+                      prompt_tokens: int, *, include_usage: bool) -> AsyncGenerator[bytes, None]:
     """The SSE body: role chunk, text deltas, finish chunk, optional usage chunk, ``[DONE]``."""
     if shape.chat:
         yield _sse(shape.chunk(role=True))
@@ -333,16 +340,17 @@ async def _sse_events(sequence: _Sequence, shape: ResponseShape, pieces: AsyncIt
         finish_reason: FinishReason = "stop"
         completion_tokens = 0
         try:
-            async for piece in pieces:
-                if piece.text:
-                    yield _sse(shape.chunk(text=piece.text))
-                finish_reason = piece.finish_reason or finish_reason
-                completion_tokens = piece.completion_tokens
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    if piece.text:
+                        yield _sse(shape.chunk(text=piece.text))
+                    finish_reason = piece.finish_reason or finish_reason
+                    completion_tokens = piece.completion_tokens
         finally:
             await sequence.aclose()  # at once, before the closing chunks
         yield _sse(shape.chunk(finish_reason=finish_reason))
         if include_usage:
-            yield _sse(shape.usage_chunk(usage_of(completion_tokens)))
+            yield _sse(shape.usage_chunk(Usage(prompt_tokens, completion_tokens)))
     except Exception as exc:  # headers are sent: the error must travel in the stream
         logger.exception("generation %s failed mid-stream", shape.id)
         yield _sse(_error_body(exc))

@@ -18,6 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memserve.runner.events import FinishReason
 
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ResponseShape",
+    "StreamOptions",
+    "Usage",
+]
+
 MAX_STOP_STRINGS = 4
 
 

@@ -11,7 +11,7 @@ stop string is held back so a client never sees part of one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,8 @@ from memserve.runner.events import FinishReason, TokenEvent
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+__all__ = ["IncrementalDetokenizer", "StopStrings", "TextPiece", "text_pieces"]
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -100,7 +102,7 @@ class TextPiece:
 
 
 async def text_pieces(events: AsyncIterable[TokenEvent], detokenizer: IncrementalDetokenizer,
-                      stops: StopStrings) -> AsyncIterator[TextPiece]:
+                      stops: StopStrings) -> AsyncGenerator[TextPiece, None]:
     """Turn token events into text pieces, ending after the first finish (always with a finish_reason).
 
     It stops reading ``events`` at a stop string but does not close them: their owner must, at once.
