@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -490,8 +490,6 @@ def with_adapters(facts: CheckpointFacts, adapters: tuple[AdapterFacts, ...]) ->
     """Facts of the base model with LoRA adapters loaded on top (their weights join the embed block)."""
     if not adapters:
         return facts
-    from dataclasses import replace
-
     extra = sum(a.weights_bytes for a in adapters)
     blocks = list(facts.blocks)
     blocks[0] = replace(blocks[0], bytes=blocks[0].bytes + extra, params=blocks[0].params + sum(

@@ -434,18 +434,25 @@ def _in_static_graph(scores: torch.Tensor) -> bool:
     return bool(capturing) or torch.compiler.is_compiling()
 
 
-class _Temperature(ContinuousBatchingLogitsProcessor):
-    """Divides each sampled row by its temperature. Temperature 0 marks a greedy row, left untouched so
-    that the manager's argmax is exactly ``generate``'s."""
+class _FloatKwargProcessor(ContinuousBatchingLogitsProcessor):
+    """A per-request float argument (``kwarg``), 0.0 when a request does not give one (a greedy row)."""
 
-    supported_kwargs: dict[str, type] = {"temperature": float}  # noqa: RUF012 - the library's declared shape
+    kwarg = ""
     ignored_kwargs: tuple[str, ...] = ()
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.copy_(torch.zeros_like(int32_tensor, dtype=torch.float32).view(dtype=torch.int32))
 
     def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
-        return _as_int32([r.state.logit_processor_kwargs.get("temperature", 0.0) for r in requests_with_new_token])
+        return _as_int32([r.state.logit_processor_kwargs.get(self.kwarg, 0.0) for r in requests_with_new_token])
+
+
+class _Temperature(_FloatKwargProcessor):
+    """Divides each sampled row by its temperature. Temperature 0 marks a greedy row, left untouched so
+    that the manager's argmax is exactly ``generate``'s."""
+
+    kwarg = "temperature"
+    supported_kwargs: dict[str, type] = {"temperature": float}  # noqa: RUF012 - the library's declared shape
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         temperature = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
@@ -453,7 +460,7 @@ class _Temperature(ContinuousBatchingLogitsProcessor):
         return scores / divisor.unsqueeze(-1)
 
 
-class _NucleusSample(ContinuousBatchingLogitsProcessor):
+class _NucleusSample(_FloatKwargProcessor):
     """Top-p, then Gumbel noise: the argmax of ``logits + Gumbel`` is a sample from ``softmax(logits)``.
 
     Sampling this way lets greedy and sampled rows share one argmax (the library samples all rows or
@@ -461,14 +468,8 @@ class _NucleusSample(ContinuousBatchingLogitsProcessor):
     for top_p < 1. ``top_p == 0`` marks a greedy row, which gets neither.
     """
 
+    kwarg = "top_p"
     supported_kwargs: dict[str, type] = {"top_p": float}  # noqa: RUF012 - the library's declared shape
-    ignored_kwargs: tuple[str, ...] = ()
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.copy_(torch.zeros_like(int32_tensor, dtype=torch.float32).view(dtype=torch.int32))
-
-    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
-        return _as_int32([r.state.logit_processor_kwargs.get("top_p", 0.0) for r in requests_with_new_token])
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
