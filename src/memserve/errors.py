@@ -4,9 +4,18 @@
 
     MemserveError                      500 api_error
     ├── InvalidArgument                400 invalid_request_error   bad flag, field or value
+    │   ├── ContextOverflow            400                         prompt longer than the planned context
+    │   └── UnsupportedParameter       400                         n > 1, tools, ...
     ├── CheckpointError                400 invalid_request_error   not a model, corrupt header, bad config
     ├── ModelNotFound                  404 not_found_error         nothing at that path, cache or hub id
-    └── HubUnavailable                 503 api_error               offline and the id is not cached
+    ├── Overloaded                     429 rate_limit_error        a bounded queue is full (Retry-After)
+    ├── GenerationFailed               500 api_error               the engine died or was closed mid-sequence
+    ├── RunnerFailed                   502 api_error               a runner process exited or cannot start
+    ├── UpstreamUnavailable            502 api_error               a provider or runner cannot be reached
+    ├── BadUpstream                    502 api_error               an upstream answered something not OpenAI-shaped
+    ├── HubUnavailable                 503 api_error               offline and the id is not cached
+    ├── MemoryBusy                     503 api_error               fits, but memory did not free up in time
+    └── InsufficientMemory             507 api_error               never fits here (the NoFit message)
 
 Messages say what happened, what was expected, and what to do; the CLI prints them as one line
 and exits non-zero, the server puts them in ``{"error": {"message", "type", "param", "code"}}``.
@@ -69,3 +78,83 @@ class HubUnavailable(MemserveError):
     status_code = 503
     error_type = "api_error"
     code = "hub_unavailable"
+
+
+class ContextOverflow(InvalidArgument):
+    """The prompt leaves no room for a completion in the context this runner was planned for."""
+
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameter(InvalidArgument):
+    """A request field that would change the answer is not implemented here (``n`` > 1, tools, ...)."""
+
+    code = "unsupported_parameter"
+
+
+class Overloaded(MemserveError):
+    """A bounded queue is full; the client should retry after ``retry_after_seconds``."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_seconds: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class GenerationFailed(MemserveError):
+    """The engine could not finish a sequence: its generation thread died, or the engine was closed."""
+
+    status_code = 500
+    error_type = "api_error"
+    code = "generation_failed"
+
+
+class RunnerFailed(MemserveError):
+    """A runner process exited (signal, OOM kill, exception, watchdog) or could not start."""
+
+    status_code = 502
+    error_type = "api_error"
+    code = "runner_failed"
+
+
+class UpstreamUnavailable(MemserveError):
+    """A remote provider or a runner cannot be reached (refused, timed out, DNS)."""
+
+    status_code = 502
+    error_type = "api_error"
+    code = "upstream_unavailable"
+
+
+class BadUpstream(MemserveError):
+    """An upstream answered, but not with an OpenAI-shaped response (not JSON, not SSE)."""
+
+    status_code = 502
+    error_type = "api_error"
+    code = "bad_upstream"
+
+
+class MemoryBusy(MemserveError):
+    """The model fits on this host, but the memory it needs is held by busy models past the wait."""
+
+    status_code = 503
+    error_type = "api_error"
+    code = "memory_busy"
+
+    def __init__(self, message: str, *, retry_after_seconds: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class InsufficientMemory(MemserveError):
+    """The model cannot fit on this host with any allowed plan, even with every other model unloaded.
+
+    507 (Insufficient Storage) rather than 503: retrying will not help until the budget or the
+    request changes. The message is the planner's NoFit: needed and free bytes, and what would fit.
+    """
+
+    status_code = 507
+    error_type = "api_error"
+    code = "insufficient_memory"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from memserve.cli.fit import fit_json, fit_result
+from memserve.memory.fit import fit_json, fit_result
 from memserve.memory.probe import probe_inventory
 
 PROMPTS = [

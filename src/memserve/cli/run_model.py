@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from memserve.cli.fit import EXIT_NO_FIT, fit_result
+from memserve.cli.fit import EXIT_NO_FIT
+from memserve.memory.fit import fit_result
 from memserve.memory.probe import probe_inventory
 
 

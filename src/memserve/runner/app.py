@@ -44,7 +44,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from memserve.errors import InvalidArgument, MemserveError, ModelNotFound
+from memserve.errors import (
+    ContextOverflow,
+    InvalidArgument,
+    MemserveError,
+    ModelNotFound,
+    Overloaded,
+    UnsupportedParameter,
+)
 from memserve.runner.events import Engine, FinishReason, GenerationRequest, QueueFull, TokenEvent
 from memserve.runner.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseShape, Usage
 from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
@@ -61,30 +68,6 @@ T = TypeVar("T")
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when a request does not say
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
 ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health and GET /stats"
-
-
-class ContextOverflow(InvalidArgument):
-    """The prompt leaves no room for a completion in the context this runner was planned for."""
-
-    code = "context_length_exceeded"
-
-
-class UnsupportedParameter(InvalidArgument):
-    """A request field that would change the answer is not implemented here (``n`` > 1, tools, ...)."""
-
-    code = "unsupported_parameter"
-
-
-class Overloaded(MemserveError):
-    """The engine's bounded queue is full; the client should retry after ``retry_after_seconds``."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
-    code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after_seconds: float) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
 
 
 def create_app(

@@ -47,7 +47,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from memserve.errors import InvalidArgument, MemserveError
+from memserve.errors import GenerationFailed, InvalidArgument
 from memserve.runner.events import Engine, EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
 
 if TYPE_CHECKING:
@@ -75,14 +75,6 @@ _POLL_SECONDS = 0.1
 _WARMUP_REQUEST = GenerationRequest(request_id="memserve-warmup", prompt_ids=(0,), max_new_tokens=1)
 _WARMUP_TIMEOUT_SECONDS = 600.0
 _STOP_TIMEOUT_SECONDS = 30.0
-
-
-class GenerationFailed(MemserveError):
-    """The engine could not finish a sequence: its generation thread died, or the engine was closed."""
-
-    status_code = 500
-    error_type = "api_error"
-    code = "generation_failed"
 
 
 # ----------------------------------------------------------------------------------------------------------
