@@ -103,11 +103,13 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
             "ttft_p50_seconds": statistics.median(r["ttft_seconds"] for r in results)}
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str = "/health", timeout: float = 600) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str = "/health", timeout: float = 600,
+               log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log else ""
+            raise SystemExit(f"server exited with {proc.returncode}:\n{tail}")
         try:
             if httpx.get(url + path, timeout=2).status_code == 200:
                 return
@@ -119,9 +121,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str = "/health", t
 
 def run_server(cmd: list[str], url: str, model: str, levels: list[int], max_tokens: int,
                env: dict[str, str]) -> list[dict[str, Any]]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = Path(f"/tmp/memserve-bench-{Path(cmd[0]).name}-{os.getpid()}.log")
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink, env=env)
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, log=log)
         sampler = PeakRss(proc.pid)
         rows = []
         for streams in levels:

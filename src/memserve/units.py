@@ -1,12 +1,14 @@
-"""Byte sizes: the one place where human units are parsed and printed.
+"""Byte sizes and durations: the one place where human units are parsed and printed.
 
 Everything inside memserve counts plain bytes (names end in ``_bytes``). Binary units (KiB, MiB,
 GiB, TiB) are powers of 1024; decimal units (KB, MB, GB, TB) are powers of 1000; a bare number is
 bytes. ``16G`` and ``16g`` are read as GiB, the way ``docker --memory`` and ``ollama`` users write it.
+Durations are seconds (names end in ``_seconds``), read from Ollama-style strings by ``parse_seconds``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from memserve.errors import InvalidArgument
@@ -78,3 +80,50 @@ def parse_device_sizes(text: str, *, what: str = "--memory") -> dict[str, int]:
     if not sizes:
         raise InvalidArgument(f"{what} is empty; expected e.g. cpu=16GiB,cuda:0=20GiB")
     return sizes
+
+
+_DURATION_UNITS_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
+_DURATION = re.compile(r"^([+-]?)((?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+)$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_seconds(text: str | int | float, *, what: str = "duration") -> float:
+    """``"1h30m"`` → 5400.0, ``300`` → 300.0, ``-1`` → ``math.inf`` (forever).
+
+    Durations are written the way Ollama's ``keep_alive`` takes them (Go's ``time.ParseDuration``: ns, us,
+    ms, s, m, h, combinable as in ``1h30m``); a bare number is seconds. Any negative value means forever,
+    because that is what ``keep_alive: -1`` means to Ollama users. Raises InvalidArgument otherwise.
+    """
+    expected = "expected seconds (e.g. 300) or a duration such as 300ms, 30s, 5m, 1h or 1h30m; -1 means forever"
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise InvalidArgument(f"cannot read {what} {text!r}: {expected}")
+    if isinstance(text, str):
+        seconds = _seconds_from_text(text.strip())
+        if seconds is None:
+            raise InvalidArgument(f"cannot read {what} {text!r}: {expected}")
+    else:
+        seconds = float(text)
+    if math.isnan(seconds):
+        raise InvalidArgument(f"cannot read {what} {text!r}: {expected}")
+    return math.inf if seconds < 0 else abs(seconds)  # abs: -0 is zero, not forever
+
+
+def _seconds_from_text(text: str) -> float | None:
+    """Seconds written as a bare number or a Go-style duration; None when it is neither."""
+    if _NUMBER.match(text):
+        return float(text)
+    match = _DURATION.match(text)
+    if match is None:
+        return None
+    seconds = sum(float(number) * _DURATION_UNITS_SECONDS[unit] for number, unit in _DURATION_PART.findall(match[2]))
+    return -seconds if match[1] == "-" else seconds

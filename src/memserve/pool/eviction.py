@@ -1,0 +1,170 @@
+"""Which idle runners to stop so that a new plan fits: a pure function, tested as a table.
+
+``choose_evictions(need_bytes, free_bytes, residents)`` answers
+
+- ``[]`` when the need already fits the free bytes on every device;
+- ``None`` when stopping every evictable resident would still leave a device short (the pool then
+  waits for busy runners or answers with the planner's NoFit);
+- otherwise the names of the runners to stop, least recently used first.
+
+A resident is *evictable* when it is ``ready``, has no lease and is not pinned. Runners that are
+starting, loading or warming are never stopped to make room (their load would be wasted and their
+bytes are still being measured); draining ones are already on their way out; failed and stopped ones
+hold nothing. Only evictable residents that hold bytes on a device that is short are *candidates*:
+stopping any other would free memory nobody asked for.
+
+Among the sets of candidates whose held bytes cover the deficit (need − free) on every device, the
+choice is, in order:
+
+1. the fewest bytes freed, summed over every device (stopping a runner frees all it holds, so this
+   is the least work thrown away);
+2. then the lowest total ``reload_seconds`` (what it costs to bring them back);
+3. then LRU: the set whose most recently used member is the oldest;
+4. then the names, sorted and compared as a tuple, so the answer never depends on input order.
+
+Up to ``EXACT_LIMIT`` (16) candidates every set is considered (a depth-first search that prunes a
+branch once its bytes, reload cost and recency are already worse than the best cover found). Beyond
+that the search is greedy: repeatedly take the candidate that alone covers what is still short with
+the fewest bytes (then reload cost, recency, name), or, when none does, the one that frees the most
+of what is still short; then drop, largest first, every chosen runner the others already cover for.
+The greedy answer always covers the need and is minimal (no member can be left out), but it may free
+more bytes than the best set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+EXACT_LIMIT = 16
+EVICTABLE_STATE = "ready"
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A runner as the eviction policy sees it: what it holds, whether it is busy, what it costs to reload."""
+
+    name: str
+    state: str  # "starting", "loading", "warming", "ready", "draining", "stopped", "failed"
+    held_bytes: Mapping[str, int]  # per device ("cpu", "cuda:0"): what the ledger holds for it
+    leases: int  # requests in flight; > 0 is never evicted
+    last_used: float  # monotonic seconds of the last request end (or the time it became ready)
+    pinned: bool = False
+    reload_seconds: float = 0.0  # what loading it again would cost (measured load time, or an estimate)
+
+    @property
+    def evictable(self) -> bool:
+        return self.state == EVICTABLE_STATE and self.leases == 0 and not self.pinned
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.held_bytes.values())
+
+
+_Key = tuple[int, float, float, tuple[str, ...]]
+
+
+def choose_evictions(
+    need_bytes: Mapping[str, int], free_bytes: Mapping[str, int], residents: Sequence[Resident]
+) -> list[str] | None:
+    """The runners to stop so that ``need_bytes`` fits, LRU first; ``[]`` if it fits, ``None`` if it never can.
+
+    A device missing from ``free_bytes`` has nothing free.
+    """
+    deficit = _deficit(need_bytes, free_bytes)
+    if not deficit:
+        return []
+    evictable = [r for r in residents if r.evictable]
+    if not _covers(evictable, deficit):
+        return None
+    candidates = [r for r in evictable if any(r.held_bytes.get(device, 0) > 0 for device in deficit)]
+    if len(candidates) <= EXACT_LIMIT:
+        chosen = _exact(candidates, deficit)
+    else:
+        chosen = _greedy(candidates, deficit)
+    return [r.name for r in sorted(chosen, key=lambda r: (r.last_used, r.name))]
+
+
+def _deficit(need_bytes: Mapping[str, int], free_bytes: Mapping[str, int]) -> dict[str, int]:
+    """Bytes still missing per device; devices that already fit are left out."""
+    short = {device: need - free_bytes.get(device, 0) for device, need in need_bytes.items()}
+    return {device: missing for device, missing in short.items() if missing > 0}
+
+
+def _covers(chosen: Sequence[Resident], deficit: Mapping[str, int]) -> bool:
+    return all(sum(r.held_bytes.get(device, 0) for r in chosen) >= missing for device, missing in deficit.items())
+
+
+def _key(chosen: Sequence[Resident]) -> _Key:
+    """The order of preference between covering sets; smaller is better."""
+    return (
+        sum(r.total_bytes for r in chosen),
+        sum(r.reload_seconds for r in chosen),
+        max(r.last_used for r in chosen),
+        tuple(sorted(r.name for r in chosen)),
+    )
+
+
+def _exact(candidates: Sequence[Resident], deficit: Mapping[str, int]) -> list[Resident]:
+    """The best covering set over all subsets, by depth-first search with pruning.
+
+    Bytes, reload cost and the newest ``last_used`` only grow as members are added, so a partial set
+    whose first three key fields already exceed the best cover's cannot lead to a better one. Every
+    candidate holds bytes on a short device, so a superset of a cover frees strictly more bytes and
+    the search stops extending a set as soon as it covers.
+    """
+    order = sorted(candidates, key=lambda r: (r.total_bytes, r.reload_seconds, r.last_used, r.name))
+    best: list[Resident] = []
+    best_key: _Key | None = None
+
+    def search(start: int, chosen: list[Resident]) -> None:
+        nonlocal best, best_key
+        if chosen:
+            key = _key(chosen)
+            if best_key is not None and key[:3] > best_key[:3]:
+                return
+            if _covers(chosen, deficit):
+                if best_key is None or key < best_key:
+                    best, best_key = list(chosen), key
+                return
+        for index in range(start, len(order)):
+            chosen.append(order[index])
+            search(index + 1, chosen)
+            chosen.pop()
+
+    search(0, [])
+    return best
+
+
+def _greedy(candidates: Sequence[Resident], deficit: Mapping[str, int]) -> list[Resident]:
+    """Best fit first, else the largest contribution; then drop members the others cover for.
+
+    Callers have checked that all candidates together cover the deficit, so each round finds a
+    candidate that frees some of what is still short.
+    """
+    remaining = dict(deficit)
+    pool = list(candidates)
+    chosen: list[Resident] = []
+    while remaining:
+        covering = [r for r in pool if _covers([r], remaining)]
+        if covering:
+            pick = min(covering, key=lambda r: _key([r]))
+        else:
+            pick = max(pool, key=lambda r: (_useful_bytes(r, remaining), *(-x for x in _key([r])[:3])))
+        chosen.append(pick)
+        pool.remove(pick)
+        remaining = {
+            device: missing - pick.held_bytes.get(device, 0)
+            for device, missing in remaining.items()
+            if missing - pick.held_bytes.get(device, 0) > 0
+        }
+    for member in sorted(chosen, key=lambda r: (-r.total_bytes, r.name)):
+        rest = [r for r in chosen if r is not member]
+        if rest and _covers(rest, deficit):
+            chosen = rest
+    return chosen
+
+
+def _useful_bytes(resident: Resident, remaining: Mapping[str, int]) -> int:
+    """How much of what is still short this resident would free (capped per device at the shortfall)."""
+    return sum(min(resident.held_bytes.get(device, 0), missing) for device, missing in remaining.items())
