@@ -228,6 +228,24 @@ def test_policy_can_forbid_devices() -> None:
 
 
 @pytest.mark.parametrize(
+    ("failed", "next_rung"),
+    [("gpu", "gpu-int8"), ("gpu-int8", "gpu-4bit"), ("gpu-4bit", "gpu-cpu-split"), ("gpu-cpu-split", "cpu")],
+)
+def test_retry_lower_skips_the_failed_rung_and_those_above(failed: str, next_rung: str) -> None:
+    f = facts(QWEN2_05B)
+    result = plan(f, Request(2048), L4, Policy().below(failed))
+    assert result.plan is not None and result.plan.rung == next_rung
+    skipped = {r.name: r.why for r in result.rungs if not r.available}
+    assert failed in skipped and "more memory than planned" in skipped[failed]
+
+
+def test_nothing_below_cpu_without_a_smaller_context_allowed() -> None:
+    f = facts(QWEN2_05B)
+    assert plan(f, Request(2048), CPU_16, Policy().below("cpu")).plan is None
+    assert plan(f, Request(2048, min_context_tokens=512), CPU_16, Policy().below("smaller-context")).plan is None
+
+
+@pytest.mark.parametrize(
     ("request_", "fragment"),
     [
         (Request(0), "positive"),

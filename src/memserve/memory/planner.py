@@ -76,6 +76,13 @@ class Policy:
     allow_gpu: bool = True
     allow_split: bool = True
     allow_cpu: bool = True
+    # rungs ruled out by what already happened (the pool skips a rung whose runner the watchdog killed)
+    skip_rungs: frozenset[str] = frozenset()
+
+    def below(self, rung: str) -> Policy:
+        """This policy with ``rung`` and every rung above it skipped: "retry one rung lower"."""
+        above = RUNGS[: RUNGS.index(rung) + 1] if rung in RUNGS else (rung,)
+        return replace(self, skip_rungs=self.skip_rungs | frozenset(above))
 
 
 @dataclass(frozen=True)
@@ -312,7 +319,9 @@ def _price(
     if on_gpu and not gpus:
         return Rung(name, False, False, "no CUDA GPU on this host", facts.dtype, quantization,
                     context_tokens, request.concurrency)
-    if on_gpu and not policy.allow_gpu:
+    if name in policy.skip_rungs:
+        blocked = "skipped: a runner on this rung or a higher one was stopped for using more memory than planned"
+    elif on_gpu and not policy.allow_gpu:
         blocked = "GPUs are not allowed by policy"
     elif name == "gpu-cpu-split" and not (policy.allow_split and policy.allow_cpu):
         blocked = "splitting across GPU and CPU is not allowed by policy"
@@ -418,7 +427,7 @@ def plan(
 
     smaller: Rung | None = None
     floor = request.min_context_tokens
-    if chosen is None and floor is not None and floor < request.context_tokens:
+    if chosen is None and floor is not None and floor < request.context_tokens and "smaller-context" not in policy.skip_rungs:
         for name in RUNGS[:-1]:
             smaller = _largest_context(name, facts, request, inventory, policy, floor)
             if smaller is not None:
