@@ -1,0 +1,653 @@
+"""The gateway's settings: one pydantic-settings model, read from flags, ``MEMSERVE_*`` env and a YAML file.
+
+Precedence, highest first: command-line flag > ``MEMSERVE_*`` environment variable > the YAML file
+(``--config`` or ``MEMSERVE_CONFIG``; never picked up from the working directory by surprise) > default.
+Sources merge per top-level setting: ``MEMSERVE_MODELS`` (JSON) replaces the file's whole model list, and
+``--model NAME=SOURCE`` adds a model or replaces the file's model of that name.
+
+Durations accept seconds or Ollama-style strings (``300ms``, ``30s``, ``5m``, ``1h30m``); ``keep_alive``
+also takes ``-1`` (forever, stored as ``math.inf`` and shown as ``-1`` in JSON) and ``0`` (unload when
+idle). Byte settings accept ``128MiB``-style sizes. Secrets never live here: a provider names the
+environment variable that holds its key, and :meth:`ProviderConfig.api_key` reads it when called.
+
+Every problem becomes one :class:`~memserve.errors.InvalidArgument` line that names where the value came
+from, the field path (``models[1].keep_alive``) and what to write instead. This module must never import
+torch: the gateway imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
+
+from memserve.errors import InvalidArgument
+from memserve.units import parse_bytes, parse_device_sizes, parse_seconds
+
+__all__ = [
+    "ModelConfig",
+    "PolicyConfig",
+    "ProviderConfig",
+    "Settings",
+    "default_data_dir",
+    "load_settings",
+]
+
+ENV_PREFIX = "MEMSERVE_"
+CONFIG_ENV = "MEMSERVE_CONFIG"
+_MiB = 1024**2
+_NAME = re.compile(r"^[^/\s]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_WORDS = ("key", "secret", "password")
+_CUSTOM = "memserve_config"
+
+
+# ---- value types: what a human writes → plain seconds and bytes -------------------------------------------
+
+
+def _to_seconds(value: Any) -> float:
+    try:
+        return parse_seconds(value)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+
+
+def _to_bytes(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"cannot read size {value!r}: expected bytes or a size such as 128MiB, 16GiB or 20GB")
+    try:
+        return parse_bytes(value)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+
+
+def _finite(seconds: float) -> float:
+    if math.isinf(seconds):
+        raise ValueError("must be a finite duration here (-1 means forever only for keep_alive), e.g. 30s or 10m")
+    return seconds
+
+
+def _positive(number: float) -> float:
+    if number <= 0:
+        raise ValueError(f"must be greater than 0, got {number:g}")
+    return number
+
+
+def _forever_as_minus_one(seconds: float) -> float:
+    """JSON has no infinity; -1 is how Ollama users write "forever", and it reads back the same."""
+    return -1.0 if math.isinf(seconds) else seconds
+
+
+KeepAliveSeconds = Annotated[
+    float, BeforeValidator(_to_seconds), PlainSerializer(_forever_as_minus_one, when_used="json")
+]
+"""Seconds to keep an idle model loaded: 0 unloads when idle, ``math.inf`` (from -1) never."""
+WaitSeconds = Annotated[float, BeforeValidator(_to_seconds), AfterValidator(_finite)]
+"""A finite, non-negative wait (0 = do not wait)."""
+IntervalSeconds = Annotated[float, BeforeValidator(_to_seconds), AfterValidator(_finite), AfterValidator(_positive)]
+"""A finite, positive timeout or sampling interval."""
+Bytes = Annotated[int, BeforeValidator(_to_bytes)]
+"""A non-negative number of bytes; accepts ``128MiB``-style sizes."""
+
+
+def _config_error(field: str, message: str) -> PydanticCustomError:
+    """A cross-field error that still names its field path (pydantic would put it on the whole model)."""
+    return PydanticCustomError(_CUSTOM, "{message}", {"field": field, "message": message})
+
+
+def _check_name(name: str, what: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(
+            f"{what} name {name!r} must be non-empty without spaces or '/' (clients write provider/model for "
+            "remote models), e.g. qwen-0.5b"
+        )
+    return name
+
+
+# ---- the models ----------------------------------------------------------------------------------------------
+
+
+class PolicyConfig(BaseModel):
+    """Which rungs of the placement ladder this model may use, and how it may recover."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    allow_gpu: bool = Field(default=True, description="Allow placements on a GPU.")
+    allow_split: bool = Field(default=True, description="Allow splitting the model between GPU and CPU memory.")
+    allow_cpu: bool = Field(default=True, description="Allow running the model on the CPU.")
+    quantization: Literal["auto", "none", "int8", "4bit"] = Field(
+        default="auto",
+        description="auto: try the checkpoint dtype, then int8, then 4-bit as the ladder needs; "
+        "none: never quantize; int8 / 4bit: always load that way.",
+    )
+    min_context_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias=AliasChoices("min_context_tokens", "min_context"),
+        description="Allow the smaller-context rung to cut the context down to this many tokens "
+        "(YAML key min_context). None: never plan less context than configured.",
+    )
+    retry_lower: bool = Field(
+        default=True, description="After a watchdog kill, retry the load one rung lower on the ladder."
+    )
+
+
+class ModelConfig(BaseModel):
+    """A local model the gateway may load: the name clients send, where its weights are, and its limits."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    name: str = Field(description="The name clients send as \"model\". No '/' (that is provider/model).")
+    source: str = Field(
+        description="Where the weights are: a local directory (relative to the working directory), "
+        "a Hugging Face cache id or a hub id."
+    )
+    runner: Literal["transformers"] = Field(
+        default="transformers", description="The runner kind that serves this model."
+    )
+    context_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias=AliasChoices("context_tokens", "context"),
+        description="Context length in tokens (YAML key context). None: the model's limit capped at 4096.",
+    )
+    concurrency: int = Field(default=4, ge=1, description="How many requests the runner generates for at once.")
+    keep_alive_seconds: KeepAliveSeconds | None = Field(
+        default=None,
+        validation_alias=AliasChoices("keep_alive_seconds", "keep_alive"),
+        description='How long the model stays loaded when idle (YAML key keep_alive): 300, "5m", '
+        "-1 (forever) or 0 (unload when idle). None: the server's keep_alive.",
+    )
+    pinned: bool = Field(default=False, description="Never evict this model to make room for another.")
+    preload: bool = Field(default=False, description="Load this model when the server starts.")
+    fallback: str | None = Field(
+        default=None,
+        description='A remote "provider/model" used when this model does not fit or its queue is full.',
+    )
+    max_queue: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests allowed to wait beyond concurrency before 429. None: 4 × concurrency.",
+    )
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Which placements this model may use.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_has_no_slash(cls, name: str) -> str:
+        return _check_name(name, "model")
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_blank(cls, source: str) -> str:
+        if not source.strip():
+            raise ValueError("source is empty; give a local directory, a Hugging Face cache id or a hub id")
+        return source
+
+    @model_validator(mode="after")
+    def _min_context_within_context(self) -> ModelConfig:
+        floor, context = self.policy.min_context_tokens, self.context_tokens
+        if floor is not None and context is not None and floor > context:
+            raise _config_error(
+                "policy.min_context",
+                f"min_context {floor} is larger than context {context}; lower min_context or raise context",
+            )
+        return self
+
+
+class ProviderConfig(BaseModel):
+    """A remote OpenAI-compatible upstream; clients address its models as ``name/model``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Clients address this provider's models as name/model. No '/'.")
+    base_url: str = Field(
+        description="The OpenAI-compatible base URL, e.g. https://api.groq.com/openai/v1 (a trailing / is dropped)."
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="The name of the environment variable that holds the API key (never the key itself).",
+    )
+    models: list[str] = Field(default_factory=list, description="Model ids this provider serves.")
+    timeout_seconds: IntervalSeconds = Field(default=600.0, description="How long one upstream request may take.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_has_no_slash(cls, name: str) -> str:
+        return _check_name(name, "provider")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        url = url.strip()
+        if not url.startswith(("http://", "https://")) or url in ("http://", "https://"):
+            raise ValueError(f"{url!r} must start with http:// or https://, e.g. https://api.groq.com/openai/v1")
+        return url.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_var_name(cls, name: str | None) -> str | None:
+        if name is not None and not _ENV_NAME.match(name):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits, _), e.g. GROQ_API_KEY, "
+                "not the key itself; export the key under that name"
+            )
+        return name
+
+    def api_key(self) -> str | None:
+        """The key, read from the environment now, so a rotated key needs no restart; None if unset."""
+        if self.api_key_env is None:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/memserve``, or ``~/.local/share/memserve`` (XDG: ignore an empty or relative value)."""
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "memserve"
+
+
+_YAML_FILE: ContextVar[Path | None] = ContextVar("memserve_yaml_file", default=None)
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads at start-up. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_prefix_target="all",
+        env_nested_delimiter="__",
+        env_ignore_empty=True,
+        extra="forbid",
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+    host: str = Field(
+        default="127.0.0.1", description="Address to listen on; 0.0.0.0 exposes the server to the network."
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    memory: str | None = Field(
+        default=None,
+        description="Memory budget per device, e.g. cpu=16GiB,cuda:0=20GiB. None: what each device really has.",
+    )
+    headroom: str | None = Field(
+        default=None,
+        description="Memory never handed out, per device (cpu=1GiB,cuda:0=512MiB) or one size for every device.",
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where memserve keeps its state: $XDG_DATA_HOME/memserve or ~/.local/share/memserve.",
+    )
+    keep_alive_seconds: KeepAliveSeconds = Field(
+        default=300.0,
+        validation_alias=AliasChoices("keep_alive_seconds", "keep_alive"),
+        description='How long an idle model stays loaded unless it sets its own (key keep_alive): 300, "5m", '
+        "-1 (forever) or 0 (unload when idle).",
+    )
+    memory_wait_seconds: WaitSeconds = Field(
+        default=30.0, description="How long a request waits for memory held by busy models before a 503."
+    )
+    load_timeout_seconds: IntervalSeconds = Field(default=600.0, description="How long one model load may take.")
+    watchdog_tolerance: float = Field(
+        default=0.10, ge=0, description="A runner may exceed its planned bytes by this fraction before it is killed ..."
+    )
+    watchdog_tolerance_min_bytes: Bytes = Field(
+        default=128 * _MiB, description="... or by this many bytes (e.g. 128MiB), whichever is larger."
+    )
+    host_floor_bytes: Bytes = Field(
+        default=256 * _MiB, description="Kill a runner when the host's available memory drops below this (e.g. 256MiB)."
+    )
+    watchdog_interval_seconds: IntervalSeconds = Field(
+        default=0.5, description="How often the watchdog samples a ready runner's memory."
+    )
+    watchdog_loading_interval_seconds: IntervalSeconds = Field(
+        default=0.05, description="How often the watchdog samples a loading runner's memory (loads grow fast)."
+    )
+    max_body_bytes: Bytes = Field(
+        default=16 * _MiB, gt=0, description="Request bodies larger than this get 413 (e.g. 16MiB)."
+    )
+    models: list[ModelConfig] = Field(default_factory=list, description="Local models the gateway may load.")
+    providers: list[ProviderConfig] = Field(
+        default_factory=list, description="Remote OpenAI-compatible providers, addressed as provider/model."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init kwargs) > env > the YAML file that :func:`load_settings` is reading; no .env, no secrets dir."""
+        yaml_file = _YAML_FILE.get()
+        if yaml_file is None:
+            return init_settings, env_settings
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file)
+
+    @field_validator("memory", "headroom", mode="before")
+    @classmethod
+    def _size_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_names_devices(cls, text: str | None) -> str | None:
+        if text is not None:
+            sizes = _device_sizes(text, "memory")
+            if "*" in sizes:
+                raise ValueError(f"{text!r} does not name a device; write e.g. cpu=16GiB or cpu=16GiB,cuda:0=20GiB")
+        return text
+
+    @field_validator("headroom")
+    @classmethod
+    def _headroom_sizes(cls, text: str | None) -> str | None:
+        if text is not None:
+            _device_sizes(text, "headroom")
+        return text
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand_home(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @model_validator(mode="after")
+    def _names_and_references(self) -> Settings:
+        _check_unique([m.name for m in self.models], "models", "model")
+        _check_unique([p.name for p in self.providers], "providers", "provider")
+        provider_names = {p.name for p in self.providers}
+        for index, model in enumerate(self.models):
+            if model.name in provider_names:
+                raise _config_error(
+                    f"models[{index}].name",
+                    f"model name {model.name!r} is also a provider's name; rename one of them",
+                )
+            if model.fallback is not None:
+                _check_fallback(model.fallback, f"models[{index}].fallback", provider_names)
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The local model clients call ``name``, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        """The provider named ``name``, or None."""
+        return next((p for p in self.providers if p.name == name), None)
+
+    def public_json(self) -> dict[str, Any]:
+        """Every setting as JSON (forever as -1); providers show only the env var *name* of their key."""
+        return self.model_dump(mode="json")
+
+
+def _device_sizes(text: str, what: str) -> dict[str, int]:
+    try:
+        return parse_device_sizes(text, what=what)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+
+
+def _check_unique(names: list[str], field: str, what: str) -> None:
+    first_index: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in first_index:
+            raise _config_error(
+                f"{field}[{index}].name",
+                f"{what} name {name!r} is already used by {field}[{first_index[name]}]; give each {what} its own name",
+            )
+        first_index[name] = index
+
+
+def _check_fallback(fallback: str, field: str, provider_names: set[str]) -> None:
+    provider, slash, model = fallback.partition("/")
+    if not slash or not provider or not model:
+        raise _config_error(field, f"{fallback!r} must be provider/model, e.g. groq/llama-3.1-8b-instant")
+    if provider not in provider_names:
+        known = ", ".join(sorted(provider_names)) or "none are configured"
+        raise _config_error(
+            field, f"provider {provider!r} is not configured (providers: {known}); add it under providers"
+        )
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+
+
+def load_settings(config_file: Path | None = None, *, model_flags: Sequence[str] = (), **flags: Any) -> Settings:
+    """Read the settings: flags > ``MEMSERVE_*`` env > YAML file > defaults. Raises InvalidArgument (one line).
+
+    ``config_file`` None falls back to ``$MEMSERVE_CONFIG``, then to no file. ``model_flags`` are
+    ``NAME=SOURCE`` strings: each adds a model or replaces the file's model of that name outright.
+    Flags whose value is None were not given, so env and file still apply to them.
+    """
+    flag_models = _parse_model_flags(model_flags)
+    path = _config_path(config_file)
+    file_data = _read_yaml(path) if path is not None else {}
+    given = {key: value for key, value in flags.items() if value is not None}
+    settings = _build(path, given, _Origin(path, file_data, given))
+    if not flag_models:
+        return settings
+    models = _with_flag_models(settings.models, flag_models)
+    return _build(path, {**given, "models": models}, _Origin(path, file_data, given, models_from="--model"))
+
+
+def _with_flag_models(models: list[ModelConfig], flag_models: list[ModelConfig]) -> list[ModelConfig]:
+    """A flag model takes the place of the configured model of its name (keeping none of its settings)."""
+    by_name = {m.name: m for m in flag_models}
+    merged = [by_name.pop(m.name, m) for m in models]
+    return merged + list(by_name.values())
+
+
+def _config_path(config_file: Path | None) -> Path | None:
+    named_by = "--config"
+    if config_file is None:
+        env_value = os.environ.get(CONFIG_ENV, "")
+        if not env_value:
+            return None
+        config_file, named_by = Path(env_value), CONFIG_ENV
+    path = Path(config_file).expanduser()
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise InvalidArgument(f"config file {str(path)!r} (from {named_by}) {problem}; check the path", param="config")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """Parse the file once up front, so a YAML mistake is reported with its line instead of a traceback."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InvalidArgument(f"{where}: not valid YAML ({problem}); fix the indentation or quoting there") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"cannot read config file {str(path)!r}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidArgument(
+            f"{path}: expected a mapping of settings at the top level (host:, port:, models:, ...), "
+            f"got a {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_model_flags(model_flags: Sequence[str]) -> list[ModelConfig]:
+    models: dict[str, ModelConfig] = {}
+    for flag in model_flags:
+        name, eq, source = flag.partition("=")
+        name, source = name.strip(), source.strip()
+        if not eq or not name or not source:
+            raise InvalidArgument(f"--model {flag!r}: expected NAME=SOURCE, e.g. demo=models/demo-tiny", param="model")
+        if name in models:
+            raise InvalidArgument(f"--model {name!r} is given twice; give each model once", param="model")
+        try:
+            models[name] = ModelConfig(name=name, source=source)
+        except ValidationError as exc:
+            raise InvalidArgument(f"--model {flag!r}: {_problem(exc.errors()[0])}", param="model") from None
+    return list(models.values())
+
+
+@contextmanager
+def _reading(path: Path | None) -> Iterator[None]:
+    token = _YAML_FILE.set(path)
+    try:
+        yield
+    finally:
+        _YAML_FILE.reset(token)
+
+
+def _build(path: Path | None, init: dict[str, Any], origin: _Origin) -> Settings:
+    with _reading(path):
+        try:
+            return Settings(**init)
+        except ValidationError as exc:
+            errors = exc.errors()
+            more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+            first = errors[0]
+            where, key = origin.locate(first)
+            raise InvalidArgument(f"{where}: {_path(first, key)}: {_problem(first)}{more}") from None
+        except SettingsError as exc:
+            raise InvalidArgument(f"{_one_line(str(exc))}; MEMSERVE_MODELS and MEMSERVE_PROVIDERS take JSON") from None
+
+
+# ---- one readable line per error --------------------------------------------------------------------------------
+
+
+class _Origin:
+    """Says which source (flag, env var or file) supplied the top-level setting an error is about."""
+
+    def __init__(
+        self, path: Path | None, file_data: Mapping[str, Any], given: Mapping[str, Any], models_from: str = ""
+    ) -> None:
+        self.path, self.file_data, self.given, self.models_from = path, file_data, given, models_from
+
+    def locate(self, error: ErrorDetails) -> tuple[str, str]:
+        """The source of the setting the error is about, and its key there (``keep_alive``, not the field name)."""
+        loc = _full_loc(error)
+        if not loc:
+            return "settings", ""
+        key = str(loc[0])
+        names = _names_of(key)
+        if key == "models" and self.models_from:
+            return self.models_from, key
+        given = next((name for name in names if name in self.given), None)
+        if given is not None:
+            return "command line", given
+        env = _env_var_for(names)
+        if env is not None:
+            return f"environment variable {env}", env[len(ENV_PREFIX) :].split("__")[0].lower()
+        in_file = next((name for name in names if name in self.file_data), None)
+        if self.path is not None and in_file is not None:
+            return str(self.path), in_file
+        return "settings", key
+
+
+def _names_of(key: str) -> list[str]:
+    """The field name and every alias of the Settings field that ``key`` (a name or alias) refers to."""
+    for name, info in Settings.model_fields.items():
+        aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
+        names = [name, *(str(a) for a in aliases)]
+        if key in names:
+            return names
+    return [key]
+
+
+def _env_var_for(names: list[str]) -> str | None:
+    wanted = {(ENV_PREFIX + name).upper() for name in names}
+    for env_name in os.environ:
+        upper = env_name.upper()
+        if upper in wanted or any(upper.startswith(w + "__") for w in wanted):
+            return env_name
+    return None
+
+
+def _full_loc(error: ErrorDetails) -> tuple[int | str, ...]:
+    loc = tuple(error["loc"])
+    if error["type"] == _CUSTOM:
+        field = str((error.get("ctx") or {})["field"])
+        loc += tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", field) if p)
+    return loc
+
+
+def _path(error: ErrorDetails, top_key: str) -> str:
+    """``models[1].keep_alive``: the loc as the user wrote it, with the top-level key from its source."""
+    loc = _full_loc(error)
+    text = ""
+    for part in (top_key, *loc[1:]) if loc and top_key else loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "(top level)"
+
+
+def _problem(error: ErrorDetails) -> str:
+    """What was wrong and what to do, without pydantic's boilerplate and never echoing a secret."""
+    kind, loc = error["type"], _full_loc(error)
+    last = str(loc[-1]) if loc else ""
+    ctx = error.get("ctx") or {}
+    if kind == _CUSTOM:
+        return str(ctx["message"])
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "missing":
+        return f"is required; add {last}: to this entry"
+    if kind == "extra_forbidden":
+        if any(word in last.lower() for word in _SECRET_WORDS):
+            return "secrets never go in the config; export the key and name the variable with api_key_env"
+        return f"unknown setting; known settings here: {', '.join(_known_keys(loc[:-1]))}"
+    message = error["msg"]
+    shown = _shown_input(error["input"], last)
+    return f"{message[:1].lower()}{message[1:]}{shown}"
+
+
+def _shown_input(value: Any, field: str) -> str:
+    if isinstance(value, (dict, list)) or any(word in field.lower() for word in _SECRET_WORDS):
+        return ""
+    text = repr(value)
+    return f" (got {text[:60]}{'...' if len(text) > 60 else ''})"
+
+
+def _known_keys(parent: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    nested: dict[str, type[BaseModel]] = {"models": ModelConfig, "providers": ProviderConfig, "policy": PolicyConfig}
+    for part in parent:
+        if isinstance(part, str) and part in nested:
+            model = nested[part]
+    keys = []
+    for name, info in model.model_fields.items():
+        aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
+        keys.append(str(aliases[-1]) if aliases else name)
+    return keys
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
