@@ -5,7 +5,8 @@
     MemserveError                      500 api_error
     ├── InvalidArgument                400 invalid_request_error   bad flag, field or value
     │   ├── ContextOverflow            400                         prompt longer than the planned context
-    │   └── UnsupportedParameter       400                         n > 1, tools, ...
+    │   ├── UnsupportedParameter       400                         n > 1, tools, ...
+    │   └── RequestTooLarge            413                         a body past the server's max_body_bytes
     ├── CheckpointError                400 invalid_request_error   not a model, corrupt header, bad config
     ├── ModelNotFound                  404 not_found_error         nothing at that path, cache or hub id
     ├── Overloaded                     429 rate_limit_error        a bounded queue is full (Retry-After)
@@ -90,6 +91,13 @@ class UnsupportedParameter(InvalidArgument):
     """A request field that would change the answer is not implemented here (``n`` > 1, tools, ...)."""
 
     code = "unsupported_parameter"
+
+
+class RequestTooLarge(InvalidArgument):
+    """The request body is larger than the server accepts (``max_body_bytes``)."""
+
+    status_code = 413
+    code = "request_too_large"
 
 
 class Overloaded(MemserveError):

@@ -14,7 +14,9 @@ import click
 from memserve import __version__
 from memserve.cli.demo_model import demo_model
 from memserve.cli.fit import fit
+from memserve.cli.manage import load, ps, unload
 from memserve.cli.run_model import run_model
+from memserve.cli.serve import serve
 from memserve.errors import MemserveError
 
 
@@ -48,6 +50,10 @@ def main() -> None:
 
 main.add_command(demo_model)
 main.add_command(fit)
+main.add_command(load)
+main.add_command(ps)
 main.add_command(run_model)
+main.add_command(serve)
+main.add_command(unload)
 
 __all__ = ["main"]

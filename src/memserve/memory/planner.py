@@ -427,7 +427,8 @@ def plan(
 
     smaller: Rung | None = None
     floor = request.min_context_tokens
-    if chosen is None and floor is not None and floor < request.context_tokens and "smaller-context" not in policy.skip_rungs:
+    if (chosen is None and floor is not None and floor < request.context_tokens
+            and "smaller-context" not in policy.skip_rungs):
         for name in RUNGS[:-1]:
             smaller = _largest_context(name, facts, request, inventory, policy, floor)
             if smaller is not None:

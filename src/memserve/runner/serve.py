@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,25 @@ from typing import Any
 from memserve.runner.load import LoadReport, emit, load_model, process_memory
 
 DEFAULT_QUEUE_PER_SEQUENCE = 4
+TEST_EXTRA_BYTES_ENV = "MEMSERVE_TEST_EXTRA_BYTES"
+_BALLOON_CHUNK_BYTES = 8 << 20
+_balloon: list[bytearray] = []
+
+
+def _test_balloon(name: str) -> None:
+    """Test hook, off unless ``MEMSERVE_TEST_EXTRA_BYTES=NAME=SIZE`` names this runner: while warming up,
+    use SIZE more bytes than the plan says, 8 MiB every 10 ms (a load that lies about its memory), so that
+    tests can prove the gateway's watchdog stops a runaway load before it crosses the budget."""
+    target, _, size = os.environ.get(TEST_EXTRA_BYTES_ENV, "").partition("=")
+    if not size or target != name:
+        return
+    from memserve.units import parse_bytes
+
+    extra = parse_bytes(size, what=TEST_EXTRA_BYTES_ENV)
+    emit({"event": "test_balloon", "extra_bytes": extra})
+    while len(_balloon) * _BALLOON_CHUNK_BYTES < extra:
+        _balloon.append(bytearray(b"\x01") * _BALLOON_CHUNK_BYTES)  # filled, so every page is really used
+        time.sleep(0.01)
 
 
 def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max_queue: int | None = None) -> Any:
@@ -30,6 +50,7 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
     if fallback_reason:
         emit({"event": "engine_fallback", "engine": engine.name, "reason": fallback_reason})
     served_name = name or Path(source).name or source
+    _test_balloon(served_name)
     eos = model.generation_config.eos_token_id
     stop_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
 

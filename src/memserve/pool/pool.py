@@ -1,0 +1,610 @@
+"""The ModelPool: the one owner of runner processes.
+
+Only the pool starts, stops or evicts a runner; request handlers ask it for a lease and never check a
+model's state and act on it themselves. Everything runs on one asyncio loop, so a check and the
+mutation it gates happen with no ``await`` in between.
+
+Lifecycle of one model (``Entry``)::
+
+    stopped ──lease/load──▶ starting ─▶ loading ─▶ warming ─▶ ready ──idle past keep_alive──▶ draining ─▶ stopped
+                               │            │          │         │
+                               └────────────┴──────────┴─────────┴──exit, OOM kill, watchdog──▶ failed (reason)
+
+- **Single flight.** The first request for a stopped model starts one load task; every other request
+  for it awaits the same task.
+- **Leases.** A request holds a lease from the moment the model is ready until its response ends (or the
+  client goes away). A runner with leases, or with requests waiting for it, is never evicted.
+- **Admission.** A load is planned against the pool's whole capacity (``plan`` on an inventory with
+  nothing held), then admitted against the ledger: fits now, or fits after evicting idle models (the
+  pure ``choose_evictions``), or waits up to ``memory_wait_seconds`` for busy models to go idle
+  (``MemoryBusy``, 503), or never fits beside the pinned models (``InsufficientMemory``, 507).
+- **Keep-alive.** Per model (config) and per request (``keep_alive``, Ollama-style: seconds, "5m", -1
+  forever, 0 unload when idle). Pinned models never expire and are never evicted.
+- **Watchdog.** Samples each runner's memory (every ``watchdog_loading_interval_seconds`` while it loads,
+  ``watchdog_interval_seconds`` after) and the host's available memory; past its reservation by the
+  tolerance, or with the host below its floor, it kills the runner before the kernel's OOM killer picks
+  a victim, records why and, where the model's policy allows, loads it again one rung lower.
+- **Crashes.** A runner that exits on its own is marked failed with the reason; its in-flight responses
+  break (the gateway turns that into an error event), and the next request starts it again after a
+  backoff (0 s after the first failure, then 2, 4, ... up to 30 s).
+- **Compatibility, not reload.** Every OpenAI request is served by the loaded runner (sampling options
+  are per request; ``max_tokens`` is clipped to the planned context). Only ``load`` with a larger context
+  or concurrency than the loaded plan's needs a new plan: the old runner drains and a new one starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import difflib
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from memserve.checkpoint.facts import CheckpointFacts
+from memserve.checkpoint.locate import read_facts
+from memserve.config import ModelConfig, Settings
+from memserve.errors import (
+    InsufficientMemory,
+    MemoryBusy,
+    MemserveError,
+    ModelNotFound,
+    Overloaded,
+    RunnerFailed,
+)
+from memserve.memory.fit import default_context
+from memserve.memory.inventory import Inventory
+from memserve.memory.planner import Policy, Request, plan
+from memserve.pool.eviction import Resident, choose_evictions
+from memserve.pool.ledger import Calibration, Ledger, calibrated, checkpoint_files, checkpoint_fingerprint, plan_key
+from memserve.pool.runner_process import RunnerHandle, Spawner, process_spawner
+from memserve.units import format_bytes
+
+log = logging.getLogger("memserve.pool")
+
+STOPPED, STARTING, LOADING, WARMING, READY, DRAINING, FAILED = (
+    "stopped", "starting", "loading", "warming", "ready", "draining", "failed")
+_PHASE_STATES = {"resolve": LOADING, "map": LOADING, "fault_in": WARMING, "warm_up": WARMING}
+_EVENTS_KEPT = 1000
+_DRAIN_TIMEOUT_SECONDS = 30.0
+_MAX_BACKOFF_SECONDS = 30.0
+
+
+def backoff_seconds(failures: int) -> float:
+    """Wait before starting a model again after ``failures`` failures in a row: 0, 2, 4, 8, ... 30 s."""
+    return 0.0 if failures <= 1 else min(2.0 ** (failures - 1), _MAX_BACKOFF_SECONDS)
+
+
+def compatible(plan_json: Mapping[str, Any], *, context_tokens: int | None, concurrency: int | None) -> bool:
+    """Can a runner loaded with ``plan_json`` serve what was asked, without loading again?"""
+    return (context_tokens is None or int(plan_json["context_tokens"]) >= context_tokens) and (
+        concurrency is None or int(plan_json["concurrency"]) >= concurrency)
+
+
+def watchdog_limit_bytes(reserved_bytes: int, tolerance: float, tolerance_min_bytes: int) -> int:
+    """The most a runner may use on a device: its reservation plus the larger of the two tolerances."""
+    return reserved_bytes + max(int(reserved_bytes * tolerance), tolerance_min_bytes)
+
+
+@dataclass
+class Entry:
+    """One configured model and, when it is loaded, its runner. Mutated only by the pool."""
+
+    config: ModelConfig
+    keep_alive_seconds: float
+    state: str = STOPPED
+    runner: RunnerHandle | None = None
+    plan: dict[str, Any] | None = None
+    reserved_bytes: dict[str, int] = field(default_factory=dict)
+    measured_bytes: dict[str, int] = field(default_factory=dict)
+    leases: int = 0
+    waiting: int = 0
+    last_used: float = 0.0
+    expires_at: float | None = None  # the pool's clock
+    load_seconds: float | None = None
+    reason: str | None = None
+    failures: int = 0
+    load_task: asyncio.Task[None] | None = None
+    expiry: asyncio.TimerHandle | None = None
+    watchdog_reason: str | None = None
+    overrides: dict[str, int] = field(default_factory=dict)  # context_tokens / concurrency from /api/load
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def max_in_flight(self) -> int:
+        queue = self.config.max_queue if self.config.max_queue is not None else 4 * self.config.concurrency
+        return self.config.concurrency + queue
+
+
+class Lease:
+    """A hold on a ready runner for one request. ``release`` is idempotent; the pool never evicts it meanwhile."""
+
+    def __init__(self, pool: ModelPool, entry: Entry, runner: RunnerHandle) -> None:
+        self.name = entry.name
+        self.client: httpx.AsyncClient = runner.client
+        self._pool, self._entry, self._released = pool, entry, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool._release(self._entry)
+
+
+class ModelPool:
+    """Loads, leases, expires, evicts and watches the runners of the configured models."""
+
+    def __init__(self, settings: Settings, inventory: Inventory, *, spawner: Spawner | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 host_available_bytes: Callable[[], int] = lambda: int(psutil.virtual_memory().available),
+                 facts_reader: Callable[[str], CheckpointFacts] = read_facts) -> None:
+        self.settings = settings
+        self.inventory = inventory
+        self._run_dir = Path(tempfile.mkdtemp(prefix="memserve-run-"))  # short: Unix socket paths are limited
+        self._spawn = spawner or process_spawner(self._run_dir)
+        self._clock = clock
+        self._host_available = host_available_bytes
+        self._read_facts = facts_reader
+        self.ledger = Ledger(
+            {d.name: d.free_bytes if d.budget_bytes is None else min(d.free_bytes, d.budget_bytes)
+             for d in inventory.devices},
+            {d.name: d.headroom_bytes for d in inventory.devices},
+        )
+        self.calibration = Calibration(settings.data_dir / "calibration.json")
+        self.entries: dict[str, Entry] = {
+            m.name: Entry(m, _keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models}
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=_EVENTS_KEPT)
+        self._event_seq = 0
+        self._change = asyncio.Event()
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---------------------------------------------------------------------------------------------- public
+
+    async def start(self) -> None:
+        """Preload the models marked ``preload`` (in the background) and start the host watchdog."""
+        self._spawn_task(self._host_watchdog(), "host-watchdog")
+        for entry in self.entries.values():
+            if entry.config.preload:
+                self._ensure_load(entry)
+
+    async def acquire(self, name: str, *, keep_alive_seconds: float | None = None) -> Lease:
+        """A lease on a ready runner for ``name``, loading it first if needed (single flight)."""
+        entry = self.entry(name)
+        if self._closing:
+            raise MemoryBusy("the server is shutting down; retry on another server", retry_after_seconds=5)
+        if entry.leases + entry.waiting >= entry.max_in_flight:
+            raise Overloaded(
+                f"model {name!r} has {entry.leases} requests in flight and {entry.waiting} waiting, its limit "
+                f"(concurrency {entry.config.concurrency} + queue); retry after a few seconds or raise max_queue",
+                retry_after_seconds=2.0)
+        if keep_alive_seconds is not None:
+            entry.keep_alive_seconds = _keep_alive(keep_alive_seconds, self.settings.keep_alive_seconds)
+        entry.waiting += 1
+        self._cancel_expiry(entry)
+        try:
+            while entry.state != READY or entry.runner is None:
+                await asyncio.shield(self._ensure_load(entry))
+            entry.leases += 1
+            return Lease(self, entry, entry.runner)
+        finally:
+            entry.waiting -= 1
+            if entry.leases == 0 and entry.waiting == 0 and entry.state == READY:
+                self._schedule_expiry(entry)
+
+    async def load(self, name: str, *, keep_alive_seconds: float | None = None, context_tokens: int | None = None,
+                   concurrency: int | None = None) -> dict[str, Any]:
+        """Load ``name`` (or keep the loaded runner when it is compatible) and return its /api/ps row."""
+        entry = self.entry(name)
+        overrides = {k: v for k, v in (("context_tokens", context_tokens), ("concurrency", concurrency)) if v}
+        if entry.plan is not None and entry.runner is not None and not compatible(entry.plan, **_both(overrides)):
+            self._event("reload", entry, reason=f"asked for {overrides}, loaded plan has context "
+                        f"{entry.plan['context_tokens']} × {entry.plan['concurrency']}")
+            await self.unload(name)
+        if overrides:
+            entry.overrides = overrides
+        lease = await self.acquire(name, keep_alive_seconds=keep_alive_seconds)
+        lease.release()
+        return self.row(entry)
+
+    async def unload(self, name: str) -> bool:
+        """Drain ``name`` (wait for its leases, up to 30 s) and stop its runner. False if it was not loaded."""
+        entry = self.entry(name)
+        if entry.load_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(entry.load_task)
+        if entry.runner is None:
+            return False
+        entry.state = DRAINING
+        deadline = self._clock() + _DRAIN_TIMEOUT_SECONDS
+        while entry.leases > 0 and self._clock() < deadline:
+            await self._wait_change(deadline - self._clock())
+        await self._stop(entry, "unloaded on request")
+        return True
+
+    async def shutdown(self) -> None:
+        """Stop every runner (the HTTP server has already drained its requests) and every pool task."""
+        self._closing = True
+        for entry in self.entries.values():
+            self._cancel_expiry(entry)
+            if entry.load_task is not None:
+                entry.load_task.cancel()
+        await asyncio.gather(*(self._stop(e, "server shutting down") for e in self.entries.values() if e.runner),
+                             return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def entry(self, name: str) -> Entry:
+        """The configured model ``name``; ModelNotFound (404) listing close names otherwise."""
+        if name in self.entries:
+            return self.entries[name]
+        close = difflib.get_close_matches(name, list(self.entries), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"configured: {', '.join(self.entries) or 'none'}"
+        raise ModelNotFound(f"model {name!r} is not configured on this server; {hint} "
+                            "(add it to memserve.yaml or pass --model NAME=SOURCE)", param="model")
+
+    def fit_inventory(self) -> Inventory:
+        """The pool's whole capacity as an inventory with nothing held: what a plan may use at most."""
+        capacity = self.ledger.to_json()["devices"]
+        devices = tuple(replace(d, free_bytes=capacity[d.name]["capacity_bytes"], budget_bytes=None)
+                        for d in self.inventory.devices)
+        return replace(self.inventory, devices=devices)
+
+    def ps(self) -> dict[str, Any]:
+        """The /api/ps body: every model that is not stopped, and the ledger's devices."""
+        rows = [self.row(e) for e in self.entries.values() if e.state != STOPPED]
+        return {"models": rows, "devices": self.ledger.to_json()["devices"]}
+
+    def row(self, entry: Entry) -> dict[str, Any]:
+        runner = entry.runner
+        devices = {d: {"reserved_bytes": entry.reserved_bytes.get(d, 0),
+                       "measured_bytes": entry.measured_bytes.get(d, 0)}
+                   for d in sorted({*entry.reserved_bytes, *entry.measured_bytes})}
+        expires = None if entry.expires_at is None or math.isinf(entry.expires_at) \
+            else time.time() + (entry.expires_at - self._clock())
+        return {
+            "name": entry.name, "state": entry.state, "pid": runner.pid if runner else None,
+            "source": entry.config.source, "rung": entry.plan["rung"] if entry.plan else None,
+            "context_tokens": entry.plan["context_tokens"] if entry.plan else None,
+            "concurrency": entry.plan["concurrency"] if entry.plan else None,
+            "devices": devices, "leases": entry.leases, "queued": entry.waiting, "pinned": entry.config.pinned,
+            "keep_alive_seconds": None if math.isinf(entry.keep_alive_seconds) else entry.keep_alive_seconds,
+            "expires_at": expires, "load_seconds": entry.load_seconds, "reason": entry.reason,
+        }
+
+    def events_since(self, seq: int = 0) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["seq"] > seq]
+
+    # ---------------------------------------------------------------------------------------------- loading
+
+    def _ensure_load(self, entry: Entry) -> asyncio.Task[None]:
+        if entry.load_task is None:
+            task = asyncio.create_task(self._load(entry), name=f"load-{entry.name}")
+            entry.load_task = task
+            task.add_done_callback(lambda t: self._load_done(entry, t))
+        return entry.load_task
+
+    def _load_done(self, entry: Entry, task: asyncio.Task[None]) -> None:
+        entry.load_task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.info("load of %s failed: %s", entry.name, task.exception())
+
+    async def _load(self, entry: Entry) -> None:
+        while entry.runner is not None:  # a draining runner of this model must be gone first
+            await self._wait_change(None)
+        if entry.failures:
+            delay = backoff_seconds(entry.failures)
+            if delay:
+                self._event("backoff", entry, seconds=delay)
+                await asyncio.sleep(delay)
+        policy = _policy(entry.config)
+        try:
+            facts = await asyncio.to_thread(self._read_facts, entry.config.source)
+            while True:
+                planned = self._plan(entry, facts, policy)
+                need = self._reservation(facts, planned)
+                try:
+                    await self._admit(entry, need)
+                    await self._start_runner(entry, facts, planned, need)
+                    return
+                except RunnerFailed as exc:
+                    killed = entry.watchdog_reason
+                    entry.watchdog_reason = None
+                    if killed and entry.config.policy.retry_lower and not self._closing:
+                        policy = policy.below(planned["rung"])
+                        self._event("retry_lower", entry, failed_rung=planned["rung"], reason=killed)
+                        with contextlib.suppress(InsufficientMemory):
+                            self._plan(entry, facts, policy)
+                            continue
+                        raise RunnerFailed(f"{exc.message}; no lower rung fits or is allowed") from None
+                    raise
+        except RunnerFailed as exc:
+            entry.failures += 1
+            self._set_state(entry, FAILED, exc.message)
+            self._event("load_failed", entry, reason=exc.message)
+            raise
+        except MemserveError as exc:
+            self._set_state(entry, STOPPED, exc.message)
+            self._event("refused", entry, reason=exc.message, code=exc.code)
+            raise
+
+    def _plan(self, entry: Entry, facts: CheckpointFacts, policy: Policy) -> dict[str, Any]:
+        config = entry.config
+        context = entry.overrides.get("context_tokens") or config.context_tokens or default_context(facts)
+        request = Request(context_tokens=context, concurrency=entry.overrides.get("concurrency") or config.concurrency,
+                          quantization=config.policy.quantization, min_context_tokens=config.policy.min_context_tokens)
+        result = plan(facts, request, self.fit_inventory(), policy)
+        if result.plan is None:
+            assert result.nofit is not None
+            raise InsufficientMemory(f"model {entry.name!r} cannot fit on this server even with nothing else "
+                                     f"loaded: {result.nofit.message}", param="model")
+        return result.plan.to_json()
+
+    def _reservation(self, facts: CheckpointFacts, planned: dict[str, Any]) -> dict[str, int]:
+        estimate = {d: int(need["total_bytes"]) for d, need in planned["devices"].items()}
+        measured = self.calibration.get(_fingerprint(facts), plan_key(planned))
+        return calibrated(estimate, measured)
+
+    async def _admit(self, entry: Entry, need: dict[str, int]) -> None:
+        """Reserve ``need`` in the ledger, evicting idle models or waiting for busy ones as needed."""
+        deadline = self._clock() + self.settings.memory_wait_seconds
+        while True:
+            residents = [self._resident(e) for e in self.entries.values() if e.runner is not None and e is not entry]
+            victims = choose_evictions(need, self.ledger.free_bytes(), residents)
+            if victims == []:
+                self.ledger.reserve(entry.name, need)
+                entry.reserved_bytes = dict(need)
+                return
+            if victims:
+                for victim in victims:
+                    self._event("evict", self.entries[victim], reason=f"to make room for {entry.name}")
+                await asyncio.gather(*(self._stop(self.entries[v], f"evicted to make room for {entry.name}")
+                                       for v in victims))
+                continue
+            self._refuse_if_never(entry, need)
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                busy = ", ".join(f"{e.name} ({e.state}, {e.leases} leases)" for e in self.entries.values()
+                                 if e.runner is not None and e is not entry) or "nothing"
+                raise MemoryBusy(
+                    f"model {entry.name!r} needs {_sizes(need)} but only {_sizes(self.ledger.free_bytes())} is free, "
+                    f"and the rest is held by busy models: {busy}; waited {self.settings.memory_wait_seconds:.0f} s. "
+                    "Retry later, or raise memory_wait_seconds", retry_after_seconds=5.0)
+            await self._wait_change(remaining)
+
+    def _refuse_if_never(self, entry: Entry, need: Mapping[str, int]) -> None:
+        """InsufficientMemory when the pinned models alone leave too little room: waiting cannot help."""
+        pinned = [e for e in self.entries.values() if e.runner is not None and e.config.pinned and e is not entry]
+        usable = self.ledger.usable_bytes()
+        for device, needed in need.items():
+            held = sum(self.ledger.held(e.name).get(device, 0) for e in pinned)
+            if needed > usable.get(device, 0) - held:
+                raise InsufficientMemory(
+                    f"model {entry.name!r} needs {format_bytes(needed)} on {device}; "
+                    f"{format_bytes(usable.get(device, 0))} is usable there and pinned models "
+                    f"({', '.join(e.name for e in pinned)}) hold "
+                    f"{format_bytes(held)}; unpin one or raise the budget", param="model")
+
+    async def _start_runner(self, entry: Entry, facts: CheckpointFacts, planned: dict[str, Any],
+                            need: dict[str, int]) -> None:
+        started = self._clock()
+        entry.plan, entry.reason, entry.measured_bytes = planned, None, {}
+        self._set_state(entry, STARTING)
+        self._event("load", entry, rung=planned["rung"], reserved_bytes=need)
+        try:
+            runner = await self._spawn(entry.name, facts.source, planned, lambda ev: self._runner_event(entry, ev))
+        except BaseException:
+            self.ledger.release(entry.name)
+            raise
+        entry.runner = runner
+        self._spawn_task(self._watch(entry, runner), f"watchdog-{entry.name}")
+        try:
+            ready = await runner.wait_ready(self.settings.load_timeout_seconds)
+        except BaseException as exc:
+            await self._stop(entry, str(exc))
+            raise
+        entry.load_seconds = round(self._clock() - started, 3)
+        entry.failures = 0
+        entry.last_used = self._clock()
+        self._set_state(entry, READY)
+        peak = _peak_bytes(ready, runner.sample_memory())
+        if peak:
+            self.calibration.put(_fingerprint(facts), plan_key(planned), peak)
+        self._event("ready", entry, pid=runner.pid, load_seconds=entry.load_seconds, measured_bytes=peak)
+        self._spawn_task(self._monitor(entry, runner), f"monitor-{entry.name}")
+        if entry.waiting == 0:
+            self._schedule_expiry(entry)
+
+    def _runner_event(self, entry: Entry, event: dict[str, Any]) -> None:
+        if event.get("event") == "phase" and entry.state in (STARTING, LOADING, WARMING):
+            self._set_state(entry, _PHASE_STATES.get(str(event.get("phase")), entry.state))
+            self._event("phase", entry, phase=event.get("phase"), seconds=event.get("seconds"))
+
+    # ---------------------------------------------------------------------------------------------- stopping
+
+    async def _stop(self, entry: Entry, reason: str, *, state: str = STOPPED) -> None:
+        runner = entry.runner
+        if runner is None:
+            return
+        entry.runner = None
+        self._cancel_expiry(entry)
+        if entry.state != FAILED:
+            self._set_state(entry, DRAINING)
+        await runner.stop()
+        self.ledger.release(entry.name)
+        entry.measured_bytes, entry.reserved_bytes = {}, {}
+        if entry.state != FAILED:
+            self._set_state(entry, state, reason)
+            self._event("stopped", entry, reason=reason)
+        self._notify()
+
+    async def _monitor(self, entry: Entry, runner: RunnerHandle) -> None:
+        """Waits for a ready runner's exit; an exit nobody asked for marks the model failed."""
+        await runner.wait_exit()
+        if entry.runner is not runner:
+            return  # stopped on purpose
+        reason = entry.watchdog_reason or runner.exit_reason()
+        entry.watchdog_reason = None
+        entry.failures += 1
+        self._set_state(entry, FAILED, f"runner {entry.name} (pid {runner.pid}) {reason}")
+        self._event("crash", entry, pid=runner.pid, reason=reason)
+        await self._stop(entry, reason, state=FAILED)
+
+    def _release(self, entry: Entry) -> None:
+        entry.leases -= 1
+        entry.last_used = self._clock()
+        if entry.leases == 0 and entry.waiting == 0 and entry.state == READY:
+            self._schedule_expiry(entry)
+        self._notify()
+
+    def _schedule_expiry(self, entry: Entry) -> None:
+        self._cancel_expiry(entry)
+        if entry.config.pinned or math.isinf(entry.keep_alive_seconds):
+            entry.expires_at = math.inf
+            return
+        entry.expires_at = self._clock() + entry.keep_alive_seconds
+        entry.expiry = asyncio.get_running_loop().call_later(
+            entry.keep_alive_seconds, lambda: self._spawn_task(self._expire(entry), f"expire-{entry.name}"))
+
+    def _cancel_expiry(self, entry: Entry) -> None:
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+        entry.expiry, entry.expires_at = None, None
+
+    async def _expire(self, entry: Entry) -> None:
+        if entry.state == READY and entry.leases == 0 and entry.waiting == 0 and entry.expires_at is not None:
+            await self._stop(entry, f"idle for {entry.keep_alive_seconds:g} s (keep_alive)")
+
+    # ---------------------------------------------------------------------------------------------- watchdog
+
+    async def _watch(self, entry: Entry, runner: RunnerHandle) -> None:
+        """Sample one runner's memory; kill it when it goes past its reservation by more than the tolerance."""
+        settings = self.settings
+        while entry.runner is runner and runner.returncode is None:
+            sample = runner.sample_memory()
+            if sample:
+                entry.measured_bytes = sample
+                self.ledger.measure(entry.name, sample)
+                for device, measured in sample.items():
+                    limit = watchdog_limit_bytes(entry.reserved_bytes.get(device, 0), settings.watchdog_tolerance,
+                                                 settings.watchdog_tolerance_min_bytes)
+                    if measured > limit:
+                        self._kill(entry, runner, f"stopped by the watchdog: {device} use "
+                                   f"{format_bytes(measured)} went past its plan of "
+                                   f"{format_bytes(entry.reserved_bytes.get(device, 0))} plus the "
+                                   f"tolerance (limit {format_bytes(limit)}) while {entry.state}",
+                                   measured_bytes=measured, limit_bytes=limit)
+                        return
+            loading = entry.state in (STARTING, LOADING, WARMING)
+            await asyncio.sleep(settings.watchdog_loading_interval_seconds if loading
+                                else settings.watchdog_interval_seconds)
+
+    async def _host_watchdog(self) -> None:
+        """Kill one runner when the host's available memory drops below the floor: loading ones first."""
+        settings = self.settings
+        while True:
+            loading = any(e.state in (STARTING, LOADING, WARMING) for e in self.entries.values())
+            await asyncio.sleep(settings.watchdog_loading_interval_seconds if loading
+                                else settings.watchdog_interval_seconds)
+            available = self._host_available()
+            if available >= settings.host_floor_bytes:
+                continue
+            live = [e for e in self.entries.values() if e.runner is not None and e.runner.returncode is None]
+            if not live:
+                continue
+            victim = max(live, key=lambda e: (e.state in (STARTING, LOADING, WARMING),
+                                              sum(e.measured_bytes.values()) - sum(e.reserved_bytes.values()),
+                                              sum(e.measured_bytes.values())))
+            assert victim.runner is not None
+            self._kill(victim, victim.runner, f"stopped by the watchdog: host available memory "
+                       f"{format_bytes(available)} fell below the floor {format_bytes(settings.host_floor_bytes)} "
+                       f"while it was {victim.state}", available_bytes=available)
+
+    def _kill(self, entry: Entry, runner: RunnerHandle, reason: str, **fields: Any) -> None:
+        entry.watchdog_reason = reason
+        self._event("watchdog_kill", entry, pid=runner.pid, reason=reason, **fields)
+        runner.kill()
+
+    # ---------------------------------------------------------------------------------------------- helpers
+
+    def _resident(self, entry: Entry) -> Resident:
+        return Resident(entry.name, entry.state, self.ledger.held(entry.name), entry.leases + entry.waiting,
+                        entry.last_used, entry.config.pinned, entry.load_seconds or 0.0)
+
+    def _set_state(self, entry: Entry, state: str, reason: str | None = None) -> None:
+        entry.state = state
+        if reason is not None:
+            entry.reason = reason
+        self._notify()
+
+    def _event(self, kind: str, entry: Entry, **fields: Any) -> None:
+        self._event_seq += 1
+        event = {"seq": self._event_seq, "time": time.time(), "event": kind, "model": entry.name, **fields}
+        self.events.append(event)
+        log.info("%s %s %s", kind, entry.name, fields or "")
+
+    def _notify(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def _wait_change(self, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._change.wait(), timeout)
+
+    def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _keep_alive(seconds: float | None, default: float) -> float:
+    value = default if seconds is None else seconds
+    return math.inf if value < 0 or math.isinf(value) else float(value)
+
+
+def _both(overrides: Mapping[str, int]) -> dict[str, int | None]:
+    return {"context_tokens": overrides.get("context_tokens"), "concurrency": overrides.get("concurrency")}
+
+
+def _policy(config: ModelConfig) -> Policy:
+    return Policy(allow_gpu=config.policy.allow_gpu, allow_split=config.policy.allow_split,
+                  allow_cpu=config.policy.allow_cpu)
+
+
+def _fingerprint(facts: CheckpointFacts) -> str:
+    folder = Path(facts.source)
+    return checkpoint_fingerprint(facts.source, checkpoint_files(folder) if folder.is_dir() else [])
+
+
+def _peak_bytes(ready: Mapping[str, Any], sampled: Mapping[str, int]) -> dict[str, int]:
+    """The runner's own peak after warm-up, per device (cpu: peak RSS; cuda: peak reserved), or our sample."""
+    peaks: dict[str, int] = {}
+    for device, memory in (ready.get("memory") or {}).items():
+        value = memory.get("peak_rss_bytes") or memory.get("peak_reserved_bytes")
+        if value:
+            peaks[device] = int(value)
+    for device, value in sampled.items():
+        peaks[device] = max(peaks.get(device, 0), value)
+    return peaks
+
+
+def _sizes(sizes: Mapping[str, int]) -> str:
+    return ", ".join(f"{format_bytes(v)} on {d}" for d, v in sorted(sizes.items())) or "nothing"
+
+
+__all__ = ["Entry", "Lease", "ModelPool", "backoff_seconds", "compatible", "watchdog_limit_bytes"]

@@ -1,0 +1,233 @@
+"""One runner child process: start it by a plan, follow its progress lines, sample its memory, stop it.
+
+Only the pool uses this module (one owner for runners). The runner is ``python -m memserve.runner`` on a
+Unix socket; it reports each load phase as a JSON line on stderr and says ``listening`` once its socket is
+up. A crash, an OOM kill or an access violation ends the child only: the pool sees the exit code here.
+
+``RunnerHandle`` is the seam the pool depends on; ``RunnerProcess`` is the real one and tests use a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import psutil
+
+from memserve.errors import RunnerFailed
+
+RUNNER_BASE_URL = "http://runner/v1"  # the host part is ignored on a Unix socket
+_STDERR_LINE_LIMIT_BYTES = 1 << 20
+_HEALTH_POLL_SECONDS = 0.02
+
+
+class RunnerHandle(Protocol):
+    """What the pool needs from a runner, real or fake."""
+
+    name: str
+    phase: str  # "spawned", then each finished load phase (resolve, map, fault_in, warm_up), then "ready"
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def client(self) -> httpx.AsyncClient: ...  # speaks to the runner; base URL is RUNNER_BASE_URL
+
+    async def wait_ready(self, timeout_seconds: float) -> dict[str, Any]: ...
+
+    async def wait_exit(self) -> int: ...
+
+    def exit_reason(self) -> str: ...
+
+    def sample_memory(self) -> dict[str, int]: ...
+
+    async def stop(self, grace_seconds: float = 10.0) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+# spawn(name, source, plan_json, on_event) -> a started runner
+Spawner = Callable[[str, str, dict[str, Any], Callable[[dict[str, Any]], None]], Awaitable[RunnerHandle]]
+
+
+def describe_exit(returncode: int, last_lines: list[str]) -> str:
+    """Why a runner ended, in words: the signal's name, or the exit code and the runner's last error line."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        hint = " (by the kernel's OOM killer, the watchdog or a person)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    last = next((line for line in reversed(last_lines) if line.strip()), "")
+    return f"exited with code {returncode}" + (f": {last.strip()[:500]}" if last else "")
+
+
+class RunnerProcess:
+    """A real runner: ``python -m memserve.runner --plan P --socket S --name N`` in its own session."""
+
+    def __init__(self, name: str, source: str, plan: dict[str, Any], *, run_dir: Path,
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.name, self.source, self.plan = name, source, plan
+        self.phase = "spawned"
+        self.plan_path = run_dir / f"{name}.plan.json"
+        self.socket_path = run_dir / f"{name}.sock"
+        self._on_event = on_event or (lambda event: None)
+        self._env = dict(env) if env is not None else None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self._ready_event: dict[str, Any] = {}
+        self._failure: str | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._client = httpx.AsyncClient(base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0),
+                                         transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)))
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        return self._client
+
+    async def start(self) -> None:
+        self.plan_path.write_text(json.dumps({"model": {"source": self.source}, "plan": self.plan}))
+        self.socket_path.unlink(missing_ok=True)
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "memserve.runner", "--plan", str(self.plan_path), "--socket", str(self.socket_path),
+            "--name", self.name,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "MEMSERVE_PROGRESS": "json", **(self._env or {})},
+            limit=_STDERR_LINE_LIMIT_BYTES, start_new_session=True,
+        )
+        self._reader = asyncio.create_task(self._read_stderr(), name=f"runner-{self.name}-stderr")
+
+    async def _read_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        while True:
+            try:
+                raw = await self._proc.stderr.readline()
+            except ValueError:  # a line past the limit: keep reading
+                continue
+            if not raw:
+                break
+            line = raw.decode(errors="replace").rstrip("\n")
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                self._tail.append(line)
+                continue
+            if not isinstance(event, dict):
+                continue
+            kind = event.get("event")
+            if kind == "phase":
+                self.phase = str(event.get("phase"))
+            elif kind == "ready":
+                self._ready_event = event
+            elif kind == "listening":
+                self._listening.set()
+            elif kind == "failed":
+                self._failure = str(event.get("error"))
+            self._on_event(event)
+        await self._proc.wait()
+
+    async def wait_ready(self, timeout_seconds: float) -> dict[str, Any]:
+        """The runner's ready report, once its socket answers /health; RunnerFailed if it exits or times out."""
+        assert self._proc is not None
+        exited = asyncio.ensure_future(self.wait_exit())
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                listening = asyncio.ensure_future(self._listening.wait())
+                await asyncio.wait({listening, exited}, return_when=asyncio.FIRST_COMPLETED)
+                listening.cancel()
+                while not exited.done():
+                    try:
+                        response = await self._client.get("http://runner/health", timeout=5.0)
+                        if response.status_code == 200:
+                            self.phase = "ready"
+                            return self._ready_event
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(_HEALTH_POLL_SECONDS)
+        except TimeoutError:
+            raise RunnerFailed(f"runner {self.name} was not ready after {timeout_seconds:.0f} s (last phase: "
+                               f"{self.phase}); raise load_timeout_seconds or check the model") from None
+        finally:
+            exited.cancel()
+        raise RunnerFailed(f"runner {self.name} ended while loading: {self.exit_reason()}")
+
+    async def wait_exit(self) -> int:
+        assert self._proc is not None
+        if self._reader is not None:
+            await asyncio.shield(self._reader)  # drain stderr first, so the reason is complete
+        return await self._proc.wait()
+
+    def exit_reason(self) -> str:
+        if self.returncode is None:
+            return "still running"
+        if self.returncode > 0 and self._failure:
+            return f"exited with code {self.returncode}: {self._failure}"
+        return describe_exit(self.returncode, list(self._tail))
+
+    def sample_memory(self) -> dict[str, int]:
+        """Bytes in use per device right now: the RSS of the runner's process tree on cpu.
+
+        RSS counts the mapped weights (file-backed) too: they take RAM as surely as the anonymous pages.
+        GPU memory per process (NVML) is not sampled yet; the runner's own report covers it.
+        """
+        if self.pid is None or self.returncode is not None:
+            return {}
+        try:
+            root = psutil.Process(self.pid)
+            return {"cpu": sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])}
+        except psutil.Error:
+            return {}
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """SIGTERM (the runner drains and closes its engine), then SIGKILL after ``grace_seconds``."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.wait_exit(), grace_seconds)
+            except TimeoutError:
+                self.kill()
+                await self.wait_exit()
+        await self._cleanup()
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)  # the runner and anything it started
+
+    async def _cleanup(self) -> None:
+        await self._client.aclose()
+        self.socket_path.unlink(missing_ok=True)
+        self.plan_path.unlink(missing_ok=True)
+
+
+def process_spawner(run_dir: Path, env: Mapping[str, str] | None = None) -> Spawner:
+    """The real spawner: each call starts one runner process with its socket and plan file in ``run_dir``."""
+
+    async def spawn(name: str, source: str, plan: dict[str, Any],
+                    on_event: Callable[[dict[str, Any]], None]) -> RunnerHandle:
+        runner = RunnerProcess(name, source, plan, run_dir=run_dir, on_event=on_event, env=env)
+        await runner.start()
+        return runner
+
+    return spawn
