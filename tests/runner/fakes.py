@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+from memserve.errors import GenerationFailed
 from memserve.runner.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
 
 
@@ -15,6 +16,8 @@ class FakeEngine:
     QueueFull before the first event; ``fail_after`` raises RuntimeError after that many events.
     ``open`` holds the sequences whose iterator is suspended, neither finished nor closed;
     ``closed_early`` those closed (or cancelled) before the engine finished them.
+    Like the real engines, ``close`` (counted in ``close_calls``) makes sequences still in flight fail with
+    GenerationFailed at their next token, and new ones fail at once.
     """
 
     name = "fake"
@@ -31,6 +34,7 @@ class FakeEngine:
         self.open: set[str] = set()
         self.closed_early: list[str] = []
         self.yielded = 0
+        self.close_calls = 0
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         if self.queue_full_on_call:  # an engine may also refuse before returning an iterator
@@ -38,6 +42,8 @@ class FakeEngine:
         return self._run(request)
 
     async def _run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if self.close_calls:
+            raise GenerationFailed("the engine is closed", code="engine_closed")
         if self.queue_full:
             raise QueueFull(running=2, waiting=8, retry_after_seconds=2.5)
         self.requests.append(request)
@@ -47,6 +53,8 @@ class FakeEngine:
             for index, token_id in enumerate(self.tokens[: request.max_new_tokens]):
                 if index:
                     await asyncio.sleep(self.delay_seconds)
+                if self.close_calls:
+                    raise GenerationFailed(f"generation of {request.request_id!r} failed: the engine was closed")
                 if index == self.fail_after:
                     raise RuntimeError("the fake engine broke down")
                 reason = _finish_reason(token_id, index, request, len(self.tokens))
@@ -64,7 +72,7 @@ class FakeEngine:
         return EngineStats(running=len(self.open), waiting=0, prompt_tokens_total=17, requests_total=3)
 
     async def close(self) -> None:
-        pass
+        self.close_calls += 1
 
 
 def _finish_reason(token_id: int, index: int, request: GenerationRequest,

@@ -12,10 +12,10 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -33,6 +33,8 @@ CONTEXT_TOKENS = 64
 TEXT = "Hello world! héllo 日本 🎉"  # multi-byte characters split over several byte-level tokens
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}]}
 COMPLETION = {"model": MODEL, "prompt": "once upon a time"}
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +348,61 @@ def test_models_health_and_stats(client: TestClient) -> None:
                                             "engine": "fake"}
     stats = client.get("/stats").json()
     assert stats["running"] == 0 and stats["prompt_tokens_total"] == 17 and stats["requests_total"] == 3
+
+
+# --- shutdown ---------------------------------------------------------------------------------------------
+
+
+def test_shutdown_closes_the_engine_once(engine: FakeEngine, tokenizer: Any) -> None:
+    with TestClient(make_app(engine, tokenizer)) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert engine.close_calls == 0
+    assert engine.close_calls == 1
+
+
+async def run_lifespan(app: FastAPI, while_up: Callable[[], Awaitable[T]]) -> T:
+    """Start ``app`` through the ASGI lifespan protocol, await ``while_up()``, then shut the app down."""
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[str] = []
+    await messages.put({"type": "lifespan.startup"})
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message["type"])
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+    server = asyncio.create_task(app(scope, messages.get, send))
+    while "lifespan.startup.complete" not in sent:
+        assert not server.done(), sent
+        await asyncio.sleep(0.001)
+    result = await while_up()
+    await messages.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(server, timeout=5)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    return result
+
+
+def test_shutdown_fails_a_stream_in_flight_cleanly(tokenizer: Any) -> None:
+    engine = FakeEngine(list(range(40, 240)), delay_seconds=0.01)  # 2 s of tokens
+    app = make_app(engine, tokenizer, context_tokens=1024)
+
+    async def stream_started() -> asyncio.Task[tuple[list[bytes], set[str]]]:
+        call = asyncio.create_task(call_and_hang_up(app, engine, "/v1/chat/completions", {**CHAT, "stream": True}))
+        while engine.yielded < 3:
+            await asyncio.sleep(0.005)
+        return call
+
+    async def scenario() -> tuple[list[bytes], set[str]]:
+        call = await run_lifespan(app, stream_started)
+        return await call
+
+    started = time.monotonic()
+    chunks, still_open = asyncio.run(scenario())
+    assert time.monotonic() - started < 1.5
+    assert engine.close_calls == 1 and still_open == set() and engine.yielded < 100
+    payloads = [line[len("data: "):] for line in b"".join(chunks).decode().splitlines() if line.startswith("data: ")]
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["type"] == "api_error" and "the engine was closed" in error["message"]
 
 
 # --- client disconnects ---------------------------------------------------------------------------------

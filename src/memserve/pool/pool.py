@@ -321,17 +321,20 @@ class ModelPool:
                     await self._admit(entry, need)
                     await self._start_runner(entry, facts, planned, need)
                     return
-                except RunnerFailed as exc:
+                except RunnerFailed:
                     killed = entry.watchdog_reason
                     entry.watchdog_reason = None
-                    if killed and entry.config.policy.retry_lower and not self._closing:
-                        policy = policy.below(planned["rung"])
-                        self._event("retry_lower", entry, failed_rung=planned["rung"], reason=killed)
-                        with contextlib.suppress(InsufficientMemory):
-                            self._plan(entry, facts, policy)
-                            continue
-                        raise RunnerFailed(f"{exc.message}; no lower rung fits or is allowed") from None
-                    raise
+                    if not killed:
+                        raise
+                    message = f"model {entry.name!r} was {killed}"
+                    if not entry.config.policy.retry_lower or self._closing:
+                        raise RunnerFailed(message) from None
+                    policy = policy.below(planned["rung"])
+                    self._event("retry_lower", entry, failed_rung=planned["rung"], reason=killed)
+                    with contextlib.suppress(InsufficientMemory):
+                        self._plan(entry, facts, policy)
+                        continue
+                    raise RunnerFailed(f"{message}; no lower rung on the ladder fits or is allowed") from None
         except RunnerFailed as exc:
             entry.failures += 1
             self._set_state(entry, FAILED, exc.message)

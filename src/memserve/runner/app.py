@@ -23,6 +23,10 @@ A streamed response waits for the first token before sending headers, so a full 
 429. An engine error after that is sent as ``data: {"error": ...}`` followed by ``data: [DONE]``.
 Whatever way a response ends (finished, stop string, error, client gone, even during prefill), the
 engine iterator is closed, which frees the sequence at once.
+
+The app owns its engine for its lifetime: when the server shuts the app down (the ASGI lifespan), it
+awaits ``engine.close()``, which stops the generation thread and fails the sequences still in flight
+with GenerationFailed, so their responses end with an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -82,7 +86,8 @@ def create_app(
     """The runner's FastAPI app.
 
     ``stop_token_ids`` adds to the tokenizer's eos (pass the generation config's eos ids); the engine
-    ends a sequence after emitting one. ``health`` is called on every ``GET /health``.
+    ends a sequence after emitting one. ``health`` is called on every ``GET /health``. The app's
+    lifespan shutdown awaits ``engine.close()``.
     """
     if context_tokens < 1:
         raise InvalidArgument(f"context_tokens must be at least 1, got {context_tokens}")
@@ -90,7 +95,15 @@ def create_app(
     completer = _Completer(engine, tokenizer, model_name, context_tokens,
                            tuple(dict.fromkeys([*eos, *(stop_token_ids or ())])))
     created = int(time.time())
-    app = FastAPI(title=f"memserve runner: {model_name}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await engine.close()
+
+    app = FastAPI(title=f"memserve runner: {model_name}", lifespan=lifespan)
     _install_error_handlers(app)
 
     @app.post("/v1/chat/completions")

@@ -10,6 +10,7 @@ from typing import Any
 from memserve.runner.load import LoadReport, emit, load_model, process_memory
 
 DEFAULT_QUEUE_PER_SEQUENCE = 4
+GRACEFUL_SHUTDOWN_SECONDS = 10  # then streams still open are cancelled and the engine closes
 TEST_EXTRA_BYTES_ENV = "MEMSERVE_TEST_EXTRA_BYTES"
 _BALLOON_CHUNK_BYTES = 8 << 20
 _balloon: list[bytearray] = []
@@ -79,8 +80,10 @@ def serve(source: str, plan: dict[str, Any], *, name: str | None = None, port: i
 
     app = build_app(source, plan, name=name, max_queue=max_queue)
     if socket is not None:
-        config = uvicorn.Config(app, uds=str(socket), log_level="warning", access_log=False)
+        config = uvicorn.Config(app, uds=str(socket), log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     else:
-        config = uvicorn.Config(app, host="127.0.0.1", port=port or 8001, log_level="warning", access_log=False)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port or 8001, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     emit({"event": "listening", "socket": str(socket) if socket else None, "port": None if socket else config.port})
     uvicorn.Server(config).run()
