@@ -284,6 +284,7 @@ class ModelPool:
             "devices": devices, "leases": entry.leases, "queued": entry.waiting, "pinned": entry.config.pinned,
             "keep_alive_seconds": None if math.isinf(entry.keep_alive_seconds) else entry.keep_alive_seconds,
             "expires_at": expires, "load_seconds": entry.load_seconds, "reason": entry.reason,
+            "socket": str(getattr(runner, "socket_path", "")) or None,
         }
 
     def events_since(self, seq: int = 0) -> list[dict[str, Any]]:

@@ -1,0 +1,151 @@
+"""What the gateway adds: the same runner reached directly and through ``memserve serve``, in one run.
+
+    python benchmarks/gateway_overhead.py                       # tiny demo model (worst case: overhead is visible)
+    python benchmarks/gateway_overhead.py --model /tmp/mb/demo-small --requests 100
+
+One gateway is started with one model; once it is loaded, the benchmark talks to *that same runner*
+two ways, alternating so both see the same machine state:
+
+- ``direct``: the runner's own Unix socket (what the gateway itself speaks to);
+- ``gateway``: ``http://127.0.0.1:PORT`` (TCP to the gateway, which leases the runner and relays).
+
+Latency: sequential non-streamed requests with ``max_tokens`` 1, direct and gateway interleaved one by
+one; the added latency is the gateway's p50/p99 minus the direct p50/p99. Throughput: ``--streams``
+concurrent streaming clients, each asking for ``--max-tokens`` tokens, rounds alternating direct and
+gateway; tokens/s is usage tokens over wall time, and the ratio is gateway ÷ direct (median of rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PROMPT = [{"role": "user", "content": "Tell me about lighthouses and the people who keep them"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[float, int]:
+    start = time.perf_counter()
+    if not body.get("stream"):
+        response = await client.post(url, json=body)
+        response.raise_for_status()
+        return time.perf_counter() - start, int(response.json()["usage"]["completion_tokens"])
+    tokens = 0
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                tokens = usage["completion_tokens"] if usage else tokens
+    return time.perf_counter() - start, tokens
+
+
+async def measure(gateway: str, sock: str, args: argparse.Namespace) -> dict[str, Any]:
+    targets = {
+        "direct": (httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock), timeout=600),
+                   "http://runner/v1/chat/completions"),
+        "gateway": (httpx.AsyncClient(timeout=600), f"{gateway}/v1/chat/completions"),
+    }
+    latency: dict[str, list[float]] = {"direct": [], "gateway": []}
+    throughput: dict[str, list[float]] = {"direct": [], "gateway": []}
+    short = {"model": "m", "messages": PROMPT, "max_tokens": 1, "temperature": 0}
+    long = {"model": "m", "messages": PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        for client, url in targets.values():  # warm both paths (connections, first-request costs)
+            for _ in range(5):
+                await one(client, url, short)
+        for i in range(args.requests):
+            order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
+            for name in order:
+                client, url = targets[name]
+                latency[name].append((await one(client, url, short))[0])
+        for r in range(args.rounds * 2):
+            name = ("direct", "gateway")[r % 2]
+            client, url = targets[name]
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(client, url, long) for _ in range(args.streams)))
+            throughput[name].append(sum(tokens for _, tokens in results) / (time.perf_counter() - start))
+    finally:
+        for client, _ in targets.values():
+            await client.aclose()
+    return {"latency_seconds": latency, "tokens_per_second": throughput}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("/tmp/memserve-bench/demo-tiny"))
+    parser.add_argument("--size", default="tiny", help="demo size to build when --model is missing")
+    parser.add_argument("--requests", type=int, default=200, help="latency pairs (direct + gateway)")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per setup")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = parser.parse_args()
+    if not (args.model / "config.json").exists():
+        from memserve.checkpoint.demo import write_demo_model
+
+        write_demo_model(args.model, size=args.size, force=True)
+
+    port = free_port()
+    gateway = f"http://127.0.0.1:{port}"
+    log = Path(f"/tmp/memserve-gateway-overhead-{os.getpid()}.log")
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "memserve", "serve", "--model", f"m={args.model.resolve()}", "--port", str(port),
+             "--keep-alive", "-1"], stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{gateway}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"gateway did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        row = httpx.post(f"{gateway}/api/load", json={"model": "m"}, timeout=600).json()["model"]
+        print(f"model {args.model} loaded by the gateway in {row['load_seconds']} s; runner pid {row['pid']}, "
+              f"socket {row['socket']}", flush=True)
+        result = asyncio.run(measure(gateway, row["socket"], args))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    lat, tps = result["latency_seconds"], result["tokens_per_second"]
+    ms = 1000.0
+    print(f"\nlatency, {args.requests} sequential requests each way (max_tokens 1, not streamed):")
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        d, g = percentile(lat["direct"], q), percentile(lat["gateway"], q)
+        print(f"  {label}: direct {d * ms:.2f} ms, gateway {g * ms:.2f} ms, added {(g - d) * ms:+.2f} ms")
+    d_tps, g_tps = statistics.median(tps["direct"]), statistics.median(tps["gateway"])
+    print(f"throughput, {args.streams} streams × {args.max_tokens} tokens, median of {args.rounds} rounds each: "
+          f"direct {d_tps:.1f} tok/s, gateway {g_tps:.1f} tok/s, ratio ×{g_tps / d_tps:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

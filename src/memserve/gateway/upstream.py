@@ -1,0 +1,308 @@
+"""Forward an OpenAI-compatible request to an upstream and pass its answer back, streaming included.
+
+An upstream is a runner process (HTTP on a Unix socket) or a remote provider (Groq, a vLLM server):
+the gateway speaks to both the same way. The hot path adds as little as it can: the body goes out as
+JSON, a streamed answer is relayed byte for byte as it arrives (never re-parsed), and a whole answer
+is only checked to be JSON and passed back as the upstream's own bytes.
+
+What can go wrong, and what the client sees::
+
+    cannot connect, timed out, closed before answering   UpstreamUnavailable (502), names the upstream and URL
+    4xx/5xx with an OpenAI error body                    that status and body; Retry-After kept
+    4xx/5xx with other JSON (FastAPI, old vLLM)          that status, re-wrapped in the OpenAI error shape
+    an answer that is not JSON, or a stream not SSE      BadUpstream (502), names status and the body's start
+    the stream breaks off half-way                       the SSE stream ends cleanly: an error event, [DONE]
+
+``on_done`` (the pool gives its lease back there) runs exactly once however the exchange ends, the
+client hanging up mid-stream included; the upstream response is then closed at once, so a runner
+sees its client go away and frees the sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from memserve.errors import BadUpstream, MemserveError, UpstreamUnavailable
+
+__all__ = ["EXCERPT_CHARS", "Upstream", "forward"]
+
+EXCERPT_CHARS = 200
+"""How much of a malformed answer an error message quotes."""
+
+_SSE_MEDIA_TYPE = "text/event-stream"
+_KEPT_ERROR_HEADERS = ("retry-after",)
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+_DONE_ENDS = (b"[DONE]\n\n", b"[DONE]\r\n\r\n")
+_TAIL_BYTES = 16
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a request goes: a runner on a Unix socket or a remote OpenAI-compatible provider.
+
+    ``name`` starts every message about it ("provider groq", "runner demo (socket /run/x.sock)").
+    ``base_url`` includes ``/v1``; a runner on a socket uses any host, e.g. ``http://runner/v1``.
+    The client belongs to the caller (one per runner or provider, so connections are pooled) and its
+    timeouts apply. The key is sent as a bearer token and never shown in messages or ``repr``.
+    """
+
+    name: str
+    base_url: str
+    client: httpx.AsyncClient
+    api_key: str | None = field(default=None, repr=False)
+
+
+async def forward(
+    upstream: Upstream,
+    path: str,
+    body: dict[str, Any],
+    *,
+    stream: bool,
+    on_done: Callable[[], None] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """POST ``body`` to ``upstream.base_url + path`` and return the answer for our client.
+
+    ``headers`` are added to our response (e.g. ``x-memserve-fallback``). Raises ``UpstreamUnavailable``
+    or ``BadUpstream`` before any byte is sent to the client; after that, failures travel in the stream.
+    """
+    done = _Once(on_done)
+    relaying = False
+    try:
+        answer = await _open(upstream, path, body, stream=stream)
+        if stream and answer.status_code == 200:
+            relay = await _start_relay(upstream, answer, done, headers)
+            relaying = True
+            return relay
+        return await _answer_whole(upstream, answer, headers)
+    finally:
+        if not relaying:
+            done()
+
+
+class _Once:
+    """A callback that runs at most once, however many endings race to call it."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
+
+    def __call__(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+
+async def _open(upstream: Upstream, path: str, body: dict[str, Any], *, stream: bool) -> httpx.Response:
+    """Send the request and wait for the status line and headers only."""
+    request_headers = {"Accept": _SSE_MEDIA_TYPE if stream else "application/json"}
+    if upstream.api_key:
+        request_headers["Authorization"] = f"Bearer {upstream.api_key}"
+    client = upstream.client
+    request = client.build_request("POST", upstream.base_url.rstrip("/") + path, json=body, headers=request_headers)
+    try:
+        return await client.send(request, stream=True)
+    except httpx.TransportError as exc:
+        raise UpstreamUnavailable(_unreachable_message(upstream, exc)) from exc
+
+
+async def _answer_whole(upstream: Upstream, answer: httpx.Response, headers: Mapping[str, str] | None) -> Response:
+    """A whole JSON answer, passed back as the upstream's bytes with its status."""
+    raw = await _read_all(upstream, answer)
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise BadUpstream(_not_json_message(upstream, answer, raw)) from exc
+    out_headers = dict(headers or {})
+    if answer.status_code >= 400:
+        out_headers.update((name, answer.headers[name]) for name in _KEPT_ERROR_HEADERS if name in answer.headers)
+        if not _is_openai_error(payload):
+            error = _rewrapped_error(upstream, answer.status_code, payload, raw)
+            return JSONResponse(error, status_code=answer.status_code, headers=out_headers)
+    return Response(raw, status_code=answer.status_code, media_type="application/json", headers=out_headers)
+
+
+async def _read_all(upstream: Upstream, answer: httpx.Response) -> bytes:
+    try:
+        return await answer.aread()
+    except httpx.TransportError as exc:
+        raise UpstreamUnavailable(
+            f"{upstream.name} at {upstream.base_url} broke off its answer ({_describe(exc)}). "
+            f"Retry the request; if it keeps failing, check that {upstream.name} is still running."
+        ) from exc
+    except httpx.DecodingError as exc:
+        raise BadUpstream(
+            f"{upstream.name} answered {answer.status_code} with a body that cannot be decoded "
+            f"({_describe(exc)}). Expected an OpenAI-compatible JSON answer."
+        ) from exc
+    finally:
+        with anyio.CancelScope(shield=True):
+            await answer.aclose()
+
+
+async def _expect_event_stream(upstream: Upstream, answer: httpx.Response) -> None:
+    """Raise ``BadUpstream`` (after closing the answer) unless it is a server-sent event stream."""
+    content_type = answer.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() == _SSE_MEDIA_TYPE:
+        return
+    start = b""
+    try:
+        async for chunk in answer.aiter_bytes():
+            start += chunk
+            if len(start) >= EXCERPT_CHARS:
+                break
+    except httpx.HTTPError:
+        pass  # the excerpt is a courtesy; the error below is the point
+    finally:
+        with anyio.CancelScope(shield=True):
+            await answer.aclose()
+    raise BadUpstream(
+        f"{upstream.name} answered a streamed request with {content_type or 'no content type'!r} instead of "
+        f"text/event-stream: {_excerpt(start)!r}. Check that {upstream.base_url} is an OpenAI-compatible API "
+        "that supports stream=true, or retry without streaming."
+    )
+
+
+async def _start_relay(upstream: Upstream, answer: httpx.Response, done: _Once,
+                       headers: Mapping[str, str] | None) -> _Relay:
+    """The relay that owns ``answer`` and ``done`` from here on; closes the answer if it cannot be built."""
+    await _expect_event_stream(upstream, answer)
+    try:
+        return _Relay(answer, upstream, done, headers)
+    except BaseException:  # e.g. a header value that is not latin-1
+        with anyio.CancelScope(shield=True):
+            await answer.aclose()
+        raise
+
+
+class _Relay(StreamingResponse):
+    """The upstream's event stream, relayed as it arrives; closes the upstream however the response ends.
+
+    Starlette (1.x, ASGI < 2.4) cancels the body's iteration when the client disconnects and leaves the
+    generator to the garbage collector; closing the generator and the upstream answer here (shielded
+    from that cancellation) makes the upstream see the disconnect at once, and ``done`` always runs.
+    """
+
+    def __init__(self, answer: httpx.Response, upstream: Upstream, done: _Once,
+                 headers: Mapping[str, str] | None) -> None:
+        self._answer = answer
+        self._done = done
+        self._events = _relay_events(answer, upstream)
+        super().__init__(self._events, media_type=_SSE_MEDIA_TYPE,
+                         headers={"Cache-Control": "no-cache", **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._events.aclose()
+                    await self._answer.aclose()
+            finally:
+                self._done()
+
+
+async def _relay_events(answer: httpx.Response, upstream: Upstream) -> AsyncGenerator[bytes, None]:
+    """The upstream's bytes unchanged; if it breaks off, end the stream with an error event and [DONE]."""
+    tail = b""
+    relayed_bytes = 0
+    try:
+        async for chunk in answer.aiter_bytes():
+            tail = chunk[-_TAIL_BYTES:] if len(chunk) >= _TAIL_BYTES else (tail + chunk)[-_TAIL_BYTES:]
+            relayed_bytes += len(chunk)
+            yield chunk
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        if tail.endswith(_DONE_ENDS):
+            return  # the answer was complete; only the connection's goodbye went wrong
+        if tail and not tail.endswith(_EVENT_ENDS):
+            yield b"\n\n"
+        yield _sse_error(_broken_stream_error(upstream, exc, relayed_bytes))
+        yield b"data: [DONE]\n\n"
+
+
+def _broken_stream_error(upstream: Upstream, exc: httpx.HTTPError, relayed_bytes: int) -> MemserveError:
+    if isinstance(exc, httpx.DecodingError):
+        return BadUpstream(
+            f"{upstream.name} sent a stream that cannot be decoded after {relayed_bytes} bytes ({_describe(exc)}); "
+            "the answer above is incomplete. Retry the request, or retry without streaming."
+        )
+    what = "stopped sending" if isinstance(exc, httpx.TimeoutException) else "broke off the stream"
+    return UpstreamUnavailable(
+        f"{upstream.name} {what} after {relayed_bytes} bytes ({_describe(exc)}); the answer above is incomplete. "
+        f"Retry the request; if it keeps failing, check that {upstream.name} is still running."
+    )
+
+
+def _sse_error(error: MemserveError) -> bytes:
+    return b"data: " + json.dumps(error.to_openai(), separators=(",", ":")).encode() + b"\n\n"
+
+
+def _unreachable_message(upstream: Upstream, exc: httpx.TransportError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        what, todo = "did not answer in time", "It may be overloaded or stuck: retry later, or raise its timeout."
+    elif isinstance(exc, httpx.ConnectError):
+        what, todo = "cannot be reached", "Check that it is running and that its base URL is right, then retry."
+    else:
+        what, todo = "dropped the connection before answering", "It may have crashed: check that it is running."
+    return f"{upstream.name} at {upstream.base_url} {what} ({_describe(exc)}). {todo}"
+
+
+def _not_json_message(upstream: Upstream, answer: httpx.Response, raw: bytes) -> str:
+    content_type = answer.headers.get("content-type") or "no content type"
+    return (
+        f"{upstream.name} answered {answer.status_code} ({content_type}) with a body that is not JSON: "
+        f"{_excerpt(raw)!r}. Expected an OpenAI-compatible answer; check that {upstream.base_url} is an "
+        "OpenAI-compatible API (base URLs usually end in /v1)."
+    )
+
+
+def _is_openai_error(payload: Any) -> bool:
+    return isinstance(payload, dict) and isinstance(payload.get("error"), dict)
+
+
+def _rewrapped_error(upstream: Upstream, status_code: int, payload: Any, raw: bytes) -> dict[str, Any]:
+    """An error body in the OpenAI shape for an upstream that used another one (e.g. old vLLM, FastAPI)."""
+    fields: dict[str, Any] = payload if isinstance(payload, dict) else {}
+    detail = fields.get("message") if isinstance(fields.get("message"), str) else None
+    message = (
+        f"{upstream.name} answered {status_code}: {detail}" if detail is not None
+        else f"{upstream.name} answered {status_code} without an OpenAI error body: {_excerpt(raw)!r}"
+    )
+    error_type = fields.get("type") if isinstance(fields.get("type"), str) else None
+    param = fields.get("param") if isinstance(fields.get("param"), str) else None
+    code = fields.get("code")
+    return {
+        "error": {
+            "message": message,
+            "type": error_type or _ERROR_TYPES.get(status_code, "api_error"),
+            "param": param,
+            "code": None if code is None else str(code),
+        }
+    }
+
+
+def _excerpt(raw: bytes) -> str:
+    """The start of a body, whitespace collapsed, for one-line messages."""
+    return " ".join(raw[: EXCERPT_CHARS * 2].decode("utf-8", "replace").split())[:EXCERPT_CHARS]
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
