@@ -35,9 +35,9 @@ $(DEMO)/config.json: | venv
 
 demo: $(DEMO)/config.json
 
-# One runner for the demo model on http://127.0.0.1:8000 (the multi-model gateway lands with issue #4).
+# The gateway on http://127.0.0.1:8000 serving the demo model as "demo" (loaded on the first request).
 serve: venv $(DEMO)/config.json
-	$(BIN)/memserve run-model $(DEMO) --name demo --port 8000
+	$(BIN)/memserve serve --model demo=$(DEMO) --port 8000
 
 fit: venv $(DEMO)/config.json
 	$(BIN)/memserve fit $(DEMO)
