@@ -78,6 +78,7 @@ _PHASE_STATES = {"resolve": LOADING, "map": LOADING, "fault_in": WARMING, "warm_
 _EVENTS_KEPT = 1000
 _DRAIN_TIMEOUT_SECONDS = 30.0
 _MAX_BACKOFF_SECONDS = 30.0
+_STABLE_SECONDS = 60.0  # a runner ready this long before it crashed starts the failure count again
 
 
 def backoff_seconds(failures: int) -> float:
@@ -117,6 +118,8 @@ class Entry:
     load_task: asyncio.Task[None] | None = None
     expiry: asyncio.TimerHandle | None = None
     watchdog_reason: str | None = None
+    ready_at: float | None = None
+    skip_rungs: frozenset[str] = frozenset()  # rungs the watchdog ruled out; cleared by an explicit unload
     overrides: dict[str, int] = field(default_factory=dict)  # context_tokens / concurrency from /api/load
 
     @property
@@ -231,7 +234,8 @@ class ModelPool:
         deadline = self._clock() + _DRAIN_TIMEOUT_SECONDS
         while entry.leases > 0 and self._clock() < deadline:
             await self._wait_change(deadline - self._clock())
-        await self._stop(entry, "unloaded on request")
+        await self._stop(entry, "unloaded on request", deliberate=True)
+        entry.skip_rungs = frozenset()
         return True
 
     async def shutdown(self) -> None:
@@ -312,7 +316,8 @@ class ModelPool:
             if delay:
                 self._event("backoff", entry, seconds=delay)
                 await asyncio.sleep(delay)
-        policy = _policy(entry.config)
+        policy = replace(_policy(entry.config), skip_rungs=entry.skip_rungs)
+        self._set_state(entry, STARTING)  # visible in ps while it plans and waits for memory
         try:
             facts = await asyncio.to_thread(self._read_facts, entry.config.source)
             while True:
@@ -331,6 +336,7 @@ class ModelPool:
                     if not entry.config.policy.retry_lower or self._closing:
                         raise RunnerFailed(message) from None
                     policy = policy.below(planned["rung"])
+                    entry.skip_rungs = policy.skip_rungs
                     self._event("retry_lower", entry, failed_rung=planned["rung"], reason=killed)
                     with contextlib.suppress(InsufficientMemory):
                         self._plan(entry, facts, policy)
@@ -376,7 +382,8 @@ class ModelPool:
             if victims:
                 for victim in victims:
                     self._event("evict", self.entries[victim], reason=f"to make room for {entry.name}")
-                await asyncio.gather(*(self._stop(self.entries[v], f"evicted to make room for {entry.name}")
+                await asyncio.gather(*(self._stop(self.entries[v], f"evicted to make room for {entry.name}",
+                                                  deliberate=True)
                                        for v in victims))
                 continue
             self._refuse_if_never(entry, need)
@@ -406,7 +413,7 @@ class ModelPool:
     async def _start_runner(self, entry: Entry, facts: CheckpointFacts, planned: dict[str, Any],
                             need: dict[str, int]) -> None:
         started = self._clock()
-        entry.plan, entry.reason, entry.measured_bytes = planned, None, {}
+        entry.plan, entry.reason, entry.measured_bytes, entry.watchdog_reason = planned, None, {}, None
         self._set_state(entry, STARTING)
         self._event("load", entry, rung=planned["rung"], reserved_bytes=need)
         try:
@@ -422,8 +429,7 @@ class ModelPool:
             await self._stop(entry, str(exc))
             raise
         entry.load_seconds = round(self._clock() - started, 3)
-        entry.failures = 0
-        entry.last_used = self._clock()
+        entry.last_used = entry.ready_at = self._clock()
         self._set_state(entry, READY)
         peak = _peak_bytes(ready, runner.sample_memory())
         if peak:
@@ -440,10 +446,13 @@ class ModelPool:
 
     # ---------------------------------------------------------------------------------------------- stopping
 
-    async def _stop(self, entry: Entry, reason: str, *, state: str = STOPPED) -> None:
+    async def _stop(self, entry: Entry, reason: str, *, state: str = STOPPED, deliberate: bool = False) -> None:
+        """Stop the runner; ``deliberate`` stops (unload, eviction, expiry) also end a run of failures."""
         runner = entry.runner
         if runner is None:
             return
+        if deliberate:
+            entry.failures = 0
         entry.runner = None
         self._cancel_expiry(entry)
         if entry.state != FAILED:
@@ -462,8 +471,12 @@ class ModelPool:
         if entry.runner is not runner:
             return  # stopped on purpose
         reason = entry.watchdog_reason or runner.exit_reason()
+        stable = entry.ready_at is not None and self._clock() - entry.ready_at > _STABLE_SECONDS
+        entry.failures = 1 if stable else entry.failures + 1
+        if entry.watchdog_reason and entry.config.policy.retry_lower and entry.plan is not None:
+            entry.skip_rungs |= Policy().below(entry.plan["rung"]).skip_rungs
+            self._event("retry_lower", entry, failed_rung=entry.plan["rung"], reason=reason)
         entry.watchdog_reason = None
-        entry.failures += 1
         self._set_state(entry, FAILED, f"runner {entry.name} (pid {runner.pid}) {reason}")
         self._event("crash", entry, pid=runner.pid, reason=reason)
         await self._stop(entry, reason, state=FAILED)
@@ -491,7 +504,7 @@ class ModelPool:
 
     async def _expire(self, entry: Entry) -> None:
         if entry.state == READY and entry.leases == 0 and entry.waiting == 0 and entry.expires_at is not None:
-            await self._stop(entry, f"idle for {entry.keep_alive_seconds:g} s (keep_alive)")
+            await self._stop(entry, f"idle for {entry.keep_alive_seconds:g} s (keep_alive)", deliberate=True)
 
     # ---------------------------------------------------------------------------------------------- watchdog
 

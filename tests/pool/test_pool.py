@@ -1,0 +1,740 @@
+"""The ModelPool with scripted runners: no processes, no files, no torch.
+
+Each test builds a pool over an injected inventory (a CPU budget that fits one or two models, or a
+fake GPU with bitsandbytes), facts built in memory from real model shapes, a ``FakeSpawner`` and a
+scripted host memory, then drives it with ``asyncio.run``. Waits are on the runners' scripts
+(``make_ready``, ``exit``) and on the pool's own state; the few sleeps only let keep-alive timers and
+watchdog intervals (10 ms here) pass, and every scenario runs under a timeout so a hang fails fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memserve.checkpoint.facts import CheckpointFacts, facts_from
+from memserve.cli.manage import PsReply
+from memserve.config import ModelConfig, Settings
+from memserve.errors import InsufficientMemory, MemoryBusy, ModelNotFound, Overloaded, RunnerFailed
+from memserve.memory.inventory import Device, Inventory
+from memserve.pool import pool as pool_module
+from memserve.pool.eviction import Resident
+from memserve.pool.ledger import Ledger
+from memserve.pool.pool import ModelPool, backoff_seconds, compatible, watchdog_limit_bytes
+from memserve.units import format_bytes
+from tests.fakes import LLAMA3_8B, QWEN2_05B, GiB, tensors_for
+from tests.pool.fake_runner import FakeSpawner, RunnerScript
+
+MiB = 1024**2
+HEADROOM_BYTES = 512 * MiB
+PLENTY_BYTES = 64 * GiB
+# a Qwen2-0.5B-shaped model plans ~1.4 GiB on CPU at context 2048 × 1: this budget fits one, not two
+ONE_MODEL_GIB = 2.5
+TWO_MODELS_GIB = 8.0
+SCENARIO_TIMEOUT_SECONDS = 5.0
+GATED = RunnerScript(ready_after_seconds=None)  # loads until the test calls make_ready() or exit()
+
+ROW_KEYS = {"name", "state", "pid", "source", "rung", "context_tokens", "concurrency", "devices", "leases",
+            "queued", "pinned", "keep_alive_seconds", "expires_at", "load_seconds", "reason", "socket"}
+
+
+# ------------------------------------------------------------------------------------------- the world
+
+
+@functools.cache
+def _facts(source: str) -> CheckpointFacts:
+    config = LLAMA3_8B if "big" in source else QWEN2_05B
+    return facts_from(config, tensors_for(config), source=source)
+
+
+def read_facts(source: str) -> CheckpointFacts:
+    """The pool's facts_reader: real shapes, no files. Sources with "big" are Llama-3-8B, others Qwen2-0.5B."""
+    return _facts(source)
+
+
+def model(name: str, **fields: Any) -> ModelConfig:
+    return ModelConfig.model_validate({"name": name, "source": f"mem://{name}", "context_tokens": 2048,
+                                       "concurrency": 1, **fields})
+
+
+def cpu_host(usable_gib: float) -> Inventory:
+    """A 64 GiB host with a budget that leaves ``usable_gib`` after the headroom."""
+    budget = int(usable_gib * GiB) + HEADROOM_BYTES
+    return Inventory((Device("cpu", "cpu", 64 * GiB, 60 * GiB, budget_bytes=budget, headroom_bytes=HEADROOM_BYTES),))
+
+
+GPU_HOST = Inventory(
+    (Device("cpu", "cpu", 64 * GiB, 60 * GiB, headroom_bytes=HEADROOM_BYTES),
+     Device("cuda:0", "cuda", 24 * GiB, 24 * GiB - 300 * MiB, headroom_bytes=HEADROOM_BYTES,
+            description="NVIDIA L4", compute_capability=(8, 9))),
+    bitsandbytes=True,
+)
+
+
+@dataclass
+class HostMemory:
+    """The pool's host_available_bytes: scripted samples, one per watchdog look, then plenty."""
+
+    samples: list[int] = field(default_factory=list)
+
+    def __call__(self) -> int:
+        return self.samples.pop(0) if self.samples else PLENTY_BYTES
+
+
+@dataclass
+class Harness:
+    pool: ModelPool
+    spawner: FakeSpawner
+    host: HostMemory
+
+    def state(self, name: str) -> str:
+        return self.pool.entries[name].state
+
+    def events(self, kind: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.pool.events
+                if (kind is None or e["event"] == kind) and (name is None or e["model"] == name)]
+
+    def kinds(self, name: str | None = None) -> list[str]:
+        return [e["event"] for e in self.events(name=name)]
+
+
+@contextlib.asynccontextmanager
+async def running_pool(tmp_path: Path, models: Sequence[ModelConfig], *, inventory: Inventory | None = None,
+                       spawner: FakeSpawner | None = None, start: bool = False,
+                       **settings: Any) -> AsyncIterator[Harness]:
+    """A pool with fast watchdogs and a 60 s keep-alive unless told otherwise; shut down on the way out."""
+    values: dict[str, Any] = {
+        "keep_alive_seconds": 60, "memory_wait_seconds": 0.2, "load_timeout_seconds": 5,
+        "watchdog_interval_seconds": 0.01, "watchdog_loading_interval_seconds": 0.01, **settings,
+    }
+    spawner, host = spawner or FakeSpawner(), HostMemory()
+    pool = ModelPool(Settings(models=list(models), data_dir=tmp_path, **values), inventory or cpu_host(TWO_MODELS_GIB),
+                     spawner=spawner, host_available_bytes=host, facts_reader=read_facts)
+    harness = Harness(pool, spawner, host)
+    if start:
+        await harness.pool.start()
+    try:
+        yield harness
+    finally:
+        await harness.pool.shutdown()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run one scenario on a fresh loop; a hang fails after SCENARIO_TIMEOUT_SECONDS instead of blocking."""
+
+    async def bounded() -> None:
+        async with asyncio.timeout(SCENARIO_TIMEOUT_SECONDS):
+            await scenario()
+
+    asyncio.run(bounded())
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout_seconds: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_seconds
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_seconds} s waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+async def use(pool: ModelPool, name: str, **kwargs: Any) -> None:
+    """One request that ends at once: the model is loaded and left idle."""
+    (await pool.acquire(name, **kwargs)).release()
+
+
+def never_over_usable(ledger: Ledger) -> None:
+    """Make every reservation check that no device holds more than it may hand out."""
+    reserve = ledger.reserve
+
+    def checked(name: str, reserved_bytes: Mapping[str, int]) -> None:
+        reserve(name, reserved_bytes)
+        usable = ledger.usable_bytes()
+        for device, held in ledger.held_bytes().items():
+            assert held <= usable.get(device, 0), f"{device}: held {held} > usable {usable.get(device, 0)}"
+
+    ledger.reserve = checked  # type: ignore[method-assign]
+
+
+def scaled_backoff(monkeypatch: pytest.MonkeyPatch, factor: float = 1 / 20) -> None:
+    """The pool's backoff, shrunk (2 s → 0.1 s) so that waiting on it is measurable but quick."""
+    monkeypatch.setattr(pool_module, "backoff_seconds", lambda failures: backoff_seconds(failures) * factor)
+
+
+# ------------------------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(("failures", "seconds"),
+                         [(0, 0.0), (1, 0.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 16.0), (6, 30.0), (50, 30.0)])
+def test_backoff_doubles_from_the_second_failure_up_to_30_s(failures: int, seconds: float) -> None:
+    assert backoff_seconds(failures) == seconds
+
+
+@pytest.mark.parametrize(
+    ("context_tokens", "concurrency", "expected"),
+    [
+        (None, None, True),  # plain requests: sampling options never need a reload
+        (2048, None, True),
+        (1024, 1, True),  # a smaller context is served by the loaded runner
+        (2048, 2, True),
+        (4096, None, False),  # a larger context needs a new plan
+        (None, 4, False),  # so does more concurrency
+        (1024, 3, False),
+    ],
+)
+def test_compatible(context_tokens: int | None, concurrency: int | None, expected: bool) -> None:
+    loaded = {"context_tokens": 2048, "concurrency": 2, "rung": "cpu"}
+    assert compatible(loaded, context_tokens=context_tokens, concurrency=concurrency) is expected
+
+
+@pytest.mark.parametrize(
+    ("reserved", "tolerance", "minimum", "limit"),
+    [
+        (10 * GiB, 0.10, 128 * MiB, 11 * GiB),  # the fraction is larger
+        (GiB, 0.10, 128 * MiB, GiB + 128 * MiB),  # the floor is larger
+        (GiB, 0.0, 0, GiB),
+        (0, 0.10, 128 * MiB, 128 * MiB),  # an unplanned device still gets the floor
+    ],
+)
+def test_watchdog_limit(reserved: int, tolerance: float, minimum: int, limit: int) -> None:
+    assert watchdog_limit_bytes(reserved, tolerance, minimum) == limit
+
+
+# ------------------------------------------------------------------------------------- single flight, leases
+
+
+def test_concurrent_acquires_share_one_load(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a", concurrency=2)], spawner=FakeSpawner(GATED)) as h:
+            tasks = [asyncio.create_task(h.pool.acquire("a")) for _ in range(6)]
+            await until(lambda: len(h.spawner.spawned) == 1 and h.pool.entries["a"].waiting == 6, "six waiting")
+            assert h.pool.row(h.pool.entries["a"])["queued"] == 6
+            runner = h.spawner.spawned[0]
+            runner.make_ready()
+            leases = await asyncio.gather(*tasks)
+            assert len(h.spawner.spawned) == 1
+            assert h.kinds("a").count("load") == 1
+            assert all(lease.client is runner.client for lease in leases)
+            assert (h.pool.entries["a"].leases, h.pool.entries["a"].waiting) == (6, 0)
+            for lease in leases:
+                lease.release()
+            assert h.pool.entries["a"].leases == 0
+
+    run(scenario)
+
+
+def test_states_follow_the_runner_phases(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(GATED)) as h:
+            task = asyncio.create_task(h.pool.acquire("a"))
+            await until(lambda: len(h.spawner.spawned) == 1, "the spawn")
+            runner = h.spawner.spawned[0]
+            seen = [h.state("a")]
+            for phase in ("resolve", "map", "fault_in", "warm_up"):
+                runner.emit_phase(phase)
+                seen.append(h.state("a"))
+            assert seen == ["starting", "loading", "loading", "warming", "warming"]
+            runner.make_ready()
+            lease = await task
+            assert h.state("a") == "ready"
+            assert [e["phase"] for e in h.events("phase", "a")] == ["resolve", "map", "fault_in", "warm_up"]
+            assert h.kinds("a")[-1] == "ready"
+            lease.release()
+
+    run(scenario)
+
+
+def test_release_is_idempotent_and_expiry_waits_for_the_last_lease(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a", concurrency=2)]) as h:
+            first, second = await h.pool.acquire("a"), await h.pool.acquire("a")
+            entry = h.pool.entries["a"]
+            assert entry.leases == 2 and entry.expires_at is None
+            first.release()
+            first.release()
+            assert entry.leases == 1 and entry.expires_at is None
+            assert h.pool.row(entry)["expires_at"] is None
+            second.release()
+            second.release()
+            assert entry.leases == 0
+            expires_at = h.pool.row(entry)["expires_at"]
+            assert expires_at is not None and 55 < expires_at - time.time() <= 60
+
+    run(scenario)
+
+
+def test_unknown_model_is_not_found_with_close_names(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("qwen-small")]) as h:
+            with pytest.raises(ModelNotFound, match="did you mean qwen-small") as info:
+                await h.pool.acquire("qwen-smal")
+            assert info.value.status_code == 404
+            assert h.spawner.spawned == []
+
+    run(scenario)
+
+
+# ------------------------------------------------------------------------------------------------ keep-alive
+
+
+def test_idle_model_expires_after_its_keep_alive_but_not_while_leased(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a", keep_alive_seconds=0.05)]) as h:
+            lease = await h.pool.acquire("a")
+            await asyncio.sleep(0.2)  # four keep-alives while leased
+            runner = h.spawner.spawned[0]
+            assert h.state("a") == "ready" and runner.stop_calls == 0
+            lease.release()
+            await until(lambda: h.state("a") == "stopped", "the keep-alive expiry")
+            assert runner.stop_calls == 1
+            assert h.pool.ledger.names() == []
+            assert "keep_alive" in h.events("stopped", "a")[-1]["reason"]
+            assert h.pool.ps()["models"] == []
+
+    run(scenario)
+
+
+def test_request_keep_alive_overrides_the_models(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a"), model("b")]) as h:  # both 60 s from the server
+            await use(h.pool, "a", keep_alive_seconds=0.05)
+            await use(h.pool, "b", keep_alive_seconds=-1)  # Ollama's "forever"
+            await until(lambda: h.state("a") == "stopped", "a's 50 ms keep-alive")
+            assert h.state("b") == "ready"
+            row = h.pool.row(h.pool.entries["b"])
+            assert row["keep_alive_seconds"] is None and row["expires_at"] is None
+
+    run(scenario)
+
+
+def test_pinned_and_forever_models_never_expire_and_zero_unloads_when_idle(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        models = [model("pinned", pinned=True, keep_alive_seconds=0.01), model("forever", keep_alive_seconds=-1),
+                  model("zero", keep_alive_seconds=0)]
+        async with running_pool(tmp_path, models) as h:
+            for name in ("pinned", "forever", "zero"):
+                await use(h.pool, name)
+            await until(lambda: h.state("zero") == "stopped", "keep_alive 0 to unload")
+            await asyncio.sleep(0.1)  # ten of pinned's keep-alives
+            for name in ("pinned", "forever"):
+                entry = h.pool.entries[name]
+                assert entry.state == "ready" and entry.expires_at == math.inf
+                assert h.pool.row(entry)["expires_at"] is None
+                assert h.spawner.runners(name)[0].stop_calls == 0
+            assert h.pool.row(h.pool.entries["forever"])["keep_alive_seconds"] is None
+
+    run(scenario)
+
+
+# -------------------------------------------------------------------------------------------------- eviction
+
+
+def test_idle_model_is_evicted_to_make_room(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a"), model("b")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+            never_over_usable(h.pool.ledger)
+            await use(h.pool, "a")
+            need, usable = h.pool.ledger.held("a")["cpu"], h.pool.ledger.usable_bytes()["cpu"]
+            assert need <= usable < 2 * need  # the premise: one fits, two do not
+            lease = await h.pool.acquire("b")
+            assert h.spawner.journal == [("spawn", "a"), ("stop", "a"), ("spawn", "b")]
+            assert h.state("a") == "stopped" and "evicted to make room for b" in str(h.pool.entries["a"].reason)
+            assert [e["model"] for e in h.events("evict")] == ["a"]
+            assert h.pool.ledger.names() == ["b"]
+            lease.release()
+
+    run(scenario)
+
+
+def test_leased_model_is_never_evicted_and_the_newcomer_gets_memory_busy(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a"), model("b")], inventory=cpu_host(ONE_MODEL_GIB),
+                                memory_wait_seconds=0.1) as h:
+            lease = await h.pool.acquire("a")
+            with pytest.raises(MemoryBusy) as info:
+                await h.pool.acquire("b")
+            assert info.value.status_code == 503 and info.value.retry_after_seconds > 0
+            assert "a (ready, 1 leases)" in info.value.message and "memory_wait_seconds" in info.value.message
+            assert h.state("a") == "ready" and h.spawner.runners("a")[0].stop_calls == 0
+            assert h.spawner.runners("b") == []
+            assert h.state("b") == "stopped" and h.events("refused", "b")[0]["code"] == "memory_busy"
+            assert h.pool.ledger.names() == ["a"]
+            lease.release()
+
+    run(scenario)
+
+
+def test_waiting_load_proceeds_when_the_busy_model_is_released(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        waiting_for_memory = asyncio.Event()
+        choose = pool_module.choose_evictions
+
+        def spy(need: Mapping[str, int], free: Mapping[str, int], residents: Sequence[Resident]) -> list[str] | None:
+            victims = choose(need, free, residents)
+            if victims is None:
+                waiting_for_memory.set()
+            return victims
+
+        monkeypatch.setattr(pool_module, "choose_evictions", spy)
+        async with running_pool(tmp_path, [model("a"), model("b")], inventory=cpu_host(ONE_MODEL_GIB),
+                                memory_wait_seconds=4) as h:
+            never_over_usable(h.pool.ledger)
+            lease_a = await h.pool.acquire("a")
+            task_b = asyncio.create_task(h.pool.acquire("b"))
+            await waiting_for_memory.wait()
+            assert not task_b.done() and h.spawner.journal == [("spawn", "a")]
+            lease_a.release()
+            lease_b = await task_b
+            assert h.spawner.journal == [("spawn", "a"), ("stop", "a"), ("spawn", "b")]
+            assert h.state("a") == "stopped" and h.state("b") == "ready"
+            lease_b.release()
+
+    run(scenario)
+
+
+def test_model_larger_than_the_whole_capacity_is_refused_at_once(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("big")], inventory=cpu_host(ONE_MODEL_GIB),
+                                memory_wait_seconds=4) as h:
+            with pytest.raises(InsufficientMemory) as info:
+                await h.pool.acquire("big")
+            message = info.value.message
+            assert info.value.status_code == 507
+            assert "'big'" in message and "cpu needs 1" in message  # ~15.9 GiB for Llama-3-8B
+            assert f"{format_bytes(int(ONE_MODEL_GIB * GiB))} usable" in message
+            assert h.spawner.spawned == []
+            assert h.state("big") == "stopped" and h.events("refused", "big")[0]["code"] == "insufficient_memory"
+
+    run(scenario)
+
+
+def test_pinned_models_leaving_too_little_room_refuse_without_waiting(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a", pinned=True), model("b")], inventory=cpu_host(ONE_MODEL_GIB),
+                                memory_wait_seconds=30) as h:
+            await use(h.pool, "a")
+            with pytest.raises(InsufficientMemory) as info:
+                await asyncio.wait_for(h.pool.acquire("b"), 2)  # far less than the 30 s memory wait
+            assert info.value.status_code == 507
+            assert "pinned models (a)" in info.value.message and "unpin" in info.value.message
+            assert h.state("a") == "ready" and h.spawner.runners("a")[0].stop_calls == 0
+            assert h.spawner.runners("b") == []
+
+    run(scenario)
+
+
+# ------------------------------------------------------------------------------------------------ backpressure
+
+
+def test_overloaded_when_leases_and_waiting_reach_concurrency_plus_queue(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a", concurrency=1, max_queue=1)],
+                                spawner=FakeSpawner(GATED)) as h:
+            waiting = [asyncio.create_task(h.pool.acquire("a")) for _ in range(2)]
+            await until(lambda: h.pool.entries["a"].waiting == 2, "two waiting")
+            with pytest.raises(Overloaded) as info:
+                await h.pool.acquire("a")
+            assert info.value.status_code == 429 and info.value.retry_after_seconds > 0
+            assert "max_queue" in info.value.message
+            h.spawner.spawned[0].make_ready()
+            first, second = await asyncio.gather(*waiting)
+            with pytest.raises(Overloaded):
+                await h.pool.acquire("a")  # two leases are the limit too
+            first.release()
+            third = await h.pool.acquire("a")
+            assert h.pool.entries["a"].leases == 2 and len(h.spawner.spawned) == 1
+            second.release()
+            third.release()
+
+    run(scenario)
+
+
+# ----------------------------------------------------------------------------------------- crashes and backoff
+
+
+def test_crash_marks_the_model_failed_frees_its_memory_and_the_next_request_restarts_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:
+            await use(h.pool, "a")
+            first = h.spawner.spawned[0]
+            first.exit(-9)
+            await until(lambda: h.state("a") == "failed", "the crash to be seen")
+            reason = str(h.pool.entries["a"].reason)
+            assert "SIGKILL" in reason and f"pid {first.pid}" in reason
+            assert h.pool.ledger.names() == [] and h.pool.ledger.held("a") == {}
+            [row] = h.pool.ps()["models"]
+            assert row["state"] == "failed" and row["reason"] == reason and row["pid"] is None
+            [crash] = h.events("crash", "a")
+            assert crash["pid"] == first.pid and "SIGKILL" in crash["reason"]
+            lease = await h.pool.acquire("a")
+            second = h.spawner.spawned[1]
+            assert len(h.spawner.spawned) == 2 and lease.client is second.client and second.pid != first.pid
+            assert h.state("a") == "ready" and h.pool.ledger.names() == ["a"]
+            assert h.events("backoff") == []  # the first restart is immediate
+            lease.release()
+
+    run(scenario)
+
+
+def test_repeated_load_failures_back_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scaled_backoff(monkeypatch)
+    broken = RunnerScript(fail_while_loading="RuntimeError: CUDA error: out of memory")
+
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:
+            h.spawner.script("a", broken, broken)
+            for _ in range(2):
+                with pytest.raises(RunnerFailed, match="exited with code 1: RuntimeError: CUDA error") as info:
+                    await h.pool.acquire("a")
+                assert info.value.status_code == 502
+            assert h.state("a") == "failed" and h.pool.ledger.names() == []
+            asked = asyncio.get_running_loop().time()
+            lease = await h.pool.acquire("a")
+            assert [e["seconds"] for e in h.events("backoff", "a")] == [pytest.approx(0.1)]
+            assert h.spawner.spawn_times[2] - asked >= 0.09  # the second restart waited out its backoff
+            lifecycle = [k for k in h.kinds("a") if k in ("load", "load_failed", "backoff", "ready")]
+            assert lifecycle == ["load", "load_failed", "load", "load_failed", "backoff", "load", "ready"]
+            lease.release()
+
+    run(scenario)
+
+
+def test_a_runner_that_keeps_crashing_after_ready_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scaled_backoff(monkeypatch)
+
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:
+            for _ in range(2):
+                await use(h.pool, "a")
+                h.spawner.spawned[-1].exit(-9)
+                await until(lambda: h.state("a") == "failed", "the crash")
+            await use(h.pool, "a")
+            assert [e["seconds"] for e in h.events("backoff", "a")] == [pytest.approx(0.1)]
+
+    run(scenario)
+
+
+# -------------------------------------------------------------------------------------------------- watchdog
+
+
+def test_watchdog_kills_a_ready_runner_past_its_plan_and_the_tolerance(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:
+            await use(h.pool, "a")
+            runner, entry = h.spawner.spawned[0], h.pool.entries["a"]
+            reserved = entry.reserved_bytes["cpu"]
+            limit = watchdog_limit_bytes(reserved, 0.10, 128 * MiB)
+            runner.memory_bytes = {"cpu": limit}  # at the limit: allowed
+            sampled = runner.samples_taken
+            await until(lambda: runner.samples_taken >= sampled + 3, "three samples")
+            assert runner.kill_calls == 0 and entry.state == "ready"
+            assert h.pool.row(entry)["devices"]["cpu"] == {"reserved_bytes": reserved, "measured_bytes": limit}
+            runner.memory_bytes = {"cpu": limit + 1}
+            await until(lambda: entry.state == "failed", "the watchdog")
+            assert runner.kill_calls == 1
+            assert "stopped by the watchdog" in str(entry.reason) and "went past its plan" in str(entry.reason)
+            [kill] = h.events("watchdog_kill", "a")
+            assert kill["measured_bytes"] == limit + 1 and kill["limit_bytes"] == limit
+            assert "went past its plan" in h.events("crash", "a")[0]["reason"]
+            assert h.pool.ledger.names() == []
+
+    run(scenario)
+
+
+def test_watchdog_kill_while_loading_retries_one_rung_lower(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], inventory=GPU_HOST) as h:
+            h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cuda:0": 20 * GiB}))
+            lease = await h.pool.acquire("a")
+            first, second = h.spawner.spawned
+            assert (first.plan["rung"], second.plan["rung"]) == ("gpu", "gpu-int8")
+            assert first.kill_calls == 1 and second.kill_calls == 0
+            [retry] = h.events("retry_lower", "a")
+            assert retry["failed_rung"] == "gpu" and "went past its plan" in retry["reason"]
+            assert h.kinds("a").index("watchdog_kill") < h.kinds("a").index("retry_lower")
+            row = h.pool.row(h.pool.entries["a"])
+            assert row["state"] == "ready" and row["rung"] == "gpu-int8"
+            int8_bytes = second.plan["devices"]["cuda:0"]["total_bytes"]
+            assert int8_bytes < first.plan["devices"]["cuda:0"]["total_bytes"]
+            assert h.pool.ledger.held("a")["cuda:0"] == int8_bytes
+            lease.release()
+
+    run(scenario)
+
+
+def test_watchdog_kill_while_loading_fails_when_nothing_lower_is_allowed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        models = [model("lowest"), model("strict", policy={"retry_lower": False})]
+        async with running_pool(tmp_path, models) as h:  # CPU only: nothing below the cpu rung
+            for name in ("lowest", "strict"):
+                h.spawner.script(name, RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 8 * GiB}))
+            with pytest.raises(RunnerFailed, match="no lower rung on the ladder fits or is allowed") as lowest:
+                await h.pool.acquire("lowest")
+            with pytest.raises(RunnerFailed, match=r"^model 'strict' was stopped by the watchdog") as strict:
+                await h.pool.acquire("strict")
+            for name, error in (("lowest", lowest.value), ("strict", strict.value)):
+                assert "went past its plan" in error.message
+                assert [r.kill_calls for r in h.spawner.runners(name)] == [1]
+                assert h.state(name) == "failed" and h.pool.row(h.pool.entries[name])["reason"] == error.message
+                assert "went past its plan" in h.events("watchdog_kill", name)[0]["reason"]
+            assert [e["model"] for e in h.events("retry_lower")] == ["lowest"]
+            assert h.pool.ledger.names() == []
+
+    run(scenario)
+
+
+def test_watchdog_kill_of_a_ready_runner_loads_it_one_rung_lower_next_time(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], inventory=GPU_HOST) as h:
+            await use(h.pool, "a")
+            h.spawner.spawned[0].memory_bytes = {"cuda:0": 20 * GiB}
+            await until(lambda: h.state("a") == "failed", "the watchdog")
+            await use(h.pool, "a")
+            assert [r.plan["rung"] for r in h.spawner.spawned] == ["gpu", "gpu-int8"]
+
+    run(scenario)
+
+
+def test_a_watchdog_reason_is_not_blamed_on_the_next_runner(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:
+            h.spawner.script("a", RunnerScript(exit_on_kill=False),
+                             RunnerScript(fail_while_loading="ValueError: bad config.json"))
+            await use(h.pool, "a")
+            first = h.spawner.spawned[0]
+            first.memory_bytes = {"cpu": 8 * GiB}
+            await until(lambda: first.kill_calls == 1, "the watchdog's kill")
+            assert await h.pool.unload("a") is True  # stopped on purpose before the kill landed
+            with pytest.raises(RunnerFailed) as info:
+                await h.pool.acquire("a")
+            assert "exited with code 1: ValueError: bad config.json" in info.value.message
+            assert "watchdog" not in info.value.message and h.events("retry_lower") == []
+
+    run(scenario)
+
+
+def test_host_below_its_floor_kills_the_loading_runner_first(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a"), model("b")], start=True) as h:
+            await use(h.pool, "b")
+            h.spawner.script("a", GATED)
+            task = asyncio.create_task(h.pool.acquire("a"))
+            await until(lambda: len(h.spawner.runners("a")) == 1, "a to start loading")
+            h.host.samples.append(100 * MiB)  # one look below the 256 MiB floor
+            with pytest.raises(RunnerFailed, match=r"host available memory .* below the floor .* no lower rung"):
+                await task
+            assert h.spawner.runners("a")[0].kill_calls == 1
+            assert h.spawner.runners("b")[0].kill_calls == 0 and h.state("b") == "ready"
+            [kill] = h.events("watchdog_kill")
+            assert kill["model"] == "a" and kill["available_bytes"] == 100 * MiB
+            assert "host available memory" in kill["reason"] and "below the floor" in kill["reason"]
+            assert h.state("a") == "failed"
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------------------- unload, load
+
+
+def test_unload_drains_the_leases_then_stops(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a"), model("b")]) as h:
+            lease = await h.pool.acquire("a")
+            runner = h.spawner.spawned[0]
+            unloading = asyncio.create_task(h.pool.unload("a"))
+            await until(lambda: h.state("a") == "draining", "draining")
+            await asyncio.sleep(0.05)
+            assert not unloading.done() and runner.stop_calls == 0
+            lease.release()
+            assert await unloading is True
+            assert runner.stop_calls == 1 and h.state("a") == "stopped"
+            assert h.pool.ledger.names() == []
+            assert h.events("stopped", "a")[-1]["reason"] == "unloaded on request"
+            assert await h.pool.unload("a") is False
+            assert await h.pool.unload("b") is False  # never loaded
+            assert runner.stop_calls == 1
+
+    run(scenario)
+
+
+def test_load_keeps_a_compatible_runner_and_reloads_for_a_larger_context(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:
+            row = await h.pool.load("a")
+            first = h.spawner.spawned[0]
+            assert (row["state"], row["context_tokens"], row["pid"]) == ("ready", 2048, first.pid)
+            for smaller in ({"context_tokens": 1024}, {"concurrency": 1}, {}):
+                row = await h.pool.load("a", **smaller)
+                assert row["pid"] == first.pid and row["context_tokens"] == 2048
+            assert len(h.spawner.spawned) == 1 and first.stop_calls == 0
+            row = await h.pool.load("a", context_tokens=4096)
+            second = h.spawner.spawned[1]
+            assert first.stop_calls == 1 and second.plan["context_tokens"] == 4096
+            assert (row["pid"], row["context_tokens"], row["state"]) == (second.pid, 4096, "ready")
+            assert len(h.events("reload", "a")) == 1
+
+    run(scenario)
+
+
+# ------------------------------------------------------------------------------------------- ps, events, stop
+
+
+def test_ps_rows_have_the_documented_keys_and_events_tell_the_story(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a"), model("b")]) as h:
+            lease = await h.pool.acquire("a")
+            runner, entry = h.spawner.spawned[0], h.pool.entries["a"]
+            ps = h.pool.ps()
+            [row] = ps["models"]  # b is stopped: not listed
+            assert set(row) == ROW_KEYS
+            reserved = entry.reserved_bytes["cpu"]
+            assert row == {
+                "name": "a", "state": "ready", "pid": runner.pid, "source": "mem://a", "rung": "cpu",
+                "context_tokens": 2048, "concurrency": 1,
+                "devices": {"cpu": {"reserved_bytes": reserved, "measured_bytes": 0}},
+                "leases": 1, "queued": 0, "pinned": False, "keep_alive_seconds": 60.0, "expires_at": None,
+                "load_seconds": row["load_seconds"], "reason": None, "socket": None,  # fakes have no socket
+            }
+            assert row["load_seconds"] is not None and row["load_seconds"] >= 0
+            assert ps["devices"]["cpu"]["held_bytes"] == reserved
+            reply = PsReply.model_validate(ps)  # what `memserve ps` reads
+            assert reply.models[0].devices["cpu"].reserved_bytes == reserved
+            lease.release()
+            events = h.pool.events_since(0)
+            assert [e["seq"] for e in events] == sorted({e["seq"] for e in events})
+            assert [e["event"] for e in events if e["event"] != "phase"] == ["load", "ready"]
+            assert h.pool.events_since(events[-1]["seq"]) == []
+            assert events[0]["reserved_bytes"] == {"cpu": reserved} and events[0]["rung"] == "cpu"
+
+    run(scenario)
+
+
+def test_shutdown_stops_every_runner(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        models = [model("a"), model("b"), model("c", preload=True)]
+        spawner = FakeSpawner()
+        spawner.script("c", GATED)
+        async with running_pool(tmp_path, models, spawner=spawner, start=True) as h:
+            await use(h.pool, "a")
+            await use(h.pool, "b")
+            await until(lambda: len(spawner.runners("c")) == 1, "c's preload")
+            assert h.state("c") == "starting"
+            await h.pool.shutdown()
+            assert sorted(r.name for r in spawner.spawned) == ["a", "b", "c"]
+            assert [r.stop_calls for r in spawner.spawned] == [1, 1, 1]
+            assert {h.state(name) for name in "abc"} == {"stopped"}
+            assert h.pool.ledger.names() == []
+            with pytest.raises(MemoryBusy, match="shutting down"):
+                await h.pool.acquire("a")
+
+    run(scenario)
