@@ -7,11 +7,13 @@ and speaks to it over 127.0.0.1 like any client.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +26,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from click.testing import CliRunner
 
+from memserve.cli import main
 from memserve.config import ModelConfig, ProviderConfig, Settings
 from memserve.gateway.app import FALLBACK_HEADER, FALLBACK_REASON_HEADER, create_app
 from memserve.memory.fit import fit_result
@@ -61,6 +65,12 @@ def gateway(settings: Settings, inventory: Inventory) -> Iterator[tuple[str, Mod
     with serve_app(create_app(settings, pool), lifespan=True) as origin:
         yield origin, pool
     assert not runner_pids(), "the gateway left runner processes behind"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def runner_pids() -> list[int]:
@@ -134,6 +144,40 @@ def test_two_clients_on_two_endpoints_share_one_runner(tmp_path: Path, tiny_mode
                                  capture_output=True, text=True, timeout=60, check=True).stdout
             assert out.rstrip().endswith("data: [DONE]") and '"content"' in out
         assert runner_pids() == [rows[0]["pid"]]
+
+        cli = CliRunner()
+        listed = cli.invoke(main, ["ps", "--json", "--url", origin])
+        assert listed.exit_code == 0 and json.loads(listed.output)["models"][0]["pid"] == rows[0]["pid"]
+        unloaded = cli.invoke(main, ["unload", "demo", "--url", origin])
+        assert unloaded.exit_code == 0 and "unloaded demo" in unloaded.output
+        assert not runner_pids() and ps(origin)["models"] == []
+
+
+def test_sigterm_drains_and_stops_the_runners(tmp_path: Path, tiny_model_dir: Path) -> None:
+    port = _free_port()
+    origin = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MEMSERVE_DATA_DIR": str(tmp_path / "data")}
+    gateway_proc = subprocess.Popen([sys.executable, "-m", "memserve", "serve", "--model", f"demo={tiny_model_dir}",
+                                     "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{origin}/health", timeout=2).status_code == 200:
+                    break
+            assert gateway_proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.1)
+        pid = httpx.post(f"{origin}/api/load", json={"model": "demo"}, timeout=120).json()["model"]["pid"]
+        assert psutil.pid_exists(pid)
+        gateway_proc.send_signal(signal.SIGTERM)
+        # uvicorn drains, runs the lifespan shutdown (which stops the runners), then re-raises the signal
+        assert gateway_proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if gateway_proc.poll() is None:
+            gateway_proc.kill()
+            gateway_proc.wait()
 
 
 def test_budget_for_one_model_swaps_them_and_idle_models_expire(tmp_path: Path, tiny_model_dir: Path,
@@ -271,6 +315,13 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
                 assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
                 garbled = httpx.post(f"{origin}/v1/chat/completions", content=b"{nope", timeout=10)
                 assert garbled.status_code == 400 and "JSON" in garbled.json()["error"]["message"]
+
+                fit = httpx.get(f"{origin}/api/fit", params={"model": "big"}, timeout=30).json()
+                assert fit["plan"] is None and "does not fit" in fit["nofit"]["message"]
+                memory = httpx.get(f"{origin}/api/memory").json()
+                assert memory["devices"]["cpu"]["usable_bytes"] == 2 * GiB - HEADROOM
+                events = httpx.get(f"{origin}/api/events").json()["events"]
+                assert [e["code"] for e in events if e["event"] == "refused"] == ["insufficient_memory"]
 
                 models = {m["id"] for m in httpx.get(f"{origin}/v1/models").json()["data"]}
                 assert models == {"big", "fake/m1", "dead/x"}

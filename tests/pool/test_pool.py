@@ -738,3 +738,23 @@ def test_shutdown_stops_every_runner(tmp_path: Path) -> None:
                 await h.pool.acquire("a")
 
     run(scenario)
+
+
+def test_a_measured_peak_replaces_the_estimate_next_time_and_survives_a_restart(tmp_path: Path) -> None:
+    measured = {"memory": {"cpu": {"peak_rss_bytes": GiB}}}  # the runner's own report at ready
+
+    async def scenario() -> None:
+        spawner = FakeSpawner(RunnerScript(ready_report=measured))
+        async with running_pool(tmp_path, [model("a")], spawner=spawner) as h:
+            (await h.pool.acquire("a")).release()
+            estimate = h.spawner.spawned[0].plan["devices"]["cpu"]["total_bytes"]
+            assert h.pool.entries["a"].reserved_bytes == {"cpu": estimate} and estimate != GiB
+            assert await h.pool.unload("a")
+            (await h.pool.acquire("a")).release()
+            assert h.pool.entries["a"].reserved_bytes == {"cpu": GiB}
+        assert (tmp_path / "calibration.json").exists()
+        async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(RunnerScript(ready_report=measured))) as h:
+            (await h.pool.acquire("a")).release()
+            assert h.pool.entries["a"].reserved_bytes == {"cpu": GiB}  # a new gateway, same data_dir
+
+    run(scenario)
