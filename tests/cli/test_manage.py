@@ -10,15 +10,12 @@ from __future__ import annotations
 import io
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner, Result
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -36,6 +33,7 @@ from memserve.cli.manage import (
     usage_bar,
 )
 from memserve.errors import BadUpstream, InvalidArgument, MemserveError, UpstreamUnavailable
+from tests.serving import serve_app
 
 NOW = 1_795_000_000.0
 CPU = {"capacity_bytes": 24_000_000_000, "headroom_bytes": 536_870_912, "usable_bytes": 23_463_129_088,
@@ -104,31 +102,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", http="h11", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[FakeGateway, str]]:
     gateway = FakeGateway()
-    with serving(gateway.app()) as url:
+    with serve_app(gateway.app()) as url:
         yield gateway, url
 
 

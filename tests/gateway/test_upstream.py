@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -314,7 +313,6 @@ def test_client_disconnect_closes_the_upstream_promptly(stack: Stack, target: st
     fake = fake_for(stack, target)
     fake.mode = Mode.SLOW  # 200 events, 50 ms apart: 10 s if nobody hangs up
     test_id = uuid.uuid4().hex
-    started = time.monotonic()
     with stack.client.stream("POST", f"/{target}/v1/chat/completions", json={**CHAT, "stream": True},
                              headers={"x-test-id": test_id}) as response:
         received = b""
@@ -322,12 +320,12 @@ def test_client_disconnect_closes_the_upstream_promptly(stack: Stack, target: st
             received += chunk
             if len(events(received)) >= 4:
                 break
-        assert time.monotonic() - started < 2.0, "the events were not relayed as they arrived"
+        # relayed as they arrived: the upstream is still far from its last event
+        assert len(events(bytes(fake.sent[-1]))) < fake.slow_token_count, "the stream was buffered"
         assert stack.done.count(test_id) == 0, "on_done ran while the stream was still going"
         assert not fake.disconnected.is_set()
-        hung_up = time.monotonic()
     assert fake.disconnected.wait(2.0), "the upstream never saw the client go away"
-    assert fake.disconnected_at is not None and fake.disconnected_at - hung_up < 1.0
+    assert len(events(bytes(fake.sent[-1]))) < fake.slow_token_count  # cut off, not run to its end
     assert stack.done.wait(test_id) == 1
     assert received == bytes(fake.sent[-1])[: len(received)]
 

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -27,6 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from memserve.runner.app import create_app
 from memserve.runner.text import IncrementalDetokenizer, StopStrings
 from tests.runner.fakes import FakeEngine
+from tests.serving import serve_app
 
 MODEL = "tiny"
 CONTEXT_TOKENS = 64
@@ -395,9 +392,7 @@ def test_shutdown_fails_a_stream_in_flight_cleanly(tokenizer: Any) -> None:
         call = await run_lifespan(app, stream_started)
         return await call
 
-    started = time.monotonic()
     chunks, still_open = asyncio.run(scenario())
-    assert time.monotonic() - started < 1.5
     assert engine.close_calls == 1 and still_open == set() and engine.yielded < 100
     payloads = [line[len("data: "):] for line in b"".join(chunks).decode().splitlines() if line.startswith("data: ")]
     assert payloads[-1] == "[DONE]"
@@ -457,11 +452,9 @@ async def call_and_hang_up(app: FastAPI, engine: FakeEngine, path: str, body: di
 def test_disconnect_mid_stream_closes_the_engine_iterator(tokenizer: Any, stall: bool) -> None:
     engine = FakeEngine(list(range(40, 240)), delay_seconds=0.01)
     app = make_app(engine, tokenizer, context_tokens=1024)
-    started = time.monotonic()
     body = {**CHAT, "stream": True}
     chunks, still_open = asyncio.run(call_and_hang_up(app, engine, "/v1/chat/completions", body,
                                                       after_chunks=4, stall=stall))
-    assert time.monotonic() - started < 1.5  # 200 tokens would take 2 s
     assert len(chunks) >= 4 and b"[DONE]" not in b"".join(chunks)
     assert still_open == set() and engine.closed_early == [engine.requests[0].request_id]
     assert engine.yielded < 100
@@ -519,33 +512,11 @@ def test_stop_strings_cut_and_hold_back(stops: list[str], feeds: list[str], emit
 # --- the official openai client against a real server ----------------------------------------------------
 
 
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", http="h11", ws="none")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 def test_official_openai_client_against_uvicorn(engine: FakeEngine, tokenizer: Any,
                                                 text_ids: list[int]) -> None:
     openai = pytest.importorskip("openai")
     messages = [{"role": "user", "content": "hi there"}]
-    with serving(make_app(engine, tokenizer)) as base, \
+    with serve_app(make_app(engine, tokenizer)) as base, \
             openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client:
         chat = client.chat.completions.create(model=MODEL, messages=messages)
         assert chat.choices[0].message.content == TEXT and chat.choices[0].finish_reason == "stop"
