@@ -49,6 +49,24 @@ class MemserveError(Exception):
         }
 
 
+_TYPES_BY_STATUS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                     409: "conflict_error", 429: "rate_limit_error"}
+
+
+def error_type_for(status_code: int) -> str:
+    """The OpenAI error ``type`` for an HTTP status: named 4xx types, else invalid_request_error; 5xx api_error."""
+    if status_code >= 500:
+        return "api_error"
+    return _TYPES_BY_STATUS.get(status_code, "invalid_request_error")
+
+
+def error_body(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
+               error_type: str | None = None) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` for errors that are not MemserveErrors."""
+    return {"error": {"message": message, "type": error_type or error_type_for(status_code), "param": param,
+                      "code": code}}
+
+
 class InvalidArgument(MemserveError):
     """A flag, request field or value is malformed or out of range."""
 

@@ -30,7 +30,7 @@ import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from memserve.errors import BadUpstream, MemserveError, UpstreamUnavailable
+from memserve.errors import BadUpstream, MemserveError, UpstreamUnavailable, error_body
 
 __all__ = ["EXCERPT_CHARS", "Upstream", "forward"]
 
@@ -42,14 +42,6 @@ _KEPT_ERROR_HEADERS = ("retry-after",)
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _DONE_ENDS = (b"[DONE]\n\n", b"[DONE]\r\n\r\n")
 _TAIL_BYTES = 16
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
 
 
 @dataclass(frozen=True)
@@ -289,14 +281,8 @@ def _rewrapped_error(upstream: Upstream, status_code: int, payload: Any, raw: by
     error_type = fields.get("type") if isinstance(fields.get("type"), str) else None
     param = fields.get("param") if isinstance(fields.get("param"), str) else None
     code = fields.get("code")
-    return {
-        "error": {
-            "message": message,
-            "type": error_type or _ERROR_TYPES.get(status_code, "api_error"),
-            "param": param,
-            "code": None if code is None else str(code),
-        }
-    }
+    return error_body(status_code, message, param=param, code=None if code is None else str(code),
+                      error_type=error_type)
 
 
 def _excerpt(raw: bytes) -> str:

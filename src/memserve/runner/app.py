@@ -55,6 +55,7 @@ from memserve.errors import (
     ModelNotFound,
     Overloaded,
     UnsupportedParameter,
+    error_body,
 )
 from memserve.runner.events import Engine, FinishReason, GenerationRequest, QueueFull, TokenEvent
 from memserve.runner.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseShape, Usage
@@ -380,18 +381,10 @@ def _error_body(exc: Exception) -> dict[str, Any]:
     return MemserveError(f"internal error: {type(exc).__name__}: {exc}").to_openai()
 
 
-def _error_type(status_code: int) -> str:
-    types = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-             409: "conflict_error", 429: "rate_limit_error"}
-    if status_code >= 500:
-        return "api_error"
-    return types.get(status_code, "invalid_request_error")
-
-
 def _error_response(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
                     headers: Mapping[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _error_type(status_code), "param": param, "code": code}}
-    return JSONResponse(body, status_code=status_code, headers=headers)
+    return JSONResponse(error_body(status_code, message, param=param, code=code), status_code=status_code,
+                        headers=headers)
 
 
 def _param(loc: tuple[int | str, ...]) -> str | None:
