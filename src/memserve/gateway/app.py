@@ -24,14 +24,14 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import psutil
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -45,6 +45,7 @@ from memserve.errors import (
     ModelNotFound,
     Overloaded,
     RequestTooLarge,
+    error_body,
 )
 from memserve.gateway.upstream import Upstream, forward
 from memserve.memory.fit import fit_json, fit_result
@@ -92,6 +93,9 @@ class _LoadBody(BaseModel):
 class _UnloadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 class Providers:
@@ -181,7 +185,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
 
     @app.post("/api/load")
     async def load(request: Request) -> dict[str, Any]:
-        body = _LoadBody.model_validate(await _json_body(request, settings.max_body_bytes))
+        body = _validated(_LoadBody, await _json_body(request, settings.max_body_bytes))
         keep_alive = None if body.keep_alive is None else parse_seconds(body.keep_alive, what="keep_alive")
         row = await pool.load(body.model, keep_alive_seconds=keep_alive, context_tokens=body.context,
                               concurrency=body.concurrency)
@@ -189,7 +193,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
 
     @app.post("/api/unload")
     async def unload(request: Request) -> dict[str, Any]:
-        body = _UnloadBody.model_validate(await _json_body(request, settings.max_body_bytes))
+        body = _validated(_UnloadBody, await _json_body(request, settings.max_body_bytes))
         return {"model": body.model, "unloaded": await pool.unload(body.model)}
 
     @app.get("/api/fit")
@@ -239,6 +243,16 @@ async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     return body
 
 
+def _validated(model: type[_Body], data: dict[str, Any]) -> _Body:
+    """A management body checked by its pydantic model; a bad field is a 400 naming it."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidArgument(f"invalid value for '{where}': {first['msg']}", param=where) from None
+
+
 def _too_large(size: int, max_bytes: int) -> str:
     return (f"the request body is at least {size} bytes; this server accepts at most {max_bytes} "
             "(max_body_bytes); send a smaller request")
@@ -246,10 +260,8 @@ def _too_large(size: int, max_bytes: int) -> str:
 
 def _error_response(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
                     headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-            429: "rate_limit_error"}.get(status_code, "api_error" if status_code >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status_code, headers=headers)
+    return JSONResponse(error_body(status_code, message, param=param, code=code), status_code=status_code,
+                        headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
