@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from memserve import __version__
+from memserve.cli.bench import bench
 from memserve.cli.demo_model import demo_model
 from memserve.cli.fit import fit
 from memserve.cli.manage import load, ps, unload
@@ -48,6 +49,7 @@ def main() -> None:
     """memserve: serve language models on the memory this machine really has."""
 
 
+main.add_command(bench)
 main.add_command(demo_model)
 main.add_command(fit)
 main.add_command(load)
