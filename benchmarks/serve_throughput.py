@@ -1,5 +1,5 @@
 """Aggregate tokens/s, TTFT p50 and peak memory at 1, 4 and 8 concurrent streams, for three setups
-run one after another in the same session on the same model:
+on the same model in one run:
 
 - ``runner``: ``python -m memserve.runner`` with a plan from ``memserve fit`` (continuous batching
   sized from the plan);
@@ -10,9 +10,14 @@ run one after another in the same session on the same model:
     python benchmarks/serve_throughput.py --model models/demo-1b            # builds it if missing
     python benchmarks/serve_throughput.py --model models/demo-tiny --levels 1,4 --max-tokens 16
 
+The two servers are up at the same time (an idle one costs nothing but memory) and take turns: for each
+level, ``--rounds`` rounds, each server once per round, the order reversed every other round (A B, B A,
+...), so that a slow minute of the machine hits both. Each cell is the median over the rounds; the
+spread (min–max) is printed next to it. ``sequential`` runs in a child process of its own.
+
 Greedy, the same prompts for every setup; each stream asks for ``--max-tokens`` tokens. Tokens are
 counted from the ``usage`` the server returns, or one per content chunk when it sends none. Peak
-memory is the largest RSS of the server process seen by a 20 Hz sampler.
+memory is the largest RSS of the server process seen by a 20 Hz sampler over the whole run.
 """
 
 from __future__ import annotations
@@ -88,9 +93,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, max_tokens
     return {"ttft_seconds": ttft or 0.0, "tokens": tokens, "seconds": time.perf_counter() - start}
 
 
-async def http_level(url: str, model: str, streams: int, max_tokens: int) -> dict[str, Any]:
+async def http_round(url: str, model: str, streams: int, max_tokens: int) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=600) as client:
-        await stream_one(client, url, model, 4)  # warm-up, not counted
         start = time.perf_counter()
         results = await asyncio.gather(*(stream_one(client, url, model, max_tokens) for _ in range(streams)))
         wall = time.perf_counter() - start
@@ -101,6 +105,13 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in results)
     return {"tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall,
             "ttft_p50_seconds": statistics.median(r["ttft_seconds"] for r in results)}
+
+
+def median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each measure over the rounds, with the tokens/s of every round kept for the spread."""
+    return {"tokens_per_second": statistics.median(r["tokens_per_second"] for r in rounds),
+            "ttft_p50_seconds": statistics.median(r["ttft_p50_seconds"] for r in rounds),
+            "rounds_tokens_per_second": [r["tokens_per_second"] for r in rounds]}
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str = "/health", timeout: float = 600,
@@ -119,26 +130,52 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str = "/health", t
     raise SystemExit(f"{url} not ready in {timeout} s")
 
 
-def run_server(cmd: list[str], url: str, model: str, levels: list[int], max_tokens: int,
-               env: dict[str, str]) -> list[dict[str, Any]]:
-    log = Path(f"/tmp/memserve-bench-{Path(cmd[0]).name}-{os.getpid()}.log")
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink, env=env)
-    try:
-        wait_ready(url, proc, log=log)
-        sampler = PeakRss(proc.pid)
-        rows = []
-        for streams in levels:
-            row = asyncio.run(http_level(url, model, streams, max_tokens))
-            row.update(streams=streams, peak_rss_bytes=sampler.peak_bytes)
-            rows.append(row)
-            print(f"  {streams} streams: {row['tokens_per_second']:.2f} tok/s, TTFT p50 "
-                  f"{row['ttft_p50_seconds']:.2f} s, peak {row['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
-        sampler.stop()
-        return rows
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+class Server:
+    """One HTTP setup: its process, its log, and a peak-RSS sampler running for the whole benchmark."""
+
+    def __init__(self, name: str, cmd: list[str], url: str, model: str, env: dict[str, str]) -> None:
+        self.name, self.url, self.model = name, url, model
+        self.log = Path(f"/tmp/memserve-bench-{name}-{os.getpid()}.log")
+        with self.log.open("wb") as sink:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink, env=env)
+        self.sampler: PeakRss | None = None
+
+    def ready(self) -> None:
+        wait_ready(self.url, self.proc, log=self.log)
+        asyncio.run(stream_one_alone(self.url, self.model))  # warm-up, not counted
+        self.sampler = PeakRss(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+async def stream_one_alone(url: str, model: str) -> None:
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_one(client, url, model, 4)
+
+
+def run_alternating(servers: list[Server], levels: list[int], max_tokens: int,
+                    rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Each level: ``rounds`` rounds, every server once per round, the order reversed every other round."""
+    rows: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
+    for streams in levels:
+        measured: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
+        for index in range(rounds):
+            for server in servers if index % 2 == 0 else list(reversed(servers)):
+                measured[server.name].append(asyncio.run(http_round(server.url, server.model, streams, max_tokens)))
+        for server in servers:
+            assert server.sampler is not None
+            row = median_row(measured[server.name])
+            row.update(streams=streams, peak_rss_bytes=server.sampler.peak_bytes)
+            rows[server.name].append(row)
+            spread = row["rounds_tokens_per_second"]
+            print(f"  {server.name:<18} {streams} streams: {row['tokens_per_second']:.2f} tok/s "
+                  f"(rounds {min(spread):.2f}–{max(spread):.2f}), TTFT p50 {row['ttft_p50_seconds']:.2f} s, "
+                  f"peak {row['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+    return rows
 
 
 def sequential_child(model_dir: str, levels: list[int], max_tokens: int) -> None:
@@ -191,6 +228,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--setups", default="runner,sequential,transformers-serve")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per level for the servers (median)")
     parser.add_argument("--json", type=Path, help="also write all rows as JSON here")
     parser.add_argument("--sequential-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,21 +244,6 @@ def main() -> None:
     concurrency = max(levels)
     results: dict[str, list[dict[str, Any]]] = {}
     setups = args.setups.split(",")
-    if "runner" in setups:
-        print("runner (memserve)", flush=True)
-        port = free_port()
-        plan_file = Path(f"/tmp/memserve-bench-plan-{port}.json")
-        fit = subprocess.run([sys.executable, "-m", "memserve", "fit", str(args.model), "--context",
-                              str(args.context), "--concurrency", str(concurrency), "--json"],
-                             check=True, capture_output=True, text=True)
-        plan_file.write_text(fit.stdout)
-        reserved = json.loads(fit.stdout)["plan"]["devices"]["cpu"]["total_bytes"]
-        print(f"  plan reserves {reserved / GiB:.2f} GiB on cpu", flush=True)
-        results["runner"] = run_server(
-            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "m"],
-            f"http://127.0.0.1:{port}", "m", levels, args.max_tokens, env)
-        for row in results["runner"]:
-            row["plan_reserved_bytes"] = reserved
     if "sequential" in setups:
         print("sequential model.generate", flush=True)
         child = subprocess.run([sys.executable, __file__, "--sequential-child", "--model", str(args.model),
@@ -230,16 +253,43 @@ def main() -> None:
         for row in results["sequential"]:
             print(f"  {row['streams']} streams: {row['tokens_per_second']:.2f} tok/s, TTFT p50 "
                   f"{row['ttft_p50_seconds']:.2f} s, peak {row['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+    servers: list[Server] = []
+    reserved = 0
+    if "runner" in setups:
+        port = free_port()
+        plan_file = Path(f"/tmp/memserve-bench-plan-{port}.json")
+        fit = subprocess.run([sys.executable, "-m", "memserve", "fit", str(args.model), "--context",
+                              str(args.context), "--concurrency", str(concurrency), "--json"],
+                             check=True, capture_output=True, text=True)
+        plan_file.write_text(fit.stdout)
+        reserved = json.loads(fit.stdout)["plan"]["devices"]["cpu"]["total_bytes"]
+        print(f"runner (memserve): plan reserves {reserved / GiB:.2f} GiB on cpu", flush=True)
+        servers.append(Server(
+            "runner",
+            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "m"],
+            f"http://127.0.0.1:{port}", "m", env))
     if "transformers-serve" in setups:
         print("transformers serve --continuous-batching (bounded cache)", flush=True)
         port = free_port()
         blocks = -(-args.context * concurrency // 64)
         model_id = str(args.model.resolve())
-        results["transformers-serve"] = run_server(
+        servers.append(Server(
+            "transformers-serve",
             ["transformers", "serve", model_id, "--continuous-batching", "--cb-block-size", "64",
              "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", "2048", "--device", "cpu",
              "--host", "127.0.0.1", "--port", str(port)],
-            f"http://127.0.0.1:{port}", model_id, levels, args.max_tokens, env)
+            f"http://127.0.0.1:{port}", model_id, env))
+    try:
+        for server in servers:
+            server.ready()
+        if servers:
+            print(f"alternating {', '.join(s.name for s in servers)}: {args.rounds} rounds per level", flush=True)
+            results.update(run_alternating(servers, levels, args.max_tokens, args.rounds))
+    finally:
+        for server in servers:
+            server.stop()
+    for row in results.get("runner", []):
+        row["plan_reserved_bytes"] = reserved
 
     print("\nratios at each level (runner ÷ peer): tokens/s, TTFT p50")
     for peer in ("sequential", "transformers-serve"):
