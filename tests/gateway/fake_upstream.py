@@ -22,6 +22,7 @@ from ``nothing_listening``. ``serve_app`` serves any ASGI app the same way.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -54,6 +55,7 @@ class ReceivedRequest:
     path: str
     body: dict[str, Any] | None
     authorization: str | None
+    raw: bytes = b""  # the body's bytes as they arrived
 
 
 class FakeUpstream:
@@ -104,9 +106,9 @@ class FakeUpstream:
 
         return app
 
-    def _record(self, request: Request, body: dict[str, Any] | None) -> None:
+    def _record(self, request: Request, body: dict[str, Any] | None, raw: bytes = b"") -> None:
         self.requests.append(ReceivedRequest(request.method, request.url.path, body,
-                                             request.headers.get("authorization")))
+                                             request.headers.get("authorization"), raw))
 
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
         response = JSONResponse(payload, status_code=status, headers=headers)
@@ -114,8 +116,9 @@ class FakeUpstream:
         return response
 
     async def _answer(self, request: Request, *, chat: bool) -> Response:
-        body = await request.json()
-        self._record(request, body)
+        raw = await request.body()
+        body = json.loads(raw)
+        self._record(request, body, raw)
         if self.answer_delay_seconds:
             await asyncio.sleep(self.answer_delay_seconds)
         if self.mode is Mode.GARBAGE:

@@ -359,6 +359,22 @@ def test_relay_closes_the_upstream_when_a_send_fails(stack: Stack) -> None:
     assert done_calls == ["done"]
 
 
+def test_a_body_given_as_bytes_reaches_the_upstream_unchanged(stack: Stack) -> None:
+    """The gateway relays a client's body as its own bytes when it changes nothing in it."""
+    raw = b'{ "messages": [{"role": "user", "content": "h\\u00e9llo"}],\n  "model": "fake-model" }'
+
+    async def send() -> int:
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await forward(Upstream("provider fake", stack.tcp.base_url, client), "/chat/completions",
+                                     raw, stream=False)
+            return response.status_code
+
+    assert asyncio.run(send()) == 200
+    received = stack.tcp.requests[-1]
+    assert received.raw == raw
+    assert received.body == json.loads(raw)
+
+
 def test_the_upstream_module_imports_neither_torch_nor_the_runner() -> None:
     code = ("import sys, memserve.gateway.upstream\n"
             "print(sorted({'torch', 'transformers', 'memserve.runner'} & set(sys.modules)))")

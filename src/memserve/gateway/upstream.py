@@ -2,8 +2,9 @@
 
 An upstream is a runner process (HTTP on a Unix socket) or a remote provider (Groq, a vLLM server):
 the gateway speaks to both the same way. The hot path adds as little as it can: the body goes out as
-JSON, a streamed answer is relayed byte for byte as it arrives (never re-parsed), and a whole answer
-is only checked to be JSON and passed back as the upstream's own bytes.
+the client's own bytes when nothing in it changed (JSON otherwise), a streamed answer is relayed byte
+for byte as it arrives (never re-parsed), and a whole answer is only checked to be JSON and passed
+back as the upstream's own bytes.
 
 What can go wrong, and what the client sees::
 
@@ -63,13 +64,14 @@ class Upstream:
 async def forward(
     upstream: Upstream,
     path: str,
-    body: dict[str, Any],
+    body: dict[str, Any] | bytes,
     *,
     stream: bool,
     on_done: Callable[[], None] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """POST ``body`` to ``upstream.base_url + path`` and return the answer for our client.
+    """POST ``body`` (a JSON object, or the bytes of one) to ``upstream.base_url + path`` and return the
+    answer for our client.
 
     ``headers`` are added to our response (e.g. ``x-memserve-fallback``). Raises ``UpstreamUnavailable``
     or ``BadUpstream`` before any byte is sent to the client; after that, failures travel in the stream.
@@ -102,13 +104,15 @@ class _Once:
             callback()
 
 
-async def _open(upstream: Upstream, path: str, body: dict[str, Any], *, stream: bool) -> httpx.Response:
+async def _open(upstream: Upstream, path: str, body: dict[str, Any] | bytes, *, stream: bool) -> httpx.Response:
     """Send the request and wait for the status line and headers only."""
-    request_headers = {"Accept": _SSE_MEDIA_TYPE if stream else "application/json"}
+    request_headers = {"Accept": _SSE_MEDIA_TYPE if stream else "application/json", "Content-Type": "application/json"}
     if upstream.api_key:
         request_headers["Authorization"] = f"Bearer {upstream.api_key}"
+    content = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
     client = upstream.client
-    request = client.build_request("POST", upstream.base_url.rstrip("/") + path, json=body, headers=request_headers)
+    request = client.build_request("POST", upstream.base_url.rstrip("/") + path, content=content,
+                                   headers=request_headers)
     try:
         return await client.send(request, stream=True)
     except httpx.TransportError as exc:
