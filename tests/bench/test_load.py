@@ -209,7 +209,8 @@ GOOD_CHUNK = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n
         (lambda r: _sse_response(b"<html>hello</html>", "text/html"), "bad_stream",
          "HTTP 200 text/html, not an SSE stream: '<html>hello</html>'"),
         (lambda r: _sse_response(GOOD_CHUNK + b"data: {not json\n\n"), "bad_stream", "an SSE event is not JSON"),
-        (lambda r: _sse_response(GOOD_CHUNK), "bad_stream", "the stream ended without data: [DONE]"),
+        (lambda r: _sse_response(GOOD_CHUNK), "bad_stream",
+         "the stream ended without a finish_reason or data: [DONE]; the answer is incomplete"),
         (lambda r: _sse_response(GOOD_CHUNK + b'data: {"error": {"message": "runner died"}}\n\ndata: [DONE]\n\n'),
          "stream_error", "the server sent an error mid-stream: runner died"),
         (lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_DropsMidway()),
@@ -271,3 +272,18 @@ def test_base_urls_end_in_v1(url: str, base: str) -> None:
 def test_a_bad_url_is_refused(url: str) -> None:
     with pytest.raises(InvalidArgument, match="http"):
         normalize_base_url(url)
+
+
+def test_a_stream_that_gives_its_finish_reason_and_closes_is_complete_without_done() -> None:
+    """transformers serve ends its streams after the finish_reason chunk, with no ``data: [DONE]``."""
+    body = GOOD_CHUNK + (b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], '
+                         b'"usage": {"prompt_tokens": 5, "completion_tokens": 1}}\n\n')
+
+    async def main() -> RequestRecord:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda r: _sse_response(body))) as client:
+            return await stream_request(client, TARGET, Prompt(max_tokens=4, text="hi"),
+                                        clock=asyncio.get_running_loop().time, timeout_seconds=5)
+
+    record = asyncio.run(main())
+    assert record.ok, record.error_message
+    assert (record.output_tokens, record.prompt_tokens) == (1, 5)

@@ -9,7 +9,9 @@ A failed request is recorded, never raised, with one of these error kinds:
 - ``connect``: the server cannot be reached (refused, DNS, connect timeout);
 - ``timeout``: no complete answer within ``--timeout``;
 - ``http_<status>``: the server answered an HTTP error (``http_404``, ``http_429``, ``http_500``, ...);
-- ``bad_stream``: a 2xx that is not an SSE stream, an event that is not JSON, or no ``data: [DONE]``;
+- ``bad_stream``: a 2xx that is not an SSE stream, an event that is not JSON, or a stream that ends with
+  neither ``data: [DONE]`` nor a ``finish_reason`` (``transformers serve`` sends no ``[DONE]``: a stream
+  that gave its finish reason and then closed is complete);
 - ``stream_error``: an SSE ``error`` event after the stream started (e.g. memserve's runner died);
 - ``disconnect``: the connection dropped mid-response;
 - ``transport``: any other HTTP client failure.
@@ -181,11 +183,14 @@ async def _stream_into(record: RequestRecord, client: httpx.AsyncClient, url: st
             raw = await response.aread()
             raise _Failure("bad_stream", f"HTTP {response.status_code} {content_type or 'without a content-type'}, "
                                          f"not an SSE stream: {_snippet(raw)!r}")
+        finished = False
         async for data in sse_data(response.aiter_lines()):
             if data == "[DONE]":
                 return
-            _take_chunk(record, _parse_event(data), clock)
-    raise _Failure("bad_stream", "the stream ended without data: [DONE]")
+            finished = _take_chunk(record, _parse_event(data), clock) or finished
+    if not finished:
+        raise _Failure("bad_stream", "the stream ended without a finish_reason or data: [DONE]; the answer is "
+                                     "incomplete")
 
 
 async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -216,8 +221,8 @@ def _parse_event(data: str) -> dict[str, Any]:
     return chunk
 
 
-def _take_chunk(record: RequestRecord, chunk: dict[str, Any], clock: Clock) -> None:
-    """Note the time of a content chunk, and the usage when the server sends it."""
+def _take_chunk(record: RequestRecord, chunk: dict[str, Any], clock: Clock) -> bool:
+    """Note the time of a content chunk, and the usage when the server sends it; True if it ends the answer."""
     now = clock()
     choices = chunk.get("choices") or []
     first = choices[0] if choices and isinstance(choices[0], dict) else {}
@@ -231,6 +236,7 @@ def _take_chunk(record: RequestRecord, chunk: dict[str, Any], clock: Clock) -> N
             record.usage_output_tokens = usage["completion_tokens"]
         if isinstance(usage.get("prompt_tokens"), int):
             record.usage_prompt_tokens = usage["prompt_tokens"]
+    return bool(first.get("finish_reason"))
 
 
 def _error_text(raw: bytes) -> str:

@@ -8,7 +8,7 @@ Definitions (they follow vLLM's ``benchmark_serving``):
   are over all gaps of all successful requests in the step.
 - **TPOT** (time per output token) of one request: ``(e2e − TTFT) / (output_tokens − 1)``, only for
   requests with more than one output token.
-- **E2E**: send → the end of the stream (``data: [DONE]``).
+- **E2E**: send → the end of the stream (``data: [DONE]``, or the close of a stream that gave its finish_reason).
 - **output tokens**: ``usage.completion_tokens`` when the server sends usage, else the number of content
   chunks. **prompt tokens**: ``usage.prompt_tokens`` when the server sends it, else the count from the
   local tokenizer (if any), else unknown.
