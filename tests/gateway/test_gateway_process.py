@@ -317,6 +317,13 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
                 assert bad_load.status_code == 400 and bad_load.json()["error"]["param"] == "colour"
                 garbled = httpx.post(f"{origin}/v1/chat/completions", content=b"{nope", timeout=10)
                 assert garbled.status_code == 400 and "JSON" in garbled.json()["error"]["message"]
+                busy = chat(origin, "big", keep_alive="soon")  # a bad field on the fast path: the same error shape
+                assert busy.status_code == 400 and "keep_alive" in busy.json()["error"]["message"]
+                assert set(busy.json()["error"]) == {"message", "type", "param", "code"}
+                wrong_method = httpx.get(f"{origin}/v1/chat/completions", timeout=10)  # not the fast path: FastAPI
+                assert wrong_method.status_code == 405
+                assert wrong_method.json()["error"]["message"] == (
+                    "GET /v1/chat/completions is not allowed; use POST /v1/chat/completions")
 
                 fit = httpx.get(f"{origin}/api/fit", params={"model": "big"}, timeout=30).json()
                 assert fit["plan"] is None and "does not fit" in fit["nofit"]["message"]

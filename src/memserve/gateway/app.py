@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import difflib
 import json
+import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -34,6 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from memserve import __version__
 from memserve.config import ProviderConfig, Settings
@@ -52,6 +54,8 @@ from memserve.memory.fit import fit_json, fit_result
 from memserve.pool.pool import ModelPool
 from memserve.pool.runner_process import RUNNER_BASE_URL
 from memserve.units import parse_seconds
+
+log = logging.getLogger(__name__)
 
 FALLBACK_HEADER = "x-memserve-fallback"
 FALLBACK_REASON_HEADER = "x-memserve-fallback-reason"
@@ -114,7 +118,7 @@ class Providers:
         await asyncio.gather(*(c.aclose() for c in self.clients.values()))
 
 
-def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
+def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
     """The gateway app; its lifespan starts the pool (preloads) and stops every runner at shutdown."""
     providers = Providers(settings.providers)
     started = time.time()
@@ -159,8 +163,6 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         unchanged = keep_alive is None  # then the client's own bytes go to the runner, not a re-encoding
         return await forward(upstream, path, raw if unchanged else body, stream=stream, on_done=lease.release)
 
-    # The hot routes are plain Starlette routes: FastAPI's parameter solving has nothing to do for them
-    # (the body is relayed, not validated here), and skipping it is a measurable part of the gateway's cost.
     async def chat_completions(request: Request) -> Response:
         return await completion(request, "/chat/completions")
 
@@ -169,6 +171,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
 
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
+    hot_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
+        "/v1/chat/completions": chat_completions, "/v1/completions": completions}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -223,7 +227,34 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     async def events(since: int = 0) -> dict[str, Any]:
         return {"events": pool.events_since(since)}
 
-    return app
+    return _HotRoutes(app, hot_routes)
+
+
+class _HotRoutes:
+    """ASGI: a POST to a generation route goes straight to its handler, everything else to FastAPI.
+
+    The generation routes relay every token of the answer. Through FastAPI each request and each relayed
+    chunk passes its whole middleware stack (error, telemetry, body-limit, exception and exit-stack
+    layers, with a wrapped ``send`` per layer); a py-spy of the gateway put a third of its relay time
+    there. Errors here get the same responses as FastAPI's handlers give (``_error_for``).
+    """
+
+    def __init__(self, app: FastAPI, routes: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await handler(Request(scope, receive))
+        except Exception as exc:
+            if not isinstance(exc, MemserveError):
+                log.exception("internal error in POST %s", scope["path"])  # a bug: keep its traceback
+            response = _error_for(exc)
+        await response(scope, receive, send)
 
 
 async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -284,9 +315,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(MemserveError)
     async def memserve_error(request: Request, exc: MemserveError) -> JSONResponse:
-        retry = getattr(exc, "retry_after_seconds", None)
-        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
-        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+        return _error_for(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -298,9 +327,24 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         where = f"{request.method} {request.url.path}"
-        message = f"no route {where}; memserve serves {ROUTES}" if exc.status_code == 404 else f"{where}: {exc.detail}"
+        allowed = (exc.headers or {}).get("Allow")
+        if exc.status_code == 404:
+            message = f"no route {where}; memserve serves {ROUTES}"
+        elif exc.status_code == 405 and allowed:
+            message = f"{where} is not allowed; use {allowed} {request.url.path}"
+        else:
+            message = f"{where}: {exc.detail}"
         return _error_response(exc.status_code, message, headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return _error_for(exc)
+
+
+def _error_for(exc: Exception) -> JSONResponse:
+    """A memserve error in the OpenAI shape (with Retry-After where retrying helps), anything else a 500."""
+    if isinstance(exc, MemserveError):
+        retry = getattr(exc, "retry_after_seconds", None)
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
+        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+    return _error_response(500, f"internal error: {type(exc).__name__}: {exc}")
