@@ -20,7 +20,6 @@ A failed request is recorded, never raised, with one of these error kinds:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import math
 import random
@@ -35,6 +34,7 @@ import httpx
 from memserve.bench.prompts import Prompt
 from memserve.bench.stats import RequestRecord
 from memserve.errors import InvalidArgument
+from memserve.net import is_loopback
 
 __all__ = [
     "Clock",
@@ -90,16 +90,6 @@ def normalize_base_url(url: str) -> str:
     return base if base.endswith("/v1") else f"{base}/v1"
 
 
-def _is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def make_client(target: Target, *, timeout_seconds: float,
                 transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """A client with no connection limit (a pool queue would inflate TTFT), keyed for ``target``.
@@ -109,7 +99,7 @@ def make_client(target: Target, *, timeout_seconds: float,
     """
     headers = {"authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     return httpx.AsyncClient(
-        transport=transport, headers=headers, trust_env=not _is_loopback(target.base_url),
+        transport=transport, headers=headers, trust_env=not is_loopback(httpx.URL(target.base_url).host),
         timeout=httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, CONNECT_TIMEOUT_SECONDS)),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
     )

@@ -11,7 +11,6 @@ gateway (its message as-is, e.g. the planner's NoFit), or a reply that is not me
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import time
@@ -28,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memserve.errors import BadUpstream, InvalidArgument, MemserveError, RunnerFailed, UpstreamUnavailable
+from memserve.net import is_loopback
 from memserve.units import format_bytes
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -117,15 +117,6 @@ class UnloadReply(BaseModel):
 # --- the client ---------------------------------------------------------------------------------------------
 
 
-def _is_loopback(url: httpx.URL) -> bool:
-    if url.host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(url.host).is_loopback
-    except ValueError:
-        return False
-
-
 class GatewayClient:
     """A sync client of the management API that turns every failure into a one-line ``MemserveError``.
 
@@ -142,7 +133,7 @@ class GatewayClient:
             raise InvalidArgument(f"--url {base_url!r} is not a URL ({exc}); expected e.g. {DEFAULT_URL}") from exc
         if url.scheme not in ("http", "https") or not url.host:
             raise InvalidArgument(f"--url {base_url!r} is not an http(s) URL; expected e.g. {DEFAULT_URL}")
-        self._client = httpx.Client(base_url=self.base_url, transport=transport, trust_env=not _is_loopback(url))
+        self._client = httpx.Client(base_url=self.base_url, transport=transport, trust_env=not is_loopback(url.host))
 
     def close(self) -> None:
         self._client.close()

@@ -5,21 +5,12 @@ It never imports torch: each loaded model is a runner process owned by the pool.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any
 
 import click
 
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost; anything else exposes the server to a network."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from memserve.net import is_loopback
 
 
 @click.command("serve")
