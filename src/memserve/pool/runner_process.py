@@ -24,6 +24,7 @@ import httpx
 import psutil
 
 from memserve.errors import RunnerFailed
+from memserve.pool.runner_transport import RunnerTransport
 
 RUNNER_BASE_URL = "http://runner/v1"  # the host part is ignored on a Unix socket
 _STDERR_LINE_LIMIT_BYTES = 1 << 20
@@ -91,7 +92,7 @@ class RunnerProcess:
         self._failure: str | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._client = httpx.AsyncClient(base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0),
-                                         transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)))
+                                         transport=RunnerTransport(str(self.socket_path)))
 
     @property
     def pid(self) -> int | None:
