@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import itertools
 import logging
 import math
@@ -72,6 +73,7 @@ DEFAULT_PAGE_SIZE = 64
 pages waste less of a cache sized exactly for the Plan."""
 
 _POLL_SECONDS = 0.1
+_WATCH_SECONDS = 0.5
 _WARMUP_REQUEST = GenerationRequest(request_id="memserve-warmup", prompt_ids=(0,), max_new_tokens=1)
 _WARMUP_TIMEOUT_SECONDS = 600.0
 _STOP_TIMEOUT_SECONDS = 30.0
@@ -527,8 +529,10 @@ class ContinuousBatchingEngine(_EngineBase):
     """transformers' continuous batching with a Plan-sized paged cache.
 
     - The library runs its loop on its own thread (started as a daemon, so a server that exits
-      without awaiting :meth:`close` still exits); a daemon dispatcher thread reads the library's
-      outputs and posts them to each request's event loop. Await :meth:`close` to stop cleanly.
+      without awaiting :meth:`close` still exits) and posts each step's outputs to the event loop
+      through the handlers the engine registers per request (the library batches a step's outputs
+      into one callback for one loop: drive an engine from one loop at a time). A daemon watcher
+      fails what is in flight if that thread stops. Await :meth:`close` to stop cleanly.
     - At most ``max_sequences`` requests are inside the library at once (so the cache, sized for that
       many full contexts, never runs out); up to ``max_queue`` more wait here, in FIFO order.
     - The library decides greedy-or-sample once per manager, so the manager decodes by argmax and
@@ -602,8 +606,8 @@ class ContinuousBatchingEngine(_EngineBase):
         except BaseException:
             self._stop_manager()
             raise
-        self._dispatcher = threading.Thread(target=self._dispatch, name="memserve-cb-dispatch", daemon=True)
-        self._dispatcher.start()
+        self._watcher = threading.Thread(target=self._watch, name="memserve-cb-watch", daemon=True)
+        self._watcher.start()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -676,6 +680,9 @@ class ContinuousBatchingEngine(_EngineBase):
     def _submit(self, job: _Job) -> None:
         with self._jobs_lock:
             self._jobs[job.key] = job
+        # The generation thread hands each step's outputs to this loop itself (one call_soon_threadsafe
+        # per step for all of them), as transformers serve does: no thread in between.
+        self._manager.register_result_handler(job.key, functools.partial(self._on_output, job))
         request = job.request
         added = self._manager.add_request(
             list(request.prompt_ids),
@@ -690,6 +697,9 @@ class ContinuousBatchingEngine(_EngineBase):
 
     def _cancel(self, job: _Job) -> None:
         self._forget(job)
+        router = self._manager.output_router  # a cancelled request gets no last output to unregister it
+        with router._lock:
+            router.result_handlers.pop(job.key, None)
         self._manager.cancel_request(job.key)
 
     def _forget(self, job: _Job) -> None:
@@ -703,36 +713,23 @@ class ContinuousBatchingEngine(_EngineBase):
     def _extra_stats(self) -> dict[str, Any]:
         return dict(self._memory)
 
-    def _dispatch(self) -> None:
-        """Dispatcher thread: route the library's outputs to their requests' loops, a batch at a time."""
+    def _watch(self) -> None:
+        """Watcher thread: if the library's generation thread stops on its own, fail what is in flight."""
         manager = self._manager
-        while not self._stopping.is_set():
-            output = manager.get_result(timeout=_POLL_SECONDS)
-            if output is None:
-                if not manager.is_running() and not self._stopping.is_set():
-                    self._failure = f"the continuous batching thread stopped: {self._thread_error()}"
-                    log.error(self._failure)
-                    self._fail_all(self._failure)
+        while not self._stopping.wait(_WATCH_SECONDS):
+            if not manager.is_running():
+                if self._stopping.is_set():
                     return
-                continue
-            outputs = [output]
-            while (more := manager.get_result(timeout=0)) is not None:
-                outputs.append(more)
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, GenerationOutput]]] = {}
-            with self._jobs_lock:
-                for item in outputs:
-                    job = self._jobs.get(item.request_id)
-                    if job is not None:  # outputs of cancelled requests have nobody to go to
-                        by_loop.setdefault(job.loop, []).append((job, item))
-            for batch in by_loop.values():
-                self._post(batch[0][0], self._on_outputs, batch)
+                self._failure = f"the continuous batching thread stopped: {self._thread_error()}"
+                log.error(self._failure)
+                self._fail_all(self._failure)
+                return
 
-    def _on_outputs(self, batch: list[tuple[_Job, GenerationOutput]]) -> None:
-        """On the loop: turn the library's cumulative outputs into new-token chunks."""
-        for job, output in batch:
-            tokens = list(output.generated_tokens[job.received :])
-            job.received += len(tokens)
-            self._deliver(job, tokens, output.is_finished(), output.error)
+    def _on_output(self, job: _Job, output: GenerationOutput) -> None:
+        """On the loop: turn the library's cumulative output into a chunk of new tokens."""
+        tokens = list(output.generated_tokens[job.received :])
+        job.received += len(tokens)
+        self._deliver(job, tokens, output.is_finished(), output.error)
 
     def _thread_error(self) -> str:
         status = getattr(self._manager, "background_thread_status", None)
@@ -754,7 +751,7 @@ class ContinuousBatchingEngine(_EngineBase):
     def _shutdown(self) -> None:
         self._stopping.set()
         self._stop_manager()
-        self._dispatcher.join(timeout=_STOP_TIMEOUT_SECONDS)
+        self._watcher.join(timeout=_STOP_TIMEOUT_SECONDS)
 
 
 # ----------------------------------------------------------------------------------------------------------
