@@ -11,8 +11,9 @@ two ways, alternating so both see the same machine state:
 
 Latency: sequential non-streamed requests with ``max_tokens`` 1, direct and gateway interleaved one by
 one; the added latency is the gateway's p50/p99 minus the direct p50/p99. Throughput: ``--streams``
-concurrent streaming clients, each asking for ``--max-tokens`` tokens, rounds alternating direct and
-gateway; tokens/s is usage tokens over wall time, and the ratio is gateway ÷ direct (median of rounds).
+concurrent streaming clients, each asking for ``--max-tokens`` tokens; each round runs both, the order
+reversed every other round (so a slow minute of this shared machine hits both); tokens/s is usage
+tokens over wall time, and the ratio is the median of the rounds' gateway ÷ direct, with its spread.
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ async def measure(gateway: str, sock: str, args: argparse.Namespace) -> dict[str
             for name in order:
                 client, url = targets[name]
                 latency[name].append((await one(client, url, short))[0])
-        for r in range(args.rounds * 2):
-            name = ("direct", "gateway")[r % 2]
-            client, url = targets[name]
-            start = time.perf_counter()
-            results = await asyncio.gather(*(one(client, url, long) for _ in range(args.streams)))
-            throughput[name].append(sum(tokens for _, tokens in results) / (time.perf_counter() - start))
+        for r in range(args.rounds):  # both once per round, the order reversed every other round
+            for name in ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct"):
+                client, url = targets[name]
+                start = time.perf_counter()
+                results = await asyncio.gather(*(one(client, url, long) for _ in range(args.streams)))
+                throughput[name].append(sum(tokens for _, tokens in results) / (time.perf_counter() - start))
     finally:
         for client, _ in targets.values():
             await client.aclose()
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="latency pairs (direct + gateway)")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per setup")
+    parser.add_argument("--rounds", type=int, default=6, help="throughput rounds (each runs both setups)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
@@ -141,8 +142,10 @@ def main() -> None:
         d, g = percentile(lat["direct"], q), percentile(lat["gateway"], q)
         print(f"  {label}: direct {d * ms:.2f} ms, gateway {g * ms:.2f} ms, added {(g - d) * ms:+.2f} ms")
     d_tps, g_tps = statistics.median(tps["direct"]), statistics.median(tps["gateway"])
-    print(f"throughput, {args.streams} streams × {args.max_tokens} tokens, median of {args.rounds} rounds each: "
-          f"direct {d_tps:.1f} tok/s, gateway {g_tps:.1f} tok/s, ratio ×{g_tps / d_tps:.3f}")
+    ratios = [g / d for d, g in zip(tps["direct"], tps["gateway"], strict=True)]
+    print(f"throughput, {args.streams} streams × {args.max_tokens} tokens, {args.rounds} rounds: median "
+          f"direct {d_tps:.1f} tok/s, gateway {g_tps:.1f} tok/s; ratio gateway ÷ direct, median of the rounds' "
+          f"ratios ×{statistics.median(ratios):.3f} (rounds ×{min(ratios):.3f}–×{max(ratios):.3f})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from memserve.errors import MemserveError
 from memserve.gateway.upstream import Upstream, forward
+from memserve.pool.runner_transport import RunnerTransport
 from tests.gateway.fake_upstream import FakeUpstream, Mode, ReceivedRequest, nothing_listening, serve_app, serve_fake
 
 API_KEY = "sk-test-123"
@@ -74,8 +75,8 @@ def make_gateway(tcp: FakeUpstream, uds: FakeUpstream, down_url: str, missing_so
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        uds_transport = httpx.AsyncHTTPTransport(uds=str(uds.uds))
-        missing_transport = httpx.AsyncHTTPTransport(uds=str(missing_socket))
+        uds_transport = RunnerTransport(str(uds.uds))  # as the gateway reaches runners: straight to it
+        missing_transport = RunnerTransport(str(missing_socket))
         async with httpx.AsyncClient(timeout=5) as client, \
                 httpx.AsyncClient(transport=uds_transport, timeout=5) as uds_client, \
                 httpx.AsyncClient(transport=missing_transport, timeout=5) as missing_client, \
@@ -83,8 +84,8 @@ def make_gateway(tcp: FakeUpstream, uds: FakeUpstream, down_url: str, missing_so
             upstreams.update(
                 tcp=Upstream("provider fake", tcp.base_url, client),
                 keyed=Upstream("provider fake", tcp.base_url, client, api_key=API_KEY),
-                uds=Upstream("runner fake", "http://runner/v1", uds_client),
-                gone=Upstream("runner gone", "http://runner/v1", missing_client),
+                uds=Upstream("runner fake", "http://runner/v1", uds_client, transport=uds_transport),
+                gone=Upstream("runner gone", "http://runner/v1", missing_client, transport=missing_transport),
                 down=Upstream("provider down", down_url, client),
                 impatient=Upstream("provider impatient", tcp.base_url, impatient_client),
             )

@@ -65,7 +65,8 @@ class FakeRunner:
         self._journal = journal
         self._ready = asyncio.Event()
         self._exited = asyncio.Event()
-        self._client = httpx.AsyncClient(base_url=RUNNER_BASE_URL, transport=httpx.MockTransport(self._answer))
+        self._transport = httpx.MockTransport(self._answer)
+        self._client = httpx.AsyncClient(base_url=RUNNER_BASE_URL, transport=self._transport)
 
     # ------------------------------------------------------------------------------ RunnerHandle
 
@@ -80,6 +81,10 @@ class FakeRunner:
     @property
     def client(self) -> httpx.AsyncClient:
         return self._client
+
+    @property
+    def transport(self) -> httpx.AsyncBaseTransport:
+        return self._transport
 
     async def wait_ready(self, timeout_seconds: float) -> dict[str, Any]:
         """The ready report; RunnerFailed when it exits first or takes longer than ``timeout_seconds``."""

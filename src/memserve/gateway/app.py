@@ -159,7 +159,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
             headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code)}
             return await forward(providers.upstream(provider_name), path, {**body, "model": upstream_model},
                                  stream=stream, headers=headers)
-        upstream = Upstream(f"runner {model}", RUNNER_BASE_URL, lease.client)
+        upstream = Upstream(f"runner {model}", RUNNER_BASE_URL, lease.client, transport=lease.transport)
         unchanged = keep_alive is None  # then the client's own bytes go to the runner, not a re-encoding
         return await forward(upstream, path, raw if unchanged else body, stream=stream, on_done=lease.release)
 

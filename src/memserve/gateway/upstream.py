@@ -53,12 +53,17 @@ class Upstream:
     ``base_url`` includes ``/v1``; a runner on a socket uses any host, e.g. ``http://runner/v1``.
     The client belongs to the caller (one per runner or provider, so connections are pooled) and its
     timeouts apply. The key is sent as a bearer token and never shown in messages or ``repr``.
+
+    ``transport``, when given (a runner's, the client's own), takes generation requests directly: a
+    runner needs none of the client's cookie, redirect and auth handling, which a py-spy of the gateway
+    put at a third of the time it spends sending a request.
     """
 
     name: str
     base_url: str
     client: httpx.AsyncClient
     api_key: str | None = field(default=None, repr=False)
+    transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
 
 
 async def forward(
@@ -110,11 +115,14 @@ async def _open(upstream: Upstream, path: str, body: dict[str, Any] | bytes, *, 
     if upstream.api_key:
         request_headers["Authorization"] = f"Bearer {upstream.api_key}"
     content = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-    client = upstream.client
-    request = client.build_request("POST", upstream.base_url.rstrip("/") + path, content=content,
-                                   headers=request_headers)
+    client, url = upstream.client, upstream.base_url.rstrip("/") + path
     try:
-        return await client.send(request, stream=True)
+        if upstream.transport is not None:
+            request = httpx.Request("POST", url, content=content, headers=request_headers,
+                                    extensions={"timeout": client.timeout.as_dict()})
+            return await upstream.transport.handle_async_request(request)
+        return await client.send(client.build_request("POST", url, content=content, headers=request_headers),
+                                 stream=True)
     except httpx.TransportError as exc:
         raise UpstreamUnavailable(_unreachable_message(upstream, exc)) from exc
 

@@ -138,6 +138,7 @@ class Lease:
     def __init__(self, pool: ModelPool, entry: Entry, runner: RunnerHandle) -> None:
         self.name = entry.name
         self.client: httpx.AsyncClient = runner.client
+        self.transport: httpx.AsyncBaseTransport = runner.transport
         self._pool, self._entry, self._released = pool, entry, False
 
     def release(self) -> None:

@@ -46,6 +46,9 @@ class RunnerHandle(Protocol):
     @property
     def client(self) -> httpx.AsyncClient: ...  # speaks to the runner; base URL is RUNNER_BASE_URL
 
+    @property
+    def transport(self) -> httpx.AsyncBaseTransport: ...  # the client's transport; the gateway's hot path uses it
+
     async def wait_ready(self, timeout_seconds: float) -> dict[str, Any]: ...
 
     async def wait_exit(self) -> int: ...
@@ -91,8 +94,9 @@ class RunnerProcess:
         self._ready_event: dict[str, Any] = {}
         self._failure: str | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._transport = RunnerTransport(str(self.socket_path))
         self._client = httpx.AsyncClient(base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0),
-                                         transport=RunnerTransport(str(self.socket_path)))
+                                         transport=self._transport)
 
     @property
     def pid(self) -> int | None:
@@ -105,6 +109,10 @@ class RunnerProcess:
     @property
     def client(self) -> httpx.AsyncClient:
         return self._client
+
+    @property
+    def transport(self) -> RunnerTransport:
+        return self._transport
 
     async def start(self) -> None:
         self.plan_path.write_text(json.dumps({"model": {"source": self.source}, "plan": self.plan}))
