@@ -16,6 +16,7 @@ from memserve.memory.inventory import Inventory
 from memserve.memory.probe import (
     DEFAULT_HEADROOM_BYTES,
     CgroupMemory,
+    available_ram_bytes,
     cgroup_memory,
     cpu_device,
     cuda_devices,
@@ -86,6 +87,15 @@ def test_v2_limit_caps_ram_and_counts_inactive_file_as_free(tmp_path: Path) -> N
     assert cpu.total_bytes == 8 * GiB
     assert cpu.free_bytes == 8 * GiB - (3 * GiB - 1 * GiB)
     assert cpu.description == "cgroup v2 limit 8.0 GiB (host RAM 24.0 GiB)"
+
+
+def test_available_ram_is_the_room_under_a_binding_cgroup_limit_else_the_hosts() -> None:
+    """What the watchdog's host floor reads: a container is OOM-killed at its limit, not at the host's."""
+    tight = CgroupMemory(version=2, path="/app", limit_bytes=8 * GiB, usage_bytes=7 * GiB, inactive_file_bytes=GiB)
+    assert available_ram_bytes(virtual_memory=host_24g, cgroup=lambda: tight) == 2 * GiB
+    loose = CgroupMemory(version=2, path="/app", limit_bytes=64 * GiB, usage_bytes=GiB, inactive_file_bytes=0)
+    assert available_ram_bytes(virtual_memory=host_24g, cgroup=lambda: loose) == 20 * GiB
+    assert available_ram_bytes(virtual_memory=host_24g, cgroup=lambda: None) == 20 * GiB
 
 
 def test_v2_max_means_no_limit(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from memserve.units import format_bytes, parse_bytes, parse_device_sizes
 __all__ = [
     "DEFAULT_HEADROOM_BYTES",
     "CgroupMemory",
+    "available_ram_bytes",
     "bitsandbytes_available",
     "cgroup_memory",
     "cpu_device",
@@ -220,6 +221,17 @@ def cpu_device(
         headroom_bytes=headroom_bytes,
         description=description,
     )
+
+
+def available_ram_bytes(
+    *,
+    virtual_memory: Callable[[], _MemoryStats] = psutil.virtual_memory,
+    cgroup: Callable[[], CgroupMemory | None] = cgroup_memory,
+) -> int:
+    """RAM that can still be taken now: the host's available memory, or the room left under our cgroup's
+    limit when that is smaller. A container's OOM killer acts at its cgroup limit, however much the host
+    has free, so the watchdog's host floor is measured here."""
+    return cpu_device(budget_bytes=None, headroom_bytes=0, virtual_memory=virtual_memory, cgroup=cgroup()).free_bytes
 
 
 def _text(value: str | bytes) -> str:

@@ -21,7 +21,8 @@ Lifecycle of one model (``Entry``)::
 - **Keep-alive.** Per model (config) and per request (``keep_alive``, Ollama-style: seconds, "5m", -1
   forever, 0 unload when idle). Pinned models never expire and are never evicted.
 - **Watchdog.** Samples each runner's memory (every ``watchdog_loading_interval_seconds`` while it loads,
-  ``watchdog_interval_seconds`` after) and the host's available memory; past its reservation by the
+  ``watchdog_interval_seconds`` after) and the memory still available (the host's, or the room under our
+  cgroup's limit when that is smaller: a container's OOM killer acts there); past its reservation by the
   tolerance, or with the host below its floor, it kills the runner before the kernel's OOM killer picks
   a victim, records why and, where the model's policy allows, loads it again one rung lower.
 - **Crashes.** A runner that exits on its own is marked failed with the reason; its in-flight responses
@@ -49,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.checkpoint.locate import read_facts
@@ -65,6 +65,7 @@ from memserve.errors import (
 from memserve.memory.fit import default_context
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import Policy, Request, plan
+from memserve.memory.probe import available_ram_bytes
 from memserve.pool.eviction import Resident, choose_evictions
 from memserve.pool.ledger import Calibration, Ledger, calibrated, checkpoint_files, checkpoint_fingerprint, plan_key
 from memserve.pool.runner_process import RunnerHandle, Spawner, process_spawner
@@ -152,7 +153,7 @@ class ModelPool:
 
     def __init__(self, settings: Settings, inventory: Inventory, *, spawner: Spawner | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 host_available_bytes: Callable[[], int] = lambda: int(psutil.virtual_memory().available),
+                 host_available_bytes: Callable[[], int] = available_ram_bytes,
                  facts_reader: Callable[[str], CheckpointFacts] = read_facts) -> None:
         self.settings = settings
         self.inventory = inventory
