@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -16,6 +16,7 @@ from memserve.memory.inventory import Inventory
 from memserve.memory.probe import (
     DEFAULT_HEADROOM_BYTES,
     CgroupMemory,
+    GpuProcessMemory,
     available_ram_bytes,
     cgroup_memory,
     cpu_device,
@@ -286,6 +287,7 @@ class FakeGPU:
     used_bytes: int
     capability: tuple[int, int]
     broken: bool = False
+    processes: tuple[tuple[int, int | None], ...] = ()  # (pid, usedGpuMemory) as NVML lists them
 
 
 L4 = FakeGPU("NVIDIA L4", "GPU-1111aaaa-0000", 24 * GiB, 2 * GiB, (8, 9))
@@ -332,6 +334,11 @@ class FakeNVML:
 
     def nvmlDeviceGetCudaComputeCapability(self, handle: FakeGPU) -> tuple[int, int]:
         return handle.capability
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGPU) -> list[SimpleNamespace]:
+        if handle.broken:
+            raise FakeNVMLError("GPU is lost")
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in handle.processes]
 
 
 def test_two_gpus_from_nvml() -> None:
@@ -518,3 +525,35 @@ def test_real_probe_of_this_machine() -> None:
     assert inv.cpu.free_bytes > 0
     assert inv.cpu.headroom_bytes == DEFAULT_HEADROOM_BYTES
     assert all(gpu.total_bytes > 0 for gpu in inv.gpus)
+
+
+# --- GPU memory per runner (the watchdog's reading) ---------------------------------------------------
+
+
+def test_gpu_memory_of_a_process_tree_per_visible_gpu() -> None:
+    l4 = replace(L4, processes=((100, 1 * GiB), (999, 5 * GiB)))  # 999 is someone else's
+    h100 = replace(H100, processes=((101, 2 * GiB), (100, None)))  # None: the driver could not tell
+    nvml = FakeNVML([l4, h100])
+    sample = GpuProcessMemory(nvml)
+    assert sample([100, 101]) == {"cuda:0": 1 * GiB, "cuda:1": 2 * GiB}
+    assert sample([101]) == {"cuda:1": 2 * GiB}
+    assert sample([555]) == {}  # a CPU runner: no GPU entry at all, not zeros
+    assert nvml.init_calls == 1  # opened once, kept open
+
+
+def test_gpu_memory_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    nvml = FakeNVML([replace(L4, processes=((100, GiB),)), replace(H100, processes=((100, 3 * GiB),))])
+    assert GpuProcessMemory(nvml)([100]) == {"cuda:0": 3 * GiB}  # the H100 is the runner's cuda:0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert GpuProcessMemory(nvml)([100]) == {}
+
+
+def test_gpu_memory_without_nvml_or_with_a_lost_gpu_reads_what_it_can() -> None:
+    no_driver = FakeNVML([L4], init_error=FakeNVMLError("Driver Not Loaded"))
+    sample = GpuProcessMemory(no_driver)
+    assert sample([100]) == {} and sample([100]) == {}
+    assert no_driver.init_calls == 1  # not retried every watchdog tick
+
+    lost = replace(H100, broken=True, processes=((100, GiB),))
+    assert GpuProcessMemory(FakeNVML([replace(L4, processes=((100, GiB),)), lost]))([100]) == {"cuda:0": GiB}

@@ -12,8 +12,9 @@ tests simulate any host without one.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -24,9 +25,12 @@ from memserve.errors import InvalidArgument
 from memserve.memory.inventory import Device, Inventory
 from memserve.units import format_bytes, parse_bytes, parse_device_sizes
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "DEFAULT_HEADROOM_BYTES",
     "CgroupMemory",
+    "GpuProcessMemory",
     "available_ram_bytes",
     "bitsandbytes_available",
     "cgroup_memory",
@@ -344,6 +348,64 @@ def cuda_devices(nvml: Any | None = None) -> tuple[list[Device], list[str]]:
             "set CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA numbers them the same way"
         )
     return devices, notes
+
+
+class GpuProcessMemory:
+    """GPU memory held by given processes, per ``cuda:N`` (numbered as :func:`cuda_devices` does).
+
+    The watchdog's per-runner GPU reading: NVML's list of compute processes on each visible GPU, summed
+    over a runner's process tree. NVML counts what the driver gave the process (the CUDA context and
+    everything torch's caching allocator holds), which is what other processes cannot have.
+    NVML is opened on the first call and kept open. A host without NVML, or a GPU NVML cannot read,
+    gives no reading (``{}`` or fewer devices): the runner's own report still stands. NVML lists host
+    PIDs; inside a container with its own PID namespace they match nothing, and nothing is read.
+    """
+
+    def __init__(self, nvml: Any | None = None) -> None:
+        self._nvml = nvml
+        self._handles: list[tuple[str, Any]] | None = None
+
+    def __call__(self, pids: Collection[int]) -> dict[str, int]:
+        """Bytes per GPU where any of ``pids`` holds memory; GPUs none of them uses are left out."""
+        handles = self._open()
+        if not handles or not pids:
+            return {}
+        nvml: Any = self._nvml  # set by _open whenever it found GPUs
+        nvml_error: type[BaseException] = getattr(nvml, "NVMLError", Exception)
+        wanted = set(pids)
+        used: dict[str, int] = {}
+        for name, handle in handles:
+            try:
+                processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except nvml_error:
+                continue
+            ours = [p for p in processes if p.pid in wanted]
+            if ours:  # usedGpuMemory is None where the driver cannot tell (e.g. some vGPU setups)
+                used[name] = sum(int(p.usedGpuMemory or 0) for p in ours)
+        return used
+
+    def _open(self) -> list[tuple[str, Any]]:
+        if self._handles is not None:
+            return self._handles
+        self._handles = []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and visible.strip() in ("", "-1"):
+            return self._handles
+        if self._nvml is None:
+            try:
+                import pynvml
+            except ImportError:
+                return self._handles
+            self._nvml = pynvml
+        nvml = self._nvml
+        nvml_error: type[BaseException] = getattr(nvml, "NVMLError", Exception)
+        try:
+            nvml.nvmlInit()
+            indices, _ = _visible_indices(nvml, int(nvml.nvmlDeviceGetCount()), visible)
+            self._handles = [(f"cuda:{i}", nvml.nvmlDeviceGetHandleByIndex(n)) for i, n in enumerate(indices)]
+        except (nvml_error, OSError) as exc:
+            log.info("GPU memory per runner is not sampled: NVML unavailable (%s)", exc)
+        return self._handles
 
 
 def bitsandbytes_available() -> bool:

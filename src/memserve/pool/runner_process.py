@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,10 +24,12 @@ import httpx
 import psutil
 
 from memserve.errors import RunnerFailed
+from memserve.memory.probe import GpuProcessMemory
 from memserve.pool.runner_transport import RunnerTransport
 
 RUNNER_BASE_URL = "http://runner/v1"  # the host part is ignored on a Unix socket
 _STDERR_LINE_LIMIT_BYTES = 1 << 20
+_GPU_MEMORY = GpuProcessMemory()  # one NVML session for every runner the gateway watches
 _HEALTH_POLL_SECONDS = 0.02
 
 
@@ -81,7 +83,8 @@ class RunnerProcess:
 
     def __init__(self, name: str, source: str, plan: dict[str, Any], *, run_dir: Path,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None,
+                 gpu_memory: Callable[[Collection[int]], dict[str, int]] | None = None) -> None:
         self.name, self.source, self.plan = name, source, plan
         self.phase = "spawned"
         self.plan_path = run_dir / f"{name}.plan.json"
@@ -94,6 +97,7 @@ class RunnerProcess:
         self._ready_event: dict[str, Any] = {}
         self._failure: str | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._gpu_memory = gpu_memory or _GPU_MEMORY
         self._transport = RunnerTransport(str(self.socket_path))
         self._client = httpx.AsyncClient(base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0),
                                          transport=self._transport)
@@ -194,18 +198,21 @@ class RunnerProcess:
         return describe_exit(self.returncode, list(self._tail))
 
     def sample_memory(self) -> dict[str, int]:
-        """Bytes in use per device right now: the RSS of the runner's process tree on cpu.
+        """Bytes in use per device right now: the RSS of the runner's process tree on cpu, and what NVML
+        says the tree holds on each GPU it uses (``GpuProcessMemory``).
 
         RSS counts the mapped weights (file-backed) too: they take RAM as surely as the anonymous pages.
-        GPU memory per process (NVML) is not sampled yet; the runner's own report covers it.
         """
         if self.pid is None or self.returncode is not None:
             return {}
         try:
             root = psutil.Process(self.pid)
-            return {"cpu": sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])}
+            tree = [root, *root.children(recursive=True)]
+            sample = {"cpu": sum(p.memory_info().rss for p in tree)}
         except psutil.Error:
             return {}
+        sample.update(self._gpu_memory([p.pid for p in tree]))
+        return sample
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """SIGTERM (the runner drains and closes its engine), then SIGKILL after ``grace_seconds``."""
