@@ -291,13 +291,22 @@ def main() -> None:
     for row in results.get("runner", []):
         row["plan_reserved_bytes"] = reserved
 
-    print("\nratios at each level (runner ÷ peer): tokens/s, TTFT p50")
+    print("\nratios at each level (runner ÷ peer): tokens/s (ratio of medians; against a server, also the median\n"
+          "of the rounds' own ratios), TTFT p50")
     for peer in ("sequential", "transformers-serve"):
         if "runner" not in results or peer not in results:
             continue
         for ours, theirs in zip(results["runner"], results[peer], strict=True):
+            paired = ""
+            if ours.get("rounds_tokens_per_second") and theirs.get("rounds_tokens_per_second"):
+                # rounds ran side by side (A B, then B A): a per-round ratio cancels the machine's drift
+                ratios = [a / b for a, b in zip(ours["rounds_tokens_per_second"], theirs["rounds_tokens_per_second"],
+                                                strict=True)]
+                ours["rounds_ratio_vs_" + peer] = ratios
+                paired = (f"; per round ×{statistics.median(ratios):.2f} median "
+                          f"(×{min(ratios):.2f}–×{max(ratios):.2f})")
             print(f"  vs {peer:<18} {ours['streams']} streams: throughput ×"
-                  f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}, TTFT ×"
+                  f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}{paired}, TTFT ×"
                   f"{ours['ttft_p50_seconds'] / max(theirs['ttft_p50_seconds'], 1e-9):.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

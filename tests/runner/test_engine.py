@@ -342,15 +342,15 @@ def test_sampling_runs_beside_greedy_and_respects_max_new_tokens(
 
 
 def test_cb_sampling_processors_draw_from_the_softmax_and_leave_greedy_rows_alone() -> None:
-    from memserve.runner.engine import _as_int32, _NucleusSample, _Temperature
+    from memserve.runner.sampling import NucleusSampleProcessor, TemperatureProcessor, as_int32
 
     torch.manual_seed(0)
     rows = 20_000
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(rows, 1)
 
     def draw(temperature: float, top_p: float) -> torch.Tensor:
-        scores = _Temperature()(logits, _as_int32([temperature] * rows))
-        scores = _NucleusSample()(scores, _as_int32([top_p] * rows))
+        scores = TemperatureProcessor()(logits, as_int32([temperature] * rows))
+        scores = NucleusSampleProcessor()(scores, as_int32([top_p] * rows))
         return torch.bincount(scores.argmax(-1), minlength=4) / rows
 
     assert torch.allclose(draw(1.0, 1.0), logits[0].softmax(-1), atol=0.015)
@@ -359,7 +359,7 @@ def test_cb_sampling_processors_draw_from_the_softmax_and_leave_greedy_rows_alon
     kept = logits[0][:2].softmax(-1)
     assert torch.allclose(draw(1.0, 0.7), torch.tensor([kept[0], kept[1], 0.0, 0.0]), atol=0.015)
     # temperature 0 and top_p 0 mark a greedy row: the scores come back as they were
-    greedy = _NucleusSample()(_Temperature()(logits[:2], _as_int32([0.0, 0.0])), _as_int32([0.0, 0.0]))
+    greedy = NucleusSampleProcessor()(TemperatureProcessor()(logits[:2], as_int32([0.0, 0.0])), as_int32([0.0, 0.0]))
     assert torch.equal(greedy, logits[:2])
 
 

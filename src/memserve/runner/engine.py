@@ -35,26 +35,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from transformers import (
-    ContinuousBatchingConfig,
-    GenerationConfig,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingLogitsProcessor,
-    ContinuousBatchingLogitsProcessorList,
-)
+from transformers import ContinuousBatchingConfig, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from memserve.errors import GenerationFailed, InvalidArgument
 from memserve.runner.events import Engine, EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
+from memserve.runner.sampling import SamplingProcessors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.continuous_batching import ContinuousBatchingManager
-    from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput
+    from transformers.generation.continuous_batching.requests import GenerationOutput
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -414,95 +405,6 @@ class _EngineBase:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Per-request sampling inside continuous batching
-
-
-def _as_int32(values: list[float]) -> torch.Tensor:
-    """The library passes processor arguments as int32 rows: float32 bits, viewed."""
-    return torch.tensor(values, dtype=torch.float32, device="cpu").view(dtype=torch.int32)
-
-
-def _in_static_graph(scores: torch.Tensor) -> bool:
-    """Under CUDA-graph capture or compile, no host-side branch on tensor values is allowed."""
-    capturing = scores.is_cuda and torch.cuda.is_current_stream_capturing()
-    return bool(capturing) or torch.compiler.is_compiling()
-
-
-class _FloatKwargProcessor(ContinuousBatchingLogitsProcessor):
-    """A per-request float argument (``kwarg``), 0.0 when a request does not give one (a greedy row)."""
-
-    kwarg = ""
-    ignored_kwargs: tuple[str, ...] = ()
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.copy_(torch.zeros_like(int32_tensor, dtype=torch.float32).view(dtype=torch.int32))
-
-    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
-        return _as_int32([r.state.logit_processor_kwargs.get(self.kwarg, 0.0) for r in requests_with_new_token])
-
-
-class _Temperature(_FloatKwargProcessor):
-    """Divides each sampled row by its temperature. Temperature 0 marks a greedy row, left untouched so
-    that the manager's argmax is exactly ``generate``'s."""
-
-    kwarg = "temperature"
-    supported_kwargs: dict[str, type] = {"temperature": float}  # noqa: RUF012 - the library's declared shape
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        temperature = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
-        divisor = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-        return scores / divisor.unsqueeze(-1)
-
-
-class _NucleusSample(_FloatKwargProcessor):
-    """Top-p, then Gumbel noise: the argmax of ``logits + Gumbel`` is a sample from ``softmax(logits)``.
-
-    Sampling this way lets greedy and sampled rows share one argmax (the library samples all rows or
-    none), costs one uniform draw per logit instead of a multinomial, and sorts only when a row asks
-    for top_p < 1. ``top_p == 0`` marks a greedy row, which gets neither.
-    """
-
-    kwarg = "top_p"
-    supported_kwargs: dict[str, type] = {"top_p": float}  # noqa: RUF012 - the library's declared shape
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
-        sampled = top_p > 0
-        static = _in_static_graph(scores)
-        if not static and not bool(sampled.any()):
-            return scores
-        if static or bool((sampled & (top_p < 1)).any()):
-            scores = _top_p(scores, torch.where(sampled, top_p, torch.ones_like(top_p)))
-        gumbel = -torch.log(-torch.log(torch.rand_like(scores)))  # rand 0 gives -inf, never +inf
-        return torch.where(sampled.unsqueeze(-1), scores + gumbel, scores)
-
-
-def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per-row nucleus filtering, as transformers' ``TopPLogitsWarper`` does it."""
-    sorted_logits, sorted_indices = torch.sort(scores, descending=False, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p).unsqueeze(-1)
-    remove[..., -1:] = False  # always keep the most likely token
-    remove = remove.scatter(-1, sorted_indices, remove)
-    return scores.masked_fill(remove, -float("inf"))
-
-
-class _SamplingProcessors(ContinuousBatchingLogitsProcessorList):
-    """The model's own processors (penalties and the like, as the library keeps them) plus ours."""
-
-    def __init__(self, base: LogitsProcessorList) -> None:
-        super().__init__(
-            LogitsProcessorList([*base, _Temperature(), _NucleusSample()]),
-            per_request_processors=False,
-            drop_unsupported_processors=True,
-        )
-        # one int32 argument row per per-request processor; the library only counts the ones it converts
-        self.tensors_required = sum(
-            isinstance(p, ContinuousBatchingLogitsProcessor) for p in self.logits_processor
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Continuous batching
 
 
@@ -536,9 +438,9 @@ class ContinuousBatchingEngine(_EngineBase):
     - At most ``max_sequences`` requests are inside the library at once (so the cache, sized for that
       many full contexts, never runs out); up to ``max_queue`` more wait here, in FIFO order.
     - The library decides greedy-or-sample once per manager, so the manager decodes by argmax and
-      the engine's own per-request processors (:class:`_Temperature`, :class:`_NucleusSample`) turn
-      sampled rows into Gumbel-max draws; greedy rows stay untouched, so they are ``generate``'s
-      argmax exactly (ties included).
+      the engine's own per-request processors (``memserve.runner.sampling``) turn sampled rows into
+      Gumbel-max draws; greedy rows stay untouched, so they are ``generate``'s argmax exactly (ties
+      included).
     - Per-request seeds are not supported (the noise comes from torch's global generator, shared by
       the batch): ``seed`` is ignored.
     """
@@ -590,7 +492,7 @@ class ContinuousBatchingEngine(_EngineBase):
             self._restore_attention()
             raise
         try:
-            sampling = _SamplingProcessors(self._manager.logit_processor.logits_processor)
+            sampling = SamplingProcessors(self._manager.logit_processor.logits_processor)
             self._manager.logit_processor = sampling  # read when the generation thread builds its batch processor
             # The generation thread builds its batch processor (paged cache, static inputs) itself. Calling the
             # library's warmup() from this thread before start() builds it here instead, and then every step
