@@ -167,19 +167,73 @@ async def test_a_connection_the_server_dropped_while_idle_is_replaced(tmp_path: 
 
 
 @in_loop
-async def test_a_connection_closing_while_the_request_is_sent_is_retried_once(tmp_path: Path) -> None:
-    async def close_second_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                                   server: Server) -> None:
+async def test_a_reused_connection_closed_unanswered_is_an_error_never_a_second_send(tmp_path: Path) -> None:
+    """The runner read the request and died before answering: say so, and never send it again."""
+    async def die_on_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
         writer.write(answer(b"{}"))
         await writer.drain()
-        if server.connections == 1:
-            await server.read_request(reader)  # the second request arrives, and is dropped unanswered
+        await server.read_request(reader)  # the second request arrives, and is dropped unanswered
 
-    async with serving(tmp_path, close_second_request) as (server, client):
+    async with serving(tmp_path, die_on_second) as (server, client):
         await client.get("/a")
-        assert (await client.get("/b")).status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response") as caught:
+            await client.post("/v1/completions", content=b"{}")
+    assert caught.value.request.url.path == "/v1/completions"
+    assert (server.connections, len(server.requests)) == (1, 2)
+
+
+@in_loop
+async def test_connections_idle_too_long_are_not_reused(tmp_path: Path) -> None:
+    """uvicorn drops a connection idle for 5 s; ours stop being reused before that (4 s by default)."""
+    path = str(tmp_path / "r.sock")
+    server = Server(echo_forever)
+    listener = await asyncio.start_unix_server(server._serve, path)
+    async with httpx.AsyncClient(base_url="http://runner", transport=RunnerTransport(path, max_idle_seconds=0.2)) \
+            as client:
+        await client.get("/a")
+        await client.get("/b")  # at once: the same connection
+        await asyncio.sleep(0.3)
+        await client.get("/c")  # idle past the limit: a new one
+    listener.close()
     assert server.connections == 2
+
+
+@in_loop
+async def test_head_interim_and_close_delimited_answers(tmp_path: Path) -> None:
+    async def varied(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)  # HEAD: a length, and no body after it
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+        await server.read_request(reader)  # an interim 100 Continue, then the answer
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(answer(b'{"n":2}'))
+        await server.read_request(reader)  # neither a length nor chunked: the body ends with the connection
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nthe whole ")
+        await writer.drain()
+        writer.write(b"body")
+        await writer.drain()
+
+    async with serving(tmp_path, varied) as (server, client):
+        head = await client.head("/health")
+        assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", "5")
+        assert (await client.post("/v1/x", content=b"{}")).json() == {"n": 2}
+        assert (await client.get("/plain")).content == b"the whole body"
+    assert server.connections == 1
+
+
+@in_loop
+async def test_an_upgrade_answer_is_a_protocol_error(tmp_path: Path) -> None:
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with serving(tmp_path, upgrade) as (_, client):
+        with pytest.raises(httpx.RemoteProtocolError, match="switched protocols"):
+            await client.get("/health")
 
 
 @in_loop

@@ -8,21 +8,26 @@ the server side: bytes arrive in ``data_received`` and go straight into httptool
 
 - A streamed body is handed over as it is parsed, everything buffered since the last read as one
   chunk, so events that arrive together leave together (one write to the client instead of several).
-- Connections are kept alive and reused; a reused one that the runner closed meanwhile (uvicorn drops
-  idle connections after a few seconds) is retried once on a new one, as long as it sent nothing back.
+- Connections are kept alive and reused while they have been idle less than ``max_idle_seconds``
+  (counted from the end of the last answer, so always more than the server's own count): uvicorn drops
+  idle connections after 5 s, and a request must never be sent on one it is about to drop. A request is
+  never sent twice: a connection that closes before answering is an error, as with httpcore.
 - Errors are httpx's own exceptions (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``,
   ``RemoteProtocolError``, ``ReadError``), so callers handle them as with any other transport.
 - Closing a response before its end closes its connection: the runner sees its client go away and
   frees the sequence at once.
 - A reader that falls behind pauses the socket (``pause_reading``) past ``_HIGH_WATER_BYTES``.
 
-Only what a runner speaks is supported: HTTP/1.1 over a Unix socket, request bodies sent whole.
+Only what a runner speaks is supported: HTTP/1.1 over a Unix socket, request bodies sent whole; 1xx
+interim answers are skipped, HEAD answers have no body, an answer with neither a length nor chunked
+encoding ends when the connection does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import httptools
@@ -36,40 +41,41 @@ _HIGH_WATER_BYTES = 1 << 20
 _MAX_IDLE = 32
 """Idle keep-alive connections kept per runner; more than that are closed when released."""
 
+MAX_IDLE_SECONDS = 4.0
+"""Reuse a connection only while it has been idle less than this: below uvicorn's keep-alive (5 s)."""
+
 _DROPPED_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
 class RunnerTransport(httpx.AsyncBaseTransport):
     """HTTP/1.1 to one Unix socket; honours the request's ``connect`` and ``read`` timeouts."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, *, max_idle_seconds: float = MAX_IDLE_SECONDS) -> None:
         self.socket_path = socket_path
+        self.max_idle_seconds = max_idle_seconds
         self._idle: list[_Connection] = []
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self._handle(request)
+        except httpx.RequestError as exc:  # as httpx's own transports do: the error names its request
+            exc.request = request
+            raise
+
+    async def _handle(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
-            raise httpx.ConnectError(f"the transport for {self.socket_path} is closed", request=request)
+            raise httpx.ConnectError(f"the transport for {self.socket_path} is closed")
         timeouts = request.extensions.get("timeout", {})
         message = _encode_request(request, await request.aread())
-        while True:
-            connection = self._take_idle()
-            reused = connection is not None
-            if connection is None:
-                connection = await self._connect(request, timeouts.get("connect"))
-            try:
-                connection.send(message)
-                await connection.wait_for_head(timeouts.get("read"))
-            except _ClosedBeforeAnswer:
-                connection.close()
-                if reused:  # the runner dropped it while it sat idle: a new one gets the request
-                    continue
-                raise httpx.RemoteProtocolError("the server disconnected without sending a response",
-                                                request=request) from None
-            except BaseException:
-                connection.close()
-                raise
-            return httpx.Response(
+        connection = self._take_idle() or await self._connect(timeouts.get("connect"))
+        try:
+            connection.send(message, head_only=request.method == "HEAD")
+            await connection.wait_for_head(timeouts.get("read"))
+        except BaseException:
+            connection.close()
+            raise
+        return httpx.Response(
                 connection.status_code,
                 headers=connection.headers,
                 stream=_Body(self, connection, timeouts.get("read")),
@@ -83,9 +89,10 @@ class RunnerTransport(httpx.AsyncBaseTransport):
             self._idle.pop().close()
 
     def _take_idle(self) -> _Connection | None:
+        oldest = time.monotonic() - self.max_idle_seconds
         while self._idle:
             connection = self._idle.pop()
-            if connection.usable:
+            if connection.usable and connection.completed_at > oldest:
                 return connection
             connection.close()
         return None
@@ -96,17 +103,15 @@ class RunnerTransport(httpx.AsyncBaseTransport):
         else:
             self._idle.append(connection)
 
-    async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
+    async def _connect(self, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
                 _, connection = await loop.create_unix_connection(_Connection, self.socket_path)
         except TimeoutError:
-            raise httpx.ConnectTimeout(f"no connection to {self.socket_path} within {timeout} s",
-                                       request=request) from None
+            raise httpx.ConnectTimeout(f"no connection to {self.socket_path} within {timeout} s") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot connect to {self.socket_path}: {exc.strerror or exc}",
-                                     request=request) from exc
+            raise httpx.ConnectError(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
         return connection
 
 
@@ -117,10 +122,6 @@ def _encode_request(request: httpx.Request, body: bytes) -> bytes:
     if body or request.method in ("POST", "PUT", "PATCH"):
         lines.append(b"Content-Length: %d" % len(body))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-class _ClosedBeforeAnswer(Exception):
-    """The connection closed before a single byte of the answer arrived."""
 
 
 class _Connection(asyncio.Protocol):
@@ -136,8 +137,11 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.head_complete = False
         self.complete = False
+        self.completed_at = 0.0  # time.monotonic() when the last answer ended
         self.keep_alive = False
-        self.answered = False  # any byte of the current answer arrived
+        self.head_only = False  # the request was HEAD: the answer has no body, whatever its headers say
+        self.until_close = False  # neither a length nor chunked: the body ends with the connection
+        self.interim = False  # a 1xx answer is being parsed; the real one follows
         self.error: httpx.TransportError | None = None
         self.paused = False
         self._waiter: asyncio.Future[None] | None = None
@@ -152,13 +156,14 @@ class _Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.chunks and self.usable
 
-    def send(self, message: bytes) -> None:
+    def send(self, message: bytes, *, head_only: bool = False) -> None:
         """Start a new exchange: a fresh parser and state, then the request's bytes."""
         if not self.usable:
-            raise _ClosedBeforeAnswer
+            raise httpx.RemoteProtocolError("the server closed the connection before the request was sent")
         self.parser = httptools.HttpResponseParser(self)
         self.status_code, self.headers, self.chunks, self.buffered = 0, [], [], 0
-        self.head_complete = self.complete = self.keep_alive = self.answered = False
+        self.head_complete = self.complete = self.keep_alive = self.until_close = self.interim = False
+        self.head_only = head_only
         self.error = None
         assert self.transport is not None
         self.transport.write(message)
@@ -168,9 +173,7 @@ class _Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             if self.closed:
-                if not self.answered:
-                    raise _ClosedBeforeAnswer
-                raise httpx.RemoteProtocolError("the server closed the connection in the middle of its headers")
+                raise httpx.RemoteProtocolError("the server disconnected without sending a response")
             await self.wait(timeout)
 
     async def wait(self, timeout: float | None) -> None:
@@ -207,11 +210,11 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # a Unix socket's transport is an asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        self.answered = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.error = httpx.RemoteProtocolError(f"the server sent malformed HTTP: {exc}")
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.error is None:
+                self.error = httpx.RemoteProtocolError(f"the server sent malformed HTTP: {exc!r}")
             self.close()
         if self.buffered > _HIGH_WATER_BYTES and not self.paused and self.transport is not None:
             self.paused = True
@@ -223,7 +226,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.answered and not self.complete and self.error is None:
+        if self.head_complete and not self.complete and self.until_close and exc is None:
+            self.complete = True  # the connection's end is the body's end
+        elif self.head_complete and not self.complete and self.error is None:
             reason = f": {exc}" if exc is not None else ""
             self.error = httpx.RemoteProtocolError(
                 f"the server closed the connection before the end of its answer{reason}")
@@ -240,16 +245,35 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value or b""))
 
     def on_headers_complete(self) -> None:
-        self.status_code = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status == 101:  # nothing here asks for an upgrade
+            self.error = httpx.RemoteProtocolError("the server switched protocols (101); a runner speaks HTTP/1.1")
+            return
+        if 100 <= status < 200:  # 100 Continue and the like: the real answer follows
+            self.interim, self.headers = True, []
+            return
+        self.status_code = status
         self.keep_alive = self.parser.should_keep_alive()
         self.head_complete = True
+        names = {name.lower() for name, _ in self.headers}
+        if self.head_only or status in (204, 304):
+            self._complete()
+        elif b"content-length" not in names and b"transfer-encoding" not in names:
+            self.until_close, self.keep_alive = True, False
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self._complete()
+
+    def _complete(self) -> None:
         self.complete = True
+        self.completed_at = time.monotonic()
 
 
 class _Body(httpx.AsyncByteStream):
