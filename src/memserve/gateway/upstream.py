@@ -157,8 +157,9 @@ async def _read_all(upstream: Upstream, answer: httpx.Response) -> bytes:
             f"({_describe(exc)}). Expected an OpenAI-compatible JSON answer."
         ) from exc
     finally:
-        with anyio.CancelScope(shield=True):
-            await answer.aclose()
+        if not answer.is_closed:  # reading to the end closed it already; an error or a cancel did not
+            with anyio.CancelScope(shield=True):
+                await answer.aclose()
 
 
 async def _expect_event_stream(upstream: Upstream, answer: httpx.Response) -> None:
