@@ -224,19 +224,6 @@ async def test_head_interim_and_close_delimited_answers(tmp_path: Path) -> None:
 
 
 @in_loop
-async def test_an_upgrade_answer_is_a_protocol_error(tmp_path: Path) -> None:
-    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await server.read_request(reader)
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
-        await writer.drain()
-        await reader.read()
-
-    async with serving(tmp_path, upgrade) as (_, client):
-        with pytest.raises(httpx.RemoteProtocolError, match="switched protocols"):
-            await client.get("/health")
-
-
-@in_loop
 async def test_a_fresh_connection_closed_unanswered_is_a_protocol_error(tmp_path: Path) -> None:
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
@@ -263,16 +250,20 @@ async def test_a_stream_that_breaks_off_raises_at_the_break(tmp_path: Path) -> N
     assert received == b"data: 1\n\n"
 
 
+@pytest.mark.parametrize(("reply", "message"), [
+    (b"SMTP ready\r\n\r\n", "malformed HTTP"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n", "switched protocols"),
+])
 @in_loop
-async def test_malformed_http_is_a_protocol_error(tmp_path: Path) -> None:
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+async def test_an_answer_that_is_not_plain_http_is_a_protocol_error(tmp_path: Path, reply: bytes, message: str) -> None:
+    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
-        writer.write(b"SMTP ready\r\n\r\n")
+        writer.write(reply)
         await writer.drain()
         await reader.read()
 
-    async with serving(tmp_path, garbage) as (_, client):
-        with pytest.raises(httpx.RemoteProtocolError, match="malformed HTTP"):
+    async with serving(tmp_path, odd) as (_, client):
+        with pytest.raises(httpx.RemoteProtocolError, match=message):
             await client.get("/health")
 
 
