@@ -268,6 +268,40 @@ def test_leaving_early_frees_the_slot_for_the_next_request(
     asyncio.run(scenario())
 
 
+def test_generate_engine_batches_what_waits_and_keeps_each_row_to_its_own_limits(
+    build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]], references: list[list[int]]
+) -> None:
+    """Static batching: requests that arrive while a call runs go together in the next one, left-padded
+    (prompts of different lengths), each row ending at its own stop token or max_new_tokens."""
+    engine = build("generate", max_sequences=8, max_context_tokens=LONG_CONTEXT)
+    assert isinstance(engine, GenerateEngine)
+    long_request = _request(prompts[1], "long", max_new_tokens=200, stop_token_ids=(-1,))
+    stop = references[0][5]
+
+    async def scenario() -> None:
+        running = asyncio.create_task(_collect(engine, long_request))
+        await _wait_until(lambda: engine.stats().generation_tokens_total > 0)  # the worker is busy
+        waiting = [
+            _request(prompts[0], "stops", stop_token_ids=(stop,)),
+            _request(prompts[2], "short", max_new_tokens=3),
+            _request(prompts[3], "full"),
+            _request(prompts[4], "sampled", temperature=0.9, top_p=0.95),  # decodes differently: its own call
+        ]
+        results = await asyncio.gather(*(_collect(engine, r) for r in waiting))
+        await running
+        stops, short, full, sampled = results
+        assert [e.token_id for e in stops] == references[0][: references[0].index(stop) + 1]
+        assert stops[-1].finish_reason == "stop"
+        assert [e.token_id for e in short] == references[2][:3] and short[-1].finish_reason == "length"
+        assert [e.token_id for e in full] == references[3] and full[-1].finish_reason == "length"
+        assert len(sampled) == MAX_NEW_TOKENS
+        extra = engine.stats().extra
+        assert extra["largest_batch"] == 3  # the three greedy requests shared one call
+        assert extra["generate_calls_total"] == 3  # the long one, the greedy three, the sampled one
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_queue_full_beyond_max_sequences_plus_max_queue(
     kind: str, build: Callable[..., AnyEngine], prompts: list[tuple[int, ...]]

@@ -4,7 +4,8 @@
   scheduler on the library's own thread). Its cache is sized from the Plan, never from the library's
   default (60% of *total* RAM, zero-filled).
 - :class:`GenerateEngine` is the fallback for models continuous batching cannot serve: one worker
-  thread running plain ``model.generate``, one request at a time.
+  thread running plain ``model.generate``, the requests waiting at each call batched together
+  (static batching, left-padded).
 - :func:`make_engine` tries the first and falls back to the second, saying why.
 
 Both engines share the async front (:class:`_EngineBase`): validation, the bound on running and
@@ -660,40 +661,72 @@ class ContinuousBatchingEngine(_EngineBase):
 # Plain generate
 
 
-class _CancelCriteria(StoppingCriteria):
-    """Stops ``generate`` at the next step once the consumer has gone away."""
+class _Rows:
+    """The rows of one batched ``generate`` call: each row's tokens go to its job, until the row ends.
 
-    def __init__(self, cancelled: threading.Event) -> None:
-        self.cancelled = cancelled
+    ``generate`` calls the streamer with each step's tokens (one per row) before it asks its stopping
+    criteria, so :meth:`put` decides which rows are done (their stop token, their own
+    ``max_new_tokens``, or their consumer gone) and :meth:`stopped` hands that to ``generate``. A row
+    that ended keeps being computed until the whole batch has, but its tokens go nowhere.
+    """
+
+    def __init__(self, jobs: list[_Job], post: Callable[[_Job, list[int]], None]) -> None:
+        self.jobs = jobs
+        self.post = post
+        self.counts = [0] * len(jobs)
+        self.done = [False] * len(jobs)
+
+    def put(self, tokens: list[int]) -> None:
+        for row, (job, token) in enumerate(zip(self.jobs, tokens, strict=True)):
+            if self.done[row] or job.cancelled.is_set():
+                self.done[row] = True
+                continue
+            self.counts[row] += 1
+            self.post(job, [token])
+            if token in job.stop_ids or self.counts[row] >= job.request.max_new_tokens:
+                self.done[row] = True
+
+    def stopped(self) -> list[bool]:
+        return [done or job.cancelled.is_set() for done, job in zip(self.done, self.jobs, strict=True)]
+
+
+class _RowsCriteria(StoppingCriteria):
+    """``generate``'s per-row stop: the rows :class:`_Rows` has ended."""
+
+    def __init__(self, rows: _Rows) -> None:
+        self.rows = rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        flag = torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-        return flag  # type: ignore[return-value]
+        return torch.tensor(self.rows.stopped(), dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
-class _TokenStreamer(BaseStreamer):
-    """Receives token ids from ``generate`` (the prompt first, then one step at a time)."""
+class _RowsStreamer(BaseStreamer):
+    """Receives token ids from ``generate``: the prompts first (ignored), then one token per row per step."""
 
-    def __init__(self, on_tokens: Callable[[list[int]], None]) -> None:
-        self.on_tokens = on_tokens
+    def __init__(self, rows: _Rows) -> None:
+        self.rows = rows
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.on_tokens([int(t) for t in value.reshape(-1).tolist()])
+        self.rows.put([int(t) for t in value.reshape(-1).tolist()])
 
     def end(self) -> None:
-        """The worker reports the end itself, after ``generate`` returns."""
+        """The worker reports each row's end itself, after ``generate`` returns."""
 
 
 class GenerateEngine(_EngineBase):
-    """The fallback: a worker thread running ``model.generate`` one request at a time.
+    """The fallback: plain ``model.generate`` on a worker thread, requests batched statically.
 
-    Up to ``max_sequences + max_queue`` requests are accepted; one runs, the others wait in FIFO order.
-    Tokens stream through a custom streamer; cancellation is a StoppingCriteria flag. A ``seed`` is
-    honoured by seeding torch's global generator before the request (the worker is the only sampler).
+    Up to ``max_sequences`` requests run at once and ``max_queue`` more wait. The worker takes every
+    request waiting when it starts a call and runs them as one left-padded batch: those that decode
+    the same way (greedy, or the same temperature and top_p) go together, up to ``max_sequences``;
+    a request that arrives meanwhile waits for the next call (static batching, unlike continuous
+    batching). Each row stops on its own stop tokens and its own ``max_new_tokens``; the call ends
+    when every row has. A request with a ``seed`` that samples runs alone, after seeding torch's
+    global generator, so that the seed alone decides its draws.
     """
 
     name = "generate"
@@ -710,48 +743,58 @@ class GenerateEngine(_EngineBase):
     ) -> None:
         super().__init__(
             model,
-            max_running=1,
+            max_running=max_sequences,
             max_sequences=max_sequences,
             max_queue=max_queue,
             max_context_tokens=max_context_tokens,
             generation_config=generation_config,
         )
         self._inbox: queue.Queue[_Job | None] = queue.Queue()
-        self._current: _Job | None = None
+        self._pending: deque[_Job] = deque()  # the worker's: taken from the inbox, not yet in a batch
+        self._current: list[_Job] = []
+        self._calls_total = 0
+        self._largest_batch = 0
+        self._pad_id = self._base_config.pad_token_id
+        if self._pad_id is None:
+            self._pad_id = self._default_stop_ids[0] if self._default_stop_ids else 0
         if warmup:  # one forward faults the mapped weights in, so memory measured after is true
             cast(Any, model).generate(
                 input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device),
                 attention_mask=torch.ones((1, 1), dtype=torch.long, device=model.device),
-                generation_config=self._config_for(_WARMUP_REQUEST, frozenset()),
+                generation_config=self._config_for(_WARMUP_REQUEST, 1),
             )
         self._worker = threading.Thread(target=self._work, name="memserve-generate", daemon=True)
         self._worker.start()
 
     def _submit(self, job: _Job) -> None:
-        self._current = job
         self._inbox.put(job)
 
     def _cancel(self, job: _Job) -> None:
         job.cancelled.set()
 
     def _jobs_in_flight(self) -> list[_Job]:
-        job = self._current
-        return [job] if job is not None and not job.done else []
+        return [job for job in [*self._current, *self._pending] if not job.done]
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {"generate_calls_total": self._calls_total, "largest_batch": self._largest_batch}
 
     def _shutdown(self) -> None:
-        job = self._current
-        if job is not None:
+        for job in list(self._current):
             job.cancelled.set()
         self._inbox.put(None)
         self._worker.join(timeout=_STOP_TIMEOUT_SECONDS)
 
-    def _config_for(self, request: GenerationRequest, stop_ids: frozenset[int]) -> GenerationConfig:
+    @staticmethod
+    def _decoding(request: GenerationRequest) -> tuple[float, float]:
+        """Requests with the same key can share a ``generate`` call."""
+        return (0.0, 0.0) if request.temperature == 0 else (float(request.temperature), float(request.top_p))
+
+    def _config_for(self, request: GenerationRequest, max_new_tokens: int) -> GenerationConfig:
         config = copy.deepcopy(self._base_config)
-        config.max_new_tokens = request.max_new_tokens
+        config.max_new_tokens = max_new_tokens
         config.num_return_sequences = 1
-        config.eos_token_id = sorted(stop_ids)  # [] turns the model's eos off; None would bring it back
-        if config.pad_token_id is None:  # never used at batch size 1, but generate warns without one
-            config.pad_token_id = min(stop_ids, default=0)
+        config.eos_token_id = []  # each row's stop tokens are checked by _Rows; [] keeps the model's eos off
+        config.pad_token_id = self._pad_id
         if request.temperature == 0:
             config.do_sample = False
         else:
@@ -761,35 +804,77 @@ class GenerateEngine(_EngineBase):
             config.top_k = 0  # OpenAI semantics: no top-k (generate would default to 50)
         return config
 
+    def _take_batch(self) -> list[_Job]:
+        """The oldest waiting job and the waiting jobs that decode like it, up to ``max_sequences``."""
+        first = self._pending.popleft()
+        if first.request.seed is not None and first.request.temperature > 0:
+            return [first]
+        batch, rest = [first], deque[_Job]()
+        key = self._decoding(first.request)
+        for job in self._pending:
+            seeded = job.request.seed is not None and job.request.temperature > 0
+            if len(batch) < self.max_sequences and not seeded and self._decoding(job.request) == key:
+                batch.append(job)
+            else:
+                rest.append(job)
+        self._pending = rest  # the others keep their order, ahead of anything that arrives later
+        return batch
+
     def _work(self) -> None:
-        """Worker thread: run each job's ``generate`` and post its tokens to the job's loop."""
-        while (job := self._inbox.get()) is not None:
-            if job.cancelled.is_set():
+        """Worker thread: batch the waiting jobs, run each batch's ``generate``, post tokens to the loops."""
+        while True:
+            if not self._pending:
+                job = self._inbox.get()
+                if job is None:
+                    return
+                self._pending.append(job)
+            while True:  # everything that arrived meanwhile
+                try:
+                    job = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    return  # close() fails what is still pending
+                self._pending.append(job)
+            batch = [job for job in self._take_batch() if not job.cancelled.is_set()]
+            if not batch:
                 continue
+            self._current = batch
+            self._calls_total += 1
+            self._largest_batch = max(self._largest_batch, len(batch))
             error: str | None = None
             try:
-                self._run(job)
-            except Exception as exc:  # reported to the job's consumer, never swallowed
-                log.exception("generate failed for %s", job.request.request_id)
+                self._run(batch)
+            except Exception as exc:  # reported to the jobs' consumers, never swallowed
+                log.exception("generate failed for %s", ", ".join(j.request.request_id for j in batch))
                 error = f"{type(exc).__name__}: {exc}"
-            if error is None and job.cancelled.is_set():  # stopped early: it must not read as finished
-                error = "the engine was closed" if self._closed else "the sequence was cancelled"
-            self._post(job, self._deliver, job, [], True, error)
+            for job in batch:
+                job_error = error
+                if job_error is None and job.cancelled.is_set():  # stopped early: it must not read as finished
+                    job_error = "the engine was closed" if self._closed else "the sequence was cancelled"
+                self._post(job, self._deliver, job, [], True, job_error)
+            self._current = []
 
     @torch.no_grad()
-    def _run(self, job: _Job) -> None:
-        request = job.request
-        if request.seed is not None and request.temperature > 0:
-            torch.manual_seed(request.seed)
+    def _run(self, batch: list[_Job]) -> None:
+        first = batch[0].request
+        if first.seed is not None and first.temperature > 0:
+            torch.manual_seed(first.seed)
         device = self.model.device
-        input_ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=device)
-        streamer = _TokenStreamer(lambda tokens: self._post(job, self._deliver, job, tokens))
+        width = max(len(job.request.prompt_ids) for job in batch)
+        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+        for row, job in enumerate(batch):  # left padding: every row's last prompt token lines up
+            prompt = job.request.prompt_ids
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long, device=device)
+            mask[row, width - len(prompt):] = 1
+        rows = _Rows(batch, lambda job, tokens: self._post(job, self._deliver, job, tokens))
         cast(Any, self.model).generate(  # PreTrainedModel's stubs leave out GenerationMixin
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=self._config_for(request, job.stop_ids),
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_CancelCriteria(job.cancelled)]),
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=self._config_for(first, max(job.request.max_new_tokens for job in batch)),
+            streamer=_RowsStreamer(rows),
+            stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
         )
 
 
