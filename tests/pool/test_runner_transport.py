@@ -189,11 +189,11 @@ async def test_connections_idle_too_long_are_not_reused(tmp_path: Path) -> None:
     path = str(tmp_path / "r.sock")
     server = Server(echo_forever)
     listener = await asyncio.start_unix_server(server._serve, path)
-    async with httpx.AsyncClient(base_url="http://runner", transport=RunnerTransport(path, max_idle_seconds=0.2)) \
+    async with httpx.AsyncClient(base_url="http://runner", transport=RunnerTransport(path, max_idle_seconds=1.0)) \
             as client:
         await client.get("/a")
         await client.get("/b")  # at once: the same connection
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.2)
         await client.get("/c")  # idle past the limit: a new one
     listener.close()
     assert server.connections == 2

@@ -243,6 +243,19 @@ def _text(value: str | bytes) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
+def _import_nvml() -> Any | None:
+    """The ``pynvml`` module (nvidia-ml-py), or None where it is not installed."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+def _hides_every_gpu(visible: str | None) -> bool:
+    return visible is not None and visible.strip() in ("", "-1")
+
+
 def _visible_indices(nvml: Any, count: int, visible: str | None) -> tuple[list[int], list[str]]:
     """NVML indices of the GPUs CUDA will number 0..k-1, following CUDA_VISIBLE_DEVICES.
 
@@ -288,14 +301,11 @@ def cuda_devices(nvml: Any | None = None) -> tuple[list[Device], list[str]]:
     ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or identical GPUs.
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
+    if _hides_every_gpu(visible):
         return [], [f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"]
     if nvml is None:
-        try:
-            import pynvml
-
-            nvml = pynvml
-        except ImportError:
+        nvml = _import_nvml()
+        if nvml is None:
             return [], [
                 "GPUs not probed: nvidia-ml-py is not installed (pip install 'memserve[gpu]' on a host "
                 "with an NVIDIA GPU)"
@@ -389,15 +399,11 @@ class GpuProcessMemory:
             return self._handles
         self._handles = []
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None and visible.strip() in ("", "-1"):
+        if _hides_every_gpu(visible):
             return self._handles
-        if self._nvml is None:
-            try:
-                import pynvml
-            except ImportError:
-                return self._handles
-            self._nvml = pynvml
-        nvml = self._nvml
+        nvml = self._nvml = self._nvml or _import_nvml()
+        if nvml is None:
+            return self._handles
         nvml_error: type[BaseException] = getattr(nvml, "NVMLError", Exception)
         try:
             nvml.nvmlInit()

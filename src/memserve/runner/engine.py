@@ -785,9 +785,12 @@ class GenerateEngine(_EngineBase):
         self._worker.join(timeout=_STOP_TIMEOUT_SECONDS)
 
     @staticmethod
-    def _decoding(request: GenerationRequest) -> tuple[float, float]:
-        """Requests with the same key can share a ``generate`` call."""
-        return (0.0, 0.0) if request.temperature == 0 else (float(request.temperature), float(request.top_p))
+    def _decoding(request: GenerationRequest) -> tuple[float, float] | None:
+        """Requests with the same key can share a ``generate`` call; None: this one runs alone (it samples
+        with a seed, which seeds torch's global generator for the whole call)."""
+        if request.temperature == 0:
+            return (0.0, 0.0)
+        return None if request.seed is not None else (float(request.temperature), float(request.top_p))
 
     def _config_for(self, request: GenerationRequest, max_new_tokens: int) -> GenerationConfig:
         config = copy.deepcopy(self._base_config)
@@ -807,13 +810,12 @@ class GenerateEngine(_EngineBase):
     def _take_batch(self) -> list[_Job]:
         """The oldest waiting job and the waiting jobs that decode like it, up to ``max_sequences``."""
         first = self._pending.popleft()
-        if first.request.seed is not None and first.request.temperature > 0:
+        key = self._decoding(first.request)
+        if key is None:
             return [first]
         batch, rest = [first], deque[_Job]()
-        key = self._decoding(first.request)
         for job in self._pending:
-            seeded = job.request.seed is not None and job.request.temperature > 0
-            if len(batch) < self.max_sequences and not seeded and self._decoding(job.request) == key:
+            if len(batch) < self.max_sequences and self._decoding(job.request) == key:
                 batch.append(job)
             else:
                 rest.append(job)
