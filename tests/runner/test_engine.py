@@ -285,7 +285,8 @@ def test_generate_engine_batches_what_waits_and_keeps_each_row_to_its_own_limits
             _request(prompts[0], "stops", stop_token_ids=(stop,)),
             _request(prompts[2], "short", max_new_tokens=3),
             _request(prompts[3], "full"),
-            _request(prompts[4], "sampled", temperature=0.9, top_p=0.95),  # decodes differently: its own call
+            # decodes differently: its own call; no stop token, so a sampled end-of-text cannot cut it short
+            _request(prompts[4], "sampled", temperature=0.9, top_p=0.95, stop_token_ids=(-1,)),
         ]
         results = await asyncio.gather(*(_collect(engine, r) for r in waiting))
         await running
@@ -294,7 +295,7 @@ def test_generate_engine_batches_what_waits_and_keeps_each_row_to_its_own_limits
         assert stops[-1].finish_reason == "stop"
         assert [e.token_id for e in short] == references[2][:3] and short[-1].finish_reason == "length"
         assert [e.token_id for e in full] == references[3] and full[-1].finish_reason == "length"
-        assert len(sampled) == MAX_NEW_TOKENS
+        assert len(sampled) == MAX_NEW_TOKENS and sampled[-1].finish_reason == "length"
         extra = engine.stats().extra
         assert extra["largest_batch"] == 3  # the three greedy requests shared one call
         assert extra["generate_calls_total"] == 3  # the long one, the greedy three, the sampled one
