@@ -51,9 +51,10 @@ class LoadReport:
 
     phases: list[dict[str, Any]] = field(default_factory=list)
     state: str = "starting"
+    linear: dict[str, Any] = field(default_factory=dict)  # which Linear kernel serves (runner/kernels.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {"state": self.state, "phases": self.phases}
+        return {"state": self.state, "phases": self.phases, "linear": self.linear}
 
 
 class LoadProgress:
@@ -374,13 +375,18 @@ def _load(source: str, plan: dict[str, Any], report: LoadReport, progress: LoadP
     phase("map", t, dtype=plan["dtype"], quantization=plan["quantization"])
 
     t = time.perf_counter()
-    mapped = [p for p in model.parameters() if p.device.type == "cpu" and p.is_floating_point()]
-    progress.phase_started("fault_in", total_bytes=sum(_nbytes(p) for p in mapped))
+    from memserve.runner.kernels import pack_linear_weights
+
+    total = sum(_nbytes(p) for p in _cpu_weights(model))
+    progress.phase_started("fault_in", total_bytes=total)
+    # packing reads each bf16 Linear weight whole; the rest are read below
+    packing = pack_linear_weights(model, on_bytes=lambda n: progress.bytes_read("fault_in", n))
+    report.linear = packing.to_json()
     with torch.inference_mode():
-        for p in mapped:
+        for p in _cpu_weights(model):
             p.sum()  # reads every page of the mapped weights
             progress.bytes_read("fault_in", _nbytes(p))
-    phase("fault_in", t)
+    phase("fault_in", t, linear=report.linear)
 
     report.state = "warming"
     t = time.perf_counter()
@@ -391,6 +397,10 @@ def _load(source: str, plan: dict[str, Any], report: LoadReport, progress: LoadP
     phase("warm_up", t)
     report.state = "ready"
     return model, tokenizer
+
+
+def _cpu_weights(model: Any) -> list[Any]:
+    return [p for p in model.parameters() if p.device.type == "cpu" and p.is_floating_point()]
 
 
 def _nbytes(tensor: Any) -> int:

@@ -1,0 +1,195 @@
+"""Prepacked bf16 Linear weights on CPU: the same oneDNN matmul, in its own weight layout.
+
+Decoding is a stream of small matmuls (one row per running sequence) that read every weight once per
+step, so a step takes as long as reading the weights does. ``F.linear`` on a plain bf16 weight hands
+oneDNN a row-major matrix that it re-lays-out for its kernel on every call; packed once at load time
+(``torch.ops.mkldnn._reorder_linear_weight``, what inductor's ``freezing`` does for CPU), the matmul
+reads the weight as stored. Measured on this project's 2-core VM over 1b-sized layers, out of cache:
+×1.5–2.0 faster at 1–8 rows, the same at 320 (prefill), and bit-identical results (same kernel, same
+accumulation). ``benchmarks/serve_throughput.py`` shows what it does for a served model.
+
+Only bf16 weights on CPU, where oneDNN has native bf16 kernels, are packed: an fp32 ``F.linear`` runs
+MKL, whose results oneDNN would not reproduce bit for bit. A weight that is also used elsewhere
+(tied input and output embeddings) stays as it is; packing it would keep two copies.
+
+The checkpoint's weights are mapped from their files (transformers 5 maps safetensors lazily), and a
+mapping stays whole while any of its tensors is alive, so dropping a packed weight would not return
+its pages: resident memory would hold the file's pages and the packed copy, twice the plan. Once a
+weight is packed, its file pages are dropped from this process with ``madvise(MADV_DONTNEED)``; they
+stay in the page cache, and reading them again would fault them back from the file. That is only done
+for whole pages inside a file mapping that no other tensor of the model reads.
+
+``MEMSERVE_PACK_LINEAR=0`` turns packing off (to compare, or if a torch build misbehaves).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import ctypes.util
+import mmap
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ENV_SWITCH = "MEMSERVE_PACK_LINEAR"
+_MADV_DONTNEED = 4  # linux/mman.h
+
+
+@dataclass
+class PackReport:
+    """What packing did: layers and bytes packed, file-mapped bytes handed back, or why it did not run."""
+
+    layers: int = 0
+    packed_bytes: int = 0
+    released_file_bytes: int = 0
+    skipped_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.skipped_reason is not None:
+            return {"kernel": "torch", "reason": self.skipped_reason}
+        return {"kernel": "onednn-packed", "layers": self.layers, "packed_bytes": self.packed_bytes,
+                "released_file_bytes": self.released_file_bytes}
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is held in oneDNN's packed layout; inference only."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.register_buffer("weight", packed, persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
+
+
+def why_not_pack(model: nn.Module, env: dict[str, str] | None = None) -> str | None:
+    """None when the model's bf16 CPU Linears can be packed, else the reason in words."""
+    env = dict(os.environ) if env is None else env
+    if env.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"turned off by {ENV_SWITCH}"
+    if not any(_packable(m) for m in model.modules()):
+        return "no bf16 Linear weights on cpu"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return "this torch build has no oneDNN linear packing"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no native bf16 for oneDNN"
+    return _self_check()
+
+
+def pack_linear_weights(model: nn.Module, *, on_bytes: Callable[[int], None] | None = None) -> PackReport:
+    """Replace every packable Linear of ``model`` with a :class:`PackedLinear`, in place.
+
+    ``on_bytes`` is told the bytes of each weight as it is packed (packing reads every page of it).
+    """
+    reason = why_not_pack(model)
+    if reason is not None:
+        return PackReport(skipped_reason=reason)
+    uses: dict[int, int] = {}
+    for _, tensor in _all_tensors(model):
+        uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+    mappings = _FileMappings.of_this_process()
+    report = PackReport()
+    with torch.inference_mode():
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if not (isinstance(child, nn.Linear) and _packable(child)) or uses[id(child.weight)] > 1:
+                    continue
+                weight = child.weight
+                setattr(parent, name, PackedLinear(child))
+                nbytes = weight.numel() * weight.element_size()
+                report.layers += 1
+                report.packed_bytes += nbytes
+                report.released_file_bytes += mappings.release(weight.data_ptr(), nbytes, _plain_ranges(model))
+                if on_bytes is not None:
+                    on_bytes(nbytes)
+    return report
+
+
+def _packable(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+        return False
+    weight = module.weight
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not weight.is_meta
+
+
+def _self_check() -> str | None:
+    """Pack a small random layer and compare with ``F.linear``; a build that disagrees is not used."""
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        linear.weight.copy_(torch.randn(48, 64, generator=generator))
+        x = torch.randn(3, 64, generator=generator).to(torch.bfloat16)
+        expected = linear(x)
+        try:
+            got = PackedLinear(linear)(x)
+        except RuntimeError as exc:
+            return f"oneDNN linear packing failed here: {exc}"
+    if not torch.equal(got, expected):
+        return "oneDNN's packed linear does not reproduce F.linear on this machine"
+    return None
+
+
+def _all_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _plain_ranges(model: nn.Module) -> list[tuple[int, int]]:
+    """Byte ranges of the model's plain tensors (a packed weight has left it), which keep their pages."""
+    ranges = []
+    for _, tensor in _all_tensors(model):
+        if tensor.is_mkldnn or tensor.device.type != "cpu" or tensor.numel() == 0:
+            continue
+        ranges.append((tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()))
+    return ranges
+
+
+class _FileMappings:
+    """This process's file-backed mappings (from ``/proc/self/maps``), and dropping pages of them."""
+
+    def __init__(self, spans: list[tuple[int, int]], madvise: Callable[[int, int], int] | None) -> None:
+        self._spans = sorted(spans)
+        self._starts = [start for start, _ in self._spans]
+        self._madvise = madvise
+
+    @classmethod
+    def of_this_process(cls) -> _FileMappings:
+        if not sys.platform.startswith("linux"):
+            return cls([], None)
+        spans = []
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if path.startswith("/") and not path.endswith(" (deleted)"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    spans.append((start, end))
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return cls(spans, lambda address, length: int(libc.madvise(address, length, _MADV_DONTNEED)))
+
+    def release(self, address: int, nbytes: int, keep: list[tuple[int, int]]) -> int:
+        """Drop the whole pages of ``[address, address + nbytes)`` if they lie in one file mapping and
+        no range in ``keep`` overlaps them; the bytes dropped (0 when nothing was)."""
+        if self._madvise is None or nbytes <= 0:
+            return 0
+        page = mmap.PAGESIZE
+        start = -(-address // page) * page
+        end = (address + nbytes) // page * page
+        i = bisect.bisect_right(self._starts, start) - 1
+        if end <= start or i < 0 or self._spans[i][1] < end:
+            return 0  # not (wholly) in a file mapping: anonymous memory is freed when the weight is
+        if any(lo < end and start < hi for lo, hi in keep):
+            return 0
+        return end - start if self._madvise(start, end - start) == 0 else 0
