@@ -5,7 +5,9 @@ on the same model in one run:
   sized from the plan);
 - ``sequential``: plain ``model.generate`` per request, one after another (the pattern our users
   started from); TTFT includes the wait for the requests ahead;
-- ``transformers-serve``: ``transformers serve --continuous-batching`` with a bounded cache.
+- ``transformers-serve``: ``transformers serve --continuous-batching`` with a bounded cache;
+- ``runner-unpacked`` (only when named in ``--setups``): the runner with ``MEMSERVE_PACK_LINEAR=0``,
+  its Linears on plain ``F.linear`` as in transformers serve, to show what packing them does.
 
     python benchmarks/serve_throughput.py --model models/demo-1b            # builds it if missing
     python benchmarks/serve_throughput.py --model models/demo-tiny --levels 1,4 --max-tokens 16
@@ -220,6 +222,12 @@ def sequential_child(model_dir: str, levels: list[int], max_tokens: int) -> None
         print(json.dumps(row), flush=True)
 
 
+def _transformers_cli() -> str:
+    """The ``transformers`` command of this interpreter's environment, also when it is not activated."""
+    beside = Path(sys.executable).with_name("transformers")
+    return str(beside) if beside.exists() else "transformers"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/demo-1b"))
@@ -255,19 +263,22 @@ def main() -> None:
                   f"{row['ttft_p50_seconds']:.2f} s, peak {row['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
     servers: list[Server] = []
     reserved = 0
-    if "runner" in setups:
-        port = free_port()
-        plan_file = Path(f"/tmp/memserve-bench-plan-{port}.json")
+    runners = [(name, extra) for name, extra in (("runner", {}), ("runner-unpacked", {"MEMSERVE_PACK_LINEAR": "0"}))
+               if name in setups]
+    if runners:
         fit = subprocess.run([sys.executable, "-m", "memserve", "fit", str(args.model), "--context",
                               str(args.context), "--concurrency", str(concurrency), "--json"],
                              check=True, capture_output=True, text=True)
-        plan_file.write_text(fit.stdout)
         reserved = json.loads(fit.stdout)["plan"]["devices"]["cpu"]["total_bytes"]
         print(f"runner (memserve): plan reserves {reserved / GiB:.2f} GiB on cpu", flush=True)
+    for name, extra in runners:
+        port = free_port()
+        plan_file = Path(f"/tmp/memserve-bench-plan-{port}.json")
+        plan_file.write_text(fit.stdout)
         servers.append(Server(
-            "runner",
+            name,
             [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "m"],
-            f"http://127.0.0.1:{port}", "m", env))
+            f"http://127.0.0.1:{port}", "m", {**env, **extra}))
     if "transformers-serve" in setups:
         print("transformers serve --continuous-batching (bounded cache)", flush=True)
         port = free_port()
@@ -275,7 +286,7 @@ def main() -> None:
         model_id = str(args.model.resolve())
         servers.append(Server(
             "transformers-serve",
-            ["transformers", "serve", model_id, "--continuous-batching", "--cb-block-size", "64",
+            [_transformers_cli(), "serve", model_id, "--continuous-batching", "--cb-block-size", "64",
              "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", "2048", "--device", "cpu",
              "--host", "127.0.0.1", "--port", str(port)],
             f"http://127.0.0.1:{port}", model_id, env))
@@ -288,12 +299,12 @@ def main() -> None:
     finally:
         for server in servers:
             server.stop()
-    for row in results.get("runner", []):
+    for row in [*results.get("runner", []), *results.get("runner-unpacked", [])]:
         row["plan_reserved_bytes"] = reserved
 
     print("\nratios at each level (runner ÷ peer): tokens/s (ratio of medians; against a server, also the median\n"
           "of the rounds' own ratios), TTFT p50")
-    for peer in ("sequential", "transformers-serve"):
+    for peer in ("sequential", "transformers-serve", "runner-unpacked"):
         if "runner" not in results or peer not in results:
             continue
         for ours, theirs in zip(results["runner"], results[peer], strict=True):
