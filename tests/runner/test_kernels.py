@@ -157,3 +157,57 @@ def test_a_runner_load_packs_bf16_and_says_so(
         assert packed == 0 and report.linear == {"kernel": "torch", "reason": f"turned off by {ENV_SWITCH}"}
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert report.state == "ready" and [e["phase"] for e in events][-1] == "warm_up"
+
+
+class _ReadsAWeight(nn.Module):
+    """Calls one Linear and does its own arithmetic with another's weight, as the mamba family does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = nn.Linear(16, 16, dtype=torch.bfloat16)
+        self.read = nn.Linear(16, 16, dtype=torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.called(x) @ self.read.weight
+
+
+@needs_packing
+def test_only_the_linears_a_forward_calls_are_packed() -> None:
+    model = _ReadsAWeight()
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    with torch.inference_mode():
+        expected = model(x)
+
+    report = pack_linear_weights(model, probe=lambda: model(x))
+
+    assert (report.layers, report.not_called) == (1, 1)
+    assert isinstance(model.called, PackedLinear) and type(model.read) is nn.Linear
+    with torch.inference_mode():
+        assert torch.equal(model(x), expected)
+
+
+@needs_packing
+def test_a_forward_that_fails_once_packed_names_the_switch(
+    bf16_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memserve.errors import MemserveError
+    from memserve.runner.load import LoadProgress, LoadReport, load_model
+
+    def broken(self: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("mkldnn tensor used where a strided one was expected")
+
+    monkeypatch.setattr(PackedLinear, "forward", broken)
+    monkeypatch.setattr("memserve.runner.kernels._self_check", lambda: None)  # which would catch it first
+    plan = {"dtype": "bfloat16", "quantization": "none", "device_map": {"": "cpu"}}
+    with pytest.raises(MemserveError, match=f"after .* Linear weights were packed .* {ENV_SWITCH}=0"):
+        load_model(str(bf16_checkpoint), plan, LoadReport(), progress=LoadProgress(stream=io.StringIO()))
+
+
+@needs_packing
+def test_a_build_whose_packed_linear_breaks_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        raise TypeError("_linear_pointwise() takes 5 arguments")
+
+    monkeypatch.setattr(PackedLinear, "forward", broken)
+    reason = why_not_pack(nn.Linear(8, 8, dtype=torch.bfloat16), env={})
+    assert reason is not None and "oneDNN linear packing" in reason

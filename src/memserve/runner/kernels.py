@@ -10,7 +10,10 @@ accumulation). ``benchmarks/serve_throughput.py`` shows what it does for a serve
 
 Only bf16 weights on CPU, where oneDNN has native bf16 kernels, are packed: an fp32 ``F.linear`` runs
 MKL, whose results oneDNN would not reproduce bit for bit. A weight that is also used elsewhere
-(tied input and output embeddings) stays as it is; packing it would keep two copies.
+(tied input and output embeddings) stays as it is; packing it would keep two copies. So does one that
+no forward calls: the load runs one forward first and packs only the Linears it saw called, since a
+model that does its own arithmetic with a Linear's weight (the mamba family) cannot take a packed one.
+If the warm-up forward still fails once packed, the load fails with a message naming the switch below.
 
 The checkpoint's weights are mapped from their files (transformers 5 maps safetensors lazily), and a
 mapping stays whole while any of its tensors is alive, so dropping a packed weight would not return
@@ -48,13 +51,14 @@ class PackReport:
     layers: int = 0
     packed_bytes: int = 0
     released_file_bytes: int = 0
+    not_called: int = 0  # bf16 Linears the probe forward never called: left as they are
     skipped_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         if self.skipped_reason is not None:
             return {"kernel": "torch", "reason": self.skipped_reason}
         return {"kernel": "onednn-packed", "layers": self.layers, "packed_bytes": self.packed_bytes,
-                "released_file_bytes": self.released_file_bytes}
+                "released_file_bytes": self.released_file_bytes, "not_called": self.not_called}
 
 
 class PackedLinear(nn.Module):
@@ -81,21 +85,27 @@ def why_not_pack(model: nn.Module, env: dict[str, str] | None = None) -> str | N
         return f"turned off by {ENV_SWITCH}"
     if not any(_packable(m) for m in model.modules()):
         return "no bf16 Linear weights on cpu"
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+    ops = ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported")
+    if not (torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, op) for op in ops)):
         return "this torch build has no oneDNN linear packing"
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU has no native bf16 for oneDNN"
     return _self_check()
 
 
-def pack_linear_weights(model: nn.Module, *, on_bytes: Callable[[int], None] | None = None) -> PackReport:
-    """Replace every packable Linear of ``model`` with a :class:`PackedLinear`, in place.
+def pack_linear_weights(model: nn.Module, *, probe: Callable[[], object] | None = None,
+                        on_bytes: Callable[[int], None] | None = None) -> PackReport:
+    """Replace the packable Linears of ``model`` with :class:`PackedLinear`, in place.
 
-    ``on_bytes`` is told the bytes of each weight as it is packed (packing reads every page of it).
+    ``probe`` runs a forward first, and only the Linears it calls are packed: a model that reads a
+    Linear's weight for its own arithmetic (the mamba family does) never calls that Linear, and its
+    weight stays a plain tensor. ``on_bytes`` is told the bytes of each weight as it is packed
+    (packing reads every page of it).
     """
     reason = why_not_pack(model)
     if reason is not None:
         return PackReport(skipped_reason=reason)
+    called = _called_linears(model, probe) if probe is not None else None
     uses: dict[int, int] = {}
     for _, tensor in _all_tensors(model):
         uses[id(tensor)] = uses.get(id(tensor), 0) + 1
@@ -106,6 +116,9 @@ def pack_linear_weights(model: nn.Module, *, on_bytes: Callable[[int], None] | N
             for name, child in list(parent.named_children()):
                 if not (isinstance(child, nn.Linear) and _packable(child)) or uses[id(child.weight)] > 1:
                     continue
+                if called is not None and child not in called:
+                    report.not_called += 1
+                    continue
                 weight = child.weight
                 setattr(parent, name, PackedLinear(child))
                 nbytes = weight.numel() * weight.element_size()
@@ -115,6 +128,19 @@ def pack_linear_weights(model: nn.Module, *, on_bytes: Callable[[int], None] | N
                 if on_bytes is not None:
                     on_bytes(nbytes)
     return report
+
+
+def _called_linears(model: nn.Module, probe: Callable[[], object]) -> set[nn.Module]:
+    called: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda module, args: called.add(module))
+             for m in model.modules() if _packable(m)]
+    try:
+        with torch.inference_mode():
+            probe()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return called
 
 
 def _packable(module: nn.Module) -> bool:
@@ -134,7 +160,7 @@ def _self_check() -> str | None:
         expected = linear(x)
         try:
             got = PackedLinear(linear)(x)
-        except RuntimeError as exc:
+        except Exception as exc:  # a private op: any change of its signature or behaviour means "don't"
             return f"oneDNN linear packing failed here: {exc}"
     if not torch.equal(got, expected):
         return "oneDNN's packed linear does not reproduce F.linear on this machine"

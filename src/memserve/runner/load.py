@@ -37,7 +37,7 @@ from rich.spinner import Spinner
 from rich.table import Column
 from rich.text import Text
 
-from memserve.errors import InvalidArgument
+from memserve.errors import InvalidArgument, MemserveError
 from memserve.units import format_bytes
 
 PHASES = ("resolve", "map", "fault_in", "warm_up")
@@ -375,12 +375,15 @@ def _load(source: str, plan: dict[str, Any], report: LoadReport, progress: LoadP
     phase("map", t, dtype=plan["dtype"], quantization=plan["quantization"])
 
     t = time.perf_counter()
+    from memserve.runner.kernels import ENV_SWITCH as PACK_SWITCH
     from memserve.runner.kernels import pack_linear_weights
 
     total = sum(_nbytes(p) for p in _cpu_weights(model))
     progress.phase_started("fault_in", total_bytes=total)
-    # packing reads each bf16 Linear weight whole; the rest are read below
-    packing = pack_linear_weights(model, on_bytes=lambda n: progress.bytes_read("fault_in", n))
+    warm_up_ids = torch.tensor([[tokenizer.eos_token_id or 0] * 8], device=model.device)
+    # packing reads each bf16 Linear weight whole (those a forward calls); the rest are read below
+    packing = pack_linear_weights(model, probe=lambda: model(input_ids=warm_up_ids),
+                                  on_bytes=lambda n: progress.bytes_read("fault_in", n))
     report.linear = packing.to_json()
     with torch.inference_mode():
         for p in _cpu_weights(model):
@@ -392,8 +395,14 @@ def _load(source: str, plan: dict[str, Any], report: LoadReport, progress: LoadP
     t = time.perf_counter()
     progress.phase_started("warm_up")
     with torch.inference_mode():
-        ids = torch.tensor([[tokenizer.eos_token_id or 0] * 8], device=model.device)
-        model(input_ids=ids)
+        try:
+            model(input_ids=warm_up_ids)
+        except Exception as exc:
+            if packing.layers:
+                raise MemserveError(f"the warm-up forward failed after {packing.layers} Linear weights were packed "
+                                   f"for oneDNN ({type(exc).__name__}: {exc}); load it with "
+                                   f"{PACK_SWITCH}=0 to keep them as they are", code="packed_forward_failed") from exc
+            raise
     phase("warm_up", t)
     report.state = "ready"
     return model, tokenizer
