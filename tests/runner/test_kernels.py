@@ -14,7 +14,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from memserve.checkpoint.demo import write_demo_model
-from memserve.runner.kernels import ENV_SWITCH, PackedLinear, _FileMappings, pack_linear_weights, why_not_pack
+from memserve.runner.kernels import (
+    ENV_SWITCH,
+    PackedLinear,
+    _FileMappings,
+    _plain_ranges,
+    pack_linear_weights,
+    why_not_pack,
+)
 
 _probe = nn.Linear(8, 8, dtype=torch.bfloat16)
 REASON = why_not_pack(_probe, env={})
@@ -78,8 +85,9 @@ def test_packing_hands_back_the_checkpoints_mapped_pages(bf16_checkpoint: Path) 
     after = _mapped_resident_bytes(bf16_checkpoint)
     assert report.released_file_bytes > 0
     assert before - after >= report.released_file_bytes * 0.9  # what it says it released really left RSS
-    with torch.inference_mode():  # the weights that stayed mapped (embeddings, norms) are intact
-        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():  # the weights that stayed mapped (embeddings, norms, biases) are intact
+        assert torch.equal(model(ids).logits, _load(bf16_checkpoint)(ids).logits)
 
 
 def test_release_drops_only_whole_file_pages_nobody_else_reads(tmp_path: Path) -> None:
@@ -96,6 +104,16 @@ def test_release_drops_only_whole_file_pages_nobody_else_reads(tmp_path: Path) -
     assert mappings.release(base + 1, 5 * page - 2, keep=[]) == 3 * page
     # a range another tensor reads is kept
     assert mappings.release(base + 8 * page, 4 * page, keep=[(base + 10 * page, base + 10 * page + 1)]) == 0
+    # a strided view reads far past numel * itemsize from its start: its written rows must survive
+    written = mapped[12 * page:].view(4, page)[:, :8]
+    written.fill_(7)  # private copies of the file's pages, which a drop would silently revert
+    holder = nn.Module()
+    holder.register_buffer("rows", written)
+    keep = _plain_ranges(holder)
+    assert keep == [(base + 12 * page, base + 15 * page + 8)]
+    assert mappings.release(base + 12 * page, 4 * page, keep=keep) == 0
+    assert bool((written == 7).all())
+    mapped[12 * page:].copy_(torch.frombuffer(bytearray(data.read_bytes()[12 * page:]), dtype=torch.uint8))
     # released pages read back from the file: nothing is lost
     assert torch.equal(mapped, torch.frombuffer(bytearray(data.read_bytes()), dtype=torch.uint8))
 
@@ -132,6 +150,9 @@ def test_packed_linear_matches_linear_on_any_leading_shape() -> None:
         for shape in [(0, 32), (1, 32), (5, 32), (2, 7, 32)]:
             x = torch.randn(*shape).to(torch.bfloat16)
             assert torch.equal(packed(x), linear(x))
+        strided = torch.randn(32, 6).to(torch.bfloat16).t()  # a transposed view, as attention code makes
+        assert not strided.is_contiguous()
+        assert torch.equal(packed(strided), linear(strided.contiguous()))
 
 
 @needs_packing
@@ -141,7 +162,9 @@ def test_a_runner_load_packs_bf16_and_says_so(
 ) -> None:
     from memserve.runner.load import LoadProgress, LoadReport, load_model
 
-    if switch is not None:
+    if switch is None:
+        monkeypatch.delenv(ENV_SWITCH, raising=False)
+    else:
         monkeypatch.setenv(ENV_SWITCH, switch)
     plan = {"dtype": "bfloat16", "quantization": "none", "device_map": {"": "cpu"}}
     stream = io.StringIO()
@@ -153,10 +176,14 @@ def test_a_runner_load_packs_bf16_and_says_so(
     assert fault_in["linear"] == report.to_json()["linear"]
     if switch is None:
         assert packed > 0 and report.linear["kernel"] == "onednn-packed" and report.linear["layers"] == packed
+        assert report.linear["released_file_bytes"] > 0 and report.linear["not_called"] == 0
     else:
         assert packed == 0 and report.linear == {"kernel": "torch", "reason": f"turned off by {ENV_SWITCH}"}
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert report.state == "ready" and [e["phase"] for e in events][-1] == "warm_up"
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, _load(bf16_checkpoint)(ids).logits)
 
 
 class _ReadsAWeight(nn.Module):
@@ -210,4 +237,4 @@ def test_a_build_whose_packed_linear_breaks_is_not_used(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(PackedLinear, "forward", broken)
     reason = why_not_pack(nn.Linear(8, 8, dtype=torch.bfloat16), env={})
-    assert reason is not None and "oneDNN linear packing" in reason
+    assert reason is not None and reason.startswith("oneDNN linear packing failed here (TypeError: ")

@@ -28,6 +28,7 @@ for whole pages inside a file mapping that no other tensor of the model reads.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -109,30 +110,44 @@ def pack_linear_weights(model: nn.Module, *, probe: Callable[[], object] | None 
     uses: dict[int, int] = {}
     for _, tensor in _all_tensors(model):
         uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear) and _packable(child) and uses[id(child.weight)] == 1]
     mappings = _FileMappings.of_this_process()
     report = PackReport()
     with torch.inference_mode():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if not (isinstance(child, nn.Linear) and _packable(child)) or uses[id(child.weight)] > 1:
-                    continue
-                if called is not None and child not in called:
-                    report.not_called += 1
-                    continue
-                weight = child.weight
-                setattr(parent, name, PackedLinear(child))
-                nbytes = weight.numel() * weight.element_size()
-                report.layers += 1
-                report.packed_bytes += nbytes
+        for parent, name in targets:
+            child = getattr(parent, name)
+            if called is not None and id(child) not in called:
+                report.not_called += 1
+                continue
+            weight = child.weight
+            setattr(parent, name, PackedLinear(child))
+            del child  # nothing but ``weight`` holds the old layer now, and it goes at the end of this pass
+            nbytes = weight.numel() * weight.element_size()
+            report.layers += 1
+            report.packed_bytes += nbytes
+            if weight.is_contiguous():
                 report.released_file_bytes += mappings.release(weight.data_ptr(), nbytes, _plain_ranges(model))
-                if on_bytes is not None:
-                    on_bytes(nbytes)
+            del weight  # an anonymous weight is freed here: at most one layer is held twice
+            if on_bytes is not None:
+                on_bytes(nbytes)
+    _trim_heap()
     return report
 
 
-def _called_linears(model: nn.Module, probe: Callable[[], object]) -> set[nn.Module]:
-    called: set[nn.Module] = set()
-    hooks = [m.register_forward_pre_hook(lambda module, args: called.add(module))
+def _trim_heap() -> None:
+    """Give the freed plain weights back to the OS: glibc keeps freed heap memory for reuse, and resident
+    memory is what the watchdog measures (a bf16 copy of an fp32 checkpoint: +65 MiB after packing a
+    0.1B model, +31 MiB once trimmed)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
+def _called_linears(model: nn.Module, probe: Callable[[], object]) -> set[int]:
+    """The ids of the packable Linears a forward calls (ids: holding the layers would keep them alive)."""
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda module, args: called.add(id(module)))
              for m in model.modules() if _packable(m)]
     try:
         with torch.inference_mode():
@@ -161,7 +176,7 @@ def _self_check() -> str | None:
         try:
             got = PackedLinear(linear)(x)
         except Exception as exc:  # a private op: any change of its signature or behaviour means "don't"
-            return f"oneDNN linear packing failed here: {exc}"
+            return f"oneDNN linear packing failed here ({type(exc).__name__}: {exc})"
     if not torch.equal(got, expected):
         return "oneDNN's packed linear does not reproduce F.linear on this machine"
     return None
@@ -177,8 +192,18 @@ def _plain_ranges(model: nn.Module) -> list[tuple[int, int]]:
     for _, tensor in _all_tensors(model):
         if tensor.is_mkldnn or tensor.device.type != "cpu" or tensor.numel() == 0:
             continue
-        ranges.append((tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()))
+        ranges.append(_byte_span(tensor))
     return ranges
+
+
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """Every byte a tensor can read, strided views included (their elements are not contiguous)."""
+    low = high = 0
+    for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
+        reach = (size - 1) * stride
+        low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+    size = tensor.element_size()
+    return tensor.data_ptr() + low * size, tensor.data_ptr() + (high + 1) * size
 
 
 class _FileMappings:
