@@ -4,9 +4,9 @@ Decoding is a stream of small matmuls (one row per running sequence) that read e
 step, so a step takes as long as reading the weights does. ``F.linear`` on a plain bf16 weight hands
 oneDNN a row-major matrix that it re-lays-out for its kernel on every call; packed once at load time
 (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's ``freezing`` does for CPU), the matmul
-reads the weight as stored. Measured on this project's 2-core VM over 1b-sized layers, out of cache:
-×1.5–2.0 faster at 1–8 rows, the same at 320 (prefill), and bit-identical results (same kernel, same
-accumulation). ``benchmarks/serve_throughput.py`` shows what it does for a served model.
+reads the weight as stored. ``benchmarks/linear_kernels.py`` on this project's 2-core VM, 1b-sized
+layers out of cache: ×1.8–2.1 faster at 1–8 rows, ×1.06 at 320 (prefill), bit-identical results (same
+kernel, same accumulation); ``benchmarks/serve_throughput.py`` shows what it does for a served model.
 
 Only bf16 weights on CPU, where oneDNN has native bf16 kernels, are packed: an fp32 ``F.linear`` runs
 MKL, whose results oneDNN would not reproduce bit for bit. A weight that is also used elsewhere
