@@ -18,7 +18,7 @@ from memserve.runner.kernels import (
     ENV_SWITCH,
     PackedLinear,
     _FileMappings,
-    _plain_ranges,
+    _kept_ranges,
     pack_linear_weights,
     why_not_pack,
 )
@@ -109,7 +109,7 @@ def test_release_drops_only_whole_file_pages_nobody_else_reads(tmp_path: Path) -
     written.fill_(7)  # private copies of the file's pages, which a drop would silently revert
     holder = nn.Module()
     holder.register_buffer("rows", written)
-    keep = _plain_ranges(holder)
+    keep = _kept_ranges(holder, packing=set())
     assert keep == [(base + 12 * page, base + 15 * page + 8)]
     assert mappings.release(base + 12 * page, 4 * page, keep=keep) == 0
     assert bool((written == 7).all())

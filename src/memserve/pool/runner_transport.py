@@ -76,12 +76,12 @@ class RunnerTransport(httpx.AsyncBaseTransport):
             connection.close()
             raise
         return httpx.Response(
-                connection.status_code,
-                headers=connection.headers,
-                stream=_Body(self, connection, timeouts.get("read")),
-                extensions={"http_version": b"HTTP/1.1"},
-                request=request,
-            )
+            connection.status_code,
+            headers=connection.headers,
+            stream=_Body(self, connection, timeouts.get("read")),
+            extensions={"http_version": b"HTTP/1.1"},
+            request=request,
+        )
 
     async def aclose(self) -> None:
         self._closed = True

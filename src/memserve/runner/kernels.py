@@ -31,6 +31,7 @@ import bisect
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import sys
@@ -110,16 +111,22 @@ def pack_linear_weights(model: nn.Module, *, probe: Callable[[], object] | None 
     uses: dict[int, int] = {}
     for _, tensor in _all_tensors(model):
         uses[id(tensor)] = uses.get(id(tensor), 0) + 1
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear) and _packable(child) and uses[id(child.weight)] == 1]
-    mappings = _FileMappings.of_this_process()
     report = PackReport()
+    targets = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if not (isinstance(child, nn.Linear) and _packable(child)) or uses[id(child.weight)] > 1:
+                continue
+            if called is not None and id(child) not in called:
+                report.not_called += 1
+            else:
+                targets.append((parent, name))
+    packing = {id(getattr(parent, name).weight) for parent, name in targets}
+    keep = _kept_ranges(model, packing)
+    mappings = _FileMappings.of_this_process()
     with torch.inference_mode():
         for parent, name in targets:
             child = getattr(parent, name)
-            if called is not None and id(child) not in called:
-                report.not_called += 1
-                continue
             weight = child.weight
             setattr(parent, name, PackedLinear(child))
             del child  # nothing but ``weight`` holds the old layer now, and it goes at the end of this pass
@@ -127,7 +134,7 @@ def pack_linear_weights(model: nn.Module, *, probe: Callable[[], object] | None 
             report.layers += 1
             report.packed_bytes += nbytes
             if weight.is_contiguous():
-                report.released_file_bytes += mappings.release(weight.data_ptr(), nbytes, _plain_ranges(model))
+                report.released_file_bytes += mappings.release(weight.data_ptr(), nbytes, keep)
             del weight  # an anonymous weight is freed here: at most one layer is held twice
             if on_bytes is not None:
                 on_bytes(nbytes)
@@ -141,7 +148,14 @@ def _trim_heap() -> None:
     0.1B model, +31 MiB once trimmed)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+            _libc().malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def _called_linears(model: nn.Module, probe: Callable[[], object]) -> set[int]:
@@ -186,14 +200,10 @@ def _all_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
-def _plain_ranges(model: nn.Module) -> list[tuple[int, int]]:
-    """Byte ranges of the model's plain tensors (a packed weight has left it), which keep their pages."""
-    ranges = []
-    for _, tensor in _all_tensors(model):
-        if tensor.is_mkldnn or tensor.device.type != "cpu" or tensor.numel() == 0:
-            continue
-        ranges.append(_byte_span(tensor))
-    return ranges
+def _kept_ranges(model: nn.Module, packing: set[int]) -> list[tuple[int, int]]:
+    """Byte ranges of the model's tensors that stay plain (all but the ids in ``packing``): their pages stay."""
+    return [_byte_span(t) for _, t in _all_tensors(model)
+            if id(t) not in packing and t.device.type == "cpu" and t.numel() > 0]
 
 
 def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
@@ -226,9 +236,7 @@ class _FileMappings:
                 if path.startswith("/") and not path.endswith(" (deleted)"):
                     start, end = (int(x, 16) for x in fields[0].split("-"))
                     spans.append((start, end))
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return cls(spans, lambda address, length: int(libc.madvise(address, length, _MADV_DONTNEED)))
+        return cls(spans, lambda address, length: int(_libc().madvise(address, length, _MADV_DONTNEED)))
 
     def release(self, address: int, nbytes: int, keep: list[tuple[int, int]]) -> int:
         """Drop the whole pages of ``[address, address + nbytes)`` if they lie in one file mapping and
