@@ -11,6 +11,7 @@ from memserve.errors import InvalidArgument
 from memserve.memory.estimate import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import Policy, Request, plan
+from memserve.units import format_bytes
 from tests.fakes import (
     LLAMA2_70B,
     LLAMA3_8B,
@@ -290,3 +291,39 @@ def test_cgroup_limited_host_from_the_probe(tmp_path) -> None:  # type: ignore[n
     assert "cpu needs 1" in refused.nofit.message and "6.8 GiB usable" in refused.nofit.message
     without_cgroup = probe_inventory(cgroup=None, virtual_memory=lambda: vm, nvml=object())
     assert plan(facts(LLAMA3_8B), Request(4096), without_cgroup).plan is not None
+
+
+def test_nofit_when_the_only_rung_that_fits_is_skipped_says_so_whole() -> None:
+    """A CPU-only host whose cpu rung the watchdog ruled out: the message names the rung, its size and why."""
+    result = plan(facts(QWEN2_05B, name="demo-small"), Request(2048), CPU_16, Policy().below("cpu"))
+    assert result.plan is None and result.nofit is not None
+    cpu_need = result.nofit.needed["cpu"]
+    assert cpu_need.fits  # the premise: it is not too big, it is ruled out
+    size = f"{format_bytes(cpu_need.total_bytes)} of {format_bytes(cpu_need.free_bytes)} usable"
+    assert result.nofit.message == (
+        f"demo-small has no allowed placement on this host; cpu would fit (cpu {size}) but a runner on this "
+        "rung or one above it used more memory than planned, so it is skipped")
+    assert result.nofit.closest_blocked is not None and result.nofit.alternatives == ()
+
+
+def test_nofit_for_a_model_too_big_for_every_rung_names_each_part() -> None:
+    result = plan(facts(LLAMA3_8B, name="llama-3-8b"), Request(4096), CPU_16)
+    assert result.nofit is not None
+    need = result.nofit.needed["cpu"]
+    assert result.nofit.message == (
+        f"llama-3-8b does not fit on this host; closest is cpu: cpu needs {format_bytes(need.total_bytes)} "
+        f"(weights {format_bytes(need.weights_bytes)}, KV cache {format_bytes(need.kv_cache_bytes)}, activations "
+        f"{format_bytes(need.activation_bytes)}, runtime {format_bytes(need.runtime_bytes)}) but has "
+        f"{format_bytes(need.free_bytes)} usable. Free memory, raise --memory, or choose a smaller model")
+
+
+def test_rungs_ruled_out_for_the_same_reason_are_offered_in_one_line() -> None:
+    result = plan(facts(QWEN2_05B, name="q"), Request(2048), L4, Policy().below("cpu"))
+    assert result.nofit is not None and result.nofit.closest_rung == "gpu"
+    assert "q has no allowed placement on this host; gpu would fit (cuda:0 " in result.nofit.message
+    [line] = result.nofit.alternatives
+    assert line.startswith("gpu-int8 (cuda:0 ") and "), cpu (cpu " in line
+    assert line.endswith(" would fit but a runner on this rung or one above it used more memory than planned, "
+                         "so it is skipped")
+    for text in (result.nofit.message, *(r.why for r in result.rungs)):
+        assert "if allowed" not in text and ": ." not in text and "would fits" not in text

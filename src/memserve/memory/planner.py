@@ -99,10 +99,16 @@ class Rung:
     concurrency: int
     devices: dict[str, DeviceNeed] = field(default_factory=dict)
     device_map: dict[str, str] = field(default_factory=dict)  # block name → device
+    blocked: str | None = None  # why the rung is not available (policy, software, the watchdog), when it is not
 
     @property
     def total_bytes(self) -> int:
         return sum(d.total_bytes for d in self.devices.values())
+
+    def where(self) -> str:
+        """``cpu 896.5 MiB of 19.6 GiB usable``, per device: what a NoFit line shows for a rung that would fit."""
+        return ", ".join(f"{d} {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)} usable"
+                         for d, n in self.devices.items())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -156,6 +162,8 @@ class NoFit:
     needed: dict[str, DeviceNeed]  # the closest rung's need per device
     closest_rung: str
     alternatives: tuple[str, ...]
+    # set when the closest rung would fit but is not available: why (then no device is short)
+    closest_blocked: str | None = None
 
     @property
     def message(self) -> str:
@@ -166,10 +174,16 @@ class NoFit:
             for name, n in self.needed.items()
             if not n.fits
         ]
-        text = f"{self.model} does not fit on this host; closest is {self.closest_rung}: " + "; ".join(parts)
+        if parts:
+            text = f"{self.model} does not fit on this host; closest is {self.closest_rung}: " + "; ".join(parts)
+        else:  # the closest rung fits in memory but something else rules it out: say what
+            where = ", ".join(f"{d} {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)} usable"
+                              for d, n in self.needed.items())
+            text = (f"{self.model} has no allowed placement on this host; {self.closest_rung} would fit ({where}) "
+                    f"but {self.closest_blocked or 'it is not available'}")
         if self.alternatives:
             text += ". Nearest options: " + "; ".join(self.alternatives)
-        else:
+        elif parts:
             text += ". Free memory, raise --memory, or choose a smaller model"
         return text
 
@@ -318,9 +332,9 @@ def _price(
     blocked: str | None = None
     if on_gpu and not gpus:
         return Rung(name, False, False, "no CUDA GPU on this host", facts.dtype, quantization,
-                    context_tokens, request.concurrency)
+                    context_tokens, request.concurrency, blocked="there is no CUDA GPU on this host")
     if name in policy.skip_rungs:
-        blocked = "skipped: a runner on this rung or a higher one was stopped for using more memory than planned"
+        blocked = "a runner on this rung or one above it used more memory than planned, so it is skipped"
     elif on_gpu and not policy.allow_gpu:
         blocked = "GPUs are not allowed by policy"
     elif name == "gpu-cpu-split" and not (policy.allow_split and policy.allow_cpu):
@@ -354,14 +368,16 @@ def _price(
         where = ", ".join(f"{d}: {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)}"
                           for d, n in needs.items())
         why = f"fits ({where})"
+        if blocked:
+            why = f"not available: {blocked}; it would fit ({where})"
     else:
         short = [f"{d} needs {format_bytes(n.total_bytes)}, {format_bytes(n.free_bytes)} usable"
                  for d, n in needs.items() if not n.fits]
         why = "; ".join(short)
-    if blocked:
-        why = f"{blocked}; would {'fit' if fits else 'not fit either'}: {why}"
+        if blocked:
+            why = f"not available: {blocked}; it would not fit either: {why}"
     return Rung(name, fits and blocked is None, blocked is None, why, dtype, quantization, context_tokens,
-                request.concurrency, needs, device_map)
+                request.concurrency, needs, device_map, blocked)
 
 
 def _largest_context(
@@ -391,10 +407,11 @@ def _alternatives(
 ) -> list[str]:
     """The nearest options a person can act on, best first."""
     options: list[str] = []
+    ruled_out: dict[str, list[str]] = {}  # rungs that would fit, by what rules them out
     for rung in rungs:
         if not rung.available and rung.devices and all(n.fits for n in rung.devices.values()):
-            where = ", ".join(f"{d} {format_bytes(n.total_bytes)}" for d, n in rung.devices.items())
-            options.append(f"fits as {rung.name} ({where}) if allowed: {rung.why.split(';')[0]}")
+            ruled_out.setdefault(rung.blocked or "it is not available", []).append(f"{rung.name} ({rung.where()})")
+    options += [f"{', '.join(names)} would fit but {reason}" for reason, names in ruled_out.items()]
     placements = [r.name for r in rungs if r.available and r.devices]
     smallest = 1 if request.min_context_tokens is None else request.min_context_tokens
     for name in placements:
@@ -460,10 +477,13 @@ def plan(
 
     priced = [r for r in rungs if r.available and r.devices] or [r for r in rungs if r.devices]
     closest = min(priced, key=lambda r: sum(max(0, n.total_bytes - n.free_bytes) for n in r.devices.values()))
+    closest_fits = all(n.fits for n in closest.devices.values())
+    others = [r for r in rungs[:-1] if not (closest_fits and r.name == closest.name)]  # said once, in the head
     nofit = NoFit(
         model=facts.source,
         needed=closest.devices,
         closest_rung=closest.name,
-        alternatives=tuple(_alternatives(facts, request, inventory, policy, rungs[:-1])),
+        alternatives=tuple(_alternatives(facts, request, inventory, policy, others)),
+        closest_blocked=closest.blocked if closest_fits else None,
     )
     return PlanResult(tuple(rungs), None, nofit)
