@@ -212,8 +212,21 @@ def test_calibration_round_trip_across_instances(tmp_path: Path) -> None:
     assert second.get("fp", "other-plan") == {"cpu": GiB}
     assert second.get("fp2", "plan") == {"cpu": 2 * GiB}
     assert second.get("fp2", "other-plan") is None
-    second.put("fp", "plan", {"cpu": 4 * GiB})  # a new measurement replaces the old one
-    assert Calibration(path).get("fp", "plan") == {"cpu": 4 * GiB}
+    second.put("fp", "plan", {"cpu": 4 * GiB})  # a higher measurement raises the mark on its device
+    assert Calibration(path).get("fp", "plan") == {"cpu": 4 * GiB, "cuda:0": 7 * GiB}
+
+
+def test_a_peak_is_a_high_water_mark_per_device(tmp_path: Path) -> None:
+    """A later warm-up that stays below what traffic once reached must not lower the reservation again."""
+    path = tmp_path / "calibration.json"
+    calibration = Calibration(path)
+    calibration.put("fp", "plan", {"cpu": 3 * GiB, "cuda:0": 7 * GiB})
+    written = path.stat().st_mtime_ns, path.read_bytes()
+    calibration.put("fp", "plan", {"cpu": 2 * GiB})  # smaller, and cuda:0 not measured this time
+    assert calibration.get("fp", "plan") == {"cpu": 3 * GiB, "cuda:0": 7 * GiB}
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == written  # nothing new: not rewritten
+    calibration.put("fp", "plan", {"cpu": 2 * GiB, "cuda:0": 8 * GiB})
+    assert Calibration(path).get("fp", "plan") == {"cpu": 3 * GiB, "cuda:0": 8 * GiB}
 
 
 def test_get_returns_a_copy(tmp_path: Path) -> None:

@@ -9,6 +9,10 @@ CPU, mapped weights fault in on the first forwards). The headroom of each device
 :class:`Calibration` persists measured peaks under the data directory, keyed by a checkpoint
 fingerprint (names, sizes and mtimes of its files) and a plan key (the plan fields that change
 memory), so that the next load of the same thing reserves what it really used (:func:`calibrated`).
+A peak is a high-water mark: a later, smaller measurement (a warm-up that did not reach what real
+traffic reached) never lowers it, because a runner reserved below what it was once seen to use is
+killed again by the first request that takes it there. The pool also records what it learns from a
+watchdog kill or a crash here (the peak seen, plus a margin), so the next load of that plan reserves it.
 The file is JSON, written atomically; a missing or unreadable file is an empty calibration, never a
 crash: calibration only sharpens estimates, so losing it costs accuracy, not service.
 """
@@ -224,7 +228,7 @@ def calibrated(plan_devices_bytes: Mapping[str, int], measured: Mapping[str, int
 
 
 class Calibration:
-    """Measured peak bytes per device, keyed by (checkpoint fingerprint, plan key), in one JSON file.
+    """Measured peak bytes per device (high-water marks), keyed by (checkpoint fingerprint, plan key), in one file.
 
     The file holds ``{"version": 1, "peaks": {fingerprint: {plan_key: {device: bytes}}}}``. It is read
     once; every ``put`` rewrites it whole through a temporary file and ``os.replace``, so a reader (or
@@ -242,13 +246,17 @@ class Calibration:
         return dict(peak) if peak is not None else None
 
     def put(self, fingerprint: str, plan_key: str, peak_bytes: Mapping[str, int]) -> None:
-        """Record a measured peak (replacing the previous one) and write the file atomically.
+        """Record a measured peak, per device the larger of it and the one recorded before, and write the file.
 
         A failed write (read-only or full disk) is logged as a warning and the value is kept for this
         process: the next load still benefits, only persistence across restarts is lost.
         """
         peak = _check_sizes(peak_bytes, what="peak bytes")
-        self._peaks.setdefault(fingerprint, {})[plan_key] = peak
+        before = self._peaks.setdefault(fingerprint, {}).get(plan_key, {})
+        merged = {device: max(before.get(device, 0), peak.get(device, 0)) for device in {*before, *peak}}
+        if merged == before:
+            return  # nothing new: no write
+        self._peaks[fingerprint][plan_key] = merged
         try:
             self._write()
         except OSError as exc:
