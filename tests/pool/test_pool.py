@@ -551,56 +551,168 @@ def test_watchdog_kills_a_ready_runner_past_its_plan_and_the_tolerance(tmp_path:
     run(scenario)
 
 
-def test_watchdog_kill_while_loading_retries_one_rung_lower(tmp_path: Path) -> None:
+def with_margin(measured_bytes: int) -> int:
+    """What the pool reserves after a kill at ``measured_bytes``: the figure plus the watchdog's tolerance."""
+    return watchdog_limit_bytes(measured_bytes, 0.10, 128 * MiB)
+
+
+def test_watchdog_kill_while_loading_retries_the_same_rung_with_the_measured_reservation(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], inventory=GPU_HOST) as h:
+            never_over_usable(h.pool.ledger)
             h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cuda:0": 20 * GiB}))
             lease = await h.pool.acquire("a")
             first, second = h.spawner.spawned
-            assert (first.plan["rung"], second.plan["rung"]) == ("gpu", "gpu-int8")
-            assert first.kill_calls == 1 and second.kill_calls == 0
-            [retry] = h.events("retry_lower", "a")
-            assert retry["failed_rung"] == "gpu" and "went past its plan" in retry["reason"]
-            assert h.kinds("a").index("watchdog_kill") < h.kinds("a").index("retry_lower")
+            assert (first.plan["rung"], second.plan["rung"]) == ("gpu", "gpu")
+            assert first.plan == second.plan and first.kill_calls == 1 and second.kill_calls == 0
+            estimate = first.plan["devices"]["cuda:0"]["total_bytes"]
+            reserved = h.pool.entries["a"].reserved_bytes["cuda:0"]
+            assert estimate < 20 * GiB < reserved == with_margin(20 * GiB)
+            assert h.pool.ledger.held("a")["cuda:0"] == reserved
+            [learned] = h.events("learned", "a")
+            assert learned["measured_bytes"] == {"cuda:0": 20 * GiB}
+            assert learned["next_reserved_bytes"] == {"cuda:0": reserved}
+            [retry] = h.events("retry", "a")
+            assert retry["rung"] == "gpu" and retry["reserved_bytes"]["cuda:0"] == reserved
+            assert "went past its plan" in retry["reason"]
+            assert h.kinds("a").index("watchdog_kill") < h.kinds("a").index("learned") < h.kinds("a").index("retry")
+            assert h.events("retry_lower") == [] and h.pool.entries["a"].skip_rungs == frozenset()
             row = h.pool.row(h.pool.entries["a"])
-            assert row["state"] == "ready" and row["rung"] == "gpu-int8"
-            int8_bytes = second.plan["devices"]["cuda:0"]["total_bytes"]
-            assert int8_bytes < first.plan["devices"]["cuda:0"]["total_bytes"]
-            assert h.pool.ledger.held("a")["cuda:0"] == int8_bytes
+            assert row["state"] == "ready" and row["rung"] == "gpu"
             lease.release()
 
     run(scenario)
 
 
-def test_watchdog_kill_while_loading_fails_when_nothing_lower_is_allowed(tmp_path: Path) -> None:
+def test_watchdog_kill_while_loading_goes_one_rung_lower_when_the_measured_reservation_does_not_fit(
+        tmp_path: Path) -> None:
     async def scenario() -> None:
-        models = [model("lowest"), model("strict", policy={"retry_lower": False})]
-        async with running_pool(tmp_path, models) as h:  # CPU only: nothing below the cpu rung
-            for name in ("lowest", "strict"):
-                h.spawner.script(name, RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 8 * GiB}))
-            with pytest.raises(RunnerFailed, match="no lower rung on the ladder fits or is allowed") as lowest:
-                await h.pool.acquire("lowest")
-            with pytest.raises(RunnerFailed, match=r"^model 'strict' was stopped by the watchdog") as strict:
-                await h.pool.acquire("strict")
-            for name, error in (("lowest", lowest.value), ("strict", strict.value)):
-                assert "went past its plan" in error.message
-                assert [r.kill_calls for r in h.spawner.runners(name)] == [1]
-                assert h.state(name) == "failed" and h.pool.row(h.pool.entries[name])["reason"] == error.message
-                assert "went past its plan" in h.events("watchdog_kill", name)[0]["reason"]
-            assert [e["model"] for e in h.events("retry_lower")] == ["lowest"]
-            assert h.pool.ledger.names() == []
+        async with running_pool(tmp_path, [model("a")], inventory=GPU_HOST) as h:
+            never_over_usable(h.pool.ledger)
+            usable = h.pool.ledger.usable_bytes()["cuda:0"]
+            measured = usable - GiB  # within the GPU, but not with the margin on top
+            assert with_margin(measured) > usable
+            h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cuda:0": measured}))
+            lease = await h.pool.acquire("a")
+            first, second = h.spawner.spawned
+            assert (first.plan["rung"], second.plan["rung"]) == ("gpu", "gpu-int8")
+            [lower] = h.events("rung_lower", "a")
+            assert (lower["failed_rung"], lower["rung"]) == ("gpu", "gpu-int8")
+            assert f"as gpu it needs {format_bytes(with_margin(measured))} on cuda:0" in lower["reason"]
+            assert f"at most {format_bytes(usable)} on cuda:0 is usable" in lower["reason"]
+            int8_bytes = second.plan["devices"]["cuda:0"]["total_bytes"]
+            assert h.pool.ledger.held("a")["cuda:0"] == int8_bytes  # int8 never ran: its estimate
+            assert h.pool.row(h.pool.entries["a"])["rung"] == "gpu-int8"
+            lease.release()
 
     run(scenario)
 
 
-def test_watchdog_kill_of_a_ready_runner_loads_it_one_rung_lower_next_time(tmp_path: Path) -> None:
+def test_a_model_whose_measured_need_never_fits_is_refused_with_a_whole_message(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+            usable = h.pool.ledger.usable_bytes()["cpu"]
+            h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": usable}))
+            with pytest.raises(InsufficientMemory) as info:
+                await h.pool.acquire("a")
+            estimate = h.spawner.spawned[0].plan["devices"]["cpu"]["total_bytes"]
+            assert info.value.status_code == 507
+            assert info.value.message == (
+                "model 'a' was stopped by the watchdog: cpu use "
+                f"{format_bytes(usable)} went past its plan of {format_bytes(estimate)} plus the tolerance (limit "
+                f"{format_bytes(with_margin(estimate))}) while starting; model 'a' cannot fit on this server even "
+                f"with nothing else loaded: as cpu it needs {format_bytes(with_margin(usable))} on cpu (learned from "
+                f"a runner with this plan; estimated {format_bytes(estimate)} on cpu) but at most "
+                f"{format_bytes(usable)} on cpu is usable, and no lower rung on the ladder fits or is allowed. Raise "
+                "the memory budget (--memory), or load it with a smaller context or concurrency")
+            assert len(h.spawner.spawned) == 1
+            with pytest.raises(InsufficientMemory) as again:  # the next request: at once, no runner started
+                await h.pool.acquire("a")
+            assert again.value.message.startswith("model 'a' cannot fit on this server even with nothing else loaded: "
+                                                  f"as cpu it needs {format_bytes(with_margin(usable))} on cpu")
+            assert len(h.spawner.spawned) == 1 and h.state("a") == "stopped"
+
+    run(scenario)
+
+
+def test_two_kills_on_the_only_rung_fail_that_load_and_the_next_request_is_still_served(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        models = [model("lowest"), model("strict", policy={"retry_lower": False})]
+        async with running_pool(tmp_path, models) as h:  # CPU only: nothing below the cpu rung
+            h.spawner.script("lowest", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 3 * GiB}),
+                             RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 4 * GiB}))
+            h.spawner.script("strict", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 3 * GiB}))
+            with pytest.raises(RunnerFailed, match="no lower rung on the ladder fits or is allowed; the next "
+                               "request loads it again on that rung with the reservation it measured") as lowest:
+                await h.pool.acquire("lowest")
+            with pytest.raises(RunnerFailed, match=r"^model 'strict' was stopped by the watchdog") as strict:
+                await h.pool.acquire("strict")
+            for name, error, kills in (("lowest", lowest.value, [1, 1]), ("strict", strict.value, [1])):
+                assert "went past its plan" in error.message
+                assert [r.kill_calls for r in h.spawner.runners(name)] == kills
+                assert h.state(name) == "failed" and h.pool.row(h.pool.entries[name])["reason"] == error.message
+                assert "went past its plan" in h.events("watchdog_kill", name)[0]["reason"]
+            assert [e["model"] for e in h.events("retry_lower")] == ["lowest"]
+            assert h.pool.entries["lowest"].skip_rungs >= {"cpu"}
+            assert h.pool.entries["strict"].skip_rungs == frozenset()
+            assert h.pool.ledger.names() == []
+            for name, measured in (("lowest", 4 * GiB), ("strict", 3 * GiB)):  # then served, on the cpu rung
+                lease = await h.pool.acquire(name)
+                entry = h.pool.entries[name]
+                assert entry.state == "ready" and entry.plan is not None and entry.plan["rung"] == "cpu"
+                assert entry.reserved_bytes == {"cpu": with_margin(measured)}
+                lease.release()
+            [lifted] = h.events("retry", "lowest")[-1:]
+            assert lifted["rung"] == "cpu" and "nothing below cpu fits or is allowed" in lifted["reason"]
+
+    run(scenario)
+
+
+def test_watchdog_kill_of_a_ready_runner_reloads_on_its_rung_then_one_lower_after_a_second_kill(
+        tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], inventory=GPU_HOST) as h:
             await use(h.pool, "a")
-            h.spawner.spawned[0].memory_bytes = {"cuda:0": 20 * GiB}
+            h.spawner.spawned[0].memory_bytes = {"cuda:0": 12 * GiB}
             await until(lambda: h.state("a") == "failed", "the watchdog")
             await use(h.pool, "a")
-            assert [r.plan["rung"] for r in h.spawner.spawned] == ["gpu", "gpu-int8"]
+            assert [r.plan["rung"] for r in h.spawner.spawned] == ["gpu", "gpu"]
+            assert h.pool.entries["a"].reserved_bytes["cuda:0"] == with_margin(12 * GiB)
+            h.spawner.spawned[1].memory_bytes = {"cuda:0": 16 * GiB}  # past the bigger reservation too
+            await until(lambda: h.state("a") == "failed", "the second kill")
+            assert h.pool.entries["a"].rung_kills == {"gpu": 2} and "gpu" in h.pool.entries["a"].skip_rungs
+            await use(h.pool, "a")
+            assert [r.plan["rung"] for r in h.spawner.spawned] == ["gpu", "gpu", "gpu-int8"]
+            assert [e["failed_rung"] for e in h.events("retry_lower", "a")] == ["gpu"]
+
+    run(scenario)
+
+
+def test_the_issue_11_story_a_kill_on_cpu_is_not_an_outage(tmp_path: Path) -> None:
+    """demo-small, CPU only: killed by a long prompt; the next request is served with a reservation above
+    the measured peak, and a restarted gateway keeps it even when the next warm-up peaks lower."""
+    warm_up = {"memory": {"cpu": {"peak_rss_bytes": GiB}}}
+
+    async def scenario() -> None:
+        spawner = FakeSpawner(RunnerScript(ready_report=warm_up))
+        async with running_pool(tmp_path, [model("a")], spawner=spawner) as h:
+            await use(h.pool, "a")
+            entry, first = h.pool.entries["a"], h.spawner.spawned[0]
+            assert entry.reserved_bytes == {"cpu": first.plan["devices"]["cpu"]["total_bytes"]}
+            killed_at = watchdog_limit_bytes(entry.reserved_bytes["cpu"], 0.10, 128 * MiB) + MiB
+            first.memory_bytes = {"cpu": killed_at}  # the long prompt
+            await until(lambda: h.state("a") == "failed", "the watchdog")
+            lease = await h.pool.acquire("a")
+            second = h.spawner.spawned[1]
+            assert second.plan == first.plan and entry.state == "ready"
+            assert entry.reserved_bytes == {"cpu": with_margin(killed_at)} and with_margin(killed_at) > killed_at
+            lease.release()
+        async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(RunnerScript(ready_report=warm_up))) as h:
+            await use(h.pool, "a")  # a new gateway, same data_dir; its warm-up peaks at 1 GiB only
+            assert h.pool.entries["a"].reserved_bytes == {"cpu": with_margin(killed_at)}
+            await h.pool.unload("a")
+            await use(h.pool, "a")
+            assert h.pool.entries["a"].reserved_bytes == {"cpu": with_margin(killed_at)}
 
     run(scenario)
 

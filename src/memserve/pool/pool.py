@@ -24,13 +24,22 @@ Lifecycle of one model (``Entry``)::
   ``watchdog_interval_seconds`` after) and the memory still available (the host's, or the room under our
   cgroup's limit when that is smaller: a container's OOM killer acts there); past its reservation by the
   tolerance, or with the host below its floor, it kills the runner before the kernel's OOM killer picks
-  a victim, records why and, where the model's policy allows, loads it again one rung lower.
+  a victim and records why.
+- **A kill is not an outage.** What a killed (or crashed) runner was seen to use past its reservation is
+  recorded, with a margin, in the calibration for its (checkpoint, plan) (``_learn``), so the next load
+  of that plan reserves it: on the same rung while that fits the pool's capacity, one rung lower when it
+  does not (``_choose``). The first kill on a rung is retried there with the bigger reservation; a second
+  one, where the policy allows (``retry_lower``), moves the model one rung lower until ``unload``. A rung
+  ruled out that way is still used when no lower rung fits: a model is refused (507) only when it cannot
+  fit even with nothing else loaded. A kill by the host floor (memory taken by others) retries one rung
+  lower in that load only.
 - **Crashes.** A runner that exits on its own is marked failed with the reason; its in-flight responses
   break (the gateway turns that into an error event), and the next request starts it again after a
-  backoff (0 s after the first failure, then 2, 4, ... up to 30 s).
+  backoff (0 s after the first failure, then 2, 4, ... up to 30 s). ``unload`` clears a failed model.
 - **Compatibility, not reload.** Every OpenAI request is served by the loaded runner (sampling options
   are per request; ``max_tokens`` is clipped to the planned context). Only ``load`` with a larger context
   or concurrency than the loaded plan's needs a new plan: the old runner drains and a new one starts.
+  A load's options are checked before anything changes and apply to the one load they start.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from memserve.checkpoint.locate import read_facts
 from memserve.config import ModelConfig, Settings
 from memserve.errors import (
     InsufficientMemory,
+    InvalidArgument,
     MemoryBusy,
     MemserveError,
     ModelNotFound,
@@ -64,7 +74,7 @@ from memserve.errors import (
 )
 from memserve.memory.fit import default_context
 from memserve.memory.inventory import Inventory
-from memserve.memory.planner import Policy, Request, plan
+from memserve.memory.planner import RUNGS, Policy, Request, plan, validate_request
 from memserve.memory.probe import available_ram_bytes
 from memserve.pool.eviction import Resident, choose_evictions
 from memserve.pool.ledger import Calibration, Ledger, calibrated, checkpoint_files, checkpoint_fingerprint, plan_key
@@ -80,6 +90,7 @@ _EVENTS_KEPT = 1000
 _DRAIN_TIMEOUT_SECONDS = 30.0
 _MAX_BACKOFF_SECONDS = 30.0
 _STABLE_SECONDS = 60.0  # a runner ready this long before it crashed starts the failure count again
+_KILLS_BEFORE_LOWER = 2  # kills on one rung (each with the bigger reservation the last one taught) before going lower
 
 
 def backoff_seconds(failures: int) -> float:
@@ -120,8 +131,12 @@ class Entry:
     expiry: asyncio.TimerHandle | None = None
     watchdog_reason: str | None = None
     ready_at: float | None = None
-    skip_rungs: frozenset[str] = frozenset()  # rungs the watchdog ruled out; cleared by an explicit unload
-    overrides: dict[str, int] = field(default_factory=dict)  # context_tokens / concurrency from /api/load
+    skip_rungs: frozenset[str] = frozenset()  # rungs ruled out by repeated kills (a preference); cleared by unload
+    rung_kills: dict[str, int] = field(default_factory=dict)  # kills past the plan, per rung; cleared by unload
+    pending_options: dict[str, int] | None = None  # context_tokens / concurrency of one /api/load, for its load only
+    peak_bytes: dict[str, int] = field(default_factory=dict)  # the current runner's highest use seen, per device
+    calibration_key: tuple[str, str] | None = None  # (checkpoint fingerprint, plan key) of the current runner
+    learned: bool = False  # the current runner's end taught a bigger reservation (``_learn``)
 
     @property
     def name(self) -> str:
@@ -211,33 +226,56 @@ class ModelPool:
 
     async def load(self, name: str, *, keep_alive_seconds: float | None = None, context_tokens: int | None = None,
                    concurrency: int | None = None) -> dict[str, Any]:
-        """Load ``name`` (or keep the loaded runner when it is compatible) and return its /api/ps row."""
+        """Load ``name`` (or keep the loaded runner when it is compatible) and return its /api/ps row.
+
+        ``context_tokens`` and ``concurrency`` are checked first (InvalidArgument, with nothing stored and no
+        runner stopped) and apply to the one load this call starts: they are forgotten when it returns, so a
+        later load (the next request after an eviction, say) plans from the model's configuration again.
+        """
         entry = self.entry(name)
-        overrides = {k: v for k, v in (("context_tokens", context_tokens), ("concurrency", concurrency)) if v}
-        if entry.plan is not None and entry.runner is not None and not compatible(entry.plan, **_both(overrides)):
-            self._event("reload", entry, reason=f"asked for {overrides}, loaded plan has context "
+        options = await self._checked_options(entry, context_tokens=context_tokens, concurrency=concurrency)
+        if options and entry.load_task is not None:
+            with contextlib.suppress(Exception):  # judge compatibility against what that load brings
+                await asyncio.shield(entry.load_task)
+        if entry.plan is not None and entry.runner is not None and not compatible(entry.plan, **_both(options)):
+            self._event("reload", entry, reason=f"asked for {options}, loaded plan has context "
                         f"{entry.plan['context_tokens']} × {entry.plan['concurrency']}")
             await self.unload(name)
-        if overrides:
-            entry.overrides = overrides
-        lease = await self.acquire(name, keep_alive_seconds=keep_alive_seconds)
+        if options and entry.runner is None:
+            entry.pending_options = options  # no await since the check: the next load to start takes them
+        try:
+            lease = await self.acquire(name, keep_alive_seconds=keep_alive_seconds)
+        finally:
+            if entry.pending_options is options:
+                entry.pending_options = None
         lease.release()
         return self.row(entry)
 
     async def unload(self, name: str) -> bool:
-        """Drain ``name`` (wait for its leases, up to 30 s) and stop its runner. False if it was not loaded."""
+        """Drain ``name`` (wait for its leases, up to 30 s) and stop its runner, or clear a failed model.
+
+        Either way the model's failure record goes (reason, failure count, the rungs its kills ruled out),
+        so the next request loads it fresh; what was measured stays in the calibration, because it is
+        still true. False when there was nothing to stop or clear.
+        """
         entry = self.entry(name)
         if entry.load_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(entry.load_task)
         if entry.runner is None:
-            return False
+            if entry.state != FAILED:
+                return False
+            self._forget_failures(entry)
+            entry.reason = None
+            self._set_state(entry, STOPPED)
+            self._event("cleared", entry, reason="failed model cleared by unload")
+            return True
         entry.state = DRAINING
         deadline = self._clock() + _DRAIN_TIMEOUT_SECONDS
         while entry.leases > 0 and self._clock() < deadline:
             await self._wait_change(deadline - self._clock())
         await self._stop(entry, "unloaded on request", deliberate=True)
-        entry.skip_rungs = frozenset()
+        self._forget_failures(entry)
         return True
 
     async def shutdown(self) -> None:
@@ -313,37 +351,49 @@ class ModelPool:
     async def _load(self, entry: Entry) -> None:
         while entry.runner is not None:  # a draining runner of this model must be gone first
             await self._wait_change(None)
+        options, entry.pending_options = entry.pending_options or {}, None
         if entry.failures:
             delay = backoff_seconds(entry.failures)
             if delay:
                 self._event("backoff", entry, seconds=delay)
                 await asyncio.sleep(delay)
-        policy = replace(_policy(entry.config), skip_rungs=entry.skip_rungs)
         self._set_state(entry, STARTING)  # visible in ps while it plans and waits for memory
         try:
             facts = await asyncio.to_thread(self._read_facts, entry.config.source)
+            policy, planned, need = self._first_choice(entry, facts, options)
             while True:
-                planned = self._plan(entry, facts, policy)
-                need = self._reservation(facts, planned)
                 try:
                     await self._admit(entry, need)
                     await self._start_runner(entry, facts, planned, need)
                     return
-                except RunnerFailed:
-                    killed = entry.watchdog_reason
+                except RunnerFailed as exc:
+                    killed, learned = entry.watchdog_reason, entry.learned
                     entry.watchdog_reason = None
-                    if not killed:
+                    if not killed and not learned:
                         raise
-                    message = f"model {entry.name!r} was {killed}"
+                    message = f"model {entry.name!r} was {killed}" if killed else exc.message
                     if not entry.config.policy.retry_lower or self._closing:
                         raise RunnerFailed(message) from None
-                    policy = policy.below(planned["rung"])
-                    entry.skip_rungs = policy.skip_rungs
-                    self._event("retry_lower", entry, failed_rung=planned["rung"], reason=killed)
-                    with contextlib.suppress(InsufficientMemory):
-                        self._plan(entry, facts, policy)
+                    rung = planned["rung"]
+                    if learned and entry.rung_kills.get(rung, 0) < _KILLS_BEFORE_LOWER:
+                        try:  # the same plan with what the kill taught; one rung lower if that no longer fits
+                            planned, need = self._choose(entry, facts, policy, options)
+                        except InsufficientMemory as refusal:
+                            raise InsufficientMemory(f"{message}; {refusal.message}", param="model") from None
+                        self._event("retry", entry, rung=planned["rung"], reserved_bytes=need,
+                                    reason=killed or exc.message)
                         continue
-                    raise RunnerFailed(f"{message}; no lower rung on the ladder fits or is allowed") from None
+                    policy = policy.below(rung)
+                    if learned:  # killed again with the bigger reservation: prefer lower rungs until unload
+                        entry.skip_rungs |= policy.skip_rungs
+                    self._event("retry_lower", entry, failed_rung=rung, reason=killed or exc.message)
+                    try:
+                        planned, need = self._choose(entry, facts, policy, options)
+                    except InsufficientMemory:
+                        again = "; the next request loads it again on that rung with the reservation it " \
+                            "measured" if learned else ""
+                        raise RunnerFailed(f"{message}; no lower rung on the ladder fits or is allowed{again}") \
+                            from None
         except RunnerFailed as exc:
             entry.failures += 1
             self._set_state(entry, FAILED, exc.message)
@@ -354,12 +404,93 @@ class ModelPool:
             self._event("refused", entry, reason=exc.message, code=exc.code)
             raise
 
-    def _plan(self, entry: Entry, facts: CheckpointFacts, policy: Policy) -> dict[str, Any]:
+    async def _checked_options(self, entry: Entry, *, context_tokens: int | None,
+                               concurrency: int | None) -> dict[str, int]:
+        """The options of one ``load``, checked against the model and the planner's limits before anything changes."""
+        options: dict[str, int] = {}
+        for key, value, what, unit in (("context_tokens", context_tokens, "context", "tokens"),
+                                       ("concurrency", concurrency, "concurrency", "sequences")):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"{what} must be a whole number of {unit}, 1 or more; got {value!r}. "
+                                      f"Leave it out to use the {what} configured for {entry.name!r}", param=what)
+            options[key] = value
+        if options:
+            facts = await asyncio.to_thread(self._read_facts, entry.config.source)
+            validate_request(facts, self._request(entry, facts, options))
+        return options
+
+    def _request(self, entry: Entry, facts: CheckpointFacts, options: Mapping[str, int]) -> Request:
+        """What to plan for: the model's configuration, with one load's options on top."""
         config = entry.config
-        context = entry.overrides.get("context_tokens") or config.context_tokens or default_context(facts)
-        request = Request(context_tokens=context, concurrency=entry.overrides.get("concurrency") or config.concurrency,
-                          quantization=config.policy.quantization, min_context_tokens=config.policy.min_context_tokens)
-        result = plan(facts, request, self.fit_inventory(), policy)
+        context = options.get("context_tokens") or config.context_tokens or default_context(facts)
+        floor = config.policy.min_context_tokens  # a load asking for less context than the floor lowers the floor
+        return Request(context_tokens=context, concurrency=options.get("concurrency") or config.concurrency,
+                       quantization=config.policy.quantization,
+                       min_context_tokens=None if floor is None else min(floor, context))
+
+    def _first_choice(self, entry: Entry, facts: CheckpointFacts,
+                      options: Mapping[str, int]) -> tuple[Policy, dict[str, Any], dict[str, int]]:
+        """The policy, plan and reservation a load starts with.
+
+        The rungs that repeated kills ruled out are a preference, not a ban: when nothing below them fits,
+        they come back one at a time from the lowest, each with the reservation its kills taught. So the
+        model is refused only for what it cannot fit even alone, and the 507's message never blames a skip.
+        """
+        base = _policy(entry.config)
+        policy = replace(base, skip_rungs=entry.skip_rungs)
+        try:
+            return (policy, *self._choose(entry, facts, policy, options))
+        except InsufficientMemory as error:
+            if not entry.skip_rungs:
+                raise
+            refusal = error
+        for rung in reversed([r for r in RUNGS if r in entry.skip_rungs]):
+            lifted = replace(base, skip_rungs=frozenset(RUNGS[:RUNGS.index(rung)]))
+            try:
+                planned, need = self._choose(entry, facts, lifted, options)
+            except InsufficientMemory as error:
+                refusal = error
+                continue
+            self._event("retry", entry, rung=planned["rung"], reserved_bytes=need,
+                        reason=f"nothing below {rung} fits or is allowed, so {planned['rung']} is tried again")
+            return lifted, planned, need
+        raise refusal
+
+    def _choose(self, entry: Entry, facts: CheckpointFacts, policy: Policy,
+                options: Mapping[str, int]) -> tuple[dict[str, Any], dict[str, int]]:
+        """The first plan on the ladder whose reservation fits the pool's capacity, and that reservation.
+
+        The planner fits its estimate; the reservation is what the plan was measured to use where that is
+        known (``_reservation``). A measured figure too big for the capacity moves the load one rung lower:
+        that is planning with what is known, not a retry, so ``retry_lower`` does not gate it. With nothing
+        lower, the model cannot fit even with nothing else loaded: InsufficientMemory (507) saying so.
+        """
+        usable = self.ledger.usable_bytes()
+        planned = self._plan(entry, facts, policy, options)
+        while True:
+            need = self._reservation(facts, planned)
+            short = {d: n for d, n in need.items() if n > usable.get(d, 0)}
+            if not short:
+                return planned, need
+            rung = planned["rung"]
+            estimate = {d: int(planned["devices"].get(d, {}).get("total_bytes", 0)) for d in short}
+            why = (f"as {rung} it needs {_sizes(short)} (learned from a runner with this plan; estimated "
+                   f"{_sizes(estimate)}) but at most {_sizes({d: usable.get(d, 0) for d in short})} is usable")
+            policy = policy.below(rung)
+            try:
+                planned = self._plan(entry, facts, policy, options)
+            except InsufficientMemory:
+                raise InsufficientMemory(
+                    f"model {entry.name!r} cannot fit on this server even with nothing else loaded: {why}, and no "
+                    "lower rung on the ladder fits or is allowed. Raise the memory budget (--memory), or load it "
+                    "with a smaller context or concurrency", param="model") from None
+            self._event("rung_lower", entry, failed_rung=rung, rung=planned["rung"], reason=why)
+
+    def _plan(self, entry: Entry, facts: CheckpointFacts, policy: Policy,
+              options: Mapping[str, int]) -> dict[str, Any]:
+        result = plan(facts, self._request(entry, facts, options), self.fit_inventory(), policy)
         if result.plan is None:
             assert result.nofit is not None
             raise InsufficientMemory(f"model {entry.name!r} cannot fit on this server even with nothing else "
@@ -416,6 +547,8 @@ class ModelPool:
                             need: dict[str, int]) -> None:
         started = self._clock()
         entry.plan, entry.reason, entry.measured_bytes, entry.watchdog_reason = planned, None, {}, None
+        entry.peak_bytes, entry.learned = {}, False
+        entry.calibration_key = (_fingerprint(facts), plan_key(planned))
         self._set_state(entry, STARTING)
         self._event("load", entry, rung=planned["rung"], reserved_bytes=need)
         try:
@@ -428,20 +561,24 @@ class ModelPool:
         try:
             ready = await runner.wait_ready(self.settings.load_timeout_seconds)
         except BaseException as exc:
+            if runner.returncode is not None:
+                self._learn(entry)
             await self._stop(entry, str(exc))
             raise
         entry.load_seconds = round(self._clock() - started, 3)
         entry.last_used = entry.ready_at = self._clock()
         self._set_state(entry, READY)
         peak = _peak_bytes(ready, runner.sample_memory())
+        _raise_to(entry.peak_bytes, peak)
         if peak:
-            self.calibration.put(_fingerprint(facts), plan_key(planned), peak)
+            self.calibration.put(*entry.calibration_key, entry.peak_bytes)
         self._event("ready", entry, pid=runner.pid, load_seconds=entry.load_seconds, measured_bytes=peak)
         self._spawn_task(self._monitor(entry, runner), f"monitor-{entry.name}")
         if entry.waiting == 0:
             self._schedule_expiry(entry)
 
     def _runner_event(self, entry: Entry, event: dict[str, Any]) -> None:
+        _raise_to(entry.peak_bytes, _peak_bytes(event, {}))  # phases report the runner's memory so far
         if event.get("event") == "phase" and entry.state in (STARTING, LOADING, WARMING):
             self._set_state(entry, _PHASE_STATES.get(str(event.get("phase")), entry.state))
             self._event("phase", entry, phase=event.get("phase"), seconds=event.get("seconds"))
@@ -475,9 +612,11 @@ class ModelPool:
         reason = entry.watchdog_reason or runner.exit_reason()
         stable = entry.ready_at is not None and self._clock() - entry.ready_at > _STABLE_SECONDS
         entry.failures = 1 if stable else entry.failures + 1
-        if entry.watchdog_reason and entry.config.policy.retry_lower and entry.plan is not None:
-            entry.skip_rungs |= Policy().below(entry.plan["rung"]).skip_rungs
-            self._event("retry_lower", entry, failed_rung=entry.plan["rung"], reason=reason)
+        rung = entry.plan["rung"] if entry.plan is not None else None
+        if (self._learn(entry) and rung is not None and entry.config.policy.retry_lower
+                and entry.rung_kills.get(rung, 0) >= _KILLS_BEFORE_LOWER):
+            entry.skip_rungs |= Policy().below(rung).skip_rungs  # killed again with the bigger reservation
+            self._event("retry_lower", entry, failed_rung=rung, reason=reason)
         entry.watchdog_reason = None
         self._set_state(entry, FAILED, f"runner {entry.name} (pid {runner.pid}) {reason}")
         self._event("crash", entry, pid=runner.pid, reason=reason)
@@ -517,6 +656,7 @@ class ModelPool:
             sample = runner.sample_memory()
             if sample:
                 entry.measured_bytes = sample
+                _raise_to(entry.peak_bytes, sample)
                 self.ledger.measure(entry.name, sample)
                 for device, measured in sample.items():
                     limit = watchdog_limit_bytes(entry.reserved_bytes.get(device, 0), settings.watchdog_tolerance,
@@ -558,6 +698,35 @@ class ModelPool:
         self._event("watchdog_kill", entry, pid=runner.pid, reason=reason, **fields)
         runner.kill()
 
+    def _learn(self, entry: Entry) -> bool:
+        """After a kill or a crash: record what the runner used past its reservation, with a margin. True if any.
+
+        The figure is the highest of the watchdog's samples and the runner's own reports. It is a lower
+        bound of what the plan needs (a killed runner was still growing, and samples are apart), so what
+        is recorded adds the watchdog's own tolerance: the larger of ``watchdog_tolerance`` × the figure
+        and ``watchdog_tolerance_min_bytes``. That is the overshoot the operator already calls normal,
+        it never rounds to nothing on a small model, and each kill raises the figure by at least that
+        much, so repeated kills end in a reservation that holds or one that does not fit (a clean 507).
+        The calibration keeps it for this (checkpoint, plan) across restarts. Must run before ``_stop``,
+        which forgets the reservation.
+        """
+        over = {d: v for d, v in entry.peak_bytes.items() if v > entry.reserved_bytes.get(d, 0)}
+        if not over or entry.calibration_key is None or entry.plan is None or entry.learned:
+            return False
+        settings = self.settings
+        learned = {d: watchdog_limit_bytes(v, settings.watchdog_tolerance, settings.watchdog_tolerance_min_bytes)
+                   for d, v in over.items()}
+        self.calibration.put(*entry.calibration_key, learned)
+        rung = str(entry.plan["rung"])
+        entry.rung_kills[rung] = entry.rung_kills.get(rung, 0) + 1
+        entry.learned = True
+        self._event("learned", entry, rung=rung, measured_bytes=over, reserved_bytes=dict(entry.reserved_bytes),
+                    next_reserved_bytes=learned)
+        return True
+
+    def _forget_failures(self, entry: Entry) -> None:
+        entry.failures, entry.skip_rungs, entry.rung_kills = 0, frozenset(), {}
+
     # ---------------------------------------------------------------------------------------------- helpers
 
     def _resident(self, entry: Entry) -> Resident:
@@ -574,7 +743,8 @@ class ModelPool:
         self._event_seq += 1
         event = {"seq": self._event_seq, "time": time.time(), "event": kind, "model": entry.name, **fields}
         self.events.append(event)
-        log.info("%s %s %s", kind, entry.name, fields or "")
+        details = _render(fields)
+        log.info("%s %s%s", kind, entry.name, f" {details}" if details else "")
 
     def _notify(self) -> None:
         self._change.set()
@@ -613,7 +783,10 @@ def _fingerprint(facts: CheckpointFacts) -> str:
 def _peak_bytes(ready: Mapping[str, Any], sampled: Mapping[str, int]) -> dict[str, int]:
     """The runner's own peak after warm-up, per device (cpu: peak RSS; cuda: peak reserved), or our sample."""
     peaks: dict[str, int] = {}
-    for device, memory in (ready.get("memory") or {}).items():
+    reported = ready.get("memory")
+    for device, memory in (reported.items() if isinstance(reported, Mapping) else ()):
+        if not isinstance(memory, Mapping):
+            continue
         value = memory.get("peak_rss_bytes") or memory.get("peak_reserved_bytes")
         if value:
             peaks[device] = int(value)
@@ -622,8 +795,32 @@ def _peak_bytes(ready: Mapping[str, Any], sampled: Mapping[str, int]) -> dict[st
     return peaks
 
 
+def _raise_to(peaks: dict[str, int], seen: Mapping[str, int]) -> None:
+    for device, value in seen.items():
+        peaks[device] = max(peaks.get(device, 0), value)
+
+
 def _sizes(sizes: Mapping[str, int]) -> str:
     return ", ".join(f"{format_bytes(v)} on {d}" for d, v in sorted(sizes.items())) or "nothing"
+
+
+def _render(fields: Mapping[str, Any]) -> str:
+    """An event's fields for the log, for a person: ``key=value``, sizes in units, seconds in s, the reason last."""
+    parts = []
+    for key, value in sorted(fields.items(), key=lambda item: item[0] == "reason"):
+        if value is None:
+            continue
+        if key.endswith("_bytes") and isinstance(value, Mapping):
+            text = _sizes(value)
+        elif key.endswith("_bytes") and isinstance(value, int | float) and not isinstance(value, bool):
+            text = format_bytes(value)
+        elif key.endswith("_seconds") or key == "seconds":
+            text = f"{value:g} s" if isinstance(value, int | float) else str(value)
+        else:
+            text = str(value)
+        name = key.removesuffix("_bytes").removesuffix("_seconds")
+        parts.append(f'{name}="{text}"' if " " in text or not text else f"{name}={text}")
+    return " ".join(parts)
 
 
 __all__ = ["Entry", "Lease", "ModelPool", "backoff_seconds", "compatible", "watchdog_limit_bytes"]
