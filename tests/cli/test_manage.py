@@ -7,6 +7,7 @@ records what the CLI sent; a few client edge cases (timeouts, a server that is n
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
@@ -24,10 +25,12 @@ from rich.console import Console
 from memserve.cli import main
 from memserve.cli.manage import (
     GatewayClient,
+    LoadProgress,
     ModelRow,
     PsReply,
     format_expiry,
     format_relative,
+    progress_line,
     ready_line,
     render_ps,
     usage_bar,
@@ -66,6 +69,12 @@ class FakeGateway:
     def reset(self) -> None:
         self.ps_reply: dict[str, Any] = {"models": [], "devices": {"cpu": CPU}}
         self.bodies: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.load_events: dict[str, list[dict[str, Any]]] = {}  # model -> events its load emits, in order
+        self.has_events = True
+
+    def emit(self, event: str, model: str, **fields: Any) -> None:
+        self.events.append({"seq": len(self.events) + 1, "time": NOW, "event": event, "model": model, **fields})
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -74,10 +83,19 @@ class FakeGateway:
         def api_ps() -> dict[str, Any]:
             return self.ps_reply
 
+        @app.get("/api/events")
+        def api_events(since: int = 0) -> JSONResponse:
+            if not self.has_events:
+                return JSONResponse({"detail": "Not Found"}, status_code=404)
+            return JSONResponse({"events": [e for e in self.events if e["seq"] > since]})
+
         @app.post("/api/load")
         async def api_load(request: Request) -> JSONResponse:
             body = await request.json()
             self.bodies.append(body)
+            for event in self.load_events.get(body["model"], []):
+                self.emit(**event)
+                await asyncio.sleep(0.05)  # the CLI polls while the load goes on
             if body["model"] == "huge":
                 return JSONResponse(error_body(NOFIT, "insufficient_memory"), status_code=507)
             if body["model"] == "doomed":
@@ -224,6 +242,107 @@ def test_ready_line_falls_back_to_reserved_bytes_before_a_measurement() -> None:
         "cuda:0": {"reserved_bytes": 20 * 1024**3, "measured_bytes": None},
         "cpu": {"reserved_bytes": 2 * 1024**3, "measured_bytes": 0}}))
     assert ready_line(row) == "big ready on cuda:0, cpu (rung gpu-cpu-split), 22.0 GiB reserved"
+
+
+DEMO_LOAD = [
+    {"event": "evict", "model": "small", "reason": "to make room for demo"},
+    {"event": "phase", "model": "other", "phase": "map", "seconds": 9.0},  # another model's load: not shown
+    {"event": "load", "model": "demo", "rung": "cpu", "reserved_bytes": {"cpu": 600 * 1024**2}},
+    {"event": "phase", "model": "demo", "phase": "resolve", "seconds": 0.04},
+    {"event": "phase", "model": "demo", "phase": "map", "seconds": 0.8},
+    {"event": "phase", "model": "demo", "phase": "fault_in", "seconds": 1.2},
+    {"event": "phase", "model": "demo", "phase": "warm_up", "seconds": 0.31},
+    {"event": "ready", "model": "demo", "pid": 4242, "load_seconds": 3.1, "measured_bytes": {"cpu": 512 * 1024**2}},
+]
+DEMO_PROGRESS = [
+    "evicting small (to make room)",
+    "loading demo as cpu, reserving 600.0 MiB on cpu",
+    "resolve 0.0 s",
+    "map 0.8 s",
+    "fault_in 1.2 s",
+    "warm_up 0.3 s",
+    "ready in 3.1 s (measured 512.0 MiB on cpu, reserved 600.0 MiB on cpu)",
+]
+
+
+def test_load_shows_each_step_of_its_load_on_stderr(gateway: FakeGateway, url: str) -> None:
+    gateway.emit("phase", "demo", phase="map", seconds=5.0)  # an earlier load's event: before this command
+    gateway.load_events["demo"] = DEMO_LOAD
+    result = cli("load", "demo", "--url", url)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == DEMO_PROGRESS
+    assert result.stdout == "demo ready on cpu (rung cpu), 400.5 MiB measured, loaded in 3.2 s\n"
+
+
+def test_load_json_keeps_stdout_to_the_json_and_progress_on_stderr(gateway: FakeGateway, url: str) -> None:
+    gateway.load_events["demo"] = DEMO_LOAD
+    result = cli("load", "demo", "--json", "--url", url)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"model": demo_row()}
+    assert result.stderr.splitlines() == DEMO_PROGRESS
+
+
+def test_a_failed_load_shows_why_before_the_error(gateway: FakeGateway, url: str) -> None:
+    gateway.load_events["doomed"] = [
+        {"event": "backoff", "model": "doomed", "seconds": 2.0},
+        {"event": "load", "model": "doomed", "rung": "cpu", "reserved_bytes": {"cpu": 1024**3}},
+        {"event": "watchdog_kill", "model": "doomed", "pid": 7, "reason": "stopped by the watchdog: cpu use 1.5 GiB"},
+        {"event": "retry_lower", "model": "doomed", "failed_rung": "cpu", "reason": "stopped by the watchdog"},
+        {"event": "load_failed", "model": "doomed", "reason": "runner exited (OOM)"},
+    ]
+    result = cli("load", "doomed", "--url", url)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "waiting 2.0 s before loading doomed again: it failed just before",
+        "loading doomed as cpu, reserving 1.0 GiB on cpu",
+        "the watchdog stopped doomed: stopped by the watchdog: cpu use 1.5 GiB",
+        "retrying one rung below cpu",
+        "load failed: runner exited (OOM)",
+        "error: doomed failed to load: runner exited (OOM)",
+    ]
+
+
+def test_a_server_without_events_still_loads_without_progress(gateway: FakeGateway, url: str) -> None:
+    gateway.has_events = False
+    gateway.load_events["demo"] = DEMO_LOAD
+    result = cli("load", "demo", "--url", url)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert result.stdout.startswith("demo ready on cpu")
+
+
+def test_progress_on_a_terminal_prints_the_lines_above_a_spinner() -> None:
+    events = [{"seq": i + 1, **e} for i, e in enumerate(DEMO_LOAD)]
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        since = int(request.url.params["since"])
+        seen.append(str(since))
+        if len(seen) == 1:
+            return httpx.Response(200, json={"events": []})  # before the load: nothing yet
+        return httpx.Response(200, json={"events": [e for e in events if e["seq"] > since]})
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200)
+    with mock_client(handler) as client, LoadProgress(client, "demo", console) as progress:
+        deadline = time.monotonic() + 30
+        while len(progress.lines) < len(DEMO_PROGRESS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert progress.lines == DEMO_PROGRESS
+    assert seen[0] == "0" and all(line in out.getvalue() for line in DEMO_PROGRESS)
+
+
+@pytest.mark.parametrize(("event", "line"), [
+    ({"event": "evict", "model": "small", "reason": "to make room for other"}, None),
+    ({"event": "evict", "model": "small", "reason": "to make room for demo"}, "evicting small (to make room)"),
+    ({"event": "refused", "model": "demo", "reason": "needs 9 GiB", "code": "insufficient_memory"},
+     "refused: needs 9 GiB"),
+    ({"event": "ready", "model": "demo", "load_seconds": 2.0, "measured_bytes": {}}, "ready in 2.0 s (not measured)"),
+    ({"event": "stopped", "model": "demo", "reason": "unloaded"}, None),
+    ({"event": "phase", "model": "other", "phase": "map", "seconds": 1.0}, None),
+])
+def test_progress_line(event: dict[str, Any], line: str | None) -> None:
+    assert progress_line({"seq": 1, **event}, "demo") == line
 
 
 @pytest.mark.parametrize(("name", "said"), [("demo", "unloaded demo\n"), ("idle", "idle was not loaded\n")])

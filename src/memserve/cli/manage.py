@@ -7,15 +7,19 @@ server's JSON unchanged, for scripts; without it the answer is a rich table or o
 Failures are ``MemserveError``s, so the ``memserve`` group prints one line and exits 1: nothing
 listening (with the hint to start a server or pass ``--url``), a timeout, an OpenAI error body from the
 gateway (its message as-is, e.g. the planner's NoFit), or a reply that is not memserve's.
+
+``memserve load`` shows the load's progress while it waits: it polls ``GET /api/events`` beside the
+``POST /api/load`` and prints the events of that load (evictions made for it, the load, each phase,
+ready, or why it failed) as lines on stderr, so stdout keeps only the result (or the JSON) for scripts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import click
@@ -36,6 +40,8 @@ PS_TIMEOUT_SECONDS = 30.0
 # unloading drains a model's leases first, and a load faults in weights and runs a warm-up forward
 UNLOAD_TIMEOUT_SECONDS = 5 * 60.0
 LOAD_TIMEOUT_SECONDS = 15 * 60.0
+EVENTS_TIMEOUT_SECONDS = 10.0
+PROGRESS_POLL_SECONDS = 0.2
 BAR_WIDTH = 10
 PIPED_WIDTH = 200
 
@@ -154,6 +160,15 @@ class GatewayClient:
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         return self.request("POST", "/api/load", body, timeout_seconds=LOAD_TIMEOUT_SECONDS)
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """``GET /api/events?since=N``: the pool's events after sequence number ``since``, oldest first."""
+        data = self.request("GET", f"/api/events?since={since}", timeout_seconds=EVENTS_TIMEOUT_SECONDS)
+        events = data.get("events")
+        if not isinstance(events, list):
+            raise BadUpstream(f"{self.base_url} answered GET /api/events without an events list; is the server "
+                              "the same memserve version as this CLI?")
+        return [e for e in events if isinstance(e, dict) and isinstance(e.get("seq"), int)]
 
     def unload(self, model: str) -> dict[str, Any]:
         """``POST /api/unload``; the server drains the model's leases before it answers."""
@@ -329,6 +344,116 @@ def ready_line(row: ModelRow) -> str:
     return f"{row.name} {row.state} on {devices} (rung {row.rung or '-'}), {size}{took}"
 
 
+def _sizes(sizes: object) -> str:
+    if not isinstance(sizes, dict) or not sizes:
+        return "?"
+    return ", ".join(f"{format_bytes(int(v))} on {d}" for d, v in sorted(sizes.items()) if isinstance(v, int | float))
+
+
+def _seconds(value: object) -> str:
+    return f"{value:.1f} s" if isinstance(value, int | float) else "?"
+
+
+def progress_line(event: dict[str, Any], model: str, reserved: dict[str, int] | None = None) -> str | None:
+    """One event of the pool as a line about loading ``model``, or None when it is not about that load.
+
+    ``reserved`` is what the load event reserved, so the ready line can set the measured bytes beside it.
+    """
+    kind, name, reason = event.get("event"), event.get("model"), event.get("reason") or "no reason given"
+    if kind == "evict" and name != model and str(event.get("reason", "")).endswith(f"for {model}"):
+        return f"evicting {name} (to make room)"
+    if name != model:
+        return None
+    if kind == "load":
+        return f"loading {model} as {event.get('rung') or '?'}, reserving {_sizes(event.get('reserved_bytes'))}"
+    if kind == "phase":
+        return f"{event.get('phase') or '?'} {_seconds(event.get('seconds'))}"
+    if kind == "ready":
+        sizes = [f"measured {_sizes(event['measured_bytes'])}" if event.get("measured_bytes") else "not measured"]
+        if reserved:
+            sizes.append(f"reserved {_sizes(reserved)}")
+        return f"ready in {_seconds(event.get('load_seconds'))} ({', '.join(sizes)})"
+    if kind == "backoff":
+        return f"waiting {_seconds(event.get('seconds'))} before loading {model} again: it failed just before"
+    if kind == "reload":
+        return f"reloading {model}: {reason}"
+    if kind == "watchdog_kill":
+        return f"the watchdog stopped {model}: {reason}"
+    if kind == "retry_lower":
+        return f"retrying one rung below {event.get('failed_rung') or '?'}"
+    if kind == "load_failed":
+        return f"load failed: {reason}"
+    if kind == "refused":
+        return f"refused: {reason}"
+    return None
+
+
+class LoadProgress:
+    """Polls ``/api/events`` in a thread while ``POST /api/load`` waits, and shows that load's events.
+
+    Progress is best effort: a server without ``/api/events`` (or one that stops answering it) only
+    ends the progress lines; the load's own answer still says how it went. Lines go to stderr: as plain
+    lines when it is not a terminal, above a spinner naming the current step when it is.
+    """
+
+    def __init__(self, client: GatewayClient, model: str, console: Console) -> None:
+        self.client, self.model, self.console = client, model, console
+        self.lines: list[str] = []
+        self._reserved: dict[str, int] | None = None
+        self._stop = threading.Event()
+        self._since: int | None = None
+        self._status: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"load-progress-{model}", daemon=True)
+
+    def __enter__(self) -> LoadProgress:
+        try:
+            self._since = max((e["seq"] for e in self.client.events()), default=0)
+        except MemserveError:
+            self._since = None  # no progress to show from this server
+        if self.console.is_terminal:
+            self._status = self.console.status(f"loading {self.model} on {self.client.base_url} ...")
+            self._status.start()
+        if self._since is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._status is not None:
+            self._status.stop()
+
+    def _run(self) -> None:
+        while self._poll():
+            if self._stop.wait(PROGRESS_POLL_SECONDS):
+                self._poll()  # the load has answered: one more poll catches its last events
+                return
+
+    def _poll(self) -> bool:
+        assert self._since is not None
+        try:
+            events = self.client.events(self._since)
+        except MemserveError:
+            return False
+        for event in events:
+            self._since = max(self._since, event["seq"])
+            if event.get("event") == "load" and event.get("model") == self.model:
+                self._reserved = event.get("reserved_bytes") if isinstance(event.get("reserved_bytes"), dict) else None
+            line = progress_line(event, self.model, self._reserved)
+            if line is not None:
+                self._show(line)
+        return True
+
+    def _show(self, line: str) -> None:
+        self.lines.append(line)
+        if self._status is None:
+            click.echo(line, err=True)
+            return
+        self.console.print(line, markup=False, highlight=False)
+        self._status.update(f"loading {self.model}: {line}")
+
+
 # --- the commands -------------------------------------------------------------------------------------------
 
 
@@ -352,11 +477,6 @@ def _stdout_console() -> Console:
     return console
 
 
-def _spinner(console: Console, message: str) -> AbstractContextManager[object]:
-    """A rich status on a terminal; nothing when piped, so logs and scripts see only the result line."""
-    return console.status(message) if console.is_terminal else nullcontext()
-
-
 @click.command("ps")
 @_server_options
 def ps(url: str, as_json: bool) -> None:
@@ -375,8 +495,12 @@ def ps(url: str, as_json: bool) -> None:
               help="How long to keep NAME loaded once idle, e.g. 10m, 1h, or -1 for ever (server default if unset).")
 @_server_options
 def load(name: str, keep_alive: str | None, url: str, as_json: bool) -> None:
-    """Load model NAME on a running memserve server and wait until it is ready (can take minutes)."""
-    with GatewayClient(url) as client, _spinner(Console(stderr=True), f"loading {name} on {url} ..."):
+    """Load model NAME on a running memserve server and wait until it is ready (can take minutes).
+
+    While it waits, each step of the load (evictions made for it, phases, ready or why not) is a line on stderr.
+    """
+    with GatewayClient(url) as client, GatewayClient(url) as poller, \
+            LoadProgress(poller, name, Console(stderr=True)):
         data = client.load(name, keep_alive=keep_alive)
     if as_json:
         _echo_json(data)
