@@ -316,11 +316,16 @@ def test_client_disconnect_closes_the_upstream_promptly(stack: Stack, target: st
     test_id = uuid.uuid4().hex
     with stack.client.stream("POST", f"/{target}/v1/chat/completions", json={**CHAT, "stream": True},
                              headers={"x-test-id": test_id}) as response:
+        # Held, not looped over with ``for ... break``: the break would drop the last reference to the
+        # generator, whose close makes httpcore close the connection there and then, so the client would
+        # already be gone while the asserts below still expect it connected (a race the gateway won on a
+        # busy machine). The client hangs up only when this ``with`` closes the response.
+        chunks = response.iter_raw()
         received = b""
-        for chunk in response.iter_raw():
+        while len(events(received)) < 4:
+            chunk = next(chunks, None)
+            assert chunk is not None, f"the stream ended after {received!r}"
             received += chunk
-            if len(events(received)) >= 4:
-                break
         # relayed as they arrived: the upstream is still far from its last event
         assert len(events(bytes(fake.sent[-1]))) < fake.slow_token_count, "the stream was buffered"
         assert stack.done.count(test_id) == 0, "on_done ran while the stream was still going"
