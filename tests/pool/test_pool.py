@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -24,7 +25,7 @@ import pytest
 from memserve.checkpoint.facts import CheckpointFacts, facts_from
 from memserve.cli.manage import PsReply
 from memserve.config import ModelConfig, Settings
-from memserve.errors import InsufficientMemory, MemoryBusy, ModelNotFound, Overloaded, RunnerFailed
+from memserve.errors import InsufficientMemory, InvalidArgument, MemoryBusy, ModelNotFound, Overloaded, RunnerFailed
 from memserve.memory.inventory import Device, Inventory
 from memserve.pool import pool as pool_module
 from memserve.pool.eviction import Resident
@@ -796,6 +797,121 @@ def test_load_keeps_a_compatible_runner_and_reloads_for_a_larger_context(tmp_pat
             assert len(h.events("reload", "a")) == 1
 
     run(scenario)
+
+
+def test_unload_clears_a_failed_model_and_the_next_request_loads_it_fresh(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    scaled_backoff(monkeypatch)
+
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], inventory=GPU_HOST) as h:
+            for memory in (12 * GiB, 16 * GiB):  # two kills on the gpu rung, then a crash one rung lower
+                await use(h.pool, "a")
+                h.spawner.spawned[-1].memory_bytes = {"cuda:0": memory}
+                await until(lambda: h.state("a") == "failed", "the watchdog")
+            await use(h.pool, "a")
+            h.spawner.spawned[-1].exit(-9)
+            await until(lambda: h.state("a") == "failed", "the crash")
+            entry = h.pool.entries["a"]
+            assert entry.failures == 3 and entry.rung_kills == {"gpu": 2} and "gpu" in entry.skip_rungs
+            assert entry.reason is not None and "SIGKILL" in entry.reason
+            assert await h.pool.unload("a") is True
+            assert (entry.state, entry.reason, entry.failures) == ("stopped", None, 0)
+            assert entry.skip_rungs == frozenset() and entry.rung_kills == {}
+            assert h.pool.ps()["models"] == [] and h.events("cleared", "a")[0]["reason"].startswith("failed model")
+            assert await h.pool.unload("a") is False  # nothing left to stop or clear
+            backoffs = len(h.events("backoff", "a"))
+            await use(h.pool, "a")
+            assert len(h.events("backoff", "a")) == backoffs  # a fresh start: no backoff
+            assert h.spawner.spawned[-1].plan["rung"] == "gpu"  # the skipped rung is back ...
+            assert entry.reserved_bytes["cuda:0"] == with_margin(16 * GiB)  # ... with what it measured
+
+    run(scenario)
+
+
+def test_load_options_apply_to_that_load_only(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a", concurrency=2)]) as h:
+            row = await h.pool.load("a", context_tokens=4096, concurrency=3)
+            assert (row["context_tokens"], row["concurrency"]) == (4096, 3)
+            assert h.pool.entries["a"].pending_options is None
+            assert await h.pool.unload("a")
+            await use(h.pool, "a")  # the next load, by a request: the configuration again
+            assert [(r.plan["context_tokens"], r.plan["concurrency"]) for r in h.spawner.spawned] == [(4096, 3),
+                                                                                                     (2048, 2)]
+            assert await h.pool.unload("a")
+            row = await h.pool.load("a")
+            assert (row["context_tokens"], row["concurrency"]) == (2048, 2)
+
+    run(scenario)
+
+
+def test_load_options_of_a_refused_load_do_not_outlive_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+            with pytest.raises(InsufficientMemory):
+                await h.pool.load("a", concurrency=512)  # valid, but far too much KV for this budget
+            assert h.pool.entries["a"].pending_options is None and h.spawner.spawned == []
+            row = await h.pool.load("a")
+            assert (row["state"], row["concurrency"]) == ("ready", 1)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("options", "param", "fragment"),
+    [
+        ({"concurrency": -3}, "concurrency", "concurrency must be a whole number of sequences, 1 or more; got -3"),
+        ({"concurrency": 0}, "concurrency", "got 0"),
+        ({"context_tokens": 0}, "context", "context must be a whole number of tokens, 1 or more; got 0"),
+        ({"context_tokens": -1, "concurrency": 2}, "context", "got -1"),
+        ({"context_tokens": True}, "context", "got True"),
+        ({"concurrency": 2.5}, "concurrency", "got 2.5"),
+        ({"context_tokens": "4096"}, "context", "got '4096'"),
+        ({"context_tokens": 40_000}, "context", "more than mem://a supports (max_position_embeddings 32768)"),
+        ({"concurrency": 10_000}, None, "concurrency must be between 1 and 4096"),
+    ],
+)
+def test_invalid_load_options_are_refused_before_anything_changes(
+        tmp_path: Path, options: dict[str, Any], param: str | None, fragment: str) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:
+            await use(h.pool, "a")
+            runner, events = h.spawner.spawned[0], len(h.pool.events)
+            with pytest.raises(InvalidArgument) as info:
+                await h.pool.load("a", **options)
+            assert info.value.status_code == 400 and fragment in info.value.message
+            assert info.value.param == param
+            entry = h.pool.entries["a"]
+            assert entry.pending_options is None and entry.state == "ready" and entry.runner is runner
+            assert runner.stop_calls == 0 and len(h.spawner.spawned) == 1 and len(h.pool.events) == events
+            row = await h.pool.load("a")  # and the next load is not poisoned
+            assert (row["pid"], row["context_tokens"], row["concurrency"]) == (runner.pid, 2048, 1)
+
+    run(scenario)
+
+
+def test_lifecycle_log_lines_read_as_key_value_pairs_with_units(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:
+            await use(h.pool, "a")
+            runner, entry = h.spawner.spawned[0], h.pool.entries["a"]
+            reserved = entry.reserved_bytes["cpu"]
+            runner.memory_bytes = {"cpu": 8 * GiB}
+            await until(lambda: entry.state == "failed", "the watchdog")
+            lines = [r.getMessage() for r in caplog.records if r.name == "memserve.pool"]
+            assert f'load a rung=cpu reserved="{format_bytes(reserved)} on cpu"' in lines
+            [kill] = [line for line in lines if line.startswith("watchdog_kill a ")]
+            assert kill.startswith(f'watchdog_kill a pid={runner.pid} measured="8.0 GiB" limit="')
+            assert kill.endswith('reason="stopped by the watchdog: cpu use 8.0 GiB went past its plan of '
+                                 f'{format_bytes(reserved)} plus the tolerance (limit '
+                                 f'{format_bytes(with_margin(reserved))}) while ready"')
+            assert not any("{" in line for line in lines)  # no dicts printed raw
+            assert isinstance(h.events("watchdog_kill", "a")[0]["measured_bytes"], int)  # the JSON is unchanged
+
+    with caplog.at_level(logging.INFO, logger="memserve.pool"):
+        run(scenario)
 
 
 # ------------------------------------------------------------------------------------------- ps, events, stop

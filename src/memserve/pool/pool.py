@@ -815,7 +815,7 @@ def _render(fields: Mapping[str, Any]) -> str:
         elif key.endswith("_bytes") and isinstance(value, int | float) and not isinstance(value, bool):
             text = format_bytes(value)
         elif key.endswith("_seconds") or key == "seconds":
-            text = f"{value:g} s" if isinstance(value, int | float) else str(value)
+            text = f"{value:g}s" if isinstance(value, int | float) else str(value)
         else:
             text = str(value)
         name = key.removesuffix("_bytes").removesuffix("_seconds")
