@@ -609,6 +609,42 @@ def test_watchdog_kill_while_loading_goes_one_rung_lower_when_the_measured_reser
     run(scenario)
 
 
+def test_a_crash_past_the_plan_is_learned_from_the_runners_own_peak(tmp_path: Path) -> None:
+    """The kernel's OOM killer got there first: no watchdog sample, but the runner had reported its peak."""
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(GATED)) as h:
+            task = asyncio.create_task(h.pool.acquire("a"))
+            await until(lambda: len(h.spawner.spawned) == 1, "the spawn")
+            first, entry = h.spawner.spawned[0], h.pool.entries["a"]
+            peak = entry.reserved_bytes["cpu"] + 64 * MiB  # past the plan, under the watchdog's limit
+            first.emit_phase("fault_in", peak_rss_bytes=peak)
+            first.exit(-9)
+            await until(lambda: len(h.spawner.spawned) == 2, "the retry")
+            second = h.spawner.spawned[1]
+            assert second.plan == first.plan and entry.reserved_bytes == {"cpu": with_margin(peak)}
+            assert h.events("watchdog_kill") == [] and "SIGKILL" in h.events("retry", "a")[0]["reason"]
+            second.make_ready()
+            (await task).release()
+            assert entry.state == "ready" and entry.rung_kills == {"cpu": 1}
+
+    run(scenario)
+
+
+def test_a_crash_within_the_plan_teaches_nothing_and_is_not_retried(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(GATED)) as h:
+            task = asyncio.create_task(h.pool.acquire("a"))
+            await until(lambda: len(h.spawner.spawned) == 1, "the spawn")
+            first, entry = h.spawner.spawned[0], h.pool.entries["a"]
+            first.emit_phase("fault_in", peak_rss_bytes=entry.reserved_bytes["cpu"] - MiB)
+            first.exit(1, "ValueError: bad config.json")
+            with pytest.raises(RunnerFailed, match=r"ValueError: bad config\.json"):
+                await task
+            assert len(h.spawner.spawned) == 1 and h.events("learned") == [] and entry.rung_kills == {}
+
+    run(scenario)
+
+
 def test_a_model_whose_measured_need_never_fits_is_refused_with_a_whole_message(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:

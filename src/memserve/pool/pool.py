@@ -377,7 +377,7 @@ class ModelPool:
                     rung = planned["rung"]
                     if learned and entry.rung_kills.get(rung, 0) < _KILLS_BEFORE_LOWER:
                         try:  # the same plan with what the kill taught; one rung lower if that no longer fits
-                            planned, need = self._choose(entry, facts, policy, options)
+                            planned, need = self._chosen(entry, *self._choose(entry, facts, policy, options))
                         except InsufficientMemory as refusal:
                             raise InsufficientMemory(f"{message}; {refusal.message}", param="model") from None
                         self._event("retry", entry, rung=planned["rung"], reserved_bytes=need,
@@ -388,7 +388,7 @@ class ModelPool:
                         entry.skip_rungs |= policy.skip_rungs
                     self._event("retry_lower", entry, failed_rung=rung, reason=killed or exc.message)
                     try:
-                        planned, need = self._choose(entry, facts, policy, options)
+                        planned, need = self._chosen(entry, *self._choose(entry, facts, policy, options))
                     except InsufficientMemory:
                         again = "; the next request loads it again on that rung with the reservation it " \
                             "measured" if learned else ""
@@ -441,7 +441,7 @@ class ModelPool:
         base = _policy(entry.config)
         policy = replace(base, skip_rungs=entry.skip_rungs)
         try:
-            return (policy, *self._choose(entry, facts, policy, options))
+            return (policy, *self._chosen(entry, *self._choose(entry, facts, policy, options)))
         except InsufficientMemory as error:
             if not entry.skip_rungs:
                 raise
@@ -449,7 +449,7 @@ class ModelPool:
         for rung in reversed([r for r in RUNGS if r in entry.skip_rungs]):
             lifted = replace(base, skip_rungs=frozenset(RUNGS[:RUNGS.index(rung)]))
             try:
-                planned, need = self._choose(entry, facts, lifted, options)
+                planned, need = self._chosen(entry, *self._choose(entry, facts, lifted, options))
             except InsufficientMemory as error:
                 refusal = error
                 continue
@@ -458,9 +458,10 @@ class ModelPool:
             return lifted, planned, need
         raise refusal
 
-    def _choose(self, entry: Entry, facts: CheckpointFacts, policy: Policy,
-                options: Mapping[str, int]) -> tuple[dict[str, Any], dict[str, int]]:
-        """The first plan on the ladder whose reservation fits the pool's capacity, and that reservation.
+    def _choose(self, entry: Entry, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
+                ) -> tuple[dict[str, Any], dict[str, int], list[dict[str, Any]]]:
+        """The first plan on the ladder whose reservation fits the pool's capacity, that reservation, and why
+        the rungs above it were passed over (``rung_lower`` events for ``_chosen`` to record once it is used).
 
         The planner fits its estimate; the reservation is what the plan was measured to use where that is
         known (``_reservation``). A measured figure too big for the capacity moves the load one rung lower:
@@ -469,11 +470,12 @@ class ModelPool:
         """
         usable = self.ledger.usable_bytes()
         planned = self._plan(entry, facts, policy, options)
+        passed_over: list[dict[str, Any]] = []
         while True:
             need = self._reservation(facts, planned)
             short = {d: n for d, n in need.items() if n > usable.get(d, 0)}
             if not short:
-                return planned, need
+                return planned, need, passed_over
             rung = planned["rung"]
             estimate = {d: int(planned["devices"].get(d, {}).get("total_bytes", 0)) for d in short}
             why = (f"as {rung} it needs {_sizes(short)} (learned from a runner with this plan; estimated "
@@ -486,7 +488,13 @@ class ModelPool:
                     f"model {entry.name!r} cannot fit on this server even with nothing else loaded: {why}, and no "
                     "lower rung on the ladder fits or is allowed. Raise the memory budget (--memory), or load it "
                     "with a smaller context or concurrency", param="model") from None
-            self._event("rung_lower", entry, failed_rung=rung, rung=planned["rung"], reason=why)
+            passed_over.append({"failed_rung": rung, "rung": planned["rung"], "reason": why})
+
+    def _chosen(self, entry: Entry, planned: dict[str, Any], need: dict[str, int],
+                passed_over: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, int]]:
+        for fields in passed_over:
+            self._event("rung_lower", entry, **fields)
+        return planned, need
 
     def _plan(self, entry: Entry, facts: CheckpointFacts, policy: Policy,
               options: Mapping[str, int]) -> dict[str, Any]:
