@@ -138,10 +138,12 @@ class FakeRunner:
         if self.script.ready_after_seconds is not None:
             asyncio.get_running_loop().call_later(self.script.ready_after_seconds, self._finish_load)
 
-    def emit_phase(self, phase: str, seconds: float = 0.01, peak_rss_bytes: int | None = None) -> None:
-        """Report a finished load phase, as the real runner's progress line does (with its memory, if given)."""
+    def emit_phase(self, phase: str, seconds: float = 0.01, peak_rss_bytes: int | None = None,
+                   **fields: Any) -> None:
+        """Report a finished load phase, as the real runner's progress line does (with its memory, if given,
+        and any other fields, such as the worst-case warm-up's ``peak_bytes`` and ``needs_bytes``)."""
         self.phase = phase
-        event: dict[str, Any] = {"event": "phase", "phase": phase, "seconds": seconds}
+        event: dict[str, Any] = {"event": "phase", "phase": phase, "seconds": seconds, **fields}
         if peak_rss_bytes is not None:
             event["memory"] = {"cpu": {"rss_bytes": peak_rss_bytes, "peak_rss_bytes": peak_rss_bytes}}
         self._on_event(event)

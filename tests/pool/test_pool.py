@@ -442,7 +442,8 @@ def test_overloaded_when_leases_and_waiting_reach_concurrency_plus_queue(tmp_pat
         async with running_pool(tmp_path, [model("a", concurrency=1, max_queue=1)],
                                 spawner=FakeSpawner(GATED)) as h:
             waiting = [asyncio.create_task(h.pool.acquire("a")) for _ in range(2)]
-            await until(lambda: h.pool.entries["a"].waiting == 2, "two waiting")
+            await until(lambda: h.pool.entries["a"].waiting == 2 and len(h.spawner.spawned) == 1,
+                        "two waiting on the one load")  # the spawn comes after planning, in its own task
             with pytest.raises(Overloaded) as info:
                 await h.pool.acquire("a")
             assert info.value.status_code == 429 and info.value.retry_after_seconds > 0
@@ -552,6 +553,11 @@ def test_watchdog_kills_a_ready_runner_past_its_plan_and_the_tolerance(tmp_path:
     run(scenario)
 
 
+def same_plan(first: Mapping[str, Any], second: Mapping[str, Any]) -> bool:
+    """The same plan, whatever each runner was told to reserve for it."""
+    return {**first, "reserved_bytes": None} == {**second, "reserved_bytes": None}
+
+
 def with_margin(measured_bytes: int) -> int:
     """What the pool reserves after a kill at ``measured_bytes``: the figure plus the watchdog's tolerance."""
     return watchdog_limit_bytes(measured_bytes, 0.10, 128 * MiB)
@@ -565,7 +571,7 @@ def test_watchdog_kill_while_loading_retries_the_same_rung_with_the_measured_res
             lease = await h.pool.acquire("a")
             first, second = h.spawner.spawned
             assert (first.plan["rung"], second.plan["rung"]) == ("gpu", "gpu")
-            assert first.plan == second.plan and first.kill_calls == 1 and second.kill_calls == 0
+            assert same_plan(first.plan, second.plan) and first.kill_calls == 1 and second.kill_calls == 0
             estimate = first.plan["devices"]["cuda:0"]["total_bytes"]
             reserved = h.pool.entries["a"].reserved_bytes["cuda:0"]
             assert estimate < 20 * GiB < reserved == with_margin(20 * GiB)
@@ -621,7 +627,8 @@ def test_a_crash_past_the_plan_is_learned_from_the_runners_own_peak(tmp_path: Pa
             first.exit(-9)
             await until(lambda: len(h.spawner.spawned) == 2, "the retry")
             second = h.spawner.spawned[1]
-            assert second.plan == first.plan and entry.reserved_bytes == {"cpu": with_margin(peak)}
+            assert same_plan(second.plan, first.plan) and entry.reserved_bytes == {"cpu": with_margin(peak)}
+            assert second.plan["reserved_bytes"] == entry.reserved_bytes  # the runner is told what it may use
             assert h.events("watchdog_kill") == [] and "SIGKILL" in h.events("retry", "a")[0]["reason"]
             second.make_ready()
             (await task).release()
@@ -641,6 +648,49 @@ def test_a_crash_within_the_plan_teaches_nothing_and_is_not_retried(tmp_path: Pa
             with pytest.raises(RunnerFailed, match=r"ValueError: bad config\.json"):
                 await task
             assert len(h.spawner.spawned) == 1 and h.events("learned") == [] and entry.rung_kills == {}
+
+    run(scenario)
+
+
+def test_a_warm_up_peak_above_the_plan_is_reserved_before_any_traffic(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(GATED)) as h:
+            task = asyncio.create_task(h.pool.acquire("a"))
+            await until(lambda: len(h.spawner.spawned) == 1, "the spawn")
+            runner, entry = h.spawner.spawned[0], h.pool.entries["a"]
+            planned = dict(entry.reserved_bytes)
+            assert runner.plan["reserved_bytes"] == planned  # the runner is told what it may use
+            needs = planned["cpu"] + 200 * MiB  # even one sequence does not fit: the runner says so
+            runner.emit_phase("worst_case", fits=False, peak_bytes={"cpu": needs}, needs_bytes={"cpu": needs})
+            runner.make_ready()
+            lease = await task
+            assert entry.reserved_bytes == {"cpu": needs} and h.pool.ledger.held("a") == {"cpu": needs}
+            [reserve] = h.events("reserve", "a")
+            assert reserve["reserved_bytes"] == {"cpu": needs} and "warm-up peaked at" in reserve["reason"]
+            assert h.kinds("a").index("reserve") < h.kinds("a").index("ready")
+            assert entry.calibration_key is not None
+            assert h.pool.calibration.get(*entry.calibration_key) == {"cpu": needs}
+            lease.release()
+
+    run(scenario)
+
+
+def test_a_warm_up_peak_with_no_room_beside_the_others_loads_again_after_making_room(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a"), model("b")]) as h:  # 8 GiB: room for both as planned
+            never_over_usable(h.pool.ledger)
+            await use(h.pool, "a")
+            peak = 7 * GiB  # more than is free beside a, less than the whole
+            h.spawner.script("b", *[RunnerScript(ready_report={"memory": {"cpu": {"peak_rss_bytes": peak}}})] * 2)
+            lease = await h.pool.acquire("b")
+            assert h.spawner.journal == [("spawn", "a"), ("spawn", "b"), ("stop", "b"), ("stop", "a"),
+                                         ("spawn", "b")]
+            assert h.pool.entries["b"].reserved_bytes == {"cpu": with_margin(peak)}
+            assert [e["model"] for e in h.events("evict")] == ["a"]
+            [learned] = h.events("learned", "b")
+            assert learned["measured_bytes"] == {"cpu": peak}
+            assert "no room for that beside the other models" in h.events("retry", "b")[0]["reason"]
+            lease.release()
 
     run(scenario)
 
@@ -741,7 +791,7 @@ def test_the_issue_11_story_a_kill_on_cpu_is_not_an_outage(tmp_path: Path) -> No
             await until(lambda: h.state("a") == "failed", "the watchdog")
             lease = await h.pool.acquire("a")
             second = h.spawner.spawned[1]
-            assert second.plan == first.plan and entry.state == "ready"
+            assert same_plan(second.plan, first.plan) and entry.state == "ready"
             assert entry.reserved_bytes == {"cpu": with_margin(killed_at)} and with_margin(killed_at) > killed_at
             lease.release()
         async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(RunnerScript(ready_report=warm_up))) as h:

@@ -560,7 +560,8 @@ class ModelPool:
         self._set_state(entry, STARTING)
         self._event("load", entry, rung=planned["rung"], reserved_bytes=need)
         try:
-            runner = await self._spawn(entry.name, facts.source, planned, lambda ev: self._runner_event(entry, ev))
+            runner = await self._spawn(entry.name, facts.source, {**planned, "reserved_bytes": dict(need)},
+                                       lambda ev: self._runner_event(entry, ev))
         except BaseException:
             self.ledger.release(entry.name)
             raise
@@ -573,20 +574,51 @@ class ModelPool:
                 self._learn(entry)
             await self._stop(entry, str(exc))
             raise
+        peak = _peak_bytes(ready, runner.sample_memory())
+        _raise_to(entry.peak_bytes, peak)
+        if entry.peak_bytes:
+            self.calibration.put(*entry.calibration_key, entry.peak_bytes)
+        await self._hold_warm_up_peak(entry)
         entry.load_seconds = round(self._clock() - started, 3)
         entry.last_used = entry.ready_at = self._clock()
         self._set_state(entry, READY)
-        peak = _peak_bytes(ready, runner.sample_memory())
-        _raise_to(entry.peak_bytes, peak)
-        if peak:
-            self.calibration.put(*entry.calibration_key, entry.peak_bytes)
         self._event("ready", entry, pid=runner.pid, load_seconds=entry.load_seconds, measured_bytes=peak)
         self._spawn_task(self._monitor(entry, runner), f"monitor-{entry.name}")
         if entry.waiting == 0:
             self._schedule_expiry(entry)
 
+    async def _hold_warm_up_peak(self, entry: Entry) -> None:
+        """Before any traffic, reserve what the warm-up really used when that is above the reservation.
+
+        The runner's warm-up runs the worst case its plan admits and reports its peak (``peak_bytes``, or
+        ``needs_bytes`` when even one sequence does not fit what it was given). Held at that peak, the
+        books and the watchdog's limit are true from the first request. When the room is not there beside
+        the other models, the runner is stopped and the load tried again with what it taught (``_learn``),
+        so that admission evicts idle models or waits for busy ones first.
+        """
+        over = {d: v for d, v in entry.peak_bytes.items() if v > entry.reserved_bytes.get(d, 0)}
+        if not over:
+            return
+        bigger = {**entry.reserved_bytes, **over}
+        mine, held, usable = self.ledger.held(entry.name), self.ledger.held_bytes(), self.ledger.usable_bytes()
+        why = f"its warm-up peaked at {_sizes(over)}, above its reservation of {_sizes(entry.reserved_bytes)}"
+        if all(v <= usable.get(d, 0) - (held.get(d, 0) - mine.get(d, 0)) for d, v in bigger.items()):
+            self.ledger.reserve(entry.name, bigger)
+            entry.reserved_bytes = bigger
+            self._event("reserve", entry, reserved_bytes=bigger, reason=why)
+            return
+        self._learn(entry)
+        await self._stop(entry, f"{why}, with no room for that beside the other models")
+        raise RunnerFailed(f"runner {entry.name} stopped before serving: {why}, with no room for that beside the "
+                           "other models; it is loaded again with the bigger reservation")
+
     def _runner_event(self, entry: Entry, event: dict[str, Any]) -> None:
         _raise_to(entry.peak_bytes, _peak_bytes(event, {}))  # phases report the runner's memory so far
+        for key in ("peak_bytes", "needs_bytes"):  # the worst-case warm-up's own figures
+            figures = event.get(key)
+            if isinstance(figures, Mapping):
+                _raise_to(entry.peak_bytes, {str(d): v for d, v in figures.items()
+                                             if isinstance(v, int) and not isinstance(v, bool)})
         if event.get("event") == "phase" and entry.state in (STARTING, LOADING, WARMING):
             self._set_state(entry, _PHASE_STATES.get(str(event.get("phase")), entry.state))
             self._event("phase", entry, phase=event.get("phase"), seconds=event.get("seconds"))
