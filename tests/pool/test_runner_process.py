@@ -1,13 +1,24 @@
-"""RunnerProcess pieces that need no model: what its memory sample reads."""
+"""RunnerProcess pieces that need no model: what its memory sample reads, and the run folders."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Collection
 from pathlib import Path
 
-from memserve.pool.runner_process import RunnerProcess
+from memserve.pool.runner_process import (
+    RUN_DIR_OWNER_FILE,
+    RUN_DIR_PREFIX,
+    RunnerProcess,
+    new_run_dir,
+    owner_alive,
+    owner_record,
+    remove_dead_run_dirs,
+)
 
 
 def test_sample_memory_is_the_trees_rss_plus_its_gpu_memory(tmp_path: Path) -> None:
@@ -40,3 +51,58 @@ def test_sample_memory_is_the_trees_rss_plus_its_gpu_memory(tmp_path: Path) -> N
         assert runner.sample_memory() == {}  # exited: nothing to read
 
     asyncio.run(scenario())
+
+
+# --- run folders ----------------------------------------------------------------------------------------------
+
+
+def _dead_pid_record() -> dict[str, object]:
+    """The owner record of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    record = owner_record(child.pid)
+    child.wait()
+    return record
+
+
+def _run_dir(parent: Path, name: str, record: dict[str, object] | None) -> Path:
+    folder = parent / f"{RUN_DIR_PREFIX}{name}"
+    folder.mkdir()
+    (folder / "m.sock").write_text("")  # what a runner leaves
+    if record is not None:
+        (folder / RUN_DIR_OWNER_FILE).write_text(json.dumps(record))
+    return folder
+
+
+def test_a_new_run_dir_records_its_owner_and_removes_only_the_dead_owners_folders(tmp_path: Path) -> None:
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as living:
+        try:
+            dead = _run_dir(tmp_path, "dead", _dead_pid_record())
+            reused = _run_dir(tmp_path, "reused", {**owner_record(living.pid), "started": 1.0})  # pid reused since
+            alive = _run_dir(tmp_path, "alive", owner_record(living.pid))
+            ours = _run_dir(tmp_path, "ours", owner_record(os.getpid()))
+            elsewhere = _run_dir(tmp_path, "elsewhere", {**_dead_pid_record(), "host": "another-host"})
+            unknown = _run_dir(tmp_path, "unknown", None)  # being made right now, or an older memserve's
+            garbled = _run_dir(tmp_path, "garbled", None)
+            (garbled / RUN_DIR_OWNER_FILE).write_text("{not json")
+            not_ours = tmp_path / "other-thing"
+            not_ours.mkdir()
+
+            run_dir = new_run_dir(tmp_path)
+        finally:
+            living.kill()
+            living.wait()
+
+    assert not dead.exists() and not reused.exists()
+    assert all(p.exists() for p in (alive, ours, elsewhere, unknown, garbled, not_ours))
+    assert run_dir.parent == tmp_path and run_dir.name.startswith(RUN_DIR_PREFIX)
+    record = json.loads((run_dir / RUN_DIR_OWNER_FILE).read_text())
+    assert record["pid"] == os.getpid() and owner_alive(record) is True
+    assert remove_dead_run_dirs(tmp_path) == [alive]  # its owner has ended now; this process owns the new one
+
+
+def test_owner_alive_judges_records() -> None:
+    assert owner_alive(owner_record(os.getpid())) is True
+    assert owner_alive(_dead_pid_record()) is False
+    assert owner_alive({**owner_record(os.getpid()), "started": 1.0}) is False  # same pid, another process
+    assert owner_alive({**owner_record(os.getpid()), "pid_namespace": "pid:[1]"}) is None  # cannot tell
+    assert owner_alive({"pid": "x"}) is None and owner_alive({}) is None

@@ -14,8 +14,11 @@ import collections
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,9 +31,12 @@ from memserve.memory.probe import GpuProcessMemory
 from memserve.pool.runner_transport import RunnerTransport
 
 RUNNER_BASE_URL = "http://runner/v1"  # the host part is ignored on a Unix socket
+RUN_DIR_PREFIX = "memserve-run-"
+RUN_DIR_OWNER_FILE = "owner.json"
 _STDERR_LINE_LIMIT_BYTES = 1 << 20
 _GPU_MEMORY = GpuProcessMemory()  # one NVML session for every runner the gateway watches
 _HEALTH_POLL_SECONDS = 0.02
+_SAME_START_SECONDS = 0.01  # start times are in clock ticks (10 ms); one process reads the same value each time
 
 
 class RunnerHandle(Protocol):
@@ -66,6 +72,73 @@ class RunnerHandle(Protocol):
 
 # spawn(name, source, plan_json, on_event) -> a started runner
 Spawner = Callable[[str, str, dict[str, Any], Callable[[dict[str, Any]], None]], Awaitable[RunnerHandle]]
+
+
+def new_run_dir(base: Path | None = None) -> Path:
+    """A fresh folder for this gateway's runner sockets and plan files, its owner recorded inside; folders of
+    gateways that are gone (a ``kill -9`` leaves its folder behind) are removed first.
+
+    It lives in the temp folder (``base``), whose path is short: a Unix socket's path is limited to ~107 bytes.
+    """
+    parent = base if base is not None else Path(tempfile.gettempdir())
+    remove_dead_run_dirs(parent)
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=parent))
+    (run_dir / RUN_DIR_OWNER_FILE).write_text(json.dumps(owner_record(os.getpid())))
+    return run_dir
+
+
+def owner_record(pid: int) -> dict[str, Any]:
+    """Who owns a run folder: the pid, and what tells that process from a later one given the same pid (its
+    start time) or one in another container sharing the temp folder (host name, pid namespace)."""
+    return {"pid": pid, "started": psutil.Process(pid).create_time(), "host": socket.gethostname(),
+            "pid_namespace": _pid_namespace()}
+
+
+def owner_alive(record: Mapping[str, Any]) -> bool | None:
+    """True while the recorded process runs, False once it is gone, None when this process cannot tell
+    (another host or pid namespace, or a record it does not understand): such a folder is left alone."""
+    try:
+        pid, started = int(record["pid"]), float(record["started"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if record.get("host") != socket.gethostname() or record.get("pid_namespace") != _pid_namespace():
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(process.create_time() - started) < _SAME_START_SECONDS  # else the pid was reused
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return None
+
+
+def remove_dead_run_dirs(parent: Path) -> list[Path]:
+    """Remove this user's run folders in ``parent`` whose owner is gone; the folders removed.
+
+    A folder without a readable owner record is kept: it may be one being made right now, or one of a
+    memserve too old to write a record, whose gateway may still be running.
+    """
+    removed: list[Path] = []
+    for folder in parent.glob(RUN_DIR_PREFIX + "*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            record = json.loads((folder / RUN_DIR_OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and owner_alive(record) is False:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def describe_exit(returncode: int, last_lines: list[str]) -> str:
@@ -123,7 +196,7 @@ class RunnerProcess:
         self.socket_path.unlink(missing_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "memserve.runner", "--plan", str(self.plan_path), "--socket", str(self.socket_path),
-            "--name", self.name,
+            "--name", self.name, "--parent-pid", str(os.getpid()),  # the runner ends when this process does
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "MEMSERVE_PROGRESS": "json", **(self._env or {})},
             limit=_STDERR_LINE_LIMIT_BYTES, start_new_session=True,
