@@ -51,7 +51,6 @@ import difflib
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -78,7 +77,7 @@ from memserve.memory.planner import RUNGS, Policy, Request, plan, validate_reque
 from memserve.memory.probe import available_ram_bytes
 from memserve.pool.eviction import Resident, choose_evictions
 from memserve.pool.ledger import Calibration, Ledger, calibrated, checkpoint_files, checkpoint_fingerprint, plan_key
-from memserve.pool.runner_process import RunnerHandle, Spawner, process_spawner
+from memserve.pool.runner_process import RunnerHandle, Spawner, new_run_dir, process_spawner
 from memserve.units import format_bytes
 
 log = logging.getLogger("memserve.pool")
@@ -172,7 +171,7 @@ class ModelPool:
                  facts_reader: Callable[[str], CheckpointFacts] = read_facts) -> None:
         self.settings = settings
         self.inventory = inventory
-        self._run_dir = Path(tempfile.mkdtemp(prefix="memserve-run-"))  # short: Unix socket paths are limited
+        self._run_dir = new_run_dir()  # owner recorded; the folders of dead gateways go
         self._spawn = spawner or process_spawner(self._run_dir)
         self._clock = clock
         self._host_available = host_available_bytes
