@@ -252,6 +252,8 @@ DEMO_LOAD = [
     {"event": "phase", "model": "demo", "phase": "map", "seconds": 0.8},
     {"event": "phase", "model": "demo", "phase": "fault_in", "seconds": 1.2},
     {"event": "phase", "model": "demo", "phase": "warm_up", "seconds": 0.31},
+    {"event": "reserve", "model": "demo", "reserved_bytes": {"cpu": 700 * 1024**2},
+     "reason": "its warm-up peaked at 700.0 MiB on cpu, above its reservation of 600.0 MiB on cpu"},
     {"event": "ready", "model": "demo", "pid": 4242, "load_seconds": 3.1, "measured_bytes": {"cpu": 512 * 1024**2}},
 ]
 DEMO_PROGRESS = [
@@ -261,7 +263,9 @@ DEMO_PROGRESS = [
     "map 0.8 s",
     "fault_in 1.2 s",
     "warm_up 0.3 s",
-    "ready in 3.1 s (measured 512.0 MiB on cpu, reserved 600.0 MiB on cpu)",
+    "reserving 700.0 MiB on cpu instead: its warm-up peaked at 700.0 MiB on cpu, above its reservation of 600.0 MiB "
+    "on cpu",
+    "ready in 3.1 s (measured 512.0 MiB on cpu, reserved 700.0 MiB on cpu)",
 ]
 
 
@@ -339,6 +343,14 @@ def test_progress_on_a_terminal_prints_the_lines_above_a_spinner() -> None:
      "refused: needs 9 GiB"),
     ({"event": "ready", "model": "demo", "load_seconds": 2.0, "measured_bytes": {}}, "ready in 2.0 s (not measured)"),
     ({"event": "stopped", "model": "demo", "reason": "unloaded"}, None),
+    ({"event": "reserve", "model": "demo", "reserved_bytes": {"cpu": 2 * 1024**3}, "reason": "its warm-up peaked"},
+     "reserving 2.0 GiB on cpu instead: its warm-up peaked"),
+    ({"event": "rung_lower", "model": "demo", "failed_rung": "gpu", "rung": "cpu", "reason": "needs 9 GiB"},
+     "gpu does not fit: needs 9 GiB; trying cpu"),
+    ({"event": "retry", "model": "demo", "rung": "cpu", "reserved_bytes": {"cpu": 1024**3}, "reason": "killed"},
+     "trying cpu again, reserving 1.0 GiB on cpu: killed"),
+    ({"event": "learned", "model": "demo", "rung": "cpu", "next_reserved_bytes": {"cpu": 1024**3}},
+     "learned: as cpu it needs 1.0 GiB on cpu"),
     ({"event": "phase", "model": "other", "phase": "map", "seconds": 1.0}, None),
 ])
 def test_progress_line(event: dict[str, Any], line: str | None) -> None:

@@ -373,6 +373,14 @@ def progress_line(event: dict[str, Any], model: str, reserved: dict[str, int] | 
         if reserved:
             sizes.append(f"reserved {_sizes(reserved)}")
         return f"ready in {_seconds(event.get('load_seconds'))} ({', '.join(sizes)})"
+    if kind == "reserve":
+        return f"reserving {_sizes(event.get('reserved_bytes'))} instead: {reason}"
+    if kind == "rung_lower":
+        return f"{event.get('failed_rung') or '?'} does not fit: {reason}; trying {event.get('rung') or '?'}"
+    if kind == "retry":
+        return f"trying {event.get('rung') or '?'} again, reserving {_sizes(event.get('reserved_bytes'))}: {reason}"
+    if kind == "learned":
+        return f"learned: as {event.get('rung') or '?'} it needs {_sizes(event.get('next_reserved_bytes'))}"
     if kind == "backoff":
         return f"waiting {_seconds(event.get('seconds'))} before loading {model} again: it failed just before"
     if kind == "reload":
@@ -438,7 +446,7 @@ class LoadProgress:
             return False
         for event in events:
             self._since = max(self._since, event["seq"])
-            if event.get("event") == "load" and event.get("model") == self.model:
+            if event.get("event") in ("load", "reserve", "retry") and event.get("model") == self.model:
                 self._reserved = event.get("reserved_bytes") if isinstance(event.get("reserved_bytes"), dict) else None
             line = progress_line(event, self.model, self._reserved)
             if line is not None:
