@@ -1,143 +1,201 @@
-"""How close is ``memserve fit``'s CPU estimate to the real peak of a process serving the model?
+"""Does the plan bound the real runner? ``memserve fit``'s CPU plan against the runner process's own peak.
 
-For each case it builds (or reuses) a demo model, asks the planner for the CPU plan's total bytes
-(weights + KV cache for context × concurrency + activations + runtime), then runs a *separate*
-process that loads the model with transformers, faults every weight in, and generates with that
-context and concurrency (prompts of ``context - new_tokens`` tokens, ``new_tokens`` more generated,
-prefill chunked to the plan's ``max_batch_tokens`` like the runner's engine). It prints the
-estimate, the measured peak RSS (``ru_maxrss``: anonymous and file-backed pages together, since the
-mapped weights are file-backed) and the error.
+For each case it builds (or reuses) the model, writes the plan with ``memserve fit MODEL --context C
+--concurrency N --json``, starts the real runner (``python -m memserve.runner --plan PLAN --port P``)
+and, once it is ready, sends token-id prompts that fill the context (``context - new_tokens`` prompt
+tokens, ``new_tokens`` generated): one alone, then ``N`` at once streamed, then ``N`` at once not
+streamed. The runner's peak is its ``VmHWM`` (the kernel's high-water mark of resident memory:
+anonymous and file-backed pages together, since the mapped weights are file-backed), read from
+``/proc/PID/status`` after each step. It prints the plan, the peak after load and after traffic, and
+``plan / peak``, which should lie in [1.00, 1.10].
 
-    python benchmarks/estimate_accuracy.py                       # small and 1b cases
-    python benchmarks/estimate_accuracy.py --cases tiny:512x2    # quick check
+    python benchmarks/estimate_accuracy.py                             # the default cases
+    python benchmarks/estimate_accuracy.py --cases tiny:512x2          # quick
+    python benchmarks/estimate_accuracy.py --cases gemma2:2048x4       # a family checkpoint (family_models.py)
+    MEMSERVE_ENGINE=generate python benchmarks/estimate_accuracy.py --cases small:1024x2   # the fallback engine
+
+Case names: the demo sizes ``tiny``, ``small``, ``1b`` (llama), ``small-qwen2``, and the ~150M random-init
+families of ``benchmarks/family_models.py`` (``llama``, ``qwen2``, ``mistral``, ``gemma2``, ``gpt2``,
+``mixtral``). One model process runs at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
-import resource
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from family_models import FAMILIES, ensure_family_model
 
 GiB = 1024**3
-DEFAULT_CASES = "small:4096x4,small:1024x1,1b:1024x4,1b:2048x1"
+MiB = 1024**2
+DEFAULT_CASES = "tiny:512x1,tiny:2048x8,small:512x1,small:1024x1,small:2048x8,small:4096x4,1b:1024x1,1b:2048x2"
+READY_TIMEOUT_SECONDS = 1800.0
 
 
-def measure(path: str, context: int, concurrency: int, max_batch_tokens: int, new_tokens: int) -> dict:
-    """Runs in the child: load, fault in, generate; report peak RSS and what made it up."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(int(os.environ.get("MEMSERVE_BENCH_THREADS", "2")))
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    model.eval()
-    loaded = time.perf_counter()
-    with torch.no_grad():
-        for p in model.parameters():  # read every page of the mapped weights
-            p.sum()
-    faulted = time.perf_counter()
-    prompt_tokens = context - new_tokens
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (concurrency, prompt_tokens), generator=generator)
-    chunk = max(1, max_batch_tokens // concurrency)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            prefill_chunk_size=chunk if chunk < prompt_tokens else None,
-            pad_token_id=0,
-        )
-    done = time.perf_counter()
-    status = dict(
-        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Rss")
-    )
-    return {
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_anon_bytes": int(status["RssAnon"].split()[0]) * 1024,
-        "rss_file_bytes": int(status["RssFile"].split()[0]) * 1024,
-        "generated_tokens": int(out.shape[1] - prompt_tokens) * concurrency,
-        "load_seconds": loaded - t0,
-        "fault_in_seconds": faulted - loaded,
-        "generate_seconds": done - faulted,
-    }
-
-
-def estimate(path: Path, context: int, concurrency: int) -> tuple[int, dict, int]:
-    from memserve.checkpoint.facts import read_local_facts
-    from memserve.memory.inventory import Device, Inventory
-    from memserve.memory.planner import Policy, Request, plan
-
-    facts = read_local_facts(path)
-    roomy = Inventory((Device("cpu", "cpu", 1024 * GiB, 1024 * GiB),))
-    result = plan(facts, Request(context, concurrency), roomy, Policy(allow_gpu=False))
-    assert result.plan is not None
-    need = result.plan.devices["cpu"]
-    return need.total_bytes, need.to_json(), result.plan.max_batch_tokens
-
-
-def ensure_model(models: Path, size: str) -> Path:
+def ensure_model(models: Path, name: str) -> Path:
+    """A demo model (``tiny``, ``small``, ``1b``, ``small-qwen2``) or a family checkpoint, built once."""
+    if name in FAMILIES:
+        return ensure_family_model(models, name)
     from memserve.checkpoint.demo import write_demo_model
 
-    path = models / f"demo-{size}"
+    size, _, arch = name.partition("-")
+    path = models / f"demo-{name}"
     if not (path / "config.json").exists():
-        info = write_demo_model(path, size=size, force=True)
+        info = write_demo_model(path, size=size, arch=arch or "llama", force=True)
         print(f"built {path}: {info.params / 1e9:.3f}B params in {info.seconds:.1f}s", flush=True)
     return path
 
 
+def write_plan(path: Path, context: int, concurrency: int, out: Path) -> dict[str, Any]:
+    """``memserve fit MODEL --json`` exactly as a user runs it, CPU only."""
+    fit = subprocess.run(
+        [sys.executable, "-m", "memserve", "fit", str(path), "--context", str(context), "--concurrency",
+         str(concurrency), "--device", "cpu", "--json"],
+        check=True, capture_output=True, text=True,
+    )
+    out.write_text(fit.stdout)
+    plan: dict[str, Any] = json.loads(fit.stdout)["plan"]
+    return plan
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            values[key] = int(value.split()[0]) * 1024
+    return values
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: int, stream: bool) -> int:
+    body = {"model": "m", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": stream}
+    if not stream:
+        response = await client.post("/v1/completions", json=body)
+        response.raise_for_status()
+        return int(response.json()["usage"]["completion_tokens"])
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                tokens += 1
+    return tokens
+
+
+async def traffic(port: int, pid: int, vocab: int, context: int, concurrency: int, new_tokens: int,
+                  streams: list[bool]) -> list[dict[str, Any]]:
+    """Full-context prompts: one alone, then ``concurrency`` at once per streaming mode; VmHWM after each."""
+    prompt_tokens = context - new_tokens
+    steps: list[dict[str, Any]] = []
+    timeout = httpx.Timeout(3600.0)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as client:
+        shapes = [(1, streams[0])] + [(concurrency, s) for s in streams if concurrency > 1]
+        for n, stream in shapes:
+            started = time.perf_counter()
+            prompts = [[3 + (7 * i + 13 * j) % (vocab - 3) for j in range(prompt_tokens)] for i in range(n)]
+            await asyncio.gather(*(one_request(client, p, new_tokens, stream) for p in prompts))
+            steps.append({"sequences": n, "stream": stream, "seconds": round(time.perf_counter() - started, 1),
+                          **proc_status(pid)})
+    return steps
+
+
+def run_case(model: str, context: int, concurrency: int, models: Path, new_tokens: int, streams: list[bool],
+             work: Path) -> dict[str, Any]:
+    path = ensure_model(models, model)
+    plan_path = work / f"{model}-{context}x{concurrency}.plan.json"
+    plan = write_plan(path, context, concurrency, plan_path)
+    config = json.loads((path / "config.json").read_text())
+    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+    port = free_port()
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "memserve.runner", "--plan", str(plan_path), "--port", str(port), "--name", "m"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "MEMSERVE_PROGRESS": "0"},
+    )
+    ready: dict[str, Any] = {}
+    events: list[dict[str, Any]] = []
+    try:
+        assert runner.stderr is not None
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        for line in runner.stderr:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model} not ready after {READY_TIMEOUT_SECONDS:.0f} s")
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            events.append(event)
+            if event.get("event") == "listening":
+                break
+            if event.get("event") == "ready":
+                ready = event
+            if event.get("event") == "failed":
+                raise RuntimeError(f"{model} failed to load: {event.get('error')}")
+        time.sleep(0.5)
+        loaded = proc_status(runner.pid)
+        steps = asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams))
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        try:
+            runner.wait(60)
+        except subprocess.TimeoutExpired:
+            runner.kill()
+            runner.wait()
+    reserved = int(plan["devices"]["cpu"]["total_bytes"])
+    peak = max([loaded["VmHWM"], *(s["VmHWM"] for s in steps)])
+    return {"model": model, "context_tokens": context, "concurrency": concurrency, "engine": ready.get("engine"),
+            "plan_bytes": reserved, "plan": plan["devices"]["cpu"], "ready_peak_bytes": loaded["VmHWM"],
+            "peak_bytes": peak, "ratio": reserved / peak, "steps": steps, "load": health.get("load"),
+            "admission": health.get("load", {}).get("admission")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="size:CONTEXTxCONCURRENCY, comma-separated")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="model:CONTEXTxCONCURRENCY, comma-separated")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/memserve-estimate"))
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--stream", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--measure", nargs=4, metavar=("PATH", "CONTEXT", "CONCURRENCY", "MAX_BATCH_TOKENS"),
-                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure:
-        path, context, concurrency, max_batch = args.measure
-        print(json.dumps(measure(path, int(context), int(concurrency), int(max_batch), args.new_tokens)))
-        return
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    streams = {"both": [True, False], "yes": [True], "no": [False]}[args.stream]
 
     rows = []
-    header = f"{'model':<8} {'context×seq':>12} {'estimate':>10} {'measured':>10} {'error':>8}   breakdown"
-    print(header, flush=True)
+    print(f"{'model':<12} {'context×seq':>11} {'engine':>8} {'plan':>10} {'ready':>10} {'peak':>10} "
+          f"{'plan/peak':>9}   plan: weights kv act runtime (MiB)", flush=True)
     for case in args.cases.split(","):
-        size, _, shape = case.partition(":")
+        model, _, shape = case.partition(":")
         context, _, concurrency = shape.partition("x")
-        path = ensure_model(args.models_dir, size)
-        est, parts, max_batch = estimate(path, int(context), int(concurrency))
-        child = subprocess.run(
-            [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--measure", str(path), context,
-             concurrency, str(max_batch)],
-            check=True, capture_output=True, text=True,
-        )
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
-        peak = measured["peak_rss_bytes"]
-        error = (est - peak) / peak * 100
-        row = {"model": size, "context_tokens": int(context), "concurrency": int(concurrency),
-               "estimate_bytes": est, "estimate": parts, **measured, "error_percent": error}
+        row = run_case(model, int(context), int(concurrency), args.models_dir, args.new_tokens, streams,
+                       args.work_dir)
         rows.append(row)
-        print(
-            f"{size:<8} {context + '×' + concurrency:>12} {est / GiB:>8.3f}Gi {peak / GiB:>8.3f}Gi {error:>+7.1f}%"
-            f"   est weights {parts['weights_bytes'] / GiB:.3f} kv {parts['kv_cache_bytes'] / GiB:.3f} "
-            f"act {parts['activation_bytes'] / GiB:.3f} runtime {parts['runtime_bytes'] / GiB:.3f}; "
-            f"measured anon {measured['rss_anon_bytes'] / GiB:.3f} file {measured['rss_file_bytes'] / GiB:.3f} "
-            f"(load {measured['load_seconds']:.1f}s, fault-in {measured['fault_in_seconds']:.1f}s, "
-            f"generate {measured['generate_seconds']:.1f}s)",
-            flush=True,
-        )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        p = row["plan"]
+        engine = "cb" if row["engine"] == "continuous-batching" else str(row["engine"])
+        print(f"{model:<12} {context + '×' + concurrency:>11} {engine:>8} {row['plan_bytes'] / MiB:>7.1f}Mi "
+              f"{row['ready_peak_bytes'] / MiB:>7.1f}Mi {row['peak_bytes'] / MiB:>7.1f}Mi {row['ratio']:>9.3f}   "
+              f"{p['weights_bytes'] / MiB:.0f} {p['kv_cache_bytes'] / MiB:.0f} {p['activation_bytes'] / MiB:.0f} "
+              f"{p['runtime_bytes'] / MiB:.0f}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

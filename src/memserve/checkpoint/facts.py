@@ -40,6 +40,7 @@ TORCH_DTYPES = {
 SAFETENSORS_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
+_SPLIT_EXPERT = re.compile(r"\.experts\.\d+\.")  # one tensor per expert (Mixtral's w1/w2/w3, Qwen-MoE's)
 _EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 _HEAD_NAMES = ("lm_head", "embed_out", "output.weight")
 
@@ -54,6 +55,8 @@ class Block:
     # 2-D weight matrices of the block that bitsandbytes would quantize
     quantizable_params: int = 0
     quantizable_rows: int = 0
+    # experts stored one tensor each, which transformers fuses into new tensors at load (see CheckpointFacts)
+    split_expert_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class CheckpointFacts:
     experts_per_token: int | None
     quantization: dict[str, Any] | None  # the checkpoint's own quantization_config (pre-quantized)
     warnings: tuple[str, ...] = ()
+    # attention that materialises its scores (Gemma2's soft-capping rules out sdpa: transformers runs eager)
+    eager_attention: bool = False
+    # MoE experts stored one tensor per expert: transformers fuses them into new tensors at load while the
+    # mapped file pages stay resident, so these bytes are held twice
+    split_expert_bytes: int = 0
     adapters: tuple[AdapterFacts, ...] = field(default_factory=tuple)
 
     @property
@@ -153,6 +161,8 @@ class CheckpointFacts:
             "experts": self.experts,
             "experts_per_token": self.experts_per_token,
             "quantization": self.quantization,
+            "eager_attention": self.eager_attention,
+            "split_expert_bytes": self.split_expert_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token(),
             "adapters": [a.__dict__ | {"target_modules": list(a.target_modules)} for a in self.adapters],
             "warnings": list(self.warnings),
@@ -250,12 +260,14 @@ def _blocks(tensors: Mapping[str, tuple[str, list[int]]], layers: int) -> tuple[
         for dim in shape:
             params *= dim
         nbytes = int(params * DTYPE_BYTES[dtype])
-        entry = acc.setdefault(_block_of(name), [0, 0, 0, 0])
+        entry = acc.setdefault(_block_of(name), [0, 0, 0, 0, 0])
         entry[0] += params
         entry[1] += nbytes
         if _quantizable(name, shape):
             entry[2] += params
             entry[3] += shape[0]
+        if _SPLIT_EXPERT.search(name):
+            entry[4] += nbytes
     order = ["embed", *(f"layer.{i}" for i in range(layers)), "head"]
     extra = sorted(set(acc) - set(order))  # more layer indices than the config says: keep them
     return tuple(Block(n, *acc[n]) for n in [*order, *extra] if n in acc)
@@ -331,6 +343,7 @@ def facts_from(
         params_by_dtype[dtype] = params_by_dtype.get(dtype, 0) + n
         bytes_by_dtype[dtype] = bytes_by_dtype.get(dtype, 0) + int(n * DTYPE_BYTES[dtype])
 
+    blocks = _blocks(tensors, layers)
     declared = _first(cfg, "dtype", "torch_dtype")
     if isinstance(declared, str) and declared in TORCH_DTYPES:
         dtype = "float32" if declared == "float" else "float16" if declared == "half" else declared
@@ -348,7 +361,7 @@ def facts_from(
         weights_bytes=sum(bytes_by_dtype.values()),
         params_by_dtype=params_by_dtype,
         bytes_by_dtype=bytes_by_dtype,
-        blocks=_blocks(tensors, layers),
+        blocks=blocks,
         shards=shards,
         layers=layers,
         hidden_size=hidden,
@@ -365,6 +378,8 @@ def facts_from(
         experts_per_token=_first(cfg, "num_experts_per_tok", "moe_top_k"),
         quantization=quant if isinstance(quant, dict) else None,
         warnings=warnings,
+        eager_attention=_first(cfg, "attn_logit_softcapping") is not None,
+        split_expert_bytes=sum(b.split_expert_bytes for b in blocks),
     )
 
 

@@ -1,28 +1,47 @@
 """What a model needs on a device: weights, KV cache, activations and runtime, in bytes.
 
-Pure arithmetic over CheckpointFacts; the constants below say where each number came from.
+Pure arithmetic over CheckpointFacts; each constant says where it came from. "Measured" means in the
+real runner process (``python -m memserve.runner``, ``benchmarks/estimate_accuracy.py``) on this
+project's machine: 2 cores, CPU torch 2.13, transformers 5.24, glibc malloc tuned by the runner
+(``runner/kernels.py: tune_allocator``). The runner checks the sum at load with a worst-case
+warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if it is short.
 
 - **weights** are the header bytes, re-priced when the plan changes dtype or quantizes: bitsandbytes
   int8 stores 1 byte per weight plus one fp32 scale per output row; nf4 stores half a byte per weight
   plus one fp32 absmax per 64 weights. Embeddings, the LM head, norms and biases stay in the compute
-  dtype. Pre-quantized checkpoints are priced as stored.
-- **KV cache**: ``2 × layers × kv_heads × head_dim × bytes`` per token, times context × concurrency,
-  sliding-window layers capped at the window.
-- **activations**: the peak transient of one forward over ``max_batch_tokens`` tokens (the prefill
-  chunk): the MLP holds about three ``tokens × intermediate`` tensors at once and the residual stream
-  and attention projections a few ``tokens × hidden`` ones; plus fp32 logits for the rows whose next
-  token is sampled; plus attention's workspace: with a mask (padding, chunked prefill, decode),
-  transformers' sdpa path repeats one layer's K and V to every query head (``repeat_kv``), and the
-  continuous-batching engine preallocates a ``tokens × (cache tokens + tokens)`` mask in the model dtype.
-- **runtime**: the process itself. Measured here (benchmarks/estimate_accuracy.py on the tiny demo
-  model): Python + torch + transformers after a forward is ≈ 0.35 GiB of RSS on CPU, 0.25 GiB of it
-  anonymous and 0.1 GiB mapped shared libraries. On a GPU add the CUDA context and cuBLAS workspace (~0.6 GiB on
-  the GPU) and the CUDA libraries mapped into host RAM (~1 GiB); those GPU numbers are not yet
-  calibrated on a lent GPU.
+  dtype. Pre-quantized checkpoints are priced as stored. MoE experts stored one tensor per expert
+  are fused by transformers at load into new tensors while the mapped file pages stay resident, so
+  their bytes count twice (Mixtral: the issue's −47% at 2048 × 4 was this).
+- **KV cache**: ``2 × layers × kv_heads × head_dim × bytes`` per token, for the tokens the paged
+  cache of the continuous-batching engine really allocates: each sequence rounds up to whole
+  ``KV_PAGE_TOKENS`` pages plus one page of slack (``runner/engine.py: kv_cache_blocks``), and the cache
+  holds two "trash" pages more. It sizes every layer for the whole context, sliding-window layers
+  included (transformers 5.24 ``PagedAttentionCache``: ``bytes_per_block`` covers all layers).
+- **activations**: the peak transient of the largest forward, ``max_batch_tokens`` tokens, plus what
+  the engine preallocates for it:
+  - the attention mask the engine keeps per attention type (full, sliding), ``batch tokens × (cache
+    tokens + batch tokens)`` in the model dtype, preallocated and written whole under full traffic;
+  - attention and MLP run one after the other inside a layer, so the transient is the larger of the two
+    on top of the residual stream (``HIDDEN_TENSORS`` of ``tokens × hidden``):
+    - the MLP holds about ``MLP_TENSORS`` ``tokens × intermediate`` tensors at once (gate, up, act·up);
+    - attention reads every K/V the batch's sequences hold (up to context × concurrency tokens): the
+      paged cache gathers them (``index_select``: a copy), and with a mask transformers' sdpa path
+      repeats them to every query head (``repeat_kv``; GQA-in-sdpa is only used without a mask) —
+      the CPU flash kernel itself adds ~8 MiB at 2,048 × 18,944 (measured), it never materialises scores;
+    - eager attention (Gemma2: its soft-capping rules sdpa out) materialises the scores,
+      ``tokens × keys × heads`` in the model dtype and again in fp32 for the softmax;
+  - fp32 logits for the rows that sample (the engine keeps only those: ``logits_to_keep``), and the
+    bf16 ones they are upcast from.
+- **runtime**: the runner process itself. Measured: the tiny demo model's runner after traffic peaks at
+  400 MiB (290 MiB anonymous: Python, torch, transformers, FastAPI/uvicorn, the tokenizer; 115 MiB
+  mapped shared libraries); ``CPU_RUNTIME_BYTES`` adds 10 MiB for the allocator's slack. On a GPU
+  add the CUDA context and cuBLAS workspace (~0.6 GiB on the GPU) and the CUDA libraries mapped into
+  host RAM (~1 GiB); those GPU numbers are not yet calibrated on a lent GPU.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,9 +53,11 @@ GiB = 1024**3
 MiB = 1024**2
 DTYPE_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-CPU_RUNTIME_BYTES = 350 * MiB
+CPU_RUNTIME_BYTES = 410 * MiB  # measured: 400 MiB in the tiny demo model's runner, +10 MiB allocator slack
 GPU_RUNTIME_BYTES = 600 * MiB  # CUDA context + cuBLAS workspace on the device
 GPU_HOST_RUNTIME_BYTES = 1 * GiB  # the same process's host RAM when it drives a GPU
+KV_PAGE_TOKENS = 64  # tokens per KV page in the runner's paged cache (runner/engine.py: DEFAULT_PAGE_SIZE)
+KV_TRASH_PAGES = 2  # pages the paged cache keeps beyond its data pages (transformers 5.24)
 # MLP: gate, up and act(gate)·up can be alive together; residual stream, norms, q/k/v/o projections
 MLP_TENSORS = 3
 HIDDEN_TENSORS = 6
@@ -78,8 +99,11 @@ def block_weight_bytes(block: Block, facts: CheckpointFacts, dtype: str, quantiz
         return block.bytes
     width = DTYPE_WIDTH[dtype]
     if quantization == "none":
+        # experts stored one tensor each are fused at load into new tensors, and the mapped file pages
+        # of the originals stay resident: those bytes count twice
+        fused = block.split_expert_bytes * width // facts.dtype_bytes
         # same dtype as stored: exact header bytes (keeps mixed-dtype checkpoints exact)
-        return block.bytes if dtype == facts.dtype else block.params * width
+        return fused + (block.bytes if dtype == facts.dtype else block.params * width)
     rest = (block.params - block.quantizable_params) * width
     q = block.quantizable_params
     if quantization == "int8":
@@ -91,26 +115,56 @@ def weight_bytes(facts: CheckpointFacts, dtype: str, quantization: Quantization)
     return sum(block_weight_bytes(b, facts, dtype, quantization) for b in facts.blocks)
 
 
+def paged_tokens(context_tokens: int, concurrency: int) -> int:
+    """Tokens the paged KV cache allocates for ``concurrency`` sequences of ``context_tokens``: whole pages
+    per sequence plus one page of slack each (``runner/engine.py: kv_cache_blocks``), plus the trash pages."""
+    pages = concurrency * (math.ceil(context_tokens / KV_PAGE_TOKENS) + 1) + KV_TRASH_PAGES
+    return pages * KV_PAGE_TOKENS
+
+
 def kv_cache_bytes(facts: CheckpointFacts, dtype: str, context_tokens: int, concurrency: int) -> int:
-    return facts.kv_bytes(context_tokens, DTYPE_WIDTH[dtype]) * concurrency
+    """The paged cache as the runner allocates it: every layer sized for every page (no window cap)."""
+    return facts.kv_bytes_per_token(DTYPE_WIDTH[dtype]) * paged_tokens(context_tokens, concurrency)
+
+
+def attention_types(facts: CheckpointFacts) -> int:
+    """Layer groups with their own attention mask: full and sliding-window layers, where both exist."""
+    return 2 if 0 < facts.sliding_window_layers < facts.layers else 1
+
+
+def mask_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int) -> int:
+    """The continuous-batching engine's preallocated masks: ``batch × (cache tokens + batch)`` per attention type."""
+    cache = paged_tokens(context_tokens, concurrency)
+    return attention_types(facts) * batch_tokens * (cache + batch_tokens) * DTYPE_WIDTH[dtype]
+
+
+def attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int,
+                    context_tokens: int) -> int:
+    """One layer's attention transient: the gathered K/V of every token the batch reads, repeated to every
+    query head under a mask; eager attention adds its scores (model dtype, then fp32 for the softmax)."""
+    width = DTYPE_WIDTH[dtype]
+    read = concurrency * context_tokens
+    gathered = 2 * read * facts.kv_heads * facts.head_dim * width
+    repeated = 2 * read * facts.heads * facts.head_dim * width if facts.heads != facts.kv_heads else 0
+    scores = batch_tokens * min(read, batch_tokens + read) * facts.heads * (width + 4) if facts.eager_attention \
+        else 0
+    query = batch_tokens * facts.heads * facts.head_dim * width * 2  # q and the attention output
+    return gathered + repeated + scores + query
 
 
 def activation_bytes(
     facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int
 ) -> int:
-    """Peak transient of one forward over ``batch_tokens`` tokens: MLP and residual stream, the
-    sampled rows' logits, and attention's repeated K/V and mask for one layer."""
+    """Peak transient of one forward over ``batch_tokens`` tokens, plus what the engine preallocates for it:
+    the masks, the larger of attention and MLP over the residual stream, the sampled rows' logits."""
     width = DTYPE_WIDTH[dtype]
     ffn = facts.intermediate_size * (facts.experts_per_token or 1)
-    per_token = (MLP_TENSORS * ffn + HIDDEN_TENSORS * facts.hidden_size) * width
-    logits = concurrency * facts.vocab_size * LOGITS_WIDTH
-    repeated_kv = 2 * concurrency * context_tokens * facts.heads * facts.head_dim * width
-    if facts.heads == facts.kv_heads:
-        repeated_kv = 0
-    # the continuous-batching engine preallocates a (batch tokens × (cache tokens + batch tokens)) mask
-    # in the model dtype (transformers 5.23, sdpa/eager paged attention)
-    mask = batch_tokens * (context_tokens * concurrency + batch_tokens) * width
-    return batch_tokens * per_token + logits + repeated_kv + mask
+    mlp = batch_tokens * MLP_TENSORS * ffn * width
+    hidden = batch_tokens * HIDDEN_TENSORS * facts.hidden_size * width
+    attention = attention_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
+    logits = concurrency * facts.vocab_size * (LOGITS_WIDTH + width)
+    return mask_bytes(facts, dtype, batch_tokens, concurrency, context_tokens) + hidden + max(mlp, attention) \
+        + logits
 
 
 def batch_tokens_for(context_tokens: int, concurrency: int, max_batch_tokens: int) -> int:

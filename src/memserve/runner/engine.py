@@ -40,6 +40,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, StoppingCri
 from transformers.generation.streamers import BaseStreamer
 
 from memserve.errors import GenerationFailed, InvalidArgument
+from memserve.memory.estimate import KV_PAGE_TOKENS
 from memserve.runner.events import Engine, EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
 from memserve.runner.sampling import SamplingProcessors
 
@@ -60,9 +61,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 64
-"""Tokens per KV page. The library defaults to 256; every sequence rounds up to whole pages, so smaller
-pages waste less of a cache sized exactly for the Plan."""
+DEFAULT_PAGE_SIZE = KV_PAGE_TOKENS
+"""Tokens per KV page (64; the estimate prices the same pages). The library defaults to 256; every sequence
+rounds up to whole pages, so smaller pages waste less of a cache sized exactly for the Plan."""
 
 _POLL_SECONDS = 0.1
 _WATCH_SECONDS = 0.5
@@ -122,6 +123,26 @@ def continuous_batching_config(
         cpu_offload_space=0.0,
         max_queue_size=0,
     )
+
+
+def _filler_prompt(tokens: int, vocab_size: int, avoid: tuple[int, ...]) -> list[int]:
+    """``tokens`` ordinary token ids (no stop token), for a warm-up that fills a context."""
+    ids = [t for t in range(min(vocab_size, 4096)) if t not in avoid][3:] or [0]
+    return [ids[i % len(ids)] for i in range(max(1, tokens))]
+
+
+def _worst_case_prompt_tokens(model: Any, context_tokens: int, max_batch_tokens: int | None) -> int:
+    """The prompt of the worst-case warm-up: one whole prefill chunk (``max_batch_tokens``, or the context
+    if smaller), the largest forward a request causes. With sdpa, a later chunk of a longer prompt costs
+    about as much (the kernel works in blocks; its gathered K/V is priced by the estimate), so one chunk
+    is measured, not the whole context: the warm-up then costs one forward, as vLLM's profiling run does.
+    Eager attention materialises ``chunk × (past + chunk)`` scores per head, growing with the past, so
+    there the prompt fills the context and its last chunk attends to all of it."""
+    whole = max(1, context_tokens - 1)
+    attention = str(getattr(model.config, "_attn_implementation", "") or "")
+    if "eager" in attention or max_batch_tokens is None:
+        return whole
+    return min(whole, max_batch_tokens)
 
 
 def _check_positive(**values: int) -> None:
@@ -561,14 +582,43 @@ class ContinuousBatchingEngine(_EngineBase):
             time.sleep(0.005)
         raise GenerationFailed(f"continuous batching took more than {_WARMUP_TIMEOUT_SECONDS:.0f} s to build its cache")
 
-    def _warm_up(self) -> None:
+    def warm_up_worst_case(self) -> dict[str, Any]:
+        """The heaviest work this engine admits, before any traffic, so the memory measured after is its peak.
+
+        Every page of the KV cache and of the preallocated attention masks is written (full traffic
+        writes them all; until then they are untouched zero pages that cost nothing), then one request
+        runs through the manager as any request does, with the largest prefill chunk the plan admits
+        (:func:`_worst_case_prompt_tokens`; one token generated): its logits, MLP and attention
+        transients are those of the largest forward a request can cause.
+        """
+        started = time.perf_counter()
+        processor = self._manager.batch_processor
+        touched = 0
+        if processor is not None:
+            with torch.inference_mode():
+                cache_tensor = processor.cache.cache_tensor
+                cache_tensor.zero_()
+                touched += int(cache_tensor.nbytes)
+                masks = getattr(processor.inputs_and_outputs, "attention_mask", None)
+                for mask in (masks.values() if isinstance(masks, dict) else ()):
+                    mask.zero_()
+                    touched += int(mask.nbytes)
+        assert self.max_context_tokens is not None
+        tokens = _worst_case_prompt_tokens(self.model, self.max_context_tokens, self.cb_config.max_batch_tokens)
+        prompt = _filler_prompt(tokens, self._vocab_size, self._default_stop_ids)
+        self._warm_up(prompt, request_id="memserve-worst-case")
+        return {"prompt_tokens": len(prompt), "measured_sequences": 1, "touched_bytes": touched,
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    def _warm_up(self, prompt: list[int] | None = None, request_id: str = "memserve-warmup") -> None:
         """One real request through the manager: proves the model runs under paged attention."""
         token = self._default_stop_ids[0] if self._default_stop_ids else 0
-        request_id = self._manager.add_request(
-            [token], request_id="memserve-warmup", max_new_tokens=1, eos_token_id=-1, temperature=0.0, top_p=0.0
+        added = self._manager.add_request(
+            prompt or [token], request_id=request_id, max_new_tokens=1, eos_token_id=-1, temperature=0.0, top_p=0.0
         )
-        if request_id is None:
+        if added is None:
             raise GenerationFailed("the continuous batching manager refused the warm-up request")
+        request_id = added
         deadline = time.monotonic() + _WARMUP_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             output = self._manager.get_result(request_id=request_id, timeout=_POLL_SECONDS)
@@ -738,9 +788,13 @@ class GenerateEngine(_EngineBase):
         max_sequences: int,
         max_queue: int,
         max_context_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
         generation_config: GenerationConfig | None = None,
         warmup: bool = True,
     ) -> None:
+        if max_batch_tokens is not None:
+            _check_positive(max_batch_tokens=max_batch_tokens)
+        self.max_batch_tokens = max_batch_tokens
         super().__init__(
             model,
             max_running=max_sequences,
@@ -792,8 +846,34 @@ class GenerateEngine(_EngineBase):
             return (0.0, 0.0)
         return None if request.seed is not None else (float(request.temperature), float(request.top_p))
 
-    def _config_for(self, request: GenerationRequest, max_new_tokens: int) -> GenerationConfig:
+    def prefill_chunk_tokens(self, rows: int, prompt_tokens: int) -> int | None:
+        """Tokens per row in one prefill forward, so that a forward never holds more than ``max_batch_tokens``
+        tokens (the plan's bound on activations); None when the prompt fits in one forward."""
+        if self.max_batch_tokens is None:
+            return None
+        chunk = max(1, self.max_batch_tokens // max(1, rows))
+        return chunk if chunk < prompt_tokens else None
+
+    def warm_up_worst_case(self) -> dict[str, Any]:
+        """One sequence with the largest prompt chunk (:func:`_worst_case_prompt_tokens`; one token
+        generated), through ``generate`` with the same chunked prefill requests get. Rows beyond the first
+        are not run (each would cost a whole prefill); their KV cache is the caller's to add, as
+        ``measured_sequences`` says how many were measured."""
+        started = time.perf_counter()
+        tokens = _worst_case_prompt_tokens(self.model, self.max_context_tokens or 2, self.max_batch_tokens)
+        prompt = _filler_prompt(tokens, self._vocab_size, self._default_stop_ids)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
+        config = self._config_for(_WARMUP_REQUEST, 1, rows=1, prompt_tokens=len(prompt))
+        with torch.inference_mode():
+            cast(Any, self.model).generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                           generation_config=config)
+        return {"prompt_tokens": len(prompt), "measured_sequences": 1, "touched_bytes": 0,
+                "seconds": round(time.perf_counter() - started, 3)}
+
+    def _config_for(self, request: GenerationRequest, max_new_tokens: int, *, rows: int = 1,
+                    prompt_tokens: int = 1) -> GenerationConfig:
         config = copy.deepcopy(self._base_config)
+        config.prefill_chunk_size = self.prefill_chunk_tokens(rows, prompt_tokens)
         config.max_new_tokens = max_new_tokens
         config.num_return_sequences = 1
         config.eos_token_id = []  # each row's stop tokens are checked by _Rows; [] keeps the model's eos off
@@ -874,7 +954,8 @@ class GenerateEngine(_EngineBase):
         cast(Any, self.model).generate(  # PreTrainedModel's stubs leave out GenerationMixin
             input_ids=ids,
             attention_mask=mask,
-            generation_config=self._config_for(first, max(job.request.max_new_tokens for job in batch)),
+            generation_config=self._config_for(first, max(job.request.max_new_tokens for job in batch),
+                                               rows=len(batch), prompt_tokens=width),
             streamer=_RowsStreamer(rows),
             stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
         )
@@ -932,6 +1013,7 @@ def make_engine(
         max_sequences=max_sequences,
         max_queue=max_queue,
         max_context_tokens=max_context_tokens,
+        max_batch_tokens=max_batch_tokens,
         generation_config=generation_config,
         warmup=warmup,
     )

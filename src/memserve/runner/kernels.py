@@ -142,6 +142,43 @@ def pack_linear_weights(model: nn.Module, *, probe: Callable[[], object] | None 
     return report
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+ALLOCATOR_SETTINGS = {"arena_max": 2, "mmap_threshold_bytes": 1 << 20, "trim_threshold_bytes": 8 << 20}
+"""Why: glibc keeps what a process frees, and the watchdog measures resident memory.
+
+- By default each thread that allocates gets its own arena (up to 8 per core), and each keeps its
+  freed chunks: the generation thread, the event loop and the load thread each hold their own slack.
+- The mmap threshold starts at 128 KiB and *rises* to the size of every mmapped block freed (up to
+  32 MiB), so after one prefill its activations (1–32 MiB each) come from the heap, and a heap
+  fragmented by a cache grown with ``torch.cat`` (the ``generate`` fallback) keeps them.
+A fixed 1 MiB threshold sends every tensor of a prefill to mmap, returned to the system when freed
+(a page-fault cost of a few ms per prefill forward), and two arenas bound the per-thread slack. An
+operator's own ``MALLOC_*`` environment wins."""
+
+
+def tune_allocator(env: dict[str, str] | None = None) -> dict[str, int]:
+    """Apply :data:`ALLOCATOR_SETTINGS` through ``mallopt`` (before the model loads); what was set."""
+    environ = os.environ if env is None else env
+    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in environ):
+        return {}
+    applied: dict[str, int] = {}
+    with contextlib.suppress(OSError, AttributeError):
+        libc = _libc()
+        for name, param in (("arena_max", _M_ARENA_MAX), ("mmap_threshold_bytes", _M_MMAP_THRESHOLD),
+                            ("trim_threshold_bytes", _M_TRIM_THRESHOLD)):
+            if libc.mallopt(param, ALLOCATOR_SETTINGS[name]) == 1:
+                applied[name] = ALLOCATOR_SETTINGS[name]
+    return applied
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system now (after the worst-case warm-up, say)."""
+    _trim_heap()
+
+
 def _trim_heap() -> None:
     """Give the freed plain weights back to the OS: glibc keeps freed heap memory for reuse, and resident
     memory is what the watchdog measures (a bf16 copy of an fp32 checkpoint: +65 MiB after packing a

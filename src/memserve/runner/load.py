@@ -6,7 +6,8 @@ warm-up forward before it reports ready, so the memory it reports then is the me
 
 Phases (each reported as a JSON line on stderr, ``{"event": "phase", ...}``, and kept for /health):
 ``resolve`` (find the files), ``map`` (``from_pretrained``), ``fault_in`` (read every weight),
-``warm_up`` (one forward).
+``warm_up`` (one forward), ``worst_case`` (the heaviest work the plan admits, measured against the
+reservation; see ``runner/serve.py``).
 
 Who reads stderr decides its form (:meth:`LoadProgress.for_stderr`). The gateway reads it through a
 pipe and parses one JSON object per line, so a pipe always gets exactly those lines. A person who
@@ -40,7 +41,8 @@ from rich.text import Text
 from memserve.errors import InvalidArgument, MemserveError
 from memserve.units import format_bytes
 
-PHASES = ("resolve", "map", "fault_in", "warm_up")
+PHASES = ("resolve", "map", "fault_in", "warm_up")  # load_model's; the runner then runs WORST_CASE_PHASE
+WORST_CASE_PHASE = "worst_case"
 PROGRESS_ENV = "MEMSERVE_PROGRESS"
 _PROGRESS_OFF = frozenset({"0", "false", "off", "no"})
 
@@ -52,9 +54,11 @@ class LoadReport:
     phases: list[dict[str, Any]] = field(default_factory=list)
     state: str = "starting"
     linear: dict[str, Any] = field(default_factory=dict)  # which Linear kernel serves (runner/kernels.py)
+    # the worst-case warm-up against the reservation, and what the runner admits after it (runner/serve.py)
+    plan_check: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"state": self.state, "phases": self.phases, "linear": self.linear}
+        return {"state": self.state, "phases": self.phases, "linear": self.linear, "plan_check": self.plan_check}
 
 
 class LoadProgress:
@@ -259,18 +263,42 @@ def emit(event: dict[str, Any]) -> None:
     LoadProgress.for_stderr().event(event)
 
 
-def process_memory() -> dict[str, dict[str, int]]:
-    """Measured memory per device: anonymous and file-backed (mapped weights) RSS kept apart."""
+def _status() -> dict[str, int]:
     status: dict[str, int] = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("RssAnon", "RssFile", "RssShmem", "VmRSS"):
+        if key in ("RssAnon", "RssFile", "RssShmem", "VmRSS", "VmHWM"):
             status[key] = int(value.split()[0]) * 1024
+    return status
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident high-water mark (``VmHWM``: anonymous and file-backed pages together).
+
+    Unlike ``ru_maxrss`` it can be reset (:func:`reset_peak_rss`), so a runner that shrank what it admits
+    can report the peak of what it now runs rather than of what it gave up.
+    """
+    hwm = _status().get("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start ``VmHWM`` again from the current RSS (``/proc/self/clear_refs`` ← 5, Linux ≥ 4.0); False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def process_memory() -> dict[str, dict[str, int]]:
+    """Measured memory per device: anonymous and file-backed (mapped weights) RSS kept apart."""
+    status = _status()
     cpu = {
         "rss_bytes": status.get("VmRSS", 0),
         "anon_bytes": status.get("RssAnon", 0),
         "file_bytes": status.get("RssFile", 0) + status.get("RssShmem", 0),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": status.get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     memory = {"cpu": cpu}
     torch = sys.modules.get("torch")
@@ -345,11 +373,16 @@ def load_model(
         return _load(source, plan, report, progress)
 
 
+def record_phase(report: LoadReport, progress: LoadProgress, name: str, started: float, **extra: Any) -> None:
+    """One finished phase: kept for /health and reported as an event with the memory now."""
+    record = {"phase": name, "seconds": round(time.perf_counter() - started, 4), **extra}
+    report.phases.append(record)
+    progress.event({"event": "phase", **record, "memory": process_memory()})
+
+
 def _load(source: str, plan: dict[str, Any], report: LoadReport, progress: LoadProgress) -> tuple[Any, Any]:
     def phase(name: str, started: float, **extra: Any) -> None:
-        record = {"phase": name, "seconds": round(time.perf_counter() - started, 4), **extra}
-        report.phases.append(record)
-        progress.event({"event": "phase", **record, "memory": process_memory()})
+        record_phase(report, progress, name, started, **extra)
 
     report.state = "loading"
     t = time.perf_counter()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import math
 import os
 import threading
 import time
@@ -9,7 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from memserve.runner.load import LoadReport, emit, load_model, process_memory
+from memserve.runner.load import (
+    WORST_CASE_PHASE,
+    LoadProgress,
+    LoadReport,
+    emit,
+    load_model,
+    peak_rss_bytes,
+    process_memory,
+    record_phase,
+    reset_peak_rss,
+)
 
 DEFAULT_QUEUE_PER_SEQUENCE = 4
 GRACEFUL_SHUTDOWN_SECONDS = 10  # then streams still open are cancelled and the engine closes
@@ -61,6 +74,87 @@ def _test_balloon(name: str) -> None:
         time.sleep(0.01)
 
 
+def reservation_bytes(plan: dict[str, Any]) -> dict[str, int]:
+    """What this runner must stay within, per device: the pool's reservation when the plan file carries one
+    (``reserved_bytes``: a calibrated figure may be above the estimate), else the plan's own totals."""
+    reserved = plan.get("reserved_bytes")
+    if isinstance(reserved, dict) and reserved:
+        return {str(d): int(v) for d, v in reserved.items()}
+    return {str(d): int(need["total_bytes"]) for d, need in plan.get("devices", {}).items()}
+
+
+def _peaks() -> dict[str, int]:
+    """The process's peak per device so far: resident high-water mark on cpu, peak reserved on each GPU."""
+    peaks = {"cpu": peak_rss_bytes()}
+    for device, memory in process_memory().items():
+        if device != "cpu":
+            peaks[device] = int(memory.get("peak_reserved_bytes", 0))
+    return peaks
+
+
+def fit_to_reservation(
+    engine: Any, plan: dict[str, Any], report: LoadReport, rebuild: Callable[[int], Any],
+    *, progress: LoadProgress | None = None,
+) -> Any:
+    """Run the heaviest work the plan admits, measure the peak, and make what the runner admits fit.
+
+    ``engine.warm_up_worst_case()`` runs one request through the engine's own path with the largest
+    prefill chunk the plan admits, every KV page touched where the engine preallocates them. An engine
+    that measured fewer sequences than it admits (the ``generate`` fallback grows its cache per call)
+    has the rest of the plan's KV cache added to its peak.
+    If that exceeds the reservation, the runner admits fewer sequences (``rebuild(n)`` builds the engine
+    anew for ``n``; the KV cache is what shrinks), the peak is reset and measured again. If even one
+    sequence does not fit, ``plan_check.needs_bytes`` says what it really needs, so that the pool
+    reserves that before it sends traffic. Everything is kept in ``report.plan_check`` (/health) and
+    reported as the ``worst_case`` phase.
+    """
+    from memserve.runner.kernels import trim_heap
+
+    progress = progress if progress is not None else LoadProgress.for_stderr()
+    planned = int(plan["concurrency"])
+    kv = {str(d): int(need.get("kv_cache_bytes", 0)) for d, need in plan.get("devices", {}).items()}
+    reserved = reservation_bytes(plan)
+    sequences = planned
+    tries: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    report.state = "warming"
+    progress.phase_started(WORST_CASE_PHASE)
+    while True:
+        warm = engine.warm_up_worst_case()
+        trim_heap()
+        peaks = _peaks()
+        unmeasured = {d: (sequences - int(warm["measured_sequences"])) * kv.get(d, 0) // planned
+                      for d in reserved} if engine.name == "generate" else {}
+        worst = {d: peaks.get(d, 0) + unmeasured.get(d, 0) for d in reserved}
+        over = {d: worst[d] - reserved[d] for d in reserved if worst[d] > reserved[d]}
+        tries.append({"sequences": sequences, "peak_bytes": worst, "measured_bytes": peaks, **warm})
+        per_sequence = {d: kv[d] / planned for d in over if kv.get(d, 0) > 0}
+        if not over or sequences == 1 or not per_sequence:
+            break
+        drop = max(math.ceil(over[d] / per_sequence[d]) for d in per_sequence)
+        sequences = max(1, sequences - drop)
+        engine = rebuild(sequences)
+        reset_peak_rss()
+    check: dict[str, Any] = {
+        "reserved_bytes": reserved,
+        "peak_bytes": worst,
+        "fits": not over,
+        "planned_sequences": planned,
+        "sequences": sequences,
+        "max_batch_tokens": int(plan["max_batch_tokens"]),
+        "prompt_tokens": tries[-1]["prompt_tokens"],
+        "tries": tries,
+    }
+    if over:
+        check["needs_bytes"] = {d: max(worst[d], reserved[d]) for d in reserved}
+    report.plan_check = check
+    report.state = "ready"
+    record_phase(report, progress, WORST_CASE_PHASE, started, fits=not over, sequences=sequences,
+                 planned_sequences=planned, peak_bytes=worst, reserved_bytes=reserved,
+                 **({"needs_bytes": check["needs_bytes"]} if over else {}))
+    return engine
+
+
 def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max_queue: int | None = None) -> Any:
     """Everything short of listening: the loaded model behind its FastAPI app."""
     from memserve.runner.app import create_app
@@ -70,15 +164,31 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
     report = LoadReport()
     concurrency = int(plan["concurrency"])
 
+    queue = max_queue if max_queue is not None else DEFAULT_QUEUE_PER_SEQUENCE * concurrency
+
     def load() -> tuple[Any, Any, Any, str | None]:
+        from memserve.runner.kernels import tune_allocator
+
+        tune_allocator()
         model, tokenizer = load_model(source, plan, report)
         engine, fallback_reason = make_engine(
             model,
             max_sequences=concurrency,
-            max_queue=max_queue if max_queue is not None else DEFAULT_QUEUE_PER_SEQUENCE * concurrency,
+            max_queue=queue,
             max_context_tokens=int(plan["context_tokens"]),
             max_batch_tokens=int(plan["max_batch_tokens"]),
         )
+
+        def rebuild(sequences: int) -> Any:
+            asyncio.run(engine.close())  # no traffic yet: frees its KV cache before the smaller one is made
+            gc.collect()
+            smaller, _ = make_engine(model, prefer=engine.name, max_sequences=sequences,
+                                     max_queue=queue + concurrency - sequences,
+                                     max_context_tokens=int(plan["context_tokens"]),
+                                     max_batch_tokens=int(plan["max_batch_tokens"]))
+            return smaller
+
+        engine = fit_to_reservation(engine, plan, report, rebuild)
         return model, tokenizer, engine, fallback_reason
 
     model, tokenizer, engine, fallback_reason = on_worker_thread(load)
@@ -103,7 +213,8 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
 
     app = create_app(engine=engine, tokenizer=tokenizer, model_name=served_name,
                      context_tokens=int(plan["context_tokens"]), health=health, stop_token_ids=stop_ids or None)
-    emit({"event": "ready", "model": served_name, "engine": engine.name, "memory": process_memory()})
+    emit({"event": "ready", "model": served_name, "engine": engine.name, "memory": process_memory(),
+          "plan_check": report.plan_check})
     return app
 
 
