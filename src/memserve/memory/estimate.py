@@ -93,15 +93,17 @@ class DeviceNeed:
         }
 
 
-def block_weight_bytes(block: Block, facts: CheckpointFacts, dtype: str, quantization: Quantization) -> int:
-    """One block's weights in memory for a target dtype and quantization."""
+def block_weight_bytes(block: Block, facts: CheckpointFacts, dtype: str, quantization: Quantization, *,
+                       mapped: bool = True) -> int:
+    """One block's weights in memory for a target dtype and quantization. ``mapped``: the block is served
+    from the checkpoint's mapped files (CPU), where experts fused at load sit beside their file pages."""
     if facts.prequantized:
         return block.bytes
     width = DTYPE_WIDTH[dtype]
     if quantization == "none":
         # experts stored one tensor each are fused at load into new tensors, and the mapped file pages
         # of the originals stay resident: those bytes count twice
-        fused = block.split_expert_bytes * width // facts.dtype_bytes
+        fused = block.split_expert_bytes * width // facts.dtype_bytes if mapped else 0
         # same dtype as stored: exact header bytes (keeps mixed-dtype checkpoints exact)
         return fused + (block.bytes if dtype == facts.dtype else block.params * width)
     rest = (block.params - block.quantizable_params) * width

@@ -286,10 +286,10 @@ def _pack(
     index = 0
     needs[devices[0].name] = fixed(devices[0])
     for block in facts.blocks:
-        w = block_weight_bytes(block, facts, dtype, quantization)
         kv = kv_per_layer if block.name.startswith("layer.") else 0
         while True:
             device = devices[index]
+            w = block_weight_bytes(block, facts, dtype, quantization, mapped=device.kind == "cpu")
             n = needs[device.name]
             used = n["weights"] + n["kv"] + n["act"] + n["runtime"]
             last = index == len(devices) - 1
