@@ -102,23 +102,25 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: 
 
 async def traffic(port: int, pid: int, vocab: int, context: int, concurrency: int, new_tokens: int,
                   streams: list[bool]) -> list[dict[str, Any]]:
-    """Full-context prompts: one alone, then ``concurrency`` at once per streaming mode; VmHWM after each."""
+    """Full-context prompts: one alone, then ``concurrency`` at once (streamed and not, alternating when both
+    are asked for); VmHWM after each step."""
     prompt_tokens = context - new_tokens
     steps: list[dict[str, Any]] = []
     timeout = httpx.Timeout(3600.0)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as client:
-        shapes = [(1, streams[0])] + [(concurrency, s) for s in streams if concurrency > 1]
-        for n, stream in shapes:
+        shapes = [1, concurrency] if concurrency > 1 else [1]
+        for n in shapes:
             started = time.perf_counter()
             prompts = [[3 + (7 * i + 13 * j) % (vocab - 3) for j in range(prompt_tokens)] for i in range(n)]
-            await asyncio.gather(*(one_request(client, p, new_tokens, stream) for p in prompts))
-            steps.append({"sequences": n, "stream": stream, "seconds": round(time.perf_counter() - started, 1),
+            modes = [streams[(i + len(steps)) % len(streams)] for i in range(n)]
+            await asyncio.gather(*(one_request(client, p, new_tokens, m) for p, m in zip(prompts, modes, strict=True)))
+            steps.append({"sequences": n, "streamed": sum(modes), "seconds": round(time.perf_counter() - started, 1),
                           **proc_status(pid)})
     return steps
 
 
 def run_case(model: str, context: int, concurrency: int, models: Path, new_tokens: int, streams: list[bool],
-             work: Path) -> dict[str, Any]:
+             work: Path, *, traffic_on: bool = True) -> dict[str, Any]:
     path = ensure_model(models, model)
     plan_path = work / f"{model}-{context}x{concurrency}.plan.json"
     plan = write_plan(path, context, concurrency, plan_path)
@@ -150,7 +152,8 @@ def run_case(model: str, context: int, concurrency: int, models: Path, new_token
                 raise RuntimeError(f"{model} failed to load: {event.get('error')}")
         time.sleep(0.5)
         loaded = proc_status(runner.pid)
-        steps = asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams))
+        steps = asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams)) \
+            if traffic_on else []
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
     finally:
         runner.send_signal(signal.SIGTERM)
@@ -161,10 +164,12 @@ def run_case(model: str, context: int, concurrency: int, models: Path, new_token
             runner.wait()
     reserved = int(plan["devices"]["cpu"]["total_bytes"])
     peak = max([loaded["VmHWM"], *(s["VmHWM"] for s in steps)])
+    check = (health.get("load") or {}).get("plan_check") or {}
     return {"model": model, "context_tokens": context, "concurrency": concurrency, "engine": ready.get("engine"),
+            "admitted_sequences": check.get("sequences"),
+            "warm_up_peak_bytes": (check.get("peak_bytes") or {}).get("cpu"),
             "plan_bytes": reserved, "plan": plan["devices"]["cpu"], "ready_peak_bytes": loaded["VmHWM"],
-            "peak_bytes": peak, "ratio": reserved / peak, "steps": steps, "load": health.get("load"),
-            "admission": health.get("load", {}).get("admission")}
+            "peak_bytes": peak, "ratio": reserved / peak, "steps": steps, "load": health.get("load")}
 
 
 def main() -> None:
@@ -174,24 +179,27 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/memserve-estimate"))
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--stream", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--no-traffic", action="store_true",
+                        help="only load (the runner's own worst-case warm-up), send no requests")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     streams = {"both": [True, False], "yes": [True], "no": [False]}[args.stream]
 
     rows = []
-    print(f"{'model':<12} {'context×seq':>11} {'engine':>8} {'plan':>10} {'ready':>10} {'peak':>10} "
+    print(f"{'model':<12} {'context×seq':>11} {'engine':>8} {'admits':>6} {'plan':>10} {'warm-up':>10} {'peak':>10} "
           f"{'plan/peak':>9}   plan: weights kv act runtime (MiB)", flush=True)
     for case in args.cases.split(","):
         model, _, shape = case.partition(":")
         context, _, concurrency = shape.partition("x")
         row = run_case(model, int(context), int(concurrency), args.models_dir, args.new_tokens, streams,
-                       args.work_dir)
+                       args.work_dir, traffic_on=not args.no_traffic)
         rows.append(row)
         p = row["plan"]
         engine = "cb" if row["engine"] == "continuous-batching" else str(row["engine"])
-        print(f"{model:<12} {context + '×' + concurrency:>11} {engine:>8} {row['plan_bytes'] / MiB:>7.1f}Mi "
-              f"{row['ready_peak_bytes'] / MiB:>7.1f}Mi {row['peak_bytes'] / MiB:>7.1f}Mi {row['ratio']:>9.3f}   "
+        print(f"{model:<12} {context + '×' + concurrency:>11} {engine:>8} {row['admitted_sequences']!s:>6} "
+              f"{row['plan_bytes'] / MiB:>7.1f}Mi {(row['warm_up_peak_bytes'] or 0) / MiB:>7.1f}Mi "
+              f"{row['peak_bytes'] / MiB:>7.1f}Mi {row['ratio']:>9.3f}   "
               f"{p['weights_bytes'] / MiB:.0f} {p['kv_cache_bytes'] / MiB:.0f} {p['activation_bytes'] / MiB:.0f} "
               f"{p['runtime_bytes'] / MiB:.0f}", flush=True)
         if args.json:

@@ -30,6 +30,12 @@ TEST_EXTRA_BYTES_ENV = "MEMSERVE_TEST_EXTRA_BYTES"
 _BALLOON_CHUNK_BYTES = 8 << 20
 _balloon: list[bytearray] = []
 T = TypeVar("T")
+ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
+"""oneDNN keeps a primitive (with its JIT code and scratch buffers) per matmul shape, up to 1,024 by
+default, and torch's ideep keeps its own cache of as many: every prompt length adds a prefill shape,
+MoE adds one per expert token count and eager attention one per decode length, until they hold
+hundreds of MiB that no plan can price. 128 of each keep decode's shapes warm. An operator's own
+setting wins."""
 
 
 def on_worker_thread(work: Callable[[], T]) -> T:
@@ -165,6 +171,9 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
     concurrency = int(plan["concurrency"])
 
     queue = max_queue if max_queue is not None else DEFAULT_QUEUE_PER_SEQUENCE * concurrency
+
+    for variable, value in ONEDNN_CACHE_ENV.items():  # read once, when torch first runs a oneDNN kernel
+        os.environ.setdefault(variable, value)
 
     def load() -> tuple[Any, Any, Any, str | None]:
         from memserve.runner.kernels import tune_allocator
