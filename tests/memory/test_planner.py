@@ -8,7 +8,7 @@ import pytest
 
 from memserve.checkpoint.facts import CheckpointFacts, facts_from
 from memserve.errors import InvalidArgument
-from memserve.memory.estimate import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES
+from memserve.memory.estimate import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, paged_tokens
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import Policy, Request, plan
 from memserve.units import format_bytes
@@ -105,7 +105,8 @@ def test_gpu_rung_puts_whole_model_on_gpu_with_its_parts() -> None:
     assert result.plan is not None
     need = result.plan.devices["cuda:0"]
     assert need.weights_bytes == f.weights_bytes  # bf16 as stored: the header bytes exactly
-    assert need.kv_cache_bytes == 2 * 32 * 8 * 128 * 2 * 8192 * 2
+    # 2 (K, V) × 32 layers × 8 KV heads × 128 head dim × 2 B per token, for the pages of 2 × 8192 tokens
+    assert need.kv_cache_bytes == 2 * 32 * 8 * 128 * 2 * paged_tokens(8192, 2) >= 2 * 32 * 8 * 128 * 2 * 8192 * 2
     assert need.runtime_bytes == GPU_RUNTIME_BYTES
     assert need.activation_bytes > 0
     # the process driving the GPU still needs host RAM
