@@ -1,16 +1,33 @@
 """``memserve serve``: the gateway. One OpenAI-compatible server for every configured model and provider.
 
 It never imports torch: each loaded model is a runner process owned by the pool.
+
+What can be checked is checked before anything is loaded, so a mistake costs a second, not a model load:
+the listening socket is bound first (and handed to uvicorn, so nothing can take the port in between), then
+every configured model's source is checked without the network (local folders and cached snapshots are
+read as far as their headers; a hub id is only reported).
 """
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from memserve.net import is_loopback
+from memserve.errors import MemserveError
+from memserve.net import bind_error_message, is_loopback, listening_sockets
+
+if TYPE_CHECKING:
+    from memserve.config import Settings
+
+EXIT_BAD_SOURCE = 1
+"""A configured model's source does not exist or is not a checkpoint (the CLI's bad-input status)."""
+
+EXIT_CANNOT_LISTEN = 4
+"""The address cannot be listened on: the port is in use, not permitted, or the host is not this machine."""
 
 
 @click.command("serve")
@@ -21,21 +38,65 @@ from memserve.net import is_loopback
 @click.option("--memory", default=None, help="Budget per device, e.g. cpu=16GiB,cuda:0=20GiB.")
 @click.option("--headroom", default=None, help="Never hand out this much per device (default 512MiB).")
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
-@click.option("--port", type=int, default=None, help="Port to listen on (default 8000).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default 8000; 0 picks a free one).")
 @click.option("--keep-alive", "keep_alive", default=None, help="Default idle time before a model unloads, e.g. 5m.")
 def serve(config_file: Path | None, model_flags: tuple[str, ...], memory: str | None, headroom: str | None,
           host: str | None, port: int | None, keep_alive: str | None) -> None:
-    """Start the gateway: load models on demand, evict idle ones, refuse what cannot fit."""
-    import uvicorn
+    """Start the gateway: load models on demand, evict idle ones, refuse what cannot fit.
 
+    Before any model is loaded, the address is bound and every configured model's source is checked.
+    Exit status: 0 stopped, 1 bad input (a setting, or a model source that does not exist or is not a
+    checkpoint), 2 usage error, 4 cannot listen on the address (the port is in use, say).
+    """
     from memserve.config import load_settings
-    from memserve.gateway.app import create_app
-    from memserve.memory.probe import probe_inventory
-    from memserve.pool.pool import ModelPool
 
     flags: dict[str, Any] = {"memory": memory, "headroom": headroom, "host": host, "port": port,
                              "keep_alive": keep_alive}
     settings = load_settings(config_file, model_flags=model_flags, **flags)
+    try:
+        sockets = listening_sockets(settings.host, settings.port)
+    except OSError as exc:
+        click.echo(f"error: {bind_error_message(settings.host, settings.port, exc)}", err=True)
+        sys.exit(EXIT_CANNOT_LISTEN)
+    try:
+        _check_sources(settings)
+        started = _run(settings, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    if not started:
+        click.echo("error: the gateway did not start; the lines above say why", err=True)
+        sys.exit(1)
+
+
+def _check_sources(settings: Settings) -> None:
+    """Every configured model's source, checked without the network; exit 1 naming each bad one."""
+    from memserve.checkpoint.locate import check_source
+
+    bad = 0
+    for model in settings.models:
+        try:
+            checked = check_source(model.source)
+        except MemserveError as exc:
+            bad += 1
+            click.echo(f"error: model {model.name!r}: {exc.message}", err=True)
+            continue
+        if checked.warning:
+            click.echo(f"warning: model {model.name!r} ({model.source}): {checked.note}", err=True)
+    if bad:
+        click.echo(f"error: {bad} model source(s) above cannot be served; fix each source (in the config file or "
+                   "--model NAME=SOURCE) and start again", err=True)
+        sys.exit(EXIT_BAD_SOURCE)
+
+
+def _run(settings: Settings, sockets: list[socket.socket]) -> bool:
+    """Build the pool and the app and serve on ``sockets`` until stopped; False if the server did not start."""
+    import uvicorn
+
+    from memserve.gateway.app import create_app
+    from memserve.memory.probe import probe_inventory
+    from memserve.pool.pool import ModelPool
+
     inventory = probe_inventory(memory=settings.memory, headroom=settings.headroom)
     if not is_loopback(settings.host):
         click.secho(f"WARNING: listening on {settings.host} exposes every model to the network with NO "
@@ -43,11 +104,14 @@ def serve(config_file: Path | None, model_flags: tuple[str, ...], memory: str | 
                     fg="red", bold=True, err=True)
     pool = ModelPool(settings, inventory)
     app = create_app(settings, pool)
+    port = sockets[0].getsockname()[1]
     names = ", ".join(m.name for m in settings.models) or "none"
     remote = ", ".join(p.name for p in settings.providers) or "none"
     usable = ", ".join(f"{name} {d['usable_bytes'] / 2**30:.1f} GiB" for name, d in
                        pool.ledger.to_json()["devices"].items())
-    click.echo(f"memserve gateway on http://{settings.host}:{settings.port}  models: {names}  providers: {remote}  "
+    click.echo(f"memserve gateway on http://{settings.host}:{port}  models: {names}  providers: {remote}  "
                f"usable: {usable}", err=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=30)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=30))
+    server.run(sockets=sockets)
+    return bool(server.started)
