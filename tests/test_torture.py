@@ -700,6 +700,12 @@ def test_bad_inputs_get_the_status_the_issue_names(torture: Record) -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def test_max_tokens_past_the_context_names_both_numbers(torture: Record) -> None:
+    outcome = next(o for o in torture.door if o.kind == "max_tokens_past_context")
+    message = (outcome.error or {}).get("message", "")
+    assert outcome.status == 400 and "1000000" in message and str(CONTEXT_TOKENS) in message, outcome.brief()
+
+
 def test_bad_input_for_an_unloaded_model_loads_and_evicts_nothing(torture: Record) -> None:
     assert torture.door, torture.context()
     touched = {kind: [f"{e['event']} {e['model']}" for e in events]
