@@ -134,3 +134,9 @@ def test_start_up_check_only_reports_a_hub_id(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     offline = check_source("org/model")
     assert offline.warning and "HF_HUB_OFFLINE is set" in offline.note
+
+
+def test_a_missing_demo_model_says_how_to_make_it() -> None:
+    with pytest.raises(ModelNotFound) as raised:
+        locate("models/demo-small")
+    assert "memserve demo-model models/demo-small --size small" in raised.value.message

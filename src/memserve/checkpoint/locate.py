@@ -151,7 +151,16 @@ def missing_path_message(spec: str) -> str:
         reason = f"; it is read as a local path, never a hub id, because {spec_parts[0]!r} exists here"
     elif not _REPO_ID.match(spec):
         reason = "; and it is not a hub id (org/name)"
+    size = path.name.removeprefix("demo-") if path.name.startswith("demo-") else None
+    if size is not None and size in _demo_sizes():
+        reason += f"; a demo model is made with: memserve demo-model {spec} --size {size}"
     return message + reason + ". Fix the path (relative paths start from the working directory)"
+
+
+def _demo_sizes() -> tuple[str, ...]:
+    from memserve.checkpoint.demo import SIZES
+
+    return tuple(SIZES)
 
 
 def local_hint(spec: str) -> str:
