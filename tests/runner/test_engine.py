@@ -527,3 +527,93 @@ def test_make_engine_falls_back_to_generate_with_the_reason(
 def test_make_engine_raises_on_bad_sizes_instead_of_falling_back(model: Any) -> None:
     with pytest.raises(InvalidArgument):
         make_engine(model, max_sequences=0, max_queue=2, max_context_tokens=128, max_batch_tokens=64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan's bounds: chunked prefill in the fallback, the worst-case warm-up in both engines
+
+
+@pytest.fixture
+def forward_tokens(model: Any) -> Iterator[list[int]]:
+    """Tokens (rows × positions) of every forward the shared model runs while the test does."""
+    seen: list[int] = []
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        if ids is not None:
+            seen.append(int(ids.numel()))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    yield seen
+    handle.remove()
+
+
+def test_generate_fallback_prefills_in_chunks_of_the_plans_batch_tokens(
+    model: Any, prompts: list[tuple[int, ...]], forward_tokens: list[int]
+) -> None:
+    engine = GenerateEngine(model, max_sequences=2, max_queue=2, max_context_tokens=512, max_batch_tokens=64,
+                            warmup=False)
+    assert engine.prefill_chunk_tokens(rows=2, prompt_tokens=150) == 32
+    assert engine.prefill_chunk_tokens(rows=1, prompt_tokens=40) is None  # fits in one forward
+    long_prompt = (prompts[0] * 10)[:150]
+
+    async def run() -> list[list[TokenEvent]]:
+        try:
+            return list(await asyncio.gather(*(_collect(engine, _request(long_prompt, f"r{i}", max_new_tokens=4))
+                                               for i in range(2))))
+        finally:
+            await engine.close()
+
+    results = asyncio.run(run())
+    assert [len(events) for events in results] == [4, 4]
+    assert max(forward_tokens) <= 64  # never the whole 150-token prompt (or two of them) in one forward
+    assert sum(1 for n in forward_tokens if n > 2) >= 3  # the prompt went through in several chunks
+
+
+def test_generate_without_batch_tokens_prefills_the_prompt_whole(
+    model: Any, prompts: list[tuple[int, ...]], forward_tokens: list[int]
+) -> None:
+    engine = GenerateEngine(model, max_sequences=1, max_queue=1, max_context_tokens=512, warmup=False)
+    assert engine.prefill_chunk_tokens(rows=1, prompt_tokens=150) is None
+    long_prompt = (prompts[0] * 10)[:150]
+
+    async def run() -> list[TokenEvent]:
+        try:
+            return await _collect(engine, _request(long_prompt, max_new_tokens=2))
+        finally:
+            await engine.close()
+
+    assert len(asyncio.run(run())) == 2
+    assert max(forward_tokens) == 150
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_worst_case_warm_up_runs_the_largest_chunk_through_the_engine(
+    kind: str, build: Callable[..., AnyEngine], forward_tokens: list[int]
+) -> None:
+    engine = build(kind, max_sequences=2, max_context_tokens=300, max_batch_tokens=128, warmup=False)
+    if isinstance(engine, GenerateEngine):
+        engine.max_batch_tokens = 128  # the fixture builds the fallback without one
+    forward_tokens.clear()
+    result = engine.warm_up_worst_case()
+    assert result["prompt_tokens"] == 128  # one whole prefill chunk (sdpa): the largest forward a request causes
+    assert result["measured_sequences"] == 1
+    assert max(forward_tokens) == 128
+    if isinstance(engine, ContinuousBatchingEngine):
+        # every KV page and the preallocated masks were written, as full traffic writes them
+        masks = engine._memory.get("attention_mask_bytes", 0)
+        assert result["touched_bytes"] == engine.kv_cache_bytes + masks > engine.kv_cache_bytes
+    else:
+        assert result["touched_bytes"] == 0  # its cache grows per call: the caller adds the unmeasured rows
+
+
+def test_eager_attention_warms_up_with_a_prompt_that_fills_the_context(build: Callable[..., AnyEngine]) -> None:
+    engine = build("generate", max_sequences=1, max_context_tokens=300, warmup=False)
+    assert isinstance(engine, GenerateEngine)
+    engine.max_batch_tokens = 128
+    original = engine.model.config._attn_implementation
+    engine.model.config._attn_implementation = "eager"  # scores grow with the past: the last chunk is the worst
+    try:
+        assert engine.warm_up_worst_case()["prompt_tokens"] == 299
+    finally:
+        engine.model.config._attn_implementation = original

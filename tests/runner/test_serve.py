@@ -1,12 +1,19 @@
-"""The runner's loading happens off the main thread (see ``on_worker_thread`` for why)."""
+"""The runner's loading happens off the main thread (see ``on_worker_thread`` for why), and ends with a
+worst-case warm-up that makes what the runner admits fit its reservation (``fit_to_reservation``)."""
 
 from __future__ import annotations
 
+import io
+import json
 import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from memserve.runner.serve import on_worker_thread
+from memserve.runner import serve
+from memserve.runner.load import WORST_CASE_PHASE, LoadProgress, LoadReport
+from memserve.runner.serve import build_app, fit_to_reservation, on_worker_thread
 
 
 def test_work_runs_on_another_thread_that_has_ended_when_it_returns() -> None:
@@ -28,3 +35,134 @@ def test_an_exception_in_the_work_is_raised_in_the_caller() -> None:
 
     with pytest.raises(ValueError, match="no such checkpoint"):
         on_worker_thread(work)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Holding to the plan: the worst-case warm-up against the reservation
+
+
+class FakeEngine:
+    """Stands in for an engine: its worst-case warm-up records itself; the peaks come from ``peaks``."""
+
+    def __init__(self, name: str, sequences: int) -> None:
+        self.name = name
+        self.sequences = sequences
+        self.warm_ups = 0
+
+    def warm_up_worst_case(self) -> dict[str, Any]:
+        self.warm_ups += 1
+        return {"prompt_tokens": 2048, "measured_sequences": 1, "touched_bytes": 0, "seconds": 0.0}
+
+
+def plan_for(concurrency: int, total_bytes: int, kv_bytes: int, **extra: Any) -> dict[str, Any]:
+    return {"concurrency": concurrency, "context_tokens": 2048, "max_batch_tokens": 2048,
+            "devices": {"cpu": {"total_bytes": total_bytes, "kv_cache_bytes": kv_bytes}}, **extra}
+
+
+@pytest.fixture
+def peaks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The measured cpu peaks, one per warm-up, in order (the last one repeats)."""
+    values: list[int] = []
+    calls = {"n": 0}
+
+    def fake() -> dict[str, int]:
+        value = values[min(calls["n"], len(values) - 1)]
+        calls["n"] += 1
+        return {"cpu": value}
+
+    monkeypatch.setattr(serve, "_peaks", fake)
+    monkeypatch.setattr(serve, "reset_peak_rss", lambda: True)
+    return values
+
+
+def check(plan: dict[str, Any], engine: FakeEngine) -> tuple[Any, LoadReport, list[dict[str, Any]], list[int]]:
+    report = LoadReport()
+    stream = io.StringIO()
+    rebuilt: list[int] = []
+
+    def rebuild(sequences: int) -> FakeEngine:
+        rebuilt.append(sequences)
+        return FakeEngine(engine.name, sequences)
+
+    result = fit_to_reservation(engine, plan, report, rebuild, progress=LoadProgress(stream=stream))
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return result, report, events, rebuilt
+
+
+def test_a_runner_inside_its_reservation_keeps_what_it_admits(peaks: list[int]) -> None:
+    peaks.append(900)
+    engine = FakeEngine("continuous-batching", 8)
+    result, report, events, rebuilt = check(plan_for(8, 1000, 800), engine)
+    assert result is engine and engine.warm_ups == 1 and rebuilt == []
+    assert report.plan_check["fits"] is True
+    assert report.plan_check["sequences"] == report.plan_check["planned_sequences"] == 8
+    assert report.plan_check["peak_bytes"] == {"cpu": 900}
+    assert "needs_bytes" not in report.plan_check
+    assert [e["phase"] for e in events] == [WORST_CASE_PHASE]
+    assert events[0]["fits"] is True and events[0]["reserved_bytes"] == {"cpu": 1000}
+
+
+def test_a_runner_over_its_reservation_admits_fewer_sequences_and_measures_again(peaks: list[int]) -> None:
+    peaks.extend([1150, 950])  # 150 over; each sequence's KV cache is 100: two fewer sequences
+    result, report, events, rebuilt = check(plan_for(8, 1000, 800), FakeEngine("continuous-batching", 8))
+    assert rebuilt == [6]
+    assert isinstance(result, FakeEngine) and result.sequences == 6 and result.warm_ups == 1
+    assert report.plan_check["fits"] is True
+    assert report.plan_check["sequences"] == 6
+    assert [t["peak_bytes"]["cpu"] for t in report.plan_check["tries"]] == [1150, 950]
+    assert events[0]["sequences"] == 6 and events[0]["planned_sequences"] == 8
+
+
+def test_a_runner_that_cannot_fit_even_one_sequence_reports_what_it_needs(peaks: list[int]) -> None:
+    peaks.extend([1500, 1300])
+    _, report, events, rebuilt = check(plan_for(4, 1000, 400), FakeEngine("continuous-batching", 4))
+    assert rebuilt == [1]
+    assert report.plan_check["fits"] is False
+    assert report.plan_check["needs_bytes"] == {"cpu": 1300}  # the pool must reserve this before traffic
+    assert events[0]["needs_bytes"] == {"cpu": 1300}
+
+
+def test_the_generate_fallback_adds_the_kv_cache_of_the_rows_it_did_not_run(peaks: list[int]) -> None:
+    peaks.append(900)  # one row measured; three more rows of 100 each would make it 1200
+    _, report, _, rebuilt = check(plan_for(4, 1000, 400), FakeEngine("generate", 4))
+    assert report.plan_check["tries"][0]["peak_bytes"] == {"cpu": 1200}
+    assert rebuilt == [2] and report.plan_check["sequences"] == 2
+    assert report.plan_check["peak_bytes"] == {"cpu": 1000}  # one row measured again, one row's KV added
+
+
+def test_the_pools_reservation_wins_over_the_estimate(peaks: list[int]) -> None:
+    peaks.append(1100)
+    plan = plan_for(8, 1000, 800, reserved_bytes={"cpu": 1200})  # calibrated above the estimate
+    assert serve.reservation_bytes(plan) == {"cpu": 1200}
+    assert serve.reservation_bytes(plan_for(8, 1000, 800)) == {"cpu": 1000}
+    _, report, _, rebuilt = check(plan, FakeEngine("continuous-batching", 8))
+    assert report.plan_check["fits"] is True and rebuilt == []
+
+
+def test_a_real_runner_runs_its_worst_case_warm_up_and_reports_it(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = {"rung": "cpu", "dtype": "float32", "quantization": "none", "context_tokens": 256, "concurrency": 2,
+            "max_batch_tokens": 128, "device_map": {"": "cpu"},
+            "devices": {"cpu": {"total_bytes": 64 << 30, "kv_cache_bytes": 1 << 20}}}
+    build_app(str(tiny_model_dir), plan, name="tiny")
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    phase = next(e for e in events if e.get("phase") == WORST_CASE_PHASE)
+    ready = next(e for e in events if e.get("event") == "ready")
+    assert phase["fits"] is True and phase["sequences"] == 2
+    assert ready["plan_check"]["prompt_tokens"] == 128
+    assert ready["plan_check"]["peak_bytes"]["cpu"] >= ready["memory"]["cpu"]["rss_bytes"] // 2
+
+
+def test_a_real_runner_given_too_small_a_reservation_shrinks_and_says_what_it_needs(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = {"rung": "cpu", "dtype": "float32", "quantization": "none", "context_tokens": 256, "concurrency": 2,
+            "max_batch_tokens": 128, "device_map": {"": "cpu"}, "reserved_bytes": {"cpu": 1 << 20},
+            "devices": {"cpu": {"total_bytes": 64 << 30, "kv_cache_bytes": 1 << 20}}}
+    build_app(str(tiny_model_dir), plan, name="tiny")
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    ready = next(e for e in events if e.get("event") == "ready")
+    assert ready["engine"] == "continuous-batching"
+    assert ready["plan_check"]["sequences"] == 1 and ready["plan_check"]["fits"] is False
+    assert ready["plan_check"]["needs_bytes"]["cpu"] > 1 << 20

@@ -148,8 +148,7 @@ def attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concu
     read = concurrency * context_tokens
     gathered = 2 * read * facts.kv_heads * facts.head_dim * width
     repeated = 2 * read * facts.heads * facts.head_dim * width if facts.heads != facts.kv_heads else 0
-    scores = batch_tokens * min(read, batch_tokens + read) * facts.heads * (width + 4) if facts.eager_attention \
-        else 0
+    scores = batch_tokens * read * facts.heads * (width + 4) if facts.eager_attention else 0
     query = batch_tokens * facts.heads * facts.head_dim * width * 2  # q and the attention output
     return gathered + repeated + scores + query
 

@@ -1,0 +1,113 @@
+"""The estimate's terms as pure functions over facts built from tensor listings (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from memserve.checkpoint.facts import CheckpointFacts, facts_from
+from memserve.memory.estimate import (
+    HIDDEN_TENSORS,
+    KV_PAGE_TOKENS,
+    KV_TRASH_PAGES,
+    MLP_TENSORS,
+    activation_bytes,
+    attention_bytes,
+    attention_types,
+    block_weight_bytes,
+    kv_cache_bytes,
+    mask_bytes,
+    paged_tokens,
+    weight_bytes,
+)
+from tests.fakes import LLAMA3_8B, MISTRAL_7B, MIXTRAL_8X7B, tensors_for
+
+
+def facts(config: dict, **extra: object) -> CheckpointFacts:
+    return facts_from({**config, **extra}, tensors_for({**config, **extra}), source="m")
+
+
+@pytest.mark.parametrize(("context", "concurrency", "pages"), [
+    (64, 1, 2 + KV_TRASH_PAGES),  # one whole page plus one page of slack
+    (65, 1, 3 + KV_TRASH_PAGES),  # a token more rounds up to another page
+    (1000, 2, 2 * 17 + KV_TRASH_PAGES),
+    (2048, 8, 8 * 33 + KV_TRASH_PAGES),
+])
+def test_paged_tokens_are_whole_pages_per_sequence_plus_slack_and_trash(context: int, concurrency: int,
+                                                                        pages: int) -> None:
+    assert paged_tokens(context, concurrency) == pages * KV_PAGE_TOKENS
+
+
+def test_kv_cache_is_what_the_paged_cache_allocates_for_every_layer() -> None:
+    f = facts(LLAMA3_8B)
+    per_token = 2 * 32 * 8 * 128 * 2
+    assert kv_cache_bytes(f, "bfloat16", 4096, 2) == per_token * (2 * 65 + KV_TRASH_PAGES) * KV_PAGE_TOKENS
+    # the paged cache sizes sliding-window layers for the whole context too (transformers 5.24)
+    mistral = facts(MISTRAL_7B)
+    assert mistral.sliding_window == 4096
+    assert kv_cache_bytes(mistral, "bfloat16", 16384, 1) == mistral.kv_bytes_per_token(2) * paged_tokens(16384, 1)
+
+
+def test_masks_one_per_attention_type() -> None:
+    f = facts(LLAMA3_8B)
+    assert attention_types(f) == 1
+    assert attention_types(facts(MISTRAL_7B)) == 1  # every layer slides: one group
+    mixed = replace(f, sliding_window=4096, sliding_window_layers=16)  # Gemma2: alternating layers
+    assert attention_types(mixed) == 2
+    one = 2048 * (paged_tokens(2048, 8) + 2048) * 2
+    assert mask_bytes(f, "bfloat16", 2048, 8, 2048) == one
+    assert mask_bytes(mixed, "bfloat16", 2048, 8, 2048) == 2 * one
+
+
+def test_attention_gathers_every_read_token_and_repeats_it_only_for_gqa() -> None:
+    gqa = facts(LLAMA3_8B)  # 32 heads, 8 KV heads, head_dim 128
+    query = 512 * 32 * 128 * 2 * 2
+    gathered = 2 * 4 * 1024 * 8 * 128 * 2
+    repeated = 2 * 4 * 1024 * 32 * 128 * 2
+    assert attention_bytes(gqa, "bfloat16", 512, 4, 1024) == gathered + repeated + query
+    mha = replace(gqa, kv_heads=32)  # GPT-2: every head has its own K/V, nothing to repeat
+    assert attention_bytes(mha, "bfloat16", 512, 4, 1024) == 2 * 4 * 1024 * 32 * 128 * 2 + query
+
+
+def test_eager_attention_adds_its_scores_in_the_model_dtype_and_fp32() -> None:
+    sdpa = facts(LLAMA3_8B)
+    eager = replace(sdpa, eager_attention=True)
+    scores = 2048 * (4 * 2048) * 32 * (2 + 4)
+    assert attention_bytes(eager, "bfloat16", 2048, 4, 2048) - attention_bytes(sdpa, "bfloat16", 2048, 4, 2048) \
+        == scores
+
+
+def test_gemma2_soft_capping_means_eager_attention() -> None:
+    assert facts(LLAMA3_8B, attn_logit_softcapping=50.0).eager_attention
+    assert not facts(LLAMA3_8B).eager_attention
+    assert not facts(LLAMA3_8B, attn_logit_softcapping=None).eager_attention
+
+
+def test_activations_take_the_larger_of_attention_and_mlp_over_the_residual_stream() -> None:
+    f = facts(LLAMA3_8B)
+    tokens, concurrency, context = 2048, 1, 2048
+    mlp = tokens * MLP_TENSORS * 14336 * 2
+    attention = attention_bytes(f, "bfloat16", tokens, concurrency, context)
+    assert mlp > attention
+    expected = (mask_bytes(f, "bfloat16", tokens, concurrency, context) + tokens * HIDDEN_TENSORS * 4096 * 2 + mlp
+                + concurrency * 128256 * (4 + 2))
+    assert activation_bytes(f, "bfloat16", tokens, concurrency, context) == expected
+    # many long sequences read more K/V than a chunk's MLP holds: attention decides
+    many = activation_bytes(f, "bfloat16", tokens, 64, 8192) - mask_bytes(f, "bfloat16", tokens, 64, 8192)
+    assert many == tokens * HIDDEN_TENSORS * 4096 * 2 + attention_bytes(f, "bfloat16", tokens, 64, 8192) \
+        + 64 * 128256 * 6
+
+
+def test_experts_stored_one_tensor_each_count_twice_where_weights_stay_mapped() -> None:
+    moe = facts(MIXTRAL_8X7B)
+    experts = 32 * 8 * 3 * 14336 * 4096 * 2
+    assert moe.split_expert_bytes == experts
+    layer = next(b for b in moe.blocks if b.name == "layer.0")
+    assert layer.split_expert_bytes == experts // 32
+    assert block_weight_bytes(layer, moe, "bfloat16", "none") == layer.bytes + layer.split_expert_bytes
+    assert block_weight_bytes(layer, moe, "bfloat16", "none", mapped=False) == layer.bytes  # loaded onto a GPU
+    assert weight_bytes(moe, "bfloat16", "none") == moe.weights_bytes + experts
+    dense = facts(LLAMA3_8B)
+    assert dense.split_expert_bytes == 0
+    assert weight_bytes(dense, "bfloat16", "none") == dense.weights_bytes
