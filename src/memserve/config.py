@@ -336,6 +336,16 @@ class Settings(BaseSettings):
     max_body_bytes: Bytes = Field(
         default=16 * _MiB, gt=0, description="Request bodies larger than this get 413 (e.g. 16MiB)."
     )
+    request_timeout_seconds: IntervalSeconds = Field(
+        default=600.0, validation_alias=AliasChoices("request_timeout_seconds", "request_timeout"),
+        description='How long one generation request may run (e.g. "10m", key request_timeout) before it is '
+        "stopped with a 504; a stream ends with an error event.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web page origins (e.g. http://localhost:3000, or * for any) allowed to call this server "
+        "from a browser. Requests from other pages' origins get a 403.",
+    )
     models: list[ModelConfig] = Field(default_factory=list, description="Local models the gateway may load.")
     providers: list[ProviderConfig] = Field(
         default_factory=list, description="Remote OpenAI-compatible providers, addressed as provider/model."

@@ -6,7 +6,9 @@
     ├── InvalidArgument                400 invalid_request_error   bad flag, field or value
     │   ├── ContextOverflow            400                         prompt longer than the planned context
     │   ├── UnsupportedParameter       400                         n > 1, tools, ...
-    │   └── RequestTooLarge            413                         a body past the server's max_body_bytes
+    │   ├── RequestTooLarge            413                         a body past the server's max_body_bytes
+    │   └── UnsupportedMediaType       415                         a JSON route sent something not JSON
+    ├── OriginNotAllowed               403 permission_error        a browser page from an origin not in cors_origins
     ├── CheckpointError                400 invalid_request_error   not a model, corrupt header, bad config
     ├── ModelNotFound                  404 not_found_error         nothing at that path, cache or hub id
     ├── Overloaded                     429 rate_limit_error        a bounded queue is full (Retry-After)
@@ -16,6 +18,7 @@
     ├── BadUpstream                    502 api_error               an upstream answered something not OpenAI-shaped
     ├── HubUnavailable                 503 api_error               offline and the id is not cached
     ├── MemoryBusy                     503 api_error               fits, but memory did not free up in time
+    ├── RequestTimedOut                504 api_error               past request_timeout; the generation was stopped
     └── InsufficientMemory             507 api_error               never fits here (the NoFit message)
 
 Messages say what happened, what was expected, and what to do; the CLI prints them as one line
@@ -118,6 +121,26 @@ class RequestTooLarge(InvalidArgument):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(InvalidArgument):
+    """A JSON route got a body whose Content-Type is not JSON.
+
+    Refused, not guessed: a web page may POST ``application/x-www-form-urlencoded`` or ``text/plain`` to
+    any address without asking the browser's permission first (a "simple" request), so accepting those
+    would let any page a local user opens drive a gateway on 127.0.0.1.
+    """
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class OriginNotAllowed(MemserveError):
+    """A browser sent the request from a page whose origin is not in ``cors_origins``."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "origin_not_allowed"
+
+
 class Overloaded(MemserveError):
     """A bounded queue is full; the client should retry after ``retry_after_seconds``."""
 
@@ -172,6 +195,14 @@ class MemoryBusy(MemserveError):
     def __init__(self, message: str, *, retry_after_seconds: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+
+
+class RequestTimedOut(MemserveError):
+    """A request ran past ``request_timeout``; its generation was cancelled."""
+
+    status_code = 504
+    error_type = "api_error"
+    code = "request_timeout"
 
 
 class InsufficientMemory(MemserveError):

@@ -311,12 +311,16 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
 
                 unknown = chat(origin, "bgi")
                 assert unknown.status_code == 404 and "big" in unknown.json()["error"]["message"]
-                too_big = httpx.post(f"{origin}/v1/chat/completions", content=b"x" * 5000, timeout=10)
+                as_json = {"content-type": "application/json"}
+                too_big = httpx.post(f"{origin}/v1/chat/completions", content=b"x" * 5000, headers=as_json,
+                                     timeout=10)
                 assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
                 bad_load = httpx.post(f"{origin}/api/load", json={"model": "big", "colour": 1}, timeout=10)
                 assert bad_load.status_code == 400 and bad_load.json()["error"]["param"] == "colour"
-                garbled = httpx.post(f"{origin}/v1/chat/completions", content=b"{nope", timeout=10)
+                garbled = httpx.post(f"{origin}/v1/chat/completions", content=b"{nope", headers=as_json, timeout=10)
                 assert garbled.status_code == 400 and "JSON" in garbled.json()["error"]["message"]
+                not_json = httpx.post(f"{origin}/v1/chat/completions", content=b"{}", timeout=10)
+                assert not_json.status_code == 415 and not_json.json()["error"]["code"] == "unsupported_media_type"
                 busy = chat(origin, "big", keep_alive="soon")  # a bad field on the fast path: the same error shape
                 assert busy.status_code == 400 and "keep_alive" in busy.json()["error"]["message"]
                 assert set(busy.json()["error"]) == {"message", "type", "param", "code"}

@@ -209,9 +209,34 @@ def test_max_tokens_ends_with_length(client: TestClient, engine: FakeEngine, fie
     assert engine.requests[-1].max_new_tokens == 3
 
 
-def test_max_tokens_is_clipped_to_the_context(client: TestClient, engine: FakeEngine, tokenizer: Any) -> None:
-    assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100_000}).status_code == 200
-    assert engine.requests[-1].max_new_tokens == CONTEXT_TOKENS - len(chat_prompt_ids(tokenizer, "hi there"))
+def test_max_tokens_past_the_room_left_is_a_400_with_both_numbers(client: TestClient, engine: FakeEngine,
+                                                                  tokenizer: Any) -> None:
+    prompt_tokens = len(chat_prompt_ids(tokenizer, "hi there"))
+    room = CONTEXT_TOKENS - prompt_tokens
+    response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": room + 1})
+    message = assert_error(response, 400, "invalid_request_error", "max_tokens")
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert f"{prompt_tokens} in the prompt" in message and str(CONTEXT_TOKENS) in message and str(room) in message
+    assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": room}).status_code == 200
+    assert engine.requests[-1].max_new_tokens == room
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # no max_tokens: all the room
+    assert engine.requests[-1].max_new_tokens == room
+
+
+def test_a_prompt_whose_bytes_prove_it_too_long_is_refused_before_tokenizing(
+        client: TestClient, engine: FakeEngine, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    longest = max(len(piece.encode()) for piece in tokenizer.get_vocab())
+    words = "x" * (CONTEXT_TOKENS * longest + 1)
+    encoded: list[str] = []
+    monkeypatch.setattr(type(tokenizer), "encode", lambda self, text, **kw: encoded.append(text) or [1])
+    requests = len(engine.requests)
+    for route, param, body in (
+            ("/v1/completions", "prompt", {**COMPLETION, "prompt": words}),
+            ("/v1/chat/completions", "messages", {**CHAT, "messages": [{"role": "user", "content": words}]})):
+        response = client.post(route, json=body)
+        message = assert_error(response, 400, "invalid_request_error", param)
+        assert response.json()["error"]["code"] == "context_length_exceeded" and "bytes" in message
+    assert encoded == [] and len(engine.requests) == requests
 
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
@@ -240,6 +265,9 @@ def test_prompt_longer_than_the_context_is_a_400_with_both_numbers(client: TestC
     ({**CHAT, "max_tokens": "many"}, "max_tokens", "valid integer"),
     ({**CHAT, "temperature": "hot"}, "temperature", "valid number"),
     ({**CHAT, "stream": "sometimes"}, "stream", "valid boolean"),
+    ({**CHAT, "stream": "true"}, "stream", "valid boolean"),
+    ({**CHAT, "stream": 1}, "stream", "valid boolean"),
+    ({**CHAT, "max_tokens": "5"}, "max_tokens", "valid integer"),
     ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({**CHAT, "messages": []}, "messages", "at least 1"),
     ({"model": MODEL}, "messages", "missing required parameter 'messages'"),

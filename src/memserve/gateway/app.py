@@ -22,46 +22,76 @@ import difflib
 import json
 import logging
 import math
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from pathlib import Path
+from typing import Any, Literal
 
+import anyio
 import httpx
 import psutil
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memserve import __version__
+from memserve.checkpoint.locate import hub_offline, read_facts
+from memserve.checkpoint.tokens import tokenizer_file_longest_token_bytes
 from memserve.config import ProviderConfig, Settings
 from memserve.errors import (
+    HubUnavailable,
     InsufficientMemory,
     InvalidArgument,
     MemoryBusy,
     MemserveError,
     ModelNotFound,
     Overloaded,
+    RequestTimedOut,
     RequestTooLarge,
+    UnsupportedParameter,
     error_body,
 )
 from memserve.gateway.upstream import Upstream, forward
-from memserve.memory.fit import fit_json, fit_result
+from memserve.memory.fit import default_context, fit_json, fit_result
 from memserve.pool.pool import ModelPool
 from memserve.pool.runner_process import RUNNER_BASE_URL
 from memserve.units import parse_seconds
+from memserve.wire.http import (
+    SSE_DONE,
+    check_json_content_type,
+    check_origin,
+    parse_body,
+    sse_event,
+    until_disconnected,
+)
+from memserve.wire.schema import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    ModelList,
+    TextCompletion,
+)
 
 log = logging.getLogger(__name__)
 
 FALLBACK_HEADER = "x-memserve-fallback"
 FALLBACK_REASON_HEADER = "x-memserve-fallback-reason"
+FALLBACK_MODEL_HEADER = "x-memserve-fallback-for"
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
 ROUTES = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /api/ps, "
           "POST /api/load, POST /api/unload, GET /api/fit, GET /api/memory, GET /api/events")
 _FALLBACK_ON = (InsufficientMemory, MemoryBusy, Overloaded)
+HUB_FIT_SECONDS = 15.0
+"""How long ``GET /api/fit`` waits for the hub about a model that is not configured."""
 
 
 @dataclass(frozen=True)
@@ -86,20 +116,22 @@ def route(model: str, settings: Settings) -> Route:
     raise ModelNotFound(f"model {model!r} is not served here; {hint} (GET /v1/models lists them)", param="model")
 
 
-class _LoadBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    keep_alive: str | float | None = None
-    context: int | None = None
-    concurrency: int | None = None
+class LoadBody(BaseModel):
+    """``POST /api/load``: load a model now (Ollama's preload), optionally for a larger context or
+    concurrency than configured. The options apply to this load only."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1)
+    keep_alive: str | float | None = Field(default=None, description='e.g. "10m", 600, -1 (forever)')
+    context: int | None = Field(default=None, ge=1, description="Context length in tokens for this load.")
+    concurrency: int | None = Field(default=None, ge=1, description="Sequences generated for at once.")
 
 
-class _UnloadBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
+class UnloadBody(BaseModel):
+    """``POST /api/unload``: stop a model's runner (it drains its requests first)."""
 
-
-_Body = TypeVar("_Body", bound=BaseModel)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1)
 
 
 class Providers:
@@ -135,33 +167,55 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
     app = FastAPI(title="memserve", version=__version__, lifespan=lifespan)
     _install_error_handlers(app)
 
+    door = _Door(settings, pool)
+
     async def completion(request: Request, path: str) -> Response:
+        check_json_content_type(request.headers.get("content-type"))
         raw = await _read_body(request, settings.max_body_bytes)
         body = _json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidArgument("missing required parameter 'model' (a string naming a model; GET /v1/models "
                                   "lists them)", param="model")
+        request.state.model = model
         keep_alive = body.pop("keep_alive", None)  # ours (as Ollama's): never sent upstream
-        stream = body.get("stream") is True
+        keep_alive_seconds = None if keep_alive is None else parse_seconds(keep_alive, what="keep_alive")
         target = route(model, settings)
-        if target.kind == "provider":
+        if target.kind == "provider":  # the provider judges its own fields (tools, images, ...)
+            stream = _stream_flag(body)
             return await forward(providers.upstream(target.name), path, {**body, "model": target.upstream_model},
                                  stream=stream)
-        keep_alive_seconds = None if keep_alive is None else parse_seconds(keep_alive, what="keep_alive")
+        stream = bool(await door.check(model, path, body))  # everything a runner would refuse, before any load
+        receive = request.receive
         try:
-            lease = await pool.acquire(model, keep_alive_seconds=keep_alive_seconds)
+            lease = await until_disconnected(receive, pool.acquire(model, keep_alive_seconds=keep_alive_seconds))
         except _FALLBACK_ON as exc:
             fallback = settings.model(model).fallback  # type: ignore[union-attr]  # route() found it
             if fallback is None:
                 raise
             provider_name, _, upstream_model = fallback.partition("/")
-            headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code)}
-            return await forward(providers.upstream(provider_name), path, {**body, "model": upstream_model},
-                                 stream=stream, headers=headers)
+            headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code),
+                       FALLBACK_MODEL_HEADER: model}
+            try:
+                return await forward(providers.upstream(provider_name), path, {**body, "model": upstream_model},
+                                     stream=stream, headers=headers)
+            except MemserveError as failed:
+                failed.message = (f"model {model!r} could not be served here ({exc.message}), and its fallback "
+                                  f"{fallback} failed too: {failed.message}")
+                raise
+        if lease is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         upstream = Upstream(f"runner {model}", RUNNER_BASE_URL, lease.client, transport=lease.transport)
         unchanged = keep_alive is None  # then the client's own bytes go to the runner, not a re-encoding
-        return await forward(upstream, path, raw if unchanged else body, stream=stream, on_done=lease.release)
+        answer = forward(upstream, path, raw if unchanged else body, stream=stream, on_done=lease.release)
+        timeout = settings.request_timeout_seconds
+        if stream:
+            return _Deadline(await answer, timeout, model)
+        try:
+            whole = await asyncio.wait_for(until_disconnected(receive, answer), timeout)
+        except TimeoutError:
+            raise RequestTimedOut(_timed_out(model, timeout)) from None
+        return Response(status_code=CLIENT_CLOSED_REQUEST) if whole is None else whole
 
     async def chat_completions(request: Request) -> Response:
         return await completion(request, "/chat/completions")
@@ -169,12 +223,19 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
     async def completions(request: Request) -> Response:
         return await completion(request, "/completions")
 
-    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_route("/v1/completions", completions, methods=["POST"])
+    # Documented through FastAPI (and served by it where _HotRoutes is not in front); the body is parsed by
+    # the handler itself, so the OpenAPI document gets its request schema from _openapi.
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None,
+                      summary="Chat completion (OpenAI-compatible), streamed as SSE with stream: true",
+                      responses=_responses(ChatCompletion, GENERATION_ERRORS))
+    app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None,
+                      summary="Text completion (OpenAI-compatible), streamed as SSE with stream: true",
+                      responses=_responses(TextCompletion, GENERATION_ERRORS))
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     hot_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
         "/v1/chat/completions": chat_completions, "/v1/completions": completions}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_responses(None, COMMON_ERRORS))
     async def models() -> dict[str, Any]:
         states = {e.name: e.state for e in pool.entries.values()}
         data = [{"id": m.name, "object": "model", "created": int(started), "owned_by": "memserve",
@@ -183,39 +244,46 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                  for p in settings.providers for m in p.models]
         return {"object": "list", "data": data}
 
-    @app.get("/health")
+    @app.get("/health", responses=_responses(None, COMMON_ERRORS))
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - started, 3),
                 "models": {e.name: e.state for e in pool.entries.values()}}
 
-    @app.get("/api/ps")
+    @app.get("/api/ps", responses=_responses(None, COMMON_ERRORS))
     async def ps() -> dict[str, Any]:
         return pool.ps()
 
-    @app.post("/api/load")
+    @app.post("/api/load", responses=_responses(None, LOAD_ERRORS), openapi_extra=_body_doc(LoadBody))
     async def load(request: Request) -> dict[str, Any]:
-        body = _validated(_LoadBody, await _json_body(request, settings.max_body_bytes))
+        body = parse_body(LoadBody, await _json_body(request, settings.max_body_bytes))
         keep_alive = None if body.keep_alive is None else parse_seconds(body.keep_alive, what="keep_alive")
         row = await pool.load(body.model, keep_alive_seconds=keep_alive, context_tokens=body.context,
                               concurrency=body.concurrency)
         return {"model": row}
 
-    @app.post("/api/unload")
+    @app.post("/api/unload", responses=_responses(None, JSON_BODY_ERRORS), openapi_extra=_body_doc(UnloadBody))
     async def unload(request: Request) -> dict[str, Any]:
-        body = _validated(_UnloadBody, await _json_body(request, settings.max_body_bytes))
+        body = parse_body(UnloadBody, await _json_body(request, settings.max_body_bytes))
         return {"model": body.model, "unloaded": await pool.unload(body.model)}
 
-    @app.get("/api/fit")
-    async def fit(model: str, context: int | None = None, concurrency: int | None = None) -> dict[str, Any]:
+    @app.get("/api/fit", responses=_responses(None, FIT_ERRORS))
+    async def fit(model: str = Query(min_length=1), context: int | None = Query(default=None, ge=1),
+                  concurrency: int | None = Query(default=None, ge=1)) -> dict[str, Any]:
+        """The plan for a configured model, or for a hub id when the hub may be reached: never for a path."""
         configured = settings.model(model)
-        source = configured.source if configured else model
+        source = configured.source if configured else _fit_hub_id(model, settings)
         inventory = pool.fit_inventory()
-        facts, request_, result = await asyncio.to_thread(
+        work = asyncio.to_thread(
             fit_result, source, context=context or (configured.context_tokens if configured else None),
             concurrency=concurrency or (configured.concurrency if configured else 1), inventory=inventory)
+        try:
+            facts, request_, result = await asyncio.wait_for(work, None if configured else HUB_FIT_SECONDS)
+        except TimeoutError:
+            raise HubUnavailable(f"the hub did not answer about {model!r} within {HUB_FIT_SECONDS:g} s; retry "
+                                 "later, or configure the model and fit it by name") from None
         return {**fit_json(facts, request_, result, inventory), "free_now": pool.ledger.free_bytes()}
 
-    @app.get("/api/memory")
+    @app.get("/api/memory", responses=_responses(None, COMMON_ERRORS))
     async def memory() -> dict[str, Any]:
         host = psutil.virtual_memory()
         return {**pool.ledger.to_json(), "host": {"total_bytes": host.total, "available_bytes": host.available},
@@ -223,11 +291,196 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                              "tolerance_min_bytes": settings.watchdog_tolerance_min_bytes,
                              "host_floor_bytes": settings.host_floor_bytes}}
 
-    @app.get("/api/events")
+    @app.get("/api/events", responses=_responses(None, COMMON_ERRORS))
     async def events(since: int = 0) -> dict[str, Any]:
         return {"events": pool.events_since(since)}
 
-    return _HotRoutes(app, hot_routes)
+    return _HotRoutes(app, hot_routes, settings.cors_origins)
+
+
+COMMON_ERRORS = {400: "a bad query parameter", 403: "a browser page from an origin not in cors_origins"}
+JSON_BODY_ERRORS = {**COMMON_ERRORS, 404: "no such model is configured", 413: "the body is larger than max_body_bytes",
+                    415: "the body is not declared application/json"}
+GENERATION_ERRORS = {
+    **JSON_BODY_ERRORS,
+    400: "the body is not a valid request (types are strict), asks for something unsupported, or the prompt and "
+         "max_tokens do not fit the model's context",
+    429: "the model's queue is full (Retry-After)",
+    502: "the model's runner failed (crashed, killed by the watchdog, or could not start), or a provider failed",
+    503: "memory is held by busy models past memory_wait_seconds (Retry-After), or the server is shutting down",
+    504: "the request ran past request_timeout (a stream ends with an error event instead)",
+    507: "the model cannot fit on this server even with nothing else loaded (the planner's NoFit)",
+}
+LOAD_ERRORS = {**GENERATION_ERRORS, 400: "a bad field, or options the model cannot be planned with"}
+FIT_ERRORS = {**COMMON_ERRORS, 404: "not a configured model, and not a hub id the server may look up",
+              503: "the hub did not answer in time"}
+
+
+def _responses(ok: type[BaseModel] | None, errors: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses``: every status the route can answer, each error in the OpenAI shape."""
+    out: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": text}
+                                            for code, text in sorted(errors.items())}
+    if ok is not None:
+        out[200] = {"model": ok, "description": "The answer; with stream: true, server-sent events ending with "
+                    "data: [DONE]", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    return out
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself (so that a bad one is our 400)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus the generation routes' request bodies, with 400 (not 422) for bad input."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                           description="memserve: OpenAI-compatible routes (/v1) and management (/api).")
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        document["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
+                                                                                    f"{model.__name__}"}}}}
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            invalid = operation.get("responses", {}).pop("422", None)
+            if invalid is not None:
+                operation["responses"].setdefault("400", {
+                    "description": "a bad parameter",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+            operation["responses"].setdefault("403", {
+                "description": COMMON_ERRORS[403],
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    app.openapi_schema = document
+    return document
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _fit_hub_id(model: str, settings: Settings) -> str:
+    """``model`` when ``GET /api/fit`` may look it up on the hub; ModelNotFound otherwise.
+
+    The route answers about models this server may serve: configured names, and hub ids when the hub is
+    allowed. Anything path-like, and any name that happens to exist on the server's disk, gets the same
+    answer as a name that exists nowhere, so the route tells a caller nothing about the file system.
+    """
+    configured = ", ".join(m.name for m in settings.models) or "none"
+    refusal = (f"model {model!r} is not configured on this server (configured: {configured}); GET /api/fit "
+               "answers for configured models{hub}")
+    if hub_offline():
+        raise ModelNotFound(refusal.format(hub=" (hub lookups are off: HF_HUB_OFFLINE is set)"), param="model")
+    if not _HUB_ID.match(model) or ".." in model or Path(model).expanduser().exists():
+        raise ModelNotFound(refusal.format(hub=" and hub ids (org/name)"), param="model")
+    return model
+
+
+class _Door:
+    """Everything a runner would refuse in a request, checked before the pool leases, loads or evicts.
+
+    The body is validated with the runner's own request models (``memserve.wire.schema``), so bad input
+    never waits for memory, never evicts a model and never gets a 5xx. The prompt is also measured
+    against the model's context: in tokens when they are given, else in bytes against the vocabulary's
+    longest piece (``checkpoint.tokens``), which proves a 1 MiB prompt too long without a tokenizer. The
+    context is the loaded plan's, else the configured one, else the checkpoint's default; the runner
+    checks again in tokens, exactly.
+    """
+
+    def __init__(self, settings: Settings, pool: ModelPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self._facts: dict[str, tuple[int | None, int | None]] = {}  # name → (default context, longest token)
+
+    async def check(self, model: str, path: str, body: dict[str, Any]) -> bool | None:
+        """Validate ``body`` for local ``model``; its ``stream`` flag when it passes, InvalidArgument if not."""
+        schema = ChatCompletionRequest if path == "/chat/completions" else CompletionRequest
+        request = parse_body(schema, body)
+        unsupported = request.unsupported()
+        if unsupported is not None:
+            raise UnsupportedParameter(unsupported[1], param=unsupported[0])
+        context, longest = await self._limits(model)
+        if context is not None:
+            ids = request.prompt if isinstance(request, CompletionRequest) else None
+            request.check_fits(context, prompt_tokens=len(ids) if isinstance(ids, list) else None,
+                               longest_token_bytes=longest)
+        return request.stream
+
+    async def _limits(self, model: str) -> tuple[int | None, int | None]:
+        if model not in self._facts:
+            config = self.settings.model(model)
+            assert config is not None  # route() found it
+            self._facts[model] = await asyncio.to_thread(_local_limits, config.source)
+        default_context, longest = self._facts[model]
+        entry = self.pool.entries.get(model)
+        config = self.settings.model(model)
+        if entry is not None and entry.plan is not None:
+            return int(entry.plan["context_tokens"]), longest
+        return (config.context_tokens if config else None) or default_context, longest
+
+
+def _local_limits(source: str) -> tuple[int | None, int | None]:
+    """(default context, longest token bytes) of a local checkpoint folder; (None, None) for anything else."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return None, None
+    try:
+        context: int | None = default_context(read_facts(str(folder)))
+    except MemserveError:
+        context = None  # the load will say what is wrong with it
+    return context, tokenizer_file_longest_token_bytes(folder)
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    """``stream`` must be a JSON boolean: ``"true"`` or ``1`` would leave the relay guessing."""
+    value = body.get("stream")
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise InvalidArgument(f"invalid value for 'stream': expected true or false, got {json.dumps(value)}",
+                          param="stream")
+
+
+def _timed_out(model: str, seconds: float) -> str:
+    return (f"the request to model {model!r} ran past request_timeout ({seconds:g} s) and its generation was "
+            "stopped; ask for fewer tokens (max_tokens), or raise request_timeout")
+
+
+class _Deadline(Response):
+    """A streamed answer that ends with an SSE error event and ``[DONE]`` once it runs past the deadline.
+
+    Leaving the relay cancels it, which closes the runner's response: the runner sees its client go and
+    frees the sequence.
+    """
+
+    def __init__(self, answer: Response, seconds: float, model: str) -> None:
+        super().__init__()
+        self.answer, self.seconds, self.model = answer, seconds, model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = finished = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started, finished
+            started = started or message["type"] == "http.response.start"
+            finished = finished or (message["type"] == "http.response.body" and not message.get("more_body"))
+            await send(message)
+
+        with anyio.move_on_after(self.seconds) as deadline:
+            await self.answer(scope, receive, watched)
+        if not deadline.cancelled_caught or finished:
+            return
+        error = RequestTimedOut(_timed_out(self.model, self.seconds))
+        if not started:
+            await _error_for(error)(scope, receive, send)
+            return
+        await send({"type": "http.response.body", "body": sse_event(error.to_openai()) + SSE_DONE,
+                    "more_body": False})
 
 
 class _HotRoutes:
@@ -237,28 +490,93 @@ class _HotRoutes:
     chunk passes its whole middleware stack (error, telemetry, body-limit, exception and exit-stack
     layers, with a wrapped ``send`` per layer); a py-spy of the gateway put a third of its relay time
     there. Errors here get the same responses as FastAPI's handlers give (``_error_for``).
+
+    Every request is checked for its browser origin first (``check_origin``), and every generation
+    request leaves one log line: model, status, tokens, time to the first byte of the answer, duration.
     """
 
-    def __init__(self, app: FastAPI, routes: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
+    def __init__(self, app: FastAPI, routes: dict[str, Callable[[Request], Awaitable[Response]]],
+                 cors_origins: list[str]) -> None:
         self.app = app
         self.routes = routes
+        self.cors_origins = cors_origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            try:
+                check_origin(headers.get("origin"), headers.get("host"), scope.get("scheme", "http"),
+                             self.cors_origins)
+            except MemserveError as exc:
+                await _error_for(exc)(scope, receive, send)
+                return
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if handler is None:
             await self.app(scope, receive, send)
             return
+        record = _RequestRecord(scope["path"], time.monotonic())
+        request = Request(scope, receive)
         try:
-            response = await handler(Request(scope, receive))
+            response = await handler(request)
         except Exception as exc:
             if not isinstance(exc, MemserveError):
                 log.exception("internal error in POST %s", scope["path"])  # a bug: keep its traceback
             response = _error_for(exc)
-        await response(scope, receive, send)
+        record.model = scope.get("state", {}).get("model")
+
+        async def recorded(message: Message) -> None:
+            record.see(message)
+            await send(message)
+
+        try:
+            await response(scope, receive, recorded)
+        finally:
+            record.log()
+
+
+@dataclass
+class _RequestRecord:
+    """What the per-request log line says; filled in as the answer goes out."""
+
+    path: str
+    started: float
+    model: str | None = None
+    status: int | None = None
+    first_byte: float | None = None
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    json_body: bytes = b""
+
+    def see(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            return
+        if message["type"] != "http.response.body" or not message.get("body"):
+            return
+        self.chunks += 1
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        if self.chunks == 1 and not message.get("more_body"):  # a whole JSON answer: read its usage
+            self.json_body = message["body"]
+
+    def log(self) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        tokens = f"chunks={self.chunks}"
+        if self.json_body:
+            with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+                usage = json.loads(self.json_body).get("usage") or {}
+                tokens = f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']}"
+        if self.chunks > 1 and self.first_byte is not None:  # streamed: the first chunk is the first token's
+            tokens += f" ttft={self.first_byte - self.started:.3f}s"
+        log.info("POST %s model=%s status=%s %s duration=%.3fs", self.path, self.model or "-",
+                 self.status if self.status is not None else "none (client gone)", tokens,
+                 time.monotonic() - self.started)
 
 
 async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The body as a JSON object, read no further than ``max_bytes``."""
+    """The body as a JSON object (declared JSON: 415 otherwise), read no further than ``max_bytes``."""
+    check_json_content_type(request.headers.get("content-type"))
     return _json_object(await _read_body(request, max_bytes))
 
 
@@ -287,16 +605,6 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidArgument("the request body must be a JSON object, not "
                               f"{type(body).__name__}; send one JSON object")
     return body
-
-
-def _validated(model: type[_Body], data: dict[str, Any]) -> _Body:
-    """A management body checked by its pydantic model; a bad field is a 400 naming it."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidArgument(f"invalid value for '{where}': {first['msg']}", param=where) from None
 
 
 def _too_large(size: int, max_bytes: int) -> str:

@@ -17,7 +17,9 @@ Unsupported, refused with a 400 naming the field because ignoring them would cha
 (``tool_choice`` other than none/auto), ``response_format`` other than text, ``logit_bias``, non-zero
 ``frequency_penalty``/``presence_penalty``, ``echo``, ``suffix``, ``best_of`` > 1, non-text content
 parts. Unknown fields are ignored. Defaults: ``temperature`` 1.0 (OpenAI's), ``max_tokens`` all the
-room the context leaves (not the legacy completions' 16); a larger ``max_tokens`` is clipped to it.
+room the context leaves (not the legacy completions' 16). A prompt plus ``max_tokens`` past the context
+is a 400 naming both numbers (as OpenAI and vLLM answer), and a prompt whose bytes alone prove it too long
+is refused before it is tokenized.
 
 A streamed response waits for the first token before sending headers, so a full queue is still a
 429. An engine error after that is sent as ``data: {"error": ...}`` followed by ``data: [DONE]``.
@@ -31,13 +33,11 @@ with GenerationFailed, so their responses end with an error instead of hanging.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from memserve.checkpoint.tokens import longest_token_bytes, max_prompt_bytes
 from memserve.errors import (
     ContextOverflow,
     InvalidArgument,
@@ -57,9 +58,10 @@ from memserve.errors import (
     UnsupportedParameter,
     error_body,
 )
-from memserve.runner.events import Engine, FinishReason, GenerationRequest, QueueFull, TokenEvent
-from memserve.runner.openai_schema import ChatCompletionRequest, CompletionRequest, ResponseShape, Usage
+from memserve.runner.events import Engine, GenerationRequest, QueueFull, TokenEvent
 from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
+from memserve.wire.http import SSE_DONE, invalid_argument, sse_event, until_disconnected
+from memserve.wire.schema import ChatCompletionRequest, CompletionRequest, FinishReason, ResponseShape, Usage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -142,6 +144,18 @@ class _Completer:
         self.model_name = model_name
         self.context_tokens = context_tokens
         self.stop_token_ids = stop_token_ids
+        self.max_prompt_bytes = max_prompt_bytes(context_tokens, longest_token_bytes(tokenizer.get_vocab()))
+
+    def encode(self, text: str, body: ChatCompletionRequest | CompletionRequest, *, special: bool) -> list[int]:
+        """Token ids of ``text``, refused unread when its bytes alone prove it overflows the context: a
+        tokenizer given 1 MiB of text holds hundreds of MiB of offsets and pieces at once."""
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            raise ContextOverflow(
+                f"the prompt is {size} bytes, more than this model's context of {self.context_tokens} tokens can "
+                f"hold (at most {self.max_prompt_bytes} bytes even in its longest tokens); shorten the prompt",
+                param=body.prompt_param)
+        return list(self.tokenizer.encode(text, add_special_tokens=special))
 
     # Tokenizer calls stay on the event loop thread: a fast tokenizer used from two threads at once
     # can fail with "Already borrowed", and even long prompts encode in milliseconds.
@@ -155,11 +169,11 @@ class _Completer:
         if not isinstance(text, str):
             raise MemserveError(f"internal error: apply_chat_template returned {type(text).__name__}, "
                                 "not text")
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.encode(text, body, special=False)
 
     def text_prompt(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, str):
-            return list(self.tokenizer.encode(body.prompt, add_special_tokens=True))
+            return self.encode(body.prompt, body, special=True)
         vocab = len(self.tokenizer)
         bad = [t for t in body.prompt if not 0 <= t < vocab]
         if bad:
@@ -177,17 +191,11 @@ class _Completer:
 
     def engine_request(self, request_id: str, body: ChatCompletionRequest | CompletionRequest,
                        prompt_ids: list[int]) -> GenerationRequest:
-        """Fit the request into the context: ``max_tokens`` is clipped to the room left."""
+        """The request in the engine's terms; a prompt and ``max_tokens`` that overflow the context are a 400."""
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty; send at least one token of text", param="prompt")
+        body.check_fits(self.context_tokens, prompt_tokens=len(prompt_ids))
         room = self.context_tokens - len(prompt_ids)
-        if room < 1:
-            raise ContextOverflow(
-                f"the prompt is {len(prompt_ids)} tokens but this model's context is {self.context_tokens} "
-                f"tokens, which leaves no room for a completion; shorten the prompt to at most "
-                f"{self.context_tokens - 1} tokens",
-                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-            )
         temperature = body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE
         top_p = body.top_p if body.top_p is not None else 1.0
         if top_p == 0:  # nothing may be sampled but the most likely token
@@ -195,7 +203,7 @@ class _Completer:
         return GenerationRequest(
             request_id=request_id,
             prompt_ids=tuple(prompt_ids),
-            max_new_tokens=min(body.max_new_tokens or room, room),
+            max_new_tokens=body.max_new_tokens or room,
             temperature=temperature,
             top_p=top_p,
             seed=body.seed,
@@ -210,14 +218,14 @@ class _Completer:
             prompt_ids, shape = self.text_prompt(body), ResponseShape(chat=False, model=self.model_name)
         generation = self.engine_request(shape.id, body, prompt_ids)
         if not body.stream:
-            answer = await _unless_disconnected(request.receive, self._collect(generation, body.stop))
+            answer = await until_disconnected(request.receive, self._collect(generation, body.stop))
             if answer is None:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             text, finish_reason, completion_tokens = answer
             usage = Usage(len(prompt_ids), completion_tokens)
             return JSONResponse(shape.response(text, finish_reason, usage))
         # wait for the first token before sending headers, so a full queue is still a real 429
-        sequence = await _unless_disconnected(request.receive, _start(self.engine, generation))
+        sequence = await until_disconnected(request.receive, _start(self.engine, generation))
         if sequence is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         pieces = self._pieces(sequence, body.stop)
@@ -297,42 +305,11 @@ async def _start(engine: Engine, generation: GenerationRequest) -> _Sequence:
     return _Sequence(events, first)
 
 
-async def _unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
-    """Run ``work`` until it ends or the client goes away (then cancel it and return None).
-
-    Neither uvicorn nor Starlette cancels a handler whose client left; without this, a long prefill
-    or a non-streamed answer would run to the end for nobody.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.wait((task, watcher))  # let the work close its engine iterator
-    return None if task.cancelled() else task.result()
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Return when the client disconnects (the request body has already been read)."""
-    try:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    except Exception:  # a transport that fails to receive has lost its client too
-        logger.debug("receive failed; treating it as a disconnect", exc_info=True)
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
-
-
 async def _sse_events(sequence: _Sequence, pieces: AsyncGenerator[TextPiece, None], shape: ResponseShape,
                       prompt_tokens: int, *, include_usage: bool) -> AsyncGenerator[bytes, None]:
     """The SSE body: role chunk, text deltas, finish chunk, optional usage chunk, ``[DONE]``."""
     if shape.chat:
-        yield _sse(shape.chunk(role=True))
+        yield sse_event(shape.chunk(role=True))
     try:
         finish_reason: FinishReason = "stop"
         completion_tokens = 0
@@ -340,18 +317,18 @@ async def _sse_events(sequence: _Sequence, pieces: AsyncGenerator[TextPiece, Non
             async with aclosing(pieces):
                 async for piece in pieces:
                     if piece.text:
-                        yield _sse(shape.chunk(text=piece.text))
+                        yield sse_event(shape.chunk(text=piece.text))
                     finish_reason = piece.finish_reason or finish_reason
                     completion_tokens = piece.completion_tokens
         finally:
             await sequence.aclose()  # at once, before the closing chunks
-        yield _sse(shape.chunk(finish_reason=finish_reason))
+        yield sse_event(shape.chunk(finish_reason=finish_reason))
         if include_usage:
-            yield _sse(shape.usage_chunk(Usage(prompt_tokens, completion_tokens)))
+            yield sse_event(shape.usage_chunk(Usage(prompt_tokens, completion_tokens)))
     except Exception as exc:  # headers are sent: the error must travel in the stream
         logger.exception("generation %s failed mid-stream", shape.id)
-        yield _sse(_error_body(exc))
-    yield b"data: [DONE]\n\n"
+        yield sse_event(_error_body(exc))
+    yield SSE_DONE
 
 
 class _EventStream(StreamingResponse):
@@ -387,39 +364,13 @@ def _error_response(status_code: int, message: str, *, param: str | None = None,
                         headers=headers)
 
 
-def _param(loc: tuple[int | str, ...]) -> str | None:
-    """``("body", "messages", 0, "content")`` → ``messages[0].content``."""
-    name = ""
-    for part in loc[1:] if loc[:1] == ("body",) else loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name or None
-
-
-def _validation_message(error: dict[str, Any], param: str | None) -> str:
-    kind = error.get("type", "")
-    if kind == "json_invalid":
-        reason = error.get("ctx", {}).get("error", "malformed")
-        return f"the request body is not valid JSON ({reason}); send one JSON object"
-    if param is None or kind == "model_attributes_type":
-        return "the request body must be a JSON object, sent with Content-Type: application/json"
-    if kind == "missing":
-        return f"missing required parameter '{param}'"
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"invalid value for '{param}': {message}"
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error leaves in the OpenAI shape, with all four keys."""
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        first = errors[0] if errors else {}
-        param = None if first.get("type") == "json_invalid" else _param(tuple(first.get("loc", ())))
-        message = _validation_message(first, param)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return _error_response(400, message, param=param, code="invalid_argument")
+        error = invalid_argument(list(exc.errors()))
+        return JSONResponse(error.to_openai(), status_code=error.status_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

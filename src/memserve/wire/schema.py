@@ -1,10 +1,16 @@
-"""The OpenAI wire shapes the runner speaks: request models in, response and chunk dicts out.
+"""The OpenAI wire shapes memserve speaks: request models in, response and chunk dicts out.
 
-Requests ignore fields they do not know (clients send many), but fields that would change the answer
-and are not implemented are reported by ``unsupported()`` so the app can refuse them with a 400
-instead of silently answering something else. Union-typed fields (``content``, ``prompt``, ``stop``)
-are normalised in "before" validators that raise one plain message, so a wrong type reads as
-"messages[0].content must be ..." rather than one pydantic error per union member.
+Torch-free: the gateway validates every request body with these models at its door (before it leases,
+loads or evicts anything) and the runner validates with the same ones, so both answer alike.
+
+Requests ignore fields they do not know (clients send many, e.g. vLLM's ``top_k``), but fields that
+would change the answer and are not implemented are reported by ``unsupported()`` so the app can
+refuse them with a 400 instead of silently answering something else. Types are strict, as OpenAI's
+are: ``"stream": "true"`` or ``1`` is a 400, not a stream, and ``"max_tokens": "5"`` is a 400.
+
+Union-typed fields (``content``, ``prompt``, ``stop``) are normalised in "before" validators that raise
+one plain message, so a wrong type reads as "messages[0].content must be ..." rather than one pydantic
+error per union member.
 """
 
 from __future__ import annotations
@@ -16,22 +22,29 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from memserve.runner.events import FinishReason
+from memserve.errors import ContextOverflow
 
 __all__ = [
+    "ChatCompletion",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "ErrorResponse",
+    "FinishReason",
+    "ModelList",
     "ResponseShape",
     "StreamOptions",
+    "TextCompletion",
     "Usage",
 ]
 
 MAX_STOP_STRINGS = 4
 
+FinishReason = Literal["stop", "length"]
+
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool | None = None
 
@@ -39,7 +52,7 @@ class StreamOptions(BaseModel):
 class ChatMessage(BaseModel):
     """One message; list-of-parts content is joined with newlines (as vLLM does) before templating."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str
@@ -62,7 +75,7 @@ def _is_text_part(part: Any) -> bool:
 class _SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -93,6 +106,50 @@ class _SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def prompt_param(self) -> str:
+        return "prompt"
+
+    def prompt_text_bytes(self) -> int:
+        """UTF-8 bytes of the prompt's text (token ids count as none): what a tokenizer would be given."""
+        return 0
+
+    def check_fits(self, context_tokens: int, *, prompt_tokens: int | None = None,
+                   longest_token_bytes: int | None = None) -> None:
+        """ContextOverflow (400) when the prompt and ``max_tokens`` cannot fit in ``context_tokens``.
+
+        As OpenAI and vLLM answer: ``max_tokens`` is not clipped, it is refused with both numbers. Without
+        ``prompt_tokens`` (the gateway, before any tokenizer), the prompt counts as at least one token,
+        or as ``bytes / longest_token_bytes`` tokens when the vocabulary's longest piece is known.
+        """
+        known = prompt_tokens is not None
+        if prompt_tokens is None:
+            prompt_tokens = 1
+            if longest_token_bytes:
+                prompt_tokens = max(1, -(-self.prompt_text_bytes() // longest_token_bytes))
+        if prompt_tokens >= context_tokens:
+            size = (f"{prompt_tokens} tokens" if known else
+                    f"{self.prompt_text_bytes()} bytes, so at least {prompt_tokens} tokens")
+            raise ContextOverflow(f"the prompt is {size} but this model's context is {context_tokens} tokens, "
+                                  f"which leaves no room for a completion; shorten the prompt to at most "
+                                  f"{context_tokens - 1} tokens", param=self.prompt_param)
+        wanted = self.max_new_tokens
+        if wanted is not None and prompt_tokens + wanted > context_tokens:
+            prompt = f"{prompt_tokens} in the prompt" if known else f"at least {prompt_tokens} in the prompt"
+            raise ContextOverflow(
+                f"this model's context is {context_tokens} tokens, but {prompt_tokens + wanted} were asked for "
+                f"({prompt}, {wanted} for the completion); lower max_tokens to at most "
+                f"{context_tokens - prompt_tokens}, or omit it to use all the room left",
+                param=self.max_tokens_param)
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, message)`` for the first field that would change the answer but is not implemented."""
@@ -127,6 +184,17 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages"
+
+    def prompt_text_bytes(self) -> int:
+        return sum(len(m.content.encode("utf-8", "surrogatepass")) for m in self.messages)
 
     def unsupported(self) -> tuple[str, str] | None:
         """Adds the chat-only fields: logprobs, tools and functions, structured output."""
@@ -177,9 +245,8 @@ class CompletionRequest(_SamplingRequest):
             return value
         raise ValueError("expected a string, a list of one string, or a list of token ids")
 
-    @property
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
+    def prompt_text_bytes(self) -> int:
+        return len(self.prompt.encode("utf-8", "surrogatepass")) if isinstance(self.prompt, str) else 0
 
     def unsupported(self) -> tuple[str, str] | None:
         """Adds the legacy-completions fields: echo, suffix, logprobs, best_of."""
@@ -251,3 +318,85 @@ class ResponseShape:
     @property
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
+
+
+# ------------------------------------------------------------------------------------------------ response
+# Pydantic models of what the routes answer. The answers themselves are built as dicts (ResponseShape);
+# these document them in /openapi.json, and the tests validate real answers against them so the
+# document cannot drift from the wire.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, from the gateway and the runner alike: all four keys present."""
+
+    error: ErrorDetail
+
+
+class UsageBody(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """The answer of ``POST /v1/chat/completions`` without ``stream``. Streamed, the body is SSE:
+    ``chat.completion.chunk`` objects (``data: {...}``) and then ``data: [DONE]``."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageBody
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class TextCompletion(BaseModel):
+    """The answer of ``POST /v1/completions`` without ``stream``. Streamed, the body is SSE:
+    ``text_completion`` objects with text deltas and then ``data: [DONE]``."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: UsageBody
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")  # memserve adds its state and source
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
