@@ -8,10 +8,12 @@ import pytest
 
 from memserve.checkpoint.facts import CheckpointFacts, facts_from
 from memserve.memory.estimate import (
+    FORWARD_BYTES_PER_TOKEN,
     HIDDEN_TENSORS,
     KV_PAGE_TOKENS,
     KV_TRASH_PAGES,
     MLP_TENSORS,
+    SERVING_BYTES_PER_SEQUENCE,
     activation_bytes,
     attention_bytes,
     attention_types,
@@ -90,13 +92,14 @@ def test_activations_take_the_larger_of_attention_and_mlp_over_the_residual_stre
     mlp = tokens * MLP_TENSORS * 14336 * 2
     attention = attention_bytes(f, "bfloat16", tokens, concurrency, context)
     assert mlp > attention
-    expected = (mask_bytes(f, "bfloat16", tokens, concurrency, context) + tokens * HIDDEN_TENSORS * 4096 * 2 + mlp
-                + concurrency * 128256 * (4 + 2))
+    hidden = tokens * (HIDDEN_TENSORS * 4096 * 2 + FORWARD_BYTES_PER_TOKEN)
+    expected = (mask_bytes(f, "bfloat16", tokens, concurrency, context) + hidden + mlp
+                + concurrency * (128256 * (4 + 2) + SERVING_BYTES_PER_SEQUENCE))
     assert activation_bytes(f, "bfloat16", tokens, concurrency, context) == expected
     # many long sequences read more K/V than a chunk's MLP holds: attention decides
     many = activation_bytes(f, "bfloat16", tokens, 64, 8192) - mask_bytes(f, "bfloat16", tokens, 64, 8192)
-    assert many == tokens * HIDDEN_TENSORS * 4096 * 2 + attention_bytes(f, "bfloat16", tokens, 64, 8192) \
-        + 64 * 128256 * 6
+    assert many == hidden + attention_bytes(f, "bfloat16", tokens, 64, 8192) \
+        + 64 * (128256 * 6 + SERVING_BYTES_PER_SEQUENCE)
 
 
 def test_experts_stored_one_tensor_each_count_twice_where_weights_stay_mapped() -> None:

@@ -31,7 +31,9 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
     - eager attention (Gemma2: its soft-capping rules sdpa out) materialises the scores,
       ``tokens × keys × heads`` in the model dtype and again in fp32 for the softmax;
   - fp32 logits for the rows that sample (the engine keeps only those: ``logits_to_keep``), and the
-    bf16 ones they are upcast from.
+    bf16 ones they are upcast from;
+  - per forward token and per sequence served, what was measured beyond all of the above
+    (``FORWARD_BYTES_PER_TOKEN``, ``SERVING_BYTES_PER_SEQUENCE``).
 - **runtime**: the runner process itself. Measured: the tiny demo model's runner after traffic peaks at
   400 MiB (290 MiB anonymous: Python, torch, transformers, FastAPI/uvicorn, the tokenizer; 115 MiB
   mapped shared libraries); ``CPU_RUNTIME_BYTES`` adds 10 MiB for the allocator's slack. On a GPU
@@ -62,6 +64,13 @@ KV_TRASH_PAGES = 2  # pages the paged cache keeps beyond its data pages (transfo
 MLP_TENSORS = 3
 HIDDEN_TENSORS = 6
 LOGITS_WIDTH = 4  # transformers upcasts logits to fp32 before sampling
+# Measured, not derived: the tiny demo model's (hidden 64) 2,047-token forward peaks 30 MiB above its rest
+# where its tensors account for 8 MiB; what is left grows with the tokens, not the model's width (int64
+# index and position tensors, rotary tables, the flash kernel's per-thread blocks, oneDNN scratch).
+FORWARD_BYTES_PER_TOKEN = 16 * 1024
+# Measured: each sequence served at once adds ~2 MiB beyond the engine's own (its HTTP request, the
+# request state and detokenizer, the streamed chunks): tiny demo runner, 4 full-context requests at once.
+SERVING_BYTES_PER_SEQUENCE = 2 * MiB
 
 
 @dataclass(frozen=True)
@@ -157,15 +166,17 @@ def activation_bytes(
     facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int
 ) -> int:
     """Peak transient of one forward over ``batch_tokens`` tokens, plus what the engine preallocates for it:
-    the masks, the larger of attention and MLP over the residual stream, the sampled rows' logits."""
+    the masks, the larger of attention and MLP over the residual stream, the sampled rows' logits, and
+    what serving each sequence costs beside the engine."""
     width = DTYPE_WIDTH[dtype]
     ffn = facts.intermediate_size * (facts.experts_per_token or 1)
     mlp = batch_tokens * MLP_TENSORS * ffn * width
-    hidden = batch_tokens * HIDDEN_TENSORS * facts.hidden_size * width
+    hidden = batch_tokens * (HIDDEN_TENSORS * facts.hidden_size * width + FORWARD_BYTES_PER_TOKEN)
     attention = attention_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
     logits = concurrency * facts.vocab_size * (LOGITS_WIDTH + width)
-    return mask_bytes(facts, dtype, batch_tokens, concurrency, context_tokens) + hidden + max(mlp, attention) \
-        + logits
+    serving = concurrency * SERVING_BYTES_PER_SEQUENCE
+    masks = mask_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
+    return masks + hidden + max(mlp, attention) + logits + serving
 
 
 def batch_tokens_for(context_tokens: int, concurrency: int, max_batch_tokens: int) -> int:
