@@ -92,7 +92,7 @@ def test_activations_take_the_larger_of_attention_and_mlp_over_the_residual_stre
     mlp = tokens * MLP_TENSORS * 14336 * 2
     attention = attention_bytes(f, "bfloat16", tokens, concurrency, context)
     assert mlp > attention
-    hidden = tokens * (HIDDEN_TENSORS * 4096 * 2 + FORWARD_BYTES_PER_TOKEN)
+    hidden = tokens * HIDDEN_TENSORS * 4096 * 2
     expected = (mask_bytes(f, "bfloat16", tokens, concurrency, context) + hidden + mlp
                 + concurrency * (128256 * (4 + 2) + SERVING_BYTES_PER_SEQUENCE))
     assert activation_bytes(f, "bfloat16", tokens, concurrency, context) == expected
@@ -100,6 +100,14 @@ def test_activations_take_the_larger_of_attention_and_mlp_over_the_residual_stre
     many = activation_bytes(f, "bfloat16", tokens, 64, 8192) - mask_bytes(f, "bfloat16", tokens, 64, 8192)
     assert many == hidden + attention_bytes(f, "bfloat16", tokens, 64, 8192) \
         + 64 * (128256 * 6 + SERVING_BYTES_PER_SEQUENCE)
+
+
+def test_a_forward_costs_at_least_the_measured_floor_per_token() -> None:
+    narrow = facts(LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=1024)
+    floor = 2048 * FORWARD_BYTES_PER_TOKEN
+    assert activation_bytes(narrow, "float32", 2048, 1, 2048) == (
+        mask_bytes(narrow, "float32", 2048, 1, 2048) + floor + 1024 * (4 + 4) + SERVING_BYTES_PER_SEQUENCE)
 
 
 def test_experts_stored_one_tensor_each_count_twice_where_weights_stay_mapped() -> None:

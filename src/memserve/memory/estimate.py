@@ -32,11 +32,12 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
       ``tokens × keys × heads`` in the model dtype and again in fp32 for the softmax;
   - fp32 logits for the rows that sample (the engine keeps only those: ``logits_to_keep``), and the
     bf16 ones they are upcast from;
-  - per forward token and per sequence served, what was measured beyond all of the above
-    (``FORWARD_BYTES_PER_TOKEN``, ``SERVING_BYTES_PER_SEQUENCE``).
-- **runtime**: the runner process itself. Measured: the tiny demo model's runner after traffic peaks at
-  400 MiB (290 MiB anonymous: Python, torch, transformers, FastAPI/uvicorn, the tokenizer; 115 MiB
-  mapped shared libraries); ``CPU_RUNTIME_BYTES`` adds 10 MiB for the allocator's slack. On a GPU
+  - a measured floor per forward token (``FORWARD_BYTES_PER_TOKEN``), and per sequence served what
+    was measured beyond the engine (``SERVING_BYTES_PER_SEQUENCE``).
+- **runtime**: the runner process itself. Measured after traffic, less its weights, KV cache and
+  activations: 394 MiB for the tiny demo model (280 MiB anonymous: Python, torch, transformers,
+  FastAPI/uvicorn, the tokenizer; 115 MiB mapped shared libraries), 408 MiB for the small one (its
+  12 layers' modules and 16k-token tokenizer add ~15 MiB); ``CPU_RUNTIME_BYTES`` is 420 MiB. On a GPU
   add the CUDA context and cuBLAS workspace (~0.6 GiB on the GPU) and the CUDA libraries mapped into
   host RAM (~1 GiB); those GPU numbers are not yet calibrated on a lent GPU.
 """
@@ -55,7 +56,7 @@ GiB = 1024**3
 MiB = 1024**2
 DTYPE_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-CPU_RUNTIME_BYTES = 410 * MiB  # measured: 400 MiB in the tiny demo model's runner, +10 MiB allocator slack
+CPU_RUNTIME_BYTES = 420 * MiB  # measured: 394–408 MiB in the demo models' runners after traffic, see above
 GPU_RUNTIME_BYTES = 600 * MiB  # CUDA context + cuBLAS workspace on the device
 GPU_HOST_RUNTIME_BYTES = 1 * GiB  # the same process's host RAM when it drives a GPU
 KV_PAGE_TOKENS = 64  # tokens per KV page in the runner's paged cache (runner/engine.py: DEFAULT_PAGE_SIZE)
@@ -64,9 +65,11 @@ KV_TRASH_PAGES = 2  # pages the paged cache keeps beyond its data pages (transfo
 MLP_TENSORS = 3
 HIDDEN_TENSORS = 6
 LOGITS_WIDTH = 4  # transformers upcasts logits to fp32 before sampling
-# Measured, not derived: the tiny demo model's (hidden 64) 2,047-token forward peaks 30 MiB above its rest
-# where its tensors account for 8 MiB; what is left grows with the tokens, not the model's width (int64
-# index and position tensors, rotary tables, the flash kernel's per-thread blocks, oneDNN scratch).
+# Measured, not derived: a forward never costs less than this per token. The tiny demo model's (hidden 64,
+# fp32) 2,047-token forward peaks 30 MiB above its rest where its tensors account for 8 MiB: on narrow
+# models what grows with the tokens rather than the width dominates (int64 index and position tensors,
+# rotary tables, the flash kernel's per-thread blocks, oneDNN scratch). The small one's (hidden 768, bf16)
+# 1,023-token forward, 21 MB, is its tensors.
 FORWARD_BYTES_PER_TOKEN = 16 * 1024
 # Measured: each sequence served at once adds ~2 MiB beyond the engine's own (its HTTP request, the
 # request state and detokenizer, the streamed chunks): tiny demo runner, 4 full-context requests at once.
@@ -171,12 +174,13 @@ def activation_bytes(
     width = DTYPE_WIDTH[dtype]
     ffn = facts.intermediate_size * (facts.experts_per_token or 1)
     mlp = batch_tokens * MLP_TENSORS * ffn * width
-    hidden = batch_tokens * (HIDDEN_TENSORS * facts.hidden_size * width + FORWARD_BYTES_PER_TOKEN)
+    hidden = batch_tokens * HIDDEN_TENSORS * facts.hidden_size * width
     attention = attention_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
     logits = concurrency * facts.vocab_size * (LOGITS_WIDTH + width)
     serving = concurrency * SERVING_BYTES_PER_SEQUENCE
     masks = mask_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
-    return masks + hidden + max(mlp, attention) + logits + serving
+    forward = max(hidden + max(mlp, attention), batch_tokens * FORWARD_BYTES_PER_TOKEN)
+    return masks + forward + logits + serving
 
 
 def batch_tokens_for(context_tokens: int, concurrency: int, max_batch_tokens: int) -> int:
