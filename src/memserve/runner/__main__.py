@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -34,7 +33,6 @@ from types import FrameType
 import click
 
 from memserve.errors import MemserveError
-from memserve.runner.load import emit, read_plan_file
 
 PARENT_POLL_SECONDS = 0.25
 """How often the fallback watcher asks whether the gateway is still there: exit well within a second."""
@@ -48,7 +46,7 @@ def set_parent_death_signal(sig: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's prctl among them
         return int(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
@@ -101,9 +99,10 @@ def watch_parent(parent_pid: int, on_gone: Callable[[], None], *, death_signal: 
 def main(plan_path: Path, socket: Path | None, port: int | None, name: str | None, max_queue: int | None,
          parent_pid: int | None) -> None:
     """Load one model by its plan and serve it (OpenAI-compatible) until stopped."""
-    if parent_pid is not None:
+    if parent_pid is not None:  # first, before the imports that take a while
         owned = [plan_path, *([socket] if socket is not None else [])]
         watch_parent(parent_pid, lambda: leave_now(owned))
+    from memserve.runner.load import emit, read_plan_file
     from memserve.runner.serve import serve
 
     if (socket is None) == (port is None):
