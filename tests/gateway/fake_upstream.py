@@ -68,10 +68,16 @@ class FakeUpstream:
         self.base_url = ""
         self.uds: Path | None = None
         self.app = self._build_app()
+        self.generation = 0
         self.reset()
 
     def reset(self) -> None:
-        """Back to ``NORMAL`` with nothing recorded."""
+        """Back to ``NORMAL`` with nothing recorded.
+
+        A request still being answered from before the reset (one the gateway gave up on while the fake
+        waited, say) belongs to the test that sent it: it records nothing here and sets nothing of the next.
+        """
+        self.generation += 1
         self.mode = Mode.NORMAL
         self.answer_delay_seconds = 0.0
         self.error_status = 500
@@ -119,8 +125,11 @@ class FakeUpstream:
         raw = await request.body()
         body = json.loads(raw)
         self._record(request, body, raw)
+        generation = self.generation
         if self.answer_delay_seconds:
             await asyncio.sleep(self.answer_delay_seconds)
+            if self.generation != generation:  # reset meanwhile: its test is over; nobody reads this answer
+                return Response(status_code=503)
         if self.mode is Mode.GARBAGE:
             return PlainTextResponse(self.garbage_text)
         if self.mode is Mode.ERROR:
@@ -159,8 +168,9 @@ class FakeUpstream:
         delay = self.token_delay_seconds if self.mode is Mode.SLOW else 0.0
         return _ScriptedStream(self, events, delay_seconds=delay, complete=not dies)
 
-    def saw_disconnect(self) -> None:
-        if not self.disconnected.is_set():
+    def saw_disconnect(self, generation: int) -> None:
+        """A stream's client went away; only the test that started that stream hears of it."""
+        if generation == self.generation and not self.disconnected.is_set():
             self.disconnected_at = time.monotonic()
             self.disconnected.set()
 
@@ -231,13 +241,15 @@ class _ScriptedStream(Response):
         self.background = None
         self.init_headers({"cache-control": "no-cache"})  # no body attribute: no content-length
         self.fake = fake
+        self.generation = fake.generation
+        self.records = fake.sent  # this generation's list, even if the fake is reset while it streams
         self.events = events
         self.delay_seconds = delay_seconds
         self.complete = complete
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = bytearray()
-        self.fake.sent.append(sent)
+        self.records.append(sent)
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         gone = asyncio.ensure_future(_disconnect(receive))
         try:
@@ -245,7 +257,7 @@ class _ScriptedStream(Response):
                 if self.delay_seconds:
                     await asyncio.wait({gone}, timeout=self.delay_seconds)
                 if gone.done():
-                    self.fake.saw_disconnect()
+                    self.fake.saw_disconnect(self.generation)
                     return
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 sent += event
