@@ -695,29 +695,55 @@ def test_a_warm_up_peak_with_no_room_beside_the_others_loads_again_after_making_
     run(scenario)
 
 
-def test_a_model_whose_measured_need_never_fits_is_refused_with_a_whole_message(tmp_path: Path) -> None:
+def test_a_measured_need_above_the_capacity_is_loaded_with_all_of_it_not_refused_for_good(tmp_path: Path) -> None:
+    """One kill at the whole budget (a request no plan admits, say) must not refuse for good a model whose
+    estimate fits: with nothing lower, it is loaded on its rung with all that is usable."""
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+            never_over_usable(h.pool.ledger)
             usable = h.pool.ledger.usable_bytes()["cpu"]
             h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": usable}))
+            lease = await h.pool.acquire("a")
+            first, second = h.spawner.spawned
+            estimate = first.plan["devices"]["cpu"]["total_bytes"]
+            assert same_plan(first.plan, second.plan) and h.pool.entries["a"].reserved_bytes == {"cpu": usable}
+            [capped] = h.events("reservation_capped", "a")
+            assert capped["reserved_bytes"] == {"cpu": usable}
+            assert capped["reason"] == (
+                f"as cpu it needs {format_bytes(with_margin(usable))} on cpu (learned from a runner with this plan; "
+                f"estimated {format_bytes(estimate)} on cpu) but at most {format_bytes(usable)} on cpu is usable, "
+                "and no lower rung on the ladder fits or is allowed: it is loaded with all that is usable, and the "
+                "watchdog stops it past that plus the tolerance")
+            lease.release()
+            assert await h.pool.unload("a")
+            await use(h.pool, "a")  # and so again next time, from the calibration
+            assert h.pool.entries["a"].reserved_bytes == {"cpu": usable} and len(h.spawner.spawned) == 3
+
+    run(scenario)
+
+
+def test_after_kills_on_the_only_rung_a_507_is_the_planners_whole_message(tmp_path: Path) -> None:
+    """A CPU-only model whose cpu rung two kills ruled out, asked for more than fits: the 507 names what is
+    needed and usable and what would fit, never the skip ("closest is cpu: .", "if allowed: skipped")."""
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+            for memory in (2 * GiB, 2 * GiB + 600 * MiB):  # two kills on cpu, the second past the learned figure
+                h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": memory}))
+            with pytest.raises(RunnerFailed):
+                await h.pool.acquire("a")
+            assert "cpu" in h.pool.entries["a"].skip_rungs
             with pytest.raises(InsufficientMemory) as info:
-                await h.pool.acquire("a")
-            estimate = h.spawner.spawned[0].plan["devices"]["cpu"]["total_bytes"]
+                await h.pool.load("a", context_tokens=32768, concurrency=8)
+            message = info.value.message
             assert info.value.status_code == 507
-            assert info.value.message == (
-                "model 'a' was stopped by the watchdog: cpu use "
-                f"{format_bytes(usable)} went past its plan of {format_bytes(estimate)} plus the tolerance (limit "
-                f"{format_bytes(with_margin(estimate))}) while starting; model 'a' cannot fit on this server even "
-                f"with nothing else loaded: as cpu it needs {format_bytes(with_margin(usable))} on cpu (learned from "
-                f"a runner with this plan; estimated {format_bytes(estimate)} on cpu) but at most "
-                f"{format_bytes(usable)} on cpu is usable, and no lower rung on the ladder fits or is allowed. Raise "
-                "the memory budget (--memory), or load it with a smaller context or concurrency")
-            assert len(h.spawner.spawned) == 1
-            with pytest.raises(InsufficientMemory) as again:  # the next request: at once, no runner started
-                await h.pool.acquire("a")
-            assert again.value.message.startswith("model 'a' cannot fit on this server even with nothing else loaded: "
-                                                  f"as cpu it needs {format_bytes(with_margin(usable))} on cpu")
-            assert len(h.spawner.spawned) == 1 and h.state("a") == "stopped"
+            assert message.startswith("model 'a' cannot fit on this server even with nothing else loaded: mem://a "
+                                      "does not fit on this host; closest is cpu: cpu needs ")
+            assert f"but has {format_bytes(h.pool.ledger.usable_bytes()['cpu'])} usable. Nearest options: " in message
+            assert "fits as cpu with --context " in message
+            for garbled in ("closest is cpu: .", "if allowed", "skipped", "used more memory than planned"):
+                assert garbled not in message
+            await use(h.pool, "a")  # and the model is still served as configured
+            assert h.state("a") == "ready"
 
     run(scenario)
 

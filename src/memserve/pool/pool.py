@@ -458,23 +458,26 @@ class ModelPool:
         raise refusal
 
     def _choose(self, entry: Entry, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
-                ) -> tuple[dict[str, Any], dict[str, int], list[dict[str, Any]]]:
-        """The first plan on the ladder whose reservation fits the pool's capacity, that reservation, and why
-        the rungs above it were passed over (``rung_lower`` events for ``_chosen`` to record once it is used).
+                ) -> tuple[dict[str, Any], dict[str, int], list[tuple[str, dict[str, Any]]]]:
+        """The first plan on the ladder whose reservation fits the pool's capacity, that reservation, and the
+        events that say why (for ``_chosen`` to record once the choice is used).
 
         The planner fits its estimate; the reservation is what the plan was measured to use where that is
         known (``_reservation``). A measured figure too big for the capacity moves the load one rung lower:
         that is planning with what is known, not a retry, so ``retry_lower`` does not gate it. With nothing
-        lower, the model cannot fit even with nothing else loaded: InsufficientMemory (507) saying so.
+        lower, the first plan is loaded with all the capacity there is (its reservation capped): a figure
+        measured once, perhaps under a request no plan admits, must not refuse a model for good whose
+        estimate fits; the watchdog still stops it past the capacity plus the tolerance. Only a model whose
+        estimate does not fit even with nothing else loaded is refused (the planner's NoFit, 507).
         """
         usable = self.ledger.usable_bytes()
-        planned = self._plan(entry, facts, policy, options)
-        passed_over: list[dict[str, Any]] = []
+        first = planned = self._plan(entry, facts, policy, options)
+        notes: list[tuple[str, dict[str, Any]]] = []
         while True:
             need = self._reservation(facts, planned)
             short = {d: n for d, n in need.items() if n > usable.get(d, 0)}
             if not short:
-                return planned, need, passed_over
+                return planned, need, notes
             rung = planned["rung"]
             estimate = {d: int(planned["devices"].get(d, {}).get("total_bytes", 0)) for d in short}
             why = (f"as {rung} it needs {_sizes(short)} (learned from a runner with this plan; estimated "
@@ -483,16 +486,18 @@ class ModelPool:
             try:
                 planned = self._plan(entry, facts, policy, options)
             except InsufficientMemory:
-                raise InsufficientMemory(
-                    f"model {entry.name!r} cannot fit on this server even with nothing else loaded: {why}, and no "
-                    "lower rung on the ladder fits or is allowed. Raise the memory budget (--memory), or load it "
-                    "with a smaller context or concurrency", param="model") from None
-            passed_over.append({"failed_rung": rung, "rung": planned["rung"], "reason": why})
+                capped = {d: min(n, usable.get(d, 0)) for d, n in self._reservation(facts, first).items()}
+                why = notes[0][1]["reason"] if notes else why
+                return first, capped, [("reservation_capped", {
+                    "rung": first["rung"], "reserved_bytes": capped,
+                    "reason": f"{why}, and no lower rung on the ladder fits or is allowed: it is loaded with all "
+                              "that is usable, and the watchdog stops it past that plus the tolerance"})]
+            notes.append(("rung_lower", {"failed_rung": rung, "rung": planned["rung"], "reason": why}))
 
     def _chosen(self, entry: Entry, planned: dict[str, Any], need: dict[str, int],
-                passed_over: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, int]]:
-        for fields in passed_over:
-            self._event("rung_lower", entry, **fields)
+                notes: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, int]]:
+        for kind, fields in notes:
+            self._event(kind, entry, **fields)
         return planned, need
 
     def _plan(self, entry: Entry, facts: CheckpointFacts, policy: Policy,
@@ -595,11 +600,12 @@ class ModelPool:
         the other models, the runner is stopped and the load tried again with what it taught (``_learn``),
         so that admission evicts idle models or waits for busy ones first.
         """
+        usable = self.ledger.usable_bytes()
         over = {d: v for d, v in entry.peak_bytes.items() if v > entry.reserved_bytes.get(d, 0)}
-        if not over:
-            return
-        bigger = {**entry.reserved_bytes, **over}
-        mine, held, usable = self.ledger.held(entry.name), self.ledger.held_bytes(), self.ledger.usable_bytes()
+        bigger = {d: min(v, usable.get(d, 0)) for d, v in {**entry.reserved_bytes, **over}.items()}
+        if bigger == entry.reserved_bytes:
+            return  # within its reservation, or it already holds all there is (the watchdog watches the rest)
+        mine, held = self.ledger.held(entry.name), self.ledger.held_bytes()
         why = f"its warm-up peaked at {_sizes(over)}, above its reservation of {_sizes(entry.reserved_bytes)}"
         if all(v <= usable.get(d, 0) - (held.get(d, 0) - mine.get(d, 0)) for d, v in bigger.items()):
             self.ledger.reserve(entry.name, bigger)
