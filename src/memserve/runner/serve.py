@@ -188,13 +188,16 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
             max_batch_tokens=int(plan["max_batch_tokens"]),
         )
 
+        current = [engine]
+
         def rebuild(sequences: int) -> Any:
-            asyncio.run(engine.close())  # no traffic yet: frees its KV cache before the smaller one is made
+            asyncio.run(current[0].close())  # no traffic yet: frees its KV cache before the smaller one is made
             gc.collect()
-            smaller, _ = make_engine(model, prefer=engine.name, max_sequences=sequences,
+            smaller, _ = make_engine(model, prefer=current[0].name, max_sequences=sequences,
                                      max_queue=queue + concurrency - sequences,
                                      max_context_tokens=int(plan["context_tokens"]),
                                      max_batch_tokens=int(plan["max_batch_tokens"]))
+            current[0] = smaller
             return smaller
 
         engine = fit_to_reservation(engine, plan, report, rebuild)
