@@ -230,6 +230,7 @@ def test_hub_id_online_reads_headers_only(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", fake_metadata)
+    monkeypatch.setattr("memserve.checkpoint.locate.hub_unreachable_reason", lambda: None)  # the probe: "up"
     facts = read_facts("meta-llama/Llama-3.1-8B")
     assert facts.params == 8_030_261_248 and facts.shards == 4
     assert calls == ["config.json", "headers"]  # nothing else fetched
