@@ -127,29 +127,32 @@ def run_case(model: str, context: int, concurrency: int, models: Path, new_token
     config = json.loads((path / "config.json").read_text())
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
     port = free_port()
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "memserve.runner", "--plan", str(plan_path), "--port", str(port), "--name", "m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "MEMSERVE_PROGRESS": "0"},
-    )
+    log_path = work / f"{model}-{context}x{concurrency}.runner.log"  # a file, never a pipe nobody drains
+    with log_path.open("w") as log:
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_path), "--port", str(port), "--name", "m"],
+            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "MEMSERVE_PROGRESS": "0"},
+        )
     ready: dict[str, Any] = {}
-    events: list[dict[str, Any]] = []
     try:
-        assert runner.stderr is not None
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        for line in runner.stderr:
+        listening = False
+        while not listening:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{model} not ready after {READY_TIMEOUT_SECONDS:.0f} s")
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            events.append(event)
-            if event.get("event") == "listening":
-                break
-            if event.get("event") == "ready":
-                ready = event
-            if event.get("event") == "failed":
-                raise RuntimeError(f"{model} failed to load: {event.get('error')}")
+            if runner.poll() is not None:
+                raise RuntimeError(f"{model}'s runner exited ({runner.returncode}); see {log_path}")
+            time.sleep(1.0)
+            for line in log_path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if event.get("event") == "ready":
+                    ready = event
+                if event.get("event") == "failed":
+                    raise RuntimeError(f"{model} failed to load: {event.get('error')}")
+                listening = listening or event.get("event") == "listening"
         time.sleep(0.5)
         loaded = proc_status(runner.pid)
         steps = asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams)) \
