@@ -666,7 +666,9 @@ def test_a_warm_up_peak_above_the_plan_is_reserved_before_any_traffic(tmp_path: 
             lease = await task
             assert entry.reserved_bytes == {"cpu": needs} and h.pool.ledger.held("a") == {"cpu": needs}
             [reserve] = h.events("reserve", "a")
-            assert reserve["reserved_bytes"] == {"cpu": needs} and "warm-up peaked at" in reserve["reason"]
+            assert reserve["reserved_bytes"] == {"cpu": needs}
+            assert reserve["reason"] == f"its warm-up peaked at {format_bytes(needs)} on cpu, 200.0 MiB on cpu above " \
+                "its reservation"
             assert h.kinds("a").index("reserve") < h.kinds("a").index("ready")
             assert entry.calibration_key is not None
             assert h.pool.calibration.get(*entry.calibration_key) == {"cpu": needs}

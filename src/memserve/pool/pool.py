@@ -606,7 +606,8 @@ class ModelPool:
         if bigger == entry.reserved_bytes:
             return  # within its reservation, or it already holds all there is (the watchdog watches the rest)
         mine, held = self.ledger.held(entry.name), self.ledger.held_bytes()
-        why = f"its warm-up peaked at {_sizes(over)}, above its reservation of {_sizes(entry.reserved_bytes)}"
+        excess = {d: v - entry.reserved_bytes.get(d, 0) for d, v in over.items()}
+        why = f"its warm-up peaked at {_sizes(over)}, {_sizes(excess)} above its reservation"
         if all(v <= usable.get(d, 0) - (held.get(d, 0) - mine.get(d, 0)) for d, v in bigger.items()):
             self.ledger.reserve(entry.name, bigger)
             entry.reserved_bytes = bigger
