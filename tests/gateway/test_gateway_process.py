@@ -254,11 +254,16 @@ def test_a_load_that_lies_is_killed_by_the_watchdog_before_the_budget_is_crossed
         error = answer.json()["error"]
         assert error["code"] == "runner_failed" and "watchdog" in error["message"]
         kills = [e for e in pool.events if e["event"] == "watchdog_kill"]
-        assert len(kills) == 1
-        # stopped within one 20 ms sample of passing plan + tolerance (the balloon grows 8 MiB per 10 ms) ...
-        assert kills[0]["limit_bytes"] < kills[0]["measured_bytes"] <= kills[0]["limit_bytes"] + 64 * MiB
-        # ... which is below the budget: it was never crossed at all
-        assert kills[0]["measured_bytes"] < budget
+        # a kill is not an outage: what the first kill measured is reserved for a second try on the same rung
+        # when that still fits; a second kill there (there is no lower rung on a cpu host) ends it
+        assert 1 <= len(kills) <= 2
+        if len(kills) == 2:
+            assert kills[1]["limit_bytes"] > kills[0]["measured_bytes"]
+        for kill in kills:
+            # stopped within one 20 ms sample of passing plan + tolerance (the balloon grows 8 MiB per 10 ms) ...
+            assert kill["limit_bytes"] < kill["measured_bytes"] <= kill["limit_bytes"] + 64 * MiB
+            # ... which is below the budget: it was never crossed at all
+            assert kill["measured_bytes"] < budget
         assert ps(origin)["models"][0]["state"] == "failed"
         assert httpx.get(f"{origin}/health").json()["status"] == "ok"
 
@@ -284,7 +289,8 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
     with serve_fake(FakeUpstream(models=("m1",))) as fake, nothing_listening() as dead:
         settings = settings_for(
             tmp_path,
-            [ModelConfig(name="big", source=str(big), context_tokens=4096, fallback="fake/m1")],
+            [ModelConfig(name="big", source=str(big), context_tokens=4096, fallback="fake/m1"),
+             ModelConfig(name="big2", source=str(big), context_tokens=4096, fallback="dead/x")],
             providers=[ProviderConfig(name="fake", base_url=fake.base_url, api_key_env="FAKE_KEY", models=["m1"]),
                        ProviderConfig(name="dead", base_url=dead, models=["x"])],
             max_body_bytes=4096,
@@ -308,6 +314,11 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
 
                 down = chat(origin, "dead/x")
                 assert down.status_code == 502 and "provider dead" in down.json()["error"]["message"]
+                both_failed = chat(origin, "big2")  # the fallback's error names the local model and why it fell back
+                message = both_failed.json()["error"]["message"]
+                assert both_failed.status_code == 502 and both_failed.headers.get("x-memserve-fallback") is None
+                assert "'big2' could not be served here" in message and "cannot fit" in message
+                assert "dead/x failed too" in message and "provider dead" in message
 
                 unknown = chat(origin, "bgi")
                 assert unknown.status_code == 404 and "big" in unknown.json()["error"]["message"]
@@ -334,10 +345,11 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
                 memory = httpx.get(f"{origin}/api/memory").json()
                 assert memory["devices"]["cpu"]["usable_bytes"] == 2 * GiB - HEADROOM
                 events = httpx.get(f"{origin}/api/events").json()["events"]
-                assert [e["code"] for e in events if e["event"] == "refused"] == ["insufficient_memory"]
+                assert [(e["model"], e["code"]) for e in events if e["event"] == "refused"] == [
+                    ("big", "insufficient_memory"), ("big2", "insufficient_memory")]
 
                 models = {m["id"] for m in httpx.get(f"{origin}/v1/models").json()["data"]}
-                assert models == {"big", "fake/m1", "dead/x"}
+                assert models == {"big", "big2", "fake/m1", "dead/x"}
                 assert httpx.get(f"{origin}/health").json()["status"] == "ok"
         finally:
             del os.environ["FAKE_KEY"]

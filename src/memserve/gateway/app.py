@@ -74,11 +74,13 @@ from memserve.wire.http import (
 )
 from memserve.wire.schema import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
     ModelList,
     TextCompletion,
+    TextCompletionChunk,
 )
 
 log = logging.getLogger(__name__)
@@ -227,11 +229,12 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
     # the handler itself, so the OpenAPI document gets its request schema from _openapi.
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None,
                       summary="Chat completion (OpenAI-compatible), streamed as SSE with stream: true",
-                      responses=_responses(ChatCompletion, GENERATION_ERRORS))
+                      responses=_responses(ChatCompletion, GENERATION_ERRORS, ChatCompletionChunk))
     app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None,
                       summary="Text completion (OpenAI-compatible), streamed as SSE with stream: true",
-                      responses=_responses(TextCompletion, GENERATION_ERRORS))
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+                      responses=_responses(TextCompletion, GENERATION_ERRORS, TextCompletionChunk))
+    served = [m.name for m in settings.models] + [f"{p.name}/{m}" for p in settings.providers for m in p.models]
+    app.openapi = lambda: _openapi(app, served)  # type: ignore[method-assign]
     hot_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
         "/v1/chat/completions": chat_completions, "/v1/completions": completions}
 
@@ -316,14 +319,25 @@ FIT_ERRORS = {**COMMON_ERRORS, 404: "not a configured model, and not a hub id th
               503: "the hub did not answer in time"}
 
 
-def _responses(ok: type[BaseModel] | None, errors: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
-    """FastAPI ``responses``: every status the route can answer, each error in the OpenAI shape."""
+def _responses(ok: type[BaseModel] | None, errors: Mapping[int, str],
+               chunk: type[BaseModel] | None = None) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses``: every status the route can answer, each error in the OpenAI shape; with
+    ``chunk``, the 200 may also be server-sent events, each a chunk, an error, or ``[DONE]``."""
     out: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": text}
                                             for code, text in sorted(errors.items())}
     if ok is not None:
         out[200] = {"model": ok, "description": "The answer; with stream: true, server-sent events ending with "
-                    "data: [DONE]", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+                    "data: [DONE]"}
+    if chunk is not None:
+        data = {"anyOf": [_schema_ref(chunk), _schema_ref(ErrorResponse), {"const": "[DONE]"}]}
+        event = {"type": "object", "required": ["data"], "properties": {
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data}}}
+        out[200]["content"] = {"text/event-stream": {"schema": event}}
     return out
+
+
+def _schema_ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
@@ -332,16 +346,26 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, plus the generation routes' request bodies, with 400 (not 422) for bad input."""
+def _openapi(app: FastAPI, served: list[str]) -> dict[str, Any]:
+    """FastAPI's document, plus the generation routes' request bodies, with 400 (not 422) for bad input.
+
+    ``model`` lists the names this server serves (any other name is a documented 404), so a client
+    generated from the document, or a fuzzer, can reach the models.
+    """
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, routes=app.routes,
                            description="memserve: OpenAI-compatible routes (/v1) and management (/api).")
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for chunk in (ChatCompletionChunk, TextCompletionChunk):  # named only inside the SSE schemas
+        schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[chunk.__name__] = schema
     for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
+        if served:
+            schema["properties"]["model"]["enum"] = served
         schemas[model.__name__] = schema
         document["paths"][path]["post"]["requestBody"] = {
             "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
