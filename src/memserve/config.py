@@ -157,7 +157,8 @@ class PolicyConfig(BaseModel):
         "(YAML key min_context). None: never plan less context than configured.",
     )
     retry_lower: bool = Field(
-        default=True, description="After a watchdog kill, retry the load one rung lower on the ladder."
+        default=True, description="After a second watchdog kill on one rung (the first is retried on that rung with "
+        "what it was measured to use), prefer the rungs below it until the model is unloaded."
     )
 
 

@@ -1,7 +1,8 @@
 """The ``memserve`` command line. Each command lives in its own module and is registered here.
 
 Errors are one line on stderr (``error: what happened; what to do``) with a non-zero exit: 1 for a
-memserve error, 2 for a usage error, 3 when nothing fits (``fit``). Tracebacks are for bugs only.
+memserve error, 2 for a usage error, 3 when nothing fits (``fit``), 4 when ``serve`` cannot listen on
+its address (the port is in use, say). Tracebacks are for bugs only.
 """
 
 from __future__ import annotations

@@ -381,6 +381,8 @@ def progress_line(event: dict[str, Any], model: str, reserved: dict[str, int] | 
         return f"trying {event.get('rung') or '?'} again, reserving {_sizes(event.get('reserved_bytes'))}: {reason}"
     if kind == "learned":
         return f"learned: as {event.get('rung') or '?'} it needs {_sizes(event.get('next_reserved_bytes'))}"
+    if kind == "reservation_capped":
+        return f"reserving all that is usable for {model}: {reason}"
     if kind == "backoff":
         return f"waiting {_seconds(event.get('seconds'))} before loading {model} again: it failed just before"
     if kind == "reload":

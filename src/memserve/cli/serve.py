@@ -10,6 +10,7 @@ read as far as their headers; a hub id is only reported).
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -40,8 +41,10 @@ EXIT_CANNOT_LISTEN = 4
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port to listen on (default 8000; 0 picks a free one).")
 @click.option("--keep-alive", "keep_alive", default=None, help="Default idle time before a model unloads, e.g. 5m.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="info: one line per request and every load, eviction, kill and restart.")
 def serve(config_file: Path | None, model_flags: tuple[str, ...], memory: str | None, headroom: str | None,
-          host: str | None, port: int | None, keep_alive: str | None) -> None:
+          host: str | None, port: int | None, keep_alive: str | None, log_level: str) -> None:
     """Start the gateway: load models on demand, evict idle ones, refuse what cannot fit.
 
     Before any model is loaded, the address is bound and every configured model's source is checked.
@@ -50,6 +53,7 @@ def serve(config_file: Path | None, model_flags: tuple[str, ...], memory: str | 
     """
     from memserve.config import load_settings
 
+    _configure_logging(log_level)
     flags: dict[str, Any] = {"memory": memory, "headroom": headroom, "host": host, "port": port,
                              "keep_alive": keep_alive}
     settings = load_settings(config_file, model_flags=model_flags, **flags)
@@ -67,6 +71,17 @@ def serve(config_file: Path | None, model_flags: tuple[str, ...], memory: str | 
     if not started:
         click.echo("error: the gateway did not start; the lines above say why", err=True)
         sys.exit(1)
+
+
+def _configure_logging(level: str) -> None:
+    """memserve's own lines (requests, lifecycle events) on stderr; uvicorn's only from warnings up (its
+    access log would repeat each request line without the model, tokens or timings)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    memserve_log = logging.getLogger("memserve")
+    memserve_log.addHandler(handler)
+    memserve_log.setLevel(level.upper())
+    memserve_log.propagate = False
 
 
 def _check_sources(settings: Settings) -> None:
