@@ -71,7 +71,8 @@ def runner(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         proc.terminate()
         proc.wait(timeout=30)
     phases = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    assert [p["phase"] for p in phases if p.get("event") == "phase"] == ["resolve", "map", "fault_in", "warm_up"]
+    assert [p["phase"] for p in phases if p.get("event") == "phase"] == ["resolve", "map", "fault_in", "warm_up",
+                                                                         "worst_case"]
 
 
 def _reference(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -103,7 +104,8 @@ def test_health_reports_plan_phases_and_memory(runner: str) -> None:
     assert health["plan"]["rung"] == "cpu" and health["plan"]["concurrency"] == 8
     cpu = health["memory"]["cpu"]
     assert cpu["anon_bytes"] > 0 and cpu["file_bytes"] > 0
-    assert [p["phase"] for p in health["load"]["phases"]] == ["resolve", "map", "fault_in", "warm_up"]
+    assert [p["phase"] for p in health["load"]["phases"]] == ["resolve", "map", "fault_in", "warm_up",
+                                                              "worst_case"]
     stats = httpx.get(f"{runner}/stats").json()
     assert {"running", "waiting"} <= set(stats)
 
