@@ -37,7 +37,7 @@ Lifecycle of one model (``Entry``)::
   break (the gateway turns that into an error event), and the next request starts it again after a
   backoff (0 s after the first failure, then 2, 4, ... up to 30 s). ``unload`` clears a failed model.
 - **Compatibility, not reload.** Every OpenAI request is served by the loaded runner (sampling options
-  are per request; ``max_tokens`` is clipped to the planned context). Only ``load`` with a larger context
+  are per request; a prompt and ``max_tokens`` past the planned context are a 400). Only ``load`` with a larger context
   or concurrency than the loaded plan's needs a new plan: the old runner drains and a new one starts.
   A load's options are checked before anything changes and apply to the one load they start.
 """
