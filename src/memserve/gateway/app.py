@@ -21,7 +21,6 @@ import contextlib
 import difflib
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -33,12 +32,9 @@ import anyio
 import httpx
 import psutil
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,7 +53,6 @@ from memserve.errors import (
     RequestTimedOut,
     RequestTooLarge,
     UnsupportedParameter,
-    error_body,
 )
 from memserve.gateway.upstream import Upstream, forward
 from memserve.memory.fit import default_context, fit_json, fit_result
@@ -68,6 +63,8 @@ from memserve.wire.http import (
     SSE_DONE,
     check_json_content_type,
     check_origin,
+    error_response,
+    install_error_handlers,
     parse_body,
     sse_event,
     until_disconnected,
@@ -167,7 +164,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
             await providers.aclose()
 
     app = FastAPI(title="memserve", version=__version__, lifespan=lifespan)
-    _install_error_handlers(app)
+    install_error_handlers(app, serves=f"memserve serves {ROUTES}")
 
     door = _Door(settings, pool)
 
@@ -501,7 +498,7 @@ class _Deadline(Response):
             return
         error = RequestTimedOut(_timed_out(self.model, self.seconds))
         if not started:
-            await _error_for(error)(scope, receive, send)
+            await error_response(error)(scope, receive, send)
             return
         await send({"type": "http.response.body", "body": sse_event(error.to_openai()) + SSE_DONE,
                     "more_body": False})
@@ -532,7 +529,7 @@ class _HotRoutes:
                 check_origin(headers.get("origin"), headers.get("host"), scope.get("scheme", "http"),
                              self.cors_origins)
             except MemserveError as exc:
-                await _error_for(exc)(scope, receive, send)
+                await error_response(exc)(scope, receive, send)
                 return
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if handler is None:
@@ -545,7 +542,7 @@ class _HotRoutes:
         except Exception as exc:
             if not isinstance(exc, MemserveError):
                 log.exception("internal error in POST %s", scope["path"])  # a bug: keep its traceback
-            response = _error_for(exc)
+            response = error_response(exc)
         record.model = scope.get("state", {}).get("model")
 
         async def recorded(message: Message) -> None:
@@ -636,47 +633,3 @@ def _too_large(size: int, max_bytes: int) -> str:
             "(max_body_bytes); send a smaller request")
 
 
-def _error_response(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
-                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status_code, message, param=param, code=code), status_code=status_code,
-                        headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves in the OpenAI shape, with all four keys; Retry-After where retrying helps."""
-
-    @app.exception_handler(MemserveError)
-    async def memserve_error(request: Request, exc: MemserveError) -> JSONResponse:
-        return _error_for(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error_response(400, f"invalid value for '{where}': {first.get('msg', 'invalid')}", param=where,
-                               code="invalid_argument")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        where = f"{request.method} {request.url.path}"
-        allowed = (exc.headers or {}).get("Allow")
-        if exc.status_code == 404:
-            message = f"no route {where}; memserve serves {ROUTES}"
-        elif exc.status_code == 405 and allowed:
-            message = f"{where} is not allowed; use {allowed} {request.url.path}"
-        else:
-            message = f"{where}: {exc.detail}"
-        return _error_response(exc.status_code, message, headers=dict(exc.headers or {}))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return _error_for(exc)
-
-
-def _error_for(exc: Exception) -> JSONResponse:
-    """A memserve error in the OpenAI shape (with Retry-After where retrying helps), anything else a 500."""
-    if isinstance(exc, MemserveError):
-        retry = getattr(exc, "retry_after_seconds", None)
-        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
-        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
-    return _error_response(500, f"internal error: {type(exc).__name__}: {exc}")

@@ -35,17 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from memserve.checkpoint.tokens import longest_token_bytes, max_prompt_bytes
@@ -56,11 +53,10 @@ from memserve.errors import (
     ModelNotFound,
     Overloaded,
     UnsupportedParameter,
-    error_body,
 )
 from memserve.runner.events import Engine, GenerationRequest, QueueFull, TokenEvent
 from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
-from memserve.wire.http import SSE_DONE, invalid_argument, sse_event, until_disconnected
+from memserve.wire.http import SSE_DONE, install_error_handlers, sse_event, until_disconnected
 from memserve.wire.schema import ChatCompletionRequest, CompletionRequest, FinishReason, ResponseShape, Usage
 
 if TYPE_CHECKING:
@@ -107,7 +103,7 @@ def create_app(
             await engine.close()
 
     app = FastAPI(title=f"memserve runner: {model_name}", lifespan=lifespan)
-    _install_error_handlers(app)
+    install_error_handlers(app, serves=f"this runner serves {ROUTES}")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -356,39 +352,3 @@ def _error_body(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, MemserveError):
         return exc.to_openai()
     return MemserveError(f"internal error: {type(exc).__name__}: {exc}").to_openai()
-
-
-def _error_response(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
-                    headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status_code, message, param=param, code=code), status_code=status_code,
-                        headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves in the OpenAI shape, with all four keys."""
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        error = invalid_argument(list(exc.errors()))
-        return JSONResponse(error.to_openai(), status_code=error.status_code)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        where = f"{request.method} {request.url.path}"
-        if exc.status_code == 404:
-            message = f"no route {where}; this runner serves {ROUTES}"
-        else:
-            message = f"{where}: {exc.detail}"
-        return _error_response(exc.status_code, message, headers=exc.headers)
-
-    @app.exception_handler(MemserveError)
-    async def memserve_error(request: Request, exc: MemserveError) -> JSONResponse:
-        headers = None
-        if isinstance(exc, Overloaded):
-            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
-        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises after this answer is sent, so the server logs the traceback once
-        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}")

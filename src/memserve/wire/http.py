@@ -1,5 +1,6 @@
 """What the gateway's and the runner's HTTP apps share: request validation, the ``param`` path format,
-content-type and origin checks at the door, and cancelling work whose client went away.
+errors as responses, content-type and origin checks at the door, SSE encoding, and cancelling work whose
+client went away.
 
 Torch-free, so the gateway can import it. One format for ``param`` everywhere: ``messages[0].content``.
 """
@@ -9,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive
 
-from memserve.errors import InvalidArgument, OriginNotAllowed, UnsupportedMediaType
+from memserve.errors import InvalidArgument, MemserveError, OriginNotAllowed, UnsupportedMediaType, error_body
 
-__all__ = ["SSE_DONE", "check_json_content_type", "check_origin", "invalid_argument", "param_path", "parse_body",
-           "sse_event", "until_disconnected"]
+__all__ = ["SSE_DONE", "check_json_content_type", "check_origin", "error_response", "install_error_handlers",
+           "invalid_argument", "param_path", "parse_body", "sse_event", "until_disconnected"]
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +132,46 @@ SSE_DONE = b"data: [DONE]\n\n"
 def sse_event(payload: dict[str, Any]) -> bytes:
     """One server-sent event carrying ``payload`` as compact JSON."""
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """A memserve error in the OpenAI shape (with Retry-After where retrying helps), anything else a 500."""
+    if isinstance(exc, MemserveError):
+        retry = getattr(exc, "retry_after_seconds", None)
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
+        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+    return _plain_error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _plain_error(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status_code, message), status_code=status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI, *, serves: str) -> None:
+    """Every error of ``app`` leaves in the OpenAI shape with all four keys, validation errors as 400s
+    with ``param`` as ``messages[0].content``; ``serves`` ends the message of an unknown route."""
+
+    @app.exception_handler(MemserveError)
+    async def memserve_error(request: Request, exc: MemserveError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(invalid_argument(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        allowed = (exc.headers or {}).get("Allow")
+        if exc.status_code == 404:
+            message = f"no route {where}; {serves}"
+        elif exc.status_code == 405 and allowed:
+            message = f"{where} is not allowed; use {allowed} {request.url.path}"
+        else:
+            message = f"{where}: {exc.detail}"
+        return _plain_error(exc.status_code, message, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this answer is sent, so the server logs the traceback once
+        return error_response(exc)
