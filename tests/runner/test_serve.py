@@ -166,3 +166,16 @@ def test_a_real_runner_given_too_small_a_reservation_shrinks_and_says_what_it_ne
     assert ready["engine"] == "continuous-batching"
     assert ready["plan_check"]["sequences"] == 1 and ready["plan_check"]["fits"] is False
     assert ready["plan_check"]["needs_bytes"]["cpu"] > 1 << 20
+
+
+def test_memserve_engine_generate_serves_with_the_generate_engine(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(serve.ENGINE_ENV, "generate")
+    plan = {"rung": "cpu", "dtype": "float32", "quantization": "none", "context_tokens": 256, "concurrency": 2,
+            "max_batch_tokens": 128, "device_map": {"": "cpu"},
+            "devices": {"cpu": {"total_bytes": 64 << 30, "kv_cache_bytes": 1 << 20}}}
+    build_app(str(tiny_model_dir), plan, name="tiny")
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    ready = next(e for e in events if e.get("event") == "ready")
+    assert ready["engine"] == "generate" and ready["plan_check"]["fits"] is True

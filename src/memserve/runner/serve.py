@@ -25,6 +25,7 @@ from memserve.runner.load import (
 )
 
 DEFAULT_QUEUE_PER_SEQUENCE = 4
+ENGINE_ENV = "MEMSERVE_ENGINE"  # "generate" serves with the generate fallback engine (to measure or compare it)
 GRACEFUL_SHUTDOWN_SECONDS = 10  # then streams still open are cancelled and the engine closes
 TEST_EXTRA_BYTES_ENV = "MEMSERVE_TEST_EXTRA_BYTES"
 _BALLOON_CHUNK_BYTES = 8 << 20
@@ -182,6 +183,7 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
         model, tokenizer = load_model(source, plan, report)
         engine, fallback_reason = make_engine(
             model,
+            prefer=os.environ.get(ENGINE_ENV, "continuous-batching"),
             max_sequences=concurrency,
             max_queue=queue,
             max_context_tokens=int(plan["context_tokens"]),
