@@ -434,16 +434,16 @@ class _Door:
         return request.stream
 
     async def _limits(self, model: str) -> tuple[int | None, int | None]:
+        """(context, longest token bytes): the running plan's context, else the configured or default one."""
+        config = self.settings.model(model)
+        assert config is not None  # route() found it
         if model not in self._facts:
-            config = self.settings.model(model)
-            assert config is not None  # route() found it
             self._facts[model] = await asyncio.to_thread(_local_limits, config.source)
         default_context, longest = self._facts[model]
         entry = self.pool.entries.get(model)
-        config = self.settings.model(model)
-        if entry is not None and entry.plan is not None:
+        if entry is not None and entry.runner is not None and entry.plan is not None:
             return int(entry.plan["context_tokens"]), longest
-        return (config.context_tokens if config else None) or default_context, longest
+        return config.context_tokens or default_context, longest
 
 
 def _local_limits(source: str) -> tuple[int | None, int | None]:
