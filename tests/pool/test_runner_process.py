@@ -36,6 +36,7 @@ def test_sample_memory_is_the_trees_rss_plus_its_gpu_memory(tmp_path: Path) -> N
                       "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)")
         runner._proc = await asyncio.create_subprocess_exec(sys.executable, "-c", child_code,
                                                             start_new_session=True)  # as start() does
+        runner._exec_seen = True  # the stand-in is not started as memserve.runner; count it as exec'd
         try:
             for _ in range(100):
                 sample = runner.sample_memory()
@@ -106,3 +107,19 @@ def test_owner_alive_judges_records() -> None:
     assert owner_alive({**owner_record(os.getpid()), "started": 1.0}) is False  # same pid, another process
     assert owner_alive({**owner_record(os.getpid()), "pid_namespace": "pid:[1]"}) is None  # cannot tell
     assert owner_alive({"pid": "x"}) is None and owner_alive({}) is None
+
+
+def test_a_child_not_yet_the_runner_is_not_measured(tmp_path: Path) -> None:
+    """Between fork and exec the child is a copy of the gateway: its RSS is the gateway's, not the runner's."""
+    from memserve.pool.runner_process import RunnerProcess, is_runner_command
+
+    assert is_runner_command(["/usr/bin/python3", "-m", "memserve.runner", "--plan", "p.json"])
+    assert not is_runner_command(["/usr/bin/python3", "-m", "pytest", "-q"])
+    runner = RunnerProcess("demo", "src", {}, run_dir=tmp_path)
+
+    class _Proc:  # a stand-in handle for this very process, which is not a runner
+        pid = os.getpid()
+        returncode = None
+
+    runner._proc = _Proc()  # type: ignore[assignment]
+    assert runner.sample_memory() == {}

@@ -74,6 +74,11 @@ class RunnerHandle(Protocol):
 Spawner = Callable[[str, str, dict[str, Any], Callable[[dict[str, Any]], None]], Awaitable[RunnerHandle]]
 
 
+def is_runner_command(cmdline: list[str]) -> bool:
+    """Whether a process's command line is a runner's (``python -m memserve.runner ...``)."""
+    return any(cmdline[i:i + 2] == ["-m", "memserve.runner"] for i in range(len(cmdline)))
+
+
 def new_run_dir(base: Path | None = None) -> Path:
     """A fresh folder for this gateway's runner sockets and plan files, its owner recorded inside; folders of
     gateways that are gone (a ``kill -9`` leaves its folder behind) are removed first.
@@ -165,6 +170,7 @@ class RunnerProcess:
         self._on_event = on_event or (lambda event: None)
         self._env = dict(env) if env is not None else None
         self._proc: asyncio.subprocess.Process | None = None
+        self._exec_seen = False  # the child has become the runner (exec'd); before that it is a copy of us
         self._reader: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._ready_event: dict[str, Any] = {}
@@ -280,6 +286,13 @@ class RunnerProcess:
             return {}
         try:
             root = psutil.Process(self.pid)
+            if not self._exec_seen:
+                # Between fork and exec the child is still a copy of the gateway, and its RSS counts every
+                # page it shares with it (a whole test process with torch loaded, say): nothing of the
+                # runner's own yet. Measuring that once got a runner killed "while starting" in CI.
+                if not is_runner_command(root.cmdline()):
+                    return {}
+                self._exec_seen = True
             tree = [root, *root.children(recursive=True)]
             sample = {"cpu": sum(p.memory_info().rss for p in tree)}
         except psutil.Error:
