@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from memserve.config import ModelConfig, PolicyConfig, ProviderConfig, Settings, load_settings
 from memserve.errors import InvalidArgument
@@ -224,6 +225,25 @@ def test_no_file_is_read_unless_named(monkeypatch: pytest.MonkeyPatch, tmp_path:
     write(tmp_path, "port: 8123\n")
     monkeypatch.chdir(tmp_path)
     assert load_settings().port == 8000
+
+
+def test_the_file_is_parsed_once_and_never_read_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Its parsed data is a settings source of its own: pydantic-settings does not read the file a second
+    time, nor a third when --model flags make the settings build twice."""
+    path = write(tmp_path, "port: 8123\nmodels:\n  - {name: a, source: x}\n")
+    parsed: list[object] = []
+    safe_load = yaml.safe_load
+
+    def counting_safe_load(stream: Any) -> Any:
+        parsed.append(stream)
+        return safe_load(stream)
+
+    monkeypatch.setattr(yaml, "safe_load", counting_safe_load)
+    settings = load_settings(path, model_flags=["b=y"])
+    assert settings.port == 8123 and [m.name for m in settings.models] == ["a", "b"]
+    assert len(parsed) == 1
+    parsed.clear()
+    assert load_settings(path).port == 8123 and len(parsed) == 1
 
 
 def test_a_missing_file_named_explicitly_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ idle). Byte settings accept ``128MiB``-style sizes. Secrets never live here: a p
 environment variable that holds its key, and :meth:`ProviderConfig.api_key` reads it when called.
 
 Every problem becomes one :class:`~memserve.errors.InvalidArgument` line that names where the value came
-from, the field path (``models[1].keep_alive``) and what to write instead. This module must never import
-torch: the gateway imports it.
+from, the field path (``models[1].keep_alive``) and what to write instead (:mod:`memserve.config_errors`).
+The YAML file is parsed once, and its data is handed to pydantic-settings as a source of its own. This
+module must never import torch: the gateway imports it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,15 +38,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
-    YamlConfigSettingsSource,
 )
+from pydantic_settings.sources import DefaultSettingsSource
 
+from memserve.config_errors import Origin, field_error, one_line, problem
 from memserve.errors import InvalidArgument
 from memserve.units import parse_bytes, parse_device_sizes, parse_seconds
 
@@ -65,8 +66,6 @@ CONFIG_ENV = "MEMSERVE_CONFIG"
 _MiB = 1024**2
 _NAME = re.compile(r"^[^/\s]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRET_WORDS = ("key", "secret", "password")
-_CUSTOM = "memserve_config"
 
 
 # ---- value types: what a human writes → plain seconds and bytes -------------------------------------------
@@ -117,11 +116,6 @@ IntervalSeconds = Annotated[float, BeforeValidator(_to_seconds), AfterValidator(
 """A finite, positive timeout or sampling interval."""
 Bytes = Annotated[int, BeforeValidator(_to_bytes)]
 """A non-negative number of bytes; accepts ``128MiB``-style sizes."""
-
-
-def _config_error(field: str, message: str) -> PydanticCustomError:
-    """A cross-field error that still names its field path (pydantic would put it on the whole model)."""
-    return PydanticCustomError(_CUSTOM, "{message}", {"field": field, "message": message})
 
 
 def _check_name(name: str, what: str) -> str:
@@ -217,7 +211,7 @@ class ModelConfig(BaseModel):
     def _min_context_within_context(self) -> ModelConfig:
         floor, context = self.policy.min_context_tokens, self.context_tokens
         if floor is not None and context is not None and floor > context:
-            raise _config_error(
+            raise field_error(
                 "policy.min_context",
                 f"min_context {floor} is larger than context {context}; lower min_context or raise context",
             )
@@ -275,9 +269,6 @@ def default_data_dir() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME", "")
     base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
     return base / "memserve"
-
-
-_YAML_FILE: ContextVar[Path | None] = ContextVar("memserve_yaml_file", default=None)
 
 
 class Settings(BaseSettings):
@@ -361,11 +352,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags (init kwargs) > env > the YAML file that :func:`load_settings` is reading; no .env, no secrets dir."""
-        yaml_file = _YAML_FILE.get()
-        if yaml_file is None:
-            return init_settings, env_settings
-        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file)
+        """Built directly (``Settings(port=1)``): flags (init kwargs) > env; no .env, no secrets dir.
+
+        :func:`load_settings` adds the YAML file's data below these (:func:`_build`)."""
+        return init_settings, env_settings
 
     @field_validator("memory", "headroom", mode="before")
     @classmethod
@@ -400,7 +390,7 @@ class Settings(BaseSettings):
         provider_names = {p.name for p in self.providers}
         for index, model in enumerate(self.models):
             if model.name in provider_names:
-                raise _config_error(
+                raise field_error(
                     f"models[{index}].name",
                     f"model name {model.name!r} is also a provider's name; rename one of them",
                 )
@@ -432,7 +422,7 @@ def _check_unique(names: list[str], field: str, what: str) -> None:
     first_index: dict[str, int] = {}
     for index, name in enumerate(names):
         if name in first_index:
-            raise _config_error(
+            raise field_error(
                 f"{field}[{index}].name",
                 f"{what} name {name!r} is already used by {field}[{first_index[name]}]; give each {what} its own name",
             )
@@ -442,10 +432,10 @@ def _check_unique(names: list[str], field: str, what: str) -> None:
 def _check_fallback(fallback: str, field: str, provider_names: set[str]) -> None:
     provider, slash, model = fallback.partition("/")
     if not slash or not provider or not model:
-        raise _config_error(field, f"{fallback!r} must be provider/model, e.g. groq/llama-3.1-8b-instant")
+        raise field_error(field, f"{fallback!r} must be provider/model, e.g. groq/llama-3.1-8b-instant")
     if provider not in provider_names:
         known = ", ".join(sorted(provider_names)) or "none are configured"
-        raise _config_error(
+        raise field_error(
             field, f"provider {provider!r} is not configured (providers: {known}); add it under providers"
         )
 
@@ -464,11 +454,12 @@ def load_settings(config_file: Path | None = None, *, model_flags: Sequence[str]
     path = _config_path(config_file)
     file_data = _read_yaml(path) if path is not None else {}
     given = {key: value for key, value in flags.items() if value is not None}
-    settings = _build(path, given, _Origin(path, file_data, given))
+    settings = _build(file_data, given, Origin(Settings, path, file_data, given))
     if not flag_models:
         return settings
     models = _with_flag_models(settings.models, flag_models)
-    return _build(path, {**given, "models": models}, _Origin(path, file_data, given, models_from="--model"))
+    origin = Origin(Settings, path, file_data, given, models_from="--model")
+    return _build(file_data, {**given, "models": models}, origin)
 
 
 def _with_flag_models(models: list[ModelConfig], flag_models: list[ModelConfig]) -> list[ModelConfig]:
@@ -525,140 +516,26 @@ def _parse_model_flags(model_flags: Sequence[str]) -> list[ModelConfig]:
         try:
             models[name] = ModelConfig(name=name, source=source)
         except ValidationError as exc:
-            raise InvalidArgument(f"--model {flag!r}: {_problem(exc.errors()[0])}", param="model") from None
+            raise InvalidArgument(f"--model {flag!r}: {problem(exc.errors()[0], ModelConfig)}", param="model") from None
     return list(models.values())
 
 
-@contextmanager
-def _reading(path: Path | None) -> Iterator[None]:
-    token = _YAML_FILE.set(path)
+def _build(file_data: dict[str, Any], init: dict[str, Any], origin: Origin) -> Settings:
+    """Settings from flags (``init``) > env > the file's data > defaults, or one InvalidArgument line.
+
+    The file was parsed once by :func:`_read_yaml`; its data is a source of its own here (what pydantic-settings'
+    YAML source would make of the file), so nothing reads the file again. The sources are passed per call
+    (``_build_sources``) because ``settings_customise_sources`` is a classmethod that sees no call's data."""
+    sources = (
+        InitSettingsSource(Settings, init_kwargs=init),
+        EnvSettingsSource(Settings),
+        InitSettingsSource(Settings, init_kwargs=file_data),
+        DefaultSettingsSource(Settings),
+    )
     try:
-        yield
-    finally:
-        _YAML_FILE.reset(token)
-
-
-def _build(path: Path | None, init: dict[str, Any], origin: _Origin) -> Settings:
-    with _reading(path):
-        try:
-            return Settings(**init)
-        except ValidationError as exc:
-            errors = exc.errors()
-            more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-            first = errors[0]
-            where, key = origin.locate(first)
-            raise InvalidArgument(f"{where}: {_path(first, key)}: {_problem(first)}{more}") from None
-        except SettingsError as exc:
-            raise InvalidArgument(f"{_one_line(str(exc))}; MEMSERVE_MODELS and MEMSERVE_PROVIDERS take JSON") from None
-
-
-# ---- one readable line per error --------------------------------------------------------------------------------
-
-
-class _Origin:
-    """Says which source (flag, env var or file) supplied the top-level setting an error is about."""
-
-    def __init__(
-        self, path: Path | None, file_data: Mapping[str, Any], given: Mapping[str, Any], models_from: str = ""
-    ) -> None:
-        self.path, self.file_data, self.given, self.models_from = path, file_data, given, models_from
-
-    def locate(self, error: ErrorDetails) -> tuple[str, str]:
-        """The source of the setting the error is about, and its key there (``keep_alive``, not the field name)."""
-        loc = _full_loc(error)
-        if not loc:
-            return "settings", ""
-        key = str(loc[0])
-        names = _names_of(key)
-        if key == "models" and self.models_from:
-            return self.models_from, key
-        given = next((name for name in names if name in self.given), None)
-        if given is not None:
-            return "command line", given
-        env = _env_var_for(names)
-        if env is not None:
-            return f"environment variable {env}", env[len(ENV_PREFIX) :].split("__")[0].lower()
-        in_file = next((name for name in names if name in self.file_data), None)
-        if self.path is not None and in_file is not None:
-            return str(self.path), in_file
-        return "settings", key
-
-
-def _names_of(key: str) -> list[str]:
-    """The field name and every alias of the Settings field that ``key`` (a name or alias) refers to."""
-    for name, info in Settings.model_fields.items():
-        aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
-        names = [name, *(str(a) for a in aliases)]
-        if key in names:
-            return names
-    return [key]
-
-
-def _env_var_for(names: list[str]) -> str | None:
-    wanted = {(ENV_PREFIX + name).upper() for name in names}
-    for env_name in os.environ:
-        upper = env_name.upper()
-        if upper in wanted or any(upper.startswith(w + "__") for w in wanted):
-            return env_name
-    return None
-
-
-def _full_loc(error: ErrorDetails) -> tuple[int | str, ...]:
-    loc = tuple(error["loc"])
-    if error["type"] == _CUSTOM:
-        field = str((error.get("ctx") or {})["field"])
-        loc += tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", field) if p)
-    return loc
-
-
-def _path(error: ErrorDetails, top_key: str) -> str:
-    """``models[1].keep_alive``: the loc as the user wrote it, with the top-level key from its source."""
-    loc = _full_loc(error)
-    text = ""
-    for part in (top_key, *loc[1:]) if loc and top_key else loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text or "(top level)"
-
-
-def _problem(error: ErrorDetails) -> str:
-    """What was wrong and what to do, without pydantic's boilerplate and never echoing a secret."""
-    kind, loc = error["type"], _full_loc(error)
-    last = str(loc[-1]) if loc else ""
-    ctx = error.get("ctx") or {}
-    if kind == _CUSTOM:
-        return str(ctx["message"])
-    if kind == "value_error" and "error" in ctx:
-        return str(ctx["error"])
-    if kind == "missing":
-        return f"is required; add {last}: to this entry"
-    if kind == "extra_forbidden":
-        if any(word in last.lower() for word in _SECRET_WORDS):
-            return "secrets never go in the config; export the key and name the variable with api_key_env"
-        return f"unknown setting; known settings here: {', '.join(_known_keys(loc[:-1]))}"
-    message = error["msg"]
-    shown = _shown_input(error["input"], last)
-    return f"{message[:1].lower()}{message[1:]}{shown}"
-
-
-def _shown_input(value: Any, field: str) -> str:
-    if isinstance(value, (dict, list)) or any(word in field.lower() for word in _SECRET_WORDS):
-        return ""
-    text = repr(value)
-    return f" (got {text[:60]}{'...' if len(text) > 60 else ''})"
-
-
-def _known_keys(parent: tuple[int | str, ...]) -> list[str]:
-    model: type[BaseModel] = Settings
-    nested: dict[str, type[BaseModel]] = {"models": ModelConfig, "providers": ProviderConfig, "policy": PolicyConfig}
-    for part in parent:
-        if isinstance(part, str) and part in nested:
-            model = nested[part]
-    keys = []
-    for name, info in model.model_fields.items():
-        aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
-        keys.append(str(aliases[-1]) if aliases else name)
-    return keys
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+        # mypy types Settings(...) by its fields (pydantic's dataclass_transform), not BaseSettings.__init__
+        return Settings(_build_sources=(sources, init))  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise InvalidArgument(origin.describe(exc.errors())) from None
+    except SettingsError as exc:
+        raise InvalidArgument(f"{one_line(str(exc))}; MEMSERVE_MODELS and MEMSERVE_PROVIDERS take JSON") from None
