@@ -9,6 +9,7 @@ import pytest
 from memserve.checkpoint.facts import CheckpointFacts, facts_from
 from memserve.memory.estimate import (
     FORWARD_BYTES_PER_TOKEN,
+    GENERATE,
     HIDDEN_TENSORS,
     KV_PAGE_TOKENS,
     KV_TRASH_PAGES,
@@ -18,10 +19,10 @@ from memserve.memory.estimate import (
     attention_bytes,
     attention_types,
     block_weight_bytes,
+    generate_attention_bytes,
     kv_cache_bytes,
     mask_bytes,
     paged_tokens,
-    weight_bytes,
 )
 from tests.fakes import LLAMA3_8B, MISTRAL_7B, MIXTRAL_8X7B, tensors_for
 
@@ -110,6 +111,35 @@ def test_a_forward_costs_at_least_the_measured_floor_per_token() -> None:
         mask_bytes(narrow, "float32", 2048, 1, 2048) + floor + 1024 * (4 + 4) + SERVING_BYTES_PER_SEQUENCE)
 
 
+def test_the_generate_engine_caches_exactly_what_its_rows_hold() -> None:
+    f = facts(LLAMA3_8B)
+    per_token = 2 * 32 * 8 * 128 * 2
+    assert kv_cache_bytes(f, "bfloat16", 1000, 3, engine=GENERATE) == per_token * 1000 * 3  # no pages, no slack
+    assert kv_cache_bytes(f, "bfloat16", 1000, 3) > kv_cache_bytes(f, "bfloat16", 1000, 3, engine=GENERATE)
+
+
+def test_the_generate_engine_reads_only_its_own_rows_keys_and_preallocates_nothing() -> None:
+    gqa = facts(LLAMA3_8B)
+    tokens, rows, context = 2048, 4, 2048
+    repeated = 2 * rows * context * 32 * 128 * 2  # the padding mask makes sdpa repeat K/V to every head
+    query = tokens * 32 * 128 * 2 * 2
+    mask = tokens * context  # one bool per query row's chunk token and key
+    assert generate_attention_bytes(gqa, "bfloat16", tokens, rows, context) == repeated + mask + query
+    eager = replace(gqa, eager_attention=True)  # each chunk token scores its own row's keys only
+    assert generate_attention_bytes(eager, "bfloat16", tokens, rows, context) \
+        - generate_attention_bytes(gqa, "bfloat16", tokens, rows, context) == tokens * context * 32 * (2 + 4)
+    # no masks kept, no per-token floor: the narrow model's forward is its tensors
+    narrow = facts(LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=1024)
+    hidden = tokens * HIDDEN_TENSORS * 64 * 4
+    attention = generate_attention_bytes(narrow, "float32", tokens, rows, context)
+    assert attention > tokens * MLP_TENSORS * 160 * 4
+    assert activation_bytes(narrow, "float32", tokens, rows, context, engine=GENERATE) == (
+        hidden + attention + rows * (1024 * (4 + 4) + SERVING_BYTES_PER_SEQUENCE))
+    assert activation_bytes(narrow, "float32", tokens, rows, context, engine=GENERATE) \
+        < activation_bytes(narrow, "float32", tokens, rows, context)
+
+
 def test_experts_stored_one_tensor_each_count_twice_where_weights_stay_mapped() -> None:
     moe = facts(MIXTRAL_8X7B)
     experts = 32 * 8 * 3 * 14336 * 4096 * 2
@@ -118,7 +148,7 @@ def test_experts_stored_one_tensor_each_count_twice_where_weights_stay_mapped() 
     assert layer.split_expert_bytes == experts // 32
     assert block_weight_bytes(layer, moe, "bfloat16", "none") == layer.bytes + layer.split_expert_bytes
     assert block_weight_bytes(layer, moe, "bfloat16", "none", mapped=False) == layer.bytes  # loaded onto a GPU
-    assert weight_bytes(moe, "bfloat16", "none") == moe.weights_bytes + experts
+    assert sum(block_weight_bytes(b, moe, "bfloat16", "none") for b in moe.blocks) == moe.weights_bytes + experts
     dense = facts(LLAMA3_8B)
     assert dense.split_expert_bytes == 0
-    assert weight_bytes(dense, "bfloat16", "none") == dense.weights_bytes
+    assert sum(block_weight_bytes(b, dense, "bfloat16", "none") for b in dense.blocks) == dense.weights_bytes

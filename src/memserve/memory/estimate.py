@@ -34,6 +34,11 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
     bf16 ones they are upcast from;
   - a measured floor per forward token (``FORWARD_BYTES_PER_TOKEN``), and per sequence served what
     was measured beyond the engine (``SERVING_BYTES_PER_SEQUENCE``).
+- **the ``generate`` engine** (the fallback: static batches through ``model.generate``) is priced on its
+  own: its cache grows to exactly ``context × sequences`` tokens (no pages); it preallocates no masks
+  and builds one bool mask per prefill chunk; each chunk's queries read only their own row's keys, which
+  are contiguous (no gather), repeated to every head under the padding mask; no per-token floor; and its
+  process is 10 MiB lighter. Priced like the paged engine it was over-planned by up to 47% (tiny 2048 × 8).
 - **runtime**: the runner process itself. Measured after traffic, less its weights, KV cache and
   activations: 394 MiB for the tiny demo model (280 MiB anonymous: Python, torch, transformers,
   FastAPI/uvicorn, the tokenizer; 115 MiB mapped shared libraries), 408 MiB for the small one (its
@@ -51,12 +56,19 @@ from typing import Any, Literal
 from memserve.checkpoint.facts import Block, CheckpointFacts
 
 Quantization = Literal["none", "int8", "4bit"]
+Engine = Literal["continuous-batching", "generate"]
+CONTINUOUS_BATCHING: Engine = "continuous-batching"
+GENERATE: Engine = "generate"
 
 GiB = 1024**3
 MiB = 1024**2
 DTYPE_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 CPU_RUNTIME_BYTES = 420 * MiB  # measured: 394–408 MiB in the demo models' runners after traffic, see above
+# The generate engine's runner has no continuous-batching manager, scheduler thread or paged-cache tables:
+# measured 10 MiB below at the same shape (tiny 512 × 1: 388.5 against 398.9 MiB; small 1024 × 2: 655.8
+# against 660.2 MiB).
+CPU_GENERATE_RUNTIME_BYTES = CPU_RUNTIME_BYTES - 10 * MiB
 GPU_RUNTIME_BYTES = 600 * MiB  # CUDA context + cuBLAS workspace on the device
 GPU_HOST_RUNTIME_BYTES = 1 * GiB  # the same process's host RAM when it drives a GPU
 KV_PAGE_TOKENS = 64  # tokens per KV page in the runner's paged cache (runner/engine.py: DEFAULT_PAGE_SIZE)
@@ -125,10 +137,6 @@ def block_weight_bytes(block: Block, facts: CheckpointFacts, dtype: str, quantiz
     return rest + q // 2 + (q // 64) * 4
 
 
-def weight_bytes(facts: CheckpointFacts, dtype: str, quantization: Quantization) -> int:
-    return sum(block_weight_bytes(b, facts, dtype, quantization) for b in facts.blocks)
-
-
 def paged_tokens(context_tokens: int, concurrency: int) -> int:
     """Tokens the paged KV cache allocates for ``concurrency`` sequences of ``context_tokens``: whole pages
     per sequence plus one page of slack each (``runner/engine.py: kv_cache_blocks``), plus the trash pages."""
@@ -136,9 +144,13 @@ def paged_tokens(context_tokens: int, concurrency: int) -> int:
     return pages * KV_PAGE_TOKENS
 
 
-def kv_cache_bytes(facts: CheckpointFacts, dtype: str, context_tokens: int, concurrency: int) -> int:
-    """The paged cache as the runner allocates it: every layer sized for every page (no window cap)."""
-    return facts.kv_bytes_per_token(DTYPE_WIDTH[dtype]) * paged_tokens(context_tokens, concurrency)
+def kv_cache_bytes(facts: CheckpointFacts, dtype: str, context_tokens: int, concurrency: int,
+                   engine: Engine = CONTINUOUS_BATCHING) -> int:
+    """The paged cache as the continuous-batching engine allocates it: every layer sized for every page (no
+    window cap). The ``generate`` engine's cache grows token by token to exactly what its rows hold."""
+    tokens = paged_tokens(context_tokens, concurrency) if engine == CONTINUOUS_BATCHING \
+        else context_tokens * concurrency
+    return facts.kv_bytes_per_token(DTYPE_WIDTH[dtype]) * tokens
 
 
 def attention_types(facts: CheckpointFacts) -> int:
@@ -165,19 +177,41 @@ def attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concu
     return gathered + repeated + scores + query
 
 
+def generate_attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int,
+                             context_tokens: int) -> int:
+    """One layer's attention transient in the ``generate`` engine: its rows are one left-padded batch, each
+    chunk's queries read only their own row's keys, which sit contiguous in the cache (no gather). With the
+    padding mask, sdpa repeats them to every query head; the mask itself is a bool per query and key."""
+    width = DTYPE_WIDTH[dtype]
+    read = concurrency * context_tokens
+    repeated = 2 * read * facts.heads * facts.head_dim * width if facts.heads != facts.kv_heads else 0
+    mask = batch_tokens * context_tokens
+    scores = batch_tokens * context_tokens * facts.heads * (width + 4) if facts.eager_attention else 0
+    query = batch_tokens * facts.heads * facts.head_dim * width * 2
+    return repeated + mask + scores + query
+
+
 def activation_bytes(
-    facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int
+    facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int,
+    engine: Engine = CONTINUOUS_BATCHING,
 ) -> int:
     """Peak transient of one forward over ``batch_tokens`` tokens, plus what the engine preallocates for it:
     the masks, the larger of attention and MLP over the residual stream, the sampled rows' logits, and
-    what serving each sequence costs beside the engine."""
+    what serving each sequence costs beside the engine.
+
+    The ``generate`` engine preallocates nothing: it builds each chunk's mask as it goes, and has no
+    per-token floor (``FORWARD_BYTES_PER_TOKEN`` was the continuous-batching engine's per-token index
+    and position tensors; the tiny model's 8 × 2,048-token batch in ``generate`` stayed within its tensors)."""
     width = DTYPE_WIDTH[dtype]
     ffn = facts.intermediate_size * (facts.experts_per_token or 1)
     mlp = batch_tokens * MLP_TENSORS * ffn * width
     hidden = batch_tokens * HIDDEN_TENSORS * facts.hidden_size * width
-    attention = attention_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
     logits = concurrency * facts.vocab_size * (LOGITS_WIDTH + width)
     serving = concurrency * SERVING_BYTES_PER_SEQUENCE
+    if engine == GENERATE:
+        attention = generate_attention_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
+        return hidden + max(mlp, attention) + logits + serving
+    attention = attention_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
     masks = mask_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
     forward = max(hidden + max(mlp, attention), batch_tokens * FORWARD_BYTES_PER_TOKEN)
     return masks + forward + logits + serving
