@@ -16,7 +16,7 @@ anonymous and file-backed pages together, since the mapped weights are file-back
 
 Case names: the demo sizes ``tiny``, ``small``, ``1b`` (llama), ``small-qwen2``, and the ~150M random-init
 families of ``benchmarks/family_models.py`` (``llama``, ``qwen2``, ``mistral``, ``gemma2``, ``gpt2``,
-``mixtral``). One model process runs at a time.
+``mixtral``), each also as ``<family>-fp32`` (stored in float32). One model process runs at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from family_models import FAMILIES, ensure_family_model
+from family_models import ensure_family_model, is_family
 
 GiB = 1024**3
 MiB = 1024**2
@@ -46,7 +46,7 @@ READY_TIMEOUT_SECONDS = 1800.0
 
 def ensure_model(models: Path, name: str) -> Path:
     """A demo model (``tiny``, ``small``, ``1b``, ``small-qwen2``) or a family checkpoint, built once."""
-    if name in FAMILIES:
+    if is_family(name):
         return ensure_family_model(models, name)
     from memserve.checkpoint.demo import write_demo_model
 

@@ -1,4 +1,4 @@
-"""Random-init bf16 checkpoints of ~150–200M parameters, one per family transformers commonly serves.
+"""Random-init bf16 (or fp32) checkpoints of ~150–200M parameters, one per family transformers commonly serves.
 
 The estimate must hold beyond the demo models (llama, qwen2): Mistral (sliding window), Gemma2
 (soft-capping, hence eager attention), GPT-2 (no GQA, learned positions) and Mixtral (MoE, fused at
@@ -6,6 +6,11 @@ load). Each is built from its transformers config class and ``save_pretrained`` 
 a hub — with the demo tokenizer (16,384 tokens) copied from a demo-small checkpoint.
 
     python benchmarks/family_models.py --models-dir models gemma2 mixtral
+    python benchmarks/family_models.py --models-dir models gpt2-fp32   # stored in float32
+
+A ``-fp32`` name stores the same architecture in float32: on a CPU without native bf16 for oneDNN (this
+project's VM), bf16 matmuls take a slow reference path (GPT-2's ``Conv1D`` bf16 ``addmm`` ran one
+512-token warm-up for over 20 minutes without finishing it), so long contexts and many sequences are measured in fp32.
 """
 
 from __future__ import annotations
@@ -45,22 +50,29 @@ def _tokenizer_source(models: Path) -> Path:
     return path
 
 
-def ensure_family_model(models: Path, family: str) -> Path:
-    """``models/family-<name>``, built once: random weights (seed 0) in bf16, the demo tokenizer."""
+def is_family(name: str) -> bool:
+    return name.removesuffix("-fp32") in FAMILIES
+
+
+def ensure_family_model(models: Path, name: str) -> Path:
+    """``models/family-<name>``, built once: random weights (seed 0) in bf16 (fp32 for ``<family>-fp32``),
+    the demo tokenizer."""
     import torch
     import transformers
 
-    path = models / f"family-{family}"
+    path = models / f"family-{name}"
     if (path / "config.json").exists():
         return path
     started = time.perf_counter()
+    family = name.removesuffix("-fp32")
+    dtype = torch.float32 if name.endswith("-fp32") else torch.bfloat16
     class_name, dims = FAMILIES[family]
     config = getattr(transformers, class_name)(**_COMMON, **dims)
-    config.dtype = "bfloat16"
+    config.dtype = str(dtype).removeprefix("torch.")
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = 1
-    staging = models / f".family-{family}.partial"
+    staging = models / f".family-{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     source = _tokenizer_source(models)
@@ -78,7 +90,8 @@ def ensure_family_model(models: Path, family: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("families", nargs="*", default=list(FAMILIES), help=", ".join(FAMILIES))
+    parser.add_argument("families", nargs="*", default=list(FAMILIES),
+                        help=", ".join(FAMILIES) + " (each also as <family>-fp32)")
     args = parser.parse_args()
     for family in args.families:
         ensure_family_model(args.models_dir, family)
