@@ -5,8 +5,8 @@ own thread) with a cache sized from the Plan (:func:`continuous_batching_config`
 library's default (60% of *total* RAM, zero-filled). The shared front (``runner/front.py``) does the
 rest.
 
-Private parts of transformers used here
----------------------------------------
+Private parts of transformers the engines use
+---------------------------------------------
 The library's continuous batching has no public API for what this engine needs, so it reaches into
 ``transformers.generation.continuous_batching`` (the version is capped below the next minor in
 ``pyproject.toml``, and ``tests/runner/test_transformers_private.py`` names what moved when one goes):
@@ -28,6 +28,8 @@ The library's continuous batching has no public API for what this engine needs, 
 - ``ContinuousBatchingLogitsProcessor``/``ContinuousBatchingLogitsProcessorList`` from
   ``continuous_batching.cb_logits_processors`` (subclassed in ``runner/sampling.py``), with ``tensors_required``,
   ``supported_kwargs`` and the request state's ``logit_processor_kwargs``.
+- ``GenerationConfig.prefill_chunk_size`` (undocumented; an unknown key would be kept and ignored silently):
+  the ``generate`` fallback's chunked prefill, ``runner/fallback.py``.
 """
 
 from __future__ import annotations
