@@ -427,7 +427,7 @@ def test_api_key_is_read_from_env_at_call_time_and_never_shown(monkeypatch: pyte
     assert groq.api_key() == "gsk_live_secret_123"
     monkeypatch.setenv("GROQ_API_KEY", "gsk_rotated_456")
     assert groq.api_key() == "gsk_rotated_456"
-    public = json.dumps(settings.public_json())
+    public = json.dumps(settings.model_dump(mode="json"))
     assert "gsk_rotated_456" not in public and "GROQ_API_KEY" in public
     assert ProviderConfig(name="p", base_url="http://h").api_key() is None
 
@@ -438,9 +438,9 @@ def test_a_key_pasted_into_the_file_is_refused_without_echoing_it(tmp_path: Path
     assert "gsk_pasted_789" not in message
 
 
-def test_public_json_is_plain_json_with_forever_as_minus_one() -> None:
+def test_settings_dump_as_plain_json_with_forever_as_minus_one() -> None:
     settings = load_settings(EXAMPLE, keep_alive=-1)
-    public = settings.public_json()
+    public = settings.model_dump(mode="json")
     text = json.dumps(public, allow_nan=False)
     assert public["keep_alive_seconds"] == -1
     assert public["models"][0]["keep_alive_seconds"] == -1 and public["models"][1]["keep_alive_seconds"] == 600

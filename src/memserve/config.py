@@ -406,10 +406,6 @@ class Settings(BaseSettings):
         """The provider named ``name``, or None."""
         return next((p for p in self.providers if p.name == name), None)
 
-    def public_json(self) -> dict[str, Any]:
-        """Every setting as JSON (forever as -1); providers show only the env var *name* of their key."""
-        return self.model_dump(mode="json")
-
 
 def _device_sizes(text: str, what: str) -> dict[str, int]:
     try:
