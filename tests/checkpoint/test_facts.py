@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memserve.checkpoint import locate as locate_mod
-from memserve.checkpoint.facts import read_adapter_facts, read_local_facts, with_adapters
+from memserve.checkpoint.facts import mlp_tensors, read_adapter_facts, read_local_facts, with_adapters
 from memserve.checkpoint.locate import locate, read_facts
 from memserve.errors import CheckpointError, HubUnavailable, MemserveError, ModelNotFound
 from tests.fakes import (
@@ -249,3 +249,15 @@ def test_hub_unreachable_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(HubUnavailable, match="could not be reached"):
         read_facts("org/model")
     assert issubclass(HubUnavailable, MemserveError) and locate_mod.hub_offline() is False
+
+
+@pytest.mark.parametrize(("config", "names", "tensors"), [
+    ({"hidden_act": "silu"}, ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"], 3),
+    ({"hidden_act": "silu"}, ["model.layers.0.block_sparse_moe.experts.0.w1.weight"], 3),  # Mixtral's experts
+    ({"hidden_activation": "gelu_pytorch_tanh"}, ["model.layers.0.mlp.gate_proj.weight"], 3),  # Gemma2: gated
+    ({"activation_function": "gelu_new"}, ["h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.weight"], 4),  # GPT-2
+    ({"activation_function": "relu"}, ["model.decoder.layers.0.fc1.weight"], 2),  # OPT: one fused op
+])
+def test_mlp_tensors_alive_at_once_follow_gating_and_the_activation(config: dict, names: list[str],
+                                                                    tensors: int) -> None:
+    assert mlp_tensors(config, names) == tensors

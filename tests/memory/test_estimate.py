@@ -13,7 +13,6 @@ from memserve.memory.estimate import (
     HIDDEN_TENSORS,
     KV_PAGE_TOKENS,
     KV_TRASH_PAGES,
-    MLP_TENSORS,
     SERVING_BYTES_PER_SEQUENCE,
     activation_bytes,
     attention_bytes,
@@ -90,7 +89,7 @@ def test_gemma2_soft_capping_means_eager_attention() -> None:
 def test_activations_take_the_larger_of_attention_and_mlp_over_the_residual_stream() -> None:
     f = facts(LLAMA3_8B)
     tokens, concurrency, context = 2048, 1, 2048
-    mlp = tokens * MLP_TENSORS * 14336 * 2
+    mlp = tokens * 3 * 14336 * 2
     attention = attention_bytes(f, "bfloat16", tokens, concurrency, context)
     assert mlp > attention
     hidden = tokens * HIDDEN_TENSORS * 4096 * 2
@@ -133,7 +132,7 @@ def test_the_generate_engine_reads_only_its_own_rows_keys_and_preallocates_nothi
                    vocab_size=1024)
     hidden = tokens * HIDDEN_TENSORS * 64 * 4
     attention = generate_attention_bytes(narrow, "float32", tokens, rows, context)
-    assert attention > tokens * MLP_TENSORS * 160 * 4
+    assert attention > tokens * 3 * 160 * 4
     assert activation_bytes(narrow, "float32", tokens, rows, context, engine=GENERATE) == (
         hidden + attention + rows * (1024 * (4 + 4) + SERVING_BYTES_PER_SEQUENCE))
     assert activation_bytes(narrow, "float32", tokens, rows, context, engine=GENERATE) \

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +107,8 @@ class CheckpointFacts:
     # MoE experts stored one tensor per expert: transformers fuses them into new tensors at load while the
     # mapped file pages stay resident, so these bytes are held twice
     split_expert_bytes: int = 0
+    # ``tokens × intermediate`` tensors the MLP holds at once (see ``mlp_tensors``)
+    mlp_tensors: int = 3
     adapters: tuple[AdapterFacts, ...] = field(default_factory=tuple)
 
     @property
@@ -163,6 +165,7 @@ class CheckpointFacts:
             "quantization": self.quantization,
             "eager_attention": self.eager_attention,
             "split_expert_bytes": self.split_expert_bytes,
+            "mlp_tensors": self.mlp_tensors,
             "kv_bytes_per_token": self.kv_bytes_per_token(),
             "adapters": [a.__dict__ | {"target_modules": list(a.target_modules)} for a in self.adapters],
             "warnings": list(self.warnings),
@@ -302,6 +305,24 @@ def _check_not_truncated(folder: Path, meta: SafetensorsRepoMetadata, source: st
             )
 
 
+_GATED_MLP = re.compile(r"gate_proj|gate_up_proj|\.w1\.|\.w3\.")
+# activations transformers writes as Python expressions, each step a new tensor (GPT-2's gelu_new:
+# ``0.5 * x * (1 + tanh(c * (x + 0.044715 * x³)))``); the others are one fused op
+_COMPOSITE_ACTIVATIONS = ("gelu_new", "gelu_fast", "quick_gelu", "gelu_accurate")
+
+
+def mlp_tensors(config: Mapping[str, Any], tensor_names: Iterable[str]) -> int:
+    """``tokens × intermediate`` tensors alive at once in one MLP, measured as a plain forward's peak
+    above its rest (fp32, 512 and 2,048 tokens): a gated MLP (Llama's gate, up and act(gate)·up) holds 3;
+    GPT-2's ungated one holds 4 — its input, ``0.5·x`` kept to the end, and two temporaries of gelu_new
+    (176.3 MiB measured at 2,048 tokens, exactly 4 of them over the residual stream's); an ungated MLP with
+    a fused activation holds 2 (its input and output)."""
+    if any(_GATED_MLP.search(name) for name in tensor_names):
+        return 3
+    activation = _first(config, "hidden_act", "hidden_activation", "activation_function")
+    return 4 if activation in _COMPOSITE_ACTIVATIONS else 2
+
+
 def facts_from(
     config: dict[str, Any],
     tensors: Mapping[str, tuple[str, list[int]]],
@@ -380,6 +401,7 @@ def facts_from(
         warnings=warnings,
         eager_attention=_first(cfg, "attn_logit_softcapping") is not None,
         split_expert_bytes=sum(b.split_expert_bytes for b in blocks),
+        mlp_tensors=mlp_tensors(cfg, tensors),
     )
 
 

@@ -23,7 +23,9 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
     tokens + batch tokens)`` in the model dtype, preallocated and written whole under full traffic;
   - attention and MLP run one after the other inside a layer, so the transient is the larger of the two
     on top of the residual stream (``HIDDEN_TENSORS`` of ``tokens × hidden``):
-    - the MLP holds about ``MLP_TENSORS`` ``tokens × intermediate`` tensors at once (gate, up, act·up);
+    - the MLP holds ``facts.mlp_tensors`` ``tokens × intermediate`` tensors at once: 3 gated (gate, up,
+      act·up), 4 for GPT-2's gelu_new written as a Python expression, 2 for a fused activation
+      (``checkpoint/facts.py: mlp_tensors``, measured);
     - attention reads every K/V the batch's sequences hold (up to context × concurrency tokens): the
       paged cache gathers them (``index_select``: a copy), and with a mask transformers' sdpa path
       repeats them to every query head (``repeat_kv``; GQA-in-sdpa is only used without a mask) —
@@ -73,8 +75,7 @@ GPU_RUNTIME_BYTES = 600 * MiB  # CUDA context + cuBLAS workspace on the device
 GPU_HOST_RUNTIME_BYTES = 1 * GiB  # the same process's host RAM when it drives a GPU
 KV_PAGE_TOKENS = 64  # tokens per KV page in the runner's paged cache (runner/engine.py: DEFAULT_PAGE_SIZE)
 KV_TRASH_PAGES = 2  # pages the paged cache keeps beyond its data pages (transformers 5.24)
-# MLP: gate, up and act(gate)·up can be alive together; residual stream, norms, q/k/v/o projections
-MLP_TENSORS = 3
+# residual stream, norms, q/k/v/o projections (the MLP's count is the checkpoint's: facts.mlp_tensors)
 HIDDEN_TENSORS = 6
 LOGITS_WIDTH = 4  # transformers upcasts logits to fp32 before sampling
 # Measured, not derived: a forward never costs less than this per token. The tiny demo model's (hidden 64,
@@ -204,7 +205,7 @@ def activation_bytes(
     and position tensors; the tiny model's 8 × 2,048-token batch in ``generate`` stayed within its tensors)."""
     width = DTYPE_WIDTH[dtype]
     ffn = facts.intermediate_size * (facts.experts_per_token or 1)
-    mlp = batch_tokens * MLP_TENSORS * ffn * width
+    mlp = batch_tokens * facts.mlp_tensors * ffn * width
     hidden = batch_tokens * HIDDEN_TENSORS * facts.hidden_size * width
     logits = concurrency * facts.vocab_size * (LOGITS_WIDTH + width)
     serving = concurrency * SERVING_BYTES_PER_SEQUENCE
