@@ -47,9 +47,7 @@ class MemserveError(Exception):
 
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI error body: all four keys present, ``code`` a string or null."""
-        return {
-            "error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
-        }
+        return error_body(self.status_code, self.message, param=self.param, code=self.code, error_type=self.error_type)
 
 
 _TYPES_BY_STATUS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -65,7 +63,8 @@ def error_type_for(status_code: int) -> str:
 
 def error_body(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
                error_type: str | None = None) -> dict[str, Any]:
-    """``{"error": {"message", "type", "param", "code"}}`` for errors that are not MemserveErrors."""
+    """``{"error": {"message", "type", "param", "code"}}``: the one place that builds the OpenAI error object
+    (``MemserveError.to_openai`` included); ``error_type`` defaults to the status's."""
     return {"error": {"message": message, "type": error_type or error_type_for(status_code), "param": param,
                       "code": code}}
 

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from memserve.bench.fake import FakeServer
 from memserve.cli import main
+from memserve.wire.fake import NOT_JSON, FakeOpenAI, ReceivedRequest, Script
 from tests.bench.test_prompts import write_tokenizer
-from tests.gateway.fake_upstream import FakeUpstream, Mode, nothing_listening, serve_fake
-from tests.serving import serve_app
+from tests.serving import nothing_listening, serve_app, serve_fake
 
 
 def bench(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -29,7 +28,7 @@ def bench(*args: str, env: dict[str, str] | None = None) -> Result:
 
 
 @contextmanager
-def served(fake: FakeServer) -> Iterator[str]:
+def served(fake: FakeOpenAI) -> Iterator[str]:
     with serve_app(fake) as origin:  # type: ignore[arg-type]
         yield origin
 
@@ -40,7 +39,7 @@ def error_lines(result: Result) -> list[str]:
 
 def test_a_run_prints_tables_and_writes_json_and_plot(tmp_path: Path) -> None:
     out, png = tmp_path / "b.json", tmp_path / "plots" / "b.png"
-    with served(FakeServer(models=("m",))) as origin:
+    with served(FakeOpenAI(models=("m",))) as origin:
         result = bench(origin, "--model", "m", "--concurrency", "1,2", "--requests", "4", "--output-tokens", "8",
                        "--json", str(out), "--plot", str(png))
     assert result.exit_code == 0, result.output
@@ -76,15 +75,16 @@ def test_a_run_prints_tables_and_writes_json_and_plot(tmp_path: Path) -> None:
 
 
 def test_vs_alternates_step_by_step_and_prints_ratios(tmp_path: Path) -> None:
-    received: list[dict[str, Any]] = []
+    received: list[ReceivedRequest] = []
     out = tmp_path / "vs.json"
-    with served(FakeServer(models=("m-a",), received=received)) as a, \
-            served(FakeServer(models=("m-b",), received=received)) as b:
+    with served(FakeOpenAI(models=("m-a",), requests=received)) as a, \
+            served(FakeOpenAI(models=("m-b",), requests=received)) as b:
         result = bench(a, "--model", "m-a", "--vs", b, "--vs-model", "m-b", "--concurrency", "1,2", "--requests", "2",
                        "--output-tokens", "4", "--no-overhead", "--json", str(out))
     assert result.exit_code == 0, result.output
     # warm-ups first, then A@1, B@1, A@2, B@2
-    assert [r["model"] for r in received] == ["m-a", "m-b"] + ["m-a"] * 2 + ["m-b"] * 2 + ["m-a"] * 2 + ["m-b"] * 2
+    asked = [r.body["model"] for r in received if r.body is not None]
+    assert asked == ["m-a", "m-b"] + ["m-a"] * 2 + ["m-b"] * 2 + ["m-a"] * 2 + ["m-b"] * 2
     data = json.loads(out.read_text())
     assert [(o["target"], o["concurrency"]) for o in data["order"]] == [("A", 1), ("B", 1), ("A", 2), ("B", 2)]
     assert data["comparison"]["ratio"] == "B/A"
@@ -96,7 +96,7 @@ def test_vs_alternates_step_by_step_and_prints_ratios(tmp_path: Path) -> None:
 
 def test_rate_steps_and_an_api_key(tmp_path: Path) -> None:
     out = tmp_path / "rate.json"
-    with serve_fake(FakeUpstream(models=("m",))) as fake:
+    with serve_fake(FakeOpenAI(models=("m",))) as fake:
         result = bench(fake.base_url, "--model", "m", "--rate", "50,100", "--requests", "3", "--no-overhead",
                        "--api-key-env", "BENCH_TEST_KEY", "--json", str(out), env={"BENCH_TEST_KEY": "sekrit-123"})
     assert result.exit_code == 0, result.output
@@ -112,12 +112,12 @@ def test_rate_steps_and_an_api_key(tmp_path: Path) -> None:
 def test_a_local_model_folder_lends_its_tokenizer_and_its_name(tmp_path: Path) -> None:
     folder = write_tokenizer(tmp_path / "tiny-demo")
     out = tmp_path / "t.json"
-    received: list[dict[str, Any]] = []
-    with served(FakeServer(models=("tiny-demo",), received=received)) as origin:
+    received: list[ReceivedRequest] = []
+    with served(FakeOpenAI(models=("tiny-demo",), requests=received)) as origin:
         result = bench(origin, "--model", str(folder), "--concurrency", "1", "--requests", "2",
                        "--prompt-tokens", "40", "--no-overhead", "--json", str(out))
     assert result.exit_code == 0, result.output
-    assert {r["model"] for r in received} == {"tiny-demo"}
+    assert {r.body["model"] for r in received if r.body is not None} == {"tiny-demo"}
     prompts = json.loads(out.read_text())["prompts"]
     assert (prompts["source"], prompts["tokenizer"], prompts["prompt_tokens"]) == ("tokenizer", str(folder), 40)
 
@@ -128,19 +128,17 @@ def _unreachable() -> Iterator[str]:
 
 
 def _model_404() -> Iterator[str]:
-    with served(FakeServer(models=("real-a", "real-b"))) as origin:
+    with served(FakeOpenAI(models=("real-a", "real-b"))) as origin:
         yield origin
 
 
 def _server_500() -> Iterator[str]:
-    with serve_fake(FakeUpstream(models=("m",))) as fake:
-        fake.mode = Mode.ERROR
+    with serve_fake(FakeOpenAI(models=("m",), script=Script(error_status=500))) as fake:
         yield fake.base_url
 
 
 def _not_sse() -> Iterator[str]:
-    with serve_fake(FakeUpstream(models=("m",))) as fake:
-        fake.mode = Mode.GARBAGE
+    with serve_fake(FakeOpenAI(models=("m",), script=Script(not_json=NOT_JSON))) as fake:
         yield fake.base_url
 
 

@@ -14,12 +14,12 @@ from typing import Any
 import httpx
 import pytest
 
-from memserve.bench.fake import FakeServer, Script
 from memserve.bench.load import LoadGenerator, Target, normalize_base_url, poisson_arrivals_seconds, stream_request
 from memserve.bench.prompts import Prompt, SyntheticPrompts
 from memserve.bench.run import BenchConfig, BenchReport, run_bench
 from memserve.bench.stats import Percentiles, RequestRecord, Step
 from memserve.errors import InvalidArgument
+from memserve.wire.fake import FakeOpenAI, Script
 from tests.bench.test_stats import about
 from tests.bench.virtual import StreamingASGITransport, VirtualClock
 
@@ -32,9 +32,9 @@ TARGET = Target("A", "http://fake.test/v1", "m")
 
 def bench(script: Script, steps: list[Step], *, requests: int | None = 8, duration_seconds: float | None = None,
           output_tokens: int = TOKENS, saves: list[dict[str, Any]] | None = None,
-          fake: FakeServer | None = None, clock: VirtualClock | None = None) -> BenchReport:
+          fake: FakeOpenAI | None = None, clock: VirtualClock | None = None) -> BenchReport:
     clock = clock or VirtualClock()
-    fake = fake or FakeServer(models=("m",), script=script, sleep=clock.sleep)
+    fake = fake or FakeOpenAI(models=("m",), script=script, sleep=clock.sleep)
     config = BenchConfig(targets=(TARGET,), steps=tuple(steps), requests_per_step=requests,
                          duration_seconds=duration_seconds, measure_overhead=False)
     prompts = SyntheticPrompts(prompt_tokens=8, output_tokens=output_tokens, seed=0)
@@ -111,7 +111,7 @@ def test_duration_limits_a_step_by_the_clock() -> None:
 
 def test_the_report_is_saved_after_every_step_and_a_failing_target_stops() -> None:
     clock = VirtualClock()
-    fake = FakeServer(models=("m",), script=Script(first_token_delays_seconds=(F,)), sleep=clock.sleep)
+    fake = FakeOpenAI(models=("m",), script=Script(first_token_delays_seconds=(F,)), sleep=clock.sleep)
     saves: list[dict[str, Any]] = []
 
     def break_after_first_step(report: BenchReport) -> None:
@@ -136,7 +136,7 @@ def test_the_report_is_saved_after_every_step_and_a_failing_target_stops() -> No
 
 def test_open_loop_sends_at_poisson_arrival_times() -> None:
     clock = VirtualClock()
-    fake = FakeServer(models=("m",), script=Script(first_token_delays_seconds=(F,), token_gaps_seconds=(G,)),
+    fake = FakeOpenAI(models=("m",), script=Script(first_token_delays_seconds=(F,), token_gaps_seconds=(G,)),
                       sleep=clock.sleep)
     prompt = Prompt(max_tokens=TOKENS, text="hello there")
 
@@ -156,7 +156,7 @@ def test_open_loop_sends_at_poisson_arrival_times() -> None:
 
 def test_open_loop_max_concurrency_holds_requests_back() -> None:
     clock = VirtualClock()
-    fake = FakeServer(models=("m",), script=Script(first_token_delays_seconds=(F,), token_gaps_seconds=(G,)),
+    fake = FakeOpenAI(models=("m",), script=Script(first_token_delays_seconds=(F,), token_gaps_seconds=(G,)),
                       sleep=clock.sleep)
     prompt = Prompt(max_tokens=TOKENS, text="hello")
 

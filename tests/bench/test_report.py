@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from memserve.bench.fake import FakeServer, Script
 from memserve.bench.load import Target
 from memserve.bench.prompts import SyntheticPrompts
 from memserve.bench.report import (
@@ -24,6 +23,7 @@ from memserve.bench.report import (
 from memserve.bench.run import BenchConfig, BenchReport, TargetResult, run_bench
 from memserve.bench.stats import Percentiles, Step, StepKind, StepStats
 from memserve.errors import InvalidArgument
+from memserve.wire.fake import FakeOpenAI, Script
 from tests.bench.virtual import StreamingASGITransport, VirtualClock
 
 
@@ -64,7 +64,7 @@ def test_comparison_table_divides_b_by_a() -> None:
 
 def test_the_live_view_runs_on_a_terminal() -> None:
     clock = VirtualClock()
-    fake = FakeServer(models=("m",), script=Script(first_token_delays_seconds=(1 / 16,)), sleep=clock.sleep)
+    fake = FakeOpenAI(models=("m",), script=Script(first_token_delays_seconds=(1 / 16,)), sleep=clock.sleep)
     console = Console(file=io.StringIO(), force_terminal=True, width=150)
     config = BenchConfig(targets=(Target("A", "http://fake/v1", "m"),), steps=(Step("concurrency", 1),),
                          requests_per_step=3, measure_overhead=False)

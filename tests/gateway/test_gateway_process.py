@@ -36,7 +36,7 @@ from memserve.memory.inventory import Device, Inventory
 from memserve.pool.pool import ModelPool
 from memserve.runner.serve import TEST_EXTRA_BYTES_ENV
 from tests.fakes import LLAMA3_8B, write_sparse_checkpoint
-from tests.gateway.fake_upstream import FakeUpstream, nothing_listening, serve_app, serve_fake
+from tests.serving import FakeOpenAI, nothing_listening, serve_app, serve_fake
 
 MiB, GiB = 1 << 20, 1 << 30
 CHAT = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 8, "temperature": 0}
@@ -286,7 +286,7 @@ def test_a_model_larger_than_the_budget_is_refused_at_once_with_bytes_and_option
 
 def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
     big = write_sparse_checkpoint(tmp_path / "llama-8b", LLAMA3_8B, shards=1)
-    with serve_fake(FakeUpstream(models=("m1",))) as fake, nothing_listening() as dead:
+    with serve_fake(FakeOpenAI(models=("m1",))) as fake, nothing_listening() as dead:
         settings = settings_for(
             tmp_path,
             [ModelConfig(name="big", source=str(big), context_tokens=4096, fallback="fake/m1"),

@@ -30,11 +30,15 @@ from starlette.responses import JSONResponse, Response
 from memserve.errors import MemserveError
 from memserve.gateway.upstream import Upstream, forward
 from memserve.pool.runner_transport import RunnerTransport
-from tests.gateway.fake_upstream import FakeUpstream, Mode, ReceivedRequest, nothing_listening, serve_app, serve_fake
+from memserve.wire.fake import NOT_JSON
+from tests.serving import FakeOpenAI, ReceivedRequest, Script, nothing_listening, serve_app, serve_fake
 
 API_KEY = "sk-test-123"
 FALLBACK_HEADER = "x-memserve-fallback"
+MODELS = ("my-model", "fake-model")
 CHAT: dict[str, Any] = {"model": "my-model", "messages": [{"role": "user", "content": "say hello to me"}]}
+SLOW_TOKENS = 200
+SLOW = Script(reply_tokens=SLOW_TOKENS, token_gaps_seconds=(0.05,))  # 200 events, 50 ms apart: 10 s in all
 
 
 class DoneLog:
@@ -63,13 +67,13 @@ class DoneLog:
 @dataclass
 class Stack:
     client: httpx.Client
-    tcp: FakeUpstream
-    uds: FakeUpstream
+    tcp: FakeOpenAI
+    uds: FakeOpenAI
     down_url: str
     done: DoneLog
 
 
-def make_gateway(tcp: FakeUpstream, uds: FakeUpstream, down_url: str, missing_socket: Path,
+def make_gateway(tcp: FakeOpenAI, uds: FakeOpenAI, down_url: str, missing_socket: Path,
                  done: DoneLog) -> FastAPI:
     upstreams: dict[str, Upstream] = {}
 
@@ -111,7 +115,8 @@ def make_gateway(tcp: FakeUpstream, uds: FakeUpstream, down_url: str, missing_so
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     sockets = tmp_path_factory.mktemp("sockets")
     done = DoneLog()
-    with serve_fake() as tcp, serve_fake(uds=sockets / "fake.sock") as uds, nothing_listening() as down_url:
+    with serve_fake(FakeOpenAI(models=MODELS)) as tcp, \
+            serve_fake(FakeOpenAI(models=MODELS), uds=sockets / "fake.sock") as uds, nothing_listening() as down_url:
         gateway = make_gateway(tcp, uds, down_url, sockets / "missing.sock", done)
         with serve_app(gateway, lifespan=True) as origin, httpx.Client(base_url=origin, timeout=10) as client:
             yield Stack(client, tcp, uds, down_url, done)
@@ -123,7 +128,7 @@ def fresh_fakes(stack: Stack) -> None:
     stack.uds.reset()
 
 
-def fake_for(stack: Stack, target: str) -> FakeUpstream:
+def fake_for(stack: Stack, target: str) -> FakeOpenAI:
     return stack.uds if target == "uds" else stack.tcp
 
 
@@ -194,7 +199,7 @@ def test_stream_is_relayed_byte_for_byte(stack: Stack, target: str, endpoint: st
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_garbage_is_a_bad_upstream_naming_it(stack: Stack, stream: bool) -> None:
-    stack.tcp.mode = Mode.GARBAGE
+    stack.tcp.script = Script(not_json=NOT_JSON)
     response, test_id = post(stack, "tcp", {**CHAT, "stream": stream})
     assert response.status_code == 502
     error = error_of(response)
@@ -206,9 +211,7 @@ def test_garbage_is_a_bad_upstream_naming_it(stack: Stack, stream: bool) -> None
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_errors_pass_through_with_status_and_retry_after(stack: Stack, stream: bool) -> None:
-    stack.tcp.mode = Mode.ERROR
-    stack.tcp.error_status = 429
-    stack.tcp.error_headers = {"Retry-After": "7"}
+    stack.tcp.script = Script(error_status=429, error_headers={"Retry-After": "7"})
     response, test_id = post(stack, "tcp", {**CHAT, "stream": stream})
     assert response.status_code == 429
     assert response.content == bytes(stack.tcp.sent[-1])
@@ -224,8 +227,7 @@ def test_openai_errors_pass_through_with_status_and_retry_after(stack: Stack, st
 def test_other_json_errors_are_rewrapped_in_the_openai_shape(stack: Stack, status: int, body: dict[str, Any],
                                                             expected_type: str, expected_code: str | None,
                                                             expected_text: str) -> None:
-    stack.tcp.mode = Mode.ERROR
-    stack.tcp.error_status, stack.tcp.error_body = status, body
+    stack.tcp.script = Script(error_status=status, error_body=body)
     response, test_id = post(stack, "tcp", CHAT)
     assert response.status_code == status
     error = error_of(response)
@@ -236,8 +238,7 @@ def test_other_json_errors_are_rewrapped_in_the_openai_shape(stack: Stack, statu
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_error_that_is_not_json_is_a_bad_upstream_with_its_status(stack: Stack, stream: bool) -> None:
-    stack.tcp.mode = Mode.ERROR
-    stack.tcp.error_status, stack.tcp.error_body = 500, "<html><h1>Internal    Server Error</h1></html>"
+    stack.tcp.script = Script(error_status=500, error_body="<html><h1>Internal    Server Error</h1></html>")
     response, test_id = post(stack, "tcp", {**CHAT, "stream": stream})
     assert response.status_code == 502
     error = error_of(response)
@@ -263,7 +264,7 @@ def test_unreachable_upstream_is_unavailable_naming_it(stack: Stack, stream: boo
 
 
 def test_upstream_too_slow_to_answer_is_unavailable(stack: Stack) -> None:
-    stack.tcp.answer_delay_seconds = 1.0
+    stack.tcp.script = Script(answer_delay_seconds=1.0)
     response, test_id = post(stack, "impatient", CHAT)
     assert response.status_code == 502
     error = error_of(response)
@@ -274,8 +275,7 @@ def test_upstream_too_slow_to_answer_is_unavailable(stack: Stack) -> None:
 
 @pytest.mark.parametrize("die_mid_event", [False, True])
 def test_stream_broken_off_ends_with_an_error_event_and_done(stack: Stack, die_mid_event: bool) -> None:
-    stack.tcp.mode = Mode.DIE_MID_STREAM
-    stack.tcp.die_mid_event = die_mid_event
+    stack.tcp.script = Script(die_after_tokens=2, die_mid_event=die_mid_event)
     response, test_id = post(stack, "tcp", {**CHAT, "stream": True})
     assert response.status_code == 200
     relayed = bytes(stack.tcp.sent[-1])
@@ -295,8 +295,7 @@ def test_stream_broken_off_ends_with_an_error_event_and_done(stack: Stack, die_m
 
 
 def test_stream_that_stalls_past_the_read_timeout_ends_with_an_error_event(stack: Stack) -> None:
-    stack.tcp.mode = Mode.SLOW
-    stack.tcp.token_delay_seconds = 2.0
+    stack.tcp.script = Script(first_token_delays_seconds=(2.0,))  # nothing at all for 2 s
     response, test_id = post(stack, "impatient", {**CHAT, "stream": True})
     assert response.status_code == 200
     error_data, done_data = events(response.content)
@@ -312,7 +311,7 @@ def test_stream_that_stalls_past_the_read_timeout_ends_with_an_error_event(stack
 @pytest.mark.parametrize("target", ["tcp", "uds"])
 def test_client_disconnect_closes_the_upstream_promptly(stack: Stack, target: str) -> None:
     fake = fake_for(stack, target)
-    fake.mode = Mode.SLOW  # 200 events, 50 ms apart: 10 s if nobody hangs up
+    fake.script = SLOW  # 10 s if nobody hangs up
     test_id = uuid.uuid4().hex
     with stack.client.stream("POST", f"/{target}/v1/chat/completions", json={**CHAT, "stream": True},
                              headers={"x-test-id": test_id}) as response:
@@ -327,11 +326,11 @@ def test_client_disconnect_closes_the_upstream_promptly(stack: Stack, target: st
             assert chunk is not None, f"the stream ended after {received!r}"
             received += chunk
         # relayed as they arrived: the upstream is still far from its last event
-        assert len(events(bytes(fake.sent[-1]))) < fake.slow_token_count, "the stream was buffered"
+        assert len(events(bytes(fake.sent[-1]))) < SLOW_TOKENS, "the stream was buffered"
         assert stack.done.count(test_id) == 0, "on_done ran while the stream was still going"
         assert not fake.disconnected.is_set()
     assert fake.disconnected.wait(2.0), "the upstream never saw the client go away"
-    assert len(events(bytes(fake.sent[-1]))) < fake.slow_token_count  # cut off, not run to its end
+    assert len(events(bytes(fake.sent[-1]))) < SLOW_TOKENS  # cut off, not run to its end
     assert stack.done.wait(test_id) == 1
     assert received == bytes(fake.sent[-1])[: len(received)]
 
@@ -339,7 +338,7 @@ def test_client_disconnect_closes_the_upstream_promptly(stack: Stack, target: st
 def test_relay_closes_the_upstream_when_a_send_fails(stack: Stack) -> None:
     """ASGI 2.4 servers report a gone client by failing ``send``: the relay is then suspended at a ``yield``,
     which only an explicit close (not starlette, not the garbage collector while we hold it) ends."""
-    stack.tcp.mode = Mode.SLOW
+    stack.tcp.script = SLOW
     done_calls: list[str] = []
 
     async def send_until_gone(scope: dict[str, Any]) -> bool:
@@ -393,5 +392,5 @@ def test_the_upstream_module_imports_neither_torch_nor_the_runner() -> None:
 
 def test_fake_lists_its_models_and_records_the_request(stack: Stack) -> None:
     models = httpx.get(f"{stack.tcp.base_url}/models", headers={"Authorization": "Bearer k"}).json()
-    assert [m["id"] for m in models["data"]] == ["fake-model"]
+    assert [m["id"] for m in models["data"]] == list(MODELS)
     assert stack.tcp.requests[-1] == ReceivedRequest("GET", "/v1/models", None, "Bearer k")

@@ -8,7 +8,9 @@ The parts, each importable alone and none importing torch:
 - ``prompts``: dataset, tokenizer-cut or synthetic prompts;
 - ``run``: warm-up, client-overhead measurement, the steps (A and B alternating for ``--vs``), the report;
 - ``report``: live view, tables, JSON and the plot;
-- ``fake``: an instant (or scripted) OpenAI-compatible fake server.
+
+The instant (or scripted) OpenAI-compatible fake server it measures its own overhead against is
+``memserve.wire.fake``, the tests' fake of every upstream too.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import httpx
 
-from memserve.bench.fake import FakeServer, serve_in_thread
 from memserve.bench.load import Clock, LoadGenerator, Sleep, Target, list_models, make_client
 from memserve.bench.prompts import PromptSource
 from memserve.bench.stats import (
@@ -351,10 +350,13 @@ async def explain_failure(client: httpx.AsyncClient, target: Target, record: Req
 
 async def measure_client_overhead(config: BenchConfig, prompts: PromptSource) -> ClientOverhead:
     """The load at the top concurrency against an instant fake on 127.0.0.1 streaming the same token counts."""
+    from memserve.wire.fake import FakeOpenAI, serve_in_thread  # here: its answer shapes cost every CLI an import
+
     concurrency = config.overhead_concurrency()
     step = Step("concurrency", concurrency)
-    fake = FakeServer(models=("client-overhead",))
-    with serve_in_thread(fake) as origin:
+    fake = FakeOpenAI(models=("client-overhead",))
+    with serve_in_thread(fake, hint="it is the fake server of the client-overhead measurement: pass --no-overhead "
+                                    "to skip that measurement") as origin:
         target = Target("overhead", f"{origin}/v1", "client-overhead", endpoint=config.targets[0].endpoint)
         async with make_client(target, timeout_seconds=config.timeout_seconds) as client:
             generator = LoadGenerator(client, target, timeout_seconds=config.timeout_seconds)

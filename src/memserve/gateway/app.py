@@ -64,10 +64,25 @@ from memserve.wire.http import (
     check_json_content_type,
     check_origin,
     error_response,
+    handles,
     install_error_handlers,
     parse_body,
     sse_event,
     until_disconnected,
+)
+from memserve.wire.routes import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    EVENTS,
+    FIT,
+    GATEWAY_ROUTES,
+    HEALTH,
+    LOAD,
+    MEMORY,
+    MODELS,
+    PS,
+    UNLOAD,
+    describe,
 )
 from memserve.wire.schema import (
     ChatCompletion,
@@ -86,8 +101,6 @@ FALLBACK_HEADER = "x-memserve-fallback"
 FALLBACK_REASON_HEADER = "x-memserve-fallback-reason"
 FALLBACK_MODEL_HEADER = "x-memserve-fallback-for"
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
-ROUTES = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /api/ps, "
-          "POST /api/load, POST /api/unload, GET /api/fit, GET /api/memory, GET /api/events")
 _FALLBACK_ON = (InsufficientMemory, MemoryBusy, Overloaded)
 HUB_FIT_SECONDS = 15.0
 """How long ``GET /api/fit`` waits for the hub about a model that is not configured."""
@@ -164,7 +177,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
             await providers.aclose()
 
     app = FastAPI(title="memserve", version=__version__, lifespan=lifespan)
-    install_error_handlers(app, serves=f"memserve serves {ROUTES}")
+    install_error_handlers(app, serves=f"memserve serves {describe(GATEWAY_ROUTES)}")
 
     door = _Door(settings, pool)
 
@@ -216,26 +229,26 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
             raise RequestTimedOut(_timed_out(model, timeout)) from None
         return Response(status_code=CLIENT_CLOSED_REQUEST) if whole is None else whole
 
+    # Documented through FastAPI (and served by it where _HotRoutes is not in front); the body is parsed by
+    # the handler itself, so the OpenAPI document gets its request schema from _openapi.
+    @handles(app, CHAT_COMPLETIONS, response_model=None,
+             summary="Chat completion (OpenAI-compatible), streamed as SSE with stream: true",
+             responses=_responses(ChatCompletion, GENERATION_ERRORS, ChatCompletionChunk))
     async def chat_completions(request: Request) -> Response:
         return await completion(request, "/chat/completions")
 
+    @handles(app, COMPLETIONS, response_model=None,
+             summary="Text completion (OpenAI-compatible), streamed as SSE with stream: true",
+             responses=_responses(TextCompletion, GENERATION_ERRORS, TextCompletionChunk))
     async def completions(request: Request) -> Response:
         return await completion(request, "/completions")
 
-    # Documented through FastAPI (and served by it where _HotRoutes is not in front); the body is parsed by
-    # the handler itself, so the OpenAPI document gets its request schema from _openapi.
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None,
-                      summary="Chat completion (OpenAI-compatible), streamed as SSE with stream: true",
-                      responses=_responses(ChatCompletion, GENERATION_ERRORS, ChatCompletionChunk))
-    app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None,
-                      summary="Text completion (OpenAI-compatible), streamed as SSE with stream: true",
-                      responses=_responses(TextCompletion, GENERATION_ERRORS, TextCompletionChunk))
     served = [m.name for m in settings.models] + [f"{p.name}/{m}" for p in settings.providers for m in p.models]
     app.openapi = lambda: _openapi(app, served)  # type: ignore[method-assign]
     hot_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
-        "/v1/chat/completions": chat_completions, "/v1/completions": completions}
+        CHAT_COMPLETIONS.path: chat_completions, COMPLETIONS.path: completions}
 
-    @app.get("/v1/models", response_model=ModelList, responses=_responses(None, COMMON_ERRORS))
+    @handles(app, MODELS, response_model=ModelList, responses=_responses(None, COMMON_ERRORS))
     async def models() -> dict[str, Any]:
         states = {e.name: e.state for e in pool.entries.values()}
         data = [{"id": m.name, "object": "model", "created": int(started), "owned_by": "memserve",
@@ -244,16 +257,16 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                  for p in settings.providers for m in p.models]
         return {"object": "list", "data": data}
 
-    @app.get("/health", responses=_responses(None, COMMON_ERRORS))
+    @handles(app, HEALTH, responses=_responses(None, COMMON_ERRORS))
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - started, 3),
                 "models": {e.name: e.state for e in pool.entries.values()}}
 
-    @app.get("/api/ps", responses=_responses(None, COMMON_ERRORS))
+    @handles(app, PS, responses=_responses(None, COMMON_ERRORS))
     async def ps() -> dict[str, Any]:
         return pool.ps()
 
-    @app.post("/api/load", responses=_responses(None, LOAD_ERRORS), openapi_extra=_body_doc(LoadBody))
+    @handles(app, LOAD, responses=_responses(None, LOAD_ERRORS), openapi_extra=_body_doc(LoadBody))
     async def load(request: Request) -> dict[str, Any]:
         body = parse_body(LoadBody, await _json_body(request, settings.max_body_bytes))
         keep_alive = None if body.keep_alive is None else parse_seconds(body.keep_alive, what="keep_alive")
@@ -261,12 +274,12 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                               concurrency=body.concurrency)
         return {"model": row}
 
-    @app.post("/api/unload", responses=_responses(None, JSON_BODY_ERRORS), openapi_extra=_body_doc(UnloadBody))
+    @handles(app, UNLOAD, responses=_responses(None, JSON_BODY_ERRORS), openapi_extra=_body_doc(UnloadBody))
     async def unload(request: Request) -> dict[str, Any]:
         body = parse_body(UnloadBody, await _json_body(request, settings.max_body_bytes))
         return {"model": body.model, "unloaded": await pool.unload(body.model)}
 
-    @app.get("/api/fit", responses=_responses(None, FIT_ERRORS))
+    @handles(app, FIT, responses=_responses(None, FIT_ERRORS))
     async def fit(model: str = Query(min_length=1), context: int | None = Query(default=None, ge=1),
                   concurrency: int | None = Query(default=None, ge=1)) -> dict[str, Any]:
         """The plan for a configured model, or for a hub id when the hub may be reached: never for a path."""
@@ -283,7 +296,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                                  "later, or configure the model and fit it by name") from None
         return {**fit_json(facts, request_, result, inventory), "free_now": pool.ledger.free_bytes()}
 
-    @app.get("/api/memory", responses=_responses(None, COMMON_ERRORS))
+    @handles(app, MEMORY, responses=_responses(None, COMMON_ERRORS))
     async def memory() -> dict[str, Any]:
         host = psutil.virtual_memory()
         return {**pool.ledger.to_json(), "host": {"total_bytes": host.total, "available_bytes": host.available},
@@ -291,7 +304,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                              "tolerance_min_bytes": settings.watchdog_tolerance_min_bytes,
                              "host_floor_bytes": settings.host_floor_bytes}}
 
-    @app.get("/api/events", responses=_responses(None, COMMON_ERRORS))
+    @handles(app, EVENTS, responses=_responses(None, COMMON_ERRORS))
     async def events(since: int = 0) -> dict[str, Any]:
         return {"events": pool.events_since(since)}
 
@@ -358,7 +371,7 @@ def _openapi(app: FastAPI, served: list[str]) -> dict[str, Any]:
         schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[chunk.__name__] = schema
-    for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+    for path, model in ((CHAT_COMPLETIONS.path, ChatCompletionRequest), (COMPLETIONS.path, CompletionRequest)):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         if served:

@@ -28,17 +28,16 @@ from typing import Any
 
 import anyio
 import httpx
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from memserve.errors import BadUpstream, MemserveError, UpstreamUnavailable, error_body
+from memserve.wire.http import SSE_DONE, SSE_MEDIA_TYPE, EventStream, error_body_response, sse_event
 
 __all__ = ["EXCERPT_CHARS", "Upstream", "forward"]
 
 EXCERPT_CHARS = 200
 """How much of a malformed answer an error message quotes."""
 
-_SSE_MEDIA_TYPE = "text/event-stream"
 _KEPT_ERROR_HEADERS = ("retry-after",)
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _DONE_ENDS = (b"[DONE]\n\n", b"[DONE]\r\n\r\n")
@@ -111,7 +110,7 @@ class _Once:
 
 async def _open(upstream: Upstream, path: str, body: dict[str, Any] | bytes, *, stream: bool) -> httpx.Response:
     """Send the request and wait for the status line and headers only."""
-    request_headers = {"Accept": _SSE_MEDIA_TYPE if stream else "application/json", "Content-Type": "application/json"}
+    request_headers = {"Accept": SSE_MEDIA_TYPE if stream else "application/json", "Content-Type": "application/json"}
     if upstream.api_key:
         request_headers["Authorization"] = f"Bearer {upstream.api_key}"
     content = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -139,7 +138,7 @@ async def _answer_whole(upstream: Upstream, answer: httpx.Response, headers: Map
         out_headers.update((name, answer.headers[name]) for name in _KEPT_ERROR_HEADERS if name in answer.headers)
         if not _is_openai_error(payload):
             error = _rewrapped_error(upstream, answer.status_code, payload, raw)
-            return JSONResponse(error, status_code=answer.status_code, headers=out_headers)
+            return error_body_response(answer.status_code, error, out_headers)
     return Response(raw, status_code=answer.status_code, media_type="application/json", headers=out_headers)
 
 
@@ -165,7 +164,7 @@ async def _read_all(upstream: Upstream, answer: httpx.Response) -> bytes:
 async def _expect_event_stream(upstream: Upstream, answer: httpx.Response) -> None:
     """Raise ``BadUpstream`` (after closing the answer) unless it is a server-sent event stream."""
     content_type = answer.headers.get("content-type", "")
-    if content_type.partition(";")[0].strip().lower() == _SSE_MEDIA_TYPE:
+    if content_type.partition(";")[0].strip().lower() == SSE_MEDIA_TYPE:
         return
     start = b""
     try:
@@ -186,43 +185,26 @@ async def _expect_event_stream(upstream: Upstream, answer: httpx.Response) -> No
 
 
 async def _start_relay(upstream: Upstream, answer: httpx.Response, done: _Once,
-                       headers: Mapping[str, str] | None) -> _Relay:
-    """The relay that owns ``answer`` and ``done`` from here on; closes the answer if it cannot be built."""
+                       headers: Mapping[str, str] | None) -> EventStream:
+    """The relay that owns ``answer`` and ``done`` from here on; closes the answer if it cannot be built.
+
+    However the relay ends (the client hanging up included), it closes the upstream answer, so the upstream
+    sees the disconnect at once, and ``done`` runs.
+    """
     await _expect_event_stream(upstream, answer)
+
+    async def close() -> None:
+        try:
+            await answer.aclose()
+        finally:
+            done()
+
     try:
-        return _Relay(answer, upstream, done, headers)
+        return EventStream(_relay_events(answer, upstream), on_close=close, headers=headers)
     except BaseException:  # e.g. a header value that is not latin-1
         with anyio.CancelScope(shield=True):
             await answer.aclose()
         raise
-
-
-class _Relay(StreamingResponse):
-    """The upstream's event stream, relayed as it arrives; closes the upstream however the response ends.
-
-    Starlette (1.x, ASGI < 2.4) cancels the body's iteration when the client disconnects and leaves the
-    generator to the garbage collector; closing the generator and the upstream answer here (shielded
-    from that cancellation) makes the upstream see the disconnect at once, and ``done`` always runs.
-    """
-
-    def __init__(self, answer: httpx.Response, upstream: Upstream, done: _Once,
-                 headers: Mapping[str, str] | None) -> None:
-        self._answer = answer
-        self._done = done
-        self._events = _relay_events(answer, upstream)
-        super().__init__(self._events, media_type=_SSE_MEDIA_TYPE,
-                         headers={"Cache-Control": "no-cache", **(headers or {})})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                with anyio.CancelScope(shield=True):
-                    await self._events.aclose()
-                    await self._answer.aclose()
-            finally:
-                self._done()
 
 
 async def _relay_events(answer: httpx.Response, upstream: Upstream) -> AsyncGenerator[bytes, None]:
@@ -239,8 +221,8 @@ async def _relay_events(answer: httpx.Response, upstream: Upstream) -> AsyncGene
             return  # the answer was complete; only the connection's goodbye went wrong
         if tail and not tail.endswith(_EVENT_ENDS):
             yield b"\n\n"
-        yield _sse_error(_broken_stream_error(upstream, exc, relayed_bytes))
-        yield b"data: [DONE]\n\n"
+        yield sse_event(_broken_stream_error(upstream, exc, relayed_bytes).to_openai())
+        yield SSE_DONE
 
 
 def _broken_stream_error(upstream: Upstream, exc: httpx.HTTPError, relayed_bytes: int) -> MemserveError:
@@ -254,10 +236,6 @@ def _broken_stream_error(upstream: Upstream, exc: httpx.HTTPError, relayed_bytes
         f"{upstream.name} {what} after {relayed_bytes} bytes ({_describe(exc)}); the answer above is incomplete. "
         f"Retry the request; if it keeps failing, check that {upstream.name} is still running."
     )
-
-
-def _sse_error(error: MemserveError) -> bytes:
-    return b"data: " + json.dumps(error.to_openai(), separators=(",", ":")).encode() + b"\n\n"
 
 
 def _unreachable_message(upstream: Upstream, exc: httpx.TransportError) -> str:

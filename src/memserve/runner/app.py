@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse
 
 from memserve.checkpoint.tokens import longest_token_bytes, max_prompt_bytes
 from memserve.errors import (
@@ -56,7 +55,16 @@ from memserve.errors import (
 )
 from memserve.runner.events import Engine, GenerationRequest, QueueFull, TokenEvent
 from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
-from memserve.wire.http import SSE_DONE, install_error_handlers, sse_event, until_disconnected
+from memserve.wire.http import (
+    SSE_DONE,
+    EventStream,
+    error_json,
+    handles,
+    install_error_handlers,
+    sse_event,
+    until_disconnected,
+)
+from memserve.wire.routes import CHAT_COMPLETIONS, COMPLETIONS, HEALTH, MODELS, RUNNER_ROUTES, STATS, describe
 from memserve.wire.schema import ChatCompletionRequest, CompletionRequest, FinishReason, ResponseShape, Usage
 
 if TYPE_CHECKING:
@@ -70,7 +78,6 @@ T = TypeVar("T")
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when a request does not say
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
-ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health and GET /stats"
 
 
 def create_app(
@@ -103,27 +110,27 @@ def create_app(
             await engine.close()
 
     app = FastAPI(title=f"memserve runner: {model_name}", lifespan=lifespan)
-    install_error_handlers(app, serves=f"this runner serves {ROUTES}")
+    install_error_handlers(app, serves=f"this runner serves {describe(RUNNER_ROUTES)}")
 
-    @app.post("/v1/chat/completions")
+    @handles(app, CHAT_COMPLETIONS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await completer.complete(request, body)
 
-    @app.post("/v1/completions")
+    @handles(app, COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await completer.complete(request, body)
 
-    @app.get("/v1/models")
+    @handles(app, MODELS)
     async def models() -> dict[str, Any]:
         model = {"id": model_name, "object": "model", "created": created, "owned_by": "memserve",
                  "context_tokens": context_tokens}
         return {"object": "list", "data": [model]}
 
-    @app.get("/health")
+    @handles(app, HEALTH)
     async def health_route() -> dict[str, Any]:
         return {**health(), "engine": engine.name}
 
-    @app.get("/stats")
+    @handles(app, STATS)
     async def stats() -> dict[str, Any]:
         return dataclasses.asdict(engine.stats())
 
@@ -226,7 +233,7 @@ class _Completer:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         pieces = self._pieces(sequence, body.stop)
         events = _sse_events(sequence, pieces, shape, len(prompt_ids), include_usage=body.include_usage)
-        return _EventStream(events, sequence)
+        return EventStream(events, on_close=sequence.aclose)
 
     def _pieces(self, sequence: _Sequence, stop: list[str]) -> AsyncGenerator[TextPiece, None]:
         return text_pieces(sequence, IncrementalDetokenizer(self.tokenizer), StopStrings(stop))
@@ -323,32 +330,5 @@ async def _sse_events(sequence: _Sequence, pieces: AsyncGenerator[TextPiece, Non
             yield sse_event(shape.usage_chunk(Usage(prompt_tokens, completion_tokens)))
     except Exception as exc:  # headers are sent: the error must travel in the stream
         logger.exception("generation %s failed mid-stream", shape.id)
-        yield sse_event(_error_body(exc))
+        yield sse_event(error_json(exc))
     yield SSE_DONE
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that closes its body and its engine sequence however the response ends.
-
-    Starlette cancels the body's iteration when the client disconnects but leaves the generator to the
-    garbage collector; closing it here frees the sequence at once, even if the body never started.
-    """
-
-    def __init__(self, body: AsyncGenerator[bytes, None], sequence: _Sequence) -> None:
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._body = body
-        self._sequence = sequence
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._body.aclose()
-                await self._sequence.aclose()
-
-
-def _error_body(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, MemserveError):
-        return exc.to_openai()
-    return MemserveError(f"internal error: {type(exc).__name__}: {exc}").to_openai()

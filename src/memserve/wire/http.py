@@ -1,75 +1,57 @@
-"""What the gateway's and the runner's HTTP apps share: request validation, the ``param`` path format,
-errors as responses, content-type and origin checks at the door, SSE encoding, and cancelling work whose
+"""What the gateway's and the runner's HTTP apps share: request validation, errors as responses, content-type
+and origin checks at the door, the streamed response that cleans up however it ends, and cancelling work whose
 client went away.
 
-Torch-free, so the gateway can import it. One format for ``param`` everywhere: ``messages[0].content``.
+Torch-free, so the gateway can import it. The parts that need no web framework (the ``param`` path format,
+error bodies, ``Retry-After``, SSE encoding) live in ``memserve.wire.format`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive
+from starlette.types import Receive, Scope, Send
 
-from memserve.errors import InvalidArgument, MemserveError, OriginNotAllowed, UnsupportedMediaType, error_body
+from memserve.errors import MemserveError, OriginNotAllowed, UnsupportedMediaType, error_body
+from memserve.wire.format import (
+    SSE_DONE,
+    SSE_MEDIA_TYPE,
+    error_json,
+    invalid_argument,
+    param_path,
+    parse_body,
+    retry_after,
+    sse_event,
+)
+from memserve.wire.routes import Route
 
-__all__ = ["SSE_DONE", "check_json_content_type", "check_origin", "error_response", "install_error_handlers",
-           "invalid_argument", "param_path", "parse_body", "sse_event", "until_disconnected"]
+__all__ = ["SSE_DONE", "SSE_MEDIA_TYPE", "EventStream", "check_json_content_type", "check_origin",
+           "error_body_response", "error_json", "error_response", "handles", "install_error_handlers",
+           "invalid_argument", "param_path", "parse_body", "retry_after", "sse_event", "until_disconnected"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def param_path(loc: Iterable[int | str]) -> str | None:
-    """``("body", "messages", 0, "content")`` → ``messages[0].content``."""
-    parts = list(loc)
-    name = ""
-    for part in parts[1:] if parts[:1] == ["body"] else parts:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name or None
+def handles(app: FastAPI, route: Route, **options: Any) -> Callable[[F], F]:
+    """Register the decorated function as ``app``'s handler of ``route`` (from ``wire.routes``): FastAPI's
+    ``@app.get(path)`` with the method and path from the one table the tests check the apps against."""
 
+    def register(endpoint: F) -> F:
+        app.add_api_route(route.path, endpoint, methods=[route.method], **options)
+        return endpoint
 
-def _message(error: Mapping[str, Any], param: str | None) -> str:
-    kind = error.get("type", "")
-    if kind == "json_invalid":
-        reason = error.get("ctx", {}).get("error", "malformed")
-        return f"the request body is not valid JSON ({reason}); send one JSON object"
-    if param is None or kind == "model_attributes_type":
-        return "the request body must be a JSON object, sent with Content-Type: application/json"
-    if kind == "missing":
-        return f"missing required parameter '{param}'"
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"invalid value for '{param}': {message}"
-
-
-def invalid_argument(errors: list[Any]) -> InvalidArgument:
-    """A 400 for pydantic's (or FastAPI's) validation errors: the first one in words, and how many more."""
-    first = errors[0] if errors else {}
-    param = None if first.get("type") == "json_invalid" else param_path(first.get("loc", ()))
-    message = _message(first, param)
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return InvalidArgument(message, param=param)
-
-
-def parse_body(model: type[M], data: Any) -> M:
-    """``data`` validated by ``model``; InvalidArgument (400) naming the first bad field otherwise."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_argument(list(exc.errors())) from None
+    return register
 
 
 def check_json_content_type(content_type: str | None) -> None:
@@ -126,25 +108,19 @@ async def _disconnected(receive: Receive) -> None:
         log.debug("receive failed; treating it as a disconnect", exc_info=True)
 
 
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def sse_event(payload: dict[str, Any]) -> bytes:
-    """One server-sent event carrying ``payload`` as compact JSON."""
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
-
-
 def error_response(exc: Exception) -> JSONResponse:
-    """A memserve error in the OpenAI shape (with Retry-After where retrying helps), anything else a 500."""
-    if isinstance(exc, MemserveError):
-        retry = getattr(exc, "retry_after_seconds", None)
-        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
-        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
-    return _plain_error(500, f"internal error: {type(exc).__name__}: {exc}")
+    """``exc`` as an answer in the OpenAI shape (with Retry-After where retrying helps); not a MemserveError: a 500."""
+    if not isinstance(exc, MemserveError):
+        return error_body_response(500, error_json(exc))
+    retry = getattr(exc, "retry_after_seconds", None)
+    headers = {"Retry-After": retry_after(retry)} if retry is not None else None
+    return error_body_response(exc.status_code, error_json(exc), headers)
 
 
-def _plain_error(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status_code, message), status_code=status_code, headers=headers)
+def error_body_response(status_code: int, body: Mapping[str, Any],
+                        headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An OpenAI error body (``error_body``, ``error_json``) as the answer, with its status and headers."""
+    return JSONResponse(dict(body), status_code=status_code, headers=dict(headers) if headers else None)
 
 
 def install_error_handlers(app: FastAPI, *, serves: str) -> None:
@@ -169,9 +145,38 @@ def install_error_handlers(app: FastAPI, *, serves: str) -> None:
             message = f"{where} is not allowed; use {allowed} {request.url.path}"
         else:
             message = f"{where}: {exc.detail}"
-        return _plain_error(exc.status_code, message, headers=exc.headers)
+        return error_body_response(exc.status_code, error_body(exc.status_code, message), exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after this answer is sent, so the server logs the traceback once
         return error_response(exc)
+
+
+class EventStream(StreamingResponse):
+    """A server-sent event stream that closes its body, then runs ``on_close``, however the response ends.
+
+    Starlette (1.x, ASGI < 2.4) cancels the body's iteration when the client disconnects and leaves the
+    generator to the garbage collector; a server on ASGI 2.4 fails ``send`` instead, leaving the body
+    suspended at a ``yield``. Closing the body here, shielded from that cancellation, releases what it holds
+    at once (a runner's engine sequence, a relay's upstream answer), even when the body never started;
+    ``on_close`` then frees what the body does not own, and runs even if closing the body failed.
+    """
+
+    def __init__(self, body: AsyncGenerator[bytes, None], *, on_close: Callable[[], Awaitable[None]] | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(body, media_type=SSE_MEDIA_TYPE, headers={"Cache-Control": "no-cache", **(headers or {})})
+        self._body = body
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._body.aclose()
+            finally:
+                if self._on_close is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._on_close()

@@ -1,0 +1,46 @@
+"""Every route memserve serves, declared once: the apps register their handlers from these tables, their
+"no route" errors list them, the fake OpenAI server answers the OpenAI ones, and the tests check that each
+app serves exactly its table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["CHAT_COMPLETIONS", "COMPLETIONS", "EVENTS", "FIT", "GATEWAY_ROUTES", "HEALTH", "LOAD", "MEMORY", "MODELS",
+           "OPENAI_ROUTES", "PS", "RUNNER_ROUTES", "STATS", "UNLOAD", "Route", "describe"]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+CHAT_COMPLETIONS = Route("POST", "/v1/chat/completions")
+COMPLETIONS = Route("POST", "/v1/completions")
+MODELS = Route("GET", "/v1/models")
+HEALTH = Route("GET", "/health")
+OPENAI_ROUTES = (CHAT_COMPLETIONS, COMPLETIONS, MODELS)
+"""What an OpenAI-compatible server answers (the runner, the gateway, providers, the fake)."""
+
+STATS = Route("GET", "/stats")
+RUNNER_ROUTES = (*OPENAI_ROUTES, HEALTH, STATS)
+
+PS = Route("GET", "/api/ps")
+LOAD = Route("POST", "/api/load")
+UNLOAD = Route("POST", "/api/unload")
+FIT = Route("GET", "/api/fit")
+MEMORY = Route("GET", "/api/memory")
+EVENTS = Route("GET", "/api/events")
+GATEWAY_ROUTES = (*OPENAI_ROUTES, HEALTH, PS, LOAD, UNLOAD, FIT, MEMORY, EVENTS)
+
+
+def describe(routes: Sequence[Route]) -> str:
+    """``POST /v1/chat/completions, GET /v1/models and GET /health``, for messages."""
+    names = [str(route) for route in routes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
