@@ -194,7 +194,8 @@ class FakeOpenAI:
         index, self.answers = self.answers, self.answers + 1
         self.in_flight += 1
         try:
-            await self._stream(answer, receive, self._events(index, shape, tokens, finish_reason, usage, include_usage))
+            events = self._events(script, index, shape, tokens, finish_reason, usage, include_usage)
+            await self._stream(answer, receive, events, script.slots, generation)
         finally:
             self.in_flight -= 1
 
@@ -216,11 +217,11 @@ class FakeOpenAI:
         tokens = [(" " if index else "") + words[index % len(words)] for index in range(count)]
         return tokens, "length" if count == asked else "stop"
 
-    def _events(self, answer: int, shape: ResponseShape, tokens: list[str], finish_reason: FinishReason,
+    @staticmethod
+    def _events(script: Script, answer: int, shape: ResponseShape, tokens: list[str], finish_reason: FinishReason,
                 usage: Usage, include_usage: bool) -> Iterator[bytes | float | object]:
         """The stream of the ``answer``-th streamed answer, with the sleeps before events as floats and ``_DIE``
         where the connection drops."""
-        script = self.script
         for index, token in enumerate(tokens):
             delay = _cycle(script.first_token_delays_seconds, answer) if index == 0 \
                 else _cycle(script.token_gaps_seconds, index - 1)
@@ -243,14 +244,14 @@ class FakeOpenAI:
             yield sse_event(shape.usage_chunk(usage))
         yield SSE_DONE
 
-    async def _stream(self, answer: _Answer, receive: Receive, events: Iterator[bytes | float | object]) -> None:
+    async def _stream(self, answer: _Answer, receive: Receive, events: Iterator[bytes | float | object],
+                      slots: int | None, generation: int) -> None:
         """Send the events one by one, watching for the client to go away (the moment the server reports it,
         not whenever a cancelled generator happens to be collected)."""
-        generation = self.generation
         await answer.start(200, SSE_MEDIA_TYPE, [(b"cache-control", b"no-cache")])
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
-            async with self._slot():
+            async with self._slot(slots):
                 for event in events:
                     if isinstance(event, float):
                         await self._sleep_unless(gone, event)
@@ -268,8 +269,8 @@ class FakeOpenAI:
             gone.cancel()
 
     @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        slots = self.script.slots
+    async def _slot(self, slots: int | None) -> AsyncIterator[None]:
+        """One of ``slots`` places to generate in (the gate is made anew when a script changes their number)."""
         if slots is None:
             yield
             return
