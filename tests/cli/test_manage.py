@@ -36,6 +36,7 @@ from memserve.cli.manage import (
     usage_bar,
 )
 from memserve.errors import BadUpstream, InvalidArgument, MemserveError, UpstreamUnavailable
+from memserve.pool.events import PoolEvent
 from tests.serving import serve_app
 
 NOW = 1_795_000_000.0
@@ -354,7 +355,7 @@ def test_progress_on_a_terminal_prints_the_lines_above_a_spinner() -> None:
     ({"event": "phase", "model": "other", "phase": "map", "seconds": 1.0}, None),
 ])
 def test_progress_line(event: dict[str, Any], line: str | None) -> None:
-    assert progress_line({"seq": 1, **event}, "demo") == line
+    assert progress_line(PoolEvent.from_json({"seq": 1, **event}), "demo") == line
 
 
 @pytest.mark.parametrize(("name", "said"), [("demo", "unloaded demo\n"), ("idle", "idle was not loaded\n")])

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from memserve.checkpoint.facts import CheckpointFacts, facts_from
 from memserve.errors import InvalidArgument
 from memserve.memory.estimate import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, paged_tokens
+from memserve.memory.fit import PlanFile, fit_json
 from memserve.memory.inventory import Device, Inventory
-from memserve.memory.planner import Policy, Request, plan
+from memserve.memory.planner import Plan, Policy, Request, plan
 from memserve.units import format_bytes
 from tests.fakes import (
     LLAMA2_70B,
@@ -328,3 +331,62 @@ def test_rungs_ruled_out_for_the_same_reason_are_offered_in_one_line() -> None:
                          "so it is skipped")
     for text in (result.nofit.message, *(r.why for r in result.rungs)):
         assert "if allowed" not in text and ": ." not in text and "would fits" not in text
+
+
+# ------------------------------------------------------------------------------------ the plan file
+
+
+@pytest.mark.parametrize("host", [L4, TWO_24, CPU_16], ids=["gpu", "two gpus", "cpu"])
+def test_a_plan_round_trips_through_its_json(host: Inventory) -> None:
+    chosen = plan(facts(QWEN2_05B), Request(context_tokens=2048, concurrency=2), host).plan
+    assert chosen is not None
+    assert Plan.from_json(json.loads(json.dumps(chosen.to_json()))) == chosen
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("rung", None, "'rung' must be str"),
+    ("context_tokens", "2048", "'context_tokens' must be int"),
+    ("concurrency", True, "'concurrency' must be int"),
+    ("quantization", "8bit", "'quantization' must be one of none, int8, 4bit"),
+    ("devices", {"cpu": {"weights_bytes": 1}}, "'kv_cache_bytes' must be int"),
+])
+def test_a_plan_with_a_missing_or_mistyped_field_is_an_invalid_argument(field: str, value: object,
+                                                                         message: str) -> None:
+    chosen = plan(facts(QWEN2_05B), Request(context_tokens=2048), CPU_16).plan
+    assert chosen is not None
+    with pytest.raises(InvalidArgument, match=message):
+        Plan.from_json({**chosen.to_json(), field: value})
+
+
+def test_a_plan_file_is_fit_json_and_carries_the_pools_limits(tmp_path: Path) -> None:
+    model_facts = facts(QWEN2_05B)
+    request = Request(context_tokens=2048, concurrency=2)
+    result = plan(model_facts, request, CPU_16)
+    assert result.plan is not None
+    fitted = tmp_path / "fit.json"
+    fitted.write_text(json.dumps(fit_json(model_facts, request, result, CPU_16)))  # what memserve fit --json writes
+    read = PlanFile.read(fitted)
+    assert (read.source, read.plan, read.reserved_bytes, read.max_queue) == (model_facts.source, result.plan, None,
+                                                                             None)
+    assert read.reservation_bytes == result.plan.reserved_bytes and read.queue == 4 * 2  # the defaults
+    pooled = PlanFile(model_facts.source, result.plan, reserved_bytes={"cpu": 3 * GiB}, max_queue=5)
+    assert pooled.to_json()["plan"]["reserved_bytes"] == {"cpu": 3 * GiB}  # where runners always read it
+    assert PlanFile.from_json(json.loads(json.dumps(pooled.to_json()))) == pooled
+    assert pooled.reservation_bytes == {"cpu": 3 * GiB} and pooled.queue == 5
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"model": {"source": "m"}, "plan": None}, "no plan"),
+    ({"plan": {}}, "no model source"),
+    ({"model": {"source": "m"}, "plan": {"max_queue": -1}}, "max_queue must be a whole number"),
+    ({"model": {"source": "m"}, "plan": {"reserved_bytes": {"cpu": "1G"}}}, "reserved_bytes must map"),
+])
+def test_a_plan_file_that_is_not_one_says_so(data: dict, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        PlanFile.from_json(data)
+
+
+def test_an_unreadable_plan_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InvalidArgument, match=r"cannot read plan file .*bad\.json"):
+        PlanFile.read(tmp_path / "bad.json")

@@ -7,7 +7,7 @@ records every ``stop`` and ``kill``. Exits read like the real runner's (``descri
 pool's reasons are the ones users would see.
 
 :class:`FakeSpawner` is the pool's ``Spawner``: it hands out runners from per-model scripts (the
-default script otherwise) and keeps what it spawned, in order, with the plans it was given.
+default script otherwise) and keeps what it spawned, in order, with the plan files it was given.
 """
 
 from __future__ import annotations
@@ -21,10 +21,22 @@ from typing import Any
 import httpx
 
 from memserve.errors import RunnerFailed
+from memserve.memory.estimate import DeviceNeed, GiB
+from memserve.memory.fit import PlanFile
+from memserve.memory.planner import Plan
 from memserve.pool.runner_process import RUNNER_BASE_URL, describe_exit
+from memserve.runner.events import PhaseDone, Ready, RunnerEvent
 
 LOAD_PHASES = ("resolve", "map", "fault_in", "warm_up")
+CPU_PLAN = Plan("cpu", "bfloat16", "none", context_tokens=2048, concurrency=2, max_batch_tokens=2048,
+                devices={"cpu": DeviceNeed(weights_bytes=GiB, kv_cache_bytes=64 * 2**20, free_bytes=8 * GiB)},
+                device_map={"model.layers.0": "cpu"})
 _pids = itertools.count(40_000)
+
+
+def plan_file(source: str = "/models/m", **limits: Any) -> PlanFile:
+    """A small CPU plan file for ``source`` (``reserved_bytes``, ``max_queue`` as given)."""
+    return PlanFile(source, CPU_PLAN, **limits)
 
 
 @dataclass
@@ -42,16 +54,16 @@ class RunnerScript:
     fail_while_loading: str | None = None
     fail_returncode: int = 1
     memory_bytes: dict[str, int] = field(default_factory=dict)
-    ready_report: dict[str, Any] = field(default_factory=dict)
+    ready_report: Ready | None = None
     exit_on_kill: bool = True
 
 
 class FakeRunner:
     """One scripted runner. Satisfies ``memserve.pool.runner_process.RunnerHandle``."""
 
-    def __init__(self, name: str, source: str, plan: dict[str, Any], on_event: Callable[[dict[str, Any]], None],
+    def __init__(self, name: str, launch: PlanFile, on_event: Callable[[RunnerEvent], None],
                  script: RunnerScript, journal: list[tuple[str, str]]) -> None:
-        self.name, self.source, self.plan = name, source, plan
+        self.name, self.launch = name, launch
         self.phase = "spawned"
         self.script = script
         self.memory_bytes = dict(script.memory_bytes)
@@ -86,7 +98,7 @@ class FakeRunner:
     def transport(self) -> httpx.AsyncBaseTransport:
         return self._transport
 
-    async def wait_ready(self, timeout_seconds: float) -> dict[str, Any]:
+    async def wait_ready(self, timeout_seconds: float) -> Ready | None:
         """The ready report; RunnerFailed when it exits first or takes longer than ``timeout_seconds``."""
         ready = asyncio.ensure_future(self._ready.wait())
         exited = asyncio.ensure_future(self._exited.wait())
@@ -138,15 +150,15 @@ class FakeRunner:
         if self.script.ready_after_seconds is not None:
             asyncio.get_running_loop().call_later(self.script.ready_after_seconds, self._finish_load)
 
-    def emit_phase(self, phase: str, seconds: float = 0.01, peak_rss_bytes: int | None = None,
-                   **fields: Any) -> None:
+    def emit_phase(self, phase: str, seconds: float = 0.01, peak_rss_bytes: int | None = None, *,
+                   peak_bytes: dict[str, int] | None = None, needs_bytes: dict[str, int] | None = None,
+                   **details: Any) -> None:
         """Report a finished load phase, as the real runner's progress line does (with its memory, if given,
-        and any other fields, such as the worst-case warm-up's ``peak_bytes`` and ``needs_bytes``)."""
+        the worst-case warm-up's ``peak_bytes`` and ``needs_bytes``, and any other details)."""
         self.phase = phase
-        event: dict[str, Any] = {"event": "phase", "phase": phase, "seconds": seconds, **fields}
-        if peak_rss_bytes is not None:
-            event["memory"] = {"cpu": {"rss_bytes": peak_rss_bytes, "peak_rss_bytes": peak_rss_bytes}}
-        self._on_event(event)
+        memory = {} if peak_rss_bytes is None else {"cpu": {"rss_bytes": peak_rss_bytes,
+                                                            "peak_rss_bytes": peak_rss_bytes}}
+        self._on_event(PhaseDone(phase, seconds, memory, peak_bytes, needs_bytes, details))
 
     def make_ready(self) -> None:
         if self._returncode is None:
@@ -190,11 +202,10 @@ class FakeSpawner:
     def runners(self, name: str) -> list[FakeRunner]:
         return [r for r in self.spawned if r.name == name]
 
-    async def __call__(self, name: str, source: str, plan: dict[str, Any],
-                       on_event: Callable[[dict[str, Any]], None]) -> FakeRunner:
+    async def __call__(self, name: str, launch: PlanFile, on_event: Callable[[RunnerEvent], None]) -> FakeRunner:
         queue = self.scripts.get(name)
         script = queue.pop(0) if queue else self.default
-        runner = FakeRunner(name, source, plan, on_event, script, self.journal)
+        runner = FakeRunner(name, launch, on_event, script, self.journal)
         self.spawned.append(runner)
         self.spawn_times.append(asyncio.get_running_loop().time())
         self.journal.append(("spawn", name))

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from memserve.errors import InvalidArgument
+from memserve.memory.estimate import DeviceNeed
+from memserve.memory.planner import Plan
+from memserve.pool.eviction import choose_evictions
 from memserve.pool.ledger import (
     Calibration,
     Ledger,
@@ -81,14 +85,19 @@ def test_a_sample_after_release_does_not_bring_the_bytes_back() -> None:
 # ---------------------------------------------------------------------------- free and fits
 
 
+def fits_now(book: Ledger, need: dict[str, int]) -> bool:
+    """Whether ``need`` fits what the ledger has free now, as the pool's admission asks it (no eviction)."""
+    return choose_evictions(need, book.free_bytes(), []) == []
+
+
 def test_free_never_hands_out_headroom() -> None:
     book = ledger()
     assert book.usable_bytes() == {"cpu": 15 * GiB, "cuda:0": 22 * GiB}
     assert book.free_bytes() == {"cpu": 15 * GiB, "cuda:0": 22 * GiB}
-    assert not book.fits({"cpu": 16 * GiB})  # the whole capacity is there, but 1 GiB of it is headroom
+    assert not fits_now(book, {"cpu": 16 * GiB})  # the whole capacity is there, but 1 GiB of it is headroom
     book.reserve("m", {"cpu": 15 * GiB})
     assert book.free_bytes()["cpu"] == 0
-    assert not book.fits({"cpu": 1})
+    assert not fits_now(book, {"cpu": 1})
 
 
 def test_headroom_star_applies_to_devices_without_their_own() -> None:
@@ -124,7 +133,7 @@ def test_fits_at_the_exact_boundary(need: dict[str, int], fits: bool) -> None:
     book = ledger()
     book.reserve("a", {"cpu": 4 * GiB, "cuda:0": 8 * GiB})
     assert book.free_bytes() == {"cpu": 11 * GiB, "cuda:0": 14 * GiB}
-    assert book.fits(need) is fits
+    assert fits_now(book, need) is fits
 
 
 def test_release_frees_and_is_harmless_twice() -> None:
@@ -337,23 +346,22 @@ def test_checkpoint_files_lists_weights_and_configs(tmp_path: Path) -> None:
     assert checkpoint_fingerprint(str(tmp_path), checkpoint_files(tmp_path)) != before
 
 
-PLAN = {
-    "rung": "cpu",
-    "dtype": "bfloat16",
-    "quantization": "none",
-    "context_tokens": 4096,
-    "concurrency": 4,
-    "max_batch_tokens": 2048,
-    "device_map": {"embed": "cpu", "layer.0": "cpu", "head": "cpu"},
-    "devices": {"cpu": {"weights_bytes": 10, "total_bytes": 20, "free_bytes": 100}},
-}
+PLAN = Plan(
+    rung="cpu",
+    dtype="bfloat16",
+    quantization="none",
+    context_tokens=4096,
+    concurrency=4,
+    max_batch_tokens=2048,
+    devices={"cpu": DeviceNeed(weights_bytes=10, runtime_bytes=10, free_bytes=100)},
+    device_map={"embed": "cpu", "layer.0": "cpu", "head": "cpu"},
+)
 
 
 @pytest.mark.parametrize(
     ("change", "same"),
     [
-        ({"devices": {"cpu": {"weights_bytes": 11, "total_bytes": 25, "free_bytes": 50}}}, True),
-        ({"notes": ["an unrelated field"]}, True),
+        ({"devices": {"cpu": DeviceNeed(weights_bytes=11, runtime_bytes=14, free_bytes=50)}}, True),
         ({"device_map": {"head": "cpu", "layer.0": "cpu", "embed": "cpu"}}, True),  # key order
         ({"rung": "gpu"}, False),
         ({"dtype": "float32"}, False),
@@ -367,7 +375,7 @@ PLAN = {
 def test_plan_key_follows_only_the_fields_that_change_memory(change: dict, same: bool) -> None:
     key = plan_key(PLAN)
     assert len(key) == 16
-    assert (plan_key({**PLAN, **change}) == key) is same
+    assert (plan_key(replace(PLAN, **change)) == key) is same
 
 
 @pytest.mark.parametrize(
@@ -385,3 +393,15 @@ def test_calibrated_prefers_the_measured_peak(
     plan: dict[str, int], measured: dict[str, int] | None, expected: dict[str, int]
 ) -> None:
     assert calibrated(plan, measured) == expected
+
+
+def test_a_raised_reservation_keeps_the_runners_samples() -> None:
+    book = ledger()
+    book.reserve("m", {"cpu": 2 * GiB})
+    book.measure("m", {"cpu": 3 * GiB})
+    book.raise_reservation("m", {"cpu": 4 * GiB})
+    assert book.reserved("m") == {"cpu": 4 * GiB} and book.measured("m") == {"cpu": 3 * GiB}
+    book.reserve("m", {"cpu": GiB})  # a new load: its own plan, no samples yet
+    assert book.measured("m") == {} and book.held("m") == {"cpu": GiB}
+    with pytest.raises(InvalidArgument, match="holds no reservation"):
+        book.raise_reservation("other", {"cpu": GiB})

@@ -2,9 +2,10 @@
 
 Each test builds a pool over an injected inventory (a CPU budget that fits one or two models, or a
 fake GPU with bitsandbytes), facts built in memory from real model shapes, a ``FakeSpawner`` and a
-scripted host memory, then drives it with ``asyncio.run``. Waits are on the runners' scripts
-(``make_ready``, ``exit``) and on the pool's own state; the few sleeps only let keep-alive timers and
-watchdog intervals (10 ms here) pass, and every scenario runs under a timeout so a hang fails fast.
+scripted host memory, then drives it on an event loop with virtual time (``virtual_time.py``): keep-alive
+timers, backoffs, watchdog intervals (10 ms here) and deadlines pass without real waiting. Waits are on the
+runners' scripts (``make_ready``, ``exit``) and on the pool's own state, and every scenario runs under a
+(virtual) timeout so a hang fails at once.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ from memserve.cli.manage import PsReply
 from memserve.config import ModelConfig, Settings
 from memserve.errors import InsufficientMemory, InvalidArgument, MemoryBusy, ModelNotFound, Overloaded, RunnerFailed
 from memserve.memory.inventory import Device, Inventory
+from memserve.memory.planner import Plan
 from memserve.pool import pool as pool_module
 from memserve.pool.eviction import Resident
 from memserve.pool.ledger import Ledger
 from memserve.pool.pool import ModelPool, backoff_seconds, compatible, watchdog_limit_bytes
+from memserve.runner.events import Ready
 from memserve.units import format_bytes
 from tests.fakes import LLAMA3_8B, QWEN2_05B, GiB, tensors_for
 from tests.pool.fake_runner import FakeSpawner, RunnerScript
+from tests.pool.virtual_time import run_virtual
 
 MiB = 1024**2
 HEADROOM_BYTES = 512 * MiB
@@ -101,8 +105,8 @@ class Harness:
         return self.pool.entries[name].state
 
     def events(self, kind: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.pool.events
-                if (kind is None or e["event"] == kind) and (name is None or e["model"] == name)]
+        return [e.to_json() for e in self.pool.events
+                if (kind is None or e.kind == kind) and (name is None or e.model == name)]
 
     def kinds(self, name: str | None = None) -> list[str]:
         return [e["event"] for e in self.events(name=name)]
@@ -129,6 +133,11 @@ async def running_pool(tmp_path: Path, models: Sequence[ModelConfig], *, invento
         await harness.pool.shutdown()
 
 
+def ready_at(peak_rss_bytes: int) -> Ready:
+    """A runner's ready report with its peak RSS."""
+    return Ready("m", "continuous-batching", {"cpu": {"peak_rss_bytes": peak_rss_bytes}})
+
+
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
     """Run one scenario on a fresh loop; a hang fails after SCENARIO_TIMEOUT_SECONDS instead of blocking."""
 
@@ -136,7 +145,7 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
         async with asyncio.timeout(SCENARIO_TIMEOUT_SECONDS):
             await scenario()
 
-    asyncio.run(bounded())
+    run_virtual(bounded())
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout_seconds: float = 2.0) -> None:
@@ -193,7 +202,8 @@ def test_backoff_doubles_from_the_second_failure_up_to_30_s(failures: int, secon
     ],
 )
 def test_compatible(context_tokens: int | None, concurrency: int | None, expected: bool) -> None:
-    loaded = {"context_tokens": 2048, "concurrency": 2, "rung": "cpu"}
+    loaded = Plan("cpu", "bfloat16", "none", context_tokens=2048, concurrency=2, max_batch_tokens=2048,
+                  devices={}, device_map={})
     assert compatible(loaded, context_tokens=context_tokens, concurrency=concurrency) is expected
 
 
@@ -511,6 +521,50 @@ def test_repeated_load_failures_back_off(tmp_path: Path, monkeypatch: pytest.Mon
     run(scenario)
 
 
+def test_a_spawn_that_fails_outside_memserve_releases_its_memory_and_marks_the_model_failed(tmp_path: Path) -> None:
+    """An OSError from the spawner (no interpreter, no file descriptors) is a failed load, not a stuck one."""
+    spawner = FakeSpawner()
+    real_spawn = FakeSpawner.__call__
+
+    async def spawn_once_failing(self: FakeSpawner, *args: Any) -> Any:
+        if not self.spawned and not getattr(self, "failed_once", False):
+            self.failed_once = True  # type: ignore[attr-defined]
+            raise OSError(24, "Too many open files")
+        return await real_spawn(self, *args)
+
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], spawner=spawner) as h:
+            with pytest.raises(RunnerFailed, match=r"could not be started: OSError: .*Too many open files") as info:
+                await h.pool.acquire("a")
+            entry = h.pool.entries["a"]
+            assert info.value.status_code == 502
+            assert entry.state == "failed" and "Too many open files" in str(entry.reason)
+            assert h.pool.ledger.names() == [] and h.pool.ledger.reserved("a") == {}
+            assert entry.runner is None and entry.load_task is None and entry.failures == 1
+            assert h.pool.row(entry)["devices"] == {}
+            assert h.kinds("a") == ["load", "load_failed"]
+            lease = await h.pool.acquire("a")  # the next request loads it again
+            assert h.state("a") == "ready" and len(h.spawner.spawned) == 1
+            lease.release()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeSpawner, "__call__", spawn_once_failing)
+        run(scenario)
+
+
+@pytest.mark.parametrize(("max_queue", "runner_queue"), [(None, 4 * 3), (0, 0), (7, 7)])
+def test_the_runner_is_told_the_models_max_queue(tmp_path: Path, max_queue: int | None, runner_queue: int) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a", concurrency=3, max_queue=max_queue)]) as h:
+            await use(h.pool, "a")
+            launch = h.spawner.spawned[0].launch
+            assert launch.max_queue == max_queue and launch.queue == runner_queue
+            assert launch.to_json()["plan"].get("max_queue") == max_queue  # in the plan file the runner reads
+            assert h.pool.entries["a"].max_in_flight == 3 + runner_queue  # the gateway admits as many
+
+    run(scenario)
+
+
 def test_a_runner_that_keeps_crashing_after_ready_backs_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     scaled_backoff(monkeypatch)
 
@@ -534,7 +588,7 @@ def test_watchdog_kills_a_ready_runner_past_its_plan_and_the_tolerance(tmp_path:
         async with running_pool(tmp_path, [model("a")]) as h:
             await use(h.pool, "a")
             runner, entry = h.spawner.spawned[0], h.pool.entries["a"]
-            reserved = entry.reserved_bytes["cpu"]
+            reserved = h.pool.ledger.reserved(entry.name)["cpu"]
             limit = watchdog_limit_bytes(reserved, 0.10, 128 * MiB)
             runner.memory_bytes = {"cpu": limit}  # at the limit: allowed
             sampled = runner.samples_taken
@@ -553,11 +607,6 @@ def test_watchdog_kills_a_ready_runner_past_its_plan_and_the_tolerance(tmp_path:
     run(scenario)
 
 
-def same_plan(first: Mapping[str, Any], second: Mapping[str, Any]) -> bool:
-    """The same plan, whatever each runner was told to reserve for it."""
-    return {**first, "reserved_bytes": None} == {**second, "reserved_bytes": None}
-
-
 def with_margin(measured_bytes: int) -> int:
     """What the pool reserves after a kill at ``measured_bytes``: the figure plus the watchdog's tolerance."""
     return watchdog_limit_bytes(measured_bytes, 0.10, 128 * MiB)
@@ -570,10 +619,10 @@ def test_watchdog_kill_while_loading_retries_the_same_rung_with_the_measured_res
             h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cuda:0": 20 * GiB}))
             lease = await h.pool.acquire("a")
             first, second = h.spawner.spawned
-            assert (first.plan["rung"], second.plan["rung"]) == ("gpu", "gpu")
-            assert same_plan(first.plan, second.plan) and first.kill_calls == 1 and second.kill_calls == 0
-            estimate = first.plan["devices"]["cuda:0"]["total_bytes"]
-            reserved = h.pool.entries["a"].reserved_bytes["cuda:0"]
+            assert (first.launch.plan.rung, second.launch.plan.rung) == ("gpu", "gpu")
+            assert first.launch.plan == second.launch.plan and first.kill_calls == 1 and second.kill_calls == 0
+            estimate = first.launch.plan.devices["cuda:0"].total_bytes
+            reserved = h.pool.ledger.reserved("a")["cuda:0"]
             assert estimate < 20 * GiB < reserved == with_margin(20 * GiB)
             assert h.pool.ledger.held("a")["cuda:0"] == reserved
             [learned] = h.events("learned", "a")
@@ -602,12 +651,12 @@ def test_watchdog_kill_while_loading_goes_one_rung_lower_when_the_measured_reser
             h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cuda:0": measured}))
             lease = await h.pool.acquire("a")
             first, second = h.spawner.spawned
-            assert (first.plan["rung"], second.plan["rung"]) == ("gpu", "gpu-int8")
+            assert (first.launch.plan.rung, second.launch.plan.rung) == ("gpu", "gpu-int8")
             [lower] = h.events("rung_lower", "a")
             assert (lower["failed_rung"], lower["rung"]) == ("gpu", "gpu-int8")
             assert f"as gpu it needs {format_bytes(with_margin(measured))} on cuda:0" in lower["reason"]
             assert f"at most {format_bytes(usable)} on cuda:0 is usable" in lower["reason"]
-            int8_bytes = second.plan["devices"]["cuda:0"]["total_bytes"]
+            int8_bytes = second.launch.plan.devices["cuda:0"].total_bytes
             assert h.pool.ledger.held("a")["cuda:0"] == int8_bytes  # int8 never ran: its estimate
             assert h.pool.row(h.pool.entries["a"])["rung"] == "gpu-int8"
             lease.release()
@@ -622,13 +671,14 @@ def test_a_crash_past_the_plan_is_learned_from_the_runners_own_peak(tmp_path: Pa
             task = asyncio.create_task(h.pool.acquire("a"))
             await until(lambda: len(h.spawner.spawned) == 1, "the spawn")
             first, entry = h.spawner.spawned[0], h.pool.entries["a"]
-            peak = entry.reserved_bytes["cpu"] + 64 * MiB  # past the plan, under the watchdog's limit
+            peak = h.pool.ledger.reserved(entry.name)["cpu"] + 64 * MiB  # past the plan, under the watchdog's limit
             first.emit_phase("fault_in", peak_rss_bytes=peak)
             first.exit(-9)
             await until(lambda: len(h.spawner.spawned) == 2, "the retry")
             second = h.spawner.spawned[1]
-            assert same_plan(second.plan, first.plan) and entry.reserved_bytes == {"cpu": with_margin(peak)}
-            assert second.plan["reserved_bytes"] == entry.reserved_bytes  # the runner is told what it may use
+            reserved = h.pool.ledger.reserved(entry.name)
+            assert second.launch.plan == first.launch.plan and reserved == {"cpu": with_margin(peak)}
+            assert second.launch.reserved_bytes == reserved  # the runner is told what it may use
             assert h.events("watchdog_kill") == [] and "SIGKILL" in h.events("retry", "a")[0]["reason"]
             second.make_ready()
             (await task).release()
@@ -643,7 +693,7 @@ def test_a_crash_within_the_plan_teaches_nothing_and_is_not_retried(tmp_path: Pa
             task = asyncio.create_task(h.pool.acquire("a"))
             await until(lambda: len(h.spawner.spawned) == 1, "the spawn")
             first, entry = h.spawner.spawned[0], h.pool.entries["a"]
-            first.emit_phase("fault_in", peak_rss_bytes=entry.reserved_bytes["cpu"] - MiB)
+            first.emit_phase("fault_in", peak_rss_bytes=h.pool.ledger.reserved(entry.name)["cpu"] - MiB)
             first.exit(1, "ValueError: bad config.json")
             with pytest.raises(RunnerFailed, match=r"ValueError: bad config\.json"):
                 await task
@@ -658,13 +708,13 @@ def test_a_warm_up_peak_above_the_plan_is_reserved_before_any_traffic(tmp_path: 
             task = asyncio.create_task(h.pool.acquire("a"))
             await until(lambda: len(h.spawner.spawned) == 1, "the spawn")
             runner, entry = h.spawner.spawned[0], h.pool.entries["a"]
-            planned = dict(entry.reserved_bytes)
-            assert runner.plan["reserved_bytes"] == planned  # the runner is told what it may use
+            planned = dict(h.pool.ledger.reserved(entry.name))
+            assert runner.launch.reserved_bytes == planned  # the runner is told what it may use
             needs = planned["cpu"] + 200 * MiB  # even one sequence does not fit: the runner says so
             runner.emit_phase("worst_case", fits=False, peak_bytes={"cpu": needs}, needs_bytes={"cpu": needs})
             runner.make_ready()
             lease = await task
-            assert entry.reserved_bytes == {"cpu": needs} and h.pool.ledger.held("a") == {"cpu": needs}
+            assert h.pool.ledger.reserved(entry.name) == {"cpu": needs} and h.pool.ledger.held("a") == {"cpu": needs}
             [reserve] = h.events("reserve", "a")
             assert reserve["reserved_bytes"] == {"cpu": needs}
             assert reserve["reason"] == f"its warm-up peaked at {format_bytes(needs)} on cpu, 200.0 MiB on cpu above " \
@@ -683,11 +733,11 @@ def test_a_warm_up_peak_with_no_room_beside_the_others_loads_again_after_making_
             never_over_usable(h.pool.ledger)
             await use(h.pool, "a")
             peak = 7 * GiB  # more than is free beside a, less than the whole
-            h.spawner.script("b", *[RunnerScript(ready_report={"memory": {"cpu": {"peak_rss_bytes": peak}}})] * 2)
+            h.spawner.script("b", *[RunnerScript(ready_report=ready_at(peak))] * 2)
             lease = await h.pool.acquire("b")
             assert h.spawner.journal == [("spawn", "a"), ("spawn", "b"), ("stop", "b"), ("stop", "a"),
                                          ("spawn", "b")]
-            assert h.pool.entries["b"].reserved_bytes == {"cpu": with_margin(peak)}
+            assert h.pool.ledger.reserved("b") == {"cpu": with_margin(peak)}
             assert [e["model"] for e in h.events("evict")] == ["a"]
             [learned] = h.events("learned", "b")
             assert learned["measured_bytes"] == {"cpu": peak}
@@ -707,8 +757,8 @@ def test_a_measured_need_above_the_capacity_is_loaded_with_all_of_it_not_refused
             h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": usable}))
             lease = await h.pool.acquire("a")
             first, second = h.spawner.spawned
-            estimate = first.plan["devices"]["cpu"]["total_bytes"]
-            assert same_plan(first.plan, second.plan) and h.pool.entries["a"].reserved_bytes == {"cpu": usable}
+            estimate = first.launch.plan.devices["cpu"].total_bytes
+            assert first.launch.plan == second.launch.plan and h.pool.ledger.reserved("a") == {"cpu": usable}
             [capped] = h.events("reservation_capped", "a")
             assert capped["reserved_bytes"] == {"cpu": usable}
             assert capped["reason"] == (
@@ -719,7 +769,7 @@ def test_a_measured_need_above_the_capacity_is_loaded_with_all_of_it_not_refused
             lease.release()
             assert await h.pool.unload("a")
             await use(h.pool, "a")  # and so again next time, from the calibration
-            assert h.pool.entries["a"].reserved_bytes == {"cpu": usable} and len(h.spawner.spawned) == 3
+            assert h.pool.ledger.reserved("a") == {"cpu": usable} and len(h.spawner.spawned) == 3
 
     run(scenario)
 
@@ -774,8 +824,8 @@ def test_two_kills_on_the_only_rung_fail_that_load_and_the_next_request_is_still
             for name, measured in (("lowest", 4 * GiB), ("strict", 3 * GiB)):  # then served, on the cpu rung
                 lease = await h.pool.acquire(name)
                 entry = h.pool.entries[name]
-                assert entry.state == "ready" and entry.plan is not None and entry.plan["rung"] == "cpu"
-                assert entry.reserved_bytes == {"cpu": with_margin(measured)}
+                assert entry.state == "ready" and entry.plan is not None and entry.plan.rung == "cpu"
+                assert h.pool.ledger.reserved(entry.name) == {"cpu": with_margin(measured)}
                 lease.release()
             [lifted] = h.events("retry", "lowest")[-1:]
             assert lifted["rung"] == "cpu" and "nothing below cpu fits or is allowed" in lifted["reason"]
@@ -791,13 +841,13 @@ def test_watchdog_kill_of_a_ready_runner_reloads_on_its_rung_then_one_lower_afte
             h.spawner.spawned[0].memory_bytes = {"cuda:0": 12 * GiB}
             await until(lambda: h.state("a") == "failed", "the watchdog")
             await use(h.pool, "a")
-            assert [r.plan["rung"] for r in h.spawner.spawned] == ["gpu", "gpu"]
-            assert h.pool.entries["a"].reserved_bytes["cuda:0"] == with_margin(12 * GiB)
+            assert [r.launch.plan.rung for r in h.spawner.spawned] == ["gpu", "gpu"]
+            assert h.pool.ledger.reserved("a")["cuda:0"] == with_margin(12 * GiB)
             h.spawner.spawned[1].memory_bytes = {"cuda:0": 16 * GiB}  # past the bigger reservation too
             await until(lambda: h.state("a") == "failed", "the second kill")
             assert h.pool.entries["a"].rung_kills == {"gpu": 2} and "gpu" in h.pool.entries["a"].skip_rungs
             await use(h.pool, "a")
-            assert [r.plan["rung"] for r in h.spawner.spawned] == ["gpu", "gpu", "gpu-int8"]
+            assert [r.launch.plan.rung for r in h.spawner.spawned] == ["gpu", "gpu", "gpu-int8"]
             assert [e["failed_rung"] for e in h.events("retry_lower", "a")] == ["gpu"]
 
     run(scenario)
@@ -806,28 +856,29 @@ def test_watchdog_kill_of_a_ready_runner_reloads_on_its_rung_then_one_lower_afte
 def test_the_issue_11_story_a_kill_on_cpu_is_not_an_outage(tmp_path: Path) -> None:
     """demo-small, CPU only: killed by a long prompt; the next request is served with a reservation above
     the measured peak, and a restarted gateway keeps it even when the next warm-up peaks lower."""
-    warm_up = {"memory": {"cpu": {"peak_rss_bytes": GiB}}}
+    warm_up = ready_at(GiB)
 
     async def scenario() -> None:
         spawner = FakeSpawner(RunnerScript(ready_report=warm_up))
         async with running_pool(tmp_path, [model("a")], spawner=spawner) as h:
             await use(h.pool, "a")
             entry, first = h.pool.entries["a"], h.spawner.spawned[0]
-            assert entry.reserved_bytes == {"cpu": first.plan["devices"]["cpu"]["total_bytes"]}
-            killed_at = watchdog_limit_bytes(entry.reserved_bytes["cpu"], 0.10, 128 * MiB) + MiB
+            assert h.pool.ledger.reserved(entry.name) == {"cpu": first.launch.plan.devices["cpu"].total_bytes}
+            killed_at = watchdog_limit_bytes(h.pool.ledger.reserved(entry.name)["cpu"], 0.10, 128 * MiB) + MiB
             first.memory_bytes = {"cpu": killed_at}  # the long prompt
             await until(lambda: h.state("a") == "failed", "the watchdog")
             lease = await h.pool.acquire("a")
             second = h.spawner.spawned[1]
-            assert same_plan(second.plan, first.plan) and entry.state == "ready"
-            assert entry.reserved_bytes == {"cpu": with_margin(killed_at)} and with_margin(killed_at) > killed_at
+            assert second.launch.plan == first.launch.plan and entry.state == "ready"
+            assert h.pool.ledger.reserved(entry.name) == {"cpu": with_margin(killed_at)}
+            assert with_margin(killed_at) > killed_at
             lease.release()
         async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(RunnerScript(ready_report=warm_up))) as h:
             await use(h.pool, "a")  # a new gateway, same data_dir; its warm-up peaks at 1 GiB only
-            assert h.pool.entries["a"].reserved_bytes == {"cpu": with_margin(killed_at)}
+            assert h.pool.ledger.reserved("a") == {"cpu": with_margin(killed_at)}
             await h.pool.unload("a")
             await use(h.pool, "a")
-            assert h.pool.entries["a"].reserved_bytes == {"cpu": with_margin(killed_at)}
+            assert h.pool.ledger.reserved("a") == {"cpu": with_margin(killed_at)}
 
     run(scenario)
 
@@ -906,7 +957,7 @@ def test_load_keeps_a_compatible_runner_and_reloads_for_a_larger_context(tmp_pat
             assert len(h.spawner.spawned) == 1 and first.stop_calls == 0
             row = await h.pool.load("a", context_tokens=4096)
             second = h.spawner.spawned[1]
-            assert first.stop_calls == 1 and second.plan["context_tokens"] == 4096
+            assert first.stop_calls == 1 and second.launch.plan.context_tokens == 4096
             assert (row["pid"], row["context_tokens"], row["state"]) == (second.pid, 4096, "ready")
             assert len(h.events("reload", "a")) == 1
 
@@ -937,8 +988,8 @@ def test_unload_clears_a_failed_model_and_the_next_request_loads_it_fresh(tmp_pa
             backoffs = len(h.events("backoff", "a"))
             await use(h.pool, "a")
             assert len(h.events("backoff", "a")) == backoffs  # a fresh start: no backoff
-            assert h.spawner.spawned[-1].plan["rung"] == "gpu"  # the skipped rung is back ...
-            assert entry.reserved_bytes["cuda:0"] == with_margin(16 * GiB)  # ... with what it measured
+            assert h.spawner.spawned[-1].launch.plan.rung == "gpu"  # the skipped rung is back ...
+            assert h.pool.ledger.reserved(entry.name)["cuda:0"] == with_margin(16 * GiB)  # ... with what it measured
 
     run(scenario)
 
@@ -951,7 +1002,7 @@ def test_load_options_apply_to_that_load_only(tmp_path: Path) -> None:
             assert h.pool.entries["a"].pending_options is None
             assert await h.pool.unload("a")
             await use(h.pool, "a")  # the next load, by a request: the configuration again
-            assert [(r.plan["context_tokens"], r.plan["concurrency"]) for r in h.spawner.spawned] == [(4096, 3),
+            assert [(r.launch.plan.context_tokens, r.launch.plan.concurrency) for r in h.spawner.spawned] == [(4096, 3),
                                                                                                      (2048, 2)]
             assert await h.pool.unload("a")
             row = await h.pool.load("a")
@@ -1011,7 +1062,7 @@ def test_lifecycle_log_lines_read_as_key_value_pairs_with_units(tmp_path: Path,
         async with running_pool(tmp_path, [model("a")]) as h:
             await use(h.pool, "a")
             runner, entry = h.spawner.spawned[0], h.pool.entries["a"]
-            reserved = entry.reserved_bytes["cpu"]
+            reserved = h.pool.ledger.reserved(entry.name)["cpu"]
             runner.memory_bytes = {"cpu": 8 * GiB}
             await until(lambda: entry.state == "failed", "the watchdog")
             lines = [r.getMessage() for r in caplog.records if r.name == "memserve.pool"]
@@ -1039,7 +1090,7 @@ def test_ps_rows_have_the_documented_keys_and_events_tell_the_story(tmp_path: Pa
             ps = h.pool.ps()
             [row] = ps["models"]  # b is stopped: not listed
             assert set(row) == ROW_KEYS
-            reserved = entry.reserved_bytes["cpu"]
+            reserved = h.pool.ledger.reserved(entry.name)["cpu"]
             assert row == {
                 "name": "a", "state": "ready", "pid": runner.pid, "source": "mem://a", "rung": "cpu",
                 "context_tokens": 2048, "concurrency": 1,
@@ -1083,20 +1134,20 @@ def test_shutdown_stops_every_runner(tmp_path: Path) -> None:
 
 
 def test_a_measured_peak_replaces_the_estimate_next_time_and_survives_a_restart(tmp_path: Path) -> None:
-    measured = {"memory": {"cpu": {"peak_rss_bytes": GiB}}}  # the runner's own report at ready
+    measured = ready_at(GiB)  # the runner's own report at ready
 
     async def scenario() -> None:
         spawner = FakeSpawner(RunnerScript(ready_report=measured))
         async with running_pool(tmp_path, [model("a")], spawner=spawner) as h:
             (await h.pool.acquire("a")).release()
-            estimate = h.spawner.spawned[0].plan["devices"]["cpu"]["total_bytes"]
-            assert h.pool.entries["a"].reserved_bytes == {"cpu": estimate} and estimate != GiB
+            estimate = h.spawner.spawned[0].launch.plan.devices["cpu"].total_bytes
+            assert h.pool.ledger.reserved("a") == {"cpu": estimate} and estimate != GiB
             assert await h.pool.unload("a")
             (await h.pool.acquire("a")).release()
-            assert h.pool.entries["a"].reserved_bytes == {"cpu": GiB}
+            assert h.pool.ledger.reserved("a") == {"cpu": GiB}
         assert (tmp_path / "calibration.json").exists()
         async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(RunnerScript(ready_report=measured))) as h:
             (await h.pool.acquire("a")).release()
-            assert h.pool.entries["a"].reserved_bytes == {"cpu": GiB}  # a new gateway, same data_dir
+            assert h.pool.ledger.reserved("a") == {"cpu": GiB}  # a new gateway, same data_dir
 
     run(scenario)

@@ -19,6 +19,7 @@ from memserve.pool.runner_process import (
     owner_record,
     remove_dead_run_dirs,
 )
+from tests.pool.fake_runner import plan_file
 
 
 def test_sample_memory_is_the_trees_rss_plus_its_gpu_memory(tmp_path: Path) -> None:
@@ -29,7 +30,7 @@ def test_sample_memory_is_the_trees_rss_plus_its_gpu_memory(tmp_path: Path) -> N
         return {"cuda:0": 3 << 30}
 
     async def scenario() -> None:
-        runner = RunnerProcess("m", "/models/m", {}, run_dir=tmp_path, gpu_memory=gpu_memory)
+        runner = RunnerProcess("m", plan_file("/models/m"), run_dir=tmp_path, gpu_memory=gpu_memory)
         assert runner.sample_memory() == {}  # not started: nothing to read
         # a stand-in process tree: a parent that started a child (the runner and, say, a compile worker)
         child_code = ("import subprocess, sys, time; "
@@ -115,7 +116,7 @@ def test_a_child_not_yet_the_runner_is_not_measured(tmp_path: Path) -> None:
 
     assert is_runner_command(["/usr/bin/python3", "-m", "memserve.runner", "--plan", "p.json"])
     assert not is_runner_command(["/usr/bin/python3", "-m", "pytest", "-q"])
-    runner = RunnerProcess("demo", "src", {}, run_dir=tmp_path)
+    runner = RunnerProcess("demo", plan_file("src"), run_dir=tmp_path)
 
     class _Proc:  # a stand-in handle for this very process, which is not a runner
         pid = os.getpid()

@@ -19,9 +19,13 @@ from rich.file_proxy import FileProxy
 from transformers.utils import logging as transformers_logging
 
 from memserve.errors import ModelNotFound
-from memserve.runner.load import PHASES, LoadProgress, LoadReport, emit, load_model
+from memserve.memory.planner import Plan
+from memserve.runner.events import runner_event_from_json
+from memserve.runner.load import PHASES, LoadReport, load_model
+from memserve.runner.progress import LoadProgress, emit
 
-PLAN: dict[str, Any] = {"dtype": "float32", "quantization": "none", "device_map": {"": "cpu"}}
+PLAN = Plan("cpu", "float32", "none", context_tokens=256, concurrency=1, max_batch_tokens=128, devices={},
+            device_map={"": "cpu"})
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -128,13 +132,13 @@ def test_a_failed_load_marks_its_phase_and_gives_the_terminal_back(tmp_path: Pat
 ])
 def test_other_events_are_one_readable_line_on_a_terminal(event: dict[str, Any], line: str) -> None:
     console, out = terminal()
-    LoadProgress(json_lines=False, console=console).event(event)
+    LoadProgress(json_lines=False, console=console).event(runner_event_from_json(event))
     assert plain(out.getvalue()) == line + "\n"
 
 
 def test_failed_event_is_left_to_the_cli_on_a_terminal() -> None:
     console, out = terminal()
-    LoadProgress(json_lines=False, console=console).event({"event": "failed", "error": "boom"})
+    LoadProgress(json_lines=False, console=console).event(runner_event_from_json({"event": "failed", "error": "boom"}))
     assert out.getvalue() == ""
 
 
@@ -142,7 +146,7 @@ def test_emit_on_a_pipe_writes_the_exact_json_line(monkeypatch: pytest.MonkeyPat
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("MEMSERVE_PROGRESS", "1")
     event = {"event": "listening", "socket": None, "port": 8001}
-    emit(event)
+    emit(runner_event_from_json(event))
     assert capsys.readouterr().err == json.dumps(event) + "\n"
 
 
@@ -150,5 +154,5 @@ def test_emit_on_a_terminal_writes_a_readable_line(monkeypatch: pytest.MonkeyPat
     stream = TerminalStream()
     monkeypatch.setattr(sys, "stderr", stream)
     monkeypatch.delenv("MEMSERVE_PROGRESS", raising=False)
-    emit({"event": "listening", "socket": None, "port": 8001})
+    emit(runner_event_from_json({"event": "listening", "socket": None, "port": 8001}))
     assert plain(stream.getvalue()) == "listening on http://127.0.0.1:8001\n"

@@ -11,8 +11,12 @@ from typing import Any
 
 import pytest
 
+from memserve.memory.estimate import DeviceNeed
+from memserve.memory.fit import PlanFile
+from memserve.memory.planner import Plan
 from memserve.runner import serve
-from memserve.runner.load import WORST_CASE_PHASE, LoadProgress, LoadReport
+from memserve.runner.load import WORST_CASE_PHASE, LoadReport
+from memserve.runner.progress import LoadProgress
 from memserve.runner.serve import build_app, fit_to_reservation, on_worker_thread
 
 
@@ -54,9 +58,12 @@ class FakeEngine:
         return {"prompt_tokens": 2048, "measured_sequences": 1, "touched_bytes": 0, "seconds": 0.0}
 
 
-def plan_for(concurrency: int, total_bytes: int, kv_bytes: int, **extra: Any) -> dict[str, Any]:
-    return {"concurrency": concurrency, "context_tokens": 2048, "max_batch_tokens": 2048,
-            "devices": {"cpu": {"total_bytes": total_bytes, "kv_cache_bytes": kv_bytes}}, **extra}
+def plan_for(concurrency: int, total_bytes: int, kv_bytes: int, *,
+             reserved_bytes: dict[str, int] | None = None) -> PlanFile:
+    need = DeviceNeed(weights_bytes=total_bytes - kv_bytes, kv_cache_bytes=kv_bytes)
+    plan = Plan("cpu", "float32", "none", context_tokens=2048, concurrency=concurrency, max_batch_tokens=2048,
+                devices={"cpu": need}, device_map={"": "cpu"})
+    return PlanFile("/models/m", plan, reserved_bytes=reserved_bytes)
 
 
 @pytest.fixture
@@ -75,7 +82,7 @@ def peaks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return values
 
 
-def check(plan: dict[str, Any], engine: FakeEngine) -> tuple[Any, LoadReport, list[dict[str, Any]], list[int]]:
+def check(plan: PlanFile, engine: FakeEngine) -> tuple[Any, LoadReport, list[dict[str, Any]], list[int]]:
     report = LoadReport()
     stream = io.StringIO()
     rebuilt: list[int] = []
@@ -133,19 +140,24 @@ def test_the_generate_fallback_adds_the_kv_cache_of_the_rows_it_did_not_run(peak
 def test_the_pools_reservation_wins_over_the_estimate(peaks: list[int]) -> None:
     peaks.append(1100)
     plan = plan_for(8, 1000, 800, reserved_bytes={"cpu": 1200})  # calibrated above the estimate
-    assert serve.reservation_bytes(plan) == {"cpu": 1200}
-    assert serve.reservation_bytes(plan_for(8, 1000, 800)) == {"cpu": 1000}
+    assert plan.reservation_bytes == {"cpu": 1200}
+    assert plan_for(8, 1000, 800).reservation_bytes == {"cpu": 1000}
     _, report, _, rebuilt = check(plan, FakeEngine("continuous-batching", 8))
     assert report.plan_check["fits"] is True and rebuilt == []
+
+
+def tiny_plan(folder: Path, **limits: Any) -> PlanFile:
+    """The tiny demo model at 256 × 2 with all the memory it could want (unless ``reserved_bytes`` says less)."""
+    need = DeviceNeed(weights_bytes=(64 << 30) - (1 << 20), kv_cache_bytes=1 << 20)
+    plan = Plan("cpu", "float32", "none", context_tokens=256, concurrency=2, max_batch_tokens=128,
+                devices={"cpu": need}, device_map={"": "cpu"})
+    return PlanFile(str(folder), plan, **limits)
 
 
 def test_a_real_runner_runs_its_worst_case_warm_up_and_reports_it(
     tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plan = {"rung": "cpu", "dtype": "float32", "quantization": "none", "context_tokens": 256, "concurrency": 2,
-            "max_batch_tokens": 128, "device_map": {"": "cpu"},
-            "devices": {"cpu": {"total_bytes": 64 << 30, "kv_cache_bytes": 1 << 20}}}
-    build_app(str(tiny_model_dir), plan, name="tiny")
+    build_app(tiny_plan(tiny_model_dir), name="tiny")
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     phase = next(e for e in events if e.get("phase") == WORST_CASE_PHASE)
     ready = next(e for e in events if e.get("event") == "ready")
@@ -157,10 +169,7 @@ def test_a_real_runner_runs_its_worst_case_warm_up_and_reports_it(
 def test_a_real_runner_given_too_small_a_reservation_shrinks_and_says_what_it_needs(
     tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plan = {"rung": "cpu", "dtype": "float32", "quantization": "none", "context_tokens": 256, "concurrency": 2,
-            "max_batch_tokens": 128, "device_map": {"": "cpu"}, "reserved_bytes": {"cpu": 1 << 20},
-            "devices": {"cpu": {"total_bytes": 64 << 30, "kv_cache_bytes": 1 << 20}}}
-    build_app(str(tiny_model_dir), plan, name="tiny")
+    build_app(tiny_plan(tiny_model_dir, reserved_bytes={"cpu": 1 << 20}), name="tiny")
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     ready = next(e for e in events if e.get("event") == "ready")
     assert ready["engine"] == "continuous-batching"
@@ -172,10 +181,7 @@ def test_memserve_engine_generate_serves_with_the_generate_engine(
     tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(serve.ENGINE_ENV, "generate")
-    plan = {"rung": "cpu", "dtype": "float32", "quantization": "none", "context_tokens": 256, "concurrency": 2,
-            "max_batch_tokens": 128, "device_map": {"": "cpu"},
-            "devices": {"cpu": {"total_bytes": 64 << 30, "kv_cache_bytes": 1 << 20}}}
-    build_app(str(tiny_model_dir), plan, name="tiny")
+    build_app(tiny_plan(tiny_model_dir), name="tiny")
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     ready = next(e for e in events if e.get("event") == "ready")
     assert ready["engine"] == "generate" and ready["plan_check"]["fits"] is True

@@ -32,6 +32,8 @@ from rich.text import Text
 
 from memserve.errors import BadUpstream, InvalidArgument, MemserveError, RunnerFailed, UpstreamUnavailable
 from memserve.net import is_loopback
+from memserve.pool.events import PoolEvent, PoolEventKind
+from memserve.pool.state import ModelState
 from memserve.units import format_bytes
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -45,14 +47,14 @@ PROGRESS_POLL_SECONDS = 0.2
 BAR_WIDTH = 10
 PIPED_WIDTH = 200
 
-_STATE_STYLES = {
-    "ready": "green",
-    "starting": "yellow",
-    "loading": "yellow",
-    "warming": "yellow",
-    "draining": "magenta",
-    "stopped": "dim",
-    "failed": "red",
+_STATE_STYLES: dict[str, str] = {
+    ModelState.READY: "green",
+    ModelState.STARTING: "yellow",
+    ModelState.LOADING: "yellow",
+    ModelState.WARMING: "yellow",
+    ModelState.DRAINING: "magenta",
+    ModelState.STOPPED: "dim",
+    ModelState.FAILED: "red",
 }
 _COLUMNS = ("NAME", "STATE", "PID", "RUNG", "MEMORY", "LEASES", "EXPIRES")
 _Reply = TypeVar("_Reply", bound=BaseModel)
@@ -77,7 +79,7 @@ class ModelRow(BaseModel):
     """One model in the pool, as ``/api/ps`` and ``/api/load`` report it."""
 
     name: str
-    state: str
+    state: str  # a ModelState; kept a str so that a newer server's state is shown, not refused
     pid: int | None = None
     source: str | None = None
     rung: str | None = None
@@ -161,14 +163,15 @@ class GatewayClient:
             body["keep_alive"] = keep_alive
         return self.request("POST", "/api/load", body, timeout_seconds=LOAD_TIMEOUT_SECONDS)
 
-    def events(self, since: int = 0) -> list[dict[str, Any]]:
+    def events(self, since: int = 0) -> list[PoolEvent]:
         """``GET /api/events?since=N``: the pool's events after sequence number ``since``, oldest first."""
         data = self.request("GET", f"/api/events?since={since}", timeout_seconds=EVENTS_TIMEOUT_SECONDS)
         events = data.get("events")
         if not isinstance(events, list):
             raise BadUpstream(f"{self.base_url} answered GET /api/events without an events list; is the server "
                               "the same memserve version as this CLI?")
-        return [e for e in events if isinstance(e, dict) and isinstance(e.get("seq"), int)]
+        return [_event(e) for e in events if isinstance(e, dict) and isinstance(e.get("seq"), int)
+                and isinstance(e.get("event"), str) and isinstance(e.get("model"), str)]
 
     def unload(self, model: str) -> dict[str, Any]:
         """``POST /api/unload``; the server drains the model's leases before it answers."""
@@ -268,11 +271,11 @@ def format_relative(delta_seconds: float) -> str:
 
 def format_expiry(row: ModelRow, now_seconds: float) -> str:
     """When the pool may evict this model. ``expires_at`` is null for pinned, busy or keep-alive-forever models."""
-    if row.state in ("stopped", "failed"):
+    if row.state in (ModelState.STOPPED, ModelState.FAILED):
         return "-"
     if row.expires_at is not None:
         return format_relative(row.expires_at - now_seconds)
-    if row.state != "ready":
+    if row.state != ModelState.READY:
         return "-"
     if row.pinned:
         return "never (pinned)"
@@ -326,7 +329,7 @@ def render_ps(reply: PsReply, console: Console, *, now_seconds: float) -> None:
                           format_expiry(row, now_seconds))
         console.print(table)
         for row in reply.models:
-            if row.state == "failed":
+            if row.state == ModelState.FAILED:
                 console.print(Text.assemble((f"{row.name} failed: ", "red"), row.reason or "no reason given"))
     for name, budget in reply.devices.items():
         console.print(device_line(name, budget))
@@ -354,46 +357,51 @@ def _seconds(value: object) -> str:
     return f"{value:.1f} s" if isinstance(value, int | float) else "?"
 
 
-def progress_line(event: dict[str, Any], model: str, reserved: dict[str, int] | None = None) -> str | None:
+def _event(data: dict[str, Any]) -> PoolEvent:
+    return PoolEvent.from_json(data)  # the caller checked seq, event and model: nothing left to raise
+
+
+def progress_line(record: PoolEvent, model: str, reserved: dict[str, int] | None = None) -> str | None:
     """One event of the pool as a line about loading ``model``, or None when it is not about that load.
 
     ``reserved`` is what the load event reserved, so the ready line can set the measured bytes beside it.
     """
-    kind, name, reason = event.get("event"), event.get("model"), event.get("reason") or "no reason given"
-    if kind == "evict" and name != model and str(event.get("reason", "")).endswith(f"for {model}"):
+    kind, name, event = record.kind, record.model, record.fields
+    reason = event.get("reason") or "no reason given"
+    if kind == PoolEventKind.EVICT and name != model and str(event.get("reason", "")).endswith(f"for {model}"):
         return f"evicting {name} (to make room)"
     if name != model:
         return None
-    if kind == "load":
+    if kind == PoolEventKind.LOAD:
         return f"loading {model} as {event.get('rung') or '?'}, reserving {_sizes(event.get('reserved_bytes'))}"
-    if kind == "phase":
+    if kind == PoolEventKind.PHASE:
         return f"{event.get('phase') or '?'} {_seconds(event.get('seconds'))}"
-    if kind == "ready":
+    if kind == PoolEventKind.READY:
         sizes = [f"measured {_sizes(event['measured_bytes'])}" if event.get("measured_bytes") else "not measured"]
         if reserved:
             sizes.append(f"reserved {_sizes(reserved)}")
         return f"ready in {_seconds(event.get('load_seconds'))} ({', '.join(sizes)})"
-    if kind == "reserve":
+    if kind == PoolEventKind.RESERVE:
         return f"reserving {_sizes(event.get('reserved_bytes'))} instead: {reason}"
-    if kind == "rung_lower":
+    if kind == PoolEventKind.RUNG_LOWER:
         return f"{event.get('failed_rung') or '?'} does not fit: {reason}; trying {event.get('rung') or '?'}"
-    if kind == "retry":
+    if kind == PoolEventKind.RETRY:
         return f"trying {event.get('rung') or '?'} again, reserving {_sizes(event.get('reserved_bytes'))}: {reason}"
-    if kind == "learned":
+    if kind == PoolEventKind.LEARNED:
         return f"learned: as {event.get('rung') or '?'} it needs {_sizes(event.get('next_reserved_bytes'))}"
-    if kind == "reservation_capped":
+    if kind == PoolEventKind.RESERVATION_CAPPED:
         return f"reserving all that is usable for {model}: {reason}"
-    if kind == "backoff":
+    if kind == PoolEventKind.BACKOFF:
         return f"waiting {_seconds(event.get('seconds'))} before loading {model} again: it failed just before"
-    if kind == "reload":
+    if kind == PoolEventKind.RELOAD:
         return f"reloading {model}: {reason}"
-    if kind == "watchdog_kill":
+    if kind == PoolEventKind.WATCHDOG_KILL:
         return f"the watchdog stopped {model}: {reason}"
-    if kind == "retry_lower":
+    if kind == PoolEventKind.RETRY_LOWER:
         return f"retrying one rung below {event.get('failed_rung') or '?'}"
-    if kind == "load_failed":
+    if kind == PoolEventKind.LOAD_FAILED:
         return f"load failed: {reason}"
-    if kind == "refused":
+    if kind == PoolEventKind.REFUSED:
         return f"refused: {reason}"
     return None
 
@@ -417,7 +425,7 @@ class LoadProgress:
 
     def __enter__(self) -> LoadProgress:
         try:
-            self._since = max((e["seq"] for e in self.client.events()), default=0)
+            self._since = max((e.seq for e in self.client.events()), default=0)
         except MemserveError:
             self._since = None  # no progress to show from this server
         if self.console.is_terminal:
@@ -447,9 +455,11 @@ class LoadProgress:
         except MemserveError:
             return False
         for event in events:
-            self._since = max(self._since, event["seq"])
-            if event.get("event") in ("load", "reserve", "retry") and event.get("model") == self.model:
-                self._reserved = event.get("reserved_bytes") if isinstance(event.get("reserved_bytes"), dict) else None
+            self._since = max(self._since, event.seq)
+            reserving = (PoolEventKind.LOAD, PoolEventKind.RESERVE, PoolEventKind.RETRY)
+            if event.kind in reserving and event.model == self.model:
+                reserved = event.fields.get("reserved_bytes")
+                self._reserved = reserved if isinstance(reserved, dict) else None
             line = progress_line(event, self.model, self._reserved)
             if line is not None:
                 self._show(line)
@@ -516,7 +526,7 @@ def load(name: str, keep_alive: str | None, url: str, as_json: bool) -> None:
         _echo_json(data)
         return
     row = parse_reply(LoadReply, data, "POST /api/load").model
-    if row.state == "failed":
+    if row.state == ModelState.FAILED:
         raise RunnerFailed(f"{row.name} failed to load: {row.reason or 'no reason given'}")
     click.echo(ready_line(row))
 

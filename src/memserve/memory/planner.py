@@ -19,8 +19,9 @@ device that holds layers also holds their KV cache, the activations and a runtim
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, get_args
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.errors import InvalidArgument
@@ -152,6 +153,57 @@ class Plan:
             "devices": {name: need.to_json() for name, need in self.devices.items()},
             "device_map": self.device_map,
         }
+
+    def __getitem__(self, key: str) -> Any:
+        """TRANSITIONAL (issue 12): ``plan["context_tokens"]`` for gateway/app.py until it reads the attribute.
+
+        Remove with that one line; every other reader uses the fields.
+        """
+        return self.to_json()[key]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        """The plan :meth:`to_json` wrote (a plan file crosses from the gateway to its runner this way).
+
+        Keys it does not know are ignored (a plan file carries the pool's limits beside the plan); a
+        missing or mistyped field is an InvalidArgument naming it, never a KeyError later.
+        """
+        quantization = _field(data, "quantization", str)
+        if quantization not in get_args(Quantization):
+            raise InvalidArgument(f"plan field 'quantization' must be one of {', '.join(get_args(Quantization))}, "
+                                  f"got {quantization!r}")
+        devices = _field(data, "devices", dict)
+        device_map = _field(data, "device_map", dict)
+        return cls(
+            rung=_field(data, "rung", str),
+            dtype=_field(data, "dtype", str),
+            quantization=quantization,  # type: ignore[arg-type]  # checked against Quantization above
+            context_tokens=_field(data, "context_tokens", int),
+            concurrency=_field(data, "concurrency", int),
+            max_batch_tokens=_field(data, "max_batch_tokens", int),
+            devices={str(name): _device_need(str(name), need) for name, need in devices.items()},
+            device_map={str(block): str(device) for block, device in device_map.items()},
+        )
+
+
+_T = TypeVar("_T")
+
+
+def _field(data: Mapping[str, Any], key: str, kind: type[_T]) -> _T:
+    value = data.get(key) if isinstance(data, Mapping) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidArgument(f"plan field {key!r} must be {kind.__name__}, got {value!r}; "
+                              "write the plan with memserve fit MODEL --json")
+    return value
+
+
+def _device_need(device: str, data: Any) -> DeviceNeed:
+    """A device's need as ``DeviceNeed.to_json`` wrote it; its ``total_bytes`` is derived, so it is not read."""
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(f"plan field 'devices' has {data!r} for {device}, not an object of byte counts")
+    sizes = {key: _field(data, key, int) for key in
+             ("weights_bytes", "kv_cache_bytes", "activation_bytes", "runtime_bytes", "free_bytes")}
+    return DeviceNeed(**sizes)
 
 
 @dataclass(frozen=True)

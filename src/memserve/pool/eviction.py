@@ -36,8 +36,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from memserve.pool.state import ModelState
+
 EXACT_LIMIT = 16
-EVICTABLE_STATE = "ready"
+EVICTABLE_STATE = ModelState.READY
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Resident:
     """A runner as the eviction policy sees it: what it holds, whether it is busy, what it costs to reload."""
 
     name: str
-    state: str  # "starting", "loading", "warming", "ready", "draining", "stopped", "failed"
+    state: ModelState | str  # a ModelState (its string compares equal)
     held_bytes: Mapping[str, int]  # per device ("cpu", "cuda:0"): what the ledger holds for it
     leases: int  # requests in flight; > 0 is never evicted
     last_used: float  # monotonic seconds of the last request end (or the time it became ready)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from memserve.errors import InvalidArgument
+from memserve.memory.planner import Plan
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,15 @@ class Ledger:
             return
         self._measured[name] = sample
 
+    def raise_reservation(self, name: str, reserved_bytes: Mapping[str, int]) -> None:
+        """The same runner of ``name`` now reserves ``reserved_bytes`` (its warm-up peaked above its plan).
+
+        Unlike :meth:`reserve` its samples stay: the runner is the same one, and so is what it was seen to use.
+        """
+        if name not in self._reserved:
+            raise InvalidArgument(f"{name} holds no reservation to raise; reserve it first")
+        self._reserved[name] = _check_sizes(reserved_bytes, what=f"reserved bytes of {name}")
+
     def release(self, name: str) -> None:
         """The runner of ``name`` stopped: everything it held is free again. Releasing twice is harmless."""
         self._reserved.pop(name, None)
@@ -115,6 +125,14 @@ class Ledger:
     def names(self) -> list[str]:
         """The models holding memory, sorted."""
         return sorted(self._reserved)
+
+    def reserved(self, name: str) -> dict[str, int]:
+        """What ``name``'s plan reserves per device; ``{}`` for a model that holds nothing."""
+        return dict(self._reserved.get(name, {}))
+
+    def measured(self, name: str) -> dict[str, int]:
+        """``name``'s latest sample per device; ``{}`` before its first sample or when it holds nothing."""
+        return dict(self._measured.get(name) or {})
 
     def held(self, name: str) -> dict[str, int]:
         """``max(reserved, measured)`` per device; ``{}`` for a model that holds nothing."""
@@ -143,11 +161,6 @@ class Ledger:
         """
         usable = self.usable_bytes()
         return {device: max(0, usable.get(device, 0) - held) for device, held in self.held_bytes().items()}
-
-    def fits(self, need_bytes: Mapping[str, int]) -> bool:
-        """Whether ``need_bytes`` fits the free bytes on every device (exactly full fits)."""
-        free = self.free_bytes()
-        return all(need <= free.get(device, 0) for device, need in need_bytes.items() if need > 0)
 
     def to_json(self) -> dict[str, Any]:
         """The ``/api/memory`` view; ``measured_bytes`` is null until the model's first sample."""
@@ -210,13 +223,14 @@ def checkpoint_files(folder: Path) -> list[tuple[str, int, float]]:
     return found
 
 
-def plan_key(plan_json: Mapping[str, Any]) -> str:
+def plan_key(plan: Plan) -> str:
     """sha256 hex[:16] of the plan fields that change memory (``PLAN_MEMORY_FIELDS``), as sorted JSON.
 
     Anything else in the plan (the per-device estimates, notes) may change between versions of the
     estimator without invalidating what was measured.
     """
-    return _sha16({field: plan_json.get(field) for field in PLAN_MEMORY_FIELDS})
+    plan_json = plan.to_json()
+    return _sha16({field: plan_json[field] for field in PLAN_MEMORY_FIELDS})
 
 
 def calibrated(plan_devices_bytes: Mapping[str, int], measured: Mapping[str, int] | None) -> dict[str, int]:

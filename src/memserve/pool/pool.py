@@ -51,7 +51,6 @@ import difflib
 import logging
 import math
 import shutil
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,19 +70,25 @@ from memserve.errors import (
     Overloaded,
     RunnerFailed,
 )
-from memserve.memory.fit import default_context
+from memserve.memory.fit import PlanFile, default_context, queue_limit
 from memserve.memory.inventory import Inventory
-from memserve.memory.planner import RUNGS, Policy, Request, plan, validate_request
+from memserve.memory.planner import RUNGS, Plan, Policy, Request, plan, validate_request
 from memserve.memory.probe import available_ram_bytes
+from memserve.pool.clock import Clock, LoopClock, Timer, wait_event
+from memserve.pool.events import PoolEvent, PoolEventKind, sizes
 from memserve.pool.eviction import Resident, choose_evictions
 from memserve.pool.ledger import Calibration, Ledger, calibrated, checkpoint_files, checkpoint_fingerprint, plan_key
 from memserve.pool.runner_process import RunnerHandle, Spawner, new_run_dir, process_spawner
+from memserve.pool.state import ModelState
+from memserve.pool.watchdog import Watched, first_breach, host_victim, watchdog_limit_bytes
+from memserve.runner.events import PhaseDone, Ready, RunnerEvent, peak_bytes
 from memserve.units import format_bytes
 
 log = logging.getLogger("memserve.pool")
 
 STOPPED, STARTING, LOADING, WARMING, READY, DRAINING, FAILED = (
-    "stopped", "starting", "loading", "warming", "ready", "draining", "failed")
+    ModelState.STOPPED, ModelState.STARTING, ModelState.LOADING, ModelState.WARMING, ModelState.READY,
+    ModelState.DRAINING, ModelState.FAILED)
 _PHASE_STATES = {"resolve": LOADING, "map": LOADING, "fault_in": WARMING, "warm_up": WARMING}
 _EVENTS_KEPT = 1000
 _DRAIN_TIMEOUT_SECONDS = 30.0
@@ -97,28 +102,24 @@ def backoff_seconds(failures: int) -> float:
     return 0.0 if failures <= 1 else min(2.0 ** (failures - 1), _MAX_BACKOFF_SECONDS)
 
 
-def compatible(plan_json: Mapping[str, Any], *, context_tokens: int | None, concurrency: int | None) -> bool:
-    """Can a runner loaded with ``plan_json`` serve what was asked, without loading again?"""
-    return (context_tokens is None or int(plan_json["context_tokens"]) >= context_tokens) and (
-        concurrency is None or int(plan_json["concurrency"]) >= concurrency)
-
-
-def watchdog_limit_bytes(reserved_bytes: int, tolerance: float, tolerance_min_bytes: int) -> int:
-    """The most a runner may use on a device: its reservation plus the larger of the two tolerances."""
-    return reserved_bytes + max(int(reserved_bytes * tolerance), tolerance_min_bytes)
+def compatible(loaded: Plan, *, context_tokens: int | None, concurrency: int | None) -> bool:
+    """Can a runner loaded with the plan ``loaded`` serve what was asked, without loading again?"""
+    return (context_tokens is None or loaded.context_tokens >= context_tokens) and (
+        concurrency is None or loaded.concurrency >= concurrency)
 
 
 @dataclass
 class Entry:
-    """One configured model and, when it is loaded, its runner. Mutated only by the pool."""
+    """One configured model and, when it is loaded, its runner. Mutated only by the pool.
+
+    What its runner holds in memory (reserved and measured bytes) is the ledger's to know, not the entry's.
+    """
 
     config: ModelConfig
     keep_alive_seconds: float
-    state: str = STOPPED
+    state: ModelState = STOPPED
     runner: RunnerHandle | None = None
-    plan: dict[str, Any] | None = None
-    reserved_bytes: dict[str, int] = field(default_factory=dict)
-    measured_bytes: dict[str, int] = field(default_factory=dict)
+    plan: Plan | None = None
     leases: int = 0
     waiting: int = 0
     last_used: float = 0.0
@@ -127,7 +128,7 @@ class Entry:
     reason: str | None = None
     failures: int = 0
     load_task: asyncio.Task[None] | None = None
-    expiry: asyncio.TimerHandle | None = None
+    expiry: Timer | None = None
     watchdog_reason: str | None = None
     ready_at: float | None = None
     skip_rungs: frozenset[str] = frozenset()  # rungs ruled out by repeated kills (a preference); cleared by unload
@@ -143,8 +144,7 @@ class Entry:
 
     @property
     def max_in_flight(self) -> int:
-        queue = self.config.max_queue if self.config.max_queue is not None else 4 * self.config.concurrency
-        return self.config.concurrency + queue
+        return self.config.concurrency + queue_limit(self.config.max_queue, self.config.concurrency)
 
 
 class Lease:
@@ -166,14 +166,14 @@ class ModelPool:
     """Loads, leases, expires, evicts and watches the runners of the configured models."""
 
     def __init__(self, settings: Settings, inventory: Inventory, *, spawner: Spawner | None = None,
-                 clock: Callable[[], float] = time.monotonic,
+                 clock: Clock | None = None,
                  host_available_bytes: Callable[[], int] = available_ram_bytes,
                  facts_reader: Callable[[str], CheckpointFacts] = read_facts) -> None:
         self.settings = settings
         self.inventory = inventory
         self._run_dir = new_run_dir()  # owner recorded; the folders of dead gateways go
         self._spawn = spawner or process_spawner(self._run_dir)
-        self._clock = clock
+        self._clock: Clock = clock or LoopClock()
         self._host_available = host_available_bytes
         self._read_facts = facts_reader
         self.ledger = Ledger(
@@ -184,7 +184,7 @@ class ModelPool:
         self.calibration = Calibration(settings.data_dir / "calibration.json")
         self.entries: dict[str, Entry] = {
             m.name: Entry(m, _keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models}
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=_EVENTS_KEPT)
+        self.events: collections.deque[PoolEvent] = collections.deque(maxlen=_EVENTS_KEPT)
         self._event_seq = 0
         self._change = asyncio.Event()
         self._closing = False
@@ -237,8 +237,8 @@ class ModelPool:
             with contextlib.suppress(Exception):  # judge compatibility against what that load brings
                 await asyncio.shield(entry.load_task)
         if entry.plan is not None and entry.runner is not None and not compatible(entry.plan, **_both(options)):
-            self._event("reload", entry, reason=f"asked for {options}, loaded plan has context "
-                        f"{entry.plan['context_tokens']} × {entry.plan['concurrency']}")
+            self._event(PoolEventKind.RELOAD, entry, reason=f"asked for {options}, loaded plan has context "
+                        f"{entry.plan.context_tokens} × {entry.plan.concurrency}")
             await self.unload(name)
         if options and entry.runner is None:
             entry.pending_options = options  # no await since the check: the next load to start takes them
@@ -267,12 +267,12 @@ class ModelPool:
             self._forget_failures(entry)
             entry.reason = None
             self._set_state(entry, STOPPED)
-            self._event("cleared", entry, reason="failed model cleared by unload")
+            self._event(PoolEventKind.CLEARED, entry, reason="failed model cleared by unload")
             return True
         entry.state = DRAINING
-        deadline = self._clock() + _DRAIN_TIMEOUT_SECONDS
-        while entry.leases > 0 and self._clock() < deadline:
-            await self._wait_change(deadline - self._clock())
+        deadline = self._clock.now() + _DRAIN_TIMEOUT_SECONDS
+        while entry.leases > 0 and self._clock.now() < deadline:
+            await self._wait_change(deadline - self._clock.now())
         await self._stop(entry, "unloaded on request", deliberate=True)
         self._forget_failures(entry)
         return True
@@ -314,16 +314,17 @@ class ModelPool:
 
     def row(self, entry: Entry) -> dict[str, Any]:
         runner = entry.runner
-        devices = {d: {"reserved_bytes": entry.reserved_bytes.get(d, 0),
-                       "measured_bytes": entry.measured_bytes.get(d, 0)}
-                   for d in sorted({*entry.reserved_bytes, *entry.measured_bytes})}
+        reserved, measured = self.ledger.reserved(entry.name), self.ledger.measured(entry.name)
+        devices = {d: {"reserved_bytes": reserved.get(d, 0), "measured_bytes": measured.get(d, 0)}
+                   for d in sorted({*reserved, *measured})}
         expires = None if entry.expires_at is None or math.isinf(entry.expires_at) \
-            else time.time() + (entry.expires_at - self._clock())
+            else self._clock.wall() + (entry.expires_at - self._clock.now())
+        loaded = entry.plan
         return {
             "name": entry.name, "state": entry.state, "pid": runner.pid if runner else None,
-            "source": entry.config.source, "rung": entry.plan["rung"] if entry.plan else None,
-            "context_tokens": entry.plan["context_tokens"] if entry.plan else None,
-            "concurrency": entry.plan["concurrency"] if entry.plan else None,
+            "source": entry.config.source, "rung": loaded.rung if loaded else None,
+            "context_tokens": loaded.context_tokens if loaded else None,
+            "concurrency": loaded.concurrency if loaded else None,
             "devices": devices, "leases": entry.leases, "queued": entry.waiting, "pinned": entry.config.pinned,
             "keep_alive_seconds": None if math.isinf(entry.keep_alive_seconds) else entry.keep_alive_seconds,
             "expires_at": expires, "load_seconds": entry.load_seconds, "reason": entry.reason,
@@ -331,7 +332,8 @@ class ModelPool:
         }
 
     def events_since(self, seq: int = 0) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["seq"] > seq]
+        """The JSON of the events after sequence number ``seq``, oldest first (``GET /api/events``)."""
+        return [e.to_json() for e in self.events if e.seq > seq]
 
     # ---------------------------------------------------------------------------------------------- loading
 
@@ -354,8 +356,8 @@ class ModelPool:
         if entry.failures:
             delay = backoff_seconds(entry.failures)
             if delay:
-                self._event("backoff", entry, seconds=delay)
-                await asyncio.sleep(delay)
+                self._event(PoolEventKind.BACKOFF, entry, seconds=delay)
+                await self._clock.sleep(delay)
         self._set_state(entry, STARTING)  # visible in ps while it plans and waits for memory
         try:
             facts = await asyncio.to_thread(self._read_facts, entry.config.source)
@@ -373,19 +375,19 @@ class ModelPool:
                     message = f"model {entry.name!r} was {killed}" if killed else exc.message
                     if not entry.config.policy.retry_lower or self._closing:
                         raise RunnerFailed(message) from None
-                    rung = planned["rung"]
+                    rung = planned.rung
                     if learned and entry.rung_kills.get(rung, 0) < _KILLS_BEFORE_LOWER:
                         try:  # the same plan with what the kill taught; one rung lower if that no longer fits
                             planned, need = self._chosen(entry, *self._choose(entry, facts, policy, options))
                         except InsufficientMemory as refusal:
                             raise InsufficientMemory(f"{message}; {refusal.message}", param="model") from None
-                        self._event("retry", entry, rung=planned["rung"], reserved_bytes=need,
+                        self._event(PoolEventKind.RETRY, entry, rung=planned.rung, reserved_bytes=need,
                                     reason=killed or exc.message)
                         continue
                     policy = policy.below(rung)
                     if learned:  # killed again with the bigger reservation: prefer lower rungs until unload
                         entry.skip_rungs |= policy.skip_rungs
-                    self._event("retry_lower", entry, failed_rung=rung, reason=killed or exc.message)
+                    self._event(PoolEventKind.RETRY_LOWER, entry, failed_rung=rung, reason=killed or exc.message)
                     try:
                         planned, need = self._chosen(entry, *self._choose(entry, facts, policy, options))
                     except InsufficientMemory:
@@ -396,11 +398,11 @@ class ModelPool:
         except RunnerFailed as exc:
             entry.failures += 1
             self._set_state(entry, FAILED, exc.message)
-            self._event("load_failed", entry, reason=exc.message)
+            self._event(PoolEventKind.LOAD_FAILED, entry, reason=exc.message)
             raise
         except MemserveError as exc:
             self._set_state(entry, STOPPED, exc.message)
-            self._event("refused", entry, reason=exc.message, code=exc.code)
+            self._event(PoolEventKind.REFUSED, entry, reason=exc.message, code=exc.code)
             raise
 
     async def _checked_options(self, entry: Entry, *, context_tokens: int | None,
@@ -430,7 +432,7 @@ class ModelPool:
                        min_context_tokens=None if floor is None else min(floor, context))
 
     def _first_choice(self, entry: Entry, facts: CheckpointFacts,
-                      options: Mapping[str, int]) -> tuple[Policy, dict[str, Any], dict[str, int]]:
+                      options: Mapping[str, int]) -> tuple[Policy, Plan, dict[str, int]]:
         """The policy, plan and reservation a load starts with.
 
         The rungs that repeated kills ruled out are a preference, not a ban: when nothing below them fits,
@@ -452,13 +454,13 @@ class ModelPool:
             except InsufficientMemory as error:
                 refusal = error
                 continue
-            self._event("retry", entry, rung=planned["rung"], reserved_bytes=need,
-                        reason=f"nothing below {rung} fits or is allowed, so {planned['rung']} is tried again")
+            self._event(PoolEventKind.RETRY, entry, rung=planned.rung, reserved_bytes=need,
+                        reason=f"nothing below {rung} fits or is allowed, so {planned.rung} is tried again")
             return lifted, planned, need
         raise refusal
 
     def _choose(self, entry: Entry, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
-                ) -> tuple[dict[str, Any], dict[str, int], list[tuple[str, dict[str, Any]]]]:
+                ) -> tuple[Plan, dict[str, int], list[tuple[PoolEventKind, dict[str, Any]]]]:
         """The first plan on the ladder whose reservation fits the pool's capacity, that reservation, and the
         events that say why (for ``_chosen`` to record once the choice is used).
 
@@ -472,72 +474,70 @@ class ModelPool:
         """
         usable = self.ledger.usable_bytes()
         first = planned = self._plan(entry, facts, policy, options)
-        notes: list[tuple[str, dict[str, Any]]] = []
+        notes: list[tuple[PoolEventKind, dict[str, Any]]] = []
         while True:
             need = self._reservation(facts, planned)
             short = {d: n for d, n in need.items() if n > usable.get(d, 0)}
             if not short:
                 return planned, need, notes
-            rung = planned["rung"]
-            estimate = {d: int(planned["devices"].get(d, {}).get("total_bytes", 0)) for d in short}
-            why = (f"as {rung} it needs {_sizes(short)} (learned from a runner with this plan; estimated "
-                   f"{_sizes(estimate)}) but at most {_sizes({d: usable.get(d, 0) for d in short})} is usable")
+            rung = planned.rung
+            estimate = {d: need.total_bytes for d, need in planned.devices.items() if d in short}
+            why = (f"as {rung} it needs {sizes(short)} (learned from a runner with this plan; estimated "
+                   f"{sizes(estimate)}) but at most {sizes({d: usable.get(d, 0) for d in short})} is usable")
             policy = policy.below(rung)
             try:
                 planned = self._plan(entry, facts, policy, options)
             except InsufficientMemory:
                 capped = {d: min(n, usable.get(d, 0)) for d, n in self._reservation(facts, first).items()}
                 why = notes[0][1]["reason"] if notes else why
-                return first, capped, [("reservation_capped", {
-                    "rung": first["rung"], "reserved_bytes": capped,
+                return first, capped, [(PoolEventKind.RESERVATION_CAPPED, {
+                    "rung": first.rung, "reserved_bytes": capped,
                     "reason": f"{why}, and no lower rung on the ladder fits or is allowed: it is loaded with all "
                               "that is usable, and the watchdog stops it past that plus the tolerance"})]
-            notes.append(("rung_lower", {"failed_rung": rung, "rung": planned["rung"], "reason": why}))
+            notes.append((PoolEventKind.RUNG_LOWER, {"failed_rung": rung, "rung": planned.rung, "reason": why}))
 
-    def _chosen(self, entry: Entry, planned: dict[str, Any], need: dict[str, int],
-                notes: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, int]]:
+    def _chosen(self, entry: Entry, planned: Plan, need: dict[str, int],
+                notes: list[tuple[PoolEventKind, dict[str, Any]]]) -> tuple[Plan, dict[str, int]]:
         for kind, fields in notes:
             self._event(kind, entry, **fields)
         return planned, need
 
     def _plan(self, entry: Entry, facts: CheckpointFacts, policy: Policy,
-              options: Mapping[str, int]) -> dict[str, Any]:
+              options: Mapping[str, int]) -> Plan:
         result = plan(facts, self._request(entry, facts, options), self.fit_inventory(), policy)
         if result.plan is None:
             assert result.nofit is not None
             raise InsufficientMemory(f"model {entry.name!r} cannot fit on this server even with nothing else "
                                      f"loaded: {result.nofit.message}", param="model")
-        return result.plan.to_json()
+        return result.plan
 
-    def _reservation(self, facts: CheckpointFacts, planned: dict[str, Any]) -> dict[str, int]:
-        estimate = {d: int(need["total_bytes"]) for d, need in planned["devices"].items()}
+    def _reservation(self, facts: CheckpointFacts, planned: Plan) -> dict[str, int]:
         measured = self.calibration.get(_fingerprint(facts), plan_key(planned))
-        return calibrated(estimate, measured)
+        return calibrated(planned.reserved_bytes, measured)
 
     async def _admit(self, entry: Entry, need: dict[str, int]) -> None:
         """Reserve ``need`` in the ledger, evicting idle models or waiting for busy ones as needed."""
-        deadline = self._clock() + self.settings.memory_wait_seconds
+        deadline = self._clock.now() + self.settings.memory_wait_seconds
         while True:
             residents = [self._resident(e) for e in self.entries.values() if e.runner is not None and e is not entry]
             victims = choose_evictions(need, self.ledger.free_bytes(), residents)
             if victims == []:
                 self.ledger.reserve(entry.name, need)
-                entry.reserved_bytes = dict(need)
                 return
             if victims:
                 for victim in victims:
-                    self._event("evict", self.entries[victim], reason=f"to make room for {entry.name}")
+                    self._event(PoolEventKind.EVICT, self.entries[victim], reason=f"to make room for {entry.name}")
                 await asyncio.gather(*(self._stop(self.entries[v], f"evicted to make room for {entry.name}",
                                                   deliberate=True)
                                        for v in victims))
                 continue
             self._refuse_if_never(entry, need)
-            remaining = deadline - self._clock()
+            remaining = deadline - self._clock.now()
             if remaining <= 0:
                 busy = ", ".join(f"{e.name} ({e.state}, {e.leases} leases)" for e in self.entries.values()
                                  if e.runner is not None and e is not entry) or "nothing"
                 raise MemoryBusy(
-                    f"model {entry.name!r} needs {_sizes(need)} but only {_sizes(self.ledger.free_bytes())} is free, "
+                    f"model {entry.name!r} needs {sizes(need)} but only {sizes(self.ledger.free_bytes())} is free, "
                     f"and the rest is held by busy models: {busy}; waited {self.settings.memory_wait_seconds:.0f} s. "
                     "Retry later, or raise memory_wait_seconds", retry_after_seconds=5.0)
             await self._wait_change(remaining)
@@ -555,17 +555,22 @@ class ModelPool:
                     f"({', '.join(e.name for e in pinned)}) hold "
                     f"{format_bytes(held)}; unpin one or raise the budget", param="model")
 
-    async def _start_runner(self, entry: Entry, facts: CheckpointFacts, planned: dict[str, Any],
-                            need: dict[str, int]) -> None:
-        started = self._clock()
-        entry.plan, entry.reason, entry.measured_bytes, entry.watchdog_reason = planned, None, {}, None
+    async def _start_runner(self, entry: Entry, facts: CheckpointFacts, planned: Plan, need: dict[str, int]) -> None:
+        started = self._clock.now()
+        entry.plan, entry.reason, entry.watchdog_reason = planned, None, None
         entry.peak_bytes, entry.learned = {}, False
         entry.calibration_key = (_fingerprint(facts), plan_key(planned))
         self._set_state(entry, STARTING)
-        self._event("load", entry, rung=planned["rung"], reserved_bytes=need)
+        self._event(PoolEventKind.LOAD, entry, rung=planned.rung, reserved_bytes=need)
+        launch = PlanFile(facts.source, planned, reserved_bytes=dict(need), max_queue=entry.config.max_queue)
         try:
-            runner = await self._spawn(entry.name, facts.source, {**planned, "reserved_bytes": dict(need)},
-                                       lambda ev: self._runner_event(entry, ev))
+            runner = await self._spawn(entry.name, launch, lambda ev: self._runner_event(entry, ev))
+        except MemserveError:
+            self.ledger.release(entry.name)
+            raise
+        except Exception as exc:  # the process could not be started at all (no interpreter, no room for a pipe)
+            self.ledger.release(entry.name)
+            raise RunnerFailed(f"runner {entry.name} could not be started: {type(exc).__name__}: {exc}") from exc
         except BaseException:
             self.ledger.release(entry.name)
             raise
@@ -578,15 +583,16 @@ class ModelPool:
                 self._learn(entry)
             await self._stop(entry, str(exc))
             raise
-        peak = _peak_bytes(ready, runner.sample_memory())
+        peak = peak_bytes(ready.memory) if ready is not None else {}
+        _raise_to(peak, runner.sample_memory())
         _raise_to(entry.peak_bytes, peak)
         if entry.peak_bytes:
             self.calibration.put(*entry.calibration_key, entry.peak_bytes)
         await self._hold_warm_up_peak(entry)
-        entry.load_seconds = round(self._clock() - started, 3)
-        entry.last_used = entry.ready_at = self._clock()
+        entry.load_seconds = round(self._clock.now() - started, 3)
+        entry.last_used = entry.ready_at = self._clock.now()
         self._set_state(entry, READY)
-        self._event("ready", entry, pid=runner.pid, load_seconds=entry.load_seconds, measured_bytes=peak)
+        self._event(PoolEventKind.READY, entry, pid=runner.pid, load_seconds=entry.load_seconds, measured_bytes=peak)
         self._spawn_task(self._monitor(entry, runner), f"monitor-{entry.name}")
         if entry.waiting == 0:
             self._schedule_expiry(entry)
@@ -600,38 +606,38 @@ class ModelPool:
         the other models, the runner is stopped and the load tried again with what it taught (``_learn``),
         so that admission evicts idle models or waits for busy ones first.
         """
-        usable = self.ledger.usable_bytes()
-        over = {d: v for d, v in entry.peak_bytes.items() if v > entry.reserved_bytes.get(d, 0)}
-        bigger = {d: min(v, usable.get(d, 0)) for d, v in {**entry.reserved_bytes, **over}.items()}
-        if bigger == entry.reserved_bytes:
+        usable, reserved = self.ledger.usable_bytes(), self.ledger.reserved(entry.name)
+        over = {d: v for d, v in entry.peak_bytes.items() if v > reserved.get(d, 0)}
+        bigger = {d: min(v, usable.get(d, 0)) for d, v in {**reserved, **over}.items()}
+        if bigger == reserved:
             return  # within its reservation, or it already holds all there is (the watchdog watches the rest)
         mine, held = self.ledger.held(entry.name), self.ledger.held_bytes()
-        excess = {d: v - entry.reserved_bytes.get(d, 0) for d, v in over.items()}
-        why = f"its warm-up peaked at {_sizes(over)}, {_sizes(excess)} above its reservation"
+        excess = {d: v - reserved.get(d, 0) for d, v in over.items()}
+        why = f"its warm-up peaked at {sizes(over)}, {sizes(excess)} above its reservation"
         if all(v <= usable.get(d, 0) - (held.get(d, 0) - mine.get(d, 0)) for d, v in bigger.items()):
-            self.ledger.reserve(entry.name, bigger)
-            entry.reserved_bytes = bigger
-            self._event("reserve", entry, reserved_bytes=bigger, reason=why)
+            self.ledger.raise_reservation(entry.name, bigger)
+            self._event(PoolEventKind.RESERVE, entry, reserved_bytes=bigger, reason=why)
             return
         self._learn(entry)
         await self._stop(entry, f"{why}, with no room for that beside the other models")
         raise RunnerFailed(f"runner {entry.name} stopped before serving: {why}, with no room for that beside the "
                            "other models; it is loaded again with the bigger reservation")
 
-    def _runner_event(self, entry: Entry, event: dict[str, Any]) -> None:
-        _raise_to(entry.peak_bytes, _peak_bytes(event, {}))  # phases report the runner's memory so far
-        for key in ("peak_bytes", "needs_bytes"):  # the worst-case warm-up's own figures
-            figures = event.get(key)
-            if isinstance(figures, Mapping):
-                _raise_to(entry.peak_bytes, {str(d): v for d, v in figures.items()
-                                             if isinstance(v, int) and not isinstance(v, bool)})
-        if event.get("event") == "phase" and entry.state in (STARTING, LOADING, WARMING):
-            self._set_state(entry, _PHASE_STATES.get(str(event.get("phase")), entry.state))
-            self._event("phase", entry, phase=event.get("phase"), seconds=event.get("seconds"))
+    def _runner_event(self, entry: Entry, event: RunnerEvent) -> None:
+        if not isinstance(event, PhaseDone | Ready):
+            return
+        _raise_to(entry.peak_bytes, peak_bytes(event.memory))  # phases report the runner's memory so far
+        if not isinstance(event, PhaseDone):
+            return
+        for figures in (event.peak_bytes, event.needs_bytes):  # the worst-case warm-up's own figures
+            _raise_to(entry.peak_bytes, figures or {})
+        if entry.state.loading:
+            self._set_state(entry, _PHASE_STATES.get(event.phase, entry.state))
+            self._event(PoolEventKind.PHASE, entry, phase=event.phase, seconds=event.seconds)
 
     # ---------------------------------------------------------------------------------------------- stopping
 
-    async def _stop(self, entry: Entry, reason: str, *, state: str = STOPPED, deliberate: bool = False) -> None:
+    async def _stop(self, entry: Entry, reason: str, *, state: ModelState = STOPPED, deliberate: bool = False) -> None:
         """Stop the runner; ``deliberate`` stops (unload, eviction, expiry) also end a run of failures."""
         runner = entry.runner
         if runner is None:
@@ -644,10 +650,9 @@ class ModelPool:
             self._set_state(entry, DRAINING)
         await runner.stop()
         self.ledger.release(entry.name)
-        entry.measured_bytes, entry.reserved_bytes = {}, {}
         if entry.state != FAILED:
             self._set_state(entry, state, reason)
-            self._event("stopped", entry, reason=reason)
+            self._event(PoolEventKind.STOPPED, entry, reason=reason)
         self._notify()
 
     async def _monitor(self, entry: Entry, runner: RunnerHandle) -> None:
@@ -656,21 +661,21 @@ class ModelPool:
         if entry.runner is not runner:
             return  # stopped on purpose
         reason = entry.watchdog_reason or runner.exit_reason()
-        stable = entry.ready_at is not None and self._clock() - entry.ready_at > _STABLE_SECONDS
+        stable = entry.ready_at is not None and self._clock.now() - entry.ready_at > _STABLE_SECONDS
         entry.failures = 1 if stable else entry.failures + 1
-        rung = entry.plan["rung"] if entry.plan is not None else None
+        rung = entry.plan.rung if entry.plan is not None else None
         if (self._learn(entry) and rung is not None and entry.config.policy.retry_lower
                 and entry.rung_kills.get(rung, 0) >= _KILLS_BEFORE_LOWER):
             entry.skip_rungs |= Policy().below(rung).skip_rungs  # killed again with the bigger reservation
-            self._event("retry_lower", entry, failed_rung=rung, reason=reason)
+            self._event(PoolEventKind.RETRY_LOWER, entry, failed_rung=rung, reason=reason)
         entry.watchdog_reason = None
         self._set_state(entry, FAILED, f"runner {entry.name} (pid {runner.pid}) {reason}")
-        self._event("crash", entry, pid=runner.pid, reason=reason)
+        self._event(PoolEventKind.CRASH, entry, pid=runner.pid, reason=reason)
         await self._stop(entry, reason, state=FAILED)
 
     def _release(self, entry: Entry) -> None:
         entry.leases -= 1
-        entry.last_used = self._clock()
+        entry.last_used = self._clock.now()
         if entry.leases == 0 and entry.waiting == 0 and entry.state == READY:
             self._schedule_expiry(entry)
         self._notify()
@@ -680,8 +685,8 @@ class ModelPool:
         if entry.config.pinned or math.isinf(entry.keep_alive_seconds):
             entry.expires_at = math.inf
             return
-        entry.expires_at = self._clock() + entry.keep_alive_seconds
-        entry.expiry = asyncio.get_running_loop().call_later(
+        entry.expires_at = self._clock.now() + entry.keep_alive_seconds
+        entry.expiry = self._clock.call_later(
             entry.keep_alive_seconds, lambda: self._spawn_task(self._expire(entry), f"expire-{entry.name}"))
 
     def _cancel_expiry(self, entry: Entry) -> None:
@@ -701,47 +706,43 @@ class ModelPool:
         while entry.runner is runner and runner.returncode is None:
             sample = runner.sample_memory()
             if sample:
-                entry.measured_bytes = sample
                 _raise_to(entry.peak_bytes, sample)
                 self.ledger.measure(entry.name, sample)
-                for device, measured in sample.items():
-                    limit = watchdog_limit_bytes(entry.reserved_bytes.get(device, 0), settings.watchdog_tolerance,
-                                                 settings.watchdog_tolerance_min_bytes)
-                    if measured > limit:
-                        self._kill(entry, runner, f"stopped by the watchdog: {device} use "
-                                   f"{format_bytes(measured)} went past its plan of "
-                                   f"{format_bytes(entry.reserved_bytes.get(device, 0))} plus the "
-                                   f"tolerance (limit {format_bytes(limit)}) while {entry.state}",
-                                   measured_bytes=measured, limit_bytes=limit)
-                        return
-            loading = entry.state in (STARTING, LOADING, WARMING)
-            await asyncio.sleep(settings.watchdog_loading_interval_seconds if loading
-                                else settings.watchdog_interval_seconds)
+                breach = first_breach(sample, self.ledger.reserved(entry.name), tolerance=settings.watchdog_tolerance,
+                                      tolerance_min_bytes=settings.watchdog_tolerance_min_bytes)
+                if breach is not None:
+                    self._kill(entry, runner, f"stopped by the watchdog: {breach.device} use "
+                               f"{format_bytes(breach.measured_bytes)} went past its plan of "
+                               f"{format_bytes(breach.reserved_bytes)} plus the tolerance (limit "
+                               f"{format_bytes(breach.limit_bytes)}) while {entry.state}",
+                               measured_bytes=breach.measured_bytes, limit_bytes=breach.limit_bytes)
+                    return
+            await self._clock.sleep(self._watch_interval(entry.state.loading))
 
     async def _host_watchdog(self) -> None:
-        """Kill one runner when the host's available memory drops below the floor: loading ones first."""
+        """Kill one runner when the host's available memory drops below the floor (``host_victim`` chooses)."""
         settings = self.settings
         while True:
-            loading = any(e.state in (STARTING, LOADING, WARMING) for e in self.entries.values())
-            await asyncio.sleep(settings.watchdog_loading_interval_seconds if loading
-                                else settings.watchdog_interval_seconds)
+            await self._clock.sleep(self._watch_interval(any(e.state.loading for e in self.entries.values())))
             available = self._host_available()
-            if available >= settings.host_floor_bytes:
-                continue
             live = [e for e in self.entries.values() if e.runner is not None and e.runner.returncode is None]
-            if not live:
+            name = host_victim(available, settings.host_floor_bytes, [
+                Watched(e.name, e.state, self.ledger.measured(e.name), self.ledger.reserved(e.name)) for e in live])
+            if name is None:
                 continue
-            victim = max(live, key=lambda e: (e.state in (STARTING, LOADING, WARMING),
-                                              sum(e.measured_bytes.values()) - sum(e.reserved_bytes.values()),
-                                              sum(e.measured_bytes.values())))
+            victim = self.entries[name]
             assert victim.runner is not None
             self._kill(victim, victim.runner, f"stopped by the watchdog: host available memory "
                        f"{format_bytes(available)} fell below the floor {format_bytes(settings.host_floor_bytes)} "
                        f"while it was {victim.state}", available_bytes=available)
 
+    def _watch_interval(self, loading: bool) -> float:
+        settings = self.settings
+        return settings.watchdog_loading_interval_seconds if loading else settings.watchdog_interval_seconds
+
     def _kill(self, entry: Entry, runner: RunnerHandle, reason: str, **fields: Any) -> None:
         entry.watchdog_reason = reason
-        self._event("watchdog_kill", entry, pid=runner.pid, reason=reason, **fields)
+        self._event(PoolEventKind.WATCHDOG_KILL, entry, pid=runner.pid, reason=reason, **fields)
         runner.kill()
 
     def _learn(self, entry: Entry) -> bool:
@@ -756,17 +757,18 @@ class ModelPool:
         The calibration keeps it for this (checkpoint, plan) across restarts. Must run before ``_stop``,
         which forgets the reservation.
         """
-        over = {d: v for d, v in entry.peak_bytes.items() if v > entry.reserved_bytes.get(d, 0)}
+        reserved = self.ledger.reserved(entry.name)
+        over = {d: v for d, v in entry.peak_bytes.items() if v > reserved.get(d, 0)}
         if not over or entry.calibration_key is None or entry.plan is None or entry.learned:
             return False
         settings = self.settings
         learned = {d: watchdog_limit_bytes(v, settings.watchdog_tolerance, settings.watchdog_tolerance_min_bytes)
                    for d, v in over.items()}
         self.calibration.put(*entry.calibration_key, learned)
-        rung = str(entry.plan["rung"])
+        rung = entry.plan.rung
         entry.rung_kills[rung] = entry.rung_kills.get(rung, 0) + 1
         entry.learned = True
-        self._event("learned", entry, rung=rung, measured_bytes=over, reserved_bytes=dict(entry.reserved_bytes),
+        self._event(PoolEventKind.LEARNED, entry, rung=rung, measured_bytes=over, reserved_bytes=reserved,
                     next_reserved_bytes=learned)
         return True
 
@@ -779,26 +781,24 @@ class ModelPool:
         return Resident(entry.name, entry.state, self.ledger.held(entry.name), entry.leases + entry.waiting,
                         entry.last_used, entry.config.pinned, entry.load_seconds or 0.0)
 
-    def _set_state(self, entry: Entry, state: str, reason: str | None = None) -> None:
+    def _set_state(self, entry: Entry, state: ModelState, reason: str | None = None) -> None:
         entry.state = state
         if reason is not None:
             entry.reason = reason
         self._notify()
 
-    def _event(self, kind: str, entry: Entry, **fields: Any) -> None:
+    def _event(self, kind: PoolEventKind, entry: Entry, **fields: Any) -> None:
         self._event_seq += 1
-        event = {"seq": self._event_seq, "time": time.time(), "event": kind, "model": entry.name, **fields}
+        event = PoolEvent(self._event_seq, self._clock.wall(), kind, entry.name, fields)
         self.events.append(event)
-        details = _render(fields)
-        log.info("%s %s%s", kind, entry.name, f" {details}" if details else "")
+        log.info("%s", event.line())
 
     def _notify(self) -> None:
         self._change.set()
         self._change = asyncio.Event()
 
     async def _wait_change(self, timeout: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._change.wait(), timeout)
+        await wait_event(self._clock, self._change, timeout)
 
     def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -826,47 +826,9 @@ def _fingerprint(facts: CheckpointFacts) -> str:
     return checkpoint_fingerprint(facts.source, checkpoint_files(folder) if folder.is_dir() else [])
 
 
-def _peak_bytes(ready: Mapping[str, Any], sampled: Mapping[str, int]) -> dict[str, int]:
-    """The runner's own peak after warm-up, per device (cpu: peak RSS; cuda: peak reserved), or our sample."""
-    peaks: dict[str, int] = {}
-    reported = ready.get("memory")
-    for device, memory in (reported.items() if isinstance(reported, Mapping) else ()):
-        if not isinstance(memory, Mapping):
-            continue
-        value = memory.get("peak_rss_bytes") or memory.get("peak_reserved_bytes")
-        if value:
-            peaks[device] = int(value)
-    for device, value in sampled.items():
-        peaks[device] = max(peaks.get(device, 0), value)
-    return peaks
-
-
 def _raise_to(peaks: dict[str, int], seen: Mapping[str, int]) -> None:
     for device, value in seen.items():
         peaks[device] = max(peaks.get(device, 0), value)
 
 
-def _sizes(sizes: Mapping[str, int]) -> str:
-    return ", ".join(f"{format_bytes(v)} on {d}" for d, v in sorted(sizes.items())) or "nothing"
-
-
-def _render(fields: Mapping[str, Any]) -> str:
-    """An event's fields for the log, for a person: ``key=value``, sizes in units, seconds in s, the reason last."""
-    parts = []
-    for key, value in sorted(fields.items(), key=lambda item: item[0] == "reason"):
-        if value is None:
-            continue
-        if key.endswith("_bytes") and isinstance(value, Mapping):
-            text = _sizes(value)
-        elif key.endswith("_bytes") and isinstance(value, int | float) and not isinstance(value, bool):
-            text = format_bytes(value)
-        elif key.endswith("_seconds") or key == "seconds":
-            text = f"{value:g}s" if isinstance(value, int | float) else str(value)
-        else:
-            text = str(value)
-        name = key.removesuffix("_bytes").removesuffix("_seconds")
-        parts.append(f'{name}="{text}"' if " " in text or not text else f"{name}={text}")
-    return " ".join(parts)
-
-
-__all__ = ["Entry", "Lease", "ModelPool", "backoff_seconds", "compatible", "watchdog_limit_bytes"]
+__all__ = ["Entry", "Lease", "ModelPool", "ModelState", "backoff_seconds", "compatible", "watchdog_limit_bytes"]

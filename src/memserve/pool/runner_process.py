@@ -27,8 +27,10 @@ import httpx
 import psutil
 
 from memserve.errors import RunnerFailed
+from memserve.memory.fit import PlanFile
 from memserve.memory.probe import GpuProcessMemory
 from memserve.pool.runner_transport import RunnerTransport
+from memserve.runner.events import Failed, Listening, PhaseDone, Ready, RunnerEvent, runner_event_from_json
 
 RUNNER_BASE_URL = "http://runner/v1"  # the host part is ignored on a Unix socket
 RUN_DIR_PREFIX = "memserve-run-"
@@ -57,7 +59,7 @@ class RunnerHandle(Protocol):
     @property
     def transport(self) -> httpx.AsyncBaseTransport: ...  # the client's transport; the gateway's hot path uses it
 
-    async def wait_ready(self, timeout_seconds: float) -> dict[str, Any]: ...
+    async def wait_ready(self, timeout_seconds: float) -> Ready | None: ...  # its ready report, if it sent one
 
     async def wait_exit(self) -> int: ...
 
@@ -70,8 +72,8 @@ class RunnerHandle(Protocol):
     def kill(self) -> None: ...
 
 
-# spawn(name, source, plan_json, on_event) -> a started runner
-Spawner = Callable[[str, str, dict[str, Any], Callable[[dict[str, Any]], None]], Awaitable[RunnerHandle]]
+# spawn(name, launch, on_event) -> a started runner, which reports its start-up events to on_event
+Spawner = Callable[[str, PlanFile, Callable[[RunnerEvent], None]], Awaitable[RunnerHandle]]
 
 
 def is_runner_command(cmdline: list[str]) -> bool:
@@ -159,11 +161,11 @@ def describe_exit(returncode: int, last_lines: list[str]) -> str:
 class RunnerProcess:
     """A real runner: ``python -m memserve.runner --plan P --socket S --name N`` in its own session."""
 
-    def __init__(self, name: str, source: str, plan: dict[str, Any], *, run_dir: Path,
-                 on_event: Callable[[dict[str, Any]], None] | None = None,
+    def __init__(self, name: str, launch: PlanFile, *, run_dir: Path,
+                 on_event: Callable[[RunnerEvent], None] | None = None,
                  env: Mapping[str, str] | None = None,
                  gpu_memory: Callable[[Collection[int]], dict[str, int]] | None = None) -> None:
-        self.name, self.source, self.plan = name, source, plan
+        self.name, self.launch = name, launch
         self.phase = "spawned"
         self.plan_path = run_dir / f"{name}.plan.json"
         self.socket_path = run_dir / f"{name}.sock"
@@ -173,7 +175,7 @@ class RunnerProcess:
         self._exec_seen = False  # the child has become the runner (exec'd); before that it is a copy of us
         self._reader: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
-        self._ready_event: dict[str, Any] = {}
+        self._ready_event: Ready | None = None
         self._failure: str | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._gpu_memory = gpu_memory or _GPU_MEMORY
@@ -198,7 +200,7 @@ class RunnerProcess:
         return self._transport
 
     async def start(self) -> None:
-        self.plan_path.write_text(json.dumps({"model": {"source": self.source}, "plan": self.plan}))
+        self.plan_path.write_text(json.dumps(self.launch.to_json()))
         self.socket_path.unlink(missing_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "memserve.runner", "--plan", str(self.plan_path), "--socket", str(self.socket_path),
@@ -220,25 +222,22 @@ class RunnerProcess:
                 break
             line = raw.decode(errors="replace").rstrip("\n")
             try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
+                event = runner_event_from_json(json.loads(line))
+            except ValueError:  # not JSON (a library's own line), or not an event this version reads
                 self._tail.append(line)
                 continue
-            if not isinstance(event, dict):
-                continue
-            kind = event.get("event")
-            if kind == "phase":
-                self.phase = str(event.get("phase"))
-            elif kind == "ready":
+            if isinstance(event, PhaseDone):
+                self.phase = event.phase
+            elif isinstance(event, Ready):
                 self._ready_event = event
-            elif kind == "listening":
+            elif isinstance(event, Listening):
                 self._listening.set()
-            elif kind == "failed":
-                self._failure = str(event.get("error"))
+            elif isinstance(event, Failed):
+                self._failure = event.error
             self._on_event(event)
         await self._proc.wait()
 
-    async def wait_ready(self, timeout_seconds: float) -> dict[str, Any]:
+    async def wait_ready(self, timeout_seconds: float) -> Ready | None:
         """The runner's ready report, once its socket answers /health; RunnerFailed if it exits or times out."""
         assert self._proc is not None
         exited = asyncio.ensure_future(self.wait_exit())
@@ -326,9 +325,8 @@ class RunnerProcess:
 def process_spawner(run_dir: Path, env: Mapping[str, str] | None = None) -> Spawner:
     """The real spawner: each call starts one runner process with its socket and plan file in ``run_dir``."""
 
-    async def spawn(name: str, source: str, plan: dict[str, Any],
-                    on_event: Callable[[dict[str, Any]], None]) -> RunnerHandle:
-        runner = RunnerProcess(name, source, plan, run_dir=run_dir, on_event=on_event, env=env)
+    async def spawn(name: str, launch: PlanFile, on_event: Callable[[RunnerEvent], None]) -> RunnerHandle:
+        runner = RunnerProcess(name, launch, run_dir=run_dir, on_event=on_event, env=env)
         await runner.start()
         return runner
 

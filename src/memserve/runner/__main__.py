@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import signal
 import sys
@@ -93,7 +94,8 @@ def watch_parent(parent_pid: int, on_gone: Callable[[], None], *, death_signal: 
 @click.option("--socket", type=click.Path(path_type=Path), default=None, help="Listen on this Unix socket.")
 @click.option("--port", type=int, default=None, help="Listen on 127.0.0.1:PORT.")
 @click.option("--name", default=None, help="The model name clients use (default: the folder name).")
-@click.option("--max-queue", type=int, default=None, help="Waiting requests beyond the plan's concurrency.")
+@click.option("--max-queue", type=int, default=None,
+              help="Waiting requests beyond the plan's concurrency (default: the plan file's, else 4 per sequence).")
 @click.option("--parent-pid", type=int, default=None,
               help="Exit, removing the socket and the plan file, as soon as this process (the gateway) is gone.")
 def main(plan_path: Path, socket: Path | None, port: int | None, name: str | None, max_queue: int | None,
@@ -102,16 +104,20 @@ def main(plan_path: Path, socket: Path | None, port: int | None, name: str | Non
     if parent_pid is not None:  # first, before the imports that take a while
         owned = [plan_path, *([socket] if socket is not None else [])]
         watch_parent(parent_pid, lambda: leave_now(owned))
-    from memserve.runner.load import emit, read_plan_file
+    from memserve.memory.fit import PlanFile
+    from memserve.runner.events import Failed
+    from memserve.runner.progress import emit
     from memserve.runner.serve import serve
 
     if (socket is None) == (port is None):
         raise click.UsageError("pass exactly one of --socket PATH or --port P")
     try:
-        source, plan = read_plan_file(plan_path)
-        serve(source, plan, name=name, port=port, socket=socket, max_queue=max_queue)
+        launch = PlanFile.read(plan_path)
+        if max_queue is not None:
+            launch = dataclasses.replace(launch, max_queue=max_queue)
+        serve(launch, name=name, port=port, socket=socket)
     except MemserveError as exc:
-        emit({"event": "failed", "error": exc.message})
+        emit(Failed(exc.message))
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(1)
 

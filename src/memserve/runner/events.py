@@ -1,10 +1,17 @@
-"""Records that flow out of an engine: HTTP, CLI, metrics and usage all read the same ones."""
+"""Records that flow out of a runner: HTTP, CLI, metrics and usage all read the same ones.
+
+Two kinds. An engine yields :class:`TokenEvent` records to the runner's HTTP layer. The runner process
+reports its start-up to the gateway as one JSON line per event on stderr (``phase``, ``ready``,
+``listening``, ``failed``, ``engine_fallback``, ``test_balloon``): :data:`RunnerEvent`, each record with one
+``to_json``/``from_json`` pair, written by the runner and read by the pool (``pool/runner_process.py``).
+This module is torch-free (the gateway imports it) and imports nothing from the rest of the runner.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from memserve.wire.schema import FinishReason
 
@@ -71,3 +78,196 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     async def close(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------ start-up
+
+Memory = dict[str, dict[str, int]]
+"""A runner's memory per device, as ``runner/load.py: process_memory`` measures it: cpu has ``rss_bytes``,
+``anon_bytes``, ``file_bytes``, ``peak_rss_bytes``; a GPU ``allocated_bytes``, ``reserved_bytes``,
+``peak_reserved_bytes``."""
+
+
+def _sizes(value: Any, what: str) -> dict[str, int]:
+    if not isinstance(value, Mapping) or any(isinstance(v, bool) or not isinstance(v, int) for v in value.values()):
+        raise ValueError(f"{what} must map devices to byte counts, got {value!r}")
+    return {str(d): int(v) for d, v in value.items()}
+
+
+def _memory(value: Any) -> Memory:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"memory must map devices to their figures, got {value!r}")
+    return {str(d): _sizes(figures, f"memory of {d}") for d, figures in value.items()}
+
+
+def _text(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be text, got {value!r}")
+    return value
+
+
+def peak_bytes(memory: Memory) -> dict[str, int]:
+    """The runner's own peak per device in a memory report: peak RSS on cpu, peak reserved on a GPU."""
+    peaks: dict[str, int] = {}
+    for device, figures in memory.items():
+        value = figures.get("peak_rss_bytes") or figures.get("peak_reserved_bytes")
+        if value:
+            peaks[device] = value
+    return peaks
+
+
+@dataclass(frozen=True)
+class PhaseDone:
+    """One load phase finished (``resolve``, ``map``, ``fault_in``, ``warm_up``, ``worst_case``), with the memory then.
+
+    ``peak_bytes`` and ``needs_bytes`` are the worst-case warm-up's figures (``runner/serve.py``), which the
+    pool reserves before traffic; ``details`` holds what else a phase says (its path, dtype, kernels, ...).
+    """
+
+    KIND: ClassVar[str] = "phase"
+    phase: str
+    seconds: float
+    memory: Memory = field(default_factory=dict)
+    peak_bytes: dict[str, int] | None = None
+    needs_bytes: dict[str, int] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        figures = {key: value for key, value in (("peak_bytes", self.peak_bytes), ("needs_bytes", self.needs_bytes))
+                   if value is not None}
+        return {"event": self.KIND, "phase": self.phase, "seconds": self.seconds, **self.details, **figures,
+                **({"memory": self.memory} if self.memory else {})}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PhaseDone:
+        seconds = data.get("seconds")
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+            raise ValueError(f"'seconds' must be a number, got {seconds!r}")
+        known = {"event", "phase", "seconds", "memory", "peak_bytes", "needs_bytes"}
+        return cls(_text(data, "phase"), float(seconds), _memory(data.get("memory")),
+                   None if data.get("peak_bytes") is None else _sizes(data["peak_bytes"], "peak_bytes"),
+                   None if data.get("needs_bytes") is None else _sizes(data["needs_bytes"], "needs_bytes"),
+                   {k: v for k, v in data.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Loaded and warmed up: the engine that serves, the memory after warm-up, and the worst-case check."""
+
+    KIND: ClassVar[str] = "ready"
+    model: str
+    engine: str
+    memory: Memory = field(default_factory=dict)
+    plan_check: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.KIND, "model": self.model, "engine": self.engine, "memory": self.memory,
+                "plan_check": self.plan_check}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Ready:
+        check = data.get("plan_check") or {}
+        if not isinstance(check, Mapping):
+            raise ValueError(f"'plan_check' must be an object, got {check!r}")
+        return cls(_text(data, "model"), _text(data, "engine"), _memory(data.get("memory")), dict(check))
+
+
+@dataclass(frozen=True)
+class Listening:
+    """The server is up on a Unix socket or a loopback port (one of the two)."""
+
+    KIND: ClassVar[str] = "listening"
+    socket: str | None = None
+    port: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.KIND, "socket": self.socket, "port": self.port}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Listening:
+        socket, port = data.get("socket"), data.get("port")
+        if (socket is not None and not isinstance(socket, str)) or (port is not None and not isinstance(port, int)):
+            raise ValueError(f"a listening event names a socket path or a port, got {socket!r} and {port!r}")
+        return cls(socket, port)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The runner gives up (its last line before exit code 1): the error, in words."""
+
+    KIND: ClassVar[str] = "failed"
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.KIND, "error": self.error}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Failed:
+        return cls(str(data.get("error")))
+
+
+@dataclass(frozen=True)
+class EngineFallback:
+    """The preferred engine could not serve this model; ``engine`` serves instead, for ``reason``."""
+
+    KIND: ClassVar[str] = "engine_fallback"
+    engine: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.KIND, "engine": self.engine, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EngineFallback:
+        return cls(_text(data, "engine"), _text(data, "reason"))
+
+
+@dataclass(frozen=True)
+class TestBalloon:
+    """Test hook (``MEMSERVE_TEST_EXTRA_BYTES``): the runner is about to use this many bytes beyond its plan."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class, whatever its name says
+    KIND: ClassVar[str] = "test_balloon"
+    extra_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.KIND, "extra_bytes": self.extra_bytes}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TestBalloon:
+        extra = data.get("extra_bytes")
+        if not isinstance(extra, int) or isinstance(extra, bool):
+            raise ValueError(f"'extra_bytes' must be a byte count, got {extra!r}")
+        return cls(extra)
+
+
+@dataclass(frozen=True)
+class OtherEvent:
+    """An event of a kind this version does not know (a newer runner's): kept whole, shown, otherwise ignored."""
+
+    kind: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.kind, **self.fields}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OtherEvent:
+        return cls(str(data.get("event")), {k: v for k, v in data.items() if k != "event"})
+
+
+RunnerEvent = PhaseDone | Ready | Listening | Failed | EngineFallback | TestBalloon | OtherEvent
+_KINDS: dict[str, Any] = {
+    kind.KIND: kind for kind in (PhaseDone, Ready, Listening, Failed, EngineFallback, TestBalloon)}
+
+
+def runner_event_from_json(data: Any) -> RunnerEvent:
+    """The record of one start-up line's JSON; ValueError when it is not an event or a known kind is malformed."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("event"), str):
+        raise ValueError(f"a runner event is an object with an 'event' name, got {data!r}")
+    kind = _KINDS.get(data["event"], OtherEvent)
+    record: RunnerEvent = kind.from_json(data)
+    return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import math
 import os
@@ -12,19 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from memserve.memory.fit import PlanFile
+from memserve.runner.events import EngineFallback, Listening, Ready, TestBalloon
 from memserve.runner.load import (
     WORST_CASE_PHASE,
-    LoadProgress,
     LoadReport,
-    emit,
     load_model,
     peak_rss_bytes,
     process_memory,
     record_phase,
     reset_peak_rss,
 )
+from memserve.runner.progress import LoadProgress, emit
 
-DEFAULT_QUEUE_PER_SEQUENCE = 4
 ENGINE_ENV = "MEMSERVE_ENGINE"  # "generate" serves with the generate fallback engine (to measure or compare it)
 GRACEFUL_SHUTDOWN_SECONDS = 10  # then streams still open are cancelled and the engine closes
 TEST_EXTRA_BYTES_ENV = "MEMSERVE_TEST_EXTRA_BYTES"
@@ -75,19 +76,10 @@ def _test_balloon(name: str) -> None:
     from memserve.units import parse_bytes
 
     extra = parse_bytes(size, what=TEST_EXTRA_BYTES_ENV)
-    emit({"event": "test_balloon", "extra_bytes": extra})
+    emit(TestBalloon(extra))
     while len(_balloon) * _BALLOON_CHUNK_BYTES < extra:
         _balloon.append(bytearray(b"\x01") * _BALLOON_CHUNK_BYTES)  # filled, so every page is really used
         time.sleep(0.01)
-
-
-def reservation_bytes(plan: dict[str, Any]) -> dict[str, int]:
-    """What this runner must stay within, per device: the pool's reservation when the plan file carries one
-    (``reserved_bytes``: a calibrated figure may be above the estimate), else the plan's own totals."""
-    reserved = plan.get("reserved_bytes")
-    if isinstance(reserved, dict) and reserved:
-        return {str(d): int(v) for d, v in reserved.items()}
-    return {str(d): int(need["total_bytes"]) for d, need in plan.get("devices", {}).items()}
 
 
 def _peaks() -> dict[str, int]:
@@ -100,7 +92,7 @@ def _peaks() -> dict[str, int]:
 
 
 def fit_to_reservation(
-    engine: Any, plan: dict[str, Any], report: LoadReport, rebuild: Callable[[int], Any],
+    engine: Any, launch: PlanFile, report: LoadReport, rebuild: Callable[[int], Any],
     *, progress: LoadProgress | None = None,
 ) -> Any:
     """Run the heaviest work the plan admits, measure the peak, and make what the runner admits fit.
@@ -113,14 +105,16 @@ def fit_to_reservation(
     anew for ``n``; the KV cache is what shrinks), the peak is reset and measured again. If even one
     sequence does not fit, ``plan_check.needs_bytes`` says what it really needs, so that the pool
     reserves that before it sends traffic. Everything is kept in ``report.plan_check`` (/health) and
-    reported as the ``worst_case`` phase.
+    reported as the ``worst_case`` phase. The reservation is the pool's when the plan file carries one
+    (``PlanFile.reservation_bytes``: a calibrated figure may be above the estimate), else the plan's totals.
     """
     from memserve.runner.kernels import trim_heap
 
     progress = progress if progress is not None else LoadProgress.for_stderr()
-    planned = int(plan["concurrency"])
-    kv = {str(d): int(need.get("kv_cache_bytes", 0)) for d, need in plan.get("devices", {}).items()}
-    reserved = reservation_bytes(plan)
+    plan = launch.plan
+    planned = plan.concurrency
+    kv = {d: need.kv_cache_bytes for d, need in plan.devices.items()}
+    reserved = launch.reservation_bytes
     sequences = planned
     tries: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -148,7 +142,7 @@ def fit_to_reservation(
         "fits": not over,
         "planned_sequences": planned,
         "sequences": sequences,
-        "max_batch_tokens": int(plan["max_batch_tokens"]),
+        "max_batch_tokens": plan.max_batch_tokens,
         "prompt_tokens": tries[-1]["prompt_tokens"],
         "tries": tries,
     }
@@ -162,16 +156,15 @@ def fit_to_reservation(
     return engine
 
 
-def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max_queue: int | None = None) -> Any:
+def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
     """Everything short of listening: the loaded model behind its FastAPI app."""
     from memserve.runner.app import create_app
     from memserve.runner.engine import make_engine
 
     started = time.time()
     report = LoadReport()
-    concurrency = int(plan["concurrency"])
-
-    queue = max_queue if max_queue is not None else DEFAULT_QUEUE_PER_SEQUENCE * concurrency
+    source, plan = launch.source, launch.plan
+    concurrency, queue = plan.concurrency, launch.queue
 
     for variable, value in ONEDNN_CACHE_ENV.items():  # read once, when torch first runs a oneDNN kernel
         os.environ.setdefault(variable, value)
@@ -186,8 +179,8 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
             prefer=os.environ.get(ENGINE_ENV, "continuous-batching"),
             max_sequences=concurrency,
             max_queue=queue,
-            max_context_tokens=int(plan["context_tokens"]),
-            max_batch_tokens=int(plan["max_batch_tokens"]),
+            max_context_tokens=plan.context_tokens,
+            max_batch_tokens=plan.max_batch_tokens,
         )
 
         current = [engine]
@@ -197,17 +190,17 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
             gc.collect()
             smaller, _ = make_engine(model, prefer=current[0].name, max_sequences=sequences,
                                      max_queue=queue + concurrency - sequences,
-                                     max_context_tokens=int(plan["context_tokens"]),
-                                     max_batch_tokens=int(plan["max_batch_tokens"]))
+                                     max_context_tokens=plan.context_tokens,
+                                     max_batch_tokens=plan.max_batch_tokens)
             current[0] = smaller
             return smaller
 
-        engine = fit_to_reservation(engine, plan, report, rebuild)
+        engine = fit_to_reservation(engine, launch, report, rebuild)
         return model, tokenizer, engine, fallback_reason
 
     model, tokenizer, engine, fallback_reason = on_worker_thread(load)
     if fallback_reason:
-        emit({"event": "engine_fallback", "engine": engine.name, "reason": fallback_reason})
+        emit(EngineFallback(engine.name, fallback_reason))
     served_name = name or Path(source).name or source
     _test_balloon(served_name)
     eos = model.generation_config.eos_token_id
@@ -218,7 +211,7 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
             "state": report.state,
             "model": served_name,
             "source": source,
-            "plan": plan,
+            "plan": launch.to_json()["plan"],  # with the pool's limits, as the plan file had it
             "load": report.to_json(),
             "engine_fallback_reason": fallback_reason,
             "memory": process_memory(),
@@ -226,23 +219,31 @@ def build_app(source: str, plan: dict[str, Any], *, name: str | None = None, max
         }
 
     app = create_app(engine=engine, tokenizer=tokenizer, model_name=served_name,
-                     context_tokens=int(plan["context_tokens"]), health=health, stop_token_ids=stop_ids or None)
-    emit({"event": "ready", "model": served_name, "engine": engine.name, "memory": process_memory(),
-          "plan_check": report.plan_check})
+                     context_tokens=plan.context_tokens, health=health, stop_token_ids=stop_ids or None)
+    emit(Ready(served_name, engine.name, process_memory(), report.plan_check))
     return app
 
 
-def serve(source: str, plan: dict[str, Any], *, name: str | None = None, port: int | None = None,
-          socket: Path | None = None, max_queue: int | None = None) -> None:
-    """Load, then listen on a Unix socket or 127.0.0.1:port until stopped."""
+def serve(launch: PlanFile | str, plan_json: dict[str, Any] | None = None, *, name: str | None = None,
+          port: int | None = None, socket: Path | None = None, max_queue: int | None = None) -> None:
+    """Load, then listen on a Unix socket or 127.0.0.1:port until stopped.
+
+    TRANSITIONAL (issue 12): ``serve(source, plan_json, max_queue=...)`` is cli/run_model.py's old call; it
+    goes once that passes ``PlanFile(facts.source, result.plan, max_queue=max_queue)``.
+    """
     import uvicorn
 
-    app = build_app(source, plan, name=name, max_queue=max_queue)
+    if isinstance(launch, str):
+        launch = PlanFile.from_json({"model": {"source": launch}, "plan": plan_json})
+    if max_queue is not None:
+        launch = dataclasses.replace(launch, max_queue=max_queue)
+
+    app = build_app(launch, name=name)
     if socket is not None:
         config = uvicorn.Config(app, uds=str(socket), log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     else:
         config = uvicorn.Config(app, host="127.0.0.1", port=port or 8001, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
-    emit({"event": "listening", "socket": str(socket) if socket else None, "port": None if socket else config.port})
+    emit(Listening(str(socket) if socket else None, None if socket else config.port))
     uvicorn.Server(config).run()
