@@ -17,10 +17,12 @@ from memserve.memory.probe import (
     DEFAULT_HEADROOM_BYTES,
     CgroupMemory,
     GpuProcessMemory,
+    HostMemory,
     available_ram_bytes,
     cgroup_memory,
     cpu_device,
     cuda_devices,
+    host_memory,
     probe_inventory,
 )
 
@@ -97,6 +99,14 @@ def test_available_ram_is_the_room_under_a_binding_cgroup_limit_else_the_hosts()
     loose = CgroupMemory(version=2, path="/app", limit_bytes=64 * GiB, usage_bytes=GiB, inactive_file_bytes=0)
     assert available_ram_bytes(virtual_memory=host_24g, cgroup=lambda: loose) == 20 * GiB
     assert available_ram_bytes(virtual_memory=host_24g, cgroup=lambda: None) == 20 * GiB
+
+
+def test_host_memory_is_the_one_cgroup_aware_reading_for_the_watchdog_and_api_memory() -> None:
+    """Inside a container ``/api/memory`` shows the container's total and room, as the watchdog reads them."""
+    tight = CgroupMemory(version=2, path="/app", limit_bytes=8 * GiB, usage_bytes=7 * GiB, inactive_file_bytes=GiB)
+    assert host_memory(virtual_memory=host_24g, cgroup=lambda: tight) == HostMemory(8 * GiB, 2 * GiB)
+    assert host_memory(virtual_memory=host_24g, cgroup=lambda: None).to_json() == {
+        "total_bytes": 24 * GiB, "available_bytes": 20 * GiB}
 
 
 def test_v2_max_means_no_limit(tmp_path: Path) -> None:

@@ -227,6 +227,28 @@ def cpu_device(
     )
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """Host RAM as this process can use it: the smaller of physical memory and our cgroup's limit, and what of
+    it can still be taken now. The one reading of host memory: the watchdog's floor and ``/api/memory`` alike."""
+
+    total_bytes: int
+    available_bytes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"total_bytes": self.total_bytes, "available_bytes": self.available_bytes}
+
+
+def host_memory(
+    *,
+    virtual_memory: Callable[[], _MemoryStats] = psutil.virtual_memory,
+    cgroup: Callable[[], CgroupMemory | None] = cgroup_memory,
+) -> HostMemory:
+    """Host RAM now, cgroup-aware (``cpu_device``): psutil alone shows the host's, not the container's."""
+    device = cpu_device(budget_bytes=None, headroom_bytes=0, virtual_memory=virtual_memory, cgroup=cgroup())
+    return HostMemory(device.total_bytes, device.free_bytes)
+
+
 def available_ram_bytes(
     *,
     virtual_memory: Callable[[], _MemoryStats] = psutil.virtual_memory,
@@ -235,7 +257,7 @@ def available_ram_bytes(
     """RAM that can still be taken now: the host's available memory, or the room left under our cgroup's
     limit when that is smaller. A container's OOM killer acts at its cgroup limit, however much the host
     has free, so the watchdog's host floor is measured here."""
-    return cpu_device(budget_bytes=None, headroom_bytes=0, virtual_memory=virtual_memory, cgroup=cgroup()).free_bytes
+    return host_memory(virtual_memory=virtual_memory, cgroup=cgroup).available_bytes
 
 
 def _text(value: str | bytes) -> str:

@@ -52,15 +52,14 @@ import logging
 import math
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import httpx
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.checkpoint.locate import read_facts
-from memserve.config import ModelConfig, Settings
+from memserve.config import Settings
 from memserve.errors import (
     InsufficientMemory,
     InvalidArgument,
@@ -70,14 +69,16 @@ from memserve.errors import (
     Overloaded,
     RunnerFailed,
 )
-from memserve.memory.fit import PlanFile, default_context, queue_limit
+from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Inventory
-from memserve.memory.planner import RUNGS, Plan, Policy, Request, plan, validate_request
+from memserve.memory.planner import Plan, Policy, validate_request
 from memserve.memory.probe import available_ram_bytes
-from memserve.pool.clock import Clock, LoopClock, Timer, wait_event
+from memserve.pool.clock import Clock, LoopClock, wait_event
+from memserve.pool.entry import Entry, backoff_seconds, compatible, keep_alive
 from memserve.pool.events import PoolEvent, PoolEventKind, sizes
 from memserve.pool.eviction import Resident, choose_evictions
-from memserve.pool.ledger import Calibration, Ledger, calibrated, checkpoint_files, checkpoint_fingerprint, plan_key
+from memserve.pool.ledger import Calibration, Ledger, plan_key
+from memserve.pool.placement import Choice, Placement, fingerprint, request_for
 from memserve.pool.runner_process import RunnerHandle, Spawner, new_run_dir, process_spawner
 from memserve.pool.state import ModelState
 from memserve.pool.watchdog import Watched, first_breach, host_victim, watchdog_limit_bytes
@@ -92,59 +93,8 @@ STOPPED, STARTING, LOADING, WARMING, READY, DRAINING, FAILED = (
 _PHASE_STATES = {"resolve": LOADING, "map": LOADING, "fault_in": WARMING, "warm_up": WARMING}
 _EVENTS_KEPT = 1000
 _DRAIN_TIMEOUT_SECONDS = 30.0
-_MAX_BACKOFF_SECONDS = 30.0
 _STABLE_SECONDS = 60.0  # a runner ready this long before it crashed starts the failure count again
 _KILLS_BEFORE_LOWER = 2  # kills on one rung (each with the bigger reservation the last one taught) before going lower
-
-
-def backoff_seconds(failures: int) -> float:
-    """Wait before starting a model again after ``failures`` failures in a row: 0, 2, 4, 8, ... 30 s."""
-    return 0.0 if failures <= 1 else min(2.0 ** (failures - 1), _MAX_BACKOFF_SECONDS)
-
-
-def compatible(loaded: Plan, *, context_tokens: int | None, concurrency: int | None) -> bool:
-    """Can a runner loaded with the plan ``loaded`` serve what was asked, without loading again?"""
-    return (context_tokens is None or loaded.context_tokens >= context_tokens) and (
-        concurrency is None or loaded.concurrency >= concurrency)
-
-
-@dataclass
-class Entry:
-    """One configured model and, when it is loaded, its runner. Mutated only by the pool.
-
-    What its runner holds in memory (reserved and measured bytes) is the ledger's to know, not the entry's.
-    """
-
-    config: ModelConfig
-    keep_alive_seconds: float
-    state: ModelState = STOPPED
-    runner: RunnerHandle | None = None
-    plan: Plan | None = None
-    leases: int = 0
-    waiting: int = 0
-    last_used: float = 0.0
-    expires_at: float | None = None  # the pool's clock
-    load_seconds: float | None = None
-    reason: str | None = None
-    failures: int = 0
-    load_task: asyncio.Task[None] | None = None
-    expiry: Timer | None = None
-    watchdog_reason: str | None = None
-    ready_at: float | None = None
-    skip_rungs: frozenset[str] = frozenset()  # rungs ruled out by repeated kills (a preference); cleared by unload
-    rung_kills: dict[str, int] = field(default_factory=dict)  # kills past the plan, per rung; cleared by unload
-    pending_options: dict[str, int] | None = None  # context_tokens / concurrency of one /api/load, for its load only
-    peak_bytes: dict[str, int] = field(default_factory=dict)  # the current runner's highest use seen, per device
-    calibration_key: tuple[str, str] | None = None  # (checkpoint fingerprint, plan key) of the current runner
-    learned: bool = False  # the current runner's end taught a bigger reservation (``_learn``)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def max_in_flight(self) -> int:
-        return self.config.concurrency + queue_limit(self.config.max_queue, self.config.concurrency)
 
 
 class Lease:
@@ -182,8 +132,9 @@ class ModelPool:
             {d.name: d.headroom_bytes for d in inventory.devices},
         )
         self.calibration = Calibration(settings.data_dir / "calibration.json")
+        self._placement = Placement(self.ledger, self.calibration, self.fit_inventory)
         self.entries: dict[str, Entry] = {
-            m.name: Entry(m, _keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models}
+            m.name: Entry(m, keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models}
         self.events: collections.deque[PoolEvent] = collections.deque(maxlen=_EVENTS_KEPT)
         self._event_seq = 0
         self._change = asyncio.Event()
@@ -210,7 +161,7 @@ class ModelPool:
                 f"(concurrency {entry.config.concurrency} + queue); retry after a few seconds or raise max_queue",
                 retry_after_seconds=2.0)
         if keep_alive_seconds is not None:
-            entry.keep_alive_seconds = _keep_alive(keep_alive_seconds, self.settings.keep_alive_seconds)
+            entry.keep_alive_seconds = keep_alive(keep_alive_seconds, self.settings.keep_alive_seconds)
         entry.waiting += 1
         self._cancel_expiry(entry)
         try:
@@ -361,7 +312,8 @@ class ModelPool:
         self._set_state(entry, STARTING)  # visible in ps while it plans and waits for memory
         try:
             facts = await asyncio.to_thread(self._read_facts, entry.config.source)
-            policy, planned, need = self._first_choice(entry, facts, options)
+            first = self._placement.first_choice(entry.name, entry.config, entry.skip_rungs, facts, options)
+            policy, (planned, need) = first.policy, self._record(entry, first)
             while True:
                 try:
                     await self._admit(entry, need)
@@ -378,7 +330,7 @@ class ModelPool:
                     rung = planned.rung
                     if learned and entry.rung_kills.get(rung, 0) < _KILLS_BEFORE_LOWER:
                         try:  # the same plan with what the kill taught; one rung lower if that no longer fits
-                            planned, need = self._chosen(entry, *self._choose(entry, facts, policy, options))
+                            planned, need = self._record(entry, self._choose(entry, facts, policy, options))
                         except InsufficientMemory as refusal:
                             raise InsufficientMemory(f"{message}; {refusal.message}", param="model") from None
                         self._event(PoolEventKind.RETRY, entry, rung=planned.rung, reserved_bytes=need,
@@ -389,7 +341,7 @@ class ModelPool:
                         entry.skip_rungs |= policy.skip_rungs
                     self._event(PoolEventKind.RETRY_LOWER, entry, failed_rung=rung, reason=killed or exc.message)
                     try:
-                        planned, need = self._chosen(entry, *self._choose(entry, facts, policy, options))
+                        planned, need = self._record(entry, self._choose(entry, facts, policy, options))
                     except InsufficientMemory:
                         again = "; the next request loads it again on that rung with the reservation it " \
                             "measured" if learned else ""
@@ -419,101 +371,17 @@ class ModelPool:
             options[key] = value
         if options:
             facts = await asyncio.to_thread(self._read_facts, entry.config.source)
-            validate_request(facts, self._request(entry, facts, options))
+            validate_request(facts, request_for(entry.config, facts, options))
         return options
 
-    def _request(self, entry: Entry, facts: CheckpointFacts, options: Mapping[str, int]) -> Request:
-        """What to plan for: the model's configuration, with one load's options on top."""
-        config = entry.config
-        context = options.get("context_tokens") or config.context_tokens or default_context(facts)
-        floor = config.policy.min_context_tokens  # a load asking for less context than the floor lowers the floor
-        return Request(context_tokens=context, concurrency=options.get("concurrency") or config.concurrency,
-                       quantization=config.policy.quantization,
-                       min_context_tokens=None if floor is None else min(floor, context))
+    def _choose(self, entry: Entry, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]) -> Choice:
+        return self._placement.choose(entry.name, entry.config, facts, policy, options)
 
-    def _first_choice(self, entry: Entry, facts: CheckpointFacts,
-                      options: Mapping[str, int]) -> tuple[Policy, Plan, dict[str, int]]:
-        """The policy, plan and reservation a load starts with.
-
-        The rungs that repeated kills ruled out are a preference, not a ban: when nothing below them fits,
-        they come back one at a time from the lowest, each with the reservation its kills taught. So the
-        model is refused only for what it cannot fit even alone, and the 507's message never blames a skip.
-        """
-        base = _policy(entry.config)
-        policy = replace(base, skip_rungs=entry.skip_rungs)
-        try:
-            return (policy, *self._chosen(entry, *self._choose(entry, facts, policy, options)))
-        except InsufficientMemory as error:
-            if not entry.skip_rungs:
-                raise
-            refusal = error
-        for rung in reversed([r for r in RUNGS if r in entry.skip_rungs]):
-            lifted = replace(base, skip_rungs=frozenset(RUNGS[:RUNGS.index(rung)]))
-            try:
-                planned, need = self._chosen(entry, *self._choose(entry, facts, lifted, options))
-            except InsufficientMemory as error:
-                refusal = error
-                continue
-            self._event(PoolEventKind.RETRY, entry, rung=planned.rung, reserved_bytes=need,
-                        reason=f"nothing below {rung} fits or is allowed, so {planned.rung} is tried again")
-            return lifted, planned, need
-        raise refusal
-
-    def _choose(self, entry: Entry, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
-                ) -> tuple[Plan, dict[str, int], list[tuple[PoolEventKind, dict[str, Any]]]]:
-        """The first plan on the ladder whose reservation fits the pool's capacity, that reservation, and the
-        events that say why (for ``_chosen`` to record once the choice is used).
-
-        The planner fits its estimate; the reservation is what the plan was measured to use where that is
-        known (``_reservation``). A measured figure too big for the capacity moves the load one rung lower:
-        that is planning with what is known, not a retry, so ``retry_lower`` does not gate it. With nothing
-        lower, the first plan is loaded with all the capacity there is (its reservation capped): a figure
-        measured once, perhaps under a request no plan admits, must not refuse a model for good whose
-        estimate fits; the watchdog still stops it past the capacity plus the tolerance. Only a model whose
-        estimate does not fit even with nothing else loaded is refused (the planner's NoFit, 507).
-        """
-        usable = self.ledger.usable_bytes()
-        first = planned = self._plan(entry, facts, policy, options)
-        notes: list[tuple[PoolEventKind, dict[str, Any]]] = []
-        while True:
-            need = self._reservation(facts, planned)
-            short = {d: n for d, n in need.items() if n > usable.get(d, 0)}
-            if not short:
-                return planned, need, notes
-            rung = planned.rung
-            estimate = {d: need.total_bytes for d, need in planned.devices.items() if d in short}
-            why = (f"as {rung} it needs {sizes(short)} (learned from a runner with this plan; estimated "
-                   f"{sizes(estimate)}) but at most {sizes({d: usable.get(d, 0) for d in short})} is usable")
-            policy = policy.below(rung)
-            try:
-                planned = self._plan(entry, facts, policy, options)
-            except InsufficientMemory:
-                capped = {d: min(n, usable.get(d, 0)) for d, n in self._reservation(facts, first).items()}
-                why = notes[0][1]["reason"] if notes else why
-                return first, capped, [(PoolEventKind.RESERVATION_CAPPED, {
-                    "rung": first.rung, "reserved_bytes": capped,
-                    "reason": f"{why}, and no lower rung on the ladder fits or is allowed: it is loaded with all "
-                              "that is usable, and the watchdog stops it past that plus the tolerance"})]
-            notes.append((PoolEventKind.RUNG_LOWER, {"failed_rung": rung, "rung": planned.rung, "reason": why}))
-
-    def _chosen(self, entry: Entry, planned: Plan, need: dict[str, int],
-                notes: list[tuple[PoolEventKind, dict[str, Any]]]) -> tuple[Plan, dict[str, int]]:
-        for kind, fields in notes:
+    def _record(self, entry: Entry, choice: Choice) -> tuple[Plan, dict[str, int]]:
+        """Record why a load uses ``choice`` (its notes), now that it is used; its plan and reservation."""
+        for kind, fields in choice.notes:
             self._event(kind, entry, **fields)
-        return planned, need
-
-    def _plan(self, entry: Entry, facts: CheckpointFacts, policy: Policy,
-              options: Mapping[str, int]) -> Plan:
-        result = plan(facts, self._request(entry, facts, options), self.fit_inventory(), policy)
-        if result.plan is None:
-            assert result.nofit is not None
-            raise InsufficientMemory(f"model {entry.name!r} cannot fit on this server even with nothing else "
-                                     f"loaded: {result.nofit.message}", param="model")
-        return result.plan
-
-    def _reservation(self, facts: CheckpointFacts, planned: Plan) -> dict[str, int]:
-        measured = self.calibration.get(_fingerprint(facts), plan_key(planned))
-        return calibrated(planned.reserved_bytes, measured)
+        return choice.plan, choice.reserved_bytes
 
     async def _admit(self, entry: Entry, need: dict[str, int]) -> None:
         """Reserve ``need`` in the ledger, evicting idle models or waiting for busy ones as needed."""
@@ -559,7 +427,7 @@ class ModelPool:
         started = self._clock.now()
         entry.plan, entry.reason, entry.watchdog_reason = planned, None, None
         entry.peak_bytes, entry.learned = {}, False
-        entry.calibration_key = (_fingerprint(facts), plan_key(planned))
+        entry.calibration_key = (fingerprint(facts), plan_key(planned))
         self._set_state(entry, STARTING)
         self._event(PoolEventKind.LOAD, entry, rung=planned.rung, reserved_bytes=need)
         launch = PlanFile(facts.source, planned, reserved_bytes=dict(need), max_queue=entry.config.max_queue)
@@ -807,23 +675,8 @@ class ModelPool:
         return task
 
 
-def _keep_alive(seconds: float | None, default: float) -> float:
-    value = default if seconds is None else seconds
-    return math.inf if value < 0 or math.isinf(value) else float(value)
-
-
 def _both(overrides: Mapping[str, int]) -> dict[str, int | None]:
     return {"context_tokens": overrides.get("context_tokens"), "concurrency": overrides.get("concurrency")}
-
-
-def _policy(config: ModelConfig) -> Policy:
-    return Policy(allow_gpu=config.policy.allow_gpu, allow_split=config.policy.allow_split,
-                  allow_cpu=config.policy.allow_cpu)
-
-
-def _fingerprint(facts: CheckpointFacts) -> str:
-    folder = Path(facts.source)
-    return checkpoint_fingerprint(facts.source, checkpoint_files(folder) if folder.is_dir() else [])
 
 
 def _raise_to(peaks: dict[str, int], seen: Mapping[str, int]) -> None:

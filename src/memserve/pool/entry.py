@@ -1,0 +1,75 @@
+"""One configured model as the pool keeps it (``Entry``), and the small rules about it that need no pool."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+from memserve.config import ModelConfig
+from memserve.memory.fit import queue_limit
+from memserve.memory.planner import Plan
+from memserve.pool.clock import Timer
+from memserve.pool.runner_process import RunnerHandle
+from memserve.pool.state import ModelState
+
+_MAX_BACKOFF_SECONDS = 30.0
+
+
+def backoff_seconds(failures: int) -> float:
+    """Wait before starting a model again after ``failures`` failures in a row: 0, 2, 4, 8, ... 30 s."""
+    return 0.0 if failures <= 1 else min(2.0 ** (failures - 1), _MAX_BACKOFF_SECONDS)
+
+
+def compatible(loaded: Plan, *, context_tokens: int | None, concurrency: int | None) -> bool:
+    """Can a runner loaded with the plan ``loaded`` serve what was asked, without loading again?"""
+    return (context_tokens is None or loaded.context_tokens >= context_tokens) and (
+        concurrency is None or loaded.concurrency >= concurrency)
+
+
+@dataclass
+class Entry:
+    """One configured model and, when it is loaded, its runner. Mutated only by the pool.
+
+    What its runner holds in memory (reserved and measured bytes) is the ledger's to know, not the entry's.
+    """
+
+    config: ModelConfig
+    keep_alive_seconds: float
+    state: ModelState = ModelState.STOPPED
+    runner: RunnerHandle | None = None
+    plan: Plan | None = None
+    leases: int = 0
+    waiting: int = 0
+    last_used: float = 0.0
+    expires_at: float | None = None  # the pool's clock
+    load_seconds: float | None = None
+    reason: str | None = None
+    failures: int = 0
+    load_task: asyncio.Task[None] | None = None
+    expiry: Timer | None = None
+    watchdog_reason: str | None = None
+    ready_at: float | None = None
+    skip_rungs: frozenset[str] = frozenset()  # rungs ruled out by repeated kills (a preference); cleared by unload
+    rung_kills: dict[str, int] = field(default_factory=dict)  # kills past the plan, per rung; cleared by unload
+    pending_options: dict[str, int] | None = None  # context_tokens / concurrency of one /api/load, for its load only
+    peak_bytes: dict[str, int] = field(default_factory=dict)  # the current runner's highest use seen, per device
+    calibration_key: tuple[str, str] | None = None  # (checkpoint fingerprint, plan key) of the current runner
+    learned: bool = False  # the current runner's end taught a bigger reservation (``_learn``)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.concurrency + queue_limit(self.config.max_queue, self.config.concurrency)
+
+
+def keep_alive(seconds: float | None, default: float) -> float:
+    """Seconds to keep an idle model: ``seconds`` (the request's or the model's) else ``default``; < 0 is forever."""
+    value = default if seconds is None else seconds
+    return math.inf if value < 0 or math.isinf(value) else float(value)
+
+
+__all__ = ["Entry", "backoff_seconds", "compatible", "keep_alive"]
