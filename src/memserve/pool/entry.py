@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
 
 from memserve.config import ModelConfig
 from memserve.memory.fit import queue_limit
@@ -65,6 +69,23 @@ class Entry:
     def max_in_flight(self) -> int:
         return self.config.concurrency + queue_limit(self.config.max_queue, self.config.concurrency)
 
+    def row(self, reserved_bytes: dict[str, int], measured_bytes: dict[str, int],
+            expires_at: float | None) -> dict[str, Any]:
+        """The /api/ps row, given what the ledger holds for it and when it expires (wall-clock seconds)."""
+        runner, loaded = self.runner, self.plan
+        devices = {d: {"reserved_bytes": reserved_bytes.get(d, 0), "measured_bytes": measured_bytes.get(d, 0)}
+                   for d in sorted({*reserved_bytes, *measured_bytes})}
+        return {
+            "name": self.name, "state": self.state, "pid": runner.pid if runner else None,
+            "source": self.config.source, "rung": loaded.rung if loaded else None,
+            "context_tokens": loaded.context_tokens if loaded else None,
+            "concurrency": loaded.concurrency if loaded else None,
+            "devices": devices, "leases": self.leases, "queued": self.waiting, "pinned": self.config.pinned,
+            "keep_alive_seconds": None if math.isinf(self.keep_alive_seconds) else self.keep_alive_seconds,
+            "expires_at": expires_at, "load_seconds": self.load_seconds, "reason": self.reason,
+            "socket": str(getattr(runner, "socket_path", "")) or None,
+        }
+
 
 def keep_alive(seconds: float | None, default: float) -> float:
     """Seconds to keep an idle model: ``seconds`` (the request's or the model's) else ``default``; < 0 is forever."""
@@ -72,4 +93,20 @@ def keep_alive(seconds: float | None, default: float) -> float:
     return math.inf if value < 0 or math.isinf(value) else float(value)
 
 
-__all__ = ["Entry", "backoff_seconds", "compatible", "keep_alive"]
+class Lease:
+    """A hold on a ready runner for one request. ``release`` is idempotent; the pool never evicts it meanwhile."""
+
+    def __init__(self, entry: Entry, runner: RunnerHandle, release: Callable[[Entry], None]) -> None:
+        """``release``: the pool's, called once with ``entry`` when the request ends."""
+        self.name = entry.name
+        self.client: httpx.AsyncClient = runner.client
+        self.transport: httpx.AsyncBaseTransport = runner.transport
+        self._entry, self._release, self._released = entry, release, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release(self._entry)
+
+
+__all__ = ["Entry", "Lease", "backoff_seconds", "compatible", "keep_alive"]

@@ -12,12 +12,13 @@ from typing import Any
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.config import ModelConfig
-from memserve.errors import InsufficientMemory
+from memserve.errors import InsufficientMemory, InvalidArgument
 from memserve.memory.fit import default_context
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import RUNGS, Plan, Policy, Request, plan
 from memserve.pool.events import PoolEventKind, sizes
 from memserve.pool.ledger import Calibration, Ledger, calibrated, checkpoint_files, checkpoint_fingerprint, plan_key
+from memserve.units import format_bytes
 
 Note = tuple[PoolEventKind, dict[str, Any]]
 
@@ -39,6 +40,20 @@ def request_for(config: ModelConfig, facts: CheckpointFacts, options: Mapping[st
     return Request(context_tokens=context, concurrency=options.get("concurrency") or config.concurrency,
                    quantization=config.policy.quantization,
                    min_context_tokens=None if floor is None else min(floor, context))
+
+
+def load_options(name: str, *, context_tokens: int | None, concurrency: int | None) -> dict[str, int]:
+    """The options of one ``load`` that were given, each a whole number of 1 or more (InvalidArgument otherwise)."""
+    options: dict[str, int] = {}
+    for key, value, what, unit in (("context_tokens", context_tokens, "context", "tokens"),
+                                   ("concurrency", concurrency, "concurrency", "sequences")):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgument(f"{what} must be a whole number of {unit}, 1 or more; got {value!r}. "
+                                  f"Leave it out to use the {what} configured for {name!r}", param=what)
+        options[key] = value
+    return options
 
 
 def policy_for(config: ModelConfig) -> Policy:
@@ -132,9 +147,21 @@ class Placement:
                                      f"loaded: {result.nofit.message}", param="model")
         return result.plan
 
+    def refuse_if_never(self, name: str, need: Mapping[str, int], pinned: list[str]) -> None:
+        """InsufficientMemory when the ``pinned`` models alone leave too little room for ``need``: waiting cannot
+        help, and evicting them is not allowed."""
+        usable = self.ledger.usable_bytes()
+        for device, needed in need.items():
+            held = sum(self.ledger.held(other).get(device, 0) for other in pinned)
+            if needed > usable.get(device, 0) - held:
+                raise InsufficientMemory(
+                    f"model {name!r} needs {format_bytes(needed)} on {device}; {format_bytes(usable.get(device, 0))} "
+                    f"is usable there and pinned models ({', '.join(pinned)}) hold {format_bytes(held)}; unpin one "
+                    "or raise the budget", param="model")
+
     def reservation(self, facts: CheckpointFacts, planned: Plan) -> dict[str, int]:
         """The bytes to reserve for ``planned``: what the calibration measured for it, else its estimate."""
         return calibrated(planned.reserved_bytes, self.calibration.get(fingerprint(facts), plan_key(planned)))
 
 
-__all__ = ["Choice", "Placement", "fingerprint", "policy_for", "request_for"]
+__all__ = ["Choice", "Placement", "fingerprint", "load_options", "policy_for", "request_for"]

@@ -55,14 +55,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-import httpx
-
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.checkpoint.locate import read_facts
 from memserve.config import Settings
 from memserve.errors import (
     InsufficientMemory,
-    InvalidArgument,
     MemoryBusy,
     MemserveError,
     ModelNotFound,
@@ -74,11 +71,11 @@ from memserve.memory.inventory import Inventory
 from memserve.memory.planner import Plan, Policy, validate_request
 from memserve.memory.probe import available_ram_bytes
 from memserve.pool.clock import Clock, LoopClock, wait_event
-from memserve.pool.entry import Entry, backoff_seconds, compatible, keep_alive
+from memserve.pool.entry import Entry, Lease, backoff_seconds, compatible, keep_alive
 from memserve.pool.events import PoolEvent, PoolEventKind, sizes
 from memserve.pool.eviction import Resident, choose_evictions
 from memserve.pool.ledger import Calibration, Ledger, plan_key
-from memserve.pool.placement import Choice, Placement, fingerprint, request_for
+from memserve.pool.placement import Choice, Placement, fingerprint, load_options, request_for
 from memserve.pool.runner_process import RunnerHandle, Spawner, new_run_dir, process_spawner
 from memserve.pool.state import ModelState
 from memserve.pool.watchdog import Watched, first_breach, host_victim, watchdog_limit_bytes
@@ -95,21 +92,6 @@ _EVENTS_KEPT = 1000
 _DRAIN_TIMEOUT_SECONDS = 30.0
 _STABLE_SECONDS = 60.0  # a runner ready this long before it crashed starts the failure count again
 _KILLS_BEFORE_LOWER = 2  # kills on one rung (each with the bigger reservation the last one taught) before going lower
-
-
-class Lease:
-    """A hold on a ready runner for one request. ``release`` is idempotent; the pool never evicts it meanwhile."""
-
-    def __init__(self, pool: ModelPool, entry: Entry, runner: RunnerHandle) -> None:
-        self.name = entry.name
-        self.client: httpx.AsyncClient = runner.client
-        self.transport: httpx.AsyncBaseTransport = runner.transport
-        self._pool, self._entry, self._released = pool, entry, False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._pool._release(self._entry)
 
 
 class ModelPool:
@@ -168,7 +150,7 @@ class ModelPool:
             while entry.state != READY or entry.runner is None:
                 await asyncio.shield(self._ensure_load(entry))
             entry.leases += 1
-            return Lease(self, entry, entry.runner)
+            return Lease(entry, entry.runner, self._release)
         finally:
             entry.waiting -= 1
             if entry.leases == 0 and entry.waiting == 0 and entry.state == READY:
@@ -264,23 +246,10 @@ class ModelPool:
         return {"models": rows, "devices": self.ledger.to_json()["devices"]}
 
     def row(self, entry: Entry) -> dict[str, Any]:
-        runner = entry.runner
-        reserved, measured = self.ledger.reserved(entry.name), self.ledger.measured(entry.name)
-        devices = {d: {"reserved_bytes": reserved.get(d, 0), "measured_bytes": measured.get(d, 0)}
-                   for d in sorted({*reserved, *measured})}
+        """The model's /api/ps row: its entry, and what the ledger holds for it."""
         expires = None if entry.expires_at is None or math.isinf(entry.expires_at) \
             else self._clock.wall() + (entry.expires_at - self._clock.now())
-        loaded = entry.plan
-        return {
-            "name": entry.name, "state": entry.state, "pid": runner.pid if runner else None,
-            "source": entry.config.source, "rung": loaded.rung if loaded else None,
-            "context_tokens": loaded.context_tokens if loaded else None,
-            "concurrency": loaded.concurrency if loaded else None,
-            "devices": devices, "leases": entry.leases, "queued": entry.waiting, "pinned": entry.config.pinned,
-            "keep_alive_seconds": None if math.isinf(entry.keep_alive_seconds) else entry.keep_alive_seconds,
-            "expires_at": expires, "load_seconds": entry.load_seconds, "reason": entry.reason,
-            "socket": str(getattr(runner, "socket_path", "")) or None,
-        }
+        return entry.row(self.ledger.reserved(entry.name), self.ledger.measured(entry.name), expires)
 
     def events_since(self, seq: int = 0) -> list[dict[str, Any]]:
         """The JSON of the events after sequence number ``seq``, oldest first (``GET /api/events``)."""
@@ -360,15 +329,7 @@ class ModelPool:
     async def _checked_options(self, entry: Entry, *, context_tokens: int | None,
                                concurrency: int | None) -> dict[str, int]:
         """The options of one ``load``, checked against the model and the planner's limits before anything changes."""
-        options: dict[str, int] = {}
-        for key, value, what, unit in (("context_tokens", context_tokens, "context", "tokens"),
-                                       ("concurrency", concurrency, "concurrency", "sequences")):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgument(f"{what} must be a whole number of {unit}, 1 or more; got {value!r}. "
-                                      f"Leave it out to use the {what} configured for {entry.name!r}", param=what)
-            options[key] = value
+        options = load_options(entry.name, context_tokens=context_tokens, concurrency=concurrency)
         if options:
             facts = await asyncio.to_thread(self._read_facts, entry.config.source)
             validate_request(facts, request_for(entry.config, facts, options))
@@ -399,7 +360,8 @@ class ModelPool:
                                                   deliberate=True)
                                        for v in victims))
                 continue
-            self._refuse_if_never(entry, need)
+            pinned = [e.name for e in self.entries.values() if e.runner and e.config.pinned and e is not entry]
+            self._placement.refuse_if_never(entry.name, need, pinned)
             remaining = deadline - self._clock.now()
             if remaining <= 0:
                 busy = ", ".join(f"{e.name} ({e.state}, {e.leases} leases)" for e in self.entries.values()
@@ -409,19 +371,6 @@ class ModelPool:
                     f"and the rest is held by busy models: {busy}; waited {self.settings.memory_wait_seconds:.0f} s. "
                     "Retry later, or raise memory_wait_seconds", retry_after_seconds=5.0)
             await self._wait_change(remaining)
-
-    def _refuse_if_never(self, entry: Entry, need: Mapping[str, int]) -> None:
-        """InsufficientMemory when the pinned models alone leave too little room: waiting cannot help."""
-        pinned = [e for e in self.entries.values() if e.runner is not None and e.config.pinned and e is not entry]
-        usable = self.ledger.usable_bytes()
-        for device, needed in need.items():
-            held = sum(self.ledger.held(e.name).get(device, 0) for e in pinned)
-            if needed > usable.get(device, 0) - held:
-                raise InsufficientMemory(
-                    f"model {entry.name!r} needs {format_bytes(needed)} on {device}; "
-                    f"{format_bytes(usable.get(device, 0))} is usable there and pinned models "
-                    f"({', '.join(e.name for e in pinned)}) hold "
-                    f"{format_bytes(held)}; unpin one or raise the budget", param="model")
 
     async def _start_runner(self, entry: Entry, facts: CheckpointFacts, planned: Plan, need: dict[str, int]) -> None:
         started = self._clock.now()
