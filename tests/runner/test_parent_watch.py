@@ -29,13 +29,12 @@ GONE_DEADLINE_SECONDS = 30.0  # polled: the runner exits within a second; a busy
 GATEWAY = textwrap.dedent("""
     import asyncio, json, sys
     from pathlib import Path
+    from memserve.memory.fit import PlanFile
     from memserve.pool.runner_process import RunnerProcess
 
     async def main() -> None:
         run_dir, plan_file, wait_ready = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "ready"
-        fit = json.loads(plan_file.read_text())
-        runner = RunnerProcess("tiny", fit["model"]["source"], fit["plan"], run_dir=run_dir,
-                               env={"OMP_NUM_THREADS": "1"})
+        runner = RunnerProcess("tiny", PlanFile.read(plan_file), run_dir=run_dir, env={"OMP_NUM_THREADS": "1"})
         await runner.start()
         print(json.dumps({"pid": runner.pid, "socket": str(runner.socket_path), "plan": str(runner.plan_path)}),
               flush=True)

@@ -24,11 +24,12 @@ Lifecycle of one model (``Entry``)::
   ``watchdog_interval_seconds`` after) and the memory still available (the host's, or the room under our
   cgroup's limit when that is smaller: a container's OOM killer acts there); past its reservation by the
   tolerance, or with the host below its floor, it kills the runner before the kernel's OOM killer picks
-  a victim and records why.
+  a victim and records why. What to kill is decided by the pure functions of ``pool/watchdog.py``.
+- **Time.** Every wait, timer and timestamp goes through the pool's ``Clock`` (``pool/clock.py``).
 - **A kill is not an outage.** What a killed (or crashed) runner was seen to use past its reservation is
   recorded, with a margin, in the calibration for its (checkpoint, plan) (``_learn``), so the next load
   of that plan reserves it: on the same rung while that fits the pool's capacity, one rung lower when it
-  does not (``_choose``). The first kill on a rung is retried there with the bigger reservation; a second
+  does not (``Placement.choose``). The first kill on a rung is retried there with the bigger reservation; a second
   one, where the policy allows (``retry_lower``), moves the model one rung lower until ``unload``. A rung
   ruled out that way is still used when no lower rung fits: a model is refused (507) only when it cannot
   fit even with nothing else loaded. A kill by the host floor (memory taken by others) retries one rung
