@@ -185,3 +185,31 @@ def test_memserve_engine_generate_serves_with_the_generate_engine(
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     ready = next(e for e in events if e.get("event") == "ready")
     assert ready["engine"] == "generate" and ready["plan_check"]["fits"] is True
+
+
+@pytest.mark.parametrize(("max_queue", "queue"), [(None, 4 * 8), (3, 3)])
+def test_the_runner_sizes_its_engine_queue_from_the_plan_file(monkeypatch: pytest.MonkeyPatch, max_queue: int | None,
+                                                              queue: int) -> None:
+    """The pool writes the model's max_queue into the plan file; the engine admits that many waiting requests."""
+    import memserve.runner.app
+    import memserve.runner.engine
+
+    made: list[dict[str, Any]] = []
+
+    class Model:
+        class generation_config:  # stands in for transformers' GenerationConfig
+            eos_token_id = 2
+
+    def make_engine(model: Any, **sizes: Any) -> tuple[FakeEngine, None]:
+        made.append(sizes)
+        return FakeEngine("continuous-batching", sizes["max_sequences"]), None
+
+    monkeypatch.setattr(serve, "load_model", lambda source, plan, report: (Model(), object()))
+    monkeypatch.setattr(serve, "fit_to_reservation", lambda engine, launch, report, rebuild: engine)
+    monkeypatch.setattr(memserve.runner.engine, "make_engine", make_engine)
+    monkeypatch.setattr(memserve.runner.app, "create_app", lambda **kwargs: kwargs)
+    monkeypatch.setattr(serve, "emit", lambda event: None)
+    launch = plan_for(8, 1000, 800)
+    build_app(PlanFile(launch.source, launch.plan, max_queue=max_queue), name="m")
+    assert made == [{"prefer": "continuous-batching", "max_sequences": 8, "max_queue": queue,
+                     "max_context_tokens": 2048, "max_batch_tokens": 2048}]
