@@ -105,7 +105,7 @@ class Harness:
         return self.pool.entries[name].state
 
     def events(self, kind: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
-        return [e.to_json() for e in self.pool.events
+        return [e.to_json() for e in self.pool.history
                 if (kind is None or e.kind == kind) and (name is None or e.model == name)]
 
     def kinds(self, name: str | None = None) -> list[str]:

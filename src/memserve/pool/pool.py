@@ -118,7 +118,7 @@ class ModelPool:
         self._placement = Placement(self.ledger, self.calibration, self.fit_inventory)
         self.entries: dict[str, Entry] = {
             m.name: Entry(m, keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models}
-        self.events: collections.deque[PoolEvent] = collections.deque(maxlen=_EVENTS_KEPT)
+        self.history: collections.deque[PoolEvent] = collections.deque(maxlen=_EVENTS_KEPT)  # the records
         self._event_seq = 0
         self._change = asyncio.Event()
         self._closing = False
@@ -252,9 +252,14 @@ class ModelPool:
             else self._clock.wall() + (entry.expires_at - self._clock.now())
         return entry.row(self.ledger.reserved(entry.name), self.ledger.measured(entry.name), expires)
 
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON of every event kept, oldest first (``history`` holds them as records)."""
+        return [e.to_json() for e in self.history]
+
     def events_since(self, seq: int = 0) -> list[dict[str, Any]]:
         """The JSON of the events after sequence number ``seq``, oldest first (``GET /api/events``)."""
-        return [e.to_json() for e in self.events if e.seq > seq]
+        return [e.to_json() for e in self.history if e.seq > seq]
 
     # ---------------------------------------------------------------------------------------------- loading
 
@@ -608,7 +613,7 @@ class ModelPool:
     def _event(self, kind: PoolEventKind, entry: Entry, **fields: Any) -> None:
         self._event_seq += 1
         event = PoolEvent(self._event_seq, self._clock.wall(), kind, entry.name, fields)
-        self.events.append(event)
+        self.history.append(event)
         log.info("%s", event.line())
 
     def _notify(self) -> None:
