@@ -57,9 +57,12 @@ def test_masks_one_per_attention_type() -> None:
     assert attention_types(facts(MISTRAL_7B)) == 1  # every layer slides: one group
     mixed = replace(f, sliding_window=4096, sliding_window_layers=16)  # Gemma2: alternating layers
     assert attention_types(mixed) == 2
-    one = 2048 * (paged_tokens(2048, 8) + 2048) * 2
-    assert mask_bytes(f, "bfloat16", 2048, 8, 2048) == one
-    assert mask_bytes(mixed, "bfloat16", 2048, 8, 2048) == 2 * one
+    data = 8 * 33 * KV_PAGE_TOKENS  # the data pages' tokens (no trash pages)
+    assert mask_bytes(f, "bfloat16", 2048, 8, 2048) == 2048 * (data + 2048) * 2
+    # two groups cut the cache into sectors of one group's page: each group's mask spans twice the tokens
+    assert mask_bytes(mixed, "bfloat16", 2048, 8, 2048) == 2 * 2048 * (2 * data + 2048) * 2
+    # the Gemma2 family checkpoint at 2048 × 4 in fp32: two masks of 2,048 × 18,944 (measured)
+    assert mask_bytes(mixed, "float32", 2048, 4, 2048) == 2 * 2048 * 18944 * 4
 
 
 def test_attention_gathers_every_read_token_and_repeats_it_only_for_gqa() -> None:

@@ -19,8 +19,9 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
   included (transformers 5.24 ``PagedAttentionCache``: ``bytes_per_block`` covers all layers).
 - **activations**: the peak transient of the largest forward, ``max_batch_tokens`` tokens, plus what
   the engine preallocates for it:
-  - the attention mask the engine keeps per attention type (full, sliding), ``batch tokens × (cache
-    tokens + batch tokens)`` in the model dtype, preallocated and written whole under full traffic;
+  - the attention mask the engine keeps per attention type (full, sliding), ``batch tokens × (readable
+    tokens + batch tokens)`` in the model dtype, preallocated and written whole under full traffic; with
+    two attention types each one can address twice the data pages (``mask_bytes``);
   - attention and MLP run one after the other inside a layer, so the transient is the larger of the two
     on top of the residual stream (``HIDDEN_TENSORS`` of ``tokens × hidden``):
     - the MLP holds ``facts.mlp_tensors`` ``tokens × intermediate`` tensors at once: 3 gated (gate, up,
@@ -44,7 +45,10 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
 - **runtime**: the runner process itself. Measured after traffic, less its weights, KV cache and
   activations: 394 MiB for the tiny demo model (280 MiB anonymous: Python, torch, transformers,
   FastAPI/uvicorn, the tokenizer; 115 MiB mapped shared libraries), 408 MiB for the small one (its
-  12 layers' modules and 16k-token tokenizer add ~15 MiB); ``CPU_RUNTIME_BYTES`` is 420 MiB. On a GPU
+  12 layers' modules and 16k-token tokenizer add ~15 MiB), 422 MiB for the GPT-2 family checkpoint (fp32,
+  12 layers: its worst-case warm-up peaked at 1,192.0 MiB, of which weights 656.6, KV 66.0, the forward
+  44.9 as measured alone, masks and logits 2.8). ``CPU_RUNTIME_BYTES`` is 424 MiB: it bounds all of them,
+  and keeps the tiny model, where the runtime is nearly all of the plan, within 10% of its peak. On a GPU
   add the CUDA context and cuBLAS workspace (~0.6 GiB on the GPU) and the CUDA libraries mapped into
   host RAM (~1 GiB); those GPU numbers are not yet calibrated on a lent GPU.
 """
@@ -66,7 +70,7 @@ GiB = 1024**3
 MiB = 1024**2
 DTYPE_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-CPU_RUNTIME_BYTES = 420 * MiB  # measured: 394–408 MiB in the demo models' runners after traffic, see above
+CPU_RUNTIME_BYTES = 424 * MiB  # measured: 394–422 MiB in the runners of the models measured, see above
 # The generate engine's runner has no continuous-batching manager, scheduler thread or paged-cache tables:
 # measured 10 MiB below at the same shape (tiny 512 × 1: 388.5 against 398.9 MiB; small 1024 × 2: 655.8
 # against 660.2 MiB).
@@ -160,9 +164,14 @@ def attention_types(facts: CheckpointFacts) -> int:
 
 
 def mask_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int) -> int:
-    """The continuous-batching engine's preallocated masks: ``batch × (cache tokens + batch)`` per attention type."""
-    cache = paged_tokens(context_tokens, concurrency)
-    return attention_types(facts) * batch_tokens * (cache + batch_tokens) * DTYPE_WIDTH[dtype]
+    """The continuous-batching engine's preallocated masks: ``batch × (readable tokens + batch)`` per attention
+    type. With ``G`` layer groups (Gemma2's sliding and full layers) the cache is cut into sectors of one
+    group's page, and each group's allocator can address every sector: ``G ×`` the data pages' tokens
+    (transformers 5.24 ``PagedAttentionCache.max_tokens_read``; measured on the Gemma2 family checkpoint at
+    2048 × 4: two masks of 2,048 × 18,944 fp32, 148 MiB each, where one group's 8,448 tokens gave 83)."""
+    groups = attention_types(facts)
+    data_tokens = concurrency * (math.ceil(context_tokens / KV_PAGE_TOKENS) + 1) * KV_PAGE_TOKENS
+    return groups * batch_tokens * (groups * data_tokens + batch_tokens) * DTYPE_WIDTH[dtype]
 
 
 def attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int,
