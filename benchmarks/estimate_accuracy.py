@@ -14,7 +14,8 @@ anonymous and file-backed pages together, since the mapped weights are file-back
     python benchmarks/estimate_accuracy.py --cases gemma2:2048x4       # a family checkpoint (family_models.py)
     MEMSERVE_ENGINE=generate python benchmarks/estimate_accuracy.py --cases small:1024x2   # the fallback engine
 
-Case names: the demo sizes ``tiny``, ``small``, ``1b`` (llama), ``small-qwen2``, and the ~150M random-init
+Case names: the demo sizes ``tiny``, ``small``, ``1b`` (llama), ``small-qwen2`` (each also as ``<name>-fp32``,
+stored in float32), and the ~150M random-init
 families of ``benchmarks/family_models.py`` (``llama``, ``qwen2``, ``mistral``, ``gemma2``, ``gpt2``,
 ``mixtral``), each also as ``<family>-fp32`` (stored in float32). One model process runs at a time.
 """
@@ -50,10 +51,11 @@ def ensure_model(models: Path, name: str) -> Path:
         return ensure_family_model(models, name)
     from memserve.checkpoint.demo import write_demo_model
 
-    size, _, arch = name.partition("-")
+    size, _, arch = name.removesuffix("-fp32").partition("-")
     path = models / f"demo-{name}"
     if not (path / "config.json").exists():
-        info = write_demo_model(path, size=size, arch=arch or "llama", force=True)
+        dtype = "float32" if name.endswith("-fp32") else None
+        info = write_demo_model(path, size=size, arch=arch or "llama", dtype=dtype, force=True)
         print(f"built {path}: {info.params / 1e9:.3f}B params in {info.seconds:.1f}s", flush=True)
     return path
 
