@@ -14,7 +14,7 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
   their bytes count twice (Mixtral: the issue's −47% at 2048 × 4 was this).
 - **KV cache**: ``2 × layers × kv_heads × head_dim × bytes`` per token, for the tokens the paged
   cache of the continuous-batching engine really allocates: each sequence rounds up to whole
-  ``KV_PAGE_TOKENS`` pages plus one page of slack (``runner/engine.py: kv_cache_blocks``), and the cache
+  ``KV_PAGE_TOKENS`` pages plus one page of slack (``runner/batching.py: kv_cache_blocks``), and the cache
   holds two "trash" pages more. It sizes every layer for the whole context, sliding-window layers
   included (transformers 5.24 ``PagedAttentionCache``: ``bytes_per_block`` covers all layers).
 - **activations**: the peak transient of the largest forward, ``max_batch_tokens`` tokens, plus what
@@ -77,7 +77,7 @@ CPU_RUNTIME_BYTES = 424 * MiB  # measured: 394–422 MiB in the runners of the m
 CPU_GENERATE_RUNTIME_BYTES = CPU_RUNTIME_BYTES - 10 * MiB
 GPU_RUNTIME_BYTES = 600 * MiB  # CUDA context + cuBLAS workspace on the device
 GPU_HOST_RUNTIME_BYTES = 1 * GiB  # the same process's host RAM when it drives a GPU
-KV_PAGE_TOKENS = 64  # tokens per KV page in the runner's paged cache (runner/engine.py: DEFAULT_PAGE_SIZE)
+KV_PAGE_TOKENS = 64  # tokens per KV page in the runner's paged cache (runner/batching.py: DEFAULT_PAGE_SIZE)
 KV_TRASH_PAGES = 2  # pages the paged cache keeps beyond its data pages (transformers 5.24)
 # residual stream, norms, q/k/v/o projections (the MLP's count is the checkpoint's: facts.mlp_tensors)
 HIDDEN_TENSORS = 6
@@ -144,7 +144,7 @@ def block_weight_bytes(block: Block, facts: CheckpointFacts, dtype: str, quantiz
 
 def paged_tokens(context_tokens: int, concurrency: int) -> int:
     """Tokens the paged KV cache allocates for ``concurrency`` sequences of ``context_tokens``: whole pages
-    per sequence plus one page of slack each (``runner/engine.py: kv_cache_blocks``), plus the trash pages."""
+    per sequence plus one page of slack each (``runner/batching.py: kv_cache_blocks``), plus the trash pages."""
     pages = concurrency * (math.ceil(context_tokens / KV_PAGE_TOKENS) + 1) + KV_TRASH_PAGES
     return pages * KV_PAGE_TOKENS
 
