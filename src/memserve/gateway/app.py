@@ -30,7 +30,6 @@ from typing import Any, Literal
 
 import anyio
 import httpx
-import psutil
 from fastapi import FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +55,7 @@ from memserve.errors import (
 )
 from memserve.gateway.upstream import Upstream, forward
 from memserve.memory.fit import default_context, fit_json, fit_result
+from memserve.memory.probe import host_memory
 from memserve.pool.pool import ModelPool
 from memserve.pool.runner_process import RUNNER_BASE_URL
 from memserve.units import parse_seconds
@@ -298,8 +298,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
 
     @handles(app, MEMORY, responses=_responses(None, COMMON_ERRORS))
     async def memory() -> dict[str, Any]:
-        host = psutil.virtual_memory()
-        return {**pool.ledger.to_json(), "host": {"total_bytes": host.total, "available_bytes": host.available},
+        return {**pool.ledger.to_json(), "host": host_memory().to_json(),
                 "watchdog": {"tolerance": settings.watchdog_tolerance,
                              "tolerance_min_bytes": settings.watchdog_tolerance_min_bytes,
                              "host_floor_bytes": settings.host_floor_bytes}}
@@ -455,7 +454,7 @@ class _Door:
         default_context, longest = self._facts[model]
         entry = self.pool.entries.get(model)
         if entry is not None and entry.runner is not None and entry.plan is not None:
-            return int(entry.plan["context_tokens"]), longest
+            return entry.plan.context_tokens, longest
         return config.context_tokens or default_context, longest
 
 
