@@ -137,7 +137,7 @@ async def stream_request(client: httpx.AsyncClient, target: Target, prompt: Prom
                                timeout_seconds)
     except _Failure as exc:
         record.fail(exc.kind, exc.message)
-    except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+    except (TimeoutError, httpx.TimeoutException) as exc:
         if isinstance(exc, httpx.ConnectTimeout):
             record.fail("connect", f"could not connect to {target.base_url} within {CONNECT_TIMEOUT_SECONDS:g} s")
         else:

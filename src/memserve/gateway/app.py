@@ -50,7 +50,6 @@ from memserve.errors import (
     ModelNotFound,
     Overloaded,
     RequestTimedOut,
-    RequestTooLarge,
     UnsupportedParameter,
 )
 from memserve.gateway.upstream import Upstream, forward
@@ -66,7 +65,10 @@ from memserve.wire.http import (
     error_response,
     handles,
     install_error_handlers,
+    json_body,
+    json_object,
     parse_body,
+    read_body,
     sse_event,
     until_disconnected,
 )
@@ -183,8 +185,8 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
 
     async def completion(request: Request, path: str) -> Response:
         check_json_content_type(request.headers.get("content-type"))
-        raw = await _read_body(request, settings.max_body_bytes)
-        body = _json_object(raw)
+        raw = await read_body(request, settings.max_body_bytes)
+        body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidArgument("missing required parameter 'model' (a string naming a model; GET /v1/models "
@@ -268,7 +270,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
 
     @handles(app, LOAD, responses=_responses(None, LOAD_ERRORS), openapi_extra=_body_doc(LoadBody))
     async def load(request: Request) -> dict[str, Any]:
-        body = parse_body(LoadBody, await _json_body(request, settings.max_body_bytes))
+        body = parse_body(LoadBody, await json_body(request, settings.max_body_bytes))
         keep_alive = None if body.keep_alive is None else parse_seconds(body.keep_alive, what="keep_alive")
         row = await pool.load(body.model, keep_alive_seconds=keep_alive, context_tokens=body.context,
                               concurrency=body.concurrency)
@@ -276,7 +278,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
 
     @handles(app, UNLOAD, responses=_responses(None, JSON_BODY_ERRORS), openapi_extra=_body_doc(UnloadBody))
     async def unload(request: Request) -> dict[str, Any]:
-        body = parse_body(UnloadBody, await _json_body(request, settings.max_body_bytes))
+        body = parse_body(UnloadBody, await json_body(request, settings.max_body_bytes))
         return {"model": body.model, "unloaded": await pool.unload(body.model)}
 
     @handles(app, FIT, responses=_responses(None, FIT_ERRORS))
@@ -605,43 +607,3 @@ class _RequestRecord:
         log.info("POST %s model=%s status=%s %s duration=%.3fs", self.path, self.model or "-",
                  self.status if self.status is not None else "none (client gone)", tokens,
                  time.monotonic() - self.started)
-
-
-async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The body as a JSON object (declared JSON: 415 otherwise), read no further than ``max_bytes``."""
-    check_json_content_type(request.headers.get("content-type"))
-    return _json_object(await _read_body(request, max_bytes))
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body's bytes, read no further than ``max_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestTooLarge(_too_large(int(declared), max_bytes))
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestTooLarge(_too_large(size, max_bytes))
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    """``raw`` parsed as one JSON object, or InvalidArgument saying what is wrong with it."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON ({exc}); send one JSON object with "
-                              "Content-Type: application/json") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object, not "
-                              f"{type(body).__name__}; send one JSON object")
-    return body
-
-
-def _too_large(size: int, max_bytes: int) -> str:
-    return (f"the request body is at least {size} bytes; this server accepts at most {max_bytes} "
-            "(max_body_bytes); send a smaller request")
-
-

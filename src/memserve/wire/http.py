@@ -1,6 +1,6 @@
 """What the gateway's and the runner's HTTP apps share: request validation, errors as responses, content-type
-and origin checks at the door, the streamed response that cleans up however it ends, and cancelling work whose
-client went away.
+and origin checks at the door, JSON bodies read no further than a limit, the streamed response that cleans up
+however it ends, and cancelling work whose client went away.
 
 Torch-free, so the gateway can import it. The parts that need no web framework (the ``param`` path format,
 error bodies, ``Retry-After``, SSE encoding) live in ``memserve.wire.format`` and are re-exported here.
@@ -9,6 +9,7 @@ error bodies, ``Retry-After``, SSE encoding) live in ``memserve.wire.format`` an
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
@@ -20,7 +21,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from memserve.errors import MemserveError, OriginNotAllowed, UnsupportedMediaType, error_body
+from memserve.errors import (
+    InvalidArgument,
+    MemserveError,
+    OriginNotAllowed,
+    RequestTooLarge,
+    UnsupportedMediaType,
+    error_body,
+)
 from memserve.wire.format import (
     SSE_DONE,
     SSE_MEDIA_TYPE,
@@ -35,7 +43,8 @@ from memserve.wire.routes import Route
 
 __all__ = ["SSE_DONE", "SSE_MEDIA_TYPE", "EventStream", "check_json_content_type", "check_origin",
            "error_body_response", "error_json", "error_response", "handles", "install_error_handlers",
-           "invalid_argument", "param_path", "parse_body", "retry_after", "sse_event", "until_disconnected"]
+           "invalid_argument", "json_body", "json_object", "param_path", "parse_body", "read_body", "retry_after",
+           "sse_event", "until_disconnected"]
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +189,43 @@ class EventStream(StreamingResponse):
                 if self._on_close is not None:
                     with anyio.CancelScope(shield=True):
                         await self._on_close()
+
+
+async def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object (declared JSON: 415 otherwise), read no further than ``max_bytes``."""
+    check_json_content_type(request.headers.get("content-type"))
+    return json_object(await read_body(request, max_bytes))
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body's bytes, read no further than ``max_bytes`` (413 past them, ``max_body_bytes`` named)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestTooLarge(_too_large(int(declared), max_bytes))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestTooLarge(_too_large(size, max_bytes))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed as one JSON object, or InvalidArgument saying what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"the request body is not valid JSON ({exc}); send one JSON object with "
+                              "Content-Type: application/json") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object, not "
+                              f"{type(body).__name__}; send one JSON object")
+    return body
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    return (f"the request body is at least {size} bytes; this server accepts at most {max_bytes} "
+            "(max_body_bytes); send a smaller request")
+
+
