@@ -154,13 +154,6 @@ class Plan:
             "device_map": self.device_map,
         }
 
-    def __getitem__(self, key: str) -> Any:
-        """TRANSITIONAL (issue 12): ``plan["context_tokens"]`` for gateway/app.py until it reads the attribute.
-
-        Remove with that one line; every other reader uses the fields.
-        """
-        return self.to_json()[key]
-
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Plan:
         """The plan :meth:`to_json` wrote (a plan file crosses from the gateway to its runner this way).
