@@ -141,6 +141,7 @@ def test_openapi_documents_the_openai_routes_with_400_not_422(door: Any) -> None
 
 def test_answers_match_the_documented_schemas(door: Any) -> None:
     origin, _ = door
+    document = httpx.get(f"{origin}/openapi.json", timeout=10).json()
     ChatCompletion.model_validate(httpx.post(f"{origin}/v1/chat/completions", json=chat_body(), timeout=120).json())
     TextCompletion.model_validate(httpx.post(f"{origin}/v1/completions", json={"model": "demo", "prompt": "a",
                                                                               "max_tokens": 2}, timeout=120).json())
@@ -153,4 +154,10 @@ def test_answers_match_the_documented_schemas(door: Any) -> None:
             events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and len(events) >= 4
         chunks = [chunk.model_validate_json(event) for event in events[:-1]]
+        # the document's event schema: [DONE] (not JSON) is its own branch, the chunks the JSON branch's
+        operation = document["paths"][path]["post"]
+        branches = operation["responses"]["200"]["content"]["text/event-stream"]["schema"]["properties"]["data"]
+        json_branch = next(b for b in branches["anyOf"] if b.get("contentMediaType") == "application/json")
+        assert {"const": "[DONE]"} in branches["anyOf"] and "[DONE]" not in json.dumps(json_branch)
+        assert {"$ref": f"#/components/schemas/{chunk.__name__}"} in json_branch["contentSchema"]["anyOf"]
         assert chunks[-1].choices == [] and chunks[-1].usage is not None  # the usage chunk

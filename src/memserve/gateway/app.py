@@ -340,9 +340,12 @@ def _responses(ok: type[BaseModel] | None, errors: Mapping[int, str],
         out[200] = {"model": ok, "description": "The answer; with stream: true, server-sent events ending with "
                     "data: [DONE]"}
     if chunk is not None:
-        data = {"anyOf": [_schema_ref(chunk), _schema_ref(ErrorResponse), {"const": "[DONE]"}]}
+        # [DONE] is not JSON: it is its own branch beside the JSON payloads, a chunk or an error (schemathesis
+        # parses every event under contentMediaType application/json: a stream fuzzed to its end failed ST108)
+        json_data = {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"anyOf": [_schema_ref(chunk), _schema_ref(ErrorResponse)]}}
         event = {"type": "object", "required": ["data"], "properties": {
-            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data}}}
+            "data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
         out[200]["content"] = {"text/event-stream": {"schema": event}}
     return out
 
