@@ -19,6 +19,8 @@ from typing import Any, get_args
 from pydantic import AliasChoices, BaseModel
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from memserve.wire.format import param_path
+
 __all__ = ["FIELD_ERROR", "Origin", "field_error", "one_line", "problem"]
 
 FIELD_ERROR = "memserve_config"
@@ -135,10 +137,7 @@ def _full_loc(error: ErrorDetails) -> tuple[int | str, ...]:
 def _path(error: ErrorDetails, top_key: str) -> str:
     """``models[1].keep_alive``: the loc as the user wrote it, with the top-level key from its source."""
     loc = _full_loc(error)
-    text = ""
-    for part in (top_key, *loc[1:]) if loc and top_key else loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text or "(top level)"
+    return param_path((top_key, *loc[1:]) if loc and top_key else loc) or "(top level)"
 
 
 def _shown_input(value: Any, field: str) -> str:
