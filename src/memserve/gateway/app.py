@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +31,6 @@ from typing import Any, Literal
 import anyio
 import httpx
 from fastapi import FastAPI, Query, Request
-from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -52,6 +51,7 @@ from memserve.errors import (
     RequestTimedOut,
     UnsupportedParameter,
 )
+from memserve.gateway import openapi
 from memserve.gateway.upstream import Upstream, forward
 from memserve.memory.fit import default_context, fit_json, fit_result
 from memserve.memory.probe import host_memory
@@ -91,7 +91,6 @@ from memserve.wire.schema import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
-    ErrorResponse,
     ModelList,
     TextCompletion,
     TextCompletionChunk,
@@ -232,25 +231,25 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
         return Response(status_code=CLIENT_CLOSED_REQUEST) if whole is None else whole
 
     # Documented through FastAPI (and served by it where _HotRoutes is not in front); the body is parsed by
-    # the handler itself, so the OpenAPI document gets its request schema from _openapi.
+    # the handler itself, so the OpenAPI document gets its request schema from openapi.document.
     @handles(app, CHAT_COMPLETIONS, response_model=None,
              summary="Chat completion (OpenAI-compatible), streamed as SSE with stream: true",
-             responses=_responses(ChatCompletion, GENERATION_ERRORS, ChatCompletionChunk))
+             responses=openapi.responses(ChatCompletion, openapi.GENERATION_ERRORS, ChatCompletionChunk))
     async def chat_completions(request: Request) -> Response:
         return await completion(request, "/chat/completions")
 
     @handles(app, COMPLETIONS, response_model=None,
              summary="Text completion (OpenAI-compatible), streamed as SSE with stream: true",
-             responses=_responses(TextCompletion, GENERATION_ERRORS, TextCompletionChunk))
+             responses=openapi.responses(TextCompletion, openapi.GENERATION_ERRORS, TextCompletionChunk))
     async def completions(request: Request) -> Response:
         return await completion(request, "/completions")
 
     served = [m.name for m in settings.models] + [f"{p.name}/{m}" for p in settings.providers for m in p.models]
-    app.openapi = lambda: _openapi(app, served)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi.document(app, served)  # type: ignore[method-assign]
     hot_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
         CHAT_COMPLETIONS.path: chat_completions, COMPLETIONS.path: completions}
 
-    @handles(app, MODELS, response_model=ModelList, responses=_responses(None, COMMON_ERRORS))
+    @handles(app, MODELS, response_model=ModelList, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def models() -> dict[str, Any]:
         states = {e.name: e.state for e in pool.entries.values()}
         data = [{"id": m.name, "object": "model", "created": int(started), "owned_by": "memserve",
@@ -259,16 +258,17 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                  for p in settings.providers for m in p.models]
         return {"object": "list", "data": data}
 
-    @handles(app, HEALTH, responses=_responses(None, COMMON_ERRORS))
+    @handles(app, HEALTH, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - started, 3),
                 "models": {e.name: e.state for e in pool.entries.values()}}
 
-    @handles(app, PS, responses=_responses(None, COMMON_ERRORS))
+    @handles(app, PS, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def ps() -> dict[str, Any]:
         return pool.ps()
 
-    @handles(app, LOAD, responses=_responses(None, LOAD_ERRORS), openapi_extra=_body_doc(LoadBody))
+    @handles(app, LOAD, responses=openapi.responses(None, openapi.LOAD_ERRORS),
+             openapi_extra=openapi.body_doc(LoadBody))
     async def load(request: Request) -> dict[str, Any]:
         body = parse_body(LoadBody, await json_body(request, settings.max_body_bytes))
         keep_alive = None if body.keep_alive is None else parse_seconds(body.keep_alive, what="keep_alive")
@@ -276,12 +276,13 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                               concurrency=body.concurrency)
         return {"model": row}
 
-    @handles(app, UNLOAD, responses=_responses(None, JSON_BODY_ERRORS), openapi_extra=_body_doc(UnloadBody))
+    @handles(app, UNLOAD, responses=openapi.responses(None, openapi.JSON_BODY_ERRORS),
+             openapi_extra=openapi.body_doc(UnloadBody))
     async def unload(request: Request) -> dict[str, Any]:
         body = parse_body(UnloadBody, await json_body(request, settings.max_body_bytes))
         return {"model": body.model, "unloaded": await pool.unload(body.model)}
 
-    @handles(app, FIT, responses=_responses(None, FIT_ERRORS))
+    @handles(app, FIT, responses=openapi.responses(None, openapi.FIT_ERRORS))
     async def fit(model: str = Query(min_length=1), context: int | None = Query(default=None, ge=1),
                   concurrency: int | None = Query(default=None, ge=1)) -> dict[str, Any]:
         """The plan for a configured model, or for a hub id when the hub may be reached: never for a path."""
@@ -298,106 +299,18 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                                  "later, or configure the model and fit it by name") from None
         return {**fit_json(facts, request_, result, inventory), "free_now": pool.ledger.free_bytes()}
 
-    @handles(app, MEMORY, responses=_responses(None, COMMON_ERRORS))
+    @handles(app, MEMORY, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def memory() -> dict[str, Any]:
         return {**pool.ledger.to_json(), "host": host_memory().to_json(),
                 "watchdog": {"tolerance": settings.watchdog_tolerance,
                              "tolerance_min_bytes": settings.watchdog_tolerance_min_bytes,
                              "host_floor_bytes": settings.host_floor_bytes}}
 
-    @handles(app, EVENTS, responses=_responses(None, COMMON_ERRORS))
+    @handles(app, EVENTS, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def events(since: int = 0) -> dict[str, Any]:
         return {"events": pool.events_since(since)}
 
     return _HotRoutes(app, hot_routes, settings.cors_origins)
-
-
-COMMON_ERRORS = {400: "a bad query parameter", 403: "a browser page from an origin not in cors_origins"}
-JSON_BODY_ERRORS = {**COMMON_ERRORS, 404: "no such model is configured", 413: "the body is larger than max_body_bytes",
-                    415: "the body is not declared application/json"}
-GENERATION_ERRORS = {
-    **JSON_BODY_ERRORS,
-    400: "the body is not a valid request (types are strict), asks for something unsupported, or the prompt and "
-         "max_tokens do not fit the model's context",
-    429: "the model's queue is full (Retry-After)",
-    502: "the model's runner failed (crashed, killed by the watchdog, or could not start), or a provider failed",
-    503: "memory is held by busy models past memory_wait_seconds (Retry-After), or the server is shutting down",
-    504: "the request ran past request_timeout (a stream ends with an error event instead)",
-    507: "the model cannot fit on this server even with nothing else loaded (the planner's NoFit)",
-}
-LOAD_ERRORS = {**GENERATION_ERRORS, 400: "a bad field, or options the model cannot be planned with"}
-FIT_ERRORS = {**COMMON_ERRORS, 404: "not a configured model, and not a hub id the server may look up",
-              503: "the hub did not answer in time"}
-
-
-def _responses(ok: type[BaseModel] | None, errors: Mapping[int, str],
-               chunk: type[BaseModel] | None = None) -> dict[int | str, dict[str, Any]]:
-    """FastAPI ``responses``: every status the route can answer, each error in the OpenAI shape; with
-    ``chunk``, the 200 may also be server-sent events, each a chunk, an error, or ``[DONE]``."""
-    out: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": text}
-                                            for code, text in sorted(errors.items())}
-    if ok is not None:
-        out[200] = {"model": ok, "description": "The answer; with stream: true, server-sent events ending with "
-                    "data: [DONE]"}
-    if chunk is not None:
-        # [DONE] is not JSON: it is its own branch beside the JSON payloads, a chunk or an error (schemathesis
-        # parses every event under contentMediaType application/json: a stream fuzzed to its end failed ST108)
-        json_data = {"type": "string", "contentMediaType": "application/json",
-                     "contentSchema": {"anyOf": [_schema_ref(chunk), _schema_ref(ErrorResponse)]}}
-        event = {"type": "object", "required": ["data"], "properties": {
-            "data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
-        out[200]["content"] = {"text/event-stream": {"schema": event}}
-    return out
-
-
-def _schema_ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{model.__name__}"}
-
-
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` for a route that reads its JSON body itself (so that a bad one is our 400)."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _openapi(app: FastAPI, served: list[str]) -> dict[str, Any]:
-    """FastAPI's document, plus the generation routes' request bodies, with 400 (not 422) for bad input.
-
-    ``model`` lists the names this server serves (any other name is a documented 404), so a client
-    generated from the document, or a fuzzer, can reach the models.
-    """
-    if app.openapi_schema is not None:
-        return app.openapi_schema
-    document = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                           description="memserve: OpenAI-compatible routes (/v1) and management (/api).")
-    schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    for chunk in (ChatCompletionChunk, TextCompletionChunk):  # named only inside the SSE schemas
-        schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[chunk.__name__] = schema
-    for path, model in ((CHAT_COMPLETIONS.path, ChatCompletionRequest), (COMPLETIONS.path, CompletionRequest)):
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        if served:
-            schema["properties"]["model"]["enum"] = served
-        schemas[model.__name__] = schema
-        document["paths"][path]["post"]["requestBody"] = {
-            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
-                                                                                    f"{model.__name__}"}}}}
-    for operations in document["paths"].values():
-        for operation in operations.values():
-            invalid = operation.get("responses", {}).pop("422", None)
-            if invalid is not None:
-                operation["responses"].setdefault("400", {
-                    "description": "a bad parameter",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
-            operation["responses"].setdefault("403", {
-                "description": COMMON_ERRORS[403],
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
-    schemas.pop("HTTPValidationError", None)
-    schemas.pop("ValidationError", None)
-    app.openapi_schema = document
-    return document
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
