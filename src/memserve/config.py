@@ -169,6 +169,11 @@ class ModelConfig(BaseModel):
     runner: Literal["transformers"] = Field(
         default="transformers", description="The runner kind that serves this model."
     )
+    engine: Literal["continuous-batching", "generate"] = Field(
+        default="continuous-batching",
+        description="How the transformers runner generates: continuous batching (paged KV cache), or plain "
+        "model.generate in static batches (the fallback; planned with its own, smaller, memory).",
+    )
     context_tokens: int | None = Field(
         default=None,
         ge=1,

@@ -196,7 +196,7 @@ def test_ps_reply_of_another_shape_is_a_one_line_error(gateway: FakeGateway, url
     result = cli("ps", "--url", url)
     assert result.exit_code == 1
     assert result.stderr.startswith("error: the server's answer to GET /api/ps does not have the expected shape")
-    assert "models.0.state" in result.stderr and result.stderr.count("\n") == 1
+    assert "models[0].state" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_ready_state_is_green_and_failed_red_on_a_terminal() -> None:

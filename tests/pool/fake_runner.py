@@ -25,7 +25,7 @@ from memserve.memory.estimate import DeviceNeed, GiB
 from memserve.memory.fit import PlanFile
 from memserve.memory.planner import Plan
 from memserve.pool.runner_process import RUNNER_BASE_URL, describe_exit
-from memserve.runner.events import PhaseDone, Ready, RunnerEvent
+from memserve.wire.events import PhaseDone, Ready, RunnerEvent
 
 LOAD_PHASES = ("resolve", "map", "fault_in", "warm_up")
 CPU_PLAN = Plan("cpu", "bfloat16", "none", context_tokens=2048, concurrency=2, max_batch_tokens=2048,

@@ -33,8 +33,8 @@ from memserve.pool import pool as pool_module
 from memserve.pool.eviction import Resident
 from memserve.pool.ledger import Ledger
 from memserve.pool.pool import ModelPool, backoff_seconds, compatible, watchdog_limit_bytes
-from memserve.runner.events import Ready
 from memserve.units import format_bytes
+from memserve.wire.events import Ready
 from tests.fakes import LLAMA3_8B, QWEN2_05B, GiB, tensors_for
 from tests.pool.fake_runner import FakeSpawner, RunnerScript
 from tests.pool.virtual_time import run_virtual

@@ -8,7 +8,7 @@ import pytest
 
 from memserve.pool.events import PoolEvent, PoolEventKind
 from memserve.pool.state import LOADING_STATES, ModelState
-from memserve.runner.events import (
+from memserve.wire.events import (
     EngineFallback,
     Failed,
     Listening,

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from memserve.errors import GenerationFailed
-from memserve.runner.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
+from memserve.wire.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
 
 
 class FakeEngine:

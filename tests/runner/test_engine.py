@@ -24,7 +24,7 @@ from memserve.runner.engine import (
     kv_cache_blocks,
     make_engine,
 )
-from memserve.runner.events import Engine, GenerationRequest, QueueFull, TokenEvent
+from memserve.wire.events import Engine, GenerationRequest, QueueFull, TokenEvent
 
 MAX_NEW_TOKENS = 24
 LONG_CONTEXT = 2048  # long requests outlive every check made while they run

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from memserve.checkpoint.demo import write_demo_model
+from memserve.memory.planner import Plan
 from memserve.runner.kernels import (
     ENV_SWITCH,
     PackedLinear,
@@ -166,7 +167,8 @@ def test_a_runner_load_packs_bf16_and_says_so(
         monkeypatch.delenv(ENV_SWITCH, raising=False)
     else:
         monkeypatch.setenv(ENV_SWITCH, switch)
-    plan = {"dtype": "bfloat16", "quantization": "none", "device_map": {"": "cpu"}}
+    plan = Plan("cpu", "bfloat16", "none", context_tokens=256, concurrency=1, max_batch_tokens=128,
+                devices={}, device_map={"": "cpu"})
     stream = io.StringIO()
     report = LoadReport()
     model, _ = load_model(str(bf16_checkpoint), plan, report, progress=LoadProgress(stream=stream))
@@ -225,7 +227,8 @@ def test_a_forward_that_fails_once_packed_names_the_switch(
 
     monkeypatch.setattr(PackedLinear, "forward", broken)
     monkeypatch.setattr("memserve.runner.kernels._self_check", lambda: None)  # which would catch it first
-    plan = {"dtype": "bfloat16", "quantization": "none", "device_map": {"": "cpu"}}
+    plan = Plan("cpu", "bfloat16", "none", context_tokens=256, concurrency=1, max_batch_tokens=128,
+                devices={}, device_map={"": "cpu"})
     with pytest.raises(MemserveError, match=f"after .* Linear weights were packed .* {ENV_SWITCH}=0"):
         load_model(str(bf16_checkpoint), plan, LoadReport(), progress=LoadProgress(stream=io.StringIO()))
 

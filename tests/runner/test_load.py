@@ -20,9 +20,9 @@ from transformers.utils import logging as transformers_logging
 
 from memserve.errors import ModelNotFound
 from memserve.memory.planner import Plan
-from memserve.runner.events import runner_event_from_json
 from memserve.runner.load import PHASES, LoadReport, load_model
 from memserve.runner.progress import LoadProgress, emit
+from memserve.wire.events import runner_event_from_json
 
 PLAN = Plan("cpu", "float32", "none", context_tokens=256, concurrency=1, max_batch_tokens=128, devices={},
             device_map={"": "cpu"})

@@ -35,6 +35,7 @@ from memserve.net import is_loopback
 from memserve.pool.events import PoolEvent, PoolEventKind
 from memserve.pool.state import ModelState
 from memserve.units import format_bytes
+from memserve.wire.format import param_path
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -231,7 +232,7 @@ def parse_reply(model: type[_Reply], data: dict[str, Any], what: str) -> _Reply:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "the body"
+        where = param_path(first["loc"]) or "the body"
         raise BadUpstream(
             f"the server's answer to {what} does not have the expected shape ({where}: {first['msg']}); "
             "is the server the same memserve version as this CLI?"

@@ -27,6 +27,7 @@ def run_model(model: str, port: int, socket: Path | None, context: int | None, c
               memory: str | None, headroom: str | None, quantization: str, name: str | None,
               max_queue: int | None) -> None:
     """Plan MODEL for this machine and serve it on an OpenAI-compatible API until Ctrl-C."""
+    from memserve.memory.fit import PlanFile
     from memserve.runner.serve import serve
 
     inventory = probe_inventory(memory=memory, headroom=headroom)
@@ -38,5 +39,5 @@ def run_model(model: str, port: int, socket: Path | None, context: int | None, c
         sys.exit(EXIT_NO_FIT)
     click.echo(f"plan: {result.plan.rung}, {result.plan.dtype}, context {result.plan.context_tokens} × "
                f"{result.plan.concurrency}; serving on {socket or f'http://127.0.0.1:{port}'}", err=True)
-    serve(facts.source, result.plan.to_json(), name=name, port=None if socket else port, socket=socket,
-          max_queue=max_queue)
+    serve(PlanFile(facts.source, result.plan, max_queue=max_queue), name=name, port=None if socket else port,
+          socket=socket)

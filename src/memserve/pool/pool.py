@@ -80,8 +80,8 @@ from memserve.pool.placement import Choice, Placement, fingerprint, load_options
 from memserve.pool.runner_process import RunnerHandle, Spawner, new_run_dir, process_spawner
 from memserve.pool.state import ModelState
 from memserve.pool.watchdog import Watched, first_breach, host_victim, watchdog_limit_bytes
-from memserve.runner.events import PhaseDone, Ready, RunnerEvent, peak_bytes
 from memserve.units import format_bytes
+from memserve.wire.events import PhaseDone, Ready, RunnerEvent, peak_bytes
 
 log = logging.getLogger("memserve.pool")
 

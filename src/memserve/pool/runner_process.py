@@ -30,7 +30,7 @@ from memserve.errors import RunnerFailed
 from memserve.memory.fit import PlanFile
 from memserve.memory.probe import GpuProcessMemory
 from memserve.pool.runner_transport import RunnerTransport
-from memserve.runner.events import Failed, Listening, PhaseDone, Ready, RunnerEvent, runner_event_from_json
+from memserve.wire.events import Failed, Listening, PhaseDone, Ready, RunnerEvent, runner_event_from_json
 
 RUNNER_BASE_URL = "http://runner/v1"  # the host part is ignored on a Unix socket
 RUN_DIR_PREFIX = "memserve-run-"

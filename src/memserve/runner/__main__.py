@@ -105,9 +105,9 @@ def main(plan_path: Path, socket: Path | None, port: int | None, name: str | Non
         owned = [plan_path, *([socket] if socket is not None else [])]
         watch_parent(parent_pid, lambda: leave_now(owned))
     from memserve.memory.fit import PlanFile
-    from memserve.runner.events import Failed
     from memserve.runner.progress import emit
     from memserve.runner.serve import serve
+    from memserve.wire.events import Failed
 
     if (socket is None) == (port is None):
         raise click.UsageError("pass exactly one of --socket PATH or --port P")

@@ -53,8 +53,8 @@ from memserve.errors import (
     Overloaded,
     UnsupportedParameter,
 )
-from memserve.runner.events import Engine, GenerationRequest, QueueFull, TokenEvent
 from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
+from memserve.wire.events import Engine, GenerationRequest, QueueFull, TokenEvent
 from memserve.wire.http import (
     SSE_DONE,
     EventStream,

@@ -48,7 +48,6 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from memserve.errors import GenerationFailed, InvalidArgument
 from memserve.memory.estimate import KV_PAGE_TOKENS
-from memserve.runner.events import GenerationRequest
 from memserve.runner.front import (
     STOP_TIMEOUT_SECONDS,
     EngineBase,
@@ -58,6 +57,7 @@ from memserve.runner.front import (
     worst_case_prompt_tokens,
 )
 from memserve.runner.sampling import SamplingProcessors
+from memserve.wire.events import GenerationRequest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -36,8 +36,8 @@ from memserve.runner.batching import (
     continuous_batching_config,
     kv_cache_blocks,
 )
-from memserve.runner.events import Engine
 from memserve.runner.fallback import GenerateEngine
+from memserve.wire.events import Engine
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

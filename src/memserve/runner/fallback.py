@@ -20,7 +20,6 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from memserve.runner.events import GenerationRequest
 from memserve.runner.front import (
     STOP_TIMEOUT_SECONDS,
     WARMUP_REQUEST,
@@ -30,6 +29,7 @@ from memserve.runner.front import (
     filler_prompt,
     worst_case_prompt_tokens,
 )
+from memserve.wire.events import GenerationRequest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import GenerationConfig
 
 from memserve.errors import GenerationFailed, InvalidArgument
-from memserve.runner.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
+from memserve.wire.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

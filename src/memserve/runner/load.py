@@ -9,7 +9,7 @@ Phases (each reported on stderr, ``{"event": "phase", ...}``, and kept for /heal
 ``warm_up`` (one forward), ``worst_case`` (the heaviest work the plan admits, measured against the
 reservation; see ``runner/serve.py``).
 
-Each phase is a :class:`~memserve.runner.events.PhaseDone` record; where it goes (JSON lines for the
+Each phase is a :class:`~memserve.wire.events.PhaseDone` record; where it goes (JSON lines for the
 gateway's pipe, a rich display for a person's terminal) is ``runner/progress.py``'s business.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 
 from memserve.errors import InvalidArgument, MemserveError
 from memserve.memory.planner import Plan
-from memserve.runner.events import PhaseDone
 from memserve.runner.progress import LoadProgress
+from memserve.wire.events import PhaseDone
 
 PHASES = ("resolve", "map", "fault_in", "warm_up")  # load_model's; the runner then runs WORST_CASE_PHASE
 WORST_CASE_PHASE = "worst_case"

@@ -1,7 +1,7 @@
 """Where a runner's start-up events go: JSON lines for a program, a rich progress display for a person.
 
 Who reads stderr decides its form (:meth:`LoadProgress.for_stderr`). The gateway reads it through a
-pipe and parses one JSON object per line (``runner/events.py``'s records), so a pipe always gets exactly
+pipe and parses one JSON object per line (``wire/events.py``'s records), so a pipe always gets exactly
 those lines. A person who starts a runner in a terminal gets a rich progress display instead (one row
 per phase: a spinner while it runs, then its seconds and the resident memory; ``fault_in`` counts the
 bytes read) and a short line for each later event; JSON lines written under a live display would garble
@@ -24,8 +24,8 @@ from rich.spinner import Spinner
 from rich.table import Column
 from rich.text import Text
 
-from memserve.runner.events import EngineFallback, Failed, Listening, Memory, PhaseDone, Ready, RunnerEvent
 from memserve.units import format_bytes
+from memserve.wire.events import EngineFallback, Failed, Listening, Memory, PhaseDone, Ready, RunnerEvent
 
 PROGRESS_ENV = "MEMSERVE_PROGRESS"
 _PROGRESS_OFF = frozenset({"0", "false", "off", "no"})

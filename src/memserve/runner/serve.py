@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import math
 import os
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from memserve.memory.fit import PlanFile
-from memserve.runner.events import EngineFallback, Listening, Ready, TestBalloon
 from memserve.runner.load import (
     WORST_CASE_PHASE,
     LoadReport,
@@ -25,6 +23,7 @@ from memserve.runner.load import (
     reset_peak_rss,
 )
 from memserve.runner.progress import LoadProgress, emit
+from memserve.wire.events import EngineFallback, Listening, Ready, TestBalloon
 
 ENGINE_ENV = "MEMSERVE_ENGINE"  # "generate" serves with the generate fallback engine (to measure or compare it)
 GRACEFUL_SHUTDOWN_SECONDS = 10  # then streams still open are cancelled and the engine closes
@@ -224,19 +223,9 @@ def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
     return app
 
 
-def serve(launch: PlanFile | str, plan_json: dict[str, Any] | None = None, *, name: str | None = None,
-          port: int | None = None, socket: Path | None = None, max_queue: int | None = None) -> None:
-    """Load, then listen on a Unix socket or 127.0.0.1:port until stopped.
-
-    TRANSITIONAL (issue 12): ``serve(source, plan_json, max_queue=...)`` is cli/run_model.py's old call; it
-    goes once that passes ``PlanFile(facts.source, result.plan, max_queue=max_queue)``.
-    """
+def serve(launch: PlanFile, *, name: str | None = None, port: int | None = None, socket: Path | None = None) -> None:
+    """Load, then listen on a Unix socket or 127.0.0.1:port until stopped."""
     import uvicorn
-
-    if isinstance(launch, str):
-        launch = PlanFile.from_json({"model": {"source": launch}, "plan": plan_json})
-    if max_queue is not None:
-        launch = dataclasses.replace(launch, max_queue=max_queue)
 
     app = build_app(launch, name=name)
     if socket is not None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from memserve.runner.events import TokenEvent
+from memserve.wire.events import TokenEvent
 from memserve.wire.schema import FinishReason
 
 if TYPE_CHECKING:
