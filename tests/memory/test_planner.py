@@ -10,7 +10,15 @@ import pytest
 
 from memserve.checkpoint.facts import CheckpointFacts, facts_from
 from memserve.errors import InvalidArgument
-from memserve.memory.estimate import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, paged_tokens
+from memserve.memory.estimate import (
+    CPU_GENERATE_RUNTIME_BYTES,
+    CPU_RUNTIME_BYTES,
+    GENERATE,
+    GPU_RUNTIME_BYTES,
+    activation_bytes,
+    kv_cache_bytes,
+    paged_tokens,
+)
 from memserve.memory.fit import PlanFile, fit_json
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import Plan, Policy, Request, plan
@@ -343,11 +351,28 @@ def test_a_plan_round_trips_through_its_json(host: Inventory) -> None:
     assert Plan.from_json(json.loads(json.dumps(chosen.to_json()))) == chosen
 
 
+def test_the_generate_engine_is_planned_with_its_own_cache_activations_and_runtime() -> None:
+    f = facts(QWEN2_05B)
+    paged = plan(f, Request(context_tokens=2048, concurrency=4), CPU_16).plan
+    generate = plan(f, Request(context_tokens=2048, concurrency=4, engine=GENERATE), CPU_16).plan
+    assert paged is not None and generate is not None
+    assert paged.engine == "continuous-batching" and generate.engine == "generate"
+    need = generate.devices["cpu"]
+    assert need.kv_cache_bytes == kv_cache_bytes(f, generate.dtype, 2048, 4, GENERATE)
+    assert need.activation_bytes == activation_bytes(f, generate.dtype, 2048, 4, 2048, GENERATE)
+    assert need.runtime_bytes == CPU_GENERATE_RUNTIME_BYTES
+    assert need.total_bytes < paged.devices["cpu"].total_bytes
+    # the runner reads which engine to build from the plan; a plan written before the field means the default
+    assert Plan.from_json(generate.to_json()) == generate
+    assert Plan.from_json({k: v for k, v in paged.to_json().items() if k != "engine"}) == paged
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("rung", None, "'rung' must be str"),
     ("context_tokens", "2048", "'context_tokens' must be int"),
     ("concurrency", True, "'concurrency' must be int"),
     ("quantization", "8bit", "'quantization' must be one of none, int8, 4bit"),
+    ("engine", "vllm", "'engine' must be one of continuous-batching, generate"),
     ("devices", {"cpu": {"weights_bytes": 1}}, "'kv_cache_bytes' must be int"),
 ])
 def test_a_plan_with_a_missing_or_mistyped_field_is_an_invalid_argument(field: str, value: object,

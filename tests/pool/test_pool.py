@@ -243,6 +243,20 @@ def test_concurrent_acquires_share_one_load(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_models_engine_reaches_its_runners_plan(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        configs = [model("a"), model("b", engine="generate")]
+        async with running_pool(tmp_path, configs, spawner=FakeSpawner()) as h:
+            for name in ("a", "b"):
+                (await h.pool.acquire(name)).release()
+            plans = {r.name: r.launch.plan for r in h.spawner.spawned}
+            assert (plans["a"].engine, plans["b"].engine) == ("continuous-batching", "generate")
+            # planned with its own cache and runtime: less than the same model on the paged engine
+            assert plans["b"].devices["cpu"].total_bytes < plans["a"].devices["cpu"].total_bytes
+
+    run(scenario)
+
+
 def test_states_follow_the_runner_phases(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(GATED)) as h:

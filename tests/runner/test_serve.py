@@ -3,6 +3,7 @@ worst-case warm-up that makes what the runner admits fit its reservation (``fit_
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -175,6 +176,17 @@ def test_a_real_runner_given_too_small_a_reservation_shrinks_and_says_what_it_ne
     assert ready["engine"] == "continuous-batching"
     assert ready["plan_check"]["sequences"] == 1 and ready["plan_check"]["fits"] is False
     assert ready["plan_check"]["needs_bytes"]["cpu"] > 1 << 20
+
+
+def test_a_plan_for_the_generate_engine_is_served_by_it(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(serve.ENGINE_ENV, raising=False)
+    launch = tiny_plan(tiny_model_dir)
+    build_app(dataclasses.replace(launch, plan=dataclasses.replace(launch.plan, engine="generate")), name="tiny")
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    ready = next(e for e in events if e.get("event") == "ready")
+    assert ready["engine"] == "generate" and ready["plan_check"]["fits"] is True
 
 
 def test_memserve_engine_generate_serves_with_the_generate_engine(

@@ -81,6 +81,8 @@ def _print_table(facts: CheckpointFacts, request: Request, result: PlanResult, i
 @click.option("--adapter", "adapters", multiple=True, help="A LoRA adapter folder to load on top (repeatable).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Restrict placement to host RAM or GPUs.")
+@click.option("--engine", type=click.Choice(["continuous-batching", "generate"]), default="continuous-batching",
+              show_default=True, help="The runner's engine: each holds its KV cache and activations its own way.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def fit(
     model: str,
@@ -93,6 +95,7 @@ def fit(
     max_batch_tokens: int,
     adapters: tuple[str, ...],
     device: str,
+    engine: str,
     as_json: bool,
 ) -> None:
     """Say whether MODEL fits on this machine and how, from its headers alone.
@@ -104,6 +107,7 @@ def fit(
     facts, request, result = fit_result(
         model, context=context, concurrency=concurrency, quantization=quantization, min_context=min_context,
         max_batch_tokens=max_batch_tokens, adapters=adapters, device=device, inventory=inventory,
+        engine=engine,  # type: ignore[arg-type]  # one of click's choices, Engine's values
     )
     if as_json:
         click.echo(json.dumps(fit_json(facts, request, result, inventory), indent=2))

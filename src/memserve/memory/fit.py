@@ -15,6 +15,7 @@ from typing import Any
 from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
 from memserve.checkpoint.locate import read_facts
 from memserve.errors import InvalidArgument
+from memserve.memory.estimate import CONTINUOUS_BATCHING, Engine
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import (
     DEFAULT_CONTEXT_TOKENS,
@@ -53,6 +54,7 @@ def fit_result(
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     adapters: tuple[str, ...] = (),
     device: str = "auto",
+    engine: Engine = CONTINUOUS_BATCHING,
     inventory: Inventory,
 ) -> tuple[CheckpointFacts, Request, PlanResult]:
     """Facts, request and plan for one model: what ``fit`` prints and the server will reuse."""
@@ -64,6 +66,7 @@ def fit_result(
         quantization=quantization,  # type: ignore[arg-type]  # validated by plan()
         min_context_tokens=min_context,
         max_batch_tokens=max_batch_tokens,
+        engine=engine,
     )
     policy = Policy(allow_gpu=device != "cpu", allow_cpu=device != "cuda", allow_split=device == "auto")
     return facts, request, plan(facts, request, inventory, policy)

@@ -26,10 +26,13 @@ from typing import Any, Literal, TypeVar, get_args
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.errors import InvalidArgument
 from memserve.memory.estimate import (
+    CONTINUOUS_BATCHING,
+    CPU_GENERATE_RUNTIME_BYTES,
     CPU_RUNTIME_BYTES,
     GPU_HOST_RUNTIME_BYTES,
     GPU_RUNTIME_BYTES,
     DeviceNeed,
+    Engine,
     Quantization,
     activation_bytes,
     batch_tokens_for,
@@ -59,6 +62,8 @@ class Request:
     min_context_tokens: int | None = None
     # tokens in one forward (the engine's prefill chunk); bounds the activations
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    # how the runner generates: each engine holds its cache and activations its own way (memory/estimate.py)
+    engine: Engine = CONTINUOUS_BATCHING
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +72,7 @@ class Request:
             "quantization": self.quantization,
             "min_context_tokens": self.min_context_tokens,
             "max_batch_tokens": self.max_batch_tokens,
+            "engine": self.engine,
         }
 
 
@@ -137,6 +143,7 @@ class Plan:
     max_batch_tokens: int
     devices: dict[str, DeviceNeed]
     device_map: dict[str, str]
+    engine: Engine = CONTINUOUS_BATCHING
 
     @property
     def reserved_bytes(self) -> dict[str, int]:
@@ -152,6 +159,7 @@ class Plan:
             "max_batch_tokens": self.max_batch_tokens,
             "devices": {name: need.to_json() for name, need in self.devices.items()},
             "device_map": self.device_map,
+            "engine": self.engine,
         }
 
     @classmethod
@@ -167,6 +175,9 @@ class Plan:
                                   f"got {quantization!r}")
         devices = _field(data, "devices", dict)
         device_map = _field(data, "device_map", dict)
+        engine = data.get("engine", CONTINUOUS_BATCHING)  # plans written before the field: the default engine
+        if engine not in get_args(Engine):
+            raise InvalidArgument(f"plan field 'engine' must be one of {', '.join(get_args(Engine))}, got {engine!r}")
         return cls(
             rung=_field(data, "rung", str),
             dtype=_field(data, "dtype", str),
@@ -176,6 +187,7 @@ class Plan:
             max_batch_tokens=_field(data, "max_batch_tokens", int),
             devices={str(name): _device_need(str(name), need) for name, need in devices.items()},
             device_map={str(block): str(device) for block, device in device_map.items()},
+            engine=engine,
         )
 
 
@@ -311,21 +323,23 @@ def _pack(
     concurrency: int,
     max_batch_tokens: int,
     host: Device,
+    engine: Engine = CONTINUOUS_BATCHING,
 ) -> tuple[dict[str, DeviceNeed], dict[str, str]]:
     """Place blocks in order across ``devices``; whatever does not fit lands on the last one.
 
     The result always places everything, so an overfull last device shows how much is missing.
     """
-    kv_total = kv_cache_bytes(facts, dtype, context_tokens, concurrency)
+    kv_total = kv_cache_bytes(facts, dtype, context_tokens, concurrency, engine)
     layer_blocks = sum(1 for b in facts.blocks if b.name.startswith("layer."))
     kv_per_layer = kv_total // max(1, layer_blocks)
     batch_tokens = batch_tokens_for(context_tokens, concurrency, max_batch_tokens)
-    act = activation_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
+    act = activation_bytes(facts, dtype, batch_tokens, concurrency, context_tokens, engine)
+    cpu_runtime = CPU_GENERATE_RUNTIME_BYTES if engine != CONTINUOUS_BATCHING else CPU_RUNTIME_BYTES
     needs: dict[str, dict[str, int]] = {}
     device_map: dict[str, str] = {}
 
     def fixed(device: Device) -> dict[str, int]:
-        runtime = GPU_RUNTIME_BYTES if device.kind == "cuda" else CPU_RUNTIME_BYTES
+        runtime = GPU_RUNTIME_BYTES if device.kind == "cuda" else cpu_runtime
         return {"weights": 0, "kv": 0, "act": act, "runtime": runtime}
 
     index = 0
@@ -407,7 +421,7 @@ def _price(
     else:
         dtype, devices = _gpu_dtype(facts, gpus), gpus
     needs, device_map = _pack(facts, devices, dtype, quantization, context_tokens, request.concurrency,
-                              request.max_batch_tokens, cpu)
+                              request.max_batch_tokens, cpu, request.engine)
     fits = all(n.fits for n in needs.values())
     if fits:
         where = ", ".join(f"{d}: {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)}"
@@ -517,6 +531,7 @@ def plan(
             max_batch_tokens=batch_tokens_for(chosen.context_tokens, chosen.concurrency, request.max_batch_tokens),
             devices=chosen.devices,
             device_map=chosen.device_map,
+            engine=request.engine,
         )
         return PlanResult(tuple(rungs), result, None)
 

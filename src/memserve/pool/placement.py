@@ -39,7 +39,7 @@ def request_for(config: ModelConfig, facts: CheckpointFacts, options: Mapping[st
     floor = config.policy.min_context_tokens  # a load asking for less context than the floor lowers the floor
     return Request(context_tokens=context, concurrency=options.get("concurrency") or config.concurrency,
                    quantization=config.policy.quantization,
-                   min_context_tokens=None if floor is None else min(floor, context))
+                   min_context_tokens=None if floor is None else min(floor, context), engine=config.engine)
 
 
 def load_options(name: str, *, context_tokens: int | None, concurrency: int | None) -> dict[str, int]:

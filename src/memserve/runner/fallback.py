@@ -1,7 +1,8 @@
 """The fallback engine: plain ``model.generate`` on one worker thread, requests batched statically.
 
 :class:`GenerateEngine` serves the models transformers' continuous batching cannot page (``make_engine``
-falls back to it, saying why) and is chosen with ``MEMSERVE_ENGINE=generate``. Its worker thread owns
+falls back to it, saying why) and those whose plan names it (a model's ``engine: generate``, ``memserve fit
+--engine generate``; ``MEMSERVE_ENGINE=generate`` overrides a plan). Its worker thread owns
 the model; the shared front (``runner/front.py``) does the rest.
 """
 

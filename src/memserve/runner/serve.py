@@ -25,7 +25,9 @@ from memserve.runner.load import (
 from memserve.runner.progress import LoadProgress, emit
 from memserve.wire.events import EngineFallback, Listening, Ready, TestBalloon
 
-ENGINE_ENV = "MEMSERVE_ENGINE"  # "generate" serves with the generate fallback engine (to measure or compare it)
+# the plan names the engine (a model's `engine:`, `memserve fit --engine`); this overrides it, to compare the two
+# on one plan (a plan priced for the other engine may then be over or under what it really needs)
+ENGINE_ENV = "MEMSERVE_ENGINE"
 GRACEFUL_SHUTDOWN_SECONDS = 10  # then streams still open are cancelled and the engine closes
 TEST_EXTRA_BYTES_ENV = "MEMSERVE_TEST_EXTRA_BYTES"
 _BALLOON_CHUNK_BYTES = 8 << 20
@@ -175,7 +177,7 @@ def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
         model, tokenizer = load_model(source, plan, report)
         engine, fallback_reason = make_engine(
             model,
-            prefer=os.environ.get(ENGINE_ENV, "continuous-batching"),
+            prefer=os.environ.get(ENGINE_ENV) or plan.engine,
             max_sequences=concurrency,
             max_queue=queue,
             max_context_tokens=plan.context_tokens,
