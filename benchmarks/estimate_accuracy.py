@@ -12,7 +12,7 @@ anonymous and file-backed pages together, since the mapped weights are file-back
     python benchmarks/estimate_accuracy.py                             # the default cases
     python benchmarks/estimate_accuracy.py --cases tiny:512x2          # quick
     python benchmarks/estimate_accuracy.py --cases gemma2:2048x4       # a family checkpoint (family_models.py)
-    MEMSERVE_ENGINE=generate python benchmarks/estimate_accuracy.py --cases small:1024x2   # the fallback engine
+    python benchmarks/estimate_accuracy.py --engine generate --cases small:1024x2      # the fallback engine
 
 Case names: the demo sizes ``tiny``, ``small``, ``1b`` (llama), ``small-qwen2`` (each also as ``<name>-fp32``,
 stored in float32), and the ~150M random-init
@@ -60,12 +60,28 @@ def ensure_model(models: Path, name: str) -> Path:
     return path
 
 
-def write_plan(path: Path, context: int, concurrency: int, out: Path) -> dict[str, Any]:
+def write_plan(path: Path, context: int, concurrency: int, out: Path, engine: str) -> dict[str, Any]:
     """``memserve fit MODEL --json`` exactly as a user runs it, CPU only."""
     fit = subprocess.run(
-        [sys.executable, "-m", "memserve", "fit", str(path), "--context", str(context), "--concurrency",
-         str(concurrency), "--device", "cpu", "--json"],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "memserve",
+            "fit",
+            str(path),
+            "--context",
+            str(context),
+            "--concurrency",
+            str(concurrency),
+            "--device",
+            "cpu",
+            "--engine",
+            engine,
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     out.write_text(fit.stdout)
     plan: dict[str, Any] = json.loads(fit.stdout)["plan"]
@@ -102,8 +118,9 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: 
     return tokens
 
 
-async def traffic(port: int, pid: int, vocab: int, context: int, concurrency: int, new_tokens: int,
-                  streams: list[bool]) -> list[dict[str, Any]]:
+async def traffic(
+    port: int, pid: int, vocab: int, context: int, concurrency: int, new_tokens: int, streams: list[bool]
+) -> list[dict[str, Any]]:
     """Full-context prompts: one alone, then ``concurrency`` at once (streamed and not, alternating when both
     are asked for); VmHWM after each step."""
     prompt_tokens = context - new_tokens
@@ -116,24 +133,42 @@ async def traffic(port: int, pid: int, vocab: int, context: int, concurrency: in
             prompts = [[3 + (7 * i + 13 * j) % (vocab - 3) for j in range(prompt_tokens)] for i in range(n)]
             modes = [streams[(i + len(steps)) % len(streams)] for i in range(n)]
             await asyncio.gather(*(one_request(client, p, new_tokens, m) for p, m in zip(prompts, modes, strict=True)))
-            steps.append({"sequences": n, "streamed": sum(modes), "seconds": round(time.perf_counter() - started, 1),
-                          **proc_status(pid)})
+            steps.append(
+                {
+                    "sequences": n,
+                    "streamed": sum(modes),
+                    "seconds": round(time.perf_counter() - started, 1),
+                    **proc_status(pid),
+                }
+            )
     return steps
 
 
-def run_case(model: str, context: int, concurrency: int, models: Path, new_tokens: int, streams: list[bool],
-             work: Path, *, traffic_on: bool = True) -> dict[str, Any]:
+def run_case(
+    model: str,
+    context: int,
+    concurrency: int,
+    models: Path,
+    new_tokens: int,
+    streams: list[bool],
+    work: Path,
+    *,
+    traffic_on: bool = True,
+    engine: str = "continuous-batching",
+) -> dict[str, Any]:
     path = ensure_model(models, model)
-    plan_path = work / f"{model}-{context}x{concurrency}.plan.json"
-    plan = write_plan(path, context, concurrency, plan_path)
+    plan_path = work / f"{model}-{context}x{concurrency}-{engine}.plan.json"
+    plan = write_plan(path, context, concurrency, plan_path, engine)
     config = json.loads((path / "config.json").read_text())
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
     port = free_port()
-    log_path = work / f"{model}-{context}x{concurrency}.runner.log"  # a file, never a pipe nobody drains
+    log_path = work / f"{model}-{context}x{concurrency}-{engine}.runner.log"  # a file, never a pipe nobody drains
     with log_path.open("w") as log:
         runner = subprocess.Popen(
             [sys.executable, "-m", "memserve.runner", "--plan", str(plan_path), "--port", str(port), "--name", "m"],
-            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "MEMSERVE_PROGRESS": "0"},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "MEMSERVE_PROGRESS": "0"},
         )
     ready: dict[str, Any] = {}
     try:
@@ -157,8 +192,11 @@ def run_case(model: str, context: int, concurrency: int, models: Path, new_token
                 listening = listening or event.get("event") == "listening"
         time.sleep(0.5)
         loaded = proc_status(runner.pid)
-        steps = asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams)) \
-            if traffic_on else []
+        steps = (
+            asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams))
+            if traffic_on
+            else []
+        )
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
     finally:
         runner.send_signal(signal.SIGTERM)
@@ -170,11 +208,21 @@ def run_case(model: str, context: int, concurrency: int, models: Path, new_token
     reserved = int(plan["devices"]["cpu"]["total_bytes"])
     peak = max([loaded["VmHWM"], *(s["VmHWM"] for s in steps)])
     check = (health.get("load") or {}).get("plan_check") or {}
-    return {"model": model, "context_tokens": context, "concurrency": concurrency, "engine": ready.get("engine"),
-            "admitted_sequences": check.get("sequences"),
-            "warm_up_peak_bytes": (check.get("peak_bytes") or {}).get("cpu"),
-            "plan_bytes": reserved, "plan": plan["devices"]["cpu"], "ready_peak_bytes": loaded["VmHWM"],
-            "peak_bytes": peak, "ratio": reserved / peak, "steps": steps, "load": health.get("load")}
+    return {
+        "model": model,
+        "context_tokens": context,
+        "concurrency": concurrency,
+        "engine": ready.get("engine"),
+        "admitted_sequences": check.get("sequences"),
+        "warm_up_peak_bytes": (check.get("peak_bytes") or {}).get("cpu"),
+        "plan_bytes": reserved,
+        "plan": plan["devices"]["cpu"],
+        "ready_peak_bytes": loaded["VmHWM"],
+        "peak_bytes": peak,
+        "ratio": reserved / peak,
+        "steps": steps,
+        "load": health.get("load"),
+    }
 
 
 def main() -> None:
@@ -184,29 +232,51 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/memserve-estimate"))
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--stream", choices=("both", "yes", "no"), default="both")
-    parser.add_argument("--no-traffic", action="store_true",
-                        help="only load (the runner's own worst-case warm-up), send no requests")
+    parser.add_argument(
+        "--engine",
+        choices=("continuous-batching", "generate"),
+        default="continuous-batching",
+        help="the engine the plan names (memserve fit --engine), and so the one the runner builds",
+    )
+    parser.add_argument(
+        "--no-traffic", action="store_true", help="only load (the runner's own worst-case warm-up), send no requests"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     streams = {"both": [True, False], "yes": [True], "no": [False]}[args.stream]
 
     rows = []
-    print(f"{'model':<12} {'context×seq':>11} {'engine':>8} {'admits':>6} {'plan':>10} {'warm-up':>10} {'peak':>10} "
-          f"{'plan/peak':>9}   plan: weights kv act runtime (MiB)", flush=True)
+    print(
+        f"{'model':<12} {'context×seq':>11} {'engine':>8} {'admits':>6} {'plan':>10} {'warm-up':>10} {'peak':>10} "
+        f"{'plan/peak':>9}   plan: weights kv act runtime (MiB)",
+        flush=True,
+    )
     for case in args.cases.split(","):
         model, _, shape = case.partition(":")
         context, _, concurrency = shape.partition("x")
-        row = run_case(model, int(context), int(concurrency), args.models_dir, args.new_tokens, streams,
-                       args.work_dir, traffic_on=not args.no_traffic)
+        row = run_case(
+            model,
+            int(context),
+            int(concurrency),
+            args.models_dir,
+            args.new_tokens,
+            streams,
+            args.work_dir,
+            traffic_on=not args.no_traffic,
+            engine=args.engine,
+        )
         rows.append(row)
         p = row["plan"]
         engine = "cb" if row["engine"] == "continuous-batching" else str(row["engine"])
-        print(f"{model:<12} {context + '×' + concurrency:>11} {engine:>8} {row['admitted_sequences']!s:>6} "
-              f"{row['plan_bytes'] / MiB:>7.1f}Mi {(row['warm_up_peak_bytes'] or 0) / MiB:>7.1f}Mi "
-              f"{row['peak_bytes'] / MiB:>7.1f}Mi {row['ratio']:>9.3f}   "
-              f"{p['weights_bytes'] / MiB:.0f} {p['kv_cache_bytes'] / MiB:.0f} {p['activation_bytes'] / MiB:.0f} "
-              f"{p['runtime_bytes'] / MiB:.0f}", flush=True)
+        print(
+            f"{model:<12} {context + '×' + concurrency:>11} {engine:>8} {row['admitted_sequences']!s:>6} "
+            f"{row['plan_bytes'] / MiB:>7.1f}Mi {(row['warm_up_peak_bytes'] or 0) / MiB:>7.1f}Mi "
+            f"{row['peak_bytes'] / MiB:>7.1f}Mi {row['ratio']:>9.3f}   "
+            f"{p['weights_bytes'] / MiB:.0f} {p['kv_cache_bytes'] / MiB:.0f} {p['activation_bytes'] / MiB:.0f} "
+            f"{p['runtime_bytes'] / MiB:.0f}",
+            flush=True,
+        )
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
 
