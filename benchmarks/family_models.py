@@ -23,20 +23,45 @@ from typing import Any
 
 VOCAB = 16384
 _COMMON: dict[str, Any] = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
-_LLAMA_DIMS: dict[str, Any] = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
-                               "num_attention_heads": 16, "num_key_value_heads": 4,
-                               "max_position_embeddings": 4096}
+_LLAMA_DIMS: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 4096,
+}
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(_LLAMA_DIMS)),
     "qwen2": ("Qwen2Config", {**_LLAMA_DIMS, "tie_word_embeddings": True}),
     "mistral": ("MistralConfig", {**_LLAMA_DIMS, "sliding_window": 1024}),
-    "gemma2": ("Gemma2Config", {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
-                                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128,
-                                "sliding_window": 1024, "max_position_embeddings": 4096}),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "hidden_size": 1024,
+            "intermediate_size": 2816,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "sliding_window": 1024,
+            "max_position_embeddings": 4096,
+        },
+    ),
     "gpt2": ("GPT2Config", {"n_embd": 1024, "n_layer": 12, "n_head": 16, "n_positions": 4096}),
-    "mixtral": ("MixtralConfig", {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 12,
-                                  "num_attention_heads": 8, "num_key_value_heads": 4, "num_local_experts": 8,
-                                  "num_experts_per_tok": 2, "max_position_embeddings": 4096}),
+    "mixtral": (
+        "MixtralConfig",
+        {
+            "hidden_size": 512,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "max_position_embeddings": 4096,
+        },
+    ),
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -90,8 +115,9 @@ def ensure_family_model(models: Path, name: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("families", nargs="*", default=list(FAMILIES),
-                        help=", ".join(FAMILIES) + " (each also as <family>-fp32)")
+    parser.add_argument(
+        "families", nargs="*", default=list(FAMILIES), help=", ".join(FAMILIES) + " (each also as <family>-fp32)"
+    )
     args = parser.parse_args()
     for family in args.families:
         ensure_family_model(args.models_dir, family)

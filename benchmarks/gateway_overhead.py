@@ -64,15 +64,23 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tupl
 
 async def measure(gateway: str, sock: str, args: argparse.Namespace) -> dict[str, Any]:
     targets = {
-        "direct": (httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock), timeout=600),
-                   "http://runner/v1/chat/completions"),
+        "direct": (
+            httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock), timeout=600),
+            "http://runner/v1/chat/completions",
+        ),
         "gateway": (httpx.AsyncClient(timeout=600), f"{gateway}/v1/chat/completions"),
     }
     latency: dict[str, list[float]] = {"direct": [], "gateway": []}
     throughput: dict[str, list[float]] = {"direct": [], "gateway": []}
     short = {"model": "m", "messages": PROMPT, "max_tokens": 1, "temperature": 0}
-    long = {"model": "m", "messages": PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    long = {
+        "model": "m",
+        "messages": PROMPT,
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     try:
         for client, url in targets.values():  # warm both paths (connections, first-request costs)
             for _ in range(5):
@@ -114,8 +122,21 @@ def main() -> None:
     log = Path(f"/tmp/memserve-gateway-overhead-{os.getpid()}.log")
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "memserve", "serve", "--model", f"m={args.model.resolve()}", "--port", str(port),
-             "--keep-alive", "-1"], stdout=subprocess.DEVNULL, stderr=sink)
+            [
+                sys.executable,
+                "-m",
+                "memserve",
+                "serve",
+                "--model",
+                f"m={args.model.resolve()}",
+                "--port",
+                str(port),
+                "--keep-alive",
+                "-1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -128,8 +149,11 @@ def main() -> None:
                 raise SystemExit(f"gateway did not start:\n{log.read_text()[-2000:]}")
             time.sleep(0.2)
         row = httpx.post(f"{gateway}/api/load", json={"model": "m"}, timeout=600).json()["model"]
-        print(f"model {args.model} loaded by the gateway in {row['load_seconds']} s; runner pid {row['pid']}, "
-              f"socket {row['socket']}", flush=True)
+        print(
+            f"model {args.model} loaded by the gateway in {row['load_seconds']} s; runner pid {row['pid']}, "
+            f"socket {row['socket']}",
+            flush=True,
+        )
         result = asyncio.run(measure(gateway, row["socket"], args))
     finally:
         proc.terminate()
@@ -143,9 +167,11 @@ def main() -> None:
         print(f"  {label}: direct {d * ms:.2f} ms, gateway {g * ms:.2f} ms, added {(g - d) * ms:+.2f} ms")
     d_tps, g_tps = statistics.median(tps["direct"]), statistics.median(tps["gateway"])
     ratios = [g / d for d, g in zip(tps["direct"], tps["gateway"], strict=True)]
-    print(f"throughput, {args.streams} streams × {args.max_tokens} tokens, {args.rounds} rounds: median "
-          f"direct {d_tps:.1f} tok/s, gateway {g_tps:.1f} tok/s; ratio gateway ÷ direct, median of the rounds' "
-          f"ratios ×{statistics.median(ratios):.3f} (rounds ×{min(ratios):.3f}–×{max(ratios):.3f})")
+    print(
+        f"throughput, {args.streams} streams × {args.max_tokens} tokens, {args.rounds} rounds: median "
+        f"direct {d_tps:.1f} tok/s, gateway {g_tps:.1f} tok/s; ratio gateway ÷ direct, median of the rounds' "
+        f"ratios ×{statistics.median(ratios):.3f} (rounds ×{min(ratios):.3f}–×{max(ratios):.3f})"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -34,8 +34,15 @@ def main() -> None:
     if reason is not None:
         raise SystemExit(f"packing is not available here: {reason}")
 
-    shapes = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
-              (INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)] * args.layers
+    shapes = [
+        (HIDDEN, HIDDEN),
+        (KV, HIDDEN),
+        (KV, HIDDEN),
+        (HIDDEN, HIDDEN),
+        (INTERMEDIATE, HIDDEN),
+        (INTERMEDIATE, HIDDEN),
+        (HIDDEN, INTERMEDIATE),
+    ] * args.layers
     generator = torch.Generator().manual_seed(0)
     plain = [(torch.randn(*s, generator=generator) / 40).to(torch.bfloat16) for s in shapes]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in plain]
@@ -50,11 +57,19 @@ def main() -> None:
             plain_s = best_of(lambda x=inputs: plain_pass(plain, x), args.repeats)
             packed_s = best_of(lambda x=inputs: packed_pass(plain, packed, x), args.repeats)
             x = inputs[HIDDEN]
-            diff = max((F.linear(x, w).float() - torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-                        .float()).abs().max().item() for w, p in zip(plain[:7], packed[:7], strict=True)
-                       if w.shape[1] == HIDDEN)
-        print(f"{rows:>5} {plain_s * 1e3:>12.0f} {weight_bytes / plain_s / 1e9:>6.1f} {packed_s * 1e3:>10.0f} "
-              f"{weight_bytes / packed_s / 1e9:>6.1f} {plain_s / packed_s:>8.2f}× {diff:>9.3g}", flush=True)
+            diff = max(
+                (F.linear(x, w).float() - torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "").float())
+                .abs()
+                .max()
+                .item()
+                for w, p in zip(plain[:7], packed[:7], strict=True)
+                if w.shape[1] == HIDDEN
+            )
+        print(
+            f"{rows:>5} {plain_s * 1e3:>12.0f} {weight_bytes / plain_s / 1e9:>6.1f} {packed_s * 1e3:>10.0f} "
+            f"{weight_bytes / packed_s / 1e9:>6.1f} {plain_s / packed_s:>8.2f}× {diff:>9.3g}",
+            flush=True,
+        )
 
 
 def plain_pass(plain: list[torch.Tensor], inputs: dict[int, torch.Tensor]) -> None:

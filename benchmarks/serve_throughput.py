@@ -75,8 +75,14 @@ class PeakRss:
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> dict[str, Any]:
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, chunks, usage = None, 0, None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
@@ -105,19 +111,26 @@ async def http_round(url: str, model: str, streams: int, max_tokens: int) -> dic
 
 def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in results)
-    return {"tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall,
-            "ttft_p50_seconds": statistics.median(r["ttft_seconds"] for r in results)}
+    return {
+        "tokens": tokens,
+        "wall_seconds": wall,
+        "tokens_per_second": tokens / wall,
+        "ttft_p50_seconds": statistics.median(r["ttft_seconds"] for r in results),
+    }
 
 
 def median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of each measure over the rounds, with the tokens/s of every round kept for the spread."""
-    return {"tokens_per_second": statistics.median(r["tokens_per_second"] for r in rounds),
-            "ttft_p50_seconds": statistics.median(r["ttft_p50_seconds"] for r in rounds),
-            "rounds_tokens_per_second": [r["tokens_per_second"] for r in rounds]}
+    return {
+        "tokens_per_second": statistics.median(r["tokens_per_second"] for r in rounds),
+        "ttft_p50_seconds": statistics.median(r["ttft_p50_seconds"] for r in rounds),
+        "rounds_tokens_per_second": [r["tokens_per_second"] for r in rounds],
+    }
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str = "/health", timeout: float = 600,
-               log: Path | None = None) -> None:
+def wait_ready(
+    url: str, proc: subprocess.Popen[bytes], path: str = "/health", timeout: float = 600, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -159,8 +172,9 @@ async def stream_one_alone(url: str, model: str) -> None:
         await stream_one(client, url, model, 4)
 
 
-def run_alternating(servers: list[Server], levels: list[int], max_tokens: int,
-                    rounds: int) -> dict[str, list[dict[str, Any]]]:
+def run_alternating(
+    servers: list[Server], levels: list[int], max_tokens: int, rounds: int
+) -> dict[str, list[dict[str, Any]]]:
     """Each level: ``rounds`` rounds, every server once per round, the order reversed every other round."""
     rows: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
     for streams in levels:
@@ -174,9 +188,12 @@ def run_alternating(servers: list[Server], levels: list[int], max_tokens: int,
             row.update(streams=streams, peak_rss_bytes=server.sampler.peak_bytes)
             rows[server.name].append(row)
             spread = row["rounds_tokens_per_second"]
-            print(f"  {server.name:<18} {streams} streams: {row['tokens_per_second']:.2f} tok/s "
-                  f"(rounds {min(spread):.2f}–{max(spread):.2f}), TTFT p50 {row['ttft_p50_seconds']:.2f} s, "
-                  f"peak {row['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+            print(
+                f"  {server.name:<18} {streams} streams: {row['tokens_per_second']:.2f} tok/s "
+                f"(rounds {min(spread):.2f}–{max(spread):.2f}), TTFT p50 {row['ttft_p50_seconds']:.2f} s, "
+                f"peak {row['peak_rss_bytes'] / GiB:.2f} GiB",
+                flush=True,
+            )
     return rows
 
 
@@ -210,8 +227,10 @@ def sequential_child(model_dir: str, levels: list[int], max_tokens: int) -> None
         streamer = FirstToken()
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, streamer=streamer)
-        return {"ttft_seconds": (streamer.first or time.perf_counter()) - start,
-                "tokens": int(out.shape[1] - ids["input_ids"].shape[1])}
+        return {
+            "ttft_seconds": (streamer.first or time.perf_counter()) - start,
+            "tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
+        }
 
     one(time.perf_counter())  # warm-up
     for streams in levels:
@@ -254,42 +273,101 @@ def main() -> None:
     setups = args.setups.split(",")
     if "sequential" in setups:
         print("sequential model.generate", flush=True)
-        child = subprocess.run([sys.executable, __file__, "--sequential-child", "--model", str(args.model),
-                                "--levels", args.levels, "--max-tokens", str(args.max_tokens)],
-                               check=True, capture_output=True, text=True, env=env)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--sequential-child",
+                "--model",
+                str(args.model),
+                "--levels",
+                args.levels,
+                "--max-tokens",
+                str(args.max_tokens),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         results["sequential"] = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
         for row in results["sequential"]:
-            print(f"  {row['streams']} streams: {row['tokens_per_second']:.2f} tok/s, TTFT p50 "
-                  f"{row['ttft_p50_seconds']:.2f} s, peak {row['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+            print(
+                f"  {row['streams']} streams: {row['tokens_per_second']:.2f} tok/s, TTFT p50 "
+                f"{row['ttft_p50_seconds']:.2f} s, peak {row['peak_rss_bytes'] / GiB:.2f} GiB",
+                flush=True,
+            )
     servers: list[Server] = []
     reserved = 0
-    runners = [(name, extra) for name, extra in (("runner", {}), ("runner-unpacked", {"MEMSERVE_PACK_LINEAR": "0"}))
-               if name in setups]
+    runners = [
+        (name, extra)
+        for name, extra in (("runner", {}), ("runner-unpacked", {"MEMSERVE_PACK_LINEAR": "0"}))
+        if name in setups
+    ]
     if runners:
-        fit = subprocess.run([sys.executable, "-m", "memserve", "fit", str(args.model), "--context",
-                              str(args.context), "--concurrency", str(concurrency), "--json"],
-                             check=True, capture_output=True, text=True)
+        fit = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "memserve",
+                "fit",
+                str(args.model),
+                "--context",
+                str(args.context),
+                "--concurrency",
+                str(concurrency),
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         reserved = json.loads(fit.stdout)["plan"]["devices"]["cpu"]["total_bytes"]
         print(f"runner (memserve): plan reserves {reserved / GiB:.2f} GiB on cpu", flush=True)
     for name, extra in runners:
         port = free_port()
         plan_file = Path(f"/tmp/memserve-bench-plan-{port}.json")
         plan_file.write_text(fit.stdout)
-        servers.append(Server(
-            name,
-            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "m"],
-            f"http://127.0.0.1:{port}", "m", {**env, **extra}))
+        servers.append(
+            Server(
+                name,
+                [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "m"],
+                f"http://127.0.0.1:{port}",
+                "m",
+                {**env, **extra},
+            )
+        )
     if "transformers-serve" in setups:
         print("transformers serve --continuous-batching (bounded cache)", flush=True)
         port = free_port()
         blocks = -(-args.context * concurrency // 64)
         model_id = str(args.model.resolve())
-        servers.append(Server(
-            "transformers-serve",
-            [_transformers_cli(), "serve", model_id, "--continuous-batching", "--cb-block-size", "64",
-             "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", "2048", "--device", "cpu",
-             "--host", "127.0.0.1", "--port", str(port)],
-            f"http://127.0.0.1:{port}", model_id, env))
+        servers.append(
+            Server(
+                "transformers-serve",
+                [
+                    _transformers_cli(),
+                    "serve",
+                    model_id,
+                    "--continuous-batching",
+                    "--cb-block-size",
+                    "64",
+                    "--cb-num-blocks",
+                    str(blocks),
+                    "--cb-max-batch-tokens",
+                    "2048",
+                    "--device",
+                    "cpu",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                f"http://127.0.0.1:{port}",
+                model_id,
+                env,
+            )
+        )
     try:
         for server in servers:
             server.ready()
@@ -302,8 +380,10 @@ def main() -> None:
     for row in [*results.get("runner", []), *results.get("runner-unpacked", [])]:
         row["plan_reserved_bytes"] = reserved
 
-    print("\nratios at each level (runner ÷ peer): tokens/s (ratio of medians; against a server, also the median\n"
-          "of the rounds' own ratios), TTFT p50")
+    print(
+        "\nratios at each level (runner ÷ peer): tokens/s (ratio of medians; against a server, also the median\n"
+        "of the rounds' own ratios), TTFT p50"
+    )
     for peer in ("sequential", "transformers-serve", "runner-unpacked"):
         if "runner" not in results or peer not in results:
             continue
@@ -311,14 +391,17 @@ def main() -> None:
             paired = ""
             if ours.get("rounds_tokens_per_second") and theirs.get("rounds_tokens_per_second"):
                 # rounds ran side by side (A B, then B A): a per-round ratio cancels the machine's drift
-                ratios = [a / b for a, b in zip(ours["rounds_tokens_per_second"], theirs["rounds_tokens_per_second"],
-                                                strict=True)]
+                ratios = [
+                    a / b
+                    for a, b in zip(ours["rounds_tokens_per_second"], theirs["rounds_tokens_per_second"], strict=True)
+                ]
                 ours["rounds_ratio_vs_" + peer] = ratios
-                paired = (f"; per round ×{statistics.median(ratios):.2f} median "
-                          f"(×{min(ratios):.2f}–×{max(ratios):.2f})")
-            print(f"  vs {peer:<18} {ours['streams']} streams: throughput ×"
-                  f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}{paired}, TTFT ×"
-                  f"{ours['ttft_p50_seconds'] / max(theirs['ttft_p50_seconds'], 1e-9):.2f}")
+                paired = f"; per round ×{statistics.median(ratios):.2f} median (×{min(ratios):.2f}–×{max(ratios):.2f})"
+            print(
+                f"  vs {peer:<18} {ours['streams']} streams: throughput ×"
+                f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}{paired}, TTFT ×"
+                f"{ours['ttft_p50_seconds'] / max(theirs['ttft_p50_seconds'], 1e-9):.2f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

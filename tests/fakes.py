@@ -34,25 +34,53 @@ def llama_config(**overrides: Any) -> dict[str, Any]:
 # shapes as published in each model's config.json
 LLAMA3_8B = llama_config()
 QWEN25_14B = llama_config(
-    architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=5120, intermediate_size=13824,
-    num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-    max_position_embeddings=32768, sliding_window=131072, use_sliding_window=False, attention_bias=True,
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_hidden_layers=48,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    sliding_window=131072,
+    use_sliding_window=False,
+    attention_bias=True,
 )
 QWEN2_05B = llama_config(
-    architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896, intermediate_size=4864,
-    num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-    max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    attention_bias=True,
 )
 MISTRAL_7B = llama_config(
-    architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=32000,
-    max_position_embeddings=32768, sliding_window=4096,
+    architectures=["MistralForCausalLM"],
+    model_type="mistral",
+    vocab_size=32000,
+    max_position_embeddings=32768,
+    sliding_window=4096,
 )
 MIXTRAL_8X7B = llama_config(
-    architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, max_position_embeddings=32768,
-    num_local_experts=8, num_experts_per_tok=2,
+    architectures=["MixtralForCausalLM"],
+    model_type="mixtral",
+    vocab_size=32000,
+    max_position_embeddings=32768,
+    num_local_experts=8,
+    num_experts_per_tok=2,
 )
 LLAMA2_70B = llama_config(
-    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, vocab_size=32000,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    vocab_size=32000,
     max_position_embeddings=4096,
 )
 
@@ -118,8 +146,9 @@ def write_header_only(path: Path, tensors: Tensors, *, truncate_by: int = 0) -> 
         f.truncate(8 + len(raw) + offset - truncate_by)
 
 
-def write_sparse_checkpoint(folder: Path, config: dict[str, Any], *, shards: int = 1, dtype: str = "BF16",
-                            tensors: Tensors | None = None) -> Path:
+def write_sparse_checkpoint(
+    folder: Path, config: dict[str, Any], *, shards: int = 1, dtype: str = "BF16", tensors: Tensors | None = None
+) -> Path:
     """config.json plus header-only safetensors (an index when sharded); returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
@@ -132,7 +161,7 @@ def write_sparse_checkpoint(folder: Path, config: dict[str, Any], *, shards: int
     weight_map = {}
     for s in range(shards):
         filename = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[s * per:(s + 1) * per]}
+        part = {n: tensors[n] for n in names[s * per : (s + 1) * per]}
         write_header_only(folder / filename, part)
         weight_map.update(dict.fromkeys(part, filename))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -60,24 +60,71 @@ SEED = 11
 REQUEST_TIMEOUT_SECONDS = 300.0
 START_TIMEOUT_SECONDS = 120.0
 GONE_DEADLINE_SECONDS = 5.0  # the issue says "within a second"; polled generously for a busy CI machine
-WORDS = ("the", "cat", "sat", "on", "a", "warm", "mat", "and", "told", "the", "sea", "a", "long", "story", "about",
-         "stars", "rivers", "and", "old", "ships")
+WORDS = (
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "warm",
+    "mat",
+    "and",
+    "told",
+    "the",
+    "sea",
+    "a",
+    "long",
+    "story",
+    "about",
+    "stars",
+    "rivers",
+    "and",
+    "old",
+    "ships",
+)
 
 BAD_KINDS = (
-    "invalid_json", "temperature_hot", "max_tokens_negative", "stream_string", "stream_int", "body_5mb",
-    "prompt_1mib", "max_tokens_past_context", "unknown_field", "empty_messages", "messages_not_a_list",
-    "missing_model", "model_dotdot", "model_newline", "form_urlencoded", "load_negative_concurrency",
-    "fit_local_path", "fit_dotdot",
+    "invalid_json",
+    "temperature_hot",
+    "max_tokens_negative",
+    "stream_string",
+    "stream_int",
+    "body_5mb",
+    "prompt_1mib",
+    "max_tokens_past_context",
+    "unknown_field",
+    "empty_messages",
+    "messages_not_a_list",
+    "missing_model",
+    "model_dotdot",
+    "model_newline",
+    "form_urlencoded",
+    "load_negative_concurrency",
+    "fit_local_path",
+    "fit_dotdot",
 )
 """Every kind of bad input the issue lists. ``unknown_field`` is the one a server may also accept: the
 runner's schema ignores fields it does not know (clients send many), so only a 5xx would be wrong there."""
 
 EXPECTED_STATUS: dict[str, set[int]] = {
-    "invalid_json": {400}, "temperature_hot": {400}, "max_tokens_negative": {400}, "stream_string": {400},
-    "stream_int": {400}, "body_5mb": {400, 413}, "prompt_1mib": {400, 413}, "max_tokens_past_context": {400},
-    "unknown_field": {200, 400}, "empty_messages": {400}, "messages_not_a_list": {400}, "missing_model": {400},
-    "model_dotdot": {400, 404}, "model_newline": {400, 404}, "form_urlencoded": {415},
-    "load_negative_concurrency": {400}, "fit_local_path": {400, 404}, "fit_dotdot": {400, 404},
+    "invalid_json": {400},
+    "temperature_hot": {400},
+    "max_tokens_negative": {400},
+    "stream_string": {400},
+    "stream_int": {400},
+    "body_5mb": {400, 413},
+    "prompt_1mib": {400, 413},
+    "max_tokens_past_context": {400},
+    "unknown_field": {200, 400},
+    "empty_messages": {400},
+    "messages_not_a_list": {400},
+    "missing_model": {400},
+    "model_dotdot": {400, 404},
+    "model_newline": {400, 404},
+    "form_urlencoded": {415},
+    "load_negative_concurrency": {400},
+    "fit_local_path": {400, 404},
+    "fit_dotdot": {400, 404},
 }
 """What the issue says each bad input gets: 400 (415 for a JSON body sent as a form), a 404 for a name the
 server does not serve, and never a model load."""
@@ -239,8 +286,12 @@ def words(rng: random.Random, count: int) -> str:
 
 def normal_request(kind: str, model: str, rng: random.Random, index: int) -> tuple[str, dict[str, Any]]:
     """(path, body) of a well-formed request: ``chat``/``text``, ``stream_`` or not, or a ``hangup`` stream."""
-    body: dict[str, Any] = {"model": model, "max_tokens": rng.randint(4, 24), "seed": index,
-                            "temperature": rng.choice([0, 0.7])}
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": rng.randint(4, 24),
+        "seed": index,
+        "temperature": rng.choice([0, 0.7]),
+    }
     if kind == "hangup":
         body.update(stream=True, max_tokens=96)
     elif kind.startswith("stream_"):
@@ -271,8 +322,11 @@ def bad_request(kind: str, model: str) -> dict[str, Any]:
     if kind == "prompt_1mib":
         text = " ".join(WORDS)
         prompt = (text + " ") * (MiB // (len(text) + 1) + 1)
-        return {"method": "POST", "url": "/v1/completions", "json": {"model": model, "prompt": prompt[:MiB],
-                                                                     "max_tokens": 8}}
+        return {
+            "method": "POST",
+            "url": "/v1/completions",
+            "json": {"model": model, "prompt": prompt[:MiB], "max_tokens": 8},
+        }
     if kind == "max_tokens_past_context":
         return {**post, "json": {**chat, "max_tokens": 1_000_000}}
     if kind == "unknown_field":
@@ -288,8 +342,11 @@ def bad_request(kind: str, model: str) -> dict[str, Any]:
     if kind == "model_newline":
         return {**post, "json": {**chat, "model": f"{model}\nX-Injected: 1"}}
     if kind == "form_urlencoded":
-        return {**post, "content": json.dumps(chat).encode(),
-                "headers": {"content-type": "application/x-www-form-urlencoded"}}
+        return {
+            **post,
+            "content": json.dumps(chat).encode(),
+            "headers": {"content-type": "application/x-www-form-urlencoded"},
+        }
     if kind == "load_negative_concurrency":
         return {"method": "POST", "url": "/api/load", "json": {"model": model, "concurrency": -3}}
     if kind == "fit_local_path":
@@ -327,8 +384,9 @@ async def send(client: httpx.AsyncClient, index: int, kind: str, model: str, rng
     return outcome
 
 
-async def _stream(client: httpx.AsyncClient, outcome: Outcome, path: str, body: dict[str, Any], *,
-                  hang_up: bool) -> None:
+async def _stream(
+    client: httpx.AsyncClient, outcome: Outcome, path: str, body: dict[str, Any], *, hang_up: bool
+) -> None:
     async with client.stream("POST", path, json=body) as response:
         outcome.status = response.status_code
         if response.status_code != 200:
@@ -360,9 +418,24 @@ def start_gateway(folder: Path, name: str, config: Path, memory_bytes: int) -> G
         log_path = folder / f"{name}-{attempt}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "memserve", "serve", "--config", str(config), "--memory",
-                 f"cpu={memory_bytes}", "--headroom", str(HEADROOM_BYTES), "--port", str(port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "memserve",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--memory",
+                    f"cpu={memory_bytes}",
+                    "--headroom",
+                    str(HEADROOM_BYTES),
+                    "--port",
+                    str(port),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         gateway = Gateway(process, f"http://127.0.0.1:{port}", log_path)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while process.poll() is None and time.monotonic() < deadline:
@@ -372,8 +445,9 @@ def start_gateway(folder: Path, name: str, config: Path, memory_bytes: int) -> G
             time.sleep(0.1)
         if process.poll() is None:
             stop(gateway)
-            raise AssertionError(f"gateway {name} did not answer /health in {START_TIMEOUT_SECONDS:.0f} s:\n"
-                                 f"{gateway.log_tail()}")
+            raise AssertionError(
+                f"gateway {name} did not answer /health in {START_TIMEOUT_SECONDS:.0f} s:\n{gateway.log_tail()}"
+            )
     raise AssertionError(f"gateway {name} exited at start three times:\n{gateway.log_tail()}")
 
 
@@ -429,8 +503,12 @@ def describe(processes: list[psutil.Process]) -> list[str]:
 def write_config(path: Path, models: dict[str, Path], *, preload: bool = False) -> Path:
     lines = ["memory_wait_seconds: 60s", "keep_alive: 10m", "models:"]
     for name, source in models.items():
-        lines += [f"  - name: {name}", f"    source: {json.dumps(str(source))}", f"    context: {CONTEXT_TOKENS}",
-                  f"    concurrency: {CONCURRENCY}"]
+        lines += [
+            f"  - name: {name}",
+            f"    source: {json.dumps(str(source))}",
+            f"    context: {CONTEXT_TOKENS}",
+            f"    concurrency: {CONCURRENCY}",
+        ]
         if preload:
             lines.append("    preload: true")
     path.write_text("\n".join(lines) + "\n")
@@ -439,8 +517,9 @@ def write_config(path: Path, models: dict[str, Path], *, preload: bool = False) 
 
 def planned_bytes(source: Path) -> int:
     """The cpu bytes ``memserve fit --json`` plans for ``source`` as the gateway will load it."""
-    result = CliRunner().invoke(main, ["fit", str(source), "--json", "--context", str(CONTEXT_TOKENS),
-                                       "--concurrency", str(CONCURRENCY)])
+    result = CliRunner().invoke(
+        main, ["fit", str(source), "--json", "--context", str(CONTEXT_TOKENS), "--concurrency", str(CONCURRENCY)]
+    )
     assert result.exit_code == 0, result.output
     return int(json.loads(result.stdout)["plan"]["devices"]["cpu"]["total_bytes"])
 
@@ -453,7 +532,7 @@ def mix(rng: random.Random) -> list[tuple[str, str]]:
     indices = list(range(REQUESTS))
     rng.shuffle(indices)
     bad = set(indices[: REQUESTS // 10])
-    hangups = set(indices[REQUESTS // 10: REQUESTS // 5])
+    hangups = set(indices[REQUESTS // 10 : REQUESTS // 5])
     kinds = list(BAD_KINDS)
     rng.shuffle(kinds)
     bad_kinds = iter(kinds * 2)  # 20 bad inputs: every kind at least once
@@ -478,8 +557,10 @@ async def run_mix(origin: str, record: Record) -> None:
     timeout = httpx.Timeout(REQUEST_TIMEOUT_SECONDS, connect=10.0)
     stop_polling = asyncio.Event()
     pids: dict[int, str] = {}
-    async with httpx.AsyncClient(base_url=origin, limits=limits, timeout=timeout) as client, \
-            httpx.AsyncClient(base_url=origin, timeout=10.0) as poller:
+    async with (
+        httpx.AsyncClient(base_url=origin, limits=limits, timeout=timeout) as client,
+        httpx.AsyncClient(base_url=origin, timeout=10.0) as poller,
+    ):
 
         async def poll() -> None:
             while not stop_polling.is_set():
@@ -532,8 +613,10 @@ async def run_mix(origin: str, record: Record) -> None:
 def door_check(origin: str, record: Record) -> None:
     """With ``a`` loaded and idle, each bad input for ``c`` (not loaded) must touch no model."""
     with httpx.Client(base_url=origin, timeout=REQUEST_TIMEOUT_SECONDS) as client:
-        loaded = client.post("/v1/chat/completions", json={"model": "a", "max_tokens": 2,
-                                                             "messages": [{"role": "user", "content": "hi"}]})
+        loaded = client.post(
+            "/v1/chat/completions",
+            json={"model": "a", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert loaded.status_code == 200, loaded.text
         door_since = max((e["seq"] for e in client.get("/api/events").json()["events"]), default=0)
         for kind in BAD_KINDS:
@@ -551,15 +634,21 @@ def door_check(origin: str, record: Record) -> None:
                 outcome.problem = f"transport error {type(exc).__name__}: {exc}"
             outcome.seconds = time.monotonic() - started
             record.door.append(outcome)
-            events = [e for e in client.get("/api/events", params={"since": since}).json()["events"]
-                      if e["model"] == "c" or e["event"] == "evict"]
+            events = [
+                e
+                for e in client.get("/api/events", params={"since": since}).json()["events"]
+                if e["model"] == "c" or e["event"] == "evict"
+            ]
             record.door_events[kind] = events
             if any(e["model"] == "c" for e in events):
                 client.post("/api/unload", json={"model": "c"})  # put it back as it was for the next kind
         # and anything that came late, after its own kind was checked
         seen = {e["seq"] for events in record.door_events.values() for e in events}
-        late = [e for e in client.get("/api/events", params={"since": door_since}).json()["events"]
-                if (e["model"] == "c" or e["event"] == "evict") and e["seq"] not in seen]
+        late = [
+            e
+            for e in client.get("/api/events", params={"since": door_since}).json()["events"]
+            if (e["model"] == "c" or e["event"] == "evict") and e["seq"] not in seen
+        ]
         if late:
             record.door_events["(late)"] = late
 
@@ -570,8 +659,14 @@ def after_checks(origin: str, record: Record) -> None:
             outcome = Outcome(-1, "after", model, bad=False)
             started = time.monotonic()
             try:
-                response = client.post("/v1/chat/completions", json={
-                    "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "after the storm"}]})
+                response = client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": model,
+                        "max_tokens": 4,
+                        "messages": [{"role": "user", "content": "after the storm"}],
+                    },
+                )
                 check_json_answer(outcome, response, text=False)
             except httpx.HTTPError as exc:
                 outcome.problem = f"transport error {type(exc).__name__}: {exc}"
@@ -597,8 +692,9 @@ def sigterm_check(gateway: Gateway, record: Record) -> None:
 
 def kill9_check(folder: Path, source: Path, memory_bytes: int, record: Record) -> None:
     """A gateway with one preloaded model gets kill -9; its runner must follow it."""
-    doomed = start_gateway(folder, "doomed", write_config(folder / "doomed.yaml", {"k": source}, preload=True),
-                           memory_bytes)
+    doomed = start_gateway(
+        folder, "doomed", write_config(folder / "doomed.yaml", {"k": source}, preload=True), memory_bytes
+    )
     try:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         rows: list[dict[str, Any]] = []
@@ -648,10 +744,12 @@ def torture(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny
         record.dead_run_dir_left = Path(record.dead_run_dir).exists()
         shutil.rmtree(record.dead_run_dir, ignore_errors=True)  # recorded; leave no litter behind
     try:
-        phases = {"door": lambda: door_check(gateway.origin, record),
-                  "mix": lambda: asyncio.run(run_mix(gateway.origin, record)),
-                  "after": lambda: after_checks(gateway.origin, record),
-                  "sigterm": lambda: sigterm_check(gateway, record)}
+        phases = {
+            "door": lambda: door_check(gateway.origin, record),
+            "mix": lambda: asyncio.run(run_mix(gateway.origin, record)),
+            "after": lambda: after_checks(gateway.origin, record),
+            "sigterm": lambda: sigterm_check(gateway, record),
+        }
         for name, phase in phases.items():
             started = time.monotonic()
             try:
@@ -695,8 +793,11 @@ def test_no_bad_input_gets_a_5xx(torture: Record) -> None:
 
 
 def test_bad_inputs_get_the_status_the_issue_names(torture: Record) -> None:
-    wrong = [f"{o.brief()} (expected {sorted(EXPECTED_STATUS[o.kind])})"
-             for o in torture.door if o.status not in EXPECTED_STATUS[o.kind]]
+    wrong = [
+        f"{o.brief()} (expected {sorted(EXPECTED_STATUS[o.kind])})"
+        for o in torture.door
+        if o.status not in EXPECTED_STATUS[o.kind]
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -708,8 +809,9 @@ def test_max_tokens_past_the_context_names_both_numbers(torture: Record) -> None
 
 def test_bad_input_for_an_unloaded_model_loads_and_evicts_nothing(torture: Record) -> None:
     assert torture.door, torture.context()
-    touched = {kind: [f"{e['event']} {e['model']}" for e in events]
-               for kind, events in torture.door_events.items() if events}
+    touched = {
+        kind: [f"{e['event']} {e['model']}" for e in events] for kind, events in torture.door_events.items() if events
+    }
     assert not touched, f"bad input for the unloaded model c caused: {touched}"
 
 
@@ -721,7 +823,8 @@ def test_a_killed_runner_is_not_an_outage(torture: Record) -> None:
         assert later, f"no request for {model} was sent after its runner (pid {pid}) was killed"
         assert any(o.complete and o.status == 200 for o in later), (
             f"no request for {model} sent after the kill of pid {pid} succeeded:\n"
-            + "\n".join(o.brief() for o in later[:10]))
+            + "\n".join(o.brief() for o in later[:10])
+        )
 
 
 def test_reserved_memory_never_goes_over_the_budget(torture: Record) -> None:
@@ -744,8 +847,9 @@ def test_sigterm_leaves_no_process_behind(torture: Record) -> None:
 
 def test_kill_9_of_the_gateway_takes_its_runners_within_a_second(torture: Record) -> None:
     assert torture.kill9_runners, torture.context()
-    assert not torture.kill9_left, (f"{torture.kill9_left} still alive {GONE_DEADLINE_SECONDS:.0f} s after kill -9 of "
-                                    "their gateway")
+    assert not torture.kill9_left, (
+        f"{torture.kill9_left} still alive {GONE_DEADLINE_SECONDS:.0f} s after kill -9 of their gateway"
+    )
 
 
 def test_a_new_gateway_removes_the_run_folder_of_a_dead_one(torture: Record) -> None:

@@ -151,8 +151,9 @@ class PolicyConfig(BaseModel):
         "(YAML key min_context). None: never plan less context than configured.",
     )
     retry_lower: bool = Field(
-        default=True, description="After a second watchdog kill on one rung (the first is retried on that rung with "
-        "what it was measured to use), prefer the rungs below it until the model is unloaded."
+        default=True,
+        description="After a second watchdog kill on one rung (the first is retried on that rung with "
+        "what it was measured to use), prefer the rungs below it until the model is unloaded.",
     )
 
 
@@ -334,7 +335,8 @@ class Settings(BaseSettings):
         default=16 * _MiB, gt=0, description="Request bodies larger than this get 413 (e.g. 16MiB)."
     )
     request_timeout_seconds: IntervalSeconds = Field(
-        default=600.0, validation_alias=AliasChoices("request_timeout_seconds", "request_timeout"),
+        default=600.0,
+        validation_alias=AliasChoices("request_timeout_seconds", "request_timeout"),
         description='How long one generation request may run (e.g. "10m", key request_timeout) before it is '
         "stopped with a 504; a stream ends with an error event.",
     )

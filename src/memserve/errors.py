@@ -50,8 +50,13 @@ class MemserveError(Exception):
         return error_body(self.status_code, self.message, param=self.param, code=self.code, error_type=self.error_type)
 
 
-_TYPES_BY_STATUS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                     409: "conflict_error", 429: "rate_limit_error"}
+_TYPES_BY_STATUS = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+}
 
 
 def error_type_for(status_code: int) -> str:
@@ -61,12 +66,14 @@ def error_type_for(status_code: int) -> str:
     return _TYPES_BY_STATUS.get(status_code, "invalid_request_error")
 
 
-def error_body(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
-               error_type: str | None = None) -> dict[str, Any]:
+def error_body(
+    status_code: int, message: str, *, param: str | None = None, code: str | None = None, error_type: str | None = None
+) -> dict[str, Any]:
     """``{"error": {"message", "type", "param", "code"}}``: the one place that builds the OpenAI error object
     (``MemserveError.to_openai`` included); ``error_type`` defaults to the status's."""
-    return {"error": {"message": message, "type": error_type or error_type_for(status_code), "param": param,
-                      "code": code}}
+    return {
+        "error": {"message": message, "type": error_type or error_type_for(status_code), "param": param, "code": code}
+    }
 
 
 class InvalidArgument(MemserveError):

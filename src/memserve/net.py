@@ -53,17 +53,25 @@ def bind_error_message(host: str, port: int, exc: OSError) -> str:
     """Why ``host:port`` cannot be listened on, and what to do, in one line."""
     where = f"{host}:{port}"
     if isinstance(exc, socket.gaierror):
-        return f"cannot listen on {where}: {host!r} is not a name or address of this machine ({exc.strerror}); " \
+        return (
+            f"cannot listen on {where}: {host!r} is not a name or address of this machine ({exc.strerror}); "
             "pass --host 127.0.0.1 (or 0.0.0.0 for every interface)"
+        )
     if exc.errno == errno.EADDRINUSE:
-        return f"cannot listen on {where}: the port is in use{_holder(port)}; stop that server or pass --port " \
+        return (
+            f"cannot listen on {where}: the port is in use{_holder(port)}; stop that server or pass --port "
             "with a free port (--port 0 picks one)"
+        )
     if exc.errno == errno.EACCES:
-        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); pass --port " \
+        return (
+            f"cannot listen on {where}: permission denied (ports below 1024 need privileges); pass --port "
             "8000 or another port above 1023"
+        )
     if exc.errno == errno.EADDRNOTAVAIL:
-        return f"cannot listen on {where}: {host} is not an address of this machine; pass --host 127.0.0.1 " \
+        return (
+            f"cannot listen on {where}: {host} is not an address of this machine; pass --host 127.0.0.1 "
             "(or 0.0.0.0 for every interface)"
+        )
     return f"cannot listen on {where}: {exc.strerror or exc}; check --host and --port"
 
 

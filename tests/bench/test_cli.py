@@ -40,13 +40,26 @@ def error_lines(result: Result) -> list[str]:
 def test_a_run_prints_tables_and_writes_json_and_plot(tmp_path: Path) -> None:
     out, png = tmp_path / "b.json", tmp_path / "plots" / "b.png"
     with served(FakeOpenAI(models=("m",))) as origin:
-        result = bench(origin, "--model", "m", "--concurrency", "1,2", "--requests", "4", "--output-tokens", "8",
-                       "--json", str(out), "--plot", str(png))
+        result = bench(
+            origin,
+            "--model",
+            "m",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "4",
+            "--output-tokens",
+            "8",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        )
     assert result.exit_code == 0, result.output
     assert "TTFT p50" in result.stdout and "1 concurrent" in result.stdout and "2 concurrent" in result.stdout
     assert "A: " in result.stdout and "saturat" in result.stdout
     assert "client overhead (instant fake on 127.0.0.1, 2 concurrent): latency floor p50" in result.stdout
-    assert "A @ 2 concurrent: 4 ok, 0 failed" in result.stderr            # plain progress lines when not a tty
+    assert "A @ 2 concurrent: 4 ok, 0 failed" in result.stderr  # plain progress lines when not a tty
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     data = json.loads(out.read_text())
@@ -60,8 +73,8 @@ def test_a_run_prints_tables_and_writes_json_and_plot(tmp_path: Path) -> None:
     assert "saturation" in target and target["saturation_summary"]
     for step in target["steps"]:
         assert (step["requests"], step["successful_requests"], step["error_rate"], step["errors"]) == (4, 4, 0.0, {})
-        assert step["output_tokens_total"] == 4 * 8                   # the fake's usage
-        assert step["prompt_tokens_total"] == 4 * 128                 # synthetic prompts: 128 words each
+        assert step["output_tokens_total"] == 4 * 8  # the fake's usage
+        assert step["prompt_tokens_total"] == 4 * 128  # synthetic prompts: 128 words each
         ttft, e2e = step["ttft_seconds"], step["e2e_seconds"]
         assert 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"] < 10
         assert e2e["p50"] >= ttft["p50"]
@@ -77,10 +90,28 @@ def test_a_run_prints_tables_and_writes_json_and_plot(tmp_path: Path) -> None:
 def test_vs_alternates_step_by_step_and_prints_ratios(tmp_path: Path) -> None:
     received: list[ReceivedRequest] = []
     out = tmp_path / "vs.json"
-    with served(FakeOpenAI(models=("m-a",), requests=received)) as a, \
-            served(FakeOpenAI(models=("m-b",), requests=received)) as b:
-        result = bench(a, "--model", "m-a", "--vs", b, "--vs-model", "m-b", "--concurrency", "1,2", "--requests", "2",
-                       "--output-tokens", "4", "--no-overhead", "--json", str(out))
+    with (
+        served(FakeOpenAI(models=("m-a",), requests=received)) as a,
+        served(FakeOpenAI(models=("m-b",), requests=received)) as b,
+    ):
+        result = bench(
+            a,
+            "--model",
+            "m-a",
+            "--vs",
+            b,
+            "--vs-model",
+            "m-b",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "2",
+            "--output-tokens",
+            "4",
+            "--no-overhead",
+            "--json",
+            str(out),
+        )
     assert result.exit_code == 0, result.output
     # warm-ups first, then A@1, B@1, A@2, B@2
     asked = [r.body["model"] for r in received if r.body is not None]
@@ -97,8 +128,21 @@ def test_vs_alternates_step_by_step_and_prints_ratios(tmp_path: Path) -> None:
 def test_rate_steps_and_an_api_key(tmp_path: Path) -> None:
     out = tmp_path / "rate.json"
     with serve_fake(FakeOpenAI(models=("m",))) as fake:
-        result = bench(fake.base_url, "--model", "m", "--rate", "50,100", "--requests", "3", "--no-overhead",
-                       "--api-key-env", "BENCH_TEST_KEY", "--json", str(out), env={"BENCH_TEST_KEY": "sekrit-123"})
+        result = bench(
+            fake.base_url,
+            "--model",
+            "m",
+            "--rate",
+            "50,100",
+            "--requests",
+            "3",
+            "--no-overhead",
+            "--api-key-env",
+            "BENCH_TEST_KEY",
+            "--json",
+            str(out),
+            env={"BENCH_TEST_KEY": "sekrit-123"},
+        )
     assert result.exit_code == 0, result.output
     assert "50 req/s" in result.stdout and "100 req/s" in result.stdout
     assert {r.authorization for r in fake.requests} == {"Bearer sekrit-123"}
@@ -114,8 +158,20 @@ def test_a_local_model_folder_lends_its_tokenizer_and_its_name(tmp_path: Path) -
     out = tmp_path / "t.json"
     received: list[ReceivedRequest] = []
     with served(FakeOpenAI(models=("tiny-demo",), requests=received)) as origin:
-        result = bench(origin, "--model", str(folder), "--concurrency", "1", "--requests", "2",
-                       "--prompt-tokens", "40", "--no-overhead", "--json", str(out))
+        result = bench(
+            origin,
+            "--model",
+            str(folder),
+            "--concurrency",
+            "1",
+            "--requests",
+            "2",
+            "--prompt-tokens",
+            "40",
+            "--no-overhead",
+            "--json",
+            str(out),
+        )
     assert result.exit_code == 0, result.output
     assert {r.body["model"] for r in received if r.body is not None} == {"tiny-demo"}
     prompts = json.loads(out.read_text())["prompts"]
@@ -146,8 +202,12 @@ def _not_sse() -> Iterator[str]:
     ("server", "model", "says"),
     [
         (_unreachable, "m", "(connection refused); is the server running? check the URL and port"),
-        (_model_404, "wrong", "the server does not know model 'wrong' (HTTP 404: model 'wrong' is not served here); "
-                              "it serves: real-a, real-b; pass one of them with --model"),
+        (
+            _model_404,
+            "wrong",
+            "the server does not know model 'wrong' (HTTP 404: model 'wrong' is not served here); "
+            "it serves: real-a, real-b; pass one of them with --model",
+        ),
         (_server_500, "m", "the server failed: HTTP 500: the fake upstream was told to fail; check the server's logs"),
         (_not_sse, "m", "HTTP 200 text/plain; charset=utf-8, not an SSE stream: '<html><body>502 Bad Gateway"),
     ],
@@ -156,8 +216,9 @@ def _not_sse() -> Iterator[str]:
 def test_bad_servers_get_one_clear_line_and_partial_json(tmp_path: Path, server: Any, model: str, says: str) -> None:
     out = tmp_path / "partial.json"
     with contextmanager(server)() as url:
-        result = bench(url, "--model", model, "--concurrency", "1,2", "--requests", "2", "--no-overhead",
-                       "--json", str(out))
+        result = bench(
+            url, "--model", model, "--concurrency", "1,2", "--requests", "2", "--no-overhead", "--json", str(out)
+        )
     assert result.exit_code == 1
     [line] = error_lines(result)
     assert line.startswith("error: warm-up request to ") and says in line
@@ -184,24 +245,27 @@ def test_bad_flags_get_one_clear_line(tmp_path: Path, args: list[str], says: str
     assert result.exit_code == 2
     [line] = error_lines(result)
     assert says in line
-    assert not out.exists()          # nothing ran, nothing measured
+    assert not out.exists()  # nothing ran, nothing measured
 
 
 def test_a_missing_api_key_variable_is_named(tmp_path: Path) -> None:
-    result = bench("http://127.0.0.1:9", "--model", "m", "--api-key-env", "BENCH_TEST_UNSET",
-                   env={"BENCH_TEST_UNSET": ""})
+    result = bench(
+        "http://127.0.0.1:9", "--model", "m", "--api-key-env", "BENCH_TEST_UNSET", env={"BENCH_TEST_UNSET": ""}
+    )
     assert result.exit_code == 1
     [line] = error_lines(result)
     assert "--api-key-env BENCH_TEST_UNSET: that environment variable is not set" in line
 
 
 def test_bench_never_imports_torch_and_the_gateway_never_imports_bench() -> None:
-    code = ("import sys, memserve.cli.bench, memserve.bench\n"
-            "assert 'torch' not in sys.modules, 'bench imported torch'\n"
-            "assert 'matplotlib' not in sys.modules, 'bench imported matplotlib without --plot'\n"
-            "for name in [m for m in sys.modules if m.startswith('memserve.bench')]: del sys.modules[name]\n"
-            "import memserve.gateway.app\n"
-            "assert not any(m.startswith('memserve.bench') for m in sys.modules), 'the gateway imported bench'\n")
+    code = (
+        "import sys, memserve.cli.bench, memserve.bench\n"
+        "assert 'torch' not in sys.modules, 'bench imported torch'\n"
+        "assert 'matplotlib' not in sys.modules, 'bench imported matplotlib without --plot'\n"
+        "for name in [m for m in sys.modules if m.startswith('memserve.bench')]: del sys.modules[name]\n"
+        "import memserve.gateway.app\n"
+        "assert not any(m.startswith('memserve.bench') for m in sys.modules), 'the gateway imported bench'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -18,8 +18,9 @@ def write_tokenizer(folder: Path) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog and the river"] * 20, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
@@ -31,9 +32,9 @@ def test_synthetic_prompts_are_seeded_and_distinct() -> None:
     first = prompts.prompt(0, 0)
     assert first == SyntheticPrompts(prompt_tokens=32, output_tokens=8, seed=1).prompt(0, 0)
     assert first.text is not None and len(first.text.split()) == 32
-    assert first.max_tokens == 8 and first.prompt_tokens is None     # no tokenizer: the server's usage counts
+    assert first.max_tokens == 8 and first.prompt_tokens is None  # no tokenizer: the server's usage counts
     texts = {prompts.prompt(step, i).text for step in range(3) for i in range(10)}
-    assert len(texts) == 30                                            # no prefix cache hits across steps
+    assert len(texts) == 30  # no prefix cache hits across steps
     assert SyntheticPrompts(prompt_tokens=32, output_tokens=8, seed=2).prompt(0, 0) != first
     assert first.chat_messages() == [{"role": "user", "content": first.text}]
 
@@ -47,7 +48,7 @@ def test_a_tokenizer_cuts_prompts_to_length(tmp_path: Path) -> None:
         assert prompt.text is not None
         assert prompt.prompt_tokens == len(tokenizer.encode(prompt.text))
         assert abs(prompt.prompt_tokens - 50) <= 1
-        assert len(prompt.text.split()) < 50                           # words are several tokens here
+        assert len(prompt.text.split()) < 50  # words are several tokens here
     assert prompts.describe()["source"] == "tokenizer"
 
 
@@ -64,8 +65,10 @@ def test_find_tokenizer(tmp_path: Path) -> None:
 
 def test_a_dataset_is_replayed_line_by_line(tmp_path: Path) -> None:
     path = tmp_path / "prompts.jsonl"
-    rows: list[dict[str, Any]] = [{"prompt": "the quick fox", "max_tokens": 5},
-            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}]
+    rows: list[dict[str, Any]] = [
+        {"prompt": "the quick fox", "max_tokens": 5},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     tokenizer = load_tokenizer(write_tokenizer(tmp_path / "model"))
     dataset = DatasetPrompts(path, output_tokens=16, tokenizer=tokenizer)
@@ -81,10 +84,14 @@ def test_a_dataset_is_replayed_line_by_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "says"),
-    [("", "has no prompts"), ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
-     ('{"prompt": "a"}\n[1, 2]\n', "line 2 is not a JSON object"),
-     ('{"prompt": "a", "max_tokens": 0}\n', "line 1: max_tokens must be a positive integer"),
-     ('{"text": "a"}\n', 'line 1 needs "prompt"'), ('{"messages": []}\n', 'line 1 needs "prompt"')],
+    [
+        ("", "has no prompts"),
+        ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
+        ('{"prompt": "a"}\n[1, 2]\n', "line 2 is not a JSON object"),
+        ('{"prompt": "a", "max_tokens": 0}\n', "line 1: max_tokens must be a positive integer"),
+        ('{"text": "a"}\n', 'line 1 needs "prompt"'),
+        ('{"messages": []}\n', 'line 1 needs "prompt"'),
+    ],
 )
 def test_bad_datasets_say_which_line(tmp_path: Path, text: str, says: str) -> None:
     path = tmp_path / "bad.jsonl"

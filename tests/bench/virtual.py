@@ -59,6 +59,7 @@ class VirtualClock:
         A bug that never stops (a step that ignores its limits) fails after ``real_limit_seconds`` of real time
         instead of hanging the test run.
         """
+
         async def driven() -> T:
             jumper = asyncio.create_task(self._jump_when_idle())
             try:
@@ -70,8 +71,7 @@ class VirtualClock:
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, queue: asyncio.Queue[dict[str, Any]], app_task: asyncio.Task[None],
-                 gone: asyncio.Event) -> None:
+    def __init__(self, queue: asyncio.Queue[dict[str, Any]], app_task: asyncio.Task[None], gone: asyncio.Event) -> None:
         self.queue, self.app_task, self.gone = queue, app_task, gone
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -125,14 +125,24 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
                 raise OSError("the client went away")
             await queue.put(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
-                 "scheme": request.url.scheme, "path": request.url.path, "raw_path": request.url.raw_path,
-                 "query_string": request.url.query, "root_path": "",
-                 "headers": [(k.lower(), v) for k, v in request.headers.raw], "server": ("testserver", 80),
-                 "client": ("127.0.0.1", 1234)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": request.method,
+            "scheme": request.url.scheme,
+            "path": request.url.path,
+            "raw_path": request.url.raw_path,
+            "query_string": request.url.query,
+            "root_path": "",
+            "headers": [(k.lower(), v) for k, v in request.headers.raw],
+            "server": ("testserver", 80),
+            "client": ("127.0.0.1", 1234),
+        }
         app_task = asyncio.ensure_future(self.app(scope, receive, send))
         start = await _next_message(queue, app_task)
         if start is None:
             raise httpx.RemoteProtocolError("the app ended without a response")
-        return httpx.Response(start["status"], headers=start.get("headers", []),
-                              stream=_Body(queue, app_task, gone), request=request)
+        return httpx.Response(
+            start["status"], headers=start.get("headers", []), stream=_Body(queue, app_task, gone), request=request
+        )

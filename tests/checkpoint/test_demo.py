@@ -56,9 +56,7 @@ def _greedy_new_tokens(path: Path, prompt: str, max_new_tokens: int = 32) -> lis
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen_dir"])
-def test_tiny_loads_offline_with_matching_vocab_and_special_ids(
-    fixture: str, request: pytest.FixtureRequest
-) -> None:
+def test_tiny_loads_offline_with_matching_vocab_and_special_ids(fixture: str, request: pytest.FixtureRequest) -> None:
     path: Path = request.getfixturevalue(fixture)
     model, tok = _load(path)
     assert model.dtype == torch.float32
@@ -72,15 +70,11 @@ def test_tiny_loads_offline_with_matching_vocab_and_special_ids(
     assert all(t is not None for t in tok.convert_ids_to_tokens(list(range(len(tok))))), "every id decodes"
 
 
-def test_stored_tensors_are_exactly_what_transformers_builds(
-    tiny_model_dir: Path, tiny_qwen_dir: Path
-) -> None:
+def test_stored_tensors_are_exactly_what_transformers_builds(tiny_model_dir: Path, tiny_qwen_dir: Path) -> None:
     for path, tied in ((tiny_model_dir, False), (tiny_qwen_dir, True)):
         model, _ = _load(path)
         stored = _stored_tensors(path)
-        expected = {
-            n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")
-        }
+        expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
         assert {n: tuple(t.shape) for n, (_, t) in stored.items()} == expected
         assert model.config.tie_word_embeddings is tied
         assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) is tied
@@ -176,10 +170,7 @@ def test_chat_template_is_chatml(tiny_model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert (
-        text
-        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    )
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     no_prompt = tok.apply_chat_template(messages, tokenize=False)
     assert isinstance(no_prompt, str) and not no_prompt.endswith("assistant\n")
     encoded: Any = tok.apply_chat_template(messages, add_generation_prompt=True)
@@ -197,9 +188,7 @@ def test_text_round_trips_through_the_tokenizer(tiny_model_dir: Path) -> None:
 # --- sizes, without building them ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("size", "params_range", "shards"), [("small", (95e6, 110e6), 2), ("1b", (1.4e9, 1.5e9), 3)]
-)
+@pytest.mark.parametrize(("size", "params_range", "shards"), [("small", (95e6, 110e6), 2), ("1b", (1.4e9, 1.5e9), 3)])
 def test_larger_sizes_plan_the_expected_params_and_shards(
     size: str, params_range: tuple[float, float], shards: int
 ) -> None:

@@ -32,8 +32,7 @@ from tests.fakes import (
     ],
     ids=["llama-3-8b", "qwen2.5-14b", "qwen2-0.5b", "mixtral-8x7b"],
 )
-def test_facts_of_published_shapes(tmp_path: Path, config: dict, shards: int, params: int,
-                                   kv_per_token: int) -> None:
+def test_facts_of_published_shapes(tmp_path: Path, config: dict, shards: int, params: int, kv_per_token: int) -> None:
     folder = write_sparse_checkpoint(tmp_path / "m", config, shards=shards)
     facts = read_local_facts(folder)
     assert facts.params == params
@@ -84,9 +83,17 @@ def test_bin_only_checkpoint_is_estimated_and_flagged(tmp_path: Path) -> None:
 def test_lora_adapter_facts(tmp_path: Path) -> None:
     adapter = tmp_path / "lora"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"base_model_name_or_path": "Qwen/Qwen2-0.5B", "r": 8, "lora_alpha": 16,
-         "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": "Qwen/Qwen2-0.5B",
+                "r": 8,
+                "lora_alpha": 16,
+                "target_modules": ["q_proj", "v_proj"],
+                "peft_type": "LORA",
+            }
+        )
+    )
     tensors = {}
     for i in range(24):
         for proj, out in (("q_proj", 896), ("v_proj", 128)):
@@ -136,8 +143,9 @@ def _no_weights(folder: Path) -> None:
 
 def _missing_shard(folder: Path) -> None:
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
 
 
 @pytest.mark.parametrize(
@@ -251,13 +259,17 @@ def test_hub_unreachable_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     assert issubclass(HubUnavailable, MemserveError) and locate_mod.hub_offline() is False
 
 
-@pytest.mark.parametrize(("config", "names", "tensors"), [
-    ({"hidden_act": "silu"}, ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"], 3),
-    ({"hidden_act": "silu"}, ["model.layers.0.block_sparse_moe.experts.0.w1.weight"], 3),  # Mixtral's experts
-    ({"hidden_activation": "gelu_pytorch_tanh"}, ["model.layers.0.mlp.gate_proj.weight"], 3),  # Gemma2: gated
-    ({"activation_function": "gelu_new"}, ["h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.weight"], 4),  # GPT-2
-    ({"activation_function": "relu"}, ["model.decoder.layers.0.fc1.weight"], 2),  # OPT: one fused op
-])
-def test_mlp_tensors_alive_at_once_follow_gating_and_the_activation(config: dict, names: list[str],
-                                                                    tensors: int) -> None:
+@pytest.mark.parametrize(
+    ("config", "names", "tensors"),
+    [
+        ({"hidden_act": "silu"}, ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"], 3),
+        ({"hidden_act": "silu"}, ["model.layers.0.block_sparse_moe.experts.0.w1.weight"], 3),  # Mixtral's experts
+        ({"hidden_activation": "gelu_pytorch_tanh"}, ["model.layers.0.mlp.gate_proj.weight"], 3),  # Gemma2: gated
+        ({"activation_function": "gelu_new"}, ["h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.weight"], 4),  # GPT-2
+        ({"activation_function": "relu"}, ["model.decoder.layers.0.fc1.weight"], 2),  # OPT: one fused op
+    ],
+)
+def test_mlp_tensors_alive_at_once_follow_gating_and_the_activation(
+    config: dict, names: list[str], tensors: int
+) -> None:
     assert mlp_tensors(config, names) == tensors

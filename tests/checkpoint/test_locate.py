@@ -39,22 +39,35 @@ def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield tmp_path / "work"
 
 
-@pytest.mark.parametrize(("spec", "path_like"), [
-    ("./models/x", True), ("../x/y", True), ("/srv/models/x", True), ("~/models/x", True),
-    ("demo-tiny", True),  # no org/: only a folder can be meant
-    ("models/demo-tinyy", True),  # ./models exists here
-    ("a/b/c", True), ("models/", True), ("org\\name", True),
-    ("meta-llama/Llama-3.2-1B", False), ("org/name@refs/pr/1", False), ("modls/demo-tiny", False),
-])
+@pytest.mark.parametrize(
+    ("spec", "path_like"),
+    [
+        ("./models/x", True),
+        ("../x/y", True),
+        ("/srv/models/x", True),
+        ("~/models/x", True),
+        ("demo-tiny", True),  # no org/: only a folder can be meant
+        ("models/demo-tinyy", True),  # ./models exists here
+        ("a/b/c", True),
+        ("models/", True),
+        ("org\\name", True),
+        ("meta-llama/Llama-3.2-1B", False),
+        ("org/name@refs/pr/1", False),
+        ("modls/demo-tiny", False),
+    ],
+)
 def test_what_looks_like_a_path(spec: str, path_like: bool) -> None:
     assert looks_like_path(spec) is path_like
 
 
-@pytest.mark.parametrize(("spec", "nearest"), [
-    ("models/demo-tinyy", "models/demo-tiny"),
-    ("./models/demo-tiny2", "models/demo-tiny"),
-    ("modelz/demo-tiny/", "models/demo-tiny"),  # the missing part is not the last one
-])
+@pytest.mark.parametrize(
+    ("spec", "nearest"),
+    [
+        ("models/demo-tinyy", "models/demo-tiny"),
+        ("./models/demo-tiny2", "models/demo-tiny"),
+        ("modelz/demo-tiny/", "models/demo-tiny"),  # the missing part is not the last one
+    ],
+)
 def test_a_mistyped_local_path_is_answered_at_once_with_the_nearest_name(spec: str, nearest: str) -> None:
     with pytest.raises(ModelNotFound) as raised:
         locate(spec)  # the hub is allowed, but any lookup would fail the test

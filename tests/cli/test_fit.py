@@ -24,8 +24,22 @@ def qwen(tmp_path: Path) -> Path:
 
 
 def test_fit_json_has_the_public_shape(runner: CliRunner, qwen: Path) -> None:
-    result = runner.invoke(main, ["fit", str(qwen), "--memory", "cpu=3GiB", "--headroom", "256MiB",
-                                  "--context", "2048", "--concurrency", "2", "--json"])
+    result = runner.invoke(
+        main,
+        [
+            "fit",
+            str(qwen),
+            "--memory",
+            "cpu=3GiB",
+            "--headroom",
+            "256MiB",
+            "--context",
+            "2048",
+            "--concurrency",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["model"]["params"] == 494_032_768
@@ -38,11 +52,18 @@ def test_fit_json_has_the_public_shape(runner: CliRunner, qwen: Path) -> None:
     assert plan["rung"] == "cpu" and plan["dtype"] == "bfloat16" and plan["quantization"] == "none"
     assert plan["context_tokens"] == 2048 and plan["concurrency"] == 2
     cpu = plan["devices"]["cpu"]
-    assert set(cpu) == {"weights_bytes", "kv_cache_bytes", "activation_bytes", "runtime_bytes", "total_bytes",
-                        "free_bytes"}
+    assert set(cpu) == {
+        "weights_bytes",
+        "kv_cache_bytes",
+        "activation_bytes",
+        "runtime_bytes",
+        "total_bytes",
+        "free_bytes",
+    }
     assert cpu["kv_cache_bytes"] == 12_288 * paged_tokens(2048, 2) >= 12_288 * 2048 * 2  # whole pages of the cache
-    assert cpu["total_bytes"] == sum(cpu[k] for k in ("weights_bytes", "kv_cache_bytes", "activation_bytes",
-                                                      "runtime_bytes"))
+    assert cpu["total_bytes"] == sum(
+        cpu[k] for k in ("weights_bytes", "kv_cache_bytes", "activation_bytes", "runtime_bytes")
+    )
     assert cpu["free_bytes"] <= 3 * 1024**3 - 256 * 1024**2
     assert data["nofit"] is None
 
@@ -94,8 +115,9 @@ def test_min_context_lets_the_planner_shrink_the_context(runner: CliRunner, qwen
         (["fit", "{truncated}"], "truncated"),
     ],
 )
-def test_bad_input_is_one_line_without_traceback(runner: CliRunner, qwen: Path, tmp_path: Path, args: list[str],
-                                                  fragment: str) -> None:
+def test_bad_input_is_one_line_without_traceback(
+    runner: CliRunner, qwen: Path, tmp_path: Path, args: list[str], fragment: str
+) -> None:
     corrupt = tmp_path / "corrupt"
     write_sparse_checkpoint(corrupt, QWEN2_05B)
     (corrupt / "model.safetensors").write_bytes(b"\xff" * 16)

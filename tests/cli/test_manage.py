@@ -40,15 +40,29 @@ from memserve.pool.events import PoolEvent
 from tests.serving import serve_app
 
 NOW = 1_795_000_000.0
-CPU = {"capacity_bytes": 24_000_000_000, "headroom_bytes": 536_870_912, "usable_bytes": 23_463_129_088,
-       "held_bytes": 500_000_000, "free_bytes": 22_963_129_088}
+CPU = {
+    "capacity_bytes": 24_000_000_000,
+    "headroom_bytes": 536_870_912,
+    "usable_bytes": 23_463_129_088,
+    "held_bytes": 500_000_000,
+    "free_bytes": 22_963_129_088,
+}
 
 
 def demo_row(**overrides: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "name": "demo", "state": "ready", "pid": 4242, "source": "/abs/models/demo-tiny", "rung": "cpu",
+        "name": "demo",
+        "state": "ready",
+        "pid": 4242,
+        "source": "/abs/models/demo-tiny",
+        "rung": "cpu",
         "devices": {"cpu": {"reserved_bytes": 500_000_000, "measured_bytes": 420_000_000}},
-        "leases": 1, "queued": 0, "pinned": False, "expires_at": None, "load_seconds": 3.2, "reason": None,
+        "leases": 1,
+        "queued": 0,
+        "pinned": False,
+        "expires_at": None,
+        "load_seconds": 3.2,
+        "reason": None,
     }
     row.update(overrides)
     return row
@@ -108,8 +122,9 @@ class FakeGateway:
             body = await request.json()
             self.bodies.append(body)
             if body["model"] == "nope":
-                return JSONResponse(error_body("no model named 'nope'; see memserve ps", "model_not_found"),
-                                    status_code=404)
+                return JSONResponse(
+                    error_body("no model named 'nope'; see memserve ps", "model_not_found"), status_code=404
+                )
             return JSONResponse({"model": body["model"], "unloaded": body["model"] == "demo"})
 
         return app
@@ -150,13 +165,32 @@ def cli(*args: str, env: dict[str, str | None] | None = None) -> Result:
 def test_ps_table_shows_models_states_sizes_and_devices(gateway: FakeGateway, url: str) -> None:
     gateway.ps_reply["models"] = [
         demo_row(leases=0, expires_at=time.time() + 250),
-        demo_row(name="big", state="loading", pid=None, rung="cpu-int8", leases=0, load_seconds=None,
-                 devices={"cpu": {"reserved_bytes": 2 * 1024**3, "measured_bytes": None}}),
-        demo_row(name="warm", state="warming", pid=77, leases=0, load_seconds=None,
-                 devices={"cpu": {"reserved_bytes": 1024**3, "measured_bytes": 0}}),
+        demo_row(
+            name="big",
+            state="loading",
+            pid=None,
+            rung="cpu-int8",
+            leases=0,
+            load_seconds=None,
+            devices={"cpu": {"reserved_bytes": 2 * 1024**3, "measured_bytes": None}},
+        ),
+        demo_row(
+            name="warm",
+            state="warming",
+            pid=77,
+            leases=0,
+            load_seconds=None,
+            devices={"cpu": {"reserved_bytes": 1024**3, "measured_bytes": 0}},
+        ),
         demo_row(name="keeper", pinned=True, leases=0),
-        demo_row(name="broken", state="failed", pid=None, devices={}, leases=0,
-                 reason="runner exited with SIGKILL while loading (watchdog: 3.1 GiB over plan)"),
+        demo_row(
+            name="broken",
+            state="failed",
+            pid=None,
+            devices={},
+            leases=0,
+            reason="runner exited with SIGKILL while loading (watchdog: 3.1 GiB over plan)",
+        ),
     ]
     result = cli("ps", "--url", url)
     assert result.exit_code == 0, result.output
@@ -200,8 +234,9 @@ def test_ps_reply_of_another_shape_is_a_one_line_error(gateway: FakeGateway, url
 
 
 def test_ready_state_is_green_and_failed_red_on_a_terminal() -> None:
-    reply = PsReply.model_validate({"models": [demo_row(), demo_row(name="x", state="failed", reason="boom")],
-                                    "devices": {"cpu": CPU}})
+    reply = PsReply.model_validate(
+        {"models": [demo_row(), demo_row(name="x", state="failed", reason="boom")], "devices": {"cpu": CPU}}
+    )
     out = io.StringIO()
     render_ps(reply, Console(file=out, force_terminal=True, color_system="standard", width=200), now_seconds=NOW)
     text = out.getvalue()
@@ -239,9 +274,17 @@ def test_load_answered_with_a_failed_row_is_an_error(gateway: FakeGateway, url: 
 
 
 def test_ready_line_falls_back_to_reserved_bytes_before_a_measurement() -> None:
-    row = ModelRow.model_validate(demo_row(name="big", rung="gpu-cpu-split", load_seconds=None, devices={
-        "cuda:0": {"reserved_bytes": 20 * 1024**3, "measured_bytes": None},
-        "cpu": {"reserved_bytes": 2 * 1024**3, "measured_bytes": 0}}))
+    row = ModelRow.model_validate(
+        demo_row(
+            name="big",
+            rung="gpu-cpu-split",
+            load_seconds=None,
+            devices={
+                "cuda:0": {"reserved_bytes": 20 * 1024**3, "measured_bytes": None},
+                "cpu": {"reserved_bytes": 2 * 1024**3, "measured_bytes": 0},
+            },
+        )
+    )
     assert ready_line(row) == "big ready on cuda:0, cpu (rung gpu-cpu-split), 22.0 GiB reserved"
 
 
@@ -253,8 +296,12 @@ DEMO_LOAD = [
     {"event": "phase", "model": "demo", "phase": "map", "seconds": 0.8},
     {"event": "phase", "model": "demo", "phase": "fault_in", "seconds": 1.2},
     {"event": "phase", "model": "demo", "phase": "warm_up", "seconds": 0.31},
-    {"event": "reserve", "model": "demo", "reserved_bytes": {"cpu": 700 * 1024**2},
-     "reason": "its warm-up peaked at 700.0 MiB on cpu, above its reservation of 600.0 MiB on cpu"},
+    {
+        "event": "reserve",
+        "model": "demo",
+        "reserved_bytes": {"cpu": 700 * 1024**2},
+        "reason": "its warm-up peaked at 700.0 MiB on cpu, above its reservation of 600.0 MiB on cpu",
+    },
     {"event": "ready", "model": "demo", "pid": 4242, "load_seconds": 3.1, "measured_bytes": {"cpu": 512 * 1024**2}},
 ]
 DEMO_PROGRESS = [
@@ -337,23 +384,44 @@ def test_progress_on_a_terminal_prints_the_lines_above_a_spinner() -> None:
     assert seen[0] == "0" and all(line in out.getvalue() for line in DEMO_PROGRESS)
 
 
-@pytest.mark.parametrize(("event", "line"), [
-    ({"event": "evict", "model": "small", "reason": "to make room for other"}, None),
-    ({"event": "evict", "model": "small", "reason": "to make room for demo"}, "evicting small (to make room)"),
-    ({"event": "refused", "model": "demo", "reason": "needs 9 GiB", "code": "insufficient_memory"},
-     "refused: needs 9 GiB"),
-    ({"event": "ready", "model": "demo", "load_seconds": 2.0, "measured_bytes": {}}, "ready in 2.0 s (not measured)"),
-    ({"event": "stopped", "model": "demo", "reason": "unloaded"}, None),
-    ({"event": "reserve", "model": "demo", "reserved_bytes": {"cpu": 2 * 1024**3}, "reason": "its warm-up peaked"},
-     "reserving 2.0 GiB on cpu instead: its warm-up peaked"),
-    ({"event": "rung_lower", "model": "demo", "failed_rung": "gpu", "rung": "cpu", "reason": "needs 9 GiB"},
-     "gpu does not fit: needs 9 GiB; trying cpu"),
-    ({"event": "retry", "model": "demo", "rung": "cpu", "reserved_bytes": {"cpu": 1024**3}, "reason": "killed"},
-     "trying cpu again, reserving 1.0 GiB on cpu: killed"),
-    ({"event": "learned", "model": "demo", "rung": "cpu", "next_reserved_bytes": {"cpu": 1024**3}},
-     "learned: as cpu it needs 1.0 GiB on cpu"),
-    ({"event": "phase", "model": "other", "phase": "map", "seconds": 1.0}, None),
-])
+@pytest.mark.parametrize(
+    ("event", "line"),
+    [
+        ({"event": "evict", "model": "small", "reason": "to make room for other"}, None),
+        ({"event": "evict", "model": "small", "reason": "to make room for demo"}, "evicting small (to make room)"),
+        (
+            {"event": "refused", "model": "demo", "reason": "needs 9 GiB", "code": "insufficient_memory"},
+            "refused: needs 9 GiB",
+        ),
+        (
+            {"event": "ready", "model": "demo", "load_seconds": 2.0, "measured_bytes": {}},
+            "ready in 2.0 s (not measured)",
+        ),
+        ({"event": "stopped", "model": "demo", "reason": "unloaded"}, None),
+        (
+            {
+                "event": "reserve",
+                "model": "demo",
+                "reserved_bytes": {"cpu": 2 * 1024**3},
+                "reason": "its warm-up peaked",
+            },
+            "reserving 2.0 GiB on cpu instead: its warm-up peaked",
+        ),
+        (
+            {"event": "rung_lower", "model": "demo", "failed_rung": "gpu", "rung": "cpu", "reason": "needs 9 GiB"},
+            "gpu does not fit: needs 9 GiB; trying cpu",
+        ),
+        (
+            {"event": "retry", "model": "demo", "rung": "cpu", "reserved_bytes": {"cpu": 1024**3}, "reason": "killed"},
+            "trying cpu again, reserving 1.0 GiB on cpu: killed",
+        ),
+        (
+            {"event": "learned", "model": "demo", "rung": "cpu", "next_reserved_bytes": {"cpu": 1024**3}},
+            "learned: as cpu it needs 1.0 GiB on cpu",
+        ),
+        ({"event": "phase", "model": "other", "phase": "map", "seconds": 1.0}, None),
+    ],
+)
 def test_progress_line(event: dict[str, Any], line: str | None) -> None:
     assert progress_line(PoolEvent.from_json({"seq": 1, **event}), "demo") == line
 
@@ -380,8 +448,9 @@ def test_nothing_listening_is_one_line_with_the_hint(args: list[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = cli(*args, "--url", url)
     assert result.exit_code == 1
-    assert result.stderr == (f"error: no memserve server at {url} (connection refused); start one with "
-                             "memserve serve, or pass --url\n")
+    assert result.stderr == (
+        f"error: no memserve server at {url} (connection refused); start one with memserve serve, or pass --url\n"
+    )
 
 
 def test_default_url_comes_from_the_environment_then_the_builtin() -> None:
@@ -428,27 +497,40 @@ def test_a_url_that_is_not_http_is_a_usage_error() -> None:
 # --- formatting -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("delta_seconds", "text"), [
-    (-5, "now"), (0, "now"), (45, "in 45s"), (250, "in 4m"), (3600, "in 1h"), (4000, "in 1h 6m"),
-    (2 * 86400, "in 2d"), (200_000, "in 2d 7h"),
-])
+@pytest.mark.parametrize(
+    ("delta_seconds", "text"),
+    [
+        (-5, "now"),
+        (0, "now"),
+        (45, "in 45s"),
+        (250, "in 4m"),
+        (3600, "in 1h"),
+        (4000, "in 1h 6m"),
+        (2 * 86400, "in 2d"),
+        (200_000, "in 2d 7h"),
+    ],
+)
 def test_format_relative(delta_seconds: float, text: str) -> None:
     assert format_relative(delta_seconds) == text
 
 
-@pytest.mark.parametrize(("overrides", "text"), [
-    ({"expires_at": NOW + 90}, "in 1m"),
-    ({"expires_at": None, "leases": 0}, "never"),
-    ({"expires_at": None, "leases": 0, "pinned": True}, "never (pinned)"),
-    ({"expires_at": None, "leases": 2}, "in use"),
-    ({"expires_at": None, "state": "loading"}, "-"),
-    ({"expires_at": NOW + 90, "state": "failed"}, "-"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "text"),
+    [
+        ({"expires_at": NOW + 90}, "in 1m"),
+        ({"expires_at": None, "leases": 0}, "never"),
+        ({"expires_at": None, "leases": 0, "pinned": True}, "never (pinned)"),
+        ({"expires_at": None, "leases": 2}, "in use"),
+        ({"expires_at": None, "state": "loading"}, "-"),
+        ({"expires_at": NOW + 90, "state": "failed"}, "-"),
+    ],
+)
 def test_format_expiry(overrides: dict[str, Any], text: str) -> None:
     assert format_expiry(ModelRow.model_validate(demo_row(**overrides)), NOW) == text
 
 
-@pytest.mark.parametrize(("used", "total", "cells"), [(0, 100, 0), (1, 10**9, 1), (50, 100, 5), (100, 100, 10),
-                                                      (300, 100, 10)])
+@pytest.mark.parametrize(
+    ("used", "total", "cells"), [(0, 100, 0), (1, 10**9, 1), (50, 100, 5), (100, 100, 10), (300, 100, 10)]
+)
 def test_usage_bar_fills_by_fraction(used: int, total: int, cells: int) -> None:
     assert usage_bar(used, total).plain == "▕" + "█" * cells + "░" * (10 - cells) + "▏"

@@ -27,8 +27,16 @@ serve_module = importlib.import_module("memserve.cli.serve")  # the package's ``
 
 @pytest.mark.parametrize(
     ("host", "loopback"),
-    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True),
-     ("0.0.0.0", False), ("::", False), ("192.168.1.4", False), ("example.com", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.4", False),
+        ("example.com", False),
+    ],
 )
 def test_only_loopback_binds_are_quiet(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
@@ -65,7 +73,8 @@ def nothing_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
 
 
 def test_a_port_in_use_is_its_own_exit_status_before_anything_is_checked(
-        held_port: int, nothing_runs: list[str], tmp_path: Path) -> None:
+    held_port: int, nothing_runs: list[str], tmp_path: Path
+) -> None:
     result = CliRunner().invoke(main, ["serve", "--port", str(held_port), "--model", f"m={tmp_path / 'nope'}"])
     assert result.exit_code == EXIT_CANNOT_LISTEN == 4, result.output
     assert f"error: cannot listen on 127.0.0.1:{held_port}: the port is in use" in result.output
@@ -74,12 +83,25 @@ def test_a_port_in_use_is_its_own_exit_status_before_anything_is_checked(
 
 
 def test_a_mistyped_source_stops_serve_naming_the_model_and_the_nearest_name(
-        tiny_model_dir: Path, nothing_runs: list[str], tmp_path: Path) -> None:
+    tiny_model_dir: Path, nothing_runs: list[str], tmp_path: Path
+) -> None:
     models = tmp_path / "models"
     models.mkdir()
     os.symlink(tiny_model_dir, models / "demo-tiny")
-    result = CliRunner().invoke(main, ["serve", "--port", "0", "--model", f"good={models / 'demo-tiny'}",
-                                       "--model", "typo=models/demo-tinyy", "--model", "empty=models"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            f"good={models / 'demo-tiny'}",
+            "--model",
+            "typo=models/demo-tinyy",
+            "--model",
+            "empty=models",
+        ],
+    )
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error: model")]
     assert len(lines) == 2, result.output  # every bad one, not only the first
@@ -90,7 +112,8 @@ def test_a_mistyped_source_stops_serve_naming_the_model_and_the_nearest_name(
 
 
 def test_a_hub_id_is_reported_not_fetched_and_the_bound_port_is_released(
-        tiny_model_dir: Path, nothing_runs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_model_dir: Path, nothing_runs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[int] = []
 
     def run(settings: Any, sockets: list[socket.socket]) -> bool:
@@ -98,8 +121,9 @@ def test_a_hub_id_is_reported_not_fetched_and_the_bound_port_is_released(
         return True
 
     monkeypatch.setattr(serve_module, "_run", run)
-    result = CliRunner().invoke(main, ["serve", "--port", "0", "--model", f"local={tiny_model_dir}",
-                                       "--model", "remote=org/some-model"])
+    result = CliRunner().invoke(
+        main, ["serve", "--port", "0", "--model", f"local={tiny_model_dir}", "--model", "remote=org/some-model"]
+    )
     assert result.exit_code == 0, result.output
     assert "warning: model 'remote' (org/some-model): not in the local Hugging Face cache" in result.output
     assert seen and seen[0] != 0
@@ -118,7 +142,8 @@ def test_listening_sockets_share_one_port_and_say_why_they_cannot(held_port: int
         listening_sockets("127.0.0.1", held_port)
     assert raised.value.errno == errno.EADDRINUSE
     assert bind_error_message("127.0.0.1", 80, OSError(errno.EACCES, "Permission denied")).startswith(
-        "cannot listen on 127.0.0.1:80: permission denied")
+        "cannot listen on 127.0.0.1:80: permission denied"
+    )
     with pytest.raises(OSError) as unknown:
         listening_sockets("no-such-host.invalid", 0)
     assert "is not a name or address of this machine" in bind_error_message("no-such-host.invalid", 0, unknown.value)
@@ -128,8 +153,13 @@ def test_serve_listens_on_the_socket_it_bound_and_stops_cleanly(tmp_path: Path) 
     """A real gateway (no models): port 0 is reported as the port it got; SIGTERM ends it after a graceful stop."""
     env = {**os.environ, "MEMSERVE_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
     env.pop("MEMSERVE_CONFIG", None)
-    process = subprocess.Popen([sys.executable, "-m", "memserve", "serve", "--port", "0"], cwd=tmp_path, env=env,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memserve", "serve", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stderr is not None
         line = process.stderr.readline()

@@ -24,8 +24,11 @@ LONG = {"model": "long", "prompt": "a", "temperature": 0}  # a completion the lo
 def long_gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Any:
     """A model with a long context, loaded before the tests, and a one-second request deadline."""
     tmp = tmp_path_factory.mktemp("deadline")
-    settings = settings_for(tmp, [ModelConfig(name="long", source=str(tiny_model_dir), context_tokens=2048,
-                                              concurrency=2)], request_timeout_seconds=1.0)
+    settings = settings_for(
+        tmp,
+        [ModelConfig(name="long", source=str(tiny_model_dir), context_tokens=2048, concurrency=2)],
+        request_timeout_seconds=1.0,
+    )
     with gateway(settings, host(4 * GiB)) as (origin, pool):
         assert httpx.post(f"{origin}/api/load", json={"model": "long"}, timeout=120).status_code == 200
         yield origin, pool
@@ -61,8 +64,9 @@ def test_request_timeout_ends_a_runaway_request_with_a_clear_error(long_gateway:
     whole = httpx.post(f"{origin}/v1/completions", json={**LONG, "max_tokens": 2000}, timeout=60)
     assert whole.status_code == 504 and whole.json()["error"]["code"] == "request_timeout", whole.text
     assert "request_timeout" in whole.json()["error"]["message"]
-    with httpx.stream("POST", f"{origin}/v1/completions", json={**LONG, "max_tokens": 2000, "stream": True},
-                      timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{origin}/v1/completions", json={**LONG, "max_tokens": 2000, "stream": True}, timeout=60
+    ) as response:
         assert response.status_code == 200
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"

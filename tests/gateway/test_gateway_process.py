@@ -45,8 +45,19 @@ HEADROOM = 64 * MiB
 
 def host(budget_bytes: int) -> Inventory:
     """A cpu-only host whose usable memory is ``budget_bytes`` minus a small headroom."""
-    return Inventory((Device("cpu", "cpu", 24 * GiB, 20 * GiB, budget_bytes=budget_bytes, headroom_bytes=HEADROOM,
-                             description="test host"),))
+    return Inventory(
+        (
+            Device(
+                "cpu",
+                "cpu",
+                24 * GiB,
+                20 * GiB,
+                budget_bytes=budget_bytes,
+                headroom_bytes=HEADROOM,
+                description="test host",
+            ),
+        )
+    )
 
 
 def local(name: str, source: Path, **extra: Any) -> ModelConfig:
@@ -75,8 +86,11 @@ def _free_port() -> int:
 
 def runner_pids() -> list[int]:
     me = psutil.Process()
-    return [p.pid for p in me.children(recursive=True)
-            if "memserve.runner" in " ".join(_cmdline(p)) and p.status() != psutil.STATUS_ZOMBIE]
+    return [
+        p.pid
+        for p in me.children(recursive=True)
+        if "memserve.runner" in " ".join(_cmdline(p)) and p.status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -87,8 +101,14 @@ def _cmdline(process: psutil.Process) -> list[str]:
 
 
 def settings_for(tmp_path: Path, models: list[ModelConfig], **extra: Any) -> Settings:
-    return Settings(models=models, data_dir=tmp_path / "data", memory_wait_seconds=5,
-                    watchdog_interval_seconds=0.1, watchdog_loading_interval_seconds=0.02, **extra)
+    return Settings(
+        models=models,
+        data_dir=tmp_path / "data",
+        memory_wait_seconds=5,
+        watchdog_interval_seconds=0.1,
+        watchdog_loading_interval_seconds=0.02,
+        **extra,
+    )
 
 
 def chat(origin: str, model: str, **extra: Any) -> httpx.Response:
@@ -110,8 +130,9 @@ def test_two_clients_on_two_endpoints_share_one_runner(tmp_path: Path, tiny_mode
             results["chat"] = chat(origin, "demo")
 
         def second() -> None:
-            results["text"] = httpx.post(f"{origin}/v1/completions", timeout=120,
-                                         json={"model": "demo", "prompt": "once upon", "max_tokens": 8})
+            results["text"] = httpx.post(
+                f"{origin}/v1/completions", timeout=120, json={"model": "demo", "prompt": "once upon", "max_tokens": 8}
+            )
 
         threads = [threading.Thread(target=first), threading.Thread(target=second)]
         for t in threads:
@@ -129,19 +150,27 @@ def test_two_clients_on_two_endpoints_share_one_runner(tmp_path: Path, tiny_mode
 
         client = openai.OpenAI(base_url=f"{origin}/v1", api_key="unused")
         try:
-            pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                model="demo", messages=CHAT["messages"], max_tokens=8, temperature=0, stream=True) if c.choices]
+            pieces = [
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(
+                    model="demo", messages=CHAT["messages"], max_tokens=8, temperature=0, stream=True
+                )
+                if c.choices
+            ]
             assert "".join(pieces)
-            whole = client.chat.completions.create(model="demo", messages=CHAT["messages"], max_tokens=8,
-                                                   temperature=0)
+            whole = client.chat.completions.create(model="demo", messages=CHAT["messages"], max_tokens=8, temperature=0)
             assert whole.choices[0].message.content == "".join(pieces)  # greedy: streamed equals whole
         finally:
             client.close()
         if shutil.which("curl"):
             payload = json.dumps({**CHAT, "model": "demo", "stream": True})
-            out = subprocess.run(["curl", "-sN", f"{origin}/v1/chat/completions",
-                                  "-H", "Content-Type: application/json", "-d", payload],
-                                 capture_output=True, text=True, timeout=60, check=True).stdout
+            out = subprocess.run(
+                ["curl", "-sN", f"{origin}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", payload],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
             assert out.rstrip().endswith("data: [DONE]") and '"content"' in out
         assert runner_pids() == [rows[0]["pid"]]
 
@@ -157,9 +186,12 @@ def test_sigterm_drains_and_stops_the_runners(tmp_path: Path, tiny_model_dir: Pa
     port = _free_port()
     origin = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MEMSERVE_DATA_DIR": str(tmp_path / "data")}
-    gateway_proc = subprocess.Popen([sys.executable, "-m", "memserve", "serve", "--model", f"demo={tiny_model_dir}",
-                                     "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+    gateway_proc = subprocess.Popen(
+        [sys.executable, "-m", "memserve", "serve", "--model", f"demo={tiny_model_dir}", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -180,11 +212,14 @@ def test_sigterm_drains_and_stops_the_runners(tmp_path: Path, tiny_model_dir: Pa
             gateway_proc.wait()
 
 
-def test_budget_for_one_model_swaps_them_and_idle_models_expire(tmp_path: Path, tiny_model_dir: Path,
-                                                               tiny_qwen_dir: Path) -> None:
+def test_budget_for_one_model_swaps_them_and_idle_models_expire(
+    tmp_path: Path, tiny_model_dir: Path, tiny_qwen_dir: Path
+) -> None:
     budget = room_for_one(tiny_model_dir, tiny_qwen_dir)
-    settings = settings_for(tmp_path, [local("llama", tiny_model_dir, keep_alive_seconds=60),
-                                       local("qwen", tiny_qwen_dir, keep_alive_seconds=60)])
+    settings = settings_for(
+        tmp_path,
+        [local("llama", tiny_model_dir, keep_alive_seconds=60), local("qwen", tiny_qwen_dir, keep_alive_seconds=60)],
+    )
     with gateway(settings, host(budget)) as (origin, pool):
         usable = pool.ledger.usable_bytes()["cpu"]
         pids = []
@@ -209,8 +244,9 @@ def test_budget_for_one_model_swaps_them_and_idle_models_expire(tmp_path: Path, 
         assert any(e["event"] == "stopped" and "keep_alive" in e["reason"] for e in pool.events)
 
 
-def test_kill_9_mid_stream_fails_that_stream_and_the_next_request_reloads(tmp_path: Path, tiny_model_dir: Path,
-                                                                          tiny_qwen_dir: Path) -> None:
+def test_kill_9_mid_stream_fails_that_stream_and_the_next_request_reloads(
+    tmp_path: Path, tiny_model_dir: Path, tiny_qwen_dir: Path
+) -> None:
     settings = settings_for(tmp_path, [local("llama", tiny_model_dir), local("qwen", tiny_qwen_dir)])
     with gateway(settings, host(4 * GiB)) as (origin, _):
         assert chat(origin, "qwen").status_code == 200
@@ -244,7 +280,8 @@ def test_kill_9_mid_stream_fails_that_stream_and_the_next_request_reloads(tmp_pa
 
 
 def test_a_load_that_lies_is_killed_by_the_watchdog_before_the_budget_is_crossed(
-        tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(TEST_EXTRA_BYTES_ENV, "liar=3GiB")  # this runner uses 3 GiB more than its plan
     budget = room_for_one(tiny_model_dir)
     settings = settings_for(tmp_path, [local("liar", tiny_model_dir)], watchdog_tolerance_min_bytes=64 * MiB)
@@ -289,10 +326,14 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
     with serve_fake(FakeOpenAI(models=("m1",))) as fake, nothing_listening() as dead:
         settings = settings_for(
             tmp_path,
-            [ModelConfig(name="big", source=str(big), context_tokens=4096, fallback="fake/m1"),
-             ModelConfig(name="big2", source=str(big), context_tokens=4096, fallback="dead/x")],
-            providers=[ProviderConfig(name="fake", base_url=fake.base_url, api_key_env="FAKE_KEY", models=["m1"]),
-                       ProviderConfig(name="dead", base_url=dead, models=["x"])],
+            [
+                ModelConfig(name="big", source=str(big), context_tokens=4096, fallback="fake/m1"),
+                ModelConfig(name="big2", source=str(big), context_tokens=4096, fallback="dead/x"),
+            ],
+            providers=[
+                ProviderConfig(name="fake", base_url=fake.base_url, api_key_env="FAKE_KEY", models=["m1"]),
+                ProviderConfig(name="dead", base_url=dead, models=["x"]),
+            ],
             max_body_bytes=4096,
         )
         os.environ["FAKE_KEY"] = "sekrit"
@@ -302,8 +343,12 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
                 assert direct.status_code == 200 and direct.json()["model"] == "m1"
                 assert fake.requests[-1].authorization == "Bearer sekrit"
 
-                with httpx.stream("POST", f"{origin}/v1/chat/completions", timeout=30,
-                                  json={**CHAT, "model": "fake/m1", "stream": True}) as response:
+                with httpx.stream(
+                    "POST",
+                    f"{origin}/v1/chat/completions",
+                    timeout=30,
+                    json={**CHAT, "model": "fake/m1", "stream": True},
+                ) as response:
                     streamed = [line for line in response.iter_lines() if line.startswith("data: ")]
                 assert streamed[-1] == "data: [DONE]" and len(streamed) > 2
 
@@ -323,8 +368,7 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
                 unknown = chat(origin, "bgi")
                 assert unknown.status_code == 404 and "big" in unknown.json()["error"]["message"]
                 as_json = {"content-type": "application/json"}
-                too_big = httpx.post(f"{origin}/v1/chat/completions", content=b"x" * 5000, headers=as_json,
-                                     timeout=10)
+                too_big = httpx.post(f"{origin}/v1/chat/completions", content=b"x" * 5000, headers=as_json, timeout=10)
                 assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
                 bad_load = httpx.post(f"{origin}/api/load", json={"model": "big", "colour": 1}, timeout=10)
                 assert bad_load.status_code == 400 and bad_load.json()["error"]["param"] == "colour"
@@ -338,7 +382,8 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
                 wrong_method = httpx.get(f"{origin}/v1/chat/completions", timeout=10)  # not the fast path: FastAPI
                 assert wrong_method.status_code == 405
                 assert wrong_method.json()["error"]["message"] == (
-                    "GET /v1/chat/completions is not allowed; use POST /v1/chat/completions")
+                    "GET /v1/chat/completions is not allowed; use POST /v1/chat/completions"
+                )
 
                 fit = httpx.get(f"{origin}/api/fit", params={"model": "big"}, timeout=30).json()
                 assert fit["plan"] is None and "does not fit" in fit["nofit"]["message"]
@@ -346,7 +391,9 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
                 assert memory["devices"]["cpu"]["usable_bytes"] == 2 * GiB - HEADROOM
                 events = httpx.get(f"{origin}/api/events").json()["events"]
                 assert [(e["model"], e["code"]) for e in events if e["event"] == "refused"] == [
-                    ("big", "insufficient_memory"), ("big2", "insufficient_memory")]
+                    ("big", "insufficient_memory"),
+                    ("big2", "insufficient_memory"),
+                ]
 
                 models = {m["id"] for m in httpx.get(f"{origin}/v1/models").json()["data"]}
                 assert models == {"big", "big2", "fake/m1", "dead/x"}
@@ -356,7 +403,8 @@ def test_providers_fallback_and_bad_input(tmp_path: Path) -> None:
 
 
 def test_the_gateway_never_imports_torch() -> None:
-    code = ("import sys, memserve.cli, memserve.gateway.app, memserve.pool.pool, memserve.config; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, memserve.cli, memserve.gateway.app, memserve.pool.pool, memserve.config; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-

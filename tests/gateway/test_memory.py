@@ -13,8 +13,9 @@ from memserve.pool.pool import ModelPool
 from tests.gateway.test_gateway_process import GiB, host, settings_for
 
 
-def test_api_memory_shows_the_container_as_the_watchdog_reads_it(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_memory_shows_the_container_as_the_watchdog_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     inside_a_container = HostMemory(total_bytes=8 * GiB, available_bytes=2 * GiB)  # psutil would say the host's
     monkeypatch.setattr(gateway_app, "host_memory", lambda: inside_a_container)
     settings = settings_for(tmp_path, [])

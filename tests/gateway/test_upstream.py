@@ -73,18 +73,19 @@ class Stack:
     done: DoneLog
 
 
-def make_gateway(tcp: FakeOpenAI, uds: FakeOpenAI, down_url: str, missing_socket: Path,
-                 done: DoneLog) -> FastAPI:
+def make_gateway(tcp: FakeOpenAI, uds: FakeOpenAI, down_url: str, missing_socket: Path, done: DoneLog) -> FastAPI:
     upstreams: dict[str, Upstream] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         uds_transport = RunnerTransport(str(uds.uds))  # as the gateway reaches runners: straight to it
         missing_transport = RunnerTransport(str(missing_socket))
-        async with httpx.AsyncClient(timeout=5) as client, \
-                httpx.AsyncClient(transport=uds_transport, timeout=5) as uds_client, \
-                httpx.AsyncClient(transport=missing_transport, timeout=5) as missing_client, \
-                httpx.AsyncClient(timeout=httpx.Timeout(5, read=0.3)) as impatient_client:
+        async with (
+            httpx.AsyncClient(timeout=5) as client,
+            httpx.AsyncClient(transport=uds_transport, timeout=5) as uds_client,
+            httpx.AsyncClient(transport=missing_transport, timeout=5) as missing_client,
+            httpx.AsyncClient(timeout=httpx.Timeout(5, read=0.3)) as impatient_client,
+        ):
             upstreams.update(
                 tcp=Upstream("provider fake", tcp.base_url, client),
                 keyed=Upstream("provider fake", tcp.base_url, client, api_key=API_KEY),
@@ -105,8 +106,14 @@ def make_gateway(tcp: FakeOpenAI, uds: FakeOpenAI, down_url: str, missing_socket
     async def proxy(target: str, endpoint: str, request: Request) -> Response:
         body = await request.json()
         test_id = request.headers["x-test-id"]
-        return await forward(upstreams[target], f"/{endpoint}", body, stream=bool(body.get("stream")),
-                             on_done=lambda: done.record(test_id), headers={FALLBACK_HEADER: "fake"})
+        return await forward(
+            upstreams[target],
+            f"/{endpoint}",
+            body,
+            stream=bool(body.get("stream")),
+            on_done=lambda: done.record(test_id),
+            headers={FALLBACK_HEADER: "fake"},
+        )
 
     return app
 
@@ -115,8 +122,11 @@ def make_gateway(tcp: FakeOpenAI, uds: FakeOpenAI, down_url: str, missing_socket
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     sockets = tmp_path_factory.mktemp("sockets")
     done = DoneLog()
-    with serve_fake(FakeOpenAI(models=MODELS)) as tcp, \
-            serve_fake(FakeOpenAI(models=MODELS), uds=sockets / "fake.sock") as uds, nothing_listening() as down_url:
+    with (
+        serve_fake(FakeOpenAI(models=MODELS)) as tcp,
+        serve_fake(FakeOpenAI(models=MODELS), uds=sockets / "fake.sock") as uds,
+        nothing_listening() as down_url,
+    ):
         gateway = make_gateway(tcp, uds, down_url, sockets / "missing.sock", done)
         with serve_app(gateway, lifespan=True) as origin, httpx.Client(base_url=origin, timeout=10) as client:
             yield Stack(client, tcp, uds, down_url, done)
@@ -132,8 +142,12 @@ def fake_for(stack: Stack, target: str) -> FakeOpenAI:
     return stack.uds if target == "uds" else stack.tcp
 
 
-def post(stack: Stack, target: str, body: dict[str, Any], endpoint: str = "chat/completions",
-         ) -> tuple[httpx.Response, str]:
+def post(
+    stack: Stack,
+    target: str,
+    body: dict[str, Any],
+    endpoint: str = "chat/completions",
+) -> tuple[httpx.Response, str]:
     test_id = uuid.uuid4().hex
     response = stack.client.post(f"/{target}/v1/{endpoint}", json=body, headers={"x-test-id": test_id})
     return response, test_id
@@ -219,14 +233,28 @@ def test_openai_errors_pass_through_with_status_and_retry_after(stack: Stack, st
     assert stack.done.wait(test_id) == 1
 
 
-@pytest.mark.parametrize(("status", "body", "expected_type", "expected_code", "expected_text"), [
-    (404, {"detail": "Not Found"}, "not_found_error", None, "without an OpenAI error body"),
-    (400, {"object": "error", "message": "maximum context length is 2048 tokens", "type": "BadRequestError",
-           "param": None, "code": 400}, "BadRequestError", "400", "maximum context length is 2048 tokens"),
-])
-def test_other_json_errors_are_rewrapped_in_the_openai_shape(stack: Stack, status: int, body: dict[str, Any],
-                                                            expected_type: str, expected_code: str | None,
-                                                            expected_text: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "body", "expected_type", "expected_code", "expected_text"),
+    [
+        (404, {"detail": "Not Found"}, "not_found_error", None, "without an OpenAI error body"),
+        (
+            400,
+            {
+                "object": "error",
+                "message": "maximum context length is 2048 tokens",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            },
+            "BadRequestError",
+            "400",
+            "maximum context length is 2048 tokens",
+        ),
+    ],
+)
+def test_other_json_errors_are_rewrapped_in_the_openai_shape(
+    stack: Stack, status: int, body: dict[str, Any], expected_type: str, expected_code: str | None, expected_text: str
+) -> None:
     stack.tcp.script = Script(error_status=status, error_body=body)
     response, test_id = post(stack, "tcp", CHAT)
     assert response.status_code == status
@@ -282,7 +310,7 @@ def test_stream_broken_off_ends_with_an_error_event_and_done(stack: Stack, die_m
     assert relayed.count(b"\n\n") == 3  # the role chunk and two tokens (plus half an event)
     assert relayed.endswith(b"half-an-ev") is die_mid_event
     assert response.content.startswith(relayed)
-    rest = response.content[len(relayed):]
+    rest = response.content[len(relayed) :]
     if die_mid_event:
         assert rest.startswith(b"\n\n")
     error_data, done_data = events(rest)
@@ -313,8 +341,9 @@ def test_client_disconnect_closes_the_upstream_promptly(stack: Stack, target: st
     fake = fake_for(stack, target)
     fake.script = SLOW  # 10 s if nobody hangs up
     test_id = uuid.uuid4().hex
-    with stack.client.stream("POST", f"/{target}/v1/chat/completions", json={**CHAT, "stream": True},
-                             headers={"x-test-id": test_id}) as response:
+    with stack.client.stream(
+        "POST", f"/{target}/v1/chat/completions", json={**CHAT, "stream": True}, headers={"x-test-id": test_id}
+    ) as response:
         # Held, not looped over with ``for ... break``: the break would drop the last reference to the
         # generator, whose close makes httpcore close the connection there and then, so the client would
         # already be gone while the asserts below still expect it connected (a race the gateway won on a
@@ -354,8 +383,13 @@ def test_relay_closes_the_upstream_when_a_send_fails(stack: Stack) -> None:
 
         async with httpx.AsyncClient(timeout=5) as client:
             upstream = Upstream("provider fake", stack.tcp.base_url, client)
-            response = await forward(upstream, "/chat/completions", {**CHAT, "stream": True}, stream=True,
-                                     on_done=lambda: done_calls.append("done"))
+            response = await forward(
+                upstream,
+                "/chat/completions",
+                {**CHAT, "stream": True},
+                stream=True,
+                on_done=lambda: done_calls.append("done"),
+            )
             with pytest.raises(ClientDisconnect):
                 await response(scope, receive, send)
             return await asyncio.to_thread(stack.tcp.disconnected.wait, 1.0)  # response still referenced
@@ -370,8 +404,9 @@ def test_a_body_given_as_bytes_reaches_the_upstream_unchanged(stack: Stack) -> N
 
     async def send() -> int:
         async with httpx.AsyncClient(timeout=5) as client:
-            response = await forward(Upstream("provider fake", stack.tcp.base_url, client), "/chat/completions",
-                                     raw, stream=False)
+            response = await forward(
+                Upstream("provider fake", stack.tcp.base_url, client), "/chat/completions", raw, stream=False
+            )
             return response.status_code
 
     assert asyncio.run(send()) == 200
@@ -381,8 +416,10 @@ def test_a_body_given_as_bytes_reaches_the_upstream_unchanged(stack: Stack) -> N
 
 
 def test_the_upstream_module_imports_neither_torch_nor_the_runner() -> None:
-    code = ("import sys, memserve.gateway.upstream\n"
-            "print(sorted({'torch', 'transformers', 'memserve.runner'} & set(sys.modules)))")
+    code = (
+        "import sys, memserve.gateway.upstream\n"
+        "print(sorted({'torch', 'transformers', 'memserve.runner'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
     assert result.stdout.strip() == "[]"
 

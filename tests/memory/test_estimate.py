@@ -30,14 +30,18 @@ def facts(config: dict, **extra: object) -> CheckpointFacts:
     return facts_from({**config, **extra}, tensors_for({**config, **extra}), source="m")
 
 
-@pytest.mark.parametrize(("context", "concurrency", "pages"), [
-    (64, 1, 2 + KV_TRASH_PAGES),  # one whole page plus one page of slack
-    (65, 1, 3 + KV_TRASH_PAGES),  # a token more rounds up to another page
-    (1000, 2, 2 * 17 + KV_TRASH_PAGES),
-    (2048, 8, 8 * 33 + KV_TRASH_PAGES),
-])
-def test_paged_tokens_are_whole_pages_per_sequence_plus_slack_and_trash(context: int, concurrency: int,
-                                                                        pages: int) -> None:
+@pytest.mark.parametrize(
+    ("context", "concurrency", "pages"),
+    [
+        (64, 1, 2 + KV_TRASH_PAGES),  # one whole page plus one page of slack
+        (65, 1, 3 + KV_TRASH_PAGES),  # a token more rounds up to another page
+        (1000, 2, 2 * 17 + KV_TRASH_PAGES),
+        (2048, 8, 8 * 33 + KV_TRASH_PAGES),
+    ],
+)
+def test_paged_tokens_are_whole_pages_per_sequence_plus_slack_and_trash(
+    context: int, concurrency: int, pages: int
+) -> None:
     assert paged_tokens(context, concurrency) == pages * KV_PAGE_TOKENS
 
 
@@ -79,8 +83,9 @@ def test_eager_attention_adds_its_scores_in_the_model_dtype_and_fp32() -> None:
     sdpa = facts(LLAMA3_8B)
     eager = replace(sdpa, eager_attention=True)
     scores = 2048 * (4 * 2048) * 32 * (2 + 4)
-    assert attention_bytes(eager, "bfloat16", 2048, 4, 2048) - attention_bytes(sdpa, "bfloat16", 2048, 4, 2048) \
-        == scores
+    assert (
+        attention_bytes(eager, "bfloat16", 2048, 4, 2048) - attention_bytes(sdpa, "bfloat16", 2048, 4, 2048) == scores
+    )
 
 
 def test_gemma2_soft_capping_means_eager_attention() -> None:
@@ -96,21 +101,28 @@ def test_activations_take_the_larger_of_attention_and_mlp_over_the_residual_stre
     attention = attention_bytes(f, "bfloat16", tokens, concurrency, context)
     assert mlp > attention
     hidden = tokens * HIDDEN_TENSORS * 4096 * 2
-    expected = (mask_bytes(f, "bfloat16", tokens, concurrency, context) + hidden + mlp
-                + concurrency * (128256 * (4 + 2) + SERVING_BYTES_PER_SEQUENCE))
+    expected = (
+        mask_bytes(f, "bfloat16", tokens, concurrency, context)
+        + hidden
+        + mlp
+        + concurrency * (128256 * (4 + 2) + SERVING_BYTES_PER_SEQUENCE)
+    )
     assert activation_bytes(f, "bfloat16", tokens, concurrency, context) == expected
     # many long sequences read more K/V than a chunk's MLP holds: attention decides
     many = activation_bytes(f, "bfloat16", tokens, 64, 8192) - mask_bytes(f, "bfloat16", tokens, 64, 8192)
-    assert many == hidden + attention_bytes(f, "bfloat16", tokens, 64, 8192) \
-        + 64 * (128256 * 6 + SERVING_BYTES_PER_SEQUENCE)
+    assert many == hidden + attention_bytes(f, "bfloat16", tokens, 64, 8192) + 64 * (
+        128256 * 6 + SERVING_BYTES_PER_SEQUENCE
+    )
 
 
 def test_a_forward_costs_at_least_the_measured_floor_per_token() -> None:
-    narrow = facts(LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
-                   vocab_size=1024)
+    narrow = facts(
+        LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024
+    )
     floor = 2048 * FORWARD_BYTES_PER_TOKEN
     assert activation_bytes(narrow, "float32", 2048, 1, 2048) == (
-        mask_bytes(narrow, "float32", 2048, 1, 2048) + floor + 1024 * (4 + 4) + SERVING_BYTES_PER_SEQUENCE)
+        mask_bytes(narrow, "float32", 2048, 1, 2048) + floor + 1024 * (4 + 4) + SERVING_BYTES_PER_SEQUENCE
+    )
 
 
 def test_the_generate_engine_caches_exactly_what_its_rows_hold() -> None:
@@ -128,18 +140,22 @@ def test_the_generate_engine_reads_only_its_own_rows_keys_and_preallocates_nothi
     mask = tokens * context  # one bool per query row's chunk token and key
     assert generate_attention_bytes(gqa, "bfloat16", tokens, rows, context) == repeated + mask + query
     eager = replace(gqa, eager_attention=True)  # each chunk token scores its own row's keys only
-    assert generate_attention_bytes(eager, "bfloat16", tokens, rows, context) \
-        - generate_attention_bytes(gqa, "bfloat16", tokens, rows, context) == tokens * context * 32 * (2 + 4)
+    assert generate_attention_bytes(eager, "bfloat16", tokens, rows, context) - generate_attention_bytes(
+        gqa, "bfloat16", tokens, rows, context
+    ) == tokens * context * 32 * (2 + 4)
     # no masks kept, no per-token floor: the narrow model's forward is its tensors
-    narrow = facts(LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
-                   vocab_size=1024)
+    narrow = facts(
+        LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024
+    )
     hidden = tokens * HIDDEN_TENSORS * 64 * 4
     attention = generate_attention_bytes(narrow, "float32", tokens, rows, context)
     assert attention > tokens * 3 * 160 * 4
     assert activation_bytes(narrow, "float32", tokens, rows, context, engine=GENERATE) == (
-        hidden + attention + rows * (1024 * (4 + 4) + SERVING_BYTES_PER_SEQUENCE))
-    assert activation_bytes(narrow, "float32", tokens, rows, context, engine=GENERATE) \
-        < activation_bytes(narrow, "float32", tokens, rows, context)
+        hidden + attention + rows * (1024 * (4 + 4) + SERVING_BYTES_PER_SEQUENCE)
+    )
+    assert activation_bytes(narrow, "float32", tokens, rows, context, engine=GENERATE) < activation_bytes(
+        narrow, "float32", tokens, rows, context
+    )
 
 
 def test_experts_stored_one_tensor_each_count_twice_where_weights_stay_mapped() -> None:

@@ -49,8 +49,15 @@ def cpu(total_gib: float, free_gib: float | None = None) -> Device:
 
 def gpu(index: int, total_gib: float, cc: tuple[int, int] = (8, 9), name: str = "GPU") -> Device:
     total = int(total_gib * GiB)
-    return Device(f"cuda:{index}", "cuda", total, total - 300 * MiB, headroom_bytes=512 * MiB,
-                  description=name, compute_capability=cc)
+    return Device(
+        f"cuda:{index}",
+        "cuda",
+        total,
+        total - 300 * MiB,
+        headroom_bytes=512 * MiB,
+        description=name,
+        compute_capability=cc,
+    )
 
 
 L4 = Inventory((cpu(64), gpu(0, 24, name="NVIDIA L4")), bitsandbytes=True)
@@ -60,8 +67,18 @@ TWO_24 = Inventory((cpu(128), gpu(0, 24, name="RTX 4090"), gpu(1, 24, name="RTX 
 T4 = Inventory((cpu(32), gpu(0, 16, (7, 5), "Tesla T4")), bitsandbytes=True)
 CPU_16 = Inventory((cpu(16),))
 # what probe.cpu_device makes of an 8 GiB cgroup v2 limit on a 64 GiB host (see test_probe)
-CONTAINER_8 = Inventory((Device("cpu", "cpu", 8 * GiB, 7 * GiB, headroom_bytes=512 * MiB,
-                                description="cgroup v2 limit 8.0 GiB (host RAM 64.0 GiB)"),))
+CONTAINER_8 = Inventory(
+    (
+        Device(
+            "cpu",
+            "cpu",
+            8 * GiB,
+            7 * GiB,
+            headroom_bytes=512 * MiB,
+            description="cgroup v2 limit 8.0 GiB (host RAM 64.0 GiB)",
+        ),
+    )
+)
 
 # host, model, request → expected rung ("nofit" when nothing fits)
 LADDER = [
@@ -79,19 +96,24 @@ LADDER = [
     ("CPU 16GB: 8B, int8 asked, no GPU", CPU_16, LLAMA3_8B, Request(4096, quantization="int8"), "nofit"),
     ("8GiB container: 0.5B fits", CONTAINER_8, QWEN2_05B, Request(8192), "cpu"),
     ("8GiB container: 8B refused", CONTAINER_8, LLAMA3_8B, Request(4096), "nofit"),
-    ("8GiB container: 0.5B x64 long contexts needs a smaller context", CONTAINER_8, QWEN2_05B,
-     Request(32768, 64, min_context_tokens=1024), "smaller-context"),
+    (
+        "8GiB container: 0.5B x64 long contexts needs a smaller context",
+        CONTAINER_8,
+        QWEN2_05B,
+        Request(32768, 64, min_context_tokens=1024),
+        "smaller-context",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("host", "config", "request_", "expected"),
-                         [case[1:] for case in LADDER], ids=[case[0] for case in LADDER])
+@pytest.mark.parametrize(
+    ("host", "config", "request_", "expected"), [case[1:] for case in LADDER], ids=[case[0] for case in LADDER]
+)
 def test_ladder(host: Inventory, config: dict, request_: Request, expected: str) -> None:
     result = plan(facts(config), request_, host)
     chosen = result.plan.rung if result.plan else "nofit"
     assert chosen == expected, [(r.name, r.why) for r in result.rungs]
-    assert [r.name for r in result.rungs] == ["gpu", "gpu-int8", "gpu-4bit", "gpu-cpu-split", "cpu",
-                                             "smaller-context"]
+    assert [r.name for r in result.rungs] == ["gpu", "gpu-int8", "gpu-4bit", "gpu-cpu-split", "cpu", "smaller-context"]
     if result.plan:
         assert result.nofit is None
         # never reserve more than a device can give after headroom and budget
@@ -204,8 +226,12 @@ def test_smaller_context_is_the_largest_that_fits_and_never_below_the_floor() ->
 
 
 def test_nofit_names_needed_and_free_bytes_and_the_nearest_options() -> None:
-    result = plan(facts(QWEN25_14B, name="qwen2.5-14b"), Request(8192, quantization="none"), L4_NO_BNB,
-                  Policy(allow_split=False, allow_cpu=False))
+    result = plan(
+        facts(QWEN25_14B, name="qwen2.5-14b"),
+        Request(8192, quantization="none"),
+        L4_NO_BNB,
+        Policy(allow_split=False, allow_cpu=False),
+    )
     assert result.plan is None and result.nofit is not None
     message = result.nofit.message
     assert message.startswith("qwen2.5-14b does not fit")
@@ -213,8 +239,9 @@ def test_nofit_names_needed_and_free_bytes_and_the_nearest_options() -> None:
     assert result.nofit.closest_rung == "gpu"
     assert any("gpu-cpu-split" in a for a in result.nofit.alternatives)
 
-    quant_refused = plan(facts(QWEN25_14B), Request(8192, quantization="none"), L4, Policy(allow_split=False,
-                                                                                          allow_cpu=False))
+    quant_refused = plan(
+        facts(QWEN25_14B), Request(8192, quantization="none"), L4, Policy(allow_split=False, allow_cpu=False)
+    )
     assert quant_refused.nofit is not None
     assert any("gpu-int8" in a and "--quantization none" in a for a in quant_refused.nofit.alternatives)
 
@@ -314,7 +341,8 @@ def test_nofit_when_the_only_rung_that_fits_is_skipped_says_so_whole() -> None:
     size = f"{format_bytes(cpu_need.total_bytes)} of {format_bytes(cpu_need.free_bytes)} usable"
     assert result.nofit.message == (
         f"demo-small has no allowed placement on this host; cpu would fit (cpu {size}) but a runner on this "
-        "rung or one above it used more memory than planned, so it is skipped")
+        "rung or one above it used more memory than planned, so it is skipped"
+    )
     assert result.nofit.closest_blocked is not None and result.nofit.alternatives == ()
 
 
@@ -326,7 +354,8 @@ def test_nofit_for_a_model_too_big_for_every_rung_names_each_part() -> None:
         f"llama-3-8b does not fit on this host; closest is cpu: cpu needs {format_bytes(need.total_bytes)} "
         f"(weights {format_bytes(need.weights_bytes)}, KV cache {format_bytes(need.kv_cache_bytes)}, activations "
         f"{format_bytes(need.activation_bytes)}, runtime {format_bytes(need.runtime_bytes)}) but has "
-        f"{format_bytes(need.free_bytes)} usable. Free memory, raise --memory, or choose a smaller model")
+        f"{format_bytes(need.free_bytes)} usable. Free memory, raise --memory, or choose a smaller model"
+    )
 
 
 def test_rungs_ruled_out_for_the_same_reason_are_offered_in_one_line() -> None:
@@ -335,8 +364,9 @@ def test_rungs_ruled_out_for_the_same_reason_are_offered_in_one_line() -> None:
     assert "q has no allowed placement on this host; gpu would fit (cuda:0 " in result.nofit.message
     [line] = result.nofit.alternatives
     assert line.startswith("gpu-int8 (cuda:0 ") and "), cpu (cpu " in line
-    assert line.endswith(" would fit but a runner on this rung or one above it used more memory than planned, "
-                         "so it is skipped")
+    assert line.endswith(
+        " would fit but a runner on this rung or one above it used more memory than planned, so it is skipped"
+    )
     for text in (result.nofit.message, *(r.why for r in result.rungs)):
         assert "if allowed" not in text and ": ." not in text and "would fits" not in text
 
@@ -367,16 +397,20 @@ def test_the_generate_engine_is_planned_with_its_own_cache_activations_and_runti
     assert Plan.from_json({k: v for k, v in paged.to_json().items() if k != "engine"}) == paged
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("rung", None, "'rung' must be str"),
-    ("context_tokens", "2048", "'context_tokens' must be int"),
-    ("concurrency", True, "'concurrency' must be int"),
-    ("quantization", "8bit", "'quantization' must be one of none, int8, 4bit"),
-    ("engine", "vllm", "'engine' must be one of continuous-batching, generate"),
-    ("devices", {"cpu": {"weights_bytes": 1}}, "'kv_cache_bytes' must be int"),
-])
-def test_a_plan_with_a_missing_or_mistyped_field_is_an_invalid_argument(field: str, value: object,
-                                                                         message: str) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rung", None, "'rung' must be str"),
+        ("context_tokens", "2048", "'context_tokens' must be int"),
+        ("concurrency", True, "'concurrency' must be int"),
+        ("quantization", "8bit", "'quantization' must be one of none, int8, 4bit"),
+        ("engine", "vllm", "'engine' must be one of continuous-batching, generate"),
+        ("devices", {"cpu": {"weights_bytes": 1}}, "'kv_cache_bytes' must be int"),
+    ],
+)
+def test_a_plan_with_a_missing_or_mistyped_field_is_an_invalid_argument(
+    field: str, value: object, message: str
+) -> None:
     chosen = plan(facts(QWEN2_05B), Request(context_tokens=2048), CPU_16).plan
     assert chosen is not None
     with pytest.raises(InvalidArgument, match=message):
@@ -391,8 +425,12 @@ def test_a_plan_file_is_fit_json_and_carries_the_pools_limits(tmp_path: Path) ->
     fitted = tmp_path / "fit.json"
     fitted.write_text(json.dumps(fit_json(model_facts, request, result, CPU_16)))  # what memserve fit --json writes
     read = PlanFile.read(fitted)
-    assert (read.source, read.plan, read.reserved_bytes, read.max_queue) == (model_facts.source, result.plan, None,
-                                                                             None)
+    assert (read.source, read.plan, read.reserved_bytes, read.max_queue) == (
+        model_facts.source,
+        result.plan,
+        None,
+        None,
+    )
     assert read.reservation_bytes == result.plan.reserved_bytes and read.queue == 4 * 2  # the defaults
     pooled = PlanFile(model_facts.source, result.plan, reserved_bytes={"cpu": 3 * GiB}, max_queue=5)
     assert pooled.to_json()["plan"]["reserved_bytes"] == {"cpu": 3 * GiB}  # where runners always read it
@@ -400,12 +438,15 @@ def test_a_plan_file_is_fit_json_and_carries_the_pools_limits(tmp_path: Path) ->
     assert pooled.reservation_bytes == {"cpu": 3 * GiB} and pooled.queue == 5
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"model": {"source": "m"}, "plan": None}, "no plan"),
-    ({"plan": {}}, "no model source"),
-    ({"model": {"source": "m"}, "plan": {"max_queue": -1}}, "max_queue must be a whole number"),
-    ({"model": {"source": "m"}, "plan": {"reserved_bytes": {"cpu": "1G"}}}, "reserved_bytes must map"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"model": {"source": "m"}, "plan": None}, "no plan"),
+        ({"plan": {}}, "no model source"),
+        ({"model": {"source": "m"}, "plan": {"max_queue": -1}}, "max_queue must be a whole number"),
+        ({"model": {"source": "m"}, "plan": {"reserved_bytes": {"cpu": "1G"}}}, "reserved_bytes must map"),
+    ],
+)
 def test_a_plan_file_that_is_not_one_says_so(data: dict, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         PlanFile.from_json(data)

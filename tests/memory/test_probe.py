@@ -106,7 +106,9 @@ def test_host_memory_is_the_one_cgroup_aware_reading_for_the_watchdog_and_api_me
     tight = CgroupMemory(version=2, path="/app", limit_bytes=8 * GiB, usage_bytes=7 * GiB, inactive_file_bytes=GiB)
     assert host_memory(virtual_memory=host_24g, cgroup=lambda: tight) == HostMemory(8 * GiB, 2 * GiB)
     assert host_memory(virtual_memory=host_24g, cgroup=lambda: None).to_json() == {
-        "total_bytes": 24 * GiB, "available_bytes": 20 * GiB}
+        "total_bytes": 24 * GiB,
+        "available_bytes": 20 * GiB,
+    }
 
 
 def test_v2_max_means_no_limit(tmp_path: Path) -> None:
@@ -255,9 +257,7 @@ def test_hybrid_without_any_limit_reports_v1_usage(tmp_path: Path) -> None:
         pytest.param("0::/\n", {"memory.max": "lots", "memory.current": ""}, id="unparseable-values"),
     ],
 )
-def test_missing_or_broken_files_mean_unknown(
-    tmp_path: Path, proc_cgroup: str | None, files: dict[str, str]
-) -> None:
+def test_missing_or_broken_files_mean_unknown(tmp_path: Path, proc_cgroup: str | None, files: dict[str, str]) -> None:
     proc, root = make_host(tmp_path, proc_cgroup, files)
     assert cgroup_memory(proc, root) is None
 
@@ -384,9 +384,7 @@ def test_mixed_gpus_warn_about_cuda_device_order(monkeypatch: pytest.MonkeyPatch
         pytest.param("0,0", ["NVIDIA L4"], True, id="duplicate"),
     ],
 )
-def test_cuda_visible_devices(
-    monkeypatch: pytest.MonkeyPatch, visible: str, expected: list[str], noted: bool
-) -> None:
+def test_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch, visible: str, expected: list[str], noted: bool) -> None:
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     gpus, notes = cuda_devices(FakeNVML([L4, H100]))
@@ -471,9 +469,7 @@ def test_budget_for_a_missing_device_names_the_devices_found() -> None:
     with pytest.raises(InvalidArgument, match=r"cuda:3.*only cpu \(no NVIDIA GPU found") as excinfo:
         inventory(FakeNVML([], init_error=FakeNVMLError("Driver Not Loaded")), memory="cuda:3=1GiB")
     assert excinfo.value.param == "memory"
-    with pytest.raises(
-        InvalidArgument, match=r"--headroom names cuda:2, but this host has only cpu, cuda:0, cuda:1"
-    ):
+    with pytest.raises(InvalidArgument, match=r"--headroom names cuda:2, but this host has only cpu, cuda:0, cuda:1"):
         inventory(FakeNVML([L4, H100]), headroom="cuda:2=1GiB")
 
 
@@ -511,9 +507,7 @@ def test_cgroup_is_applied_to_cpu() -> None:
 
 
 @pytest.mark.parametrize(("gpus", "expected"), [([], False), ([L4], True)])
-def test_bitsandbytes_needs_a_gpu(
-    monkeypatch: pytest.MonkeyPatch, gpus: list[FakeGPU], expected: bool
-) -> None:
+def test_bitsandbytes_needs_a_gpu(monkeypatch: pytest.MonkeyPatch, gpus: list[FakeGPU], expected: bool) -> None:
     monkeypatch.setattr(probe, "bitsandbytes_available", lambda: True)
     assert inventory(FakeNVML(gpus)).bitsandbytes is expected
 

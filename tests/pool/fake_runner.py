@@ -28,9 +28,16 @@ from memserve.pool.runner_process import RUNNER_BASE_URL, describe_exit
 from memserve.wire.events import PhaseDone, Ready, RunnerEvent
 
 LOAD_PHASES = ("resolve", "map", "fault_in", "warm_up")
-CPU_PLAN = Plan("cpu", "bfloat16", "none", context_tokens=2048, concurrency=2, max_batch_tokens=2048,
-                devices={"cpu": DeviceNeed(weights_bytes=GiB, kv_cache_bytes=64 * 2**20, free_bytes=8 * GiB)},
-                device_map={"model.layers.0": "cpu"})
+CPU_PLAN = Plan(
+    "cpu",
+    "bfloat16",
+    "none",
+    context_tokens=2048,
+    concurrency=2,
+    max_batch_tokens=2048,
+    devices={"cpu": DeviceNeed(weights_bytes=GiB, kv_cache_bytes=64 * 2**20, free_bytes=8 * GiB)},
+    device_map={"model.layers.0": "cpu"},
+)
 _pids = itertools.count(40_000)
 
 
@@ -61,8 +68,14 @@ class RunnerScript:
 class FakeRunner:
     """One scripted runner. Satisfies ``memserve.pool.runner_process.RunnerHandle``."""
 
-    def __init__(self, name: str, launch: PlanFile, on_event: Callable[[RunnerEvent], None],
-                 script: RunnerScript, journal: list[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        launch: PlanFile,
+        on_event: Callable[[RunnerEvent], None],
+        script: RunnerScript,
+        journal: list[tuple[str, str]],
+    ) -> None:
         self.name, self.launch = name, launch
         self.phase = "spawned"
         self.script = script
@@ -150,14 +163,22 @@ class FakeRunner:
         if self.script.ready_after_seconds is not None:
             asyncio.get_running_loop().call_later(self.script.ready_after_seconds, self._finish_load)
 
-    def emit_phase(self, phase: str, seconds: float = 0.01, peak_rss_bytes: int | None = None, *,
-                   peak_bytes: dict[str, int] | None = None, needs_bytes: dict[str, int] | None = None,
-                   **details: Any) -> None:
+    def emit_phase(
+        self,
+        phase: str,
+        seconds: float = 0.01,
+        peak_rss_bytes: int | None = None,
+        *,
+        peak_bytes: dict[str, int] | None = None,
+        needs_bytes: dict[str, int] | None = None,
+        **details: Any,
+    ) -> None:
         """Report a finished load phase, as the real runner's progress line does (with its memory, if given,
         the worst-case warm-up's ``peak_bytes`` and ``needs_bytes``, and any other details)."""
         self.phase = phase
-        memory = {} if peak_rss_bytes is None else {"cpu": {"rss_bytes": peak_rss_bytes,
-                                                            "peak_rss_bytes": peak_rss_bytes}}
+        memory = (
+            {} if peak_rss_bytes is None else {"cpu": {"rss_bytes": peak_rss_bytes, "peak_rss_bytes": peak_rss_bytes}}
+        )
         self._on_event(PhaseDone(phase, seconds, memory, peak_bytes, needs_bytes, details))
 
     def make_ready(self) -> None:

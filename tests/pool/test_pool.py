@@ -48,8 +48,24 @@ TWO_MODELS_GIB = 8.0
 SCENARIO_TIMEOUT_SECONDS = 5.0
 GATED = RunnerScript(ready_after_seconds=None)  # loads until the test calls make_ready() or exit()
 
-ROW_KEYS = {"name", "state", "pid", "source", "rung", "context_tokens", "concurrency", "devices", "leases",
-            "queued", "pinned", "keep_alive_seconds", "expires_at", "load_seconds", "reason", "socket"}
+ROW_KEYS = {
+    "name",
+    "state",
+    "pid",
+    "source",
+    "rung",
+    "context_tokens",
+    "concurrency",
+    "devices",
+    "leases",
+    "queued",
+    "pinned",
+    "keep_alive_seconds",
+    "expires_at",
+    "load_seconds",
+    "reason",
+    "socket",
+}
 
 
 # ------------------------------------------------------------------------------------------- the world
@@ -67,8 +83,9 @@ def read_facts(source: str) -> CheckpointFacts:
 
 
 def model(name: str, **fields: Any) -> ModelConfig:
-    return ModelConfig.model_validate({"name": name, "source": f"mem://{name}", "context_tokens": 2048,
-                                       "concurrency": 1, **fields})
+    return ModelConfig.model_validate(
+        {"name": name, "source": f"mem://{name}", "context_tokens": 2048, "concurrency": 1, **fields}
+    )
 
 
 def cpu_host(usable_gib: float) -> Inventory:
@@ -78,9 +95,18 @@ def cpu_host(usable_gib: float) -> Inventory:
 
 
 GPU_HOST = Inventory(
-    (Device("cpu", "cpu", 64 * GiB, 60 * GiB, headroom_bytes=HEADROOM_BYTES),
-     Device("cuda:0", "cuda", 24 * GiB, 24 * GiB - 300 * MiB, headroom_bytes=HEADROOM_BYTES,
-            description="NVIDIA L4", compute_capability=(8, 9))),
+    (
+        Device("cpu", "cpu", 64 * GiB, 60 * GiB, headroom_bytes=HEADROOM_BYTES),
+        Device(
+            "cuda:0",
+            "cuda",
+            24 * GiB,
+            24 * GiB - 300 * MiB,
+            headroom_bytes=HEADROOM_BYTES,
+            description="NVIDIA L4",
+            compute_capability=(8, 9),
+        ),
+    ),
     bitsandbytes=True,
 )
 
@@ -105,25 +131,43 @@ class Harness:
         return self.pool.entries[name].state
 
     def events(self, kind: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
-        return [e.to_json() for e in self.pool.history
-                if (kind is None or e.kind == kind) and (name is None or e.model == name)]
+        return [
+            e.to_json()
+            for e in self.pool.history
+            if (kind is None or e.kind == kind) and (name is None or e.model == name)
+        ]
 
     def kinds(self, name: str | None = None) -> list[str]:
         return [e["event"] for e in self.events(name=name)]
 
 
 @contextlib.asynccontextmanager
-async def running_pool(tmp_path: Path, models: Sequence[ModelConfig], *, inventory: Inventory | None = None,
-                       spawner: FakeSpawner | None = None, start: bool = False,
-                       **settings: Any) -> AsyncIterator[Harness]:
+async def running_pool(
+    tmp_path: Path,
+    models: Sequence[ModelConfig],
+    *,
+    inventory: Inventory | None = None,
+    spawner: FakeSpawner | None = None,
+    start: bool = False,
+    **settings: Any,
+) -> AsyncIterator[Harness]:
     """A pool with fast watchdogs and a 60 s keep-alive unless told otherwise; shut down on the way out."""
     values: dict[str, Any] = {
-        "keep_alive_seconds": 60, "memory_wait_seconds": 0.2, "load_timeout_seconds": 5,
-        "watchdog_interval_seconds": 0.01, "watchdog_loading_interval_seconds": 0.01, **settings,
+        "keep_alive_seconds": 60,
+        "memory_wait_seconds": 0.2,
+        "load_timeout_seconds": 5,
+        "watchdog_interval_seconds": 0.01,
+        "watchdog_loading_interval_seconds": 0.01,
+        **settings,
     }
     spawner, host = spawner or FakeSpawner(), HostMemory()
-    pool = ModelPool(Settings(models=list(models), data_dir=tmp_path, **values), inventory or cpu_host(TWO_MODELS_GIB),
-                     spawner=spawner, host_available_bytes=host, facts_reader=read_facts)
+    pool = ModelPool(
+        Settings(models=list(models), data_dir=tmp_path, **values),
+        inventory or cpu_host(TWO_MODELS_GIB),
+        spawner=spawner,
+        host_available_bytes=host,
+        facts_reader=read_facts,
+    )
     harness = Harness(pool, spawner, host)
     if start:
         await harness.pool.start()
@@ -183,8 +227,9 @@ def scaled_backoff(monkeypatch: pytest.MonkeyPatch, factor: float = 1 / 20) -> N
 # ------------------------------------------------------------------------------------------- pure helpers
 
 
-@pytest.mark.parametrize(("failures", "seconds"),
-                         [(0, 0.0), (1, 0.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 16.0), (6, 30.0), (50, 30.0)])
+@pytest.mark.parametrize(
+    ("failures", "seconds"), [(0, 0.0), (1, 0.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 16.0), (6, 30.0), (50, 30.0)]
+)
 def test_backoff_doubles_from_the_second_failure_up_to_30_s(failures: int, seconds: float) -> None:
     assert backoff_seconds(failures) == seconds
 
@@ -202,8 +247,9 @@ def test_backoff_doubles_from_the_second_failure_up_to_30_s(failures: int, secon
     ],
 )
 def test_compatible(context_tokens: int | None, concurrency: int | None, expected: bool) -> None:
-    loaded = Plan("cpu", "bfloat16", "none", context_tokens=2048, concurrency=2, max_batch_tokens=2048,
-                  devices={}, device_map={})
+    loaded = Plan(
+        "cpu", "bfloat16", "none", context_tokens=2048, concurrency=2, max_batch_tokens=2048, devices={}, device_map={}
+    )
     assert compatible(loaded, context_tokens=context_tokens, concurrency=concurrency) is expected
 
 
@@ -343,8 +389,11 @@ def test_request_keep_alive_overrides_the_models(tmp_path: Path) -> None:
 
 def test_pinned_and_forever_models_never_expire_and_zero_unloads_when_idle(tmp_path: Path) -> None:
     async def scenario() -> None:
-        models = [model("pinned", pinned=True, keep_alive_seconds=0.01), model("forever", keep_alive_seconds=-1),
-                  model("zero", keep_alive_seconds=0)]
+        models = [
+            model("pinned", pinned=True, keep_alive_seconds=0.01),
+            model("forever", keep_alive_seconds=-1),
+            model("zero", keep_alive_seconds=0),
+        ]
         async with running_pool(tmp_path, models) as h:
             for name in ("pinned", "forever", "zero"):
                 await use(h.pool, name)
@@ -382,8 +431,9 @@ def test_idle_model_is_evicted_to_make_room(tmp_path: Path) -> None:
 
 def test_leased_model_is_never_evicted_and_the_newcomer_gets_memory_busy(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a"), model("b")], inventory=cpu_host(ONE_MODEL_GIB),
-                                memory_wait_seconds=0.1) as h:
+        async with running_pool(
+            tmp_path, [model("a"), model("b")], inventory=cpu_host(ONE_MODEL_GIB), memory_wait_seconds=0.1
+        ) as h:
             lease = await h.pool.acquire("a")
             with pytest.raises(MemoryBusy) as info:
                 await h.pool.acquire("b")
@@ -398,8 +448,7 @@ def test_leased_model_is_never_evicted_and_the_newcomer_gets_memory_busy(tmp_pat
     run(scenario)
 
 
-def test_waiting_load_proceeds_when_the_busy_model_is_released(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_waiting_load_proceeds_when_the_busy_model_is_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> None:
         waiting_for_memory = asyncio.Event()
         choose = pool_module.choose_evictions
@@ -411,8 +460,9 @@ def test_waiting_load_proceeds_when_the_busy_model_is_released(tmp_path: Path,
             return victims
 
         monkeypatch.setattr(pool_module, "choose_evictions", spy)
-        async with running_pool(tmp_path, [model("a"), model("b")], inventory=cpu_host(ONE_MODEL_GIB),
-                                memory_wait_seconds=4) as h:
+        async with running_pool(
+            tmp_path, [model("a"), model("b")], inventory=cpu_host(ONE_MODEL_GIB), memory_wait_seconds=4
+        ) as h:
             never_over_usable(h.pool.ledger)
             lease_a = await h.pool.acquire("a")
             task_b = asyncio.create_task(h.pool.acquire("b"))
@@ -429,8 +479,9 @@ def test_waiting_load_proceeds_when_the_busy_model_is_released(tmp_path: Path,
 
 def test_model_larger_than_the_whole_capacity_is_refused_at_once(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("big")], inventory=cpu_host(ONE_MODEL_GIB),
-                                memory_wait_seconds=4) as h:
+        async with running_pool(
+            tmp_path, [model("big")], inventory=cpu_host(ONE_MODEL_GIB), memory_wait_seconds=4
+        ) as h:
             with pytest.raises(InsufficientMemory) as info:
                 await h.pool.acquire("big")
             message = info.value.message
@@ -445,8 +496,9 @@ def test_model_larger_than_the_whole_capacity_is_refused_at_once(tmp_path: Path)
 
 def test_pinned_models_leaving_too_little_room_refuse_without_waiting(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a", pinned=True), model("b")], inventory=cpu_host(ONE_MODEL_GIB),
-                                memory_wait_seconds=30) as h:
+        async with running_pool(
+            tmp_path, [model("a", pinned=True), model("b")], inventory=cpu_host(ONE_MODEL_GIB), memory_wait_seconds=30
+        ) as h:
             await use(h.pool, "a")
             with pytest.raises(InsufficientMemory) as info:
                 await asyncio.wait_for(h.pool.acquire("b"), 2)  # far less than the 30 s memory wait
@@ -463,11 +515,11 @@ def test_pinned_models_leaving_too_little_room_refuse_without_waiting(tmp_path: 
 
 def test_overloaded_when_leases_and_waiting_reach_concurrency_plus_queue(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a", concurrency=1, max_queue=1)],
-                                spawner=FakeSpawner(GATED)) as h:
+        async with running_pool(tmp_path, [model("a", concurrency=1, max_queue=1)], spawner=FakeSpawner(GATED)) as h:
             waiting = [asyncio.create_task(h.pool.acquire("a")) for _ in range(2)]
-            await until(lambda: h.pool.entries["a"].waiting == 2 and len(h.spawner.spawned) == 1,
-                        "two waiting on the one load")  # the spawn comes after planning, in its own task
+            await until(
+                lambda: h.pool.entries["a"].waiting == 2 and len(h.spawner.spawned) == 1, "two waiting on the one load"
+            )  # the spawn comes after planning, in its own task
             with pytest.raises(Overloaded) as info:
                 await h.pool.acquire("a")
             assert info.value.status_code == 429 and info.value.retry_after_seconds > 0
@@ -655,7 +707,8 @@ def test_watchdog_kill_while_loading_retries_the_same_rung_with_the_measured_res
 
 
 def test_watchdog_kill_while_loading_goes_one_rung_lower_when_the_measured_reservation_does_not_fit(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], inventory=GPU_HOST) as h:
             never_over_usable(h.pool.ledger)
@@ -680,6 +733,7 @@ def test_watchdog_kill_while_loading_goes_one_rung_lower_when_the_measured_reser
 
 def test_a_crash_past_the_plan_is_learned_from_the_runners_own_peak(tmp_path: Path) -> None:
     """The kernel's OOM killer got there first: no watchdog sample, but the runner had reported its peak."""
+
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], spawner=FakeSpawner(GATED)) as h:
             task = asyncio.create_task(h.pool.acquire("a"))
@@ -731,8 +785,10 @@ def test_a_warm_up_peak_above_the_plan_is_reserved_before_any_traffic(tmp_path: 
             assert h.pool.ledger.reserved(entry.name) == {"cpu": needs} and h.pool.ledger.held("a") == {"cpu": needs}
             [reserve] = h.events("reserve", "a")
             assert reserve["reserved_bytes"] == {"cpu": needs}
-            assert reserve["reason"] == f"its warm-up peaked at {format_bytes(needs)} on cpu, 200.0 MiB on cpu above " \
+            assert (
+                reserve["reason"] == f"its warm-up peaked at {format_bytes(needs)} on cpu, 200.0 MiB on cpu above "
                 "its reservation"
+            )
             assert h.kinds("a").index("reserve") < h.kinds("a").index("ready")
             assert entry.calibration_key is not None
             assert h.pool.calibration.get(*entry.calibration_key) == {"cpu": needs}
@@ -749,8 +805,7 @@ def test_a_warm_up_peak_with_no_room_beside_the_others_loads_again_after_making_
             peak = 7 * GiB  # more than is free beside a, less than the whole
             h.spawner.script("b", *[RunnerScript(ready_report=ready_at(peak))] * 2)
             lease = await h.pool.acquire("b")
-            assert h.spawner.journal == [("spawn", "a"), ("spawn", "b"), ("stop", "b"), ("stop", "a"),
-                                         ("spawn", "b")]
+            assert h.spawner.journal == [("spawn", "a"), ("spawn", "b"), ("stop", "b"), ("stop", "a"), ("spawn", "b")]
             assert h.pool.ledger.reserved("b") == {"cpu": with_margin(peak)}
             assert [e["model"] for e in h.events("evict")] == ["a"]
             [learned] = h.events("learned", "b")
@@ -764,6 +819,7 @@ def test_a_warm_up_peak_with_no_room_beside_the_others_loads_again_after_making_
 def test_a_measured_need_above_the_capacity_is_loaded_with_all_of_it_not_refused_for_good(tmp_path: Path) -> None:
     """One kill at the whole budget (a request no plan admits, say) must not refuse for good a model whose
     estimate fits: with nothing lower, it is loaded on its rung with all that is usable."""
+
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
             never_over_usable(h.pool.ledger)
@@ -779,7 +835,8 @@ def test_a_measured_need_above_the_capacity_is_loaded_with_all_of_it_not_refused
                 f"as cpu it needs {format_bytes(with_margin(usable))} on cpu (learned from a runner with this plan; "
                 f"estimated {format_bytes(estimate)} on cpu) but at most {format_bytes(usable)} on cpu is usable, "
                 "and no lower rung on the ladder fits or is allowed: it is loaded with all that is usable, and the "
-                "watchdog stops it past that plus the tolerance")
+                "watchdog stops it past that plus the tolerance"
+            )
             lease.release()
             assert await h.pool.unload("a")
             await use(h.pool, "a")  # and so again next time, from the calibration
@@ -791,6 +848,7 @@ def test_a_measured_need_above_the_capacity_is_loaded_with_all_of_it_not_refused
 def test_after_kills_on_the_only_rung_a_507_is_the_planners_whole_message(tmp_path: Path) -> None:
     """A CPU-only model whose cpu rung two kills ruled out, asked for more than fits: the 507 names what is
     needed and usable and what would fit, never the skip ("closest is cpu: .", "if allowed: skipped")."""
+
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
             for memory in (2 * GiB, 2 * GiB + 600 * MiB):  # two kills on cpu, the second past the learned figure
@@ -802,8 +860,10 @@ def test_after_kills_on_the_only_rung_a_507_is_the_planners_whole_message(tmp_pa
                 await h.pool.load("a", context_tokens=32768, concurrency=8)
             message = info.value.message
             assert info.value.status_code == 507
-            assert message.startswith("model 'a' cannot fit on this server even with nothing else loaded: mem://a "
-                                      "does not fit on this host; closest is cpu: cpu needs ")
+            assert message.startswith(
+                "model 'a' cannot fit on this server even with nothing else loaded: mem://a "
+                "does not fit on this host; closest is cpu: cpu needs "
+            )
             assert f"but has {format_bytes(h.pool.ledger.usable_bytes()['cpu'])} usable. Nearest options: " in message
             assert "fits as cpu with --context " in message
             for garbled in ("closest is cpu: .", "if allowed", "skipped", "used more memory than planned"):
@@ -818,11 +878,17 @@ def test_two_kills_on_the_only_rung_fail_that_load_and_the_next_request_is_still
     async def scenario() -> None:
         models = [model("lowest"), model("strict", policy={"retry_lower": False})]
         async with running_pool(tmp_path, models) as h:  # CPU only: nothing below the cpu rung
-            h.spawner.script("lowest", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 3 * GiB}),
-                             RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 4 * GiB}))
+            h.spawner.script(
+                "lowest",
+                RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 3 * GiB}),
+                RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 4 * GiB}),
+            )
             h.spawner.script("strict", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 3 * GiB}))
-            with pytest.raises(RunnerFailed, match="no lower rung on the ladder fits or is allowed; the next "
-                               "request loads it again on that rung with the reservation it measured") as lowest:
+            with pytest.raises(
+                RunnerFailed,
+                match="no lower rung on the ladder fits or is allowed; the next "
+                "request loads it again on that rung with the reservation it measured",
+            ) as lowest:
                 await h.pool.acquire("lowest")
             with pytest.raises(RunnerFailed, match=r"^model 'strict' was stopped by the watchdog") as strict:
                 await h.pool.acquire("strict")
@@ -847,8 +913,7 @@ def test_two_kills_on_the_only_rung_fail_that_load_and_the_next_request_is_still
     run(scenario)
 
 
-def test_watchdog_kill_of_a_ready_runner_reloads_on_its_rung_then_one_lower_after_a_second_kill(
-        tmp_path: Path) -> None:
+def test_watchdog_kill_of_a_ready_runner_reloads_on_its_rung_then_one_lower_after_a_second_kill(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")], inventory=GPU_HOST) as h:
             await use(h.pool, "a")
@@ -900,8 +965,9 @@ def test_the_issue_11_story_a_kill_on_cpu_is_not_an_outage(tmp_path: Path) -> No
 def test_a_watchdog_reason_is_not_blamed_on_the_next_runner(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")]) as h:
-            h.spawner.script("a", RunnerScript(exit_on_kill=False),
-                             RunnerScript(fail_while_loading="ValueError: bad config.json"))
+            h.spawner.script(
+                "a", RunnerScript(exit_on_kill=False), RunnerScript(fail_while_loading="ValueError: bad config.json")
+            )
             await use(h.pool, "a")
             first = h.spawner.spawned[0]
             first.memory_bytes = {"cpu": 8 * GiB}
@@ -978,8 +1044,9 @@ def test_load_keeps_a_compatible_runner_and_reloads_for_a_larger_context(tmp_pat
     run(scenario)
 
 
-def test_unload_clears_a_failed_model_and_the_next_request_loads_it_fresh(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unload_clears_a_failed_model_and_the_next_request_loads_it_fresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scaled_backoff(monkeypatch)
 
     async def scenario() -> None:
@@ -1016,8 +1083,10 @@ def test_load_options_apply_to_that_load_only(tmp_path: Path) -> None:
             assert h.pool.entries["a"].pending_options is None
             assert await h.pool.unload("a")
             await use(h.pool, "a")  # the next load, by a request: the configuration again
-            assert [(r.launch.plan.context_tokens, r.launch.plan.concurrency) for r in h.spawner.spawned] == [(4096, 3),
-                                                                                                     (2048, 2)]
+            assert [(r.launch.plan.context_tokens, r.launch.plan.concurrency) for r in h.spawner.spawned] == [
+                (4096, 3),
+                (2048, 2),
+            ]
             assert await h.pool.unload("a")
             row = await h.pool.load("a")
             assert (row["context_tokens"], row["concurrency"]) == (2048, 2)
@@ -1052,7 +1121,8 @@ def test_load_options_of_a_refused_load_do_not_outlive_it(tmp_path: Path) -> Non
     ],
 )
 def test_invalid_load_options_are_refused_before_anything_changes(
-        tmp_path: Path, options: dict[str, Any], param: str | None, fragment: str) -> None:
+    tmp_path: Path, options: dict[str, Any], param: str | None, fragment: str
+) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")]) as h:
             await use(h.pool, "a")
@@ -1070,8 +1140,9 @@ def test_invalid_load_options_are_refused_before_anything_changes(
     run(scenario)
 
 
-def test_lifecycle_log_lines_read_as_key_value_pairs_with_units(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_lifecycle_log_lines_read_as_key_value_pairs_with_units(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def scenario() -> None:
         async with running_pool(tmp_path, [model("a")]) as h:
             await use(h.pool, "a")
@@ -1083,9 +1154,11 @@ def test_lifecycle_log_lines_read_as_key_value_pairs_with_units(tmp_path: Path,
             assert f'load a rung=cpu reserved="{format_bytes(reserved)} on cpu"' in lines
             [kill] = [line for line in lines if line.startswith("watchdog_kill a ")]
             assert kill.startswith(f'watchdog_kill a pid={runner.pid} measured="8.0 GiB" limit="')
-            assert kill.endswith('reason="stopped by the watchdog: cpu use 8.0 GiB went past its plan of '
-                                 f'{format_bytes(reserved)} plus the tolerance (limit '
-                                 f'{format_bytes(with_margin(reserved))}) while ready"')
+            assert kill.endswith(
+                'reason="stopped by the watchdog: cpu use 8.0 GiB went past its plan of '
+                f"{format_bytes(reserved)} plus the tolerance (limit "
+                f'{format_bytes(with_margin(reserved))}) while ready"'
+            )
             assert not any("{" in line for line in lines)  # no dicts printed raw
             assert isinstance(h.events("watchdog_kill", "a")[0]["measured_bytes"], int)  # the JSON is unchanged
 
@@ -1106,11 +1179,22 @@ def test_ps_rows_have_the_documented_keys_and_events_tell_the_story(tmp_path: Pa
             assert set(row) == ROW_KEYS
             reserved = h.pool.ledger.reserved(entry.name)["cpu"]
             assert row == {
-                "name": "a", "state": "ready", "pid": runner.pid, "source": "mem://a", "rung": "cpu",
-                "context_tokens": 2048, "concurrency": 1,
+                "name": "a",
+                "state": "ready",
+                "pid": runner.pid,
+                "source": "mem://a",
+                "rung": "cpu",
+                "context_tokens": 2048,
+                "concurrency": 1,
                 "devices": {"cpu": {"reserved_bytes": reserved, "measured_bytes": 0}},
-                "leases": 1, "queued": 0, "pinned": False, "keep_alive_seconds": 60.0, "expires_at": None,
-                "load_seconds": row["load_seconds"], "reason": None, "socket": None,  # fakes have no socket
+                "leases": 1,
+                "queued": 0,
+                "pinned": False,
+                "keep_alive_seconds": 60.0,
+                "expires_at": None,
+                "load_seconds": row["load_seconds"],
+                "reason": None,
+                "socket": None,  # fakes have no socket
             }
             assert row["load_seconds"] is not None and row["load_seconds"] >= 0
             assert ps["devices"]["cpu"]["held_bytes"] == reserved

@@ -33,10 +33,13 @@ def test_sample_memory_is_the_trees_rss_plus_its_gpu_memory(tmp_path: Path) -> N
         runner = RunnerProcess("m", plan_file("/models/m"), run_dir=tmp_path, gpu_memory=gpu_memory)
         assert runner.sample_memory() == {}  # not started: nothing to read
         # a stand-in process tree: a parent that started a child (the runner and, say, a compile worker)
-        child_code = ("import subprocess, sys, time; "
-                      "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)")
-        runner._proc = await asyncio.create_subprocess_exec(sys.executable, "-c", child_code,
-                                                            start_new_session=True)  # as start() does
+        child_code = (
+            "import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
+        )
+        runner._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", child_code, start_new_session=True
+        )  # as start() does
         runner._exec_seen = True  # the stand-in is not started as memserve.runner; count it as exec'd
         try:
             for _ in range(100):

@@ -59,8 +59,9 @@ async def serving(tmp_path: Path, handler: Handler) -> AsyncIterator[tuple[Serve
     server = Server(handler)
     path = str(tmp_path / "r.sock")
     listener = await asyncio.start_unix_server(server._serve, path)
-    client = httpx.AsyncClient(base_url="http://runner", transport=RunnerTransport(path),
-                               timeout=httpx.Timeout(None, connect=5.0))
+    client = httpx.AsyncClient(
+        base_url="http://runner", transport=RunnerTransport(path), timeout=httpx.Timeout(None, connect=5.0)
+    )
     try:
         yield server, client
     finally:
@@ -69,8 +70,16 @@ async def serving(tmp_path: Path, handler: Handler) -> AsyncIterator[tuple[Serve
 
 
 def answer(body: bytes, status: str = "200 OK", extra: bytes = b"") -> bytes:
-    return (b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: application/json\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)
+    return (
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n"
+        + extra
+        + b"\r\n"
+        + body
+    )
 
 
 def chunk(data: bytes) -> bytes:
@@ -116,8 +125,10 @@ async def test_a_stream_is_handed_over_as_it_arrives(tmp_path: Path) -> None:
         await writer.drain()
         await server.read_request(reader)  # the connection stays open for the next request
 
-    async with serving(tmp_path, stream) as (_, client), \
-            client.stream("POST", "/v1/chat/completions", content=b"{}") as response:
+    async with (
+        serving(tmp_path, stream) as (_, client),
+        client.stream("POST", "/v1/chat/completions", content=b"{}") as response,
+    ):
         assert response.headers["content-type"] == "text/event-stream"
         parts = response.aiter_bytes()
         assert await anext(parts) == b"data: 1\n\n"
@@ -169,6 +180,7 @@ async def test_a_connection_the_server_dropped_while_idle_is_replaced(tmp_path: 
 @in_loop
 async def test_a_reused_connection_closed_unanswered_is_an_error_never_a_second_send(tmp_path: Path) -> None:
     """The runner read the request and died before answering: say so, and never send it again."""
+
     async def die_on_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await server.read_request(reader)
         writer.write(answer(b"{}"))
@@ -189,8 +201,9 @@ async def test_connections_idle_too_long_are_not_reused(tmp_path: Path) -> None:
     path = str(tmp_path / "r.sock")
     server = Server(echo_forever)
     listener = await asyncio.start_unix_server(server._serve, path)
-    async with httpx.AsyncClient(base_url="http://runner", transport=RunnerTransport(path, max_idle_seconds=1.0)) \
-            as client:
+    async with httpx.AsyncClient(
+        base_url="http://runner", transport=RunnerTransport(path, max_idle_seconds=1.0)
+    ) as client:
         await client.get("/a")
         await client.get("/b")  # at once: the same connection
         await asyncio.sleep(1.2)
@@ -250,10 +263,16 @@ async def test_a_stream_that_breaks_off_raises_at_the_break(tmp_path: Path) -> N
     assert received == b"data: 1\n\n"
 
 
-@pytest.mark.parametrize(("reply", "message"), [
-    (b"SMTP ready\r\n\r\n", "malformed HTTP"),
-    (b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n", "switched protocols"),
-])
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"SMTP ready\r\n\r\n", "malformed HTTP"),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            "switched protocols",
+        ),
+    ],
+)
 @in_loop
 async def test_an_answer_that_is_not_plain_http_is_a_protocol_error(tmp_path: Path, reply: bytes, message: str) -> None:
     async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
@@ -293,7 +312,7 @@ async def test_a_large_body_survives_a_slow_reader(tmp_path: Path) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         for start in range(0, len(payload), 65536):
-            writer.write(chunk(payload[start:start + 65536]))
+            writer.write(chunk(payload[start : start + 65536]))
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         await reader.read()

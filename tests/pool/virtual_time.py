@@ -53,8 +53,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def advance(self, seconds: float) -> None:
         self._now += seconds
 
-    def run_in_executor(self, executor: concurrent.futures.Executor | None, func: Callable[..., T],
-                        *args: Any) -> asyncio.Future[T]:
+    def run_in_executor(
+        self, executor: concurrent.futures.Executor | None, func: Callable[..., T], *args: Any
+    ) -> asyncio.Future[T]:
         self.threads_working += 1
         future = super().run_in_executor(executor, func, *args)
         future.add_done_callback(self._thread_done)

@@ -22,8 +22,14 @@ class FakeEngine:
 
     name = "fake"
 
-    def __init__(self, tokens: Sequence[int] = (), *, delay_seconds: float = 0.0,
-                 first_delay_seconds: float = 0.0, fail_after: int | None = None) -> None:
+    def __init__(
+        self,
+        tokens: Sequence[int] = (),
+        *,
+        delay_seconds: float = 0.0,
+        first_delay_seconds: float = 0.0,
+        fail_after: int | None = None,
+    ) -> None:
         self.tokens = list(tokens)
         self.delay_seconds = delay_seconds
         self.first_delay_seconds = first_delay_seconds
@@ -75,8 +81,7 @@ class FakeEngine:
         self.close_calls += 1
 
 
-def _finish_reason(token_id: int, index: int, request: GenerationRequest,
-                   scripted: int) -> FinishReason | None:
+def _finish_reason(token_id: int, index: int, request: GenerationRequest, scripted: int) -> FinishReason | None:
     if token_id in request.stop_token_ids:
         return "stop"
     if index + 1 == request.max_new_tokens:

@@ -45,11 +45,21 @@ def text_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(ids)
 
 
-def make_app(engine: FakeEngine, tokenizer: PreTrainedTokenizerBase, *, context_tokens: int = CONTEXT_TOKENS,
-             stop_token_ids: tuple[int, ...] | None = None) -> FastAPI:
-    return create_app(engine=engine, tokenizer=tokenizer, model_name=MODEL, context_tokens=context_tokens,
-                      health=lambda: {"state": "ready", "plan": {"rung": "cpu"}, "memory": {"cpu": 1}},
-                      stop_token_ids=stop_token_ids)
+def make_app(
+    engine: FakeEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    context_tokens: int = CONTEXT_TOKENS,
+    stop_token_ids: tuple[int, ...] | None = None,
+) -> FastAPI:
+    return create_app(
+        engine=engine,
+        tokenizer=tokenizer,
+        model_name=MODEL,
+        context_tokens=context_tokens,
+        health=lambda: {"state": "ready", "plan": {"rung": "cpu"}, "memory": {"cpu": 1}},
+        stop_token_ids=stop_token_ids,
+    )
 
 
 @pytest.fixture
@@ -65,13 +75,14 @@ def client(engine: FakeEngine, tokenizer: PreTrainedTokenizerBase) -> TestClient
 def events(response: Any) -> list[Any]:
     """The SSE data payloads, parsed (``[DONE]`` stays a string)."""
     assert response.headers["content-type"].startswith("text/event-stream")
-    data = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    data = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
     return [d if d == "[DONE]" else json.loads(d) for d in data]
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, content: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -87,16 +98,21 @@ def assert_error(response: Any, status: int, error_type: str, param: str | None 
 # --- chat and completions ------------------------------------------------------------------------------
 
 
-def test_chat_answer_has_the_openai_shape(client: TestClient, engine: FakeEngine, tokenizer: Any,
-                                          text_ids: list[int]) -> None:
+def test_chat_answer_has_the_openai_shape(
+    client: TestClient, engine: FakeEngine, tokenizer: Any, text_ids: list[int]
+) -> None:
     body = client.post("/v1/chat/completions", json=CHAT).json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert isinstance(body["created"], int) and body["model"] == MODEL
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": TEXT},
-                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": TEXT}, "logprobs": None, "finish_reason": "stop"}
+    ]
     prompt = chat_prompt_ids(tokenizer, "hi there")
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(text_ids),
-                             "total_tokens": len(prompt) + len(text_ids)}
+    assert body["usage"] == {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": len(text_ids),
+        "total_tokens": len(prompt) + len(text_ids),
+    }
     request = engine.requests[-1]
     assert list(request.prompt_ids) == prompt and request.request_id == body["id"]
     assert request.max_new_tokens == CONTEXT_TOKENS - len(prompt)  # default: all the room that is left
@@ -109,7 +125,8 @@ def test_chat_stream_chunks_role_deltas_finish_and_done(client: TestClient, engi
     assert chunks[-1] == "[DONE]"
     chunks = chunks[:-1]
     assert {(c["id"], c["created"], c["object"]) for c in chunks} == {
-        (chunks[0]["id"], chunks[0]["created"], "chat.completion.chunk")}
+        (chunks[0]["id"], chunks[0]["created"], "chat.completion.chunk")
+    }
     assert all(c["usage"] is None and len(c["choices"]) == 1 for c in chunks)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0] == {"role": "assistant"} and deltas[-1] == {}
@@ -130,8 +147,9 @@ def test_stream_include_usage_adds_a_usage_chunk_before_done(client: TestClient,
 
 
 @pytest.mark.parametrize("prompt", ["once upon a time", ["once upon a time"], "ids", ["ids"]])
-def test_completions_accept_one_prompt_in_every_form(client: TestClient, engine: FakeEngine, tokenizer: Any,
-                                                     prompt: Any) -> None:
+def test_completions_accept_one_prompt_in_every_form(
+    client: TestClient, engine: FakeEngine, tokenizer: Any, prompt: Any
+) -> None:
     ids = tokenizer.encode("once upon a time")
     prompt = ids if prompt == "ids" else [ids] if prompt == ["ids"] else prompt
     body = client.post("/v1/completions", json={**COMPLETION, "prompt": prompt}).json()
@@ -142,8 +160,9 @@ def test_completions_accept_one_prompt_in_every_form(client: TestClient, engine:
 
 
 def test_completions_stream(client: TestClient) -> None:
-    chunks = events(client.post("/v1/completions", json={**COMPLETION, "stream": True,
-                                                         "stream_options": {"include_usage": True}}))
+    chunks = events(
+        client.post("/v1/completions", json={**COMPLETION, "stream": True, "stream_options": {"include_usage": True}})
+    )
     assert chunks[-1] == "[DONE]" and chunks[-2]["choices"] == [] and chunks[-2]["usage"]["total_tokens"] > 0
     choices = [c["choices"][0] for c in chunks[:-2]]
     assert all(c["object"] == "text_completion" for c in chunks[:-2])
@@ -159,8 +178,17 @@ def test_content_parts_are_joined(client: TestClient, engine: FakeEngine, tokeni
 
 
 def test_sampling_fields_reach_the_engine(client: TestClient, engine: FakeEngine) -> None:
-    body = {**CHAT, "temperature": 0.3, "top_p": 0.9, "seed": 7, "n": 1, "frequency_penalty": 0,
-            "response_format": {"type": "text"}, "tool_choice": "none", "logprobs": False}
+    body = {
+        **CHAT,
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "seed": 7,
+        "n": 1,
+        "frequency_penalty": 0,
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "logprobs": False,
+    }
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     request = engine.requests[-1]
     assert (request.temperature, request.top_p, request.seed) == (0.3, 0.9, 7)
@@ -176,10 +204,10 @@ def test_generation_config_stop_ids_add_to_eos(engine: FakeEngine, tokenizer: An
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_string_cuts_text_and_closes_the_engine_iterator(client: TestClient, engine: FakeEngine,
-                                                              text_ids: list[int], stream: bool) -> None:
-    body = {**CHAT, "stop": ["nothing", "llo 日"], "stream": stream,
-            "stream_options": {"include_usage": True}}
+def test_stop_string_cuts_text_and_closes_the_engine_iterator(
+    client: TestClient, engine: FakeEngine, text_ids: list[int], stream: bool
+) -> None:
+    body = {**CHAT, "stop": ["nothing", "llo 日"], "stream": stream, "stream_options": {"include_usage": True}}
     response = client.post("/v1/chat/completions", json=body)
     if stream:
         chunks = events(response)
@@ -209,8 +237,9 @@ def test_max_tokens_ends_with_length(client: TestClient, engine: FakeEngine, fie
     assert engine.requests[-1].max_new_tokens == 3
 
 
-def test_max_tokens_past_the_room_left_is_a_400_with_both_numbers(client: TestClient, engine: FakeEngine,
-                                                                  tokenizer: Any) -> None:
+def test_max_tokens_past_the_room_left_is_a_400_with_both_numbers(
+    client: TestClient, engine: FakeEngine, tokenizer: Any
+) -> None:
     prompt_tokens = len(chat_prompt_ids(tokenizer, "hi there"))
     room = CONTEXT_TOKENS - prompt_tokens
     response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": room + 1})
@@ -224,15 +253,17 @@ def test_max_tokens_past_the_room_left_is_a_400_with_both_numbers(client: TestCl
 
 
 def test_a_prompt_whose_bytes_prove_it_too_long_is_refused_before_tokenizing(
-        client: TestClient, engine: FakeEngine, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    client: TestClient, engine: FakeEngine, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     longest = max(len(piece.encode()) for piece in tokenizer.get_vocab())
     words = "x" * (CONTEXT_TOKENS * longest + 1)
     encoded: list[str] = []
     monkeypatch.setattr(type(tokenizer), "encode", lambda self, text, **kw: encoded.append(text) or [1])
     requests = len(engine.requests)
     for route, param, body in (
-            ("/v1/completions", "prompt", {**COMPLETION, "prompt": words}),
-            ("/v1/chat/completions", "messages", {**CHAT, "messages": [{"role": "user", "content": words}]})):
+        ("/v1/completions", "prompt", {**COMPLETION, "prompt": words}),
+        ("/v1/chat/completions", "messages", {**CHAT, "messages": [{"role": "user", "content": words}]}),
+    ):
         response = client.post(route, json=body)
         message = assert_error(response, 400, "invalid_request_error", param)
         assert response.json()["error"]["code"] == "context_length_exceeded" and "bytes" in message
@@ -240,12 +271,12 @@ def test_a_prompt_whose_bytes_prove_it_too_long_is_refused_before_tokenizing(
 
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
-def test_prompt_longer_than_the_context_is_a_400_with_both_numbers(client: TestClient, tokenizer: Any,
-                                                                   route: str) -> None:
+def test_prompt_longer_than_the_context_is_a_400_with_both_numbers(
+    client: TestClient, tokenizer: Any, route: str
+) -> None:
     words = "memory " * 100
     if route == "chat":
-        response = client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user",
-                                                                                   "content": words}]})
+        response = client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": words}]})
         prompt_tokens, param = len(chat_prompt_ids(tokenizer, words)), "messages"
     else:
         response = client.post("/v1/completions", json={**COMPLETION, "prompt": words})
@@ -258,65 +289,80 @@ def test_prompt_longer_than_the_context_is_a_400_with_both_numbers(client: TestC
 # --- bad input: 400 in the OpenAI shape, and the server stays up -----------------------------------------
 
 
-@pytest.mark.parametrize(("body", "param", "words"), [
-    ({**CHAT, "n": 2}, "n", "unsupported"),
-    ({**CHAT, "max_tokens": -1}, "max_tokens", "greater than or equal to 1"),
-    ({**CHAT, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-    ({**CHAT, "max_tokens": "many"}, "max_tokens", "valid integer"),
-    ({**CHAT, "temperature": "hot"}, "temperature", "valid number"),
-    ({**CHAT, "stream": "sometimes"}, "stream", "valid boolean"),
-    ({**CHAT, "stream": "true"}, "stream", "valid boolean"),
-    ({**CHAT, "stream": 1}, "stream", "valid boolean"),
-    ({**CHAT, "max_tokens": "5"}, "max_tokens", "valid integer"),
-    ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-    ({**CHAT, "messages": []}, "messages", "at least 1"),
-    ({"model": MODEL}, "messages", "missing required parameter 'messages'"),
-    ({"messages": CHAT["messages"]}, "model", "missing required parameter 'model'"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages[0].content", "only text"),
-    ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "'user'"),
-    ({**CHAT, "logprobs": True}, "logprobs", "unsupported"),
-    ({**CHAT, "top_logprobs": 2}, "top_logprobs", "unsupported"),
-    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported"),
-    ({**CHAT, "response_format": {"type": "json_object"}}, "response_format", "unsupported"),
-    ({**CHAT, "logit_bias": {"5": 10}}, "logit_bias", "unsupported"),
-    ({**CHAT, "frequency_penalty": 0.5}, "frequency_penalty", "unsupported"),
-    ({**CHAT, "presence_penalty": -1}, "presence_penalty", "unsupported"),
-])
-def test_bad_chat_requests_are_400_naming_the_field(client: TestClient, body: dict[str, Any], param: str,
-                                                    words: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({**CHAT, "n": 2}, "n", "unsupported"),
+        ({**CHAT, "max_tokens": -1}, "max_tokens", "greater than or equal to 1"),
+        ({**CHAT, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({**CHAT, "max_tokens": "many"}, "max_tokens", "valid integer"),
+        ({**CHAT, "temperature": "hot"}, "temperature", "valid number"),
+        ({**CHAT, "stream": "sometimes"}, "stream", "valid boolean"),
+        ({**CHAT, "stream": "true"}, "stream", "valid boolean"),
+        ({**CHAT, "stream": 1}, "stream", "valid boolean"),
+        ({**CHAT, "max_tokens": "5"}, "max_tokens", "valid integer"),
+        ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({**CHAT, "messages": []}, "messages", "at least 1"),
+        ({"model": MODEL}, "messages", "missing required parameter 'messages'"),
+        ({"messages": CHAT["messages"]}, "model", "missing required parameter 'model'"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content",
+            "only text",
+        ),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "'user'"),
+        ({**CHAT, "logprobs": True}, "logprobs", "unsupported"),
+        ({**CHAT, "top_logprobs": 2}, "top_logprobs", "unsupported"),
+        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported"),
+        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format", "unsupported"),
+        ({**CHAT, "logit_bias": {"5": 10}}, "logit_bias", "unsupported"),
+        ({**CHAT, "frequency_penalty": 0.5}, "frequency_penalty", "unsupported"),
+        ({**CHAT, "presence_penalty": -1}, "presence_penalty", "unsupported"),
+    ],
+)
+def test_bad_chat_requests_are_400_naming_the_field(
+    client: TestClient, body: dict[str, Any], param: str, words: str
+) -> None:
     response = client.post("/v1/chat/completions", json=body)
     message = assert_error(response, 400, "invalid_request_error", param)
     assert words in message
     assert client.get("/health").status_code == 200
 
 
-@pytest.mark.parametrize(("body", "param", "words"), [
-    ({**COMPLETION, "prompt": ["one", "two"]}, "prompt", "several prompts per request is unsupported"),
-    ({**COMPLETION, "prompt": [[1, 2], [3]]}, "prompt", "send one request per prompt"),
-    ({**COMPLETION, "prompt": {"text": "x"}}, "prompt", "list of token ids"),
-    ({**COMPLETION, "prompt": [1, 99999]}, "prompt", "99999"),
-    ({**COMPLETION, "prompt": ""}, "prompt", "empty"),
-    ({**COMPLETION, "echo": True}, "echo", "unsupported"),
-    ({**COMPLETION, "suffix": "end"}, "suffix", "unsupported"),
-    ({**COMPLETION, "logprobs": 1}, "logprobs", "unsupported"),
-    ({**COMPLETION, "best_of": 3}, "best_of", "unsupported"),
-])
-def test_bad_completion_requests_are_400_naming_the_field(client: TestClient, body: dict[str, Any],
-                                                          param: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({**COMPLETION, "prompt": ["one", "two"]}, "prompt", "several prompts per request is unsupported"),
+        ({**COMPLETION, "prompt": [[1, 2], [3]]}, "prompt", "send one request per prompt"),
+        ({**COMPLETION, "prompt": {"text": "x"}}, "prompt", "list of token ids"),
+        ({**COMPLETION, "prompt": [1, 99999]}, "prompt", "99999"),
+        ({**COMPLETION, "prompt": ""}, "prompt", "empty"),
+        ({**COMPLETION, "echo": True}, "echo", "unsupported"),
+        ({**COMPLETION, "suffix": "end"}, "suffix", "unsupported"),
+        ({**COMPLETION, "logprobs": 1}, "logprobs", "unsupported"),
+        ({**COMPLETION, "best_of": 3}, "best_of", "unsupported"),
+    ],
+)
+def test_bad_completion_requests_are_400_naming_the_field(
+    client: TestClient, body: dict[str, Any], param: str, words: str
+) -> None:
     message = assert_error(client.post("/v1/completions", json=body), 400, "invalid_request_error", param)
     assert words in message
 
 
-@pytest.mark.parametrize(("content", "headers", "words"), [
-    (b'{"model": "tiny", "messages": [', {"content-type": "application/json"}, "not valid JSON"),
-    (b"[1, 2]", {"content-type": "application/json"}, "JSON object"),
-    (b'{"model": "tiny"}', {"content-type": "text/plain"}, "Content-Type: application/json"),
-    (b"", {"content-type": "application/json"}, "JSON object"),
-])
-def test_a_body_that_is_not_a_json_object_is_a_400(client: TestClient, content: bytes,
-                                                   headers: dict[str, str], words: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "headers", "words"),
+    [
+        (b'{"model": "tiny", "messages": [', {"content-type": "application/json"}, "not valid JSON"),
+        (b"[1, 2]", {"content-type": "application/json"}, "JSON object"),
+        (b'{"model": "tiny"}', {"content-type": "text/plain"}, "Content-Type: application/json"),
+        (b"", {"content-type": "application/json"}, "JSON object"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_a_400(
+    client: TestClient, content: bytes, headers: dict[str, str], words: str
+) -> None:
     response = client.post("/v1/chat/completions", content=content, headers=headers)
     assert words in assert_error(response, 400, "invalid_request_error", None)
 
@@ -332,8 +378,9 @@ def test_unknown_route_wrong_method_and_wrong_model(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(("stream", "on_call"), [(False, False), (True, False), (True, True)])
-def test_full_queue_is_a_429_with_retry_after(client: TestClient, engine: FakeEngine, stream: bool,
-                                              on_call: bool) -> None:
+def test_full_queue_is_a_429_with_retry_after(
+    client: TestClient, engine: FakeEngine, stream: bool, on_call: bool
+) -> None:
     engine.queue_full, engine.queue_full_on_call = not on_call, on_call
     response = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
     assert "2 sequences running, 8 waiting" in assert_error(response, 429, "rate_limit_error")
@@ -368,8 +415,12 @@ def test_models_health_and_stats(client: TestClient) -> None:
     [model] = models["data"]
     assert model["id"] == MODEL and model["object"] == "model" and model["owned_by"] == "memserve"
     assert isinstance(model["created"], int)
-    assert client.get("/health").json() == {"state": "ready", "plan": {"rung": "cpu"}, "memory": {"cpu": 1},
-                                            "engine": "fake"}
+    assert client.get("/health").json() == {
+        "state": "ready",
+        "plan": {"rung": "cpu"},
+        "memory": {"cpu": 1},
+        "engine": "fake",
+    }
     stats = client.get("/stats").json()
     assert stats["running"] == 0 and stats["prompt_tokens_total"] == 17 and stats["requests_total"] == 3
 
@@ -421,7 +472,7 @@ def test_shutdown_fails_a_stream_in_flight_cleanly(tokenizer: Any) -> None:
 
     chunks, still_open = asyncio.run(scenario())
     assert engine.close_calls == 1 and still_open == set() and engine.yielded < 100
-    payloads = [line[len("data: "):] for line in b"".join(chunks).decode().splitlines() if line.startswith("data: ")]
+    payloads = [line[len("data: ") :] for line in b"".join(chunks).decode().splitlines() if line.startswith("data: ")]
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]
     assert error["type"] == "api_error" and "the engine was closed" in error["message"]
@@ -430,9 +481,16 @@ def test_shutdown_fails_a_stream_in_flight_cleanly(tokenizer: Any) -> None:
 # --- client disconnects ---------------------------------------------------------------------------------
 
 
-async def call_and_hang_up(app: FastAPI, engine: FakeEngine, path: str, body: dict[str, Any], *,
-                           after_chunks: int | None = None, after_seconds: float | None = None,
-                           stall: bool = False) -> tuple[list[bytes], set[str]]:
+async def call_and_hang_up(
+    app: FastAPI,
+    engine: FakeEngine,
+    path: str,
+    body: dict[str, Any],
+    *,
+    after_chunks: int | None = None,
+    after_seconds: float | None = None,
+    stall: bool = False,
+) -> tuple[list[bytes], set[str]]:
     """Call the app over raw ASGI and hang up after some body chunks or some time.
 
     Returns the chunks received and the engine's open sequences *the moment the app returns*: checked
@@ -464,10 +522,20 @@ async def call_and_hang_up(app: FastAPI, engine: FakeEngine, path: str, body: di
             await asyncio.sleep(after_seconds)
             gone.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
     timer = asyncio.create_task(hang_up_later())
     await asyncio.wait_for(app(scope, receive, send), timeout=5)
     still_open = set(engine.open)
@@ -480,8 +548,9 @@ def test_disconnect_mid_stream_closes_the_engine_iterator(tokenizer: Any, stall:
     engine = FakeEngine(list(range(40, 240)), delay_seconds=0.01)
     app = make_app(engine, tokenizer, context_tokens=1024)
     body = {**CHAT, "stream": True}
-    chunks, still_open = asyncio.run(call_and_hang_up(app, engine, "/v1/chat/completions", body,
-                                                      after_chunks=4, stall=stall))
+    chunks, still_open = asyncio.run(
+        call_and_hang_up(app, engine, "/v1/chat/completions", body, after_chunks=4, stall=stall)
+    )
     assert len(chunks) >= 4 and b"[DONE]" not in b"".join(chunks)
     assert still_open == set() and engine.closed_early == [engine.requests[0].request_id]
     assert engine.yielded < 100
@@ -510,26 +579,27 @@ def test_disconnect_during_a_non_streamed_answer_closes_the_engine_iterator(toke
 # --- the official openai client against a real server ----------------------------------------------------
 
 
-def test_official_openai_client_against_uvicorn(engine: FakeEngine, tokenizer: Any,
-                                                text_ids: list[int]) -> None:
+def test_official_openai_client_against_uvicorn(engine: FakeEngine, tokenizer: Any, text_ids: list[int]) -> None:
     openai = pytest.importorskip("openai")
     messages = [{"role": "user", "content": "hi there"}]
-    with serve_app(make_app(engine, tokenizer)) as base, \
-            openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client:
+    with (
+        serve_app(make_app(engine, tokenizer)) as base,
+        openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client,
+    ):
         chat = client.chat.completions.create(model=MODEL, messages=messages)
         assert chat.choices[0].message.content == TEXT and chat.choices[0].finish_reason == "stop"
         assert chat.usage is not None and chat.usage.completion_tokens == len(text_ids)
 
-        stream = client.chat.completions.create(model=MODEL, messages=messages, stream=True,
-                                                stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}
+        )
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(text_ids)
 
         completion = client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=4)
         assert completion.choices[0].finish_reason == "length" and completion.usage is not None
-        pieces = list(client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=4,
-                                                stream=True))
+        pieces = list(client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=4, stream=True))
         assert "".join(p.choices[0].text for p in pieces) == completion.choices[0].text
 
         with pytest.raises(openai.BadRequestError, match="unsupported"):
@@ -547,8 +617,10 @@ def test_official_openai_client_against_uvicorn(engine: FakeEngine, tokenizer: A
 
         # a real hang-up: the server notices and frees the sequence
         engine.tokens, engine.delay_seconds, engine.yielded = list(range(40, 1000)), 0.05, 0
-        with httpx.Client(base_url=base) as http, \
-                http.stream("POST", "/v1/completions", json={**COMPLETION, "stream": True}) as response:
+        with (
+            httpx.Client(base_url=base) as http,
+            http.stream("POST", "/v1/completions", json={**COMPLETION, "stream": True}) as response,
+        ):
             for n, _ in enumerate(response.iter_lines()):
                 if n >= 3:
                     break

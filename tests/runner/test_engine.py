@@ -170,9 +170,7 @@ def test_greedy_equals_generate_alone_and_with_8_concurrent(
         assert all(e.request_id == "alone" for e in alone)
         assert 0 < alone[0].elapsed_seconds <= alone[-1].elapsed_seconds
 
-        together = await asyncio.gather(
-            *(_collect(engine, _request(p, f"r{i}")) for i, p in enumerate(prompts))
-        )
+        together = await asyncio.gather(*(_collect(engine, _request(p, f"r{i}")) for i, p in enumerate(prompts)))
         for i, events in enumerate(together):
             assert [e.token_id for e in events] == references[i], f"request {i} differs from generate"
             assert all(e.request_id == f"r{i}" for e in events)
@@ -203,9 +201,7 @@ def test_cb_greedy_equals_generate_on_qwen2_with_tied_embeddings_and_biases(tiny
     model = _load(tiny_qwen_dir)
     prompts = _prompts(tiny_qwen_dir)
     references = [_reference(model, p, _eos(model), MAX_NEW_TOKENS) for p in prompts]
-    engine = ContinuousBatchingEngine(
-        model, max_sequences=8, max_queue=0, max_context_tokens=256, max_batch_tokens=256
-    )
+    engine = ContinuousBatchingEngine(model, max_sequences=8, max_queue=0, max_context_tokens=256, max_batch_tokens=256)
 
     async def scenario() -> list[list[TokenEvent]]:
         try:
@@ -551,16 +547,20 @@ def forward_tokens(model: Any) -> Iterator[list[int]]:
 def test_generate_fallback_prefills_in_chunks_of_the_plans_batch_tokens(
     model: Any, prompts: list[tuple[int, ...]], forward_tokens: list[int]
 ) -> None:
-    engine = GenerateEngine(model, max_sequences=2, max_queue=2, max_context_tokens=512, max_batch_tokens=64,
-                            warmup=False)
+    engine = GenerateEngine(
+        model, max_sequences=2, max_queue=2, max_context_tokens=512, max_batch_tokens=64, warmup=False
+    )
     assert engine.prefill_chunk_tokens(rows=2, prompt_tokens=150) == 32
     assert engine.prefill_chunk_tokens(rows=1, prompt_tokens=40) is None  # fits in one forward
     long_prompt = (prompts[0] * 10)[:150]
 
     async def run() -> list[list[TokenEvent]]:
         try:
-            return list(await asyncio.gather(*(_collect(engine, _request(long_prompt, f"r{i}", max_new_tokens=4))
-                                               for i in range(2))))
+            return list(
+                await asyncio.gather(
+                    *(_collect(engine, _request(long_prompt, f"r{i}", max_new_tokens=4)) for i in range(2))
+                )
+            )
         finally:
             await engine.close()
 

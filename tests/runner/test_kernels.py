@@ -106,7 +106,7 @@ def test_release_drops_only_whole_file_pages_nobody_else_reads(tmp_path: Path) -
     # a range another tensor reads is kept
     assert mappings.release(base + 8 * page, 4 * page, keep=[(base + 10 * page, base + 10 * page + 1)]) == 0
     # a strided view reads far past numel * itemsize from its start: its written rows must survive
-    written = mapped[12 * page:].view(4, page)[:, :8]
+    written = mapped[12 * page :].view(4, page)[:, :8]
     written.fill_(7)  # private copies of the file's pages, which a drop would silently revert
     holder = nn.Module()
     holder.register_buffer("rows", written)
@@ -114,7 +114,7 @@ def test_release_drops_only_whole_file_pages_nobody_else_reads(tmp_path: Path) -
     assert keep == [(base + 12 * page, base + 15 * page + 8)]
     assert mappings.release(base + 12 * page, 4 * page, keep=keep) == 0
     assert bool((written == 7).all())
-    mapped[12 * page:].copy_(torch.frombuffer(bytearray(data.read_bytes()[12 * page:]), dtype=torch.uint8))
+    mapped[12 * page :].copy_(torch.frombuffer(bytearray(data.read_bytes()[12 * page :]), dtype=torch.uint8))
     # released pages read back from the file: nothing is lost
     assert torch.equal(mapped, torch.frombuffer(bytearray(data.read_bytes()), dtype=torch.uint8))
 
@@ -167,8 +167,16 @@ def test_a_runner_load_packs_bf16_and_says_so(
         monkeypatch.delenv(ENV_SWITCH, raising=False)
     else:
         monkeypatch.setenv(ENV_SWITCH, switch)
-    plan = Plan("cpu", "bfloat16", "none", context_tokens=256, concurrency=1, max_batch_tokens=128,
-                devices={}, device_map={"": "cpu"})
+    plan = Plan(
+        "cpu",
+        "bfloat16",
+        "none",
+        context_tokens=256,
+        concurrency=1,
+        max_batch_tokens=128,
+        devices={},
+        device_map={"": "cpu"},
+    )
     stream = io.StringIO()
     report = LoadReport()
     model, _ = load_model(str(bf16_checkpoint), plan, report, progress=LoadProgress(stream=stream))
@@ -227,8 +235,16 @@ def test_a_forward_that_fails_once_packed_names_the_switch(
 
     monkeypatch.setattr(PackedLinear, "forward", broken)
     monkeypatch.setattr("memserve.runner.kernels._self_check", lambda: None)  # which would catch it first
-    plan = Plan("cpu", "bfloat16", "none", context_tokens=256, concurrency=1, max_batch_tokens=128,
-                devices={}, device_map={"": "cpu"})
+    plan = Plan(
+        "cpu",
+        "bfloat16",
+        "none",
+        context_tokens=256,
+        concurrency=1,
+        max_batch_tokens=128,
+        devices={},
+        device_map={"": "cpu"},
+    )
     with pytest.raises(MemserveError, match=f"after .* Linear weights were packed .* {ENV_SWITCH}=0"):
         load_model(str(bf16_checkpoint), plan, LoadReport(), progress=LoadProgress(stream=io.StringIO()))
 

@@ -24,8 +24,16 @@ from memserve.runner.load import PHASES, LoadReport, load_model
 from memserve.runner.progress import LoadProgress, emit
 from memserve.wire.events import runner_event_from_json
 
-PLAN = Plan("cpu", "float32", "none", context_tokens=256, concurrency=1, max_batch_tokens=128, devices={},
-            device_map={"": "cpu"})
+PLAN = Plan(
+    "cpu",
+    "float32",
+    "none",
+    context_tokens=256,
+    concurrency=1,
+    max_batch_tokens=128,
+    devices={},
+    device_map={"": "cpu"},
+)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -50,19 +58,23 @@ def weight_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.is_floating_point())
 
 
-@pytest.mark.parametrize(("tty", "setting", "json_lines", "display"), [
-    (False, None, True, False),  # the gateway's pipe
-    (False, "json", True, False),
-    (False, "1", True, False),
-    (True, None, False, True),  # a person's terminal
-    (True, "1", False, True),
-    (True, "0", True, False),
-    (True, "off", True, False),
-    (True, "json", True, True),
-    (True, " JSON ", True, True),
-])
-def test_for_stderr_chooses_by_terminal_and_memserve_progress(tty: bool, setting: str | None, json_lines: bool,
-                                                              display: bool) -> None:
+@pytest.mark.parametrize(
+    ("tty", "setting", "json_lines", "display"),
+    [
+        (False, None, True, False),  # the gateway's pipe
+        (False, "json", True, False),
+        (False, "1", True, False),
+        (True, None, False, True),  # a person's terminal
+        (True, "1", False, True),
+        (True, "0", True, False),
+        (True, "off", True, False),
+        (True, "json", True, True),
+        (True, " JSON ", True, True),
+    ],
+)
+def test_for_stderr_chooses_by_terminal_and_memserve_progress(
+    tty: bool, setting: str | None, json_lines: bool, display: bool
+) -> None:
     stream = TerminalStream() if tty else io.StringIO()
     env = {} if setting is None else {"MEMSERVE_PROGRESS": setting}
     progress = LoadProgress.for_stderr(stream=stream, env=env)
@@ -86,10 +98,11 @@ def test_json_mode_writes_one_json_object_per_line_for_each_phase(tiny_model_dir
 def test_rich_mode_shows_a_row_per_phase_and_no_json(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     console, out = terminal()
     bars_before = transformers_logging.is_progress_bar_enabled()
-    model, _ = load_model(str(tiny_model_dir), PLAN, LoadReport(), progress=LoadProgress(json_lines=False,
-                                                                                         console=console))
+    model, _ = load_model(
+        str(tiny_model_dir), PLAN, LoadReport(), progress=LoadProgress(json_lines=False, console=console)
+    )
     text = plain(out.getvalue())
-    final = text.split("\n")[-len(PHASES) - 1:]  # the last render of the rows, then the cursor's line
+    final = text.split("\n")[-len(PHASES) - 1 :]  # the last render of the rows, then the cursor's line
     for name, row in zip(PHASES, final, strict=False):
         assert row.startswith(f"✓ {name} ") and re.search(r"\d+\.\d\d s$", row.rstrip()), row
     fault_in = final[PHASES.index("fault_in")]
@@ -120,16 +133,23 @@ def test_a_failed_load_marks_its_phase_and_gives_the_terminal_back(tmp_path: Pat
     assert not isinstance(sys.stderr, FileProxy)
 
 
-@pytest.mark.parametrize(("event", "line"), [
-    ({"event": "listening", "socket": None, "port": 8001}, "listening on http://127.0.0.1:8001"),
-    ({"event": "listening", "socket": "/tmp/r.sock", "port": None}, "listening on /tmp/r.sock"),
-    ({"event": "ready", "model": "tiny", "engine": "generate", "memory": {"cpu": {"rss_bytes": 3 * 2**20}}},
-     "ready: tiny on the generate engine, RSS 3.0 MiB"),
-    ({"event": "engine_fallback", "engine": "generate", "reason": "no paged attention"},
-     "engine fallback: serving with generate: no paged attention"),
-    ({"event": "phase", "phase": "map", "seconds": 1.5}, "map done in 1.5 s"),
-    ({"event": "evicted", "model": "tiny"}, "evicted: model=tiny"),
-])
+@pytest.mark.parametrize(
+    ("event", "line"),
+    [
+        ({"event": "listening", "socket": None, "port": 8001}, "listening on http://127.0.0.1:8001"),
+        ({"event": "listening", "socket": "/tmp/r.sock", "port": None}, "listening on /tmp/r.sock"),
+        (
+            {"event": "ready", "model": "tiny", "engine": "generate", "memory": {"cpu": {"rss_bytes": 3 * 2**20}}},
+            "ready: tiny on the generate engine, RSS 3.0 MiB",
+        ),
+        (
+            {"event": "engine_fallback", "engine": "generate", "reason": "no paged attention"},
+            "engine fallback: serving with generate: no paged attention",
+        ),
+        ({"event": "phase", "phase": "map", "seconds": 1.5}, "map done in 1.5 s"),
+        ({"event": "evicted", "model": "tiny"}, "evicted: model=tiny"),
+    ],
+)
 def test_other_events_are_one_readable_line_on_a_terminal(event: dict[str, Any], line: str) -> None:
     console, out = terminal()
     LoadProgress(json_lines=False, console=console).event(runner_event_from_json(event))
@@ -142,8 +162,9 @@ def test_failed_event_is_left_to_the_cli_on_a_terminal() -> None:
     assert out.getvalue() == ""
 
 
-def test_emit_on_a_pipe_writes_the_exact_json_line(monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_emit_on_a_pipe_writes_the_exact_json_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("MEMSERVE_PROGRESS", "1")
     event = {"event": "listening", "socket": None, "port": 8001}
     emit(runner_event_from_json(event))

@@ -159,9 +159,13 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 @pytest.mark.parametrize("when", ["serving", "loading"])
 def test_a_runner_leaves_with_its_files_when_its_gateway_is_killed(
-        plan_file: Path, tmp_path: Path, processes: list[subprocess.Popen[str]], when: str) -> None:
-    gateway = subprocess.Popen([sys.executable, "-c", GATEWAY, str(tmp_path), str(plan_file),
-                                "ready" if when == "serving" else "no"], stdout=subprocess.PIPE, text=True)
+    plan_file: Path, tmp_path: Path, processes: list[subprocess.Popen[str]], when: str
+) -> None:
+    gateway = subprocess.Popen(
+        [sys.executable, "-c", GATEWAY, str(tmp_path), str(plan_file), "ready" if when == "serving" else "no"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     processes.append(gateway)
     runner = json.loads(read_line(gateway.stdout))
     socket_path, plan_path = Path(runner["socket"]), Path(runner["plan"])
@@ -181,13 +185,17 @@ def test_a_runner_leaves_with_its_files_when_its_gateway_is_killed(
 
 @pytest.mark.parametrize("death_signal", [True, False], ids=["death-signal", "poll-only"])
 def test_the_watcher_ends_the_child_and_removes_its_files_once_the_parent_is_gone(
-        tmp_path: Path, processes: list[subprocess.Popen[str]], death_signal: bool) -> None:
+    tmp_path: Path, processes: list[subprocess.Popen[str]], death_signal: bool
+) -> None:
     """Poll-only is the path where prctl is missing (or ran after the parent had already died)."""
     owned = tmp_path / "owned"
     mode = "signal" if death_signal else "poll"
     # the parent is a shell that starts the child, prints its pid and waits: kill it and the child is orphaned
-    parent = subprocess.Popen(["/bin/sh", "-c", f'"$0" -c "$1" "$2" $$ {mode} & echo $!; wait',
-                               sys.executable, CHILD, str(owned)], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        ["/bin/sh", "-c", f'"$0" -c "$1" "$2" $$ {mode} & echo $!; wait', sys.executable, CHILD, str(owned)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     processes.append(parent)
     child_pid = read_pid_and_watching(parent.stdout)
     assert owned.exists()
@@ -202,13 +210,15 @@ def test_the_watcher_ends_the_child_and_removes_its_files_once_the_parent_is_gon
 
 
 def test_the_death_signal_of_a_spawning_thread_that_ended_is_ignored(
-        tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+    tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
     """Linux sends the death signal when the parent *thread* ends; the gateway process is still there."""
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux only")
     owned = tmp_path / "owned"
-    parent = subprocess.Popen([sys.executable, "-c", THREAD_PARENT, CHILD, str(owned), "signal"],
-                              stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", THREAD_PARENT, CHILD, str(owned), "signal"], stdout=subprocess.PIPE, text=True
+    )
     processes.append(parent)
     child_pid = read_pid_and_watching(parent.stdout)
     try:

@@ -48,9 +48,10 @@ def runner(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     log = tmp_path_factory.mktemp("log") / "runner.log"
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port),
-             "--name", "tiny"],
-            stderr=err, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "tiny"],
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -71,8 +72,13 @@ def runner(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         proc.terminate()
         proc.wait(timeout=30)
     phases = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    assert [p["phase"] for p in phases if p.get("event") == "phase"] == ["resolve", "map", "fault_in", "warm_up",
-                                                                         "worst_case"]
+    assert [p["phase"] for p in phases if p.get("event") == "phase"] == [
+        "resolve",
+        "map",
+        "fault_in",
+        "warm_up",
+        "worst_case",
+    ]
 
 
 def _reference(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -83,11 +89,12 @@ def _reference(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     outputs = []
     for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        outputs.append(out[0, ids["input_ids"].shape[1]:].tolist())
+        outputs.append(out[0, ids["input_ids"].shape[1] :].tolist())
     return outputs
 
 
@@ -104,8 +111,7 @@ def test_health_reports_plan_phases_and_memory(runner: str) -> None:
     assert health["plan"]["rung"] == "cpu" and health["plan"]["concurrency"] == 8
     cpu = health["memory"]["cpu"]
     assert cpu["anon_bytes"] > 0 and cpu["file_bytes"] > 0
-    assert [p["phase"] for p in health["load"]["phases"]] == ["resolve", "map", "fault_in", "warm_up",
-                                                              "worst_case"]
+    assert [p["phase"] for p in health["load"]["phases"]] == ["resolve", "map", "fault_in", "warm_up", "worst_case"]
     stats = httpx.get(f"{runner}/stats").json()
     assert {"running", "waiting"} <= set(stats)
 
@@ -116,8 +122,14 @@ def test_eight_concurrent_streams_equal_generate(runner: str, tiny_model_dir: Pa
     expected = [_decode(tiny_model_dir, ids) for ids in _reference(tiny_model_dir, PROMPTS, max_new)]
 
     async def one(client: httpx.AsyncClient, prompt: str) -> tuple[str, dict]:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_new,
-                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_new,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         text, usage = "", {}
         async with client.stream("POST", f"{runner}/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
@@ -143,25 +155,33 @@ def test_eight_concurrent_streams_equal_generate(runner: str, tiny_model_dir: Pa
 def test_official_openai_client_chat_and_completions(runner: str, tiny_model_dir: Path) -> None:
     openai = pytest.importorskip("openai")
     with openai.OpenAI(base_url=f"{runner}/v1", api_key="unused", max_retries=0) as client:
-        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                              max_tokens=16, temperature=0)
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=16, temperature=0
+        )
         assert chat.choices[0].finish_reason in ("stop", "length")
         assert chat.usage is not None and chat.usage.completion_tokens > 0
         expected = _decode(tiny_model_dir, _reference(tiny_model_dir, PROMPTS[:1], 16)[0])
         assert chat.choices[0].message.content == expected
         streamed = "".join(
             c.choices[0].delta.content or ""
-            for c in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                                    max_tokens=16, temperature=0, stream=True)
+            for c in client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": PROMPTS[0]}],
+                max_tokens=16,
+                temperature=0,
+                stream=True,
+            )
             if c.choices
         )
         assert streamed == expected
         completion = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0)
         assert completion.choices[0].text and completion.usage is not None
-        pieces = list(client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0,
-                                                stream=True))
+        pieces = list(
+            client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0, stream=True)
+        )
         assert "".join(p.choices[0].text for p in pieces if p.choices) == completion.choices[0].text
         with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 2000}],
-                                           max_tokens=4)
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x " * 2000}], max_tokens=4
+            )
     assert httpx.get(f"{runner}/health").json()["state"] == "ready"  # still up after bad input

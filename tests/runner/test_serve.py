@@ -59,11 +59,20 @@ class FakeEngine:
         return {"prompt_tokens": 2048, "measured_sequences": 1, "touched_bytes": 0, "seconds": 0.0}
 
 
-def plan_for(concurrency: int, total_bytes: int, kv_bytes: int, *,
-             reserved_bytes: dict[str, int] | None = None) -> PlanFile:
+def plan_for(
+    concurrency: int, total_bytes: int, kv_bytes: int, *, reserved_bytes: dict[str, int] | None = None
+) -> PlanFile:
     need = DeviceNeed(weights_bytes=total_bytes - kv_bytes, kv_cache_bytes=kv_bytes)
-    plan = Plan("cpu", "float32", "none", context_tokens=2048, concurrency=concurrency, max_batch_tokens=2048,
-                devices={"cpu": need}, device_map={"": "cpu"})
+    plan = Plan(
+        "cpu",
+        "float32",
+        "none",
+        context_tokens=2048,
+        concurrency=concurrency,
+        max_batch_tokens=2048,
+        devices={"cpu": need},
+        device_map={"": "cpu"},
+    )
     return PlanFile("/models/m", plan, reserved_bytes=reserved_bytes)
 
 
@@ -150,8 +159,16 @@ def test_the_pools_reservation_wins_over_the_estimate(peaks: list[int]) -> None:
 def tiny_plan(folder: Path, **limits: Any) -> PlanFile:
     """The tiny demo model at 256 × 2 with all the memory it could want (unless ``reserved_bytes`` says less)."""
     need = DeviceNeed(weights_bytes=(64 << 30) - (1 << 20), kv_cache_bytes=1 << 20)
-    plan = Plan("cpu", "float32", "none", context_tokens=256, concurrency=2, max_batch_tokens=128,
-                devices={"cpu": need}, device_map={"": "cpu"})
+    plan = Plan(
+        "cpu",
+        "float32",
+        "none",
+        context_tokens=256,
+        concurrency=2,
+        max_batch_tokens=128,
+        devices={"cpu": need},
+        device_map={"": "cpu"},
+    )
     return PlanFile(str(folder), plan, **limits)
 
 
@@ -200,8 +217,9 @@ def test_memserve_engine_generate_serves_with_the_generate_engine(
 
 
 @pytest.mark.parametrize(("max_queue", "queue"), [(None, 4 * 8), (3, 3)])
-def test_the_runner_sizes_its_engine_queue_from_the_plan_file(monkeypatch: pytest.MonkeyPatch, max_queue: int | None,
-                                                              queue: int) -> None:
+def test_the_runner_sizes_its_engine_queue_from_the_plan_file(
+    monkeypatch: pytest.MonkeyPatch, max_queue: int | None, queue: int
+) -> None:
     """The pool writes the model's max_queue into the plan file; the engine admits that many waiting requests."""
     import memserve.runner.app
     import memserve.runner.engine
@@ -223,5 +241,12 @@ def test_the_runner_sizes_its_engine_queue_from_the_plan_file(monkeypatch: pytes
     monkeypatch.setattr(serve, "emit", lambda event: None)
     launch = plan_for(8, 1000, 800)
     build_app(PlanFile(launch.source, launch.plan, max_queue=max_queue), name="m")
-    assert made == [{"prefer": "continuous-batching", "max_sequences": 8, "max_queue": queue,
-                     "max_context_tokens": 2048, "max_batch_tokens": 2048}]
+    assert made == [
+        {
+            "prefer": "continuous-batching",
+            "max_sequences": 8,
+            "max_queue": queue,
+            "max_context_tokens": 2048,
+            "max_batch_tokens": 2048,
+        }
+    ]

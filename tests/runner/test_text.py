@@ -26,16 +26,18 @@ def test_detokenizer_emits_the_same_text_as_decoding_everything(tokenizer: Any) 
     assert any(p == "" for p in pieces[:-1]), "some characters should span several tokens"
 
 
-@pytest.mark.parametrize(("stops", "feeds", "emitted", "stopped"), [
-    (["END"], ["abc", "de"], ["abc", "de"], False),
-    (["END"], ["abcE", "N", "D tail"], ["abc", "", ""], True),
-    (["END"], ["abcE", "NX"], ["abc", "ENX"], False),
-    (["xy", "abcd"], ["ab", "cxy"], ["", "abc"], True),
-    (["aaa"], ["aa", "b"], ["", "aab"], False),
-    ([""], ["abc"], ["abc"], False),
-])
-def test_stop_strings_cut_and_hold_back(stops: list[str], feeds: list[str], emitted: list[str],
-                                        stopped: bool) -> None:
+@pytest.mark.parametrize(
+    ("stops", "feeds", "emitted", "stopped"),
+    [
+        (["END"], ["abc", "de"], ["abc", "de"], False),
+        (["END"], ["abcE", "N", "D tail"], ["abc", "", ""], True),
+        (["END"], ["abcE", "NX"], ["abc", "ENX"], False),
+        (["xy", "abcd"], ["ab", "cxy"], ["", "abc"], True),
+        (["aaa"], ["aa", "b"], ["", "aab"], False),
+        ([""], ["abc"], ["abc"], False),
+    ],
+)
+def test_stop_strings_cut_and_hold_back(stops: list[str], feeds: list[str], emitted: list[str], stopped: bool) -> None:
     matcher = StopStrings(stops)
     results = [matcher.feed(f) for f in feeds]
     assert [text for text, _ in results] == emitted

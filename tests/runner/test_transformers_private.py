@@ -60,8 +60,15 @@ def _fail_if(missing: list[str]) -> None:
 
 def _tiny_llama() -> Any:
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, eos_token_id=1, bos_token_id=0,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        eos_token_id=1,
+        bos_token_id=0,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -73,23 +80,36 @@ def test_the_classes_still_have_the_methods_and_parameters_the_engines_call() ->
     """Checked on the classes, with no model: the manager's API as the engine calls it, and the records it reads."""
     missing = _missing_attributes(
         ContinuousBatchingManager,
-        ["start", "stop", "destroy", "is_running", "add_request", "get_result", "cancel_request",
-         "register_result_handler"],
+        [
+            "start",
+            "stop",
+            "destroy",
+            "is_running",
+            "add_request",
+            "get_result",
+            "cancel_request",
+            "register_result_handler",
+        ],
     )
     missing += _missing_parameters(ContinuousBatchingManager.stop, ["block", "timeout", "hard_stop"])
     missing += _missing_parameters(
         ContinuousBatchingManager.add_request, ["request_id", "max_new_tokens", "streaming", "eos_token_id"]
     )
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD
-               for p in inspect.signature(ContinuousBatchingManager.add_request).parameters.values()):
+    if not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in inspect.signature(ContinuousBatchingManager.add_request).parameters.values()
+    ):
         missing.append("ContinuousBatchingManager.add_request(**logit_processor_kwargs) (temperature, top_p)")
     missing += _missing_parameters(ContinuousBatchingManager.get_result, ["request_id", "timeout"])
     missing += _missing_parameters(
         GenerationMixin.init_continuous_batching, ["generation_config", "continuous_batching_config"]
     )
     missing += _missing_attributes(PreTrainedModel, ["set_attn_implementation"])
-    missing += [f"GenerationOutput.{name}" for name in ("generated_tokens", "error")
-                if name not in {f.name for f in dataclasses.fields(GenerationOutput)}]
+    missing += [
+        f"GenerationOutput.{name}"
+        for name in ("generated_tokens", "error")
+        if name not in {f.name for f in dataclasses.fields(GenerationOutput)}
+    ]
     missing += _missing_attributes(GenerationOutput, ["is_finished"])
     if "logit_processor_kwargs" not in {f.name for f in dataclasses.fields(RequestState)}:
         missing.append("RequestState.logit_processor_kwargs")
@@ -98,11 +118,16 @@ def test_the_classes_still_have_the_methods_and_parameters_the_engines_call() ->
     router = OutputRouter()
     missing += _missing_attributes(router, ["_lock.__enter__", "result_handlers.pop"])
     missing += _missing_attributes(BackgroundThreadStatus(), ["fatal_error"])
-    missing += _missing_parameters(ContinuousBatchingLogitsProcessorList.__init__,
-                                   ["logits_processor", "per_request_processors", "drop_unsupported_processors"])
+    missing += _missing_parameters(
+        ContinuousBatchingLogitsProcessorList.__init__,
+        ["logits_processor", "per_request_processors", "drop_unsupported_processors"],
+    )
     abstract = getattr(ContinuousBatchingLogitsProcessor, "__abstractmethods__", frozenset())
-    missing += [f"ContinuousBatchingLogitsProcessor.{name}" for name in ("fill_defaults", "prepare_tensor_args")
-                if name not in abstract]
+    missing += [
+        f"ContinuousBatchingLogitsProcessor.{name}"
+        for name in ("fill_defaults", "prepare_tensor_args")
+        if name not in abstract
+    ]
     if not hasattr(GenerationConfig(), "prefill_chunk_size"):  # the fallback's chunked prefill; unknown keys are kept
         missing.append("GenerationConfig.prefill_chunk_size")  # silently, so this would not fail anywhere else
     _fail_if(missing)
@@ -119,12 +144,23 @@ def test_a_config_for_a_plan_still_sets_every_size() -> None:
     """Every field continuous_batching_config sets still exists and keeps the value given (an unknown keyword
     would raise TypeError here; a renamed one would leave the library's default in place)."""
     config = continuous_batching_config(max_sequences=3, max_context_tokens=100, max_batch_tokens=64)
-    expected = {"page_size": 64, "num_blocks": 3 * (2 + 1), "max_batch_tokens": 64, "max_requests_per_batch": 3,
-                "max_memory_percent": 1.0, "allow_block_sharing": False, "safety_margin": 0.0,
-                "per_request_processors": False, "max_queue_size": 0}
+    expected = {
+        "page_size": 64,
+        "num_blocks": 3 * (2 + 1),
+        "max_batch_tokens": 64,
+        "max_requests_per_batch": 3,
+        "max_memory_percent": 1.0,
+        "allow_block_sharing": False,
+        "safety_margin": 0.0,
+        "per_request_processors": False,
+        "max_queue_size": 0,
+    }
     got = {name: getattr(config, name, "<missing>") for name in expected}
-    moved = [f"ContinuousBatchingConfig.{name} (={value!r}, expected {expected[name]!r})"
-             for name, value in got.items() if value != expected[name]]
+    moved = [
+        f"ContinuousBatchingConfig.{name} (={value!r}, expected {expected[name]!r})"
+        for name, value in got.items()
+        if value != expected[name]
+    ]
     _fail_if(moved)
 
 
@@ -135,23 +171,41 @@ def test_a_started_manager_still_has_what_the_engine_reads_and_swaps() -> None:
     _fail_if(missing)
     manager = model.init_continuous_batching(
         generation_config=GenerationConfig(do_sample=False, eos_token_id=1),
-        continuous_batching_config=continuous_batching_config(max_sequences=2, max_context_tokens=64,
-                                                              max_batch_tokens=32),
+        continuous_batching_config=continuous_batching_config(
+            max_sequences=2, max_context_tokens=64, max_batch_tokens=32
+        ),
     )
     try:
-        missing = _missing_attributes(manager, ["logit_processor.logits_processor", "output_router._lock",
-                                                "output_router.result_handlers", "background_thread_status.fatal_error",
-                                                "batch_processor", "_generation_thread"])  # the last: tests only
+        missing = _missing_attributes(
+            manager,
+            [
+                "logit_processor.logits_processor",
+                "output_router._lock",
+                "output_router.result_handlers",
+                "background_thread_status.fatal_error",
+                "batch_processor",
+                "_generation_thread",
+            ],
+        )  # the last: tests only
         _fail_if(missing)
         assert manager.batch_processor is None, "the batch processor is built by the generation thread, after start()"
     finally:
         manager.destroy()
-    engine = ContinuousBatchingEngine(model, max_sequences=2, max_queue=0, max_context_tokens=64, max_batch_tokens=32,
-                                      warmup=False)
+    engine = ContinuousBatchingEngine(
+        model, max_sequences=2, max_queue=0, max_context_tokens=64, max_batch_tokens=32, warmup=False
+    )
     try:
         processor = engine._manager.batch_processor
-        missing = _missing_attributes(processor, ["logit_processor", "cache.cache_tensor.nbytes", "cache.num_blocks",
-                                                  "cache.max_batch_tokens", "inputs_and_outputs"])
+        missing = _missing_attributes(
+            processor,
+            [
+                "logit_processor",
+                "cache.cache_tensor.nbytes",
+                "cache.num_blocks",
+                "cache.max_batch_tokens",
+                "inputs_and_outputs",
+            ],
+        )
         _fail_if(missing)
         assert isinstance(processor.logit_processor, SamplingProcessors), "the swapped logit_processor was not taken"
         masks = getattr(processor.inputs_and_outputs, "attention_mask", None)

@@ -35,7 +35,9 @@ def test_the_answer_is_the_reply_or_exactly_max_tokens_of_it() -> None:
     assert longer.choices[0].finish_reason == "length" and longer.usage.completion_tokens == 7
     assert response.content == bytes(fake.sent[-1])
     assert [(r.path, r.body) for r in fake.requests] == [
-        ("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "fake-model", "prompt": "a b", "max_tokens": 7})]
+        ("/v1/chat/completions", CHAT),
+        ("/v1/completions", {"model": "fake-model", "prompt": "a b", "max_tokens": 7}),
+    ]
 
 
 def test_a_stream_is_memserves_chunks_then_usage_when_asked_then_done() -> None:
@@ -58,8 +60,12 @@ def test_an_unknown_model_is_a_404_naming_it() -> None:
     _, http = client()
     response = http.post("/v1/chat/completions", json={**CHAT, "model": "other"})
     assert response.status_code == 404
-    assert response.json()["error"] == {"message": "model 'other' is not served here", "type": "not_found_error",
-                                        "param": None, "code": "model_not_found"}
+    assert response.json()["error"] == {
+        "message": "model 'other' is not served here",
+        "type": "not_found_error",
+        "param": None,
+        "code": "model_not_found",
+    }
 
 
 def test_scripted_failures() -> None:

@@ -23,13 +23,16 @@ class Body(BaseModel):
     messages: list[Message]
 
 
-@pytest.mark.parametrize(("loc", "param"), [
-    (("body", "messages", 0, "content"), "messages[0].content"),
-    (("messages", 0, "content"), "messages[0].content"),
-    (("body",), None),
-    (("model",), "model"),
-    (("a", 0, 1, "b"), "a[0][1].b"),
-])
+@pytest.mark.parametrize(
+    ("loc", "param"),
+    [
+        (("body", "messages", 0, "content"), "messages[0].content"),
+        (("messages", 0, "content"), "messages[0].content"),
+        (("body",), None),
+        (("model",), "model"),
+        (("a", 0, 1, "b"), "a[0][1].b"),
+    ],
+)
 def test_param_is_written_as_openai_writes_it(loc: tuple[int | str, ...], param: str | None) -> None:
     assert param_path(loc) == param
 
@@ -70,7 +73,9 @@ def test_an_sse_event_is_one_line_of_compact_json() -> None:
 
 def test_the_format_module_costs_no_web_framework() -> None:
     """The CLI and ``memserve bench`` use it; FastAPI's import would slow down every command."""
-    code = ("import sys, memserve.wire.format, memserve.wire.routes\n"
-            "print(sorted({'fastapi', 'starlette', 'torch'} & set(sys.modules)))")
+    code = (
+        "import sys, memserve.wire.format, memserve.wire.routes\n"
+        "print(sorted({'fastapi', 'starlette', 'torch'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"

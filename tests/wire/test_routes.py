@@ -22,8 +22,10 @@ from tests.runner.fakes import FakeEngine
 
 def served_routes(app: FastAPI) -> list[Route]:
     """The routes ``app`` answers, as the table spells them (FastAPI's own documentation routes left out)."""
-    return sorted((Route(method, route.path) for route in app.routes if isinstance(route, APIRoute)
-                   for method in route.methods), key=str)
+    return sorted(
+        (Route(method, route.path) for route in app.routes if isinstance(route, APIRoute) for method in route.methods),
+        key=str,
+    )
 
 
 def table(routes: tuple[Route, ...]) -> list[Route]:
@@ -33,8 +35,13 @@ def table(routes: tuple[Route, ...]) -> list[Route]:
 
 @pytest.fixture
 def runner(tiny_model_dir: Path) -> FastAPI:
-    return create_runner(engine=FakeEngine([1, 2]), tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
-                         model_name="tiny", context_tokens=64, health=dict)
+    return create_runner(
+        engine=FakeEngine([1, 2]),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+        model_name="tiny",
+        context_tokens=64,
+        health=dict,
+    )
 
 
 @pytest.fixture
@@ -61,8 +68,10 @@ def test_both_apps_and_the_fake_serve_the_openai_routes(tiny_model_dir: Path) ->
     with TestClient(FakeOpenAI()) as client:  # type: ignore[arg-type]
         assert client.get("/v1/models").status_code == 200
         for route in OPENAI_ROUTES:
-            assert client.request(route.method, route.path, json={"model": "fake-model", "prompt": "hi"}).status_code \
+            assert (
+                client.request(route.method, route.path, json={"model": "fake-model", "prompt": "hi"}).status_code
                 == httpx.codes.OK
+            )
         assert client.get("/v1/nothing").status_code == 404
 
 

@@ -90,8 +90,9 @@ def normalize_base_url(url: str) -> str:
     return base if base.endswith("/v1") else f"{base}/v1"
 
 
-def make_client(target: Target, *, timeout_seconds: float,
-                transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+def make_client(
+    target: Target, *, timeout_seconds: float, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
     """A client with no connection limit (a pool queue would inflate TTFT), keyed for ``target``.
 
     Proxy variables are ignored for a loopback URL, as curl does: a corporate proxy must not carry
@@ -99,7 +100,9 @@ def make_client(target: Target, *, timeout_seconds: float,
     """
     headers = {"authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     return httpx.AsyncClient(
-        transport=transport, headers=headers, trust_env=not is_loopback(httpx.URL(target.base_url).host),
+        transport=transport,
+        headers=headers,
+        trust_env=not is_loopback(httpx.URL(target.base_url).host),
         timeout=httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, CONNECT_TIMEOUT_SECONDS)),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
     )
@@ -107,8 +110,12 @@ def make_client(target: Target, *, timeout_seconds: float,
 
 def request_body(target: Target, prompt: Prompt, *, ignore_eos: bool) -> dict[str, Any]:
     """The streaming request for one prompt, asking for usage so token counts come from the server."""
-    body: dict[str, Any] = {"model": target.model, "max_tokens": prompt.max_tokens, "stream": True,
-                            "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "model": target.model,
+        "max_tokens": prompt.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if target.endpoint == "chat":
         body["messages"] = prompt.chat_messages()
     else:
@@ -127,14 +134,22 @@ class _Failure(Exception):
         self.message = message
 
 
-async def stream_request(client: httpx.AsyncClient, target: Target, prompt: Prompt, *, clock: Clock,
-                         timeout_seconds: float, ignore_eos: bool = False) -> RequestRecord:
+async def stream_request(
+    client: httpx.AsyncClient,
+    target: Target,
+    prompt: Prompt,
+    *,
+    clock: Clock,
+    timeout_seconds: float,
+    ignore_eos: bool = False,
+) -> RequestRecord:
     """Send one streaming request and record its chunk times; failures are recorded, never raised."""
     record = RequestRecord(send_seconds=clock(), local_prompt_tokens=prompt.prompt_tokens)
     body = request_body(target, prompt, ignore_eos=ignore_eos)
     try:
-        await asyncio.wait_for(_stream_into(record, client, target.base_url + target.path, body, clock),
-                               timeout_seconds)
+        await asyncio.wait_for(
+            _stream_into(record, client, target.base_url + target.path, body, clock), timeout_seconds
+        )
     except _Failure as exc:
         record.fail(exc.kind, exc.message)
     except (TimeoutError, httpx.TimeoutException) as exc:
@@ -162,8 +177,9 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _stream_into(record: RequestRecord, client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                       clock: Clock) -> None:
+async def _stream_into(
+    record: RequestRecord, client: httpx.AsyncClient, url: str, body: dict[str, Any], clock: Clock
+) -> None:
     async with client.stream("POST", url, json=body) as response:
         if response.status_code >= 400:
             raw = await response.aread()
@@ -171,16 +187,20 @@ async def _stream_into(record: RequestRecord, client: httpx.AsyncClient, url: st
         content_type = response.headers.get("content-type", "")
         if not content_type.startswith("text/event-stream"):
             raw = await response.aread()
-            raise _Failure("bad_stream", f"HTTP {response.status_code} {content_type or 'without a content-type'}, "
-                                         f"not an SSE stream: {_snippet(raw)!r}")
+            raise _Failure(
+                "bad_stream",
+                f"HTTP {response.status_code} {content_type or 'without a content-type'}, "
+                f"not an SSE stream: {_snippet(raw)!r}",
+            )
         finished = False
         async for data in sse_data(response.aiter_lines()):
             if data == "[DONE]":
                 return
             finished = _take_chunk(record, _parse_event(data), clock) or finished
     if not finished:
-        raise _Failure("bad_stream", "the stream ended without a finish_reason or data: [DONE]; the answer is "
-                                     "incomplete")
+        raise _Failure(
+            "bad_stream", "the stream ended without a finish_reason or data: [DONE]; the answer is incomplete"
+        )
 
 
 async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -266,9 +286,17 @@ def poisson_arrivals_seconds(rate_per_second: float, count: int, seed: int) -> l
 class LoadGenerator:
     """Runs one step against one target: closed loop (N workers) or open loop (Poisson arrivals)."""
 
-    def __init__(self, client: httpx.AsyncClient, target: Target, *, clock: Clock = time.perf_counter,
-                 sleep: Sleep = asyncio.sleep, timeout_seconds: float, ignore_eos: bool = False,
-                 on_record: OnRecord | None = None) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        target: Target,
+        *,
+        clock: Clock = time.perf_counter,
+        sleep: Sleep = asyncio.sleep,
+        timeout_seconds: float,
+        ignore_eos: bool = False,
+        on_record: OnRecord | None = None,
+    ) -> None:
         self.client = client
         self.target = target
         self.clock = clock
@@ -278,14 +306,26 @@ class LoadGenerator:
         self.on_record = on_record
 
     async def one(self, prompt: Prompt) -> RequestRecord:
-        record = await stream_request(self.client, self.target, prompt, clock=self.clock,
-                                      timeout_seconds=self.timeout_seconds, ignore_eos=self.ignore_eos)
+        record = await stream_request(
+            self.client,
+            self.target,
+            prompt,
+            clock=self.clock,
+            timeout_seconds=self.timeout_seconds,
+            ignore_eos=self.ignore_eos,
+        )
         if self.on_record is not None:
             self.on_record(record)
         return record
 
-    async def closed_loop(self, prompts: Callable[[int], Prompt], *, concurrency: int, max_requests: int | None,
-                          duration_seconds: float | None) -> list[RequestRecord]:
+    async def closed_loop(
+        self,
+        prompts: Callable[[int], Prompt],
+        *,
+        concurrency: int,
+        max_requests: int | None,
+        duration_seconds: float | None,
+    ) -> list[RequestRecord]:
         """``concurrency`` workers, each sending its next request when the last one ends, until a limit."""
         limit = math.inf if max_requests is None else max_requests
         records: list[RequestRecord] = []
@@ -301,14 +341,22 @@ class LoadGenerator:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return records
 
-    async def open_loop(self, prompts: Callable[[int], Prompt], *, rate_per_second: float,
-                        max_requests: int | None, duration_seconds: float | None, seed: int,
-                        max_concurrency: int | None = None) -> list[RequestRecord]:
+    async def open_loop(
+        self,
+        prompts: Callable[[int], Prompt],
+        *,
+        rate_per_second: float,
+        max_requests: int | None,
+        duration_seconds: float | None,
+        seed: int,
+        max_concurrency: int | None = None,
+    ) -> list[RequestRecord]:
         """Send at Poisson arrival times whatever is in flight; ``max_concurrency`` caps what is in flight."""
         rng = random.Random(seed)
         limit = math.inf if max_requests is None else max_requests
         gate: AbstractAsyncContextManager[Any] = (
-            asyncio.Semaphore(max_concurrency) if max_concurrency else nullcontext())
+            asyncio.Semaphore(max_concurrency) if max_concurrency else nullcontext()
+        )
         started = self.clock()
         due_seconds = 0.0
         tasks: list[asyncio.Task[RequestRecord]] = []

@@ -122,8 +122,10 @@ def load_tokenizer(path: Path) -> TextTokenizer:
         try:
             return _AutoTokenizer(path)
         except Exception as exc:  # transformers raises many kinds here; all mean the same to the user
-            raise InvalidArgument(f"cannot load a tokenizer from {path} ({type(exc).__name__}: {exc}); "
-                                  "pass --tokenizer with a folder or tokenizer.json file") from exc
+            raise InvalidArgument(
+                f"cannot load a tokenizer from {path} ({type(exc).__name__}: {exc}); "
+                "pass --tokenizer with a folder or tokenizer.json file"
+            ) from exc
     raise InvalidArgument(f"--tokenizer {path}: no such file or folder; pass a folder with tokenizer.json")
 
 
@@ -134,8 +136,15 @@ class SyntheticPrompts:
     carries the count of the text actually sent.
     """
 
-    def __init__(self, *, prompt_tokens: int, output_tokens: int, seed: int,
-                 tokenizer: TextTokenizer | None = None, tokenizer_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        prompt_tokens: int,
+        output_tokens: int,
+        seed: int,
+        tokenizer: TextTokenizer | None = None,
+        tokenizer_path: Path | None = None,
+    ) -> None:
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         self.seed = seed
@@ -153,9 +162,13 @@ class SyntheticPrompts:
         return Prompt(max_tokens=self.output_tokens, text=text, prompt_tokens=len(self.tokenizer.encode(text)))
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "tokenizer" if self.tokenizer is not None else "synthetic",
-                "tokenizer": None if self.tokenizer_path is None else str(self.tokenizer_path),
-                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens, "seed": self.seed}
+        return {
+            "source": "tokenizer" if self.tokenizer is not None else "synthetic",
+            "tokenizer": None if self.tokenizer_path is None else str(self.tokenizer_path),
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "seed": self.seed,
+        }
 
 
 class DatasetPrompts:
@@ -167,8 +180,10 @@ class DatasetPrompts:
         self.tokenizer = tokenizer
         self.prompts = [self._parse(number, line) for number, line in _lines(path)]
         if not self.prompts:
-            raise InvalidArgument(f"--dataset {path} has no prompts; expected jsonl lines like "
-                                  '{"prompt": "..."} or {"messages": [...], "max_tokens": 64}')
+            raise InvalidArgument(
+                f"--dataset {path} has no prompts; expected jsonl lines like "
+                '{"prompt": "..."} or {"messages": [...], "max_tokens": 64}'
+            )
 
     def _parse(self, number: int, line: str) -> Prompt:
         where = f"--dataset {self.path} line {number}"
@@ -194,8 +209,12 @@ class DatasetPrompts:
         return self.prompts[request_index % len(self.prompts)]
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "dataset", "dataset": str(self.path), "prompts": len(self.prompts),
-                "output_tokens": self.output_tokens}
+        return {
+            "source": "dataset",
+            "dataset": str(self.path),
+            "prompts": len(self.prompts),
+            "output_tokens": self.output_tokens,
+        }
 
     @property
     def has_messages(self) -> bool:

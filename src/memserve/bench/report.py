@@ -49,10 +49,12 @@ def _p(p: Percentiles | None, which: str) -> float | None:
 def step_line(target: Target, stats: StepStats) -> str:
     """``A @ 4 concurrent: 16 ok, 0 failed, 3.2 req/s, 205 out tok/s, TTFT p50 123.0 ms ...``."""
     failed = f", errors {dict(stats.errors)}" if stats.errors else ""
-    return (f"{target.name} @ {stats.step.label()}: {stats.successful_requests} ok, {stats.failed_requests} failed"
-            f"{failed}, {stats.requests_per_second:.2f} req/s, {stats.output_tokens_per_second:.1f} out tok/s, "
-            f"TTFT p50 {_ms(_p(stats.ttft_seconds, 'p50'))} ms p99 {_ms(_p(stats.ttft_seconds, 'p99'))} ms, "
-            f"TPOT p50 {_ms(_p(stats.tpot_seconds, 'p50'))} ms")
+    return (
+        f"{target.name} @ {stats.step.label()}: {stats.successful_requests} ok, {stats.failed_requests} failed"
+        f"{failed}, {stats.requests_per_second:.2f} req/s, {stats.output_tokens_per_second:.1f} out tok/s, "
+        f"TTFT p50 {_ms(_p(stats.ttft_seconds, 'p50'))} ms p99 {_ms(_p(stats.ttft_seconds, 'p99'))} ms, "
+        f"TPOT p50 {_ms(_p(stats.tpot_seconds, 'p50'))} ms"
+    )
 
 
 class PlainReporter:
@@ -78,9 +80,15 @@ class LiveReporter:
     """A rich progress bar per step on a terminal; finished steps stay as lines above it."""
 
     def __init__(self, console: Console) -> None:
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
-                                 console=console, transient=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self.task: TaskID | None = None
         self.failed = 0
 
@@ -118,19 +126,44 @@ def _new_table(title: str) -> Table:
 def results_table(result: TargetResult) -> Table:
     """One row per step: counts, throughput, latency percentiles in ms."""
     table = _new_table(result.target.describe())
-    columns = ("step", "ok", "failed", "req/s", "out tok/s", "prompt tok", "TTFT p50", "TTFT p99", "ITL p50",
-               "ITL p99", "TPOT p50", "E2E p50", "E2E p99")
+    columns = (
+        "step",
+        "ok",
+        "failed",
+        "req/s",
+        "out tok/s",
+        "prompt tok",
+        "TTFT p50",
+        "TTFT p99",
+        "ITL p50",
+        "ITL p99",
+        "TPOT p50",
+        "E2E p50",
+        "E2E p99",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "step" else "right")
     for s in result.steps:
-        prompt = "-" if s.prompt_tokens is None or not s.successful_requests \
+        prompt = (
+            "-"
+            if s.prompt_tokens is None or not s.successful_requests
             else f"{s.prompt_tokens / s.successful_requests:.0f}"
+        )
         table.add_row(
-            s.step.label(), str(s.successful_requests), _failed_cell(s), f"{s.requests_per_second:.2f}",
-            f"{s.output_tokens_per_second:.1f}", prompt,
-            _ms(_p(s.ttft_seconds, "p50")), _ms(_p(s.ttft_seconds, "p99")),
-            _ms(_p(s.itl_seconds, "p50")), _ms(_p(s.itl_seconds, "p99")),
-            _ms(_p(s.tpot_seconds, "p50")), _ms(_p(s.e2e_seconds, "p50")), _ms(_p(s.e2e_seconds, "p99")))
+            s.step.label(),
+            str(s.successful_requests),
+            _failed_cell(s),
+            f"{s.requests_per_second:.2f}",
+            f"{s.output_tokens_per_second:.1f}",
+            prompt,
+            _ms(_p(s.ttft_seconds, "p50")),
+            _ms(_p(s.ttft_seconds, "p99")),
+            _ms(_p(s.itl_seconds, "p50")),
+            _ms(_p(s.itl_seconds, "p99")),
+            _ms(_p(s.tpot_seconds, "p50")),
+            _ms(_p(s.e2e_seconds, "p50")),
+            _ms(_p(s.e2e_seconds, "p99")),
+        )
     table.caption = "latencies in ms; prompt tok = mean per request"
     table.caption_justify = "left"
     return table
@@ -148,17 +181,37 @@ def _ratio_cell(value: float | None) -> str:
 
 def comparison_table(a: TargetResult, b: TargetResult) -> Table:
     """A and B side by side per step, with B ÷ A for throughput, TTFT p50 and TPOT p50."""
-    table = _new_table(f"B ÷ A   (A = {a.target.model} at {a.target.base_url}; B = {b.target.model} at "
-                       f"{b.target.base_url})")
-    for column in ("step", "A tok/s", "B tok/s", "B÷A", "A TTFT p50", "B TTFT p50", "B÷A ", "A TPOT p50",
-                   "B TPOT p50", "B÷A  "):
+    table = _new_table(
+        f"B ÷ A   (A = {a.target.model} at {a.target.base_url}; B = {b.target.model} at {b.target.base_url})"
+    )
+    for column in (
+        "step",
+        "A tok/s",
+        "B tok/s",
+        "B÷A",
+        "A TTFT p50",
+        "B TTFT p50",
+        "B÷A ",
+        "A TPOT p50",
+        "B TPOT p50",
+        "B÷A  ",
+    ):
         table.add_column(column, justify="left" if column == "step" else "right")
     for sa, sb in zip(a.steps, b.steps, strict=False):  # B may have stopped early
         ta, tb = _p(sa.ttft_seconds, "p50"), _p(sb.ttft_seconds, "p50")
         pa, pb = _p(sa.tpot_seconds, "p50"), _p(sb.tpot_seconds, "p50")
-        table.add_row(sa.step.label(), f"{sa.output_tokens_per_second:.1f}", f"{sb.output_tokens_per_second:.1f}",
-                      _ratio_cell(ratio(sb.output_tokens_per_second, sa.output_tokens_per_second)),
-                      _ms(ta), _ms(tb), _ratio_cell(ratio(tb, ta)), _ms(pa), _ms(pb), _ratio_cell(ratio(pb, pa)))
+        table.add_row(
+            sa.step.label(),
+            f"{sa.output_tokens_per_second:.1f}",
+            f"{sb.output_tokens_per_second:.1f}",
+            _ratio_cell(ratio(sb.output_tokens_per_second, sa.output_tokens_per_second)),
+            _ms(ta),
+            _ms(tb),
+            _ratio_cell(ratio(tb, ta)),
+            _ms(pa),
+            _ms(pb),
+            _ratio_cell(ratio(pb, pa)),
+        )
     table.caption = "B÷A > 1: B has more tokens/s, or slower latencies; latencies in ms"
     table.caption_justify = "left"
     return table
@@ -186,8 +239,11 @@ def require_matplotlib() -> None:
         raise InvalidArgument(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}") from exc
 
 
-_LATENCIES = (("ttft_seconds", "p50", "TTFT p50", "-"), ("ttft_seconds", "p99", "TTFT p99", ":"),
-              ("tpot_seconds", "p50", "TPOT p50", "--"))
+_LATENCIES = (
+    ("ttft_seconds", "p50", "TTFT p50", "-"),
+    ("ttft_seconds", "p99", "TTFT p99", ":"),
+    ("tpot_seconds", "p50", "TPOT p50", "--"),
+)
 
 
 def write_plot(path: Path, results: Sequence[TargetResult]) -> None:
@@ -204,13 +260,26 @@ def write_plot(path: Path, results: Sequence[TargetResult]) -> None:
         colour = f"C{index}"
         xs = [s.step.value for s in result.steps]
         for attribute, which, label, style in _LATENCIES:
-            known = [(s.step.value, v * 1e3) for s in result.steps
-                     if (v := _p(getattr(s, attribute), which)) is not None]
+            known = [
+                (s.step.value, v * 1e3) for s in result.steps if (v := _p(getattr(s, attribute), which)) is not None
+            ]
             if known:
-                latency.plot([x for x, _ in known], [y for _, y in known], style, marker="o", color=colour,
-                             label=f"{result.target.name} {label}")
-        throughput.plot(xs, [s.output_tokens_per_second for s in result.steps], "-", marker="o", color=colour,
-                        label=result.target.describe())
+                latency.plot(
+                    [x for x, _ in known],
+                    [y for _, y in known],
+                    style,
+                    marker="o",
+                    color=colour,
+                    label=f"{result.target.name} {label}",
+                )
+        throughput.plot(
+            xs,
+            [s.output_tokens_per_second for s in result.steps],
+            "-",
+            marker="o",
+            color=colour,
+            label=result.target.describe(),
+        )
     x_label = "concurrent requests" if kind == "concurrency" else "arrival rate (requests/s)"
     ticks = sorted({s.step.value for r in results for s in r.steps})
     _axes(latency, x_label, "latency (ms)", kind, ticks)

@@ -89,14 +89,20 @@ class BenchConfig:
 
     def to_json(self) -> dict[str, Any]:
         kind = self.steps[0].kind if self.steps else "concurrency"
-        return {"mode": "closed_loop" if kind == "concurrency" else "open_loop_poisson",
-                "steps": [step.to_json() for step in self.steps],
-                "requests_per_step": self.requests_per_step,
-                "requests_per_step_default": "max(16, 4 × step)"
-                if self.requests_per_step is None and self.duration_seconds is None else None,
-                "duration_seconds_per_step": self.duration_seconds, "timeout_seconds": self.timeout_seconds,
-                "warmup_requests": 1 + self.warmup_requests, "seed": self.seed,
-                "max_concurrency": self.max_concurrency, "ignore_eos": self.ignore_eos}
+        return {
+            "mode": "closed_loop" if kind == "concurrency" else "open_loop_poisson",
+            "steps": [step.to_json() for step in self.steps],
+            "requests_per_step": self.requests_per_step,
+            "requests_per_step_default": "max(16, 4 × step)"
+            if self.requests_per_step is None and self.duration_seconds is None
+            else None,
+            "duration_seconds_per_step": self.duration_seconds,
+            "timeout_seconds": self.timeout_seconds,
+            "warmup_requests": 1 + self.warmup_requests,
+            "seed": self.seed,
+            "max_concurrency": self.max_concurrency,
+            "ignore_eos": self.ignore_eos,
+        }
 
 
 class Reporter(Protocol):
@@ -142,9 +148,13 @@ class TargetResult:
 
     def to_json(self) -> dict[str, Any]:
         saturation = self.saturation
-        return {**self.target.to_json(), "steps": [s.to_json() for s in self.steps],
-                "saturation": None if saturation is None else saturation.to_json(),
-                "saturation_summary": saturation_line(self.steps, saturation), "stopped": self.stopped}
+        return {
+            **self.target.to_json(),
+            "steps": [s.to_json() for s in self.steps],
+            "saturation": None if saturation is None else saturation.to_json(),
+            "saturation_summary": saturation_line(self.steps, saturation),
+            "stopped": self.stopped,
+        }
 
 
 @dataclass(frozen=True)
@@ -158,19 +168,29 @@ class ClientOverhead:
             return None if p is None else p.to_json()
 
         s = self.stats
-        return {**s.step.to_json(), "requests": s.requests, "failed_requests": s.failed_requests,
-                "latency_floor_seconds": maybe(s.e2e_seconds), "ttft_floor_seconds": maybe(s.ttft_seconds),
-                "itl_floor_seconds": maybe(s.itl_seconds),
-                "max_output_tokens_per_second": s.output_tokens_per_second,
-                "max_requests_per_second": s.requests_per_second}
+        return {
+            **s.step.to_json(),
+            "requests": s.requests,
+            "failed_requests": s.failed_requests,
+            "latency_floor_seconds": maybe(s.e2e_seconds),
+            "ttft_floor_seconds": maybe(s.ttft_seconds),
+            "itl_floor_seconds": maybe(s.itl_seconds),
+            "max_output_tokens_per_second": s.output_tokens_per_second,
+            "max_requests_per_second": s.requests_per_second,
+        }
 
     def line(self) -> str:
         """``client overhead (instant fake on 127.0.0.1, 16 concurrent): latency floor p50 2.1 ms ...``."""
         s = self.stats
-        floor = "-" if s.e2e_seconds is None else \
-            f"p50 {s.e2e_seconds.p50 * 1e3:.1f} ms, p99 {s.e2e_seconds.p99 * 1e3:.1f} ms"
-        return (f"client overhead (instant fake on 127.0.0.1, {s.step.label()}): latency floor {floor}; "
-                f"parses up to {s.output_tokens_per_second:,.0f} output tok/s")
+        floor = (
+            "-"
+            if s.e2e_seconds is None
+            else f"p50 {s.e2e_seconds.p50 * 1e3:.1f} ms, p99 {s.e2e_seconds.p99 * 1e3:.1f} ms"
+        )
+        return (
+            f"client overhead (instant fake on 127.0.0.1, {s.step.label()}): latency floor {floor}; "
+            f"parses up to {s.output_tokens_per_second:,.0f} output tok/s"
+        )
 
 
 def _now_iso() -> str:
@@ -178,8 +198,12 @@ def _now_iso() -> str:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
-            "python": platform.python_version()}
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
 
 
 @dataclass
@@ -204,10 +228,16 @@ class BenchReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA, "command": self.config.command, "started_at": self.started_at,
-            "finished_at": self.finished_at, "machine": machine(), "settings": self.config.to_json(),
-            "prompts": self.prompts, "client_overhead": None if self.overhead is None else self.overhead.to_json(),
-            "targets": [r.to_json() for r in self.results], "order": self.order,
+            "schema": SCHEMA,
+            "command": self.config.command,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "machine": machine(),
+            "settings": self.config.to_json(),
+            "prompts": self.prompts,
+            "client_overhead": None if self.overhead is None else self.overhead.to_json(),
+            "targets": [r.to_json() for r in self.results],
+            "order": self.order,
             "comparison": {"ratio": "B/A", "steps": self.comparison()} if len(self.results) == 2 else None,
             "error": self.error,
         }
@@ -232,16 +262,23 @@ def _ratios(a: StepStats, b: StepStats) -> dict[str, float | None]:
     }
 
 
-async def run_bench(config: BenchConfig, prompts: PromptSource, *, clock: Clock = time.perf_counter,
-                    sleep: Sleep = asyncio.sleep, transport: httpx.AsyncBaseTransport | None = None,
-                    reporter: Reporter | None = None,
-                    save: Callable[[BenchReport], None] | None = None) -> BenchReport:
+async def run_bench(
+    config: BenchConfig,
+    prompts: PromptSource,
+    *,
+    clock: Clock = time.perf_counter,
+    sleep: Sleep = asyncio.sleep,
+    transport: httpx.AsyncBaseTransport | None = None,
+    reporter: Reporter | None = None,
+    save: Callable[[BenchReport], None] | None = None,
+) -> BenchReport:
     """Run the benchmark; raises a ``MemserveError`` after saving the partial report when a warm-up fails."""
     report = BenchReport(config, prompts.describe(), [TargetResult(t) for t in config.targets])
     reporter = reporter or SilentReporter()
     save = save or (lambda _: None)
-    clients = {t.name: make_client(t, timeout_seconds=config.timeout_seconds, transport=transport)
-               for t in config.targets}
+    clients = {
+        t.name: make_client(t, timeout_seconds=config.timeout_seconds, transport=transport) for t in config.targets
+    }
     run = _Run(config, prompts, clock, sleep, reporter)
     try:
         for target in config.targets:
@@ -277,9 +314,15 @@ class _Run:
     reporter: Reporter
 
     def generator(self, client: httpx.AsyncClient, target: Target) -> LoadGenerator:
-        return LoadGenerator(client, target, clock=self.clock, sleep=self.sleep,
-                             timeout_seconds=self.config.timeout_seconds, ignore_eos=self.config.ignore_eos,
-                             on_record=functools.partial(self.reporter.request_done, target))
+        return LoadGenerator(
+            client,
+            target,
+            clock=self.clock,
+            sleep=self.sleep,
+            timeout_seconds=self.config.timeout_seconds,
+            ignore_eos=self.config.ignore_eos,
+            on_record=functools.partial(self.reporter.request_done, target),
+        )
 
     async def warm_up(self, client: httpx.AsyncClient, target: Target) -> None:
         """One request that must succeed (else a clear error), then ``--warmup`` more; none of them counted."""
@@ -289,12 +332,14 @@ class _Run:
             raise await explain_failure(client, target, first)
         extra = self.config.warmup_requests
         if extra:
-            await generator.closed_loop(lambda i: self.prompts.prompt(-1, i + 1), concurrency=extra,
-                                        max_requests=extra, duration_seconds=None)
+            await generator.closed_loop(
+                lambda i: self.prompts.prompt(-1, i + 1), concurrency=extra, max_requests=extra, duration_seconds=None
+            )
         self.reporter.note(f"{target.describe()}: warmed up with {1 + extra} request{'s' if extra else ''}")
 
-    async def step(self, client: httpx.AsyncClient, result: TargetResult, index: int, step: Step,
-                   report: BenchReport) -> None:
+    async def step(
+        self, client: httpx.AsyncClient, result: TargetResult, index: int, step: Step, report: BenchReport
+    ) -> None:
         target, config = result.target, self.config
         max_requests = config.max_requests(step)
         started_at = _now_iso()
@@ -302,16 +347,26 @@ class _Run:
         generator = self.generator(client, target)
         prompt_at = functools.partial(self.prompts.prompt, index)
         if step.kind == "concurrency":
-            records = await generator.closed_loop(prompt_at, concurrency=int(step.value), max_requests=max_requests,
-                                                  duration_seconds=config.duration_seconds)
+            records = await generator.closed_loop(
+                prompt_at,
+                concurrency=int(step.value),
+                max_requests=max_requests,
+                duration_seconds=config.duration_seconds,
+            )
         else:
-            records = await generator.open_loop(prompt_at, rate_per_second=step.value, max_requests=max_requests,
-                                                duration_seconds=config.duration_seconds, seed=config.seed + index,
-                                                max_concurrency=config.max_concurrency)
+            records = await generator.open_loop(
+                prompt_at,
+                rate_per_second=step.value,
+                max_requests=max_requests,
+                duration_seconds=config.duration_seconds,
+                seed=config.seed + index,
+                max_concurrency=config.max_concurrency,
+            )
         stats = summarize(step, records)
         result.steps.append(stats)
-        report.order.append({"target": target.name, **step.to_json(), "started_at": started_at,
-                             "finished_at": _now_iso()})
+        report.order.append(
+            {"target": target.name, **step.to_json(), "started_at": started_at, "finished_at": _now_iso()}
+        )
         self.reporter.step_finished(target, stats)
         if stats.requests and not stats.successful_requests:
             kinds = ", ".join(f"{kind} ×{count}" for kind, count in stats.errors.items())
@@ -326,12 +381,16 @@ async def explain_failure(client: httpx.AsyncClient, target: Target, record: Req
     if kind == "http_404":
         models = await list_models(client, target)
         if models is None:
-            return ModelNotFound(f"{where}: {what}; GET {target.base_url}/models did not answer a model list "
-                                 "either: is this an OpenAI-compatible server? check the URL")
+            return ModelNotFound(
+                f"{where}: {what}; GET {target.base_url}/models did not answer a model list "
+                "either: is this an OpenAI-compatible server? check the URL"
+            )
         if target.model not in models:
             served = ", ".join(models) or "no models"
-            return ModelNotFound(f"{where}: the server does not know model {target.model!r} ({what}); "
-                                 f"it serves: {served}; pass one of them with --model")
+            return ModelNotFound(
+                f"{where}: the server does not know model {target.model!r} ({what}); "
+                f"it serves: {served}; pass one of them with --model"
+            )
         return ModelNotFound(f"{where}: {what}; the model is listed but {target.path} is not found: check the URL")
     if kind in ("http_401", "http_403"):
         return InvalidArgument(f"{where}: {what}; pass the API key's environment variable with --api-key-env")
@@ -355,12 +414,18 @@ async def measure_client_overhead(config: BenchConfig, prompts: PromptSource) ->
     concurrency = config.overhead_concurrency()
     step = Step("concurrency", concurrency)
     fake = FakeOpenAI(models=("client-overhead",))
-    with serve_in_thread(fake, hint="it is the fake server of the client-overhead measurement: pass --no-overhead "
-                                    "to skip that measurement") as origin:
+    with serve_in_thread(
+        fake,
+        hint="it is the fake server of the client-overhead measurement: pass --no-overhead to skip that measurement",
+    ) as origin:
         target = Target("overhead", f"{origin}/v1", "client-overhead", endpoint=config.targets[0].endpoint)
         async with make_client(target, timeout_seconds=config.timeout_seconds) as client:
             generator = LoadGenerator(client, target, timeout_seconds=config.timeout_seconds)
             await generator.one(prompts.prompt(-1, 0))
-            records = await generator.closed_loop(functools.partial(prompts.prompt, -2), concurrency=concurrency,
-                                                  max_requests=default_requests(step), duration_seconds=None)
+            records = await generator.closed_loop(
+                functools.partial(prompts.prompt, -2),
+                concurrency=concurrency,
+                max_requests=default_requests(step),
+                duration_seconds=None,
+            )
     return ClientOverhead(summarize(step, records))

@@ -212,7 +212,8 @@ def summarize(step: Step, records: Sequence[RequestRecord]) -> StepStats:
     """One step's numbers from its requests (see the module docstring for the definitions)."""
     ok = [r for r in records if r.ok]
     wall_seconds = max((r.finish_seconds for r in records), default=0.0) - min(
-        (r.send_seconds for r in records), default=0.0)
+        (r.send_seconds for r in records), default=0.0
+    )
     output_tokens = sum(r.output_tokens for r in ok)
     prompt_counts = [r.prompt_tokens for r in ok]
     errors = Counter(r.error_kind for r in records if r.error_kind is not None)
@@ -251,9 +252,14 @@ class Saturation:
     message: str
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.step.to_json(), "previous": None if self.previous is None else self.previous.to_json(),
-                "reason": self.reason, "throughput_gain": self.throughput_gain,
-                "ttft_p50_ratio": self.ttft_p50_ratio, "message": self.message}
+        return {
+            **self.step.to_json(),
+            "previous": None if self.previous is None else self.previous.to_json(),
+            "reason": self.reason,
+            "throughput_gain": self.throughput_gain,
+            "ttft_p50_ratio": self.ttft_p50_ratio,
+            "message": self.message,
+        }
 
 
 def find_saturation(steps: Sequence[StepStats]) -> Saturation | None:
@@ -263,13 +269,22 @@ def find_saturation(steps: Sequence[StepStats]) -> Saturation | None:
         gain, ratio = _growth(previous, stats)
         if stats.failed_requests:
             failed = ", ".join(f"{kind} ×{count}" for kind, count in stats.errors.items())
-            message = (f"saturates at {stats.step.label()}: {stats.failed_requests} of {stats.requests} "
-                       f"requests failed ({failed})")
+            message = (
+                f"saturates at {stats.step.label()}: {stats.failed_requests} of {stats.requests} "
+                f"requests failed ({failed})"
+            )
             return Saturation(stats.step, None if previous is None else previous.step, "errors", gain, ratio, message)
-        if previous is not None and gain is not None and ratio is not None \
-                and gain < MIN_THROUGHPUT_GAIN and ratio >= TTFT_GROWTH:
-            message = (f"saturates at {stats.step.label()}: throughput {gain:+.0%} over {previous.step.short()} "
-                       f"while TTFT p50 ×{ratio:.1f}")
+        if (
+            previous is not None
+            and gain is not None
+            and ratio is not None
+            and gain < MIN_THROUGHPUT_GAIN
+            and ratio >= TTFT_GROWTH
+        ):
+            message = (
+                f"saturates at {stats.step.label()}: throughput {gain:+.0%} over {previous.step.short()} "
+                f"while TTFT p50 ×{ratio:.1f}"
+            )
             return Saturation(stats.step, previous.step, "throughput", gain, ratio, message)
     return None
 

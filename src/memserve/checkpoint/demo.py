@@ -192,9 +192,7 @@ def _check_target(path: Path, *, force: bool) -> None:
         )
 
 
-def _make_config(
-    size: str, arch: str, dtype: str, *, vocab_size: int, pad_id: int, eos_id: int
-) -> PretrainedConfig:
+def _make_config(size: str, arch: str, dtype: str, *, vocab_size: int, pad_id: int, eos_id: int) -> PretrainedConfig:
     """A ``LlamaConfig``/``Qwen2Config``; Qwen2 ties embeddings and has q/k/v biases by design.
 
     Like Qwen's, BOS and pad are ``<|endoftext|>`` and EOS is ``<|im_end|>`` (the end of a chat turn).
@@ -301,9 +299,7 @@ def _shard_names(count: int) -> Iterator[str]:
         yield f"model-{i:05d}-of-{count:05d}.safetensors"
 
 
-def _write_weights(
-    path: Path, config: PretrainedConfig, *, size: str, dtype: str, seed: int
-) -> tuple[int, int]:
+def _write_weights(path: Path, config: PretrainedConfig, *, size: str, dtype: str, seed: int) -> tuple[int, int]:
     """Write the safetensors shards (and the index when there are several); return (params, shards)."""
     import torch
     from safetensors.torch import save_file
@@ -334,9 +330,7 @@ def _write_weights(
             "metadata": {"total_size": params * _ITEMSIZE[dtype], "total_parameters": params},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        (path / "model.safetensors.index.json").write_text(
-            json.dumps(index, indent=2) + "\n", encoding="utf-8"
-        )
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return params, len(shards)
 
 

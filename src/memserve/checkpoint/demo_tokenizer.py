@@ -56,9 +56,7 @@ def _pseudo_words(count: int, rng: random.Random) -> list[str]:
     words: list[str] = []
     while len(words) < count:
         syllables = rng.choice((1, 2, 2, 3, 3, 4))
-        word = "".join(
-            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
-        )
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
         if word not in seen:
             seen.add(word)
             words.append(word)

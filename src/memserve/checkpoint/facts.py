@@ -405,9 +405,7 @@ def facts_from(
     )
 
 
-def facts_from_metadata(
-    config: dict[str, Any], meta: SafetensorsRepoMetadata, *, source: str
-) -> CheckpointFacts:
+def facts_from_metadata(config: dict[str, Any], meta: SafetensorsRepoMetadata, *, source: str) -> CheckpointFacts:
     tensors = _tensors_from_metadata(meta, source)
     return facts_from(config, tensors, source=source, shards=len(meta.files_metadata))
 
@@ -514,8 +512,7 @@ def read_local_facts(folder: Path, *, source: str | None = None) -> CheckpointFa
             meta = _local_metadata(files[0], source)
         else:
             raise CheckpointError(
-                f"{source}: has config.json but no weights (*.safetensors or *.bin); "
-                "the download may be incomplete"
+                f"{source}: has config.json but no weights (*.safetensors or *.bin); the download may be incomplete"
             ) from None
     except (SafetensorsParsingError, json.JSONDecodeError, FileNotFoundError):
         meta = _local_metadata(folder, source)  # re-raises with a clear message
@@ -529,8 +526,9 @@ def with_adapters(facts: CheckpointFacts, adapters: tuple[AdapterFacts, ...]) ->
         return facts
     extra = sum(a.weights_bytes for a in adapters)
     blocks = list(facts.blocks)
-    blocks[0] = replace(blocks[0], bytes=blocks[0].bytes + extra, params=blocks[0].params + sum(
-        a.params for a in adapters))
+    blocks[0] = replace(
+        blocks[0], bytes=blocks[0].bytes + extra, params=blocks[0].params + sum(a.params for a in adapters)
+    )
     return replace(
         facts,
         adapters=facts.adapters + adapters,

@@ -88,9 +88,13 @@ def check_source(spec: str) -> SourceCheck:
         where = "folder" if source.kind == "dir" else "in the local Hugging Face cache:"
         return SourceCheck(source.kind, f"{where} {source.path}")
     if hub_offline():
-        return SourceCheck("hub", f"not in the local Hugging Face cache ({hf_cache_dir()}) and HF_HUB_OFFLINE is "
-                           f"set: requests for it fail until it is downloaded (huggingface-cli download "
-                           f"{source.repo_id})", warning=True)
+        return SourceCheck(
+            "hub",
+            f"not in the local Hugging Face cache ({hf_cache_dir()}) and HF_HUB_OFFLINE is "
+            f"set: requests for it fail until it is downloaded (huggingface-cli download "
+            f"{source.repo_id})",
+            warning=True,
+        )
     return SourceCheck("hub", "a hub id, not in the local cache: looked up on the hub on first use")
 
 
@@ -114,11 +118,10 @@ def locate(spec: str, *, lookup_hub: bool = True) -> ModelSource:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snapshot = snapshot_download(
-            repo_id, revision=revision or None, cache_dir=cache, local_files_only=True
+        snapshot = snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True)
+        return ModelSource(
+            spec=spec, kind="hf-cache", path=Path(str(snapshot)), repo_id=repo_id, revision=revision or None
         )
-        return ModelSource(spec=spec, kind="hf-cache", path=Path(str(snapshot)), repo_id=repo_id,
-                           revision=revision or None)
     except LocalEntryNotFoundError:
         pass
     if hub_offline() and lookup_hub:
@@ -130,7 +133,7 @@ def locate(spec: str, *, lookup_hub: bool = True) -> ModelSource:
 
 
 def missing_path_message(spec: str) -> str:
-    """"no such folder", where the path stops existing, and the nearest existing name there."""
+    """ "no such folder", where the path stops existing, and the nearest existing name there."""
     path = Path(spec).expanduser()
     absolute = path if path.is_absolute() else Path.cwd() / path
     parts = absolute.parts
@@ -143,7 +146,7 @@ def missing_path_message(spec: str) -> str:
     spec_parts = Path(spec).parts
     at = len(spec_parts) - (len(parts) - depth)  # the missing part's place in what the user wrote
     if nearest is not None and 0 <= at < len(spec_parts):
-        message += f"; nearest existing name: {Path(*spec_parts[:at], nearest, *spec_parts[at + 1:])}"
+        message += f"; nearest existing name: {Path(*spec_parts[:at], nearest, *spec_parts[at + 1 :])}"
     reason = ""
     if spec.startswith((".", "/", "~")):
         pass
@@ -173,8 +176,11 @@ def local_hint(spec: str) -> str:
 def _nearest_name(folder: Path, name: str) -> str | None:
     try:
         with os.scandir(folder) as entries:
-            names = [e.name for e in itertools.islice(entries, _NEAREST_SCAN_ENTRIES)
-                     if name.startswith(".") or not e.name.startswith(".")]
+            names = [
+                e.name
+                for e in itertools.islice(entries, _NEAREST_SCAN_ENTRIES)
+                if name.startswith(".") or not e.name.startswith(".")
+            ]
     except OSError:
         return None
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
@@ -237,13 +243,12 @@ def _hub_facts(source: ModelSource) -> CheckpointFacts:
             f"check the network, or set HF_HUB_OFFLINE=1 and pass a local folder{local_hint(source.spec)}"
         )
     try:
-        config_path = hf_hub_download(
-            source.repo_id, "config.json", revision=source.revision, cache_dir=hf_cache_dir()
-        )
+        config_path = hf_hub_download(source.repo_id, "config.json", revision=source.revision, cache_dir=hf_cache_dir())
         meta = get_safetensors_metadata(source.repo_id, revision=source.revision)
     except RepositoryNotFoundError as exc:
-        raise ModelNotFound(f"{source.spec}: no such repository on the hub (or it is private)"
-                            f"{local_hint(source.spec)}") from exc
+        raise ModelNotFound(
+            f"{source.spec}: no such repository on the hub (or it is private){local_hint(source.spec)}"
+        ) from exc
     except GatedRepoError as exc:
         raise ModelNotFound(
             f"{source.spec}: the repository is gated; accept its terms and log in (huggingface-cli login)"

@@ -41,6 +41,9 @@ def tokenizer_file_longest_token_bytes(folder: Path) -> int | None:
         pieces = [p[0] for p in vocab if isinstance(p, list) and p and isinstance(p[0], str)]
     else:
         return None
-    pieces += [t["content"] for t in data.get("added_tokens") or () if isinstance(t, dict)
-               and isinstance(t.get("content"), str)]
+    pieces += [
+        t["content"]
+        for t in data.get("added_tokens") or ()
+        if isinstance(t, dict) and isinstance(t.get("content"), str)
+    ]
     return longest_token_bytes(pieces) if pieces else None

@@ -38,8 +38,11 @@ class _Group(click.Group):
             click.echo("aborted", err=True)
             sys.exit(130)
         except click.ClickException as exc:
-            hint = f" (see: memserve {exc.ctx.command_path.partition(' ')[2]} --help)".replace("  ", " ") \
-                if isinstance(exc, click.UsageError) and exc.ctx else ""
+            hint = (
+                f" (see: memserve {exc.ctx.command_path.partition(' ')[2]} --help)".replace("  ", " ")
+                if isinstance(exc, click.UsageError) and exc.ctx
+                else ""
+            )
             click.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
 

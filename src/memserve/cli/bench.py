@@ -83,8 +83,10 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 
 def _steps(concurrency: list[int] | None, rate: list[float] | None) -> tuple[Step, ...]:
     if concurrency is not None and rate is not None:
-        raise click.UsageError("--concurrency and --rate exclude each other: a step is either a number of "
-                               "concurrent requests or an arrival rate")
+        raise click.UsageError(
+            "--concurrency and --rate exclude each other: a step is either a number of "
+            "concurrent requests or an arrival rate"
+        )
     if rate is not None:
         return tuple(Step("rate", r) for r in rate)
     return tuple(Step("concurrency", c) for c in concurrency or [int(c) for c in DEFAULT_CONCURRENCY.split(",")])
@@ -101,8 +103,9 @@ def _api_key(variable: str | None) -> str | None:
         return None
     key = os.environ.get(variable)
     if not key:
-        raise InvalidArgument(f"--api-key-env {variable}: that environment variable is not set or empty; "
-                              f"export {variable}=... first")
+        raise InvalidArgument(
+            f"--api-key-env {variable}: that environment variable is not set or empty; export {variable}=... first"
+        )
     return key
 
 
@@ -112,16 +115,22 @@ def _prompts(options: dict[str, Any], model: str) -> PromptSource:
     dataset: Path | None = options["dataset"]
     if dataset is not None:
         if options["prompt_tokens"] is not None:
-            raise click.UsageError("--prompt-tokens and --dataset exclude each other: the dataset's prompts are sent "
-                                   "as they are")
+            raise click.UsageError(
+                "--prompt-tokens and --dataset exclude each other: the dataset's prompts are sent as they are"
+            )
         source = DatasetPrompts(dataset, output_tokens=options["output_tokens"], tokenizer=tokenizer)
         if options["endpoint"] == "completions" and source.has_messages:
-            raise InvalidArgument(f"--dataset {dataset} has chat messages, which /v1/completions cannot take; "
-                                  "use --endpoint chat")
+            raise InvalidArgument(
+                f"--dataset {dataset} has chat messages, which /v1/completions cannot take; use --endpoint chat"
+            )
         return source
-    return SyntheticPrompts(prompt_tokens=options["prompt_tokens"] or DEFAULT_PROMPT_TOKENS,
-                            output_tokens=options["output_tokens"], seed=options["seed"], tokenizer=tokenizer,
-                            tokenizer_path=tokenizer_path)
+    return SyntheticPrompts(
+        prompt_tokens=options["prompt_tokens"] or DEFAULT_PROMPT_TOKENS,
+        output_tokens=options["output_tokens"],
+        seed=options["seed"],
+        tokenizer=tokenizer,
+        tokenizer_path=tokenizer_path,
+    )
 
 
 def _targets(url: str, model: str, options: dict[str, Any]) -> tuple[Target, ...]:
@@ -164,30 +173,64 @@ def _print_summary(report: BenchReport, console: Console) -> None:
 @click.option("--max-concurrency", type=click.IntRange(min=1), help="With --rate: cap on requests in flight.")
 @click.option("--requests", type=click.IntRange(min=1), help="Requests per step [default: max(16, 4 × step)].")
 @click.option("--duration", callback=_seconds, help="Time limit per step, e.g. 30s or 2m.")
-@click.option("--timeout", "timeout_seconds", default="300", show_default=True, callback=_seconds,
-              help="Time limit per request.")
+@click.option(
+    "--timeout", "timeout_seconds", default="300", show_default=True, callback=_seconds, help="Time limit per request."
+)
 @click.option("--prompt-tokens", type=click.IntRange(min=1), help=f"Prompt length [default: {DEFAULT_PROMPT_TOKENS}].")
-@click.option("--output-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-              help="max_tokens per request (a dataset line's max_tokens wins).")
-@click.option("--dataset", type=click.Path(path_type=Path, dir_okay=False),
-              help="jsonl with prompt or messages per line, optional max_tokens.")
+@click.option(
+    "--output-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="max_tokens per request (a dataset line's max_tokens wins).",
+)
+@click.option(
+    "--dataset",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="jsonl with prompt or messages per line, optional max_tokens.",
+)
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder or tokenizer.json.")
-@click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True,
-              help="/v1/chat/completions or /v1/completions.")
-@click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Uncounted warm-up requests per target, on top of the first one.")
+@click.option(
+    "--endpoint",
+    type=click.Choice(["chat", "completions"]),
+    default="chat",
+    show_default=True,
+    help="/v1/chat/completions or /v1/completions.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Uncounted warm-up requests per target, on top of the first one.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of prompts and arrivals.")
 @click.option("--ignore-eos", is_flag=True, help="Send vLLM's ignore_eos so every answer has max_tokens tokens.")
 @click.option("--api-key-env", metavar="VAR", help="Environment variable holding the API key.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write the results here (after every step).")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write a PNG of latency and throughput per step (needs memserve[plot]).")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the results here (after every step).",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write a PNG of latency and throughput per step (needs memserve[plot]).",
+)
 @click.option("--vs", help="A second server to compare with, run alternately in the same run.")
 @click.option("--vs-model", help="Model to request from --vs [default: --model].")
 @click.option("--no-overhead", is_flag=True, help="Skip measuring the client's overhead against a local fake.")
-def bench(url: str, model: str, concurrency: list[int] | None, rate: list[float] | None,
-          json_path: Path | None, plot_path: Path | None, **options: Any) -> None:
+def bench(
+    url: str,
+    model: str,
+    concurrency: list[int] | None,
+    rate: list[float] | None,
+    json_path: Path | None,
+    plot_path: Path | None,
+    **options: Any,
+) -> None:
     """Load-test the OpenAI-compatible server at URL: latency percentiles, throughput, saturation."""
     steps = _steps(concurrency, rate)
     if options["max_concurrency"] is not None and rate is None:
@@ -195,10 +238,16 @@ def bench(url: str, model: str, concurrency: list[int] | None, rate: list[float]
     if plot_path is not None:
         require_matplotlib()
     config = BenchConfig(
-        targets=_targets(url, model, options), steps=steps, requests_per_step=options["requests"],
-        duration_seconds=options["duration"], timeout_seconds=options["timeout_seconds"],
-        warmup_requests=options["warmup"], seed=options["seed"], max_concurrency=options["max_concurrency"],
-        ignore_eos=options["ignore_eos"], measure_overhead=not options["no_overhead"],
+        targets=_targets(url, model, options),
+        steps=steps,
+        requests_per_step=options["requests"],
+        duration_seconds=options["duration"],
+        timeout_seconds=options["timeout_seconds"],
+        warmup_requests=options["warmup"],
+        seed=options["seed"],
+        max_concurrency=options["max_concurrency"],
+        ignore_eos=options["ignore_eos"],
+        measure_overhead=not options["no_overhead"],
         command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     )
     prompts = _prompts(options, model)
@@ -211,6 +260,7 @@ def bench(url: str, model: str, concurrency: list[int] | None, rate: list[float]
 
 def _run(config: BenchConfig, prompts: PromptSource, json_path: Path | None) -> BenchReport:
     """Run with a live view on a terminal (plain lines otherwise), saving the JSON after every step."""
+
     def save(report: BenchReport) -> None:
         if json_path is not None:
             write_json(json_path, report)
@@ -226,6 +276,7 @@ def _run(config: BenchConfig, prompts: PromptSource, json_path: Path | None) -> 
             click.echo(f"wrote {json_path}", err=True)
 
 
-def _run_with(config: BenchConfig, prompts: PromptSource, reporter: Reporter,
-              save: Callable[[BenchReport], None]) -> BenchReport:
+def _run_with(
+    config: BenchConfig, prompts: PromptSource, reporter: Reporter, save: Callable[[BenchReport], None]
+) -> BenchReport:
     return asyncio.run(run_bench(config, prompts, reporter=reporter, save=save))

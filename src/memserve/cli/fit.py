@@ -39,8 +39,10 @@ def _print_table(facts: CheckpointFacts, request: Request, result: PlanResult, i
             f"{format_bytes(d.total_bytes)}{budget}, headroom {format_bytes(d.headroom_bytes)} → "
             f"{format_bytes(d.usable_bytes)} usable"
         )
-    console.print(f"  request: context {request.context_tokens} tokens × {request.concurrency} sequence(s), "
-                  f"quantization {request.quantization}")
+    console.print(
+        f"  request: context {request.context_tokens} tokens × {request.concurrency} sequence(s), "
+        f"quantization {request.quantization}"
+    )
     table = Table(title="placement ladder (first that fits wins)")
     for col in ("rung", "fits", "dtype", "needs", "why"):
         table.add_column(col, overflow="fold")
@@ -55,34 +57,75 @@ def _print_table(facts: CheckpointFacts, request: Request, result: PlanResult, i
     if result.plan is None:
         return
     p = result.plan
-    detail = Table(title=f"plan: {p.rung}, {p.dtype}{'' if p.quantization == 'none' else ' ' + p.quantization}, "
-                         f"context {p.context_tokens} × {p.concurrency}")
+    detail = Table(
+        title=f"plan: {p.rung}, {p.dtype}{'' if p.quantization == 'none' else ' ' + p.quantization}, "
+        f"context {p.context_tokens} × {p.concurrency}"
+    )
     for col in ("device", "weights", "KV cache", "activations", "runtime", "total", "usable"):
         detail.add_column(col, justify="right")
     for name, n in p.devices.items():
-        detail.add_row(name, *(format_bytes(v) for v in (n.weights_bytes, n.kv_cache_bytes, n.activation_bytes,
-                                                         n.runtime_bytes, n.total_bytes, n.free_bytes)))
+        detail.add_row(
+            name,
+            *(
+                format_bytes(v)
+                for v in (
+                    n.weights_bytes,
+                    n.kv_cache_bytes,
+                    n.activation_bytes,
+                    n.runtime_bytes,
+                    n.total_bytes,
+                    n.free_bytes,
+                )
+            ),
+        )
     console.print(detail)
 
 
 @click.command("fit")
 @click.argument("model")
-@click.option("--context", type=int, default=None,
-              help="Tokens per sequence (prompt + completion). Default: the model's limit, at most 4096.")
+@click.option(
+    "--context",
+    type=int,
+    default=None,
+    help="Tokens per sequence (prompt + completion). Default: the model's limit, at most 4096.",
+)
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Sequences served at once.")
-@click.option("--memory", "memory", default=None,
-              help="Budget per device, e.g. cpu=16GiB,cuda:0=20GiB (plain byte counts work too).")
+@click.option(
+    "--memory",
+    "memory",
+    default=None,
+    help="Budget per device, e.g. cpu=16GiB,cuda:0=20GiB (plain byte counts work too).",
+)
 @click.option("--headroom", default=None, help="Never hand out this much per device, e.g. 1GiB or cpu=2GiB.")
 @click.option("--quantization", default="auto", show_default=True, help="auto, none, int8 or 4bit.")
-@click.option("--min-context", type=int, default=None,
-              help="Allow a smaller context down to this many tokens when the requested one does not fit.")
-@click.option("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, show_default=True,
-              help="Tokens in one forward (prefill chunk); bounds activation memory.")
+@click.option(
+    "--min-context",
+    type=int,
+    default=None,
+    help="Allow a smaller context down to this many tokens when the requested one does not fit.",
+)
+@click.option(
+    "--max-batch-tokens",
+    type=int,
+    default=DEFAULT_MAX_BATCH_TOKENS,
+    show_default=True,
+    help="Tokens in one forward (prefill chunk); bounds activation memory.",
+)
 @click.option("--adapter", "adapters", multiple=True, help="A LoRA adapter folder to load on top (repeatable).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Restrict placement to host RAM or GPUs.")
-@click.option("--engine", type=click.Choice(["continuous-batching", "generate"]), default="continuous-batching",
-              show_default=True, help="The runner's engine: each holds its KV cache and activations its own way.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Restrict placement to host RAM or GPUs.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["continuous-batching", "generate"]),
+    default="continuous-batching",
+    show_default=True,
+    help="The runner's engine: each holds its KV cache and activations its own way.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def fit(
     model: str,
@@ -105,8 +148,15 @@ def fit(
     """
     inventory = probe_inventory(memory=memory, headroom=headroom)
     facts, request, result = fit_result(
-        model, context=context, concurrency=concurrency, quantization=quantization, min_context=min_context,
-        max_batch_tokens=max_batch_tokens, adapters=adapters, device=device, inventory=inventory,
+        model,
+        context=context,
+        concurrency=concurrency,
+        quantization=quantization,
+        min_context=min_context,
+        max_batch_tokens=max_batch_tokens,
+        adapters=adapters,
+        device=device,
+        inventory=inventory,
         engine=engine,  # type: ignore[arg-type]  # one of click's choices, Engine's values
     )
     if as_json:

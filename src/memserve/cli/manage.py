@@ -169,17 +169,26 @@ class GatewayClient:
         data = self.request("GET", f"/api/events?since={since}", timeout_seconds=EVENTS_TIMEOUT_SECONDS)
         events = data.get("events")
         if not isinstance(events, list):
-            raise BadUpstream(f"{self.base_url} answered GET /api/events without an events list; is the server "
-                              "the same memserve version as this CLI?")
-        return [_event(e) for e in events if isinstance(e, dict) and isinstance(e.get("seq"), int)
-                and isinstance(e.get("event"), str) and isinstance(e.get("model"), str)]
+            raise BadUpstream(
+                f"{self.base_url} answered GET /api/events without an events list; is the server "
+                "the same memserve version as this CLI?"
+            )
+        return [
+            _event(e)
+            for e in events
+            if isinstance(e, dict)
+            and isinstance(e.get("seq"), int)
+            and isinstance(e.get("event"), str)
+            and isinstance(e.get("model"), str)
+        ]
 
     def unload(self, model: str) -> dict[str, Any]:
         """``POST /api/unload``; the server drains the model's leases before it answers."""
         return self.request("POST", "/api/unload", {"model": model}, timeout_seconds=UNLOAD_TIMEOUT_SECONDS)
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                timeout_seconds: float) -> dict[str, Any]:
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout_seconds: float
+    ) -> dict[str, Any]:
         """One call; a JSON object on 2xx, else the server's error message (or ours) as a MemserveError."""
         timeout = httpx.Timeout(timeout_seconds, connect=CONNECT_TIMEOUT_SECONDS)
         try:
@@ -211,8 +220,9 @@ class GatewayClient:
             return data
         error = data.get("error") if isinstance(data, dict) else None
         if not response.is_success and isinstance(error, dict) and isinstance(error.get("message"), str):
-            exc = MemserveError(error["message"], param=_str_or_none(error.get("param")),
-                                code=_str_or_none(error.get("code")))
+            exc = MemserveError(
+                error["message"], param=_str_or_none(error.get("param")), code=_str_or_none(error.get("code"))
+            )
             exc.status_code = response.status_code
             raise exc
         snippet = " ".join(response.text.split())[:200] or "an empty body"
@@ -306,8 +316,10 @@ def _leases_cell(row: ModelRow) -> str:
 def device_line(name: str, budget: DeviceBudget) -> Text:
     """``cpu: held 477 MiB of 21.9 GiB usable ▕█░░░░░░░░░▏ 21.4 GiB free``."""
     return Text.assemble(
-        (f"{name}:", "bold"), f" held {format_bytes(budget.held_bytes)} of {format_bytes(budget.usable_bytes)} usable ",
-        usage_bar(budget.held_bytes, budget.usable_bytes), f" {format_bytes(budget.free_bytes)} free",
+        (f"{name}:", "bold"),
+        f" held {format_bytes(budget.held_bytes)} of {format_bytes(budget.usable_bytes)} usable ",
+        usage_bar(budget.held_bytes, budget.usable_bytes),
+        f" {format_bytes(budget.free_bytes)} free",
     )
 
 
@@ -319,15 +331,25 @@ def render_ps(reply: PsReply, console: Console, *, now_seconds: float) -> None:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
         for column in _COLUMNS:
             # on a narrow terminal cells wrap at spaces (a pid or a lease count never splits)
-            table.add_column(column, justify="right" if column in ("PID", "LEASES") else "left", overflow="fold",
-                             no_wrap=column in ("PID", "LEASES"))
+            table.add_column(
+                column,
+                justify="right" if column in ("PID", "LEASES") else "left",
+                overflow="fold",
+                no_wrap=column in ("PID", "LEASES"),
+            )
         for row in reply.models:
             state = Text(row.state, style=_STATE_STYLES.get(row.state, ""))
             if row.pinned:
                 state.append(" pinned", style="dim")
-            table.add_row(Text(row.name, style="bold"), state, "-" if row.pid is None else str(row.pid),
-                          row.rung or "-", _memory_cell(row, reply.devices), _leases_cell(row),
-                          format_expiry(row, now_seconds))
+            table.add_row(
+                Text(row.name, style="bold"),
+                state,
+                "-" if row.pid is None else str(row.pid),
+                row.rung or "-",
+                _memory_cell(row, reply.devices),
+                _leases_cell(row),
+                format_expiry(row, now_seconds),
+            )
         console.print(table)
         for row in reply.models:
             if row.state == ModelState.FAILED:
@@ -481,7 +503,11 @@ class LoadProgress:
 def _server_options(command: Callable[..., None]) -> Callable[..., None]:
     command = click.option("--json", "as_json", is_flag=True, help="Print the server's JSON as-is.")(command)
     return click.option(
-        "--url", envvar="MEMSERVE_URL", default=DEFAULT_URL, show_default=True, show_envvar=True,
+        "--url",
+        envvar="MEMSERVE_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        show_envvar=True,
         help="Base URL of the memserve server.",
     )(command)
 
@@ -512,16 +538,18 @@ def ps(url: str, as_json: bool) -> None:
 
 @click.command("load")
 @click.argument("name")
-@click.option("--keep-alive", default=None,
-              help="How long to keep NAME loaded once idle, e.g. 10m, 1h, or -1 for ever (server default if unset).")
+@click.option(
+    "--keep-alive",
+    default=None,
+    help="How long to keep NAME loaded once idle, e.g. 10m, 1h, or -1 for ever (server default if unset).",
+)
 @_server_options
 def load(name: str, keep_alive: str | None, url: str, as_json: bool) -> None:
     """Load model NAME on a running memserve server and wait until it is ready (can take minutes).
 
     While it waits, each step of the load (evictions made for it, phases, ready or why not) is a line on stderr.
     """
-    with GatewayClient(url) as client, GatewayClient(url) as poller, \
-            LoadProgress(poller, name, Console(stderr=True)):
+    with GatewayClient(url) as client, GatewayClient(url) as poller, LoadProgress(poller, name, Console(stderr=True)):
         data = client.load(name, keep_alive=keep_alive)
     if as_json:
         _echo_json(data)

@@ -23,21 +23,38 @@ from memserve.memory.probe import probe_inventory
 @click.option("--quantization", default="auto", show_default=True, help="auto, none, int8 or 4bit.")
 @click.option("--name", default=None, help="The model name clients use (default: the folder name).")
 @click.option("--max-queue", type=int, default=None, help="Waiting requests allowed beyond --concurrency.")
-def run_model(model: str, port: int, socket: Path | None, context: int | None, concurrency: int,
-              memory: str | None, headroom: str | None, quantization: str, name: str | None,
-              max_queue: int | None) -> None:
+def run_model(
+    model: str,
+    port: int,
+    socket: Path | None,
+    context: int | None,
+    concurrency: int,
+    memory: str | None,
+    headroom: str | None,
+    quantization: str,
+    name: str | None,
+    max_queue: int | None,
+) -> None:
     """Plan MODEL for this machine and serve it on an OpenAI-compatible API until Ctrl-C."""
     from memserve.memory.fit import PlanFile
     from memserve.runner.serve import serve
 
     inventory = probe_inventory(memory=memory, headroom=headroom)
-    facts, _, result = fit_result(model, context=context, concurrency=concurrency, quantization=quantization,
-                                  inventory=inventory)
+    facts, _, result = fit_result(
+        model, context=context, concurrency=concurrency, quantization=quantization, inventory=inventory
+    )
     if result.plan is None:
         assert result.nofit is not None
         click.echo(f"no fit: {result.nofit.message}", err=True)
         sys.exit(EXIT_NO_FIT)
-    click.echo(f"plan: {result.plan.rung}, {result.plan.dtype}, context {result.plan.context_tokens} × "
-               f"{result.plan.concurrency}; serving on {socket or f'http://127.0.0.1:{port}'}", err=True)
-    serve(PlanFile(facts.source, result.plan, max_queue=max_queue), name=name, port=None if socket else port,
-          socket=socket)
+    click.echo(
+        f"plan: {result.plan.rung}, {result.plan.dtype}, context {result.plan.context_tokens} × "
+        f"{result.plan.concurrency}; serving on {socket or f'http://127.0.0.1:{port}'}",
+        err=True,
+    )
+    serve(
+        PlanFile(facts.source, result.plan, max_queue=max_queue),
+        name=name,
+        port=None if socket else port,
+        socket=socket,
+    )

@@ -32,19 +32,42 @@ EXIT_CANNOT_LISTEN = 4
 
 
 @click.command("serve")
-@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="memserve.yaml with models and providers (default: $MEMSERVE_CONFIG).")
-@click.option("--model", "model_flags", multiple=True, metavar="NAME=SOURCE",
-              help="Serve a local model (a folder, HF cache id or hub id) as NAME; repeatable.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="memserve.yaml with models and providers (default: $MEMSERVE_CONFIG).",
+)
+@click.option(
+    "--model",
+    "model_flags",
+    multiple=True,
+    metavar="NAME=SOURCE",
+    help="Serve a local model (a folder, HF cache id or hub id) as NAME; repeatable.",
+)
 @click.option("--memory", default=None, help="Budget per device, e.g. cpu=16GiB,cuda:0=20GiB.")
 @click.option("--headroom", default=None, help="Never hand out this much per device (default 512MiB).")
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port to listen on (default 8000; 0 picks a free one).")
 @click.option("--keep-alive", "keep_alive", default=None, help="Default idle time before a model unloads, e.g. 5m.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True, help="info: one line per request and every load, eviction, kill and restart.")
-def serve(config_file: Path | None, model_flags: tuple[str, ...], memory: str | None, headroom: str | None,
-          host: str | None, port: int | None, keep_alive: str | None, log_level: str) -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="info: one line per request and every load, eviction, kill and restart.",
+)
+def serve(
+    config_file: Path | None,
+    model_flags: tuple[str, ...],
+    memory: str | None,
+    headroom: str | None,
+    host: str | None,
+    port: int | None,
+    keep_alive: str | None,
+    log_level: str,
+) -> None:
     """Start the gateway: load models on demand, evict idle ones, refuse what cannot fit.
 
     Before any model is loaded, the address is bound and every configured model's source is checked.
@@ -54,8 +77,13 @@ def serve(config_file: Path | None, model_flags: tuple[str, ...], memory: str | 
     from memserve.config import load_settings
 
     _configure_logging(log_level)
-    flags: dict[str, Any] = {"memory": memory, "headroom": headroom, "host": host, "port": port,
-                             "keep_alive": keep_alive}
+    flags: dict[str, Any] = {
+        "memory": memory,
+        "headroom": headroom,
+        "host": host,
+        "port": port,
+        "keep_alive": keep_alive,
+    }
     settings = load_settings(config_file, model_flags=model_flags, **flags)
     try:
         sockets = listening_sockets(settings.host, settings.port)
@@ -99,8 +127,11 @@ def _check_sources(settings: Settings) -> None:
         if checked.warning:
             click.echo(f"warning: model {model.name!r} ({model.source}): {checked.note}", err=True)
     if bad:
-        click.echo(f"error: {bad} model source(s) above cannot be served; fix each source (in the config file or "
-                   "--model NAME=SOURCE) and start again", err=True)
+        click.echo(
+            f"error: {bad} model source(s) above cannot be served; fix each source (in the config file or "
+            "--model NAME=SOURCE) and start again",
+            err=True,
+        )
         sys.exit(EXIT_BAD_SOURCE)
 
 
@@ -114,19 +145,29 @@ def _run(settings: Settings, sockets: list[socket.socket]) -> bool:
 
     inventory = probe_inventory(memory=settings.memory, headroom=settings.headroom)
     if not is_loopback(settings.host):
-        click.secho(f"WARNING: listening on {settings.host} exposes every model to the network with NO "
-                    "authentication (per-key auth is not built yet); bind 127.0.0.1 unless you mean it",
-                    fg="red", bold=True, err=True)
+        click.secho(
+            f"WARNING: listening on {settings.host} exposes every model to the network with NO "
+            "authentication (per-key auth is not built yet); bind 127.0.0.1 unless you mean it",
+            fg="red",
+            bold=True,
+            err=True,
+        )
     pool = ModelPool(settings, inventory)
     app = create_app(settings, pool)
     port = sockets[0].getsockname()[1]
     names = ", ".join(m.name for m in settings.models) or "none"
     remote = ", ".join(p.name for p in settings.providers) or "none"
-    usable = ", ".join(f"{name} {d['usable_bytes'] / 2**30:.1f} GiB" for name, d in
-                       pool.ledger.to_json()["devices"].items())
-    click.echo(f"memserve gateway on http://{settings.host}:{port}  models: {names}  providers: {remote}  "
-               f"usable: {usable}", err=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=30))
+    usable = ", ".join(
+        f"{name} {d['usable_bytes'] / 2**30:.1f} GiB" for name, d in pool.ledger.to_json()["devices"].items()
+    )
+    click.echo(
+        f"memserve gateway on http://{settings.host}:{port}  models: {names}  providers: {remote}  usable: {usable}",
+        err=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=settings.host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30
+        )
+    )
     server.run(sockets=sockets)
     return bool(server.started)

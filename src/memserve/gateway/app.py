@@ -152,8 +152,9 @@ class Providers:
 
     def __init__(self, providers: list[ProviderConfig]) -> None:
         self.configs = {p.name: p for p in providers}
-        self.clients = {p.name: httpx.AsyncClient(timeout=httpx.Timeout(p.timeout_seconds, connect=10.0))
-                        for p in providers}
+        self.clients = {
+            p.name: httpx.AsyncClient(timeout=httpx.Timeout(p.timeout_seconds, connect=10.0)) for p in providers
+        }
 
     def upstream(self, name: str) -> Upstream:
         config = self.configs[name]
@@ -188,16 +189,18 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
         body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidArgument("missing required parameter 'model' (a string naming a model; GET /v1/models "
-                                  "lists them)", param="model")
+            raise InvalidArgument(
+                "missing required parameter 'model' (a string naming a model; GET /v1/models lists them)", param="model"
+            )
         request.state.model = model
         keep_alive = body.pop("keep_alive", None)  # ours (as Ollama's): never sent upstream
         keep_alive_seconds = None if keep_alive is None else parse_seconds(keep_alive, what="keep_alive")
         target = route(model, settings)
         if target.kind == "provider":  # the provider judges its own fields (tools, images, ...)
             stream = _stream_flag(body)
-            return await forward(providers.upstream(target.name), path, {**body, "model": target.upstream_model},
-                                 stream=stream)
+            return await forward(
+                providers.upstream(target.name), path, {**body, "model": target.upstream_model}, stream=stream
+            )
         stream = bool(await door.check(model, path, body))  # everything a runner would refuse, before any load
         receive = request.receive
         try:
@@ -207,14 +210,20 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
             if fallback is None:
                 raise
             provider_name, _, upstream_model = fallback.partition("/")
-            headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code),
-                       FALLBACK_MODEL_HEADER: model}
+            headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code), FALLBACK_MODEL_HEADER: model}
             try:
-                return await forward(providers.upstream(provider_name), path, {**body, "model": upstream_model},
-                                     stream=stream, headers=headers)
+                return await forward(
+                    providers.upstream(provider_name),
+                    path,
+                    {**body, "model": upstream_model},
+                    stream=stream,
+                    headers=headers,
+                )
             except MemserveError as failed:
-                failed.message = (f"model {model!r} could not be served here ({exc.message}), and its fallback "
-                                  f"{fallback} failed too: {failed.message}")
+                failed.message = (
+                    f"model {model!r} could not be served here ({exc.message}), and its fallback "
+                    f"{fallback} failed too: {failed.message}"
+                )
                 raise
         if lease is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -232,79 +241,124 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
 
     # Documented through FastAPI (and served by it where _HotRoutes is not in front); the body is parsed by
     # the handler itself, so the OpenAPI document gets its request schema from openapi.document.
-    @handles(app, CHAT_COMPLETIONS, response_model=None,
-             summary="Chat completion (OpenAI-compatible), streamed as SSE with stream: true",
-             responses=openapi.responses(ChatCompletion, openapi.GENERATION_ERRORS, ChatCompletionChunk))
+    @handles(
+        app,
+        CHAT_COMPLETIONS,
+        response_model=None,
+        summary="Chat completion (OpenAI-compatible), streamed as SSE with stream: true",
+        responses=openapi.responses(ChatCompletion, openapi.GENERATION_ERRORS, ChatCompletionChunk),
+    )
     async def chat_completions(request: Request) -> Response:
         return await completion(request, "/chat/completions")
 
-    @handles(app, COMPLETIONS, response_model=None,
-             summary="Text completion (OpenAI-compatible), streamed as SSE with stream: true",
-             responses=openapi.responses(TextCompletion, openapi.GENERATION_ERRORS, TextCompletionChunk))
+    @handles(
+        app,
+        COMPLETIONS,
+        response_model=None,
+        summary="Text completion (OpenAI-compatible), streamed as SSE with stream: true",
+        responses=openapi.responses(TextCompletion, openapi.GENERATION_ERRORS, TextCompletionChunk),
+    )
     async def completions(request: Request) -> Response:
         return await completion(request, "/completions")
 
     served = [m.name for m in settings.models] + [f"{p.name}/{m}" for p in settings.providers for m in p.models]
     app.openapi = lambda: openapi.document(app, served)  # type: ignore[method-assign]
     hot_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
-        CHAT_COMPLETIONS.path: chat_completions, COMPLETIONS.path: completions}
+        CHAT_COMPLETIONS.path: chat_completions,
+        COMPLETIONS.path: completions,
+    }
 
     @handles(app, MODELS, response_model=ModelList, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def models() -> dict[str, Any]:
         states = {e.name: e.state for e in pool.entries.values()}
-        data = [{"id": m.name, "object": "model", "created": int(started), "owned_by": "memserve",
-                 "memserve": {"state": states.get(m.name), "source": m.source}} for m in settings.models]
-        data += [{"id": f"{p.name}/{m}", "object": "model", "created": int(started), "owned_by": p.name}
-                 for p in settings.providers for m in p.models]
+        data = [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": int(started),
+                "owned_by": "memserve",
+                "memserve": {"state": states.get(m.name), "source": m.source},
+            }
+            for m in settings.models
+        ]
+        data += [
+            {"id": f"{p.name}/{m}", "object": "model", "created": int(started), "owned_by": p.name}
+            for p in settings.providers
+            for m in p.models
+        ]
         return {"object": "list", "data": data}
 
     @handles(app, HEALTH, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - started, 3),
-                "models": {e.name: e.state for e in pool.entries.values()}}
+        return {
+            "status": "ok",
+            "version": __version__,
+            "uptime_seconds": round(time.time() - started, 3),
+            "models": {e.name: e.state for e in pool.entries.values()},
+        }
 
     @handles(app, PS, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def ps() -> dict[str, Any]:
         return pool.ps()
 
-    @handles(app, LOAD, responses=openapi.responses(None, openapi.LOAD_ERRORS),
-             openapi_extra=openapi.body_doc(LoadBody))
+    @handles(
+        app, LOAD, responses=openapi.responses(None, openapi.LOAD_ERRORS), openapi_extra=openapi.body_doc(LoadBody)
+    )
     async def load(request: Request) -> dict[str, Any]:
         body = parse_body(LoadBody, await json_body(request, settings.max_body_bytes))
         keep_alive = None if body.keep_alive is None else parse_seconds(body.keep_alive, what="keep_alive")
-        row = await pool.load(body.model, keep_alive_seconds=keep_alive, context_tokens=body.context,
-                              concurrency=body.concurrency)
+        row = await pool.load(
+            body.model, keep_alive_seconds=keep_alive, context_tokens=body.context, concurrency=body.concurrency
+        )
         return {"model": row}
 
-    @handles(app, UNLOAD, responses=openapi.responses(None, openapi.JSON_BODY_ERRORS),
-             openapi_extra=openapi.body_doc(UnloadBody))
+    @handles(
+        app,
+        UNLOAD,
+        responses=openapi.responses(None, openapi.JSON_BODY_ERRORS),
+        openapi_extra=openapi.body_doc(UnloadBody),
+    )
     async def unload(request: Request) -> dict[str, Any]:
         body = parse_body(UnloadBody, await json_body(request, settings.max_body_bytes))
         return {"model": body.model, "unloaded": await pool.unload(body.model)}
 
     @handles(app, FIT, responses=openapi.responses(None, openapi.FIT_ERRORS))
-    async def fit(model: str = Query(min_length=1), context: int | None = Query(default=None, ge=1),
-                  concurrency: int | None = Query(default=None, ge=1)) -> dict[str, Any]:
+    async def fit(
+        model: str = Query(min_length=1),
+        context: int | None = Query(default=None, ge=1),
+        concurrency: int | None = Query(default=None, ge=1),
+    ) -> dict[str, Any]:
         """The plan for a configured model, or for a hub id when the hub may be reached: never for a path."""
         configured = settings.model(model)
         source = configured.source if configured else _fit_hub_id(model, settings)
         inventory = pool.fit_inventory()
         work = asyncio.to_thread(
-            fit_result, source, context=context or (configured.context_tokens if configured else None),
-            concurrency=concurrency or (configured.concurrency if configured else 1), inventory=inventory)
+            fit_result,
+            source,
+            context=context or (configured.context_tokens if configured else None),
+            concurrency=concurrency or (configured.concurrency if configured else 1),
+            inventory=inventory,
+        )
         try:
             facts, request_, result = await asyncio.wait_for(work, None if configured else HUB_FIT_SECONDS)
         except TimeoutError:
-            raise HubUnavailable(f"the hub did not answer about {model!r} within {HUB_FIT_SECONDS:g} s; retry "
-                                 "later, or configure the model and fit it by name") from None
+            raise HubUnavailable(
+                f"the hub did not answer about {model!r} within {HUB_FIT_SECONDS:g} s; retry "
+                "later, or configure the model and fit it by name"
+            ) from None
         return {**fit_json(facts, request_, result, inventory), "free_now": pool.ledger.free_bytes()}
 
     @handles(app, MEMORY, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def memory() -> dict[str, Any]:
-        return {**pool.ledger.to_json(), "host": host_memory().to_json(),
-                "watchdog": {"tolerance": settings.watchdog_tolerance,
-                             "tolerance_min_bytes": settings.watchdog_tolerance_min_bytes,
-                             "host_floor_bytes": settings.host_floor_bytes}}
+        return {
+            **pool.ledger.to_json(),
+            "host": host_memory().to_json(),
+            "watchdog": {
+                "tolerance": settings.watchdog_tolerance,
+                "tolerance_min_bytes": settings.watchdog_tolerance_min_bytes,
+                "host_floor_bytes": settings.host_floor_bytes,
+            },
+        }
 
     @handles(app, EVENTS, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def events(since: int = 0) -> dict[str, Any]:
@@ -324,8 +378,10 @@ def _fit_hub_id(model: str, settings: Settings) -> str:
     answer as a name that exists nowhere, so the route tells a caller nothing about the file system.
     """
     configured = ", ".join(m.name for m in settings.models) or "none"
-    refusal = (f"model {model!r} is not configured on this server (configured: {configured}); GET /api/fit "
-               "answers for configured models{hub}")
+    refusal = (
+        f"model {model!r} is not configured on this server (configured: {configured}); GET /api/fit "
+        "answers for configured models{hub}"
+    )
     if hub_offline():
         raise ModelNotFound(refusal.format(hub=" (hub lookups are off: HF_HUB_OFFLINE is set)"), param="model")
     if not _HUB_ID.match(model) or ".." in model or Path(model).expanduser().exists():
@@ -359,8 +415,9 @@ class _Door:
         context, longest = await self._limits(model)
         if context is not None:
             ids = request.prompt if isinstance(request, CompletionRequest) else None
-            request.check_fits(context, prompt_tokens=len(ids) if isinstance(ids, list) else None,
-                               longest_token_bytes=longest)
+            request.check_fits(
+                context, prompt_tokens=len(ids) if isinstance(ids, list) else None, longest_token_bytes=longest
+            )
         return request.stream
 
     async def _limits(self, model: str) -> tuple[int | None, int | None]:
@@ -393,13 +450,16 @@ def _stream_flag(body: dict[str, Any]) -> bool:
     value = body.get("stream")
     if value is None or isinstance(value, bool):
         return bool(value)
-    raise InvalidArgument(f"invalid value for 'stream': expected true or false, got {json.dumps(value)}",
-                          param="stream")
+    raise InvalidArgument(
+        f"invalid value for 'stream': expected true or false, got {json.dumps(value)}", param="stream"
+    )
 
 
 def _timed_out(model: str, seconds: float) -> str:
-    return (f"the request to model {model!r} ran past request_timeout ({seconds:g} s) and its generation was "
-            "stopped; ask for fewer tokens (max_tokens), or raise request_timeout")
+    return (
+        f"the request to model {model!r} ran past request_timeout ({seconds:g} s) and its generation was "
+        "stopped; ask for fewer tokens (max_tokens), or raise request_timeout"
+    )
 
 
 class _Deadline(Response):
@@ -430,8 +490,7 @@ class _Deadline(Response):
         if not started:
             await error_response(error)(scope, receive, send)
             return
-        await send({"type": "http.response.body", "body": sse_event(error.to_openai()) + SSE_DONE,
-                    "more_body": False})
+        await send({"type": "http.response.body", "body": sse_event(error.to_openai()) + SSE_DONE, "more_body": False})
 
 
 class _HotRoutes:
@@ -446,8 +505,9 @@ class _HotRoutes:
     request leaves one log line: model, status, tokens, time to the first byte of the answer, duration.
     """
 
-    def __init__(self, app: FastAPI, routes: dict[str, Callable[[Request], Awaitable[Response]]],
-                 cors_origins: list[str]) -> None:
+    def __init__(
+        self, app: FastAPI, routes: dict[str, Callable[[Request], Awaitable[Response]]], cors_origins: list[str]
+    ) -> None:
         self.app = app
         self.routes = routes
         self.cors_origins = cors_origins
@@ -456,8 +516,7 @@ class _HotRoutes:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             try:
-                check_origin(headers.get("origin"), headers.get("host"), scope.get("scheme", "http"),
-                             self.cors_origins)
+                check_origin(headers.get("origin"), headers.get("host"), scope.get("scheme", "http"), self.cors_origins)
             except MemserveError as exc:
                 await error_response(exc)(scope, receive, send)
                 return
@@ -520,6 +579,11 @@ class _RequestRecord:
                 tokens = f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']}"
         if self.chunks > 1 and self.first_byte is not None:  # streamed: the first chunk is the first token's
             tokens += f" ttft={self.first_byte - self.started:.3f}s"
-        log.info("POST %s model=%s status=%s %s duration=%.3fs", self.path, self.model or "-",
-                 self.status if self.status is not None else "none (client gone)", tokens,
-                 time.monotonic() - self.started)
+        log.info(
+            "POST %s model=%s status=%s %s duration=%.3fs",
+            self.path,
+            self.model or "-",
+            self.status if self.status is not None else "none (client gone)",
+            tokens,
+            time.monotonic() - self.started,
+        )

@@ -20,12 +20,16 @@ from memserve.wire.schema import (
 )
 
 COMMON_ERRORS = {400: "a bad query parameter", 403: "a browser page from an origin not in cors_origins"}
-JSON_BODY_ERRORS = {**COMMON_ERRORS, 404: "no such model is configured", 413: "the body is larger than max_body_bytes",
-                    415: "the body is not declared application/json"}
+JSON_BODY_ERRORS = {
+    **COMMON_ERRORS,
+    404: "no such model is configured",
+    413: "the body is larger than max_body_bytes",
+    415: "the body is not declared application/json",
+}
 GENERATION_ERRORS = {
     **JSON_BODY_ERRORS,
     400: "the body is not a valid request (types are strict), asks for something unsupported, or the prompt and "
-         "max_tokens do not fit the model's context",
+    "max_tokens do not fit the model's context",
     429: "the model's queue is full (Retry-After)",
     502: "the model's runner failed (crashed, killed by the watchdog, or could not start), or a provider failed",
     503: "memory is held by busy models past memory_wait_seconds (Retry-After), or the server is shutting down",
@@ -33,26 +37,39 @@ GENERATION_ERRORS = {
     507: "the model cannot fit on this server even with nothing else loaded (the planner's NoFit)",
 }
 LOAD_ERRORS = {**GENERATION_ERRORS, 400: "a bad field, or options the model cannot be planned with"}
-FIT_ERRORS = {**COMMON_ERRORS, 404: "not a configured model, and not a hub id the server may look up",
-              503: "the hub did not answer in time"}
+FIT_ERRORS = {
+    **COMMON_ERRORS,
+    404: "not a configured model, and not a hub id the server may look up",
+    503: "the hub did not answer in time",
+}
 
 
-def responses(ok: type[BaseModel] | None, errors: Mapping[int, str],
-               chunk: type[BaseModel] | None = None) -> dict[int | str, dict[str, Any]]:
+def responses(
+    ok: type[BaseModel] | None, errors: Mapping[int, str], chunk: type[BaseModel] | None = None
+) -> dict[int | str, dict[str, Any]]:
     """FastAPI ``responses``: every status the route can answer, each error in the OpenAI shape; with
     ``chunk``, the 200 may also be server-sent events, each a chunk, an error, or ``[DONE]``."""
-    out: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": text}
-                                            for code, text in sorted(errors.items())}
+    out: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": text} for code, text in sorted(errors.items())
+    }
     if ok is not None:
-        out[200] = {"model": ok, "description": "The answer; with stream: true, server-sent events ending with "
-                    "data: [DONE]"}
+        out[200] = {
+            "model": ok,
+            "description": "The answer; with stream: true, server-sent events ending with data: [DONE]",
+        }
     if chunk is not None:
         # [DONE] is not JSON: it is its own branch beside the JSON payloads, a chunk or an error (schemathesis
         # parses every event under contentMediaType application/json: a stream fuzzed to its end failed ST108)
-        json_data = {"type": "string", "contentMediaType": "application/json",
-                     "contentSchema": {"anyOf": [schema_ref(chunk), schema_ref(ErrorResponse)]}}
-        event = {"type": "object", "required": ["data"], "properties": {
-            "data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+        json_data = {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [schema_ref(chunk), schema_ref(ErrorResponse)]},
+        }
+        event = {
+            "type": "object",
+            "required": ["data"],
+            "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}},
+        }
         out[200]["content"] = {"text/event-stream": {"schema": event}}
     return out
 
@@ -75,8 +92,12 @@ def document(app: FastAPI, served: list[str]) -> dict[str, Any]:
     """
     if app.openapi_schema is not None:
         return app.openapi_schema
-    document = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                           description="memserve: OpenAI-compatible routes (/v1) and management (/api).")
+    document = get_openapi(
+        title=app.title,
+        version=app.version,
+        routes=app.routes,
+        description="memserve: OpenAI-compatible routes (/v1) and management (/api).",
+    )
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for chunk in (ChatCompletionChunk, TextCompletionChunk):  # named only inside the SSE schemas
         schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -89,18 +110,27 @@ def document(app: FastAPI, served: list[str]) -> dict[str, Any]:
             schema["properties"]["model"]["enum"] = served
         schemas[model.__name__] = schema
         document["paths"][path]["post"]["requestBody"] = {
-            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
-                                                                                    f"{model.__name__}"}}}}
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
     for operations in document["paths"].values():
         for operation in operations.values():
             invalid = operation.get("responses", {}).pop("422", None)
             if invalid is not None:
-                operation["responses"].setdefault("400", {
-                    "description": "a bad parameter",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
-            operation["responses"].setdefault("403", {
-                "description": COMMON_ERRORS[403],
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+                operation["responses"].setdefault(
+                    "400",
+                    {
+                        "description": "a bad parameter",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    },
+                )
+            operation["responses"].setdefault(
+                "403",
+                {
+                    "description": COMMON_ERRORS[403],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                },
+            )
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     app.openapi_schema = document

@@ -117,11 +117,13 @@ async def _open(upstream: Upstream, path: str, body: dict[str, Any] | bytes, *, 
     client, url = upstream.client, upstream.base_url.rstrip("/") + path
     try:
         if upstream.transport is not None:
-            request = httpx.Request("POST", url, content=content, headers=request_headers,
-                                    extensions={"timeout": client.timeout.as_dict()})
+            request = httpx.Request(
+                "POST", url, content=content, headers=request_headers, extensions={"timeout": client.timeout.as_dict()}
+            )
             return await upstream.transport.handle_async_request(request)
-        return await client.send(client.build_request("POST", url, content=content, headers=request_headers),
-                                 stream=True)
+        return await client.send(
+            client.build_request("POST", url, content=content, headers=request_headers), stream=True
+        )
     except httpx.TransportError as exc:
         raise UpstreamUnavailable(_unreachable_message(upstream, exc)) from exc
 
@@ -184,8 +186,9 @@ async def _expect_event_stream(upstream: Upstream, answer: httpx.Response) -> No
     )
 
 
-async def _start_relay(upstream: Upstream, answer: httpx.Response, done: _Once,
-                       headers: Mapping[str, str] | None) -> EventStream:
+async def _start_relay(
+    upstream: Upstream, answer: httpx.Response, done: _Once, headers: Mapping[str, str] | None
+) -> EventStream:
     """The relay that owns ``answer`` and ``done`` from here on; closes the answer if it cannot be built.
 
     However the relay ends (the client hanging up included), it closes the upstream answer, so the upstream
@@ -266,14 +269,16 @@ def _rewrapped_error(upstream: Upstream, status_code: int, payload: Any, raw: by
     fields: dict[str, Any] = payload if isinstance(payload, dict) else {}
     detail = fields.get("message") if isinstance(fields.get("message"), str) else None
     message = (
-        f"{upstream.name} answered {status_code}: {detail}" if detail is not None
+        f"{upstream.name} answered {status_code}: {detail}"
+        if detail is not None
         else f"{upstream.name} answered {status_code} without an OpenAI error body: {_excerpt(raw)!r}"
     )
     error_type = fields.get("type") if isinstance(fields.get("type"), str) else None
     param = fields.get("param") if isinstance(fields.get("param"), str) else None
     code = fields.get("code")
-    return error_body(status_code, message, param=param, code=None if code is None else str(code),
-                      error_type=error_type)
+    return error_body(
+        status_code, message, param=param, code=None if code is None else str(code), error_type=error_type
+    )
 
 
 def _excerpt(raw: bytes) -> str:

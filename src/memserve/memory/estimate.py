@@ -122,8 +122,9 @@ class DeviceNeed:
         }
 
 
-def block_weight_bytes(block: Block, facts: CheckpointFacts, dtype: str, quantization: Quantization, *,
-                       mapped: bool = True) -> int:
+def block_weight_bytes(
+    block: Block, facts: CheckpointFacts, dtype: str, quantization: Quantization, *, mapped: bool = True
+) -> int:
     """One block's weights in memory for a target dtype and quantization. ``mapped``: the block is served
     from the checkpoint's mapped files (CPU), where experts fused at load sit beside their file pages."""
     if facts.prequantized:
@@ -149,12 +150,14 @@ def paged_tokens(context_tokens: int, concurrency: int) -> int:
     return pages * KV_PAGE_TOKENS
 
 
-def kv_cache_bytes(facts: CheckpointFacts, dtype: str, context_tokens: int, concurrency: int,
-                   engine: Engine = CONTINUOUS_BATCHING) -> int:
+def kv_cache_bytes(
+    facts: CheckpointFacts, dtype: str, context_tokens: int, concurrency: int, engine: Engine = CONTINUOUS_BATCHING
+) -> int:
     """The paged cache as the continuous-batching engine allocates it: every layer sized for every page (no
     window cap). The ``generate`` engine's cache grows token by token to exactly what its rows hold."""
-    tokens = paged_tokens(context_tokens, concurrency) if engine == CONTINUOUS_BATCHING \
-        else context_tokens * concurrency
+    tokens = (
+        paged_tokens(context_tokens, concurrency) if engine == CONTINUOUS_BATCHING else context_tokens * concurrency
+    )
     return facts.kv_bytes_per_token(DTYPE_WIDTH[dtype]) * tokens
 
 
@@ -174,8 +177,9 @@ def mask_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrenc
     return groups * batch_tokens * (groups * data_tokens + batch_tokens) * DTYPE_WIDTH[dtype]
 
 
-def attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int,
-                    context_tokens: int) -> int:
+def attention_bytes(
+    facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int
+) -> int:
     """One layer's attention transient: the gathered K/V of every token the batch reads, repeated to every
     query head under a mask; eager attention adds its scores (model dtype, then fp32 for the softmax)."""
     width = DTYPE_WIDTH[dtype]
@@ -187,8 +191,9 @@ def attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concu
     return gathered + repeated + scores + query
 
 
-def generate_attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int,
-                             context_tokens: int) -> int:
+def generate_attention_bytes(
+    facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int
+) -> int:
     """One layer's attention transient in the ``generate`` engine: its rows are one left-padded batch, each
     chunk's queries read only their own row's keys, which sit contiguous in the cache (no gather). With the
     padding mask, sdpa repeats them to every query head; the mask itself is a bool per query and key."""
@@ -202,7 +207,11 @@ def generate_attention_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: i
 
 
 def activation_bytes(
-    facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int,
+    facts: CheckpointFacts,
+    dtype: str,
+    batch_tokens: int,
+    concurrency: int,
+    context_tokens: int,
     engine: Engine = CONTINUOUS_BATCHING,
 ) -> int:
     """Peak transient of one forward over ``batch_tokens`` tokens, plus what the engine preallocates for it:

@@ -133,17 +133,25 @@ class PlanFile:
         plan_json = data.get("plan") if isinstance(data, Mapping) else None
         source = model.get("source") if isinstance(model, Mapping) else None
         if not isinstance(plan_json, Mapping) or not isinstance(source, str):
-            raise InvalidArgument("the plan file has no plan (nothing fit?) or no model source; "
-                                  "expected the output of memserve fit MODEL --json with a plan")
+            raise InvalidArgument(
+                "the plan file has no plan (nothing fit?) or no model source; "
+                "expected the output of memserve fit MODEL --json with a plan"
+            )
         reserved = plan_json.get("reserved_bytes")
         max_queue = plan_json.get("max_queue")
-        if reserved is not None and not (isinstance(reserved, Mapping) and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in reserved.values())):
+        if reserved is not None and not (
+            isinstance(reserved, Mapping)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in reserved.values())
+        ):
             raise InvalidArgument(f"the plan's reserved_bytes must map devices to byte counts, got {reserved!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
             raise InvalidArgument(f"the plan's max_queue must be a whole number, 0 or more, got {max_queue!r}")
-        return cls(source, Plan.from_json(plan_json),
-                   None if reserved is None else {str(d): int(v) for d, v in reserved.items()}, max_queue)
+        return cls(
+            source,
+            Plan.from_json(plan_json),
+            None if reserved is None else {str(d): int(v) for d, v in reserved.items()},
+            max_queue,
+        )
 
     @classmethod
     def read(cls, path: Path) -> PlanFile:
@@ -151,8 +159,9 @@ class PlanFile:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise InvalidArgument(f"cannot read plan file {path}: {exc}; write one with memserve fit MODEL --json") \
-                from exc
+            raise InvalidArgument(
+                f"cannot read plan file {path}: {exc}; write one with memserve fit MODEL --json"
+            ) from exc
         try:
             return cls.from_json(data)
         except InvalidArgument as exc:

@@ -114,8 +114,9 @@ class Rung:
 
     def where(self) -> str:
         """``cpu 896.5 MiB of 19.6 GiB usable``, per device: what a NoFit line shows for a rung that would fit."""
-        return ", ".join(f"{d} {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)} usable"
-                         for d, n in self.devices.items())
+        return ", ".join(
+            f"{d} {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)} usable" for d, n in self.devices.items()
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -171,8 +172,9 @@ class Plan:
         """
         quantization = _field(data, "quantization", str)
         if quantization not in get_args(Quantization):
-            raise InvalidArgument(f"plan field 'quantization' must be one of {', '.join(get_args(Quantization))}, "
-                                  f"got {quantization!r}")
+            raise InvalidArgument(
+                f"plan field 'quantization' must be one of {', '.join(get_args(Quantization))}, got {quantization!r}"
+            )
         devices = _field(data, "devices", dict)
         device_map = _field(data, "device_map", dict)
         engine = data.get("engine", CONTINUOUS_BATCHING)  # plans written before the field: the default engine
@@ -197,8 +199,9 @@ _T = TypeVar("_T")
 def _field(data: Mapping[str, Any], key: str, kind: type[_T]) -> _T:
     value = data.get(key) if isinstance(data, Mapping) else None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidArgument(f"plan field {key!r} must be {kind.__name__}, got {value!r}; "
-                              "write the plan with memserve fit MODEL --json")
+        raise InvalidArgument(
+            f"plan field {key!r} must be {kind.__name__}, got {value!r}; write the plan with memserve fit MODEL --json"
+        )
     return value
 
 
@@ -206,8 +209,10 @@ def _device_need(device: str, data: Any) -> DeviceNeed:
     """A device's need as ``DeviceNeed.to_json`` wrote it; its ``total_bytes`` is derived, so it is not read."""
     if not isinstance(data, Mapping):
         raise InvalidArgument(f"plan field 'devices' has {data!r} for {device}, not an object of byte counts")
-    sizes = {key: _field(data, key, int) for key in
-             ("weights_bytes", "kv_cache_bytes", "activation_bytes", "runtime_bytes", "free_bytes")}
+    sizes = {
+        key: _field(data, key, int)
+        for key in ("weights_bytes", "kv_cache_bytes", "activation_bytes", "runtime_bytes", "free_bytes")
+    }
     return DeviceNeed(**sizes)
 
 
@@ -234,10 +239,14 @@ class NoFit:
         if parts:
             text = f"{self.model} does not fit on this host; closest is {self.closest_rung}: " + "; ".join(parts)
         else:  # the closest rung fits in memory but something else rules it out: say what
-            where = ", ".join(f"{d} {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)} usable"
-                              for d, n in self.needed.items())
-            text = (f"{self.model} has no allowed placement on this host; {self.closest_rung} would fit ({where}) "
-                    f"but {self.closest_blocked or 'it is not available'}")
+            where = ", ".join(
+                f"{d} {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)} usable"
+                for d, n in self.needed.items()
+            )
+            text = (
+                f"{self.model} has no allowed placement on this host; {self.closest_rung} would fit ({where}) "
+                f"but {self.closest_blocked or 'it is not available'}"
+            )
         if self.alternatives:
             text += ". Nearest options: " + "; ".join(self.alternatives)
         elif parts:
@@ -390,8 +399,17 @@ def _price(
 
     blocked: str | None = None
     if on_gpu and not gpus:
-        return Rung(name, False, False, "no CUDA GPU on this host", facts.dtype, quantization,
-                    context_tokens, request.concurrency, blocked="there is no CUDA GPU on this host")
+        return Rung(
+            name,
+            False,
+            False,
+            "no CUDA GPU on this host",
+            facts.dtype,
+            quantization,
+            context_tokens,
+            request.concurrency,
+            blocked="there is no CUDA GPU on this host",
+        )
     if name in policy.skip_rungs:
         blocked = "a runner on this rung or one above it used more memory than planned, so it is skipped"
     elif on_gpu and not policy.allow_gpu:
@@ -401,8 +419,11 @@ def _price(
     elif name == "cpu" and not policy.allow_cpu:
         blocked = "CPU placement is not allowed by policy"
     elif quantization != "none" and facts.prequantized:
-        blocked = f"the checkpoint is already quantized ({facts.quantization.get('quant_method', '?')})" \
-            if facts.quantization else "the checkpoint is already quantized"
+        blocked = (
+            f"the checkpoint is already quantized ({facts.quantization.get('quant_method', '?')})"
+            if facts.quantization
+            else "the checkpoint is already quantized"
+        )
     elif quantization != "none" and quant_req not in ("auto", quantization):
         blocked = f"--quantization {quant_req} rules out {quantization}"
     elif quantization == "none" and quant_req in ("int8", "4bit"):
@@ -420,23 +441,47 @@ def _price(
         dtype, devices = _gpu_dtype(facts, gpus), (*gpus, cpu)
     else:
         dtype, devices = _gpu_dtype(facts, gpus), gpus
-    needs, device_map = _pack(facts, devices, dtype, quantization, context_tokens, request.concurrency,
-                              request.max_batch_tokens, cpu, request.engine)
+    needs, device_map = _pack(
+        facts,
+        devices,
+        dtype,
+        quantization,
+        context_tokens,
+        request.concurrency,
+        request.max_batch_tokens,
+        cpu,
+        request.engine,
+    )
     fits = all(n.fits for n in needs.values())
     if fits:
-        where = ", ".join(f"{d}: {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)}"
-                          for d, n in needs.items())
+        where = ", ".join(
+            f"{d}: {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)}" for d, n in needs.items()
+        )
         why = f"fits ({where})"
         if blocked:
             why = f"not available: {blocked}; it would fit ({where})"
     else:
-        short = [f"{d} needs {format_bytes(n.total_bytes)}, {format_bytes(n.free_bytes)} usable"
-                 for d, n in needs.items() if not n.fits]
+        short = [
+            f"{d} needs {format_bytes(n.total_bytes)}, {format_bytes(n.free_bytes)} usable"
+            for d, n in needs.items()
+            if not n.fits
+        ]
         why = "; ".join(short)
         if blocked:
             why = f"not available: {blocked}; it would not fit either: {why}"
-    return Rung(name, fits and blocked is None, blocked is None, why, dtype, quantization, context_tokens,
-                request.concurrency, needs, device_map, blocked)
+    return Rung(
+        name,
+        fits and blocked is None,
+        blocked is None,
+        why,
+        dtype,
+        quantization,
+        context_tokens,
+        request.concurrency,
+        needs,
+        device_map,
+        blocked,
+    )
 
 
 def _largest_context(
@@ -481,8 +526,9 @@ def _alternatives(
     if request.concurrency > 1:
         for name in placements:
             for concurrency in range(request.concurrency - 1, 0, -1):
-                rung = _price(name, facts, replace(request, concurrency=concurrency), inventory, policy,
-                              request.context_tokens)
+                rung = _price(
+                    name, facts, replace(request, concurrency=concurrency), inventory, policy, request.context_tokens
+                )
                 if rung.fits:
                     options.append(f"fits as {rung.name} with --concurrency {concurrency}")
                     break
@@ -492,9 +538,7 @@ def _alternatives(
     return options
 
 
-def plan(
-    facts: CheckpointFacts, request: Request, inventory: Inventory, policy: Policy | None = None
-) -> PlanResult:
+def plan(facts: CheckpointFacts, request: Request, inventory: Inventory, policy: Policy | None = None) -> PlanResult:
     """Price every rung and choose the first that fits; otherwise a NoFit with the nearest options."""
     validate_request(facts, request)
     policy = policy or Policy()
@@ -503,8 +547,12 @@ def plan(
 
     smaller: Rung | None = None
     floor = request.min_context_tokens
-    if (chosen is None and floor is not None and floor < request.context_tokens
-            and "smaller-context" not in policy.skip_rungs):
+    if (
+        chosen is None
+        and floor is not None
+        and floor < request.context_tokens
+        and "smaller-context" not in policy.skip_rungs
+    ):
         for name in RUNGS[:-1]:
             smaller = _largest_context(name, facts, request, inventory, policy, floor)
             if smaller is not None:
@@ -514,12 +562,24 @@ def plan(
         rungs.append(replace(chosen, name="smaller-context"))
     else:
         why = (
-            "not needed: the requested context fits" if chosen is not None
-            else "no smaller context allowed (pass --min-context to allow one)" if floor is None
+            "not needed: the requested context fits"
+            if chosen is not None
+            else "no smaller context allowed (pass --min-context to allow one)"
+            if floor is None
             else f"nothing fits even at --min-context {floor}"
         )
-        rungs.append(Rung("smaller-context", False, floor is not None, why, facts.dtype, "none",
-                          request.context_tokens, request.concurrency))
+        rungs.append(
+            Rung(
+                "smaller-context",
+                False,
+                floor is not None,
+                why,
+                facts.dtype,
+                "none",
+                request.context_tokens,
+                request.concurrency,
+            )
+        )
 
     if chosen is not None:
         result = Plan(

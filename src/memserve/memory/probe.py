@@ -76,9 +76,7 @@ class _Hierarchy:
     inactive_keys: tuple[str, ...]
 
 
-_V1 = _Hierarchy(
-    1, "memory.limit_in_bytes", "memory.usage_in_bytes", ("total_inactive_file", "inactive_file")
-)
+_V1 = _Hierarchy(1, "memory.limit_in_bytes", "memory.usage_in_bytes", ("total_inactive_file", "inactive_file"))
 _V2 = _Hierarchy(2, "memory.max", "memory.current", ("inactive_file",))
 
 
@@ -207,14 +205,10 @@ def cpu_device(
     description = f"RAM {format_bytes(total_bytes)}"
     limit = cgroup.limit_bytes if cgroup is not None else None
     if cgroup is not None and limit is not None:
-        working_set = (
-            0 if cgroup.usage_bytes is None else max(0, cgroup.usage_bytes - cgroup.inactive_file_bytes)
-        )
+        working_set = 0 if cgroup.usage_bytes is None else max(0, cgroup.usage_bytes - cgroup.inactive_file_bytes)
         free_bytes = min(free_bytes, limit - working_set)
         if limit < total_bytes:
-            description = (
-                f"cgroup v{cgroup.version} limit {format_bytes(limit)} (host RAM {format_bytes(total_bytes)})"
-            )
+            description = f"cgroup v{cgroup.version} limit {format_bytes(limit)} (host RAM {format_bytes(total_bytes)})"
             total_bytes = limit
     return Device(
         name="cpu",
@@ -297,9 +291,7 @@ def _visible_indices(nvml: Any, count: int, visible: str | None) -> tuple[list[i
             index = number if 0 <= number < count else None
         elif entry.startswith("GPU-"):
             if uuids is None:
-                uuids = [
-                    _text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))) for i in range(count)
-                ]
+                uuids = [_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))) for i in range(count)]
             matches = [i for i, uuid in enumerate(uuids) if uuid.startswith(entry)]
             index = matches[0] if len(matches) == 1 else None
         if index is None:
@@ -447,9 +439,7 @@ def _device_sizes(value: str | Mapping[str, int] | None, what: str) -> dict[str,
         return {}
     if isinstance(value, str):
         return parse_device_sizes(value, what=what)
-    return {
-        key.strip().lower(): parse_bytes(size, what=f"{what} size for {key}") for key, size in value.items()
-    }
+    return {key.strip().lower(): parse_bytes(size, what=f"{what} size for {key}") for key, size in value.items()}
 
 
 def probe_inventory(

@@ -28,7 +28,8 @@ def backoff_seconds(failures: int) -> float:
 def compatible(loaded: Plan, *, context_tokens: int | None, concurrency: int | None) -> bool:
     """Can a runner loaded with the plan ``loaded`` serve what was asked, without loading again?"""
     return (context_tokens is None or loaded.context_tokens >= context_tokens) and (
-        concurrency is None or loaded.concurrency >= concurrency)
+        concurrency is None or loaded.concurrency >= concurrency
+    )
 
 
 @dataclass
@@ -69,20 +70,31 @@ class Entry:
     def max_in_flight(self) -> int:
         return self.config.concurrency + queue_limit(self.config.max_queue, self.config.concurrency)
 
-    def row(self, reserved_bytes: dict[str, int], measured_bytes: dict[str, int],
-            expires_at: float | None) -> dict[str, Any]:
+    def row(
+        self, reserved_bytes: dict[str, int], measured_bytes: dict[str, int], expires_at: float | None
+    ) -> dict[str, Any]:
         """The /api/ps row, given what the ledger holds for it and when it expires (wall-clock seconds)."""
         runner, loaded = self.runner, self.plan
-        devices = {d: {"reserved_bytes": reserved_bytes.get(d, 0), "measured_bytes": measured_bytes.get(d, 0)}
-                   for d in sorted({*reserved_bytes, *measured_bytes})}
+        devices = {
+            d: {"reserved_bytes": reserved_bytes.get(d, 0), "measured_bytes": measured_bytes.get(d, 0)}
+            for d in sorted({*reserved_bytes, *measured_bytes})
+        }
         return {
-            "name": self.name, "state": self.state, "pid": runner.pid if runner else None,
-            "source": self.config.source, "rung": loaded.rung if loaded else None,
+            "name": self.name,
+            "state": self.state,
+            "pid": runner.pid if runner else None,
+            "source": self.config.source,
+            "rung": loaded.rung if loaded else None,
             "context_tokens": loaded.context_tokens if loaded else None,
             "concurrency": loaded.concurrency if loaded else None,
-            "devices": devices, "leases": self.leases, "queued": self.waiting, "pinned": self.config.pinned,
+            "devices": devices,
+            "leases": self.leases,
+            "queued": self.waiting,
+            "pinned": self.config.pinned,
             "keep_alive_seconds": None if math.isinf(self.keep_alive_seconds) else self.keep_alive_seconds,
-            "expires_at": expires_at, "load_seconds": self.load_seconds, "reason": self.reason,
+            "expires_at": expires_at,
+            "load_seconds": self.load_seconds,
+            "reason": self.reason,
             "socket": str(getattr(runner, "socket_path", "")) or None,
         }
 

@@ -58,9 +58,13 @@ class PoolEvent:
         if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(kind, str) or not isinstance(model, str):
             raise ValueError(f"a pool event has an integer seq, an event name and a model, got {dict(data)!r}")
         known = kind in PoolEventKind._value2member_map_
-        return cls(seq, float(time) if isinstance(time, int | float) else 0.0,
-                   PoolEventKind(kind) if known else kind, model,
-                   {k: v for k, v in data.items() if k not in ("seq", "time", "event", "model")})
+        return cls(
+            seq,
+            float(time) if isinstance(time, int | float) else 0.0,
+            PoolEventKind(kind) if known else kind,
+            model,
+            {k: v for k, v in data.items() if k not in ("seq", "time", "event", "model")},
+        )
 
     def line(self) -> str:
         """``kind model key=value ...`` for the log: sizes in units, seconds in s, the reason last."""

@@ -37,28 +37,38 @@ def request_for(config: ModelConfig, facts: CheckpointFacts, options: Mapping[st
     """What to plan for: the model's configuration, with one load's options (context, concurrency) on top."""
     context = options.get("context_tokens") or config.context_tokens or default_context(facts)
     floor = config.policy.min_context_tokens  # a load asking for less context than the floor lowers the floor
-    return Request(context_tokens=context, concurrency=options.get("concurrency") or config.concurrency,
-                   quantization=config.policy.quantization,
-                   min_context_tokens=None if floor is None else min(floor, context), engine=config.engine)
+    return Request(
+        context_tokens=context,
+        concurrency=options.get("concurrency") or config.concurrency,
+        quantization=config.policy.quantization,
+        min_context_tokens=None if floor is None else min(floor, context),
+        engine=config.engine,
+    )
 
 
 def load_options(name: str, *, context_tokens: int | None, concurrency: int | None) -> dict[str, int]:
     """The options of one ``load`` that were given, each a whole number of 1 or more (InvalidArgument otherwise)."""
     options: dict[str, int] = {}
-    for key, value, what, unit in (("context_tokens", context_tokens, "context", "tokens"),
-                                   ("concurrency", concurrency, "concurrency", "sequences")):
+    for key, value, what, unit in (
+        ("context_tokens", context_tokens, "context", "tokens"),
+        ("concurrency", concurrency, "concurrency", "sequences"),
+    ):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(f"{what} must be a whole number of {unit}, 1 or more; got {value!r}. "
-                                  f"Leave it out to use the {what} configured for {name!r}", param=what)
+            raise InvalidArgument(
+                f"{what} must be a whole number of {unit}, 1 or more; got {value!r}. "
+                f"Leave it out to use the {what} configured for {name!r}",
+                param=what,
+            )
         options[key] = value
     return options
 
 
 def policy_for(config: ModelConfig) -> Policy:
-    return Policy(allow_gpu=config.policy.allow_gpu, allow_split=config.policy.allow_split,
-                  allow_cpu=config.policy.allow_cpu)
+    return Policy(
+        allow_gpu=config.policy.allow_gpu, allow_split=config.policy.allow_split, allow_cpu=config.policy.allow_cpu
+    )
 
 
 def fingerprint(facts: CheckpointFacts) -> str:
@@ -73,8 +83,14 @@ class Placement:
     def __init__(self, ledger: Ledger, calibration: Calibration, capacity: Callable[[], Inventory]) -> None:
         self.ledger, self.calibration, self._capacity = ledger, calibration, capacity
 
-    def first_choice(self, name: str, config: ModelConfig, skip_rungs: frozenset[str], facts: CheckpointFacts,
-                     options: Mapping[str, int]) -> Choice:
+    def first_choice(
+        self,
+        name: str,
+        config: ModelConfig,
+        skip_rungs: frozenset[str],
+        facts: CheckpointFacts,
+        options: Mapping[str, int],
+    ) -> Choice:
         """The choice a load starts with.
 
         The rungs that repeated kills ruled out (``skip_rungs``) are a preference, not a ban: when nothing below
@@ -89,20 +105,26 @@ class Placement:
                 raise
             refusal = error
         for rung in reversed([r for r in RUNGS if r in skip_rungs]):
-            lifted = replace(base, skip_rungs=frozenset(RUNGS[:RUNGS.index(rung)]))
+            lifted = replace(base, skip_rungs=frozenset(RUNGS[: RUNGS.index(rung)]))
             try:
                 choice = self.choose(name, config, facts, lifted, options)
             except InsufficientMemory as error:
                 refusal = error
                 continue
-            retry = (PoolEventKind.RETRY, {
-                "rung": choice.plan.rung, "reserved_bytes": choice.reserved_bytes,
-                "reason": f"nothing below {rung} fits or is allowed, so {choice.plan.rung} is tried again"})
+            retry = (
+                PoolEventKind.RETRY,
+                {
+                    "rung": choice.plan.rung,
+                    "reserved_bytes": choice.reserved_bytes,
+                    "reason": f"nothing below {rung} fits or is allowed, so {choice.plan.rung} is tried again",
+                },
+            )
             return replace(choice, notes=[*choice.notes, retry])
         raise refusal
 
-    def choose(self, name: str, config: ModelConfig, facts: CheckpointFacts, policy: Policy,
-               options: Mapping[str, int]) -> Choice:
+    def choose(
+        self, name: str, config: ModelConfig, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
+    ) -> Choice:
         """The first plan on the ladder whose reservation fits the pool's capacity, and that reservation.
 
         The planner fits its estimate; the reservation is what the plan was measured to use where that is
@@ -123,28 +145,45 @@ class Placement:
                 return Choice(start, planned, need, notes)
             rung = planned.rung
             estimate = {d: device.total_bytes for d, device in planned.devices.items() if d in short}
-            why = (f"as {rung} it needs {sizes(short)} (learned from a runner with this plan; estimated "
-                   f"{sizes(estimate)}) but at most {sizes({d: usable.get(d, 0) for d in short})} is usable")
+            why = (
+                f"as {rung} it needs {sizes(short)} (learned from a runner with this plan; estimated "
+                f"{sizes(estimate)}) but at most {sizes({d: usable.get(d, 0) for d in short})} is usable"
+            )
             policy = policy.below(rung)
             try:
                 planned = self.plan(name, config, facts, policy, options)
             except InsufficientMemory:
                 capped = {d: min(n, usable.get(d, 0)) for d, n in self.reservation(facts, first).items()}
                 why = notes[0][1]["reason"] if notes else why
-                return Choice(start, first, capped, [(PoolEventKind.RESERVATION_CAPPED, {
-                    "rung": first.rung, "reserved_bytes": capped,
-                    "reason": f"{why}, and no lower rung on the ladder fits or is allowed: it is loaded with all "
-                              "that is usable, and the watchdog stops it past that plus the tolerance"})])
+                return Choice(
+                    start,
+                    first,
+                    capped,
+                    [
+                        (
+                            PoolEventKind.RESERVATION_CAPPED,
+                            {
+                                "rung": first.rung,
+                                "reserved_bytes": capped,
+                                "reason": f"{why}, and no lower rung on the ladder fits or is allowed: it is loaded "
+                                "with all that is usable, and the watchdog stops it past that plus the tolerance",
+                            },
+                        )
+                    ],
+                )
             notes.append((PoolEventKind.RUNG_LOWER, {"failed_rung": rung, "rung": planned.rung, "reason": why}))
 
-    def plan(self, name: str, config: ModelConfig, facts: CheckpointFacts, policy: Policy,
-             options: Mapping[str, int]) -> Plan:
+    def plan(
+        self, name: str, config: ModelConfig, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
+    ) -> Plan:
         """The planner's plan over the whole capacity; InsufficientMemory (507) with its NoFit when none fits."""
         result = plan(facts, request_for(config, facts, options), self._capacity(), policy)
         if result.plan is None:
             assert result.nofit is not None
-            raise InsufficientMemory(f"model {name!r} cannot fit on this server even with nothing else "
-                                     f"loaded: {result.nofit.message}", param="model")
+            raise InsufficientMemory(
+                f"model {name!r} cannot fit on this server even with nothing else loaded: {result.nofit.message}",
+                param="model",
+            )
         return result.plan
 
     def refuse_if_never(self, name: str, need: Mapping[str, int], pinned: list[str]) -> None:
@@ -157,7 +196,9 @@ class Placement:
                 raise InsufficientMemory(
                     f"model {name!r} needs {format_bytes(needed)} on {device}; {format_bytes(usable.get(device, 0))} "
                     f"is usable there and pinned models ({', '.join(pinned)}) hold {format_bytes(held)}; unpin one "
-                    "or raise the budget", param="model")
+                    "or raise the budget",
+                    param="model",
+                )
 
     def reservation(self, facts: CheckpointFacts, planned: Plan) -> dict[str, int]:
         """The bytes to reserve for ``planned``: what the calibration measured for it, else its estimate."""

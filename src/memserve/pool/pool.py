@@ -86,8 +86,14 @@ from memserve.wire.events import PhaseDone, Ready, RunnerEvent, peak_bytes
 log = logging.getLogger("memserve.pool")
 
 STOPPED, STARTING, LOADING, WARMING, READY, DRAINING, FAILED = (
-    ModelState.STOPPED, ModelState.STARTING, ModelState.LOADING, ModelState.WARMING, ModelState.READY,
-    ModelState.DRAINING, ModelState.FAILED)
+    ModelState.STOPPED,
+    ModelState.STARTING,
+    ModelState.LOADING,
+    ModelState.WARMING,
+    ModelState.READY,
+    ModelState.DRAINING,
+    ModelState.FAILED,
+)
 _PHASE_STATES = {"resolve": LOADING, "map": LOADING, "fault_in": WARMING, "warm_up": WARMING}
 _EVENTS_KEPT = 1000
 _DRAIN_TIMEOUT_SECONDS = 30.0
@@ -98,10 +104,16 @@ _KILLS_BEFORE_LOWER = 2  # kills on one rung (each with the bigger reservation t
 class ModelPool:
     """Loads, leases, expires, evicts and watches the runners of the configured models."""
 
-    def __init__(self, settings: Settings, inventory: Inventory, *, spawner: Spawner | None = None,
-                 clock: Clock | None = None,
-                 host_available_bytes: Callable[[], int] = available_ram_bytes,
-                 facts_reader: Callable[[str], CheckpointFacts] = read_facts) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        inventory: Inventory,
+        *,
+        spawner: Spawner | None = None,
+        clock: Clock | None = None,
+        host_available_bytes: Callable[[], int] = available_ram_bytes,
+        facts_reader: Callable[[str], CheckpointFacts] = read_facts,
+    ) -> None:
         self.settings = settings
         self.inventory = inventory
         self._run_dir = new_run_dir()  # owner recorded; the folders of dead gateways go
@@ -110,14 +122,17 @@ class ModelPool:
         self._host_available = host_available_bytes
         self._read_facts = facts_reader
         self.ledger = Ledger(
-            {d.name: d.free_bytes if d.budget_bytes is None else min(d.free_bytes, d.budget_bytes)
-             for d in inventory.devices},
+            {
+                d.name: d.free_bytes if d.budget_bytes is None else min(d.free_bytes, d.budget_bytes)
+                for d in inventory.devices
+            },
             {d.name: d.headroom_bytes for d in inventory.devices},
         )
         self.calibration = Calibration(settings.data_dir / "calibration.json")
         self._placement = Placement(self.ledger, self.calibration, self.fit_inventory)
         self.entries: dict[str, Entry] = {
-            m.name: Entry(m, keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models}
+            m.name: Entry(m, keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models
+        }
         self.history: collections.deque[PoolEvent] = collections.deque(maxlen=_EVENTS_KEPT)  # the records
         self._event_seq = 0
         self._change = asyncio.Event()
@@ -142,7 +157,8 @@ class ModelPool:
             raise Overloaded(
                 f"model {name!r} has {entry.leases} requests in flight and {entry.waiting} waiting, its limit "
                 f"(concurrency {entry.config.concurrency} + queue); retry after a few seconds or raise max_queue",
-                retry_after_seconds=2.0)
+                retry_after_seconds=2.0,
+            )
         if keep_alive_seconds is not None:
             entry.keep_alive_seconds = keep_alive(keep_alive_seconds, self.settings.keep_alive_seconds)
         entry.waiting += 1
@@ -157,8 +173,14 @@ class ModelPool:
             if entry.leases == 0 and entry.waiting == 0 and entry.state == READY:
                 self._schedule_expiry(entry)
 
-    async def load(self, name: str, *, keep_alive_seconds: float | None = None, context_tokens: int | None = None,
-                   concurrency: int | None = None) -> dict[str, Any]:
+    async def load(
+        self,
+        name: str,
+        *,
+        keep_alive_seconds: float | None = None,
+        context_tokens: int | None = None,
+        concurrency: int | None = None,
+    ) -> dict[str, Any]:
         """Load ``name`` (or keep the loaded runner when it is compatible) and return its /api/ps row.
 
         ``context_tokens`` and ``concurrency`` are checked first (InvalidArgument, with nothing stored and no
@@ -171,8 +193,12 @@ class ModelPool:
             with contextlib.suppress(Exception):  # judge compatibility against what that load brings
                 await asyncio.shield(entry.load_task)
         if entry.plan is not None and entry.runner is not None and not compatible(entry.plan, **_both(options)):
-            self._event(PoolEventKind.RELOAD, entry, reason=f"asked for {options}, loaded plan has context "
-                        f"{entry.plan.context_tokens} × {entry.plan.concurrency}")
+            self._event(
+                PoolEventKind.RELOAD,
+                entry,
+                reason=f"asked for {options}, loaded plan has context "
+                f"{entry.plan.context_tokens} × {entry.plan.concurrency}",
+            )
             await self.unload(name)
         if options and entry.runner is None:
             entry.pending_options = options  # no await since the check: the next load to start takes them
@@ -218,8 +244,9 @@ class ModelPool:
             self._cancel_expiry(entry)
             if entry.load_task is not None:
                 entry.load_task.cancel()
-        await asyncio.gather(*(self._stop(e, "server shutting down") for e in self.entries.values() if e.runner),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(self._stop(e, "server shutting down") for e in self.entries.values() if e.runner), return_exceptions=True
+        )
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -231,14 +258,18 @@ class ModelPool:
             return self.entries[name]
         close = difflib.get_close_matches(name, list(self.entries), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"configured: {', '.join(self.entries) or 'none'}"
-        raise ModelNotFound(f"model {name!r} is not configured on this server; {hint} "
-                            "(add it to memserve.yaml or pass --model NAME=SOURCE)", param="model")
+        raise ModelNotFound(
+            f"model {name!r} is not configured on this server; {hint} "
+            "(add it to memserve.yaml or pass --model NAME=SOURCE)",
+            param="model",
+        )
 
     def fit_inventory(self) -> Inventory:
         """The pool's whole capacity as an inventory with nothing held: what a plan may use at most."""
         capacity = self.ledger.to_json()["devices"]
-        devices = tuple(replace(d, free_bytes=capacity[d.name]["capacity_bytes"], budget_bytes=None)
-                        for d in self.inventory.devices)
+        devices = tuple(
+            replace(d, free_bytes=capacity[d.name]["capacity_bytes"], budget_bytes=None) for d in self.inventory.devices
+        )
         return replace(self.inventory, devices=devices)
 
     def ps(self) -> dict[str, Any]:
@@ -248,8 +279,11 @@ class ModelPool:
 
     def row(self, entry: Entry) -> dict[str, Any]:
         """The model's /api/ps row: its entry, and what the ledger holds for it."""
-        expires = None if entry.expires_at is None or math.isinf(entry.expires_at) \
+        expires = (
+            None
+            if entry.expires_at is None or math.isinf(entry.expires_at)
             else self._clock.wall() + (entry.expires_at - self._clock.now())
+        )
         return entry.row(self.ledger.reserved(entry.name), self.ledger.measured(entry.name), expires)
 
     @property
@@ -308,8 +342,13 @@ class ModelPool:
                             planned, need = self._record(entry, self._choose(entry, facts, policy, options))
                         except InsufficientMemory as refusal:
                             raise InsufficientMemory(f"{message}; {refusal.message}", param="model") from None
-                        self._event(PoolEventKind.RETRY, entry, rung=planned.rung, reserved_bytes=need,
-                                    reason=killed or exc.message)
+                        self._event(
+                            PoolEventKind.RETRY,
+                            entry,
+                            rung=planned.rung,
+                            reserved_bytes=need,
+                            reason=killed or exc.message,
+                        )
                         continue
                     policy = policy.below(rung)
                     if learned:  # killed again with the bigger reservation: prefer lower rungs until unload
@@ -318,10 +357,14 @@ class ModelPool:
                     try:
                         planned, need = self._record(entry, self._choose(entry, facts, policy, options))
                     except InsufficientMemory:
-                        again = "; the next request loads it again on that rung with the reservation it " \
-                            "measured" if learned else ""
-                        raise RunnerFailed(f"{message}; no lower rung on the ladder fits or is allowed{again}") \
-                            from None
+                        again = (
+                            "; the next request loads it again on that rung with the reservation it measured"
+                            if learned
+                            else ""
+                        )
+                        raise RunnerFailed(
+                            f"{message}; no lower rung on the ladder fits or is allowed{again}"
+                        ) from None
         except RunnerFailed as exc:
             entry.failures += 1
             self._set_state(entry, FAILED, exc.message)
@@ -332,8 +375,9 @@ class ModelPool:
             self._event(PoolEventKind.REFUSED, entry, reason=exc.message, code=exc.code)
             raise
 
-    async def _checked_options(self, entry: Entry, *, context_tokens: int | None,
-                               concurrency: int | None) -> dict[str, int]:
+    async def _checked_options(
+        self, entry: Entry, *, context_tokens: int | None, concurrency: int | None
+    ) -> dict[str, int]:
         """The options of one ``load``, checked against the model and the planner's limits before anything changes."""
         options = load_options(entry.name, context_tokens=context_tokens, concurrency=concurrency)
         if options:
@@ -362,20 +406,31 @@ class ModelPool:
             if victims:
                 for victim in victims:
                     self._event(PoolEventKind.EVICT, self.entries[victim], reason=f"to make room for {entry.name}")
-                await asyncio.gather(*(self._stop(self.entries[v], f"evicted to make room for {entry.name}",
-                                                  deliberate=True)
-                                       for v in victims))
+                await asyncio.gather(
+                    *(
+                        self._stop(self.entries[v], f"evicted to make room for {entry.name}", deliberate=True)
+                        for v in victims
+                    )
+                )
                 continue
             pinned = [e.name for e in self.entries.values() if e.runner and e.config.pinned and e is not entry]
             self._placement.refuse_if_never(entry.name, need, pinned)
             remaining = deadline - self._clock.now()
             if remaining <= 0:
-                busy = ", ".join(f"{e.name} ({e.state}, {e.leases} leases)" for e in self.entries.values()
-                                 if e.runner is not None and e is not entry) or "nothing"
+                busy = (
+                    ", ".join(
+                        f"{e.name} ({e.state}, {e.leases} leases)"
+                        for e in self.entries.values()
+                        if e.runner is not None and e is not entry
+                    )
+                    or "nothing"
+                )
                 raise MemoryBusy(
                     f"model {entry.name!r} needs {sizes(need)} but only {sizes(self.ledger.free_bytes())} is free, "
                     f"and the rest is held by busy models: {busy}; waited {self.settings.memory_wait_seconds:.0f} s. "
-                    "Retry later, or raise memory_wait_seconds", retry_after_seconds=5.0)
+                    "Retry later, or raise memory_wait_seconds",
+                    retry_after_seconds=5.0,
+                )
             await self._wait_change(remaining)
 
     async def _start_runner(self, entry: Entry, facts: CheckpointFacts, planned: Plan, need: dict[str, int]) -> None:
@@ -443,8 +498,10 @@ class ModelPool:
             return
         self._learn(entry)
         await self._stop(entry, f"{why}, with no room for that beside the other models")
-        raise RunnerFailed(f"runner {entry.name} stopped before serving: {why}, with no room for that beside the "
-                           "other models; it is loaded again with the bigger reservation")
+        raise RunnerFailed(
+            f"runner {entry.name} stopped before serving: {why}, with no room for that beside the "
+            "other models; it is loaded again with the bigger reservation"
+        )
 
     def _runner_event(self, entry: Entry, event: RunnerEvent) -> None:
         if not isinstance(event, PhaseDone | Ready):
@@ -487,8 +544,12 @@ class ModelPool:
         stable = entry.ready_at is not None and self._clock.now() - entry.ready_at > _STABLE_SECONDS
         entry.failures = 1 if stable else entry.failures + 1
         rung = entry.plan.rung if entry.plan is not None else None
-        if (self._learn(entry) and rung is not None and entry.config.policy.retry_lower
-                and entry.rung_kills.get(rung, 0) >= _KILLS_BEFORE_LOWER):
+        if (
+            self._learn(entry)
+            and rung is not None
+            and entry.config.policy.retry_lower
+            and entry.rung_kills.get(rung, 0) >= _KILLS_BEFORE_LOWER
+        ):
             entry.skip_rungs |= Policy().below(rung).skip_rungs  # killed again with the bigger reservation
             self._event(PoolEventKind.RETRY_LOWER, entry, failed_rung=rung, reason=reason)
         entry.watchdog_reason = None
@@ -510,7 +571,8 @@ class ModelPool:
             return
         entry.expires_at = self._clock.now() + entry.keep_alive_seconds
         entry.expiry = self._clock.call_later(
-            entry.keep_alive_seconds, lambda: self._spawn_task(self._expire(entry), f"expire-{entry.name}"))
+            entry.keep_alive_seconds, lambda: self._spawn_task(self._expire(entry), f"expire-{entry.name}")
+        )
 
     def _cancel_expiry(self, entry: Entry) -> None:
         if entry.expiry is not None:
@@ -531,14 +593,23 @@ class ModelPool:
             if sample:
                 _raise_to(entry.peak_bytes, sample)
                 self.ledger.measure(entry.name, sample)
-                breach = first_breach(sample, self.ledger.reserved(entry.name), tolerance=settings.watchdog_tolerance,
-                                      tolerance_min_bytes=settings.watchdog_tolerance_min_bytes)
+                breach = first_breach(
+                    sample,
+                    self.ledger.reserved(entry.name),
+                    tolerance=settings.watchdog_tolerance,
+                    tolerance_min_bytes=settings.watchdog_tolerance_min_bytes,
+                )
                 if breach is not None:
-                    self._kill(entry, runner, f"stopped by the watchdog: {breach.device} use "
-                               f"{format_bytes(breach.measured_bytes)} went past its plan of "
-                               f"{format_bytes(breach.reserved_bytes)} plus the tolerance (limit "
-                               f"{format_bytes(breach.limit_bytes)}) while {entry.state}",
-                               measured_bytes=breach.measured_bytes, limit_bytes=breach.limit_bytes)
+                    self._kill(
+                        entry,
+                        runner,
+                        f"stopped by the watchdog: {breach.device} use "
+                        f"{format_bytes(breach.measured_bytes)} went past its plan of "
+                        f"{format_bytes(breach.reserved_bytes)} plus the tolerance (limit "
+                        f"{format_bytes(breach.limit_bytes)}) while {entry.state}",
+                        measured_bytes=breach.measured_bytes,
+                        limit_bytes=breach.limit_bytes,
+                    )
                     return
             await self._clock.sleep(self._watch_interval(entry.state.loading))
 
@@ -549,15 +620,23 @@ class ModelPool:
             await self._clock.sleep(self._watch_interval(any(e.state.loading for e in self.entries.values())))
             available = self._host_available()
             live = [e for e in self.entries.values() if e.runner is not None and e.runner.returncode is None]
-            name = host_victim(available, settings.host_floor_bytes, [
-                Watched(e.name, e.state, self.ledger.measured(e.name), self.ledger.reserved(e.name)) for e in live])
+            name = host_victim(
+                available,
+                settings.host_floor_bytes,
+                [Watched(e.name, e.state, self.ledger.measured(e.name), self.ledger.reserved(e.name)) for e in live],
+            )
             if name is None:
                 continue
             victim = self.entries[name]
             assert victim.runner is not None
-            self._kill(victim, victim.runner, f"stopped by the watchdog: host available memory "
-                       f"{format_bytes(available)} fell below the floor {format_bytes(settings.host_floor_bytes)} "
-                       f"while it was {victim.state}", available_bytes=available)
+            self._kill(
+                victim,
+                victim.runner,
+                f"stopped by the watchdog: host available memory "
+                f"{format_bytes(available)} fell below the floor {format_bytes(settings.host_floor_bytes)} "
+                f"while it was {victim.state}",
+                available_bytes=available,
+            )
 
     def _watch_interval(self, loading: bool) -> float:
         settings = self.settings
@@ -585,14 +664,22 @@ class ModelPool:
         if not over or entry.calibration_key is None or entry.plan is None or entry.learned:
             return False
         settings = self.settings
-        learned = {d: watchdog_limit_bytes(v, settings.watchdog_tolerance, settings.watchdog_tolerance_min_bytes)
-                   for d, v in over.items()}
+        learned = {
+            d: watchdog_limit_bytes(v, settings.watchdog_tolerance, settings.watchdog_tolerance_min_bytes)
+            for d, v in over.items()
+        }
         self.calibration.put(*entry.calibration_key, learned)
         rung = entry.plan.rung
         entry.rung_kills[rung] = entry.rung_kills.get(rung, 0) + 1
         entry.learned = True
-        self._event(PoolEventKind.LEARNED, entry, rung=rung, measured_bytes=over, reserved_bytes=reserved,
-                    next_reserved_bytes=learned)
+        self._event(
+            PoolEventKind.LEARNED,
+            entry,
+            rung=rung,
+            measured_bytes=over,
+            reserved_bytes=reserved,
+            next_reserved_bytes=learned,
+        )
         return True
 
     def _forget_failures(self, entry: Entry) -> None:
@@ -601,8 +688,15 @@ class ModelPool:
     # ---------------------------------------------------------------------------------------------- helpers
 
     def _resident(self, entry: Entry) -> Resident:
-        return Resident(entry.name, entry.state, self.ledger.held(entry.name), entry.leases + entry.waiting,
-                        entry.last_used, entry.config.pinned, entry.load_seconds or 0.0)
+        return Resident(
+            entry.name,
+            entry.state,
+            self.ledger.held(entry.name),
+            entry.leases + entry.waiting,
+            entry.last_used,
+            entry.config.pinned,
+            entry.load_seconds or 0.0,
+        )
 
     def _set_state(self, entry: Entry, state: ModelState, reason: str | None = None) -> None:
         entry.state = state

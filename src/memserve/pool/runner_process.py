@@ -78,7 +78,7 @@ Spawner = Callable[[str, PlanFile, Callable[[RunnerEvent], None]], Awaitable[Run
 
 def is_runner_command(cmdline: list[str]) -> bool:
     """Whether a process's command line is a runner's (``python -m memserve.runner ...``)."""
-    return any(cmdline[i:i + 2] == ["-m", "memserve.runner"] for i in range(len(cmdline)))
+    return any(cmdline[i : i + 2] == ["-m", "memserve.runner"] for i in range(len(cmdline)))
 
 
 def new_run_dir(base: Path | None = None) -> Path:
@@ -97,8 +97,12 @@ def new_run_dir(base: Path | None = None) -> Path:
 def owner_record(pid: int) -> dict[str, Any]:
     """Who owns a run folder: the pid, and what tells that process from a later one given the same pid (its
     start time) or one in another container sharing the temp folder (host name, pid namespace)."""
-    return {"pid": pid, "started": psutil.Process(pid).create_time(), "host": socket.gethostname(),
-            "pid_namespace": _pid_namespace()}
+    return {
+        "pid": pid,
+        "started": psutil.Process(pid).create_time(),
+        "host": socket.gethostname(),
+        "pid_namespace": _pid_namespace(),
+    }
 
 
 def owner_alive(record: Mapping[str, Any]) -> bool | None:
@@ -161,10 +165,16 @@ def describe_exit(returncode: int, last_lines: list[str]) -> str:
 class RunnerProcess:
     """A real runner: ``python -m memserve.runner --plan P --socket S --name N`` in its own session."""
 
-    def __init__(self, name: str, launch: PlanFile, *, run_dir: Path,
-                 on_event: Callable[[RunnerEvent], None] | None = None,
-                 env: Mapping[str, str] | None = None,
-                 gpu_memory: Callable[[Collection[int]], dict[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        launch: PlanFile,
+        *,
+        run_dir: Path,
+        on_event: Callable[[RunnerEvent], None] | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu_memory: Callable[[Collection[int]], dict[str, int]] | None = None,
+    ) -> None:
         self.name, self.launch = name, launch
         self.phase = "spawned"
         self.plan_path = run_dir / f"{name}.plan.json"
@@ -180,8 +190,9 @@ class RunnerProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._gpu_memory = gpu_memory or _GPU_MEMORY
         self._transport = RunnerTransport(str(self.socket_path))
-        self._client = httpx.AsyncClient(base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0),
-                                         transport=self._transport)
+        self._client = httpx.AsyncClient(
+            base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0), transport=self._transport
+        )
 
     @property
     def pid(self) -> int | None:
@@ -203,11 +214,23 @@ class RunnerProcess:
         self.plan_path.write_text(json.dumps(self.launch.to_json()))
         self.socket_path.unlink(missing_ok=True)
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "memserve.runner", "--plan", str(self.plan_path), "--socket", str(self.socket_path),
-            "--name", self.name, "--parent-pid", str(os.getpid()),  # the runner ends when this process does
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "memserve.runner",
+            "--plan",
+            str(self.plan_path),
+            "--socket",
+            str(self.socket_path),
+            "--name",
+            self.name,
+            "--parent-pid",
+            str(os.getpid()),  # the runner ends when this process does
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "MEMSERVE_PROGRESS": "json", **(self._env or {})},
-            limit=_STDERR_LINE_LIMIT_BYTES, start_new_session=True,
+            limit=_STDERR_LINE_LIMIT_BYTES,
+            start_new_session=True,
         )
         self._reader = asyncio.create_task(self._read_stderr(), name=f"runner-{self.name}-stderr")
 
@@ -256,8 +279,10 @@ class RunnerProcess:
                         pass
                     await asyncio.sleep(_HEALTH_POLL_SECONDS)
         except TimeoutError:
-            raise RunnerFailed(f"runner {self.name} was not ready after {timeout_seconds:.0f} s (last phase: "
-                               f"{self.phase}); raise load_timeout_seconds or check the model") from None
+            raise RunnerFailed(
+                f"runner {self.name} was not ready after {timeout_seconds:.0f} s (last phase: "
+                f"{self.phase}); raise load_timeout_seconds or check the model"
+            ) from None
         finally:
             exited.cancel()
         raise RunnerFailed(f"runner {self.name} ended while loading: {self.exit_reason()}")

@@ -231,7 +231,8 @@ class _Connection(asyncio.Protocol):
         elif self.head_complete and not self.complete and self.error is None:
             reason = f": {exc}" if exc is not None else ""
             self.error = httpx.RemoteProtocolError(
-                f"the server closed the connection before the end of its answer{reason}")
+                f"the server closed the connection before the end of its answer{reason}"
+            )
         self._wake()
 
     def _wake(self) -> None:

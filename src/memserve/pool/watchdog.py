@@ -31,8 +31,9 @@ class Breach:
     limit_bytes: int
 
 
-def first_breach(sample_bytes: Mapping[str, int], reserved_bytes: Mapping[str, int], *, tolerance: float,
-                 tolerance_min_bytes: int) -> Breach | None:
+def first_breach(
+    sample_bytes: Mapping[str, int], reserved_bytes: Mapping[str, int], *, tolerance: float, tolerance_min_bytes: int
+) -> Breach | None:
     """The first device (in the sample's order) used past its reservation plus the tolerance; None if none.
 
     A device sampled but not reserved has a reservation of 0, so only the minimum tolerance is allowed there.

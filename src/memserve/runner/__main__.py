@@ -61,8 +61,13 @@ def leave_now(paths: Sequence[Path]) -> None:
     os._exit(0)
 
 
-def watch_parent(parent_pid: int, on_gone: Callable[[], None], *, death_signal: bool = True,
-                 poll_seconds: float = PARENT_POLL_SECONDS) -> None:
+def watch_parent(
+    parent_pid: int,
+    on_gone: Callable[[], None],
+    *,
+    death_signal: bool = True,
+    poll_seconds: float = PARENT_POLL_SECONDS,
+) -> None:
     """Call ``on_gone`` (once, it is expected not to return) as soon as process ``parent_pid`` is no longer
     this process's parent. Call from the main thread: the death signal's handler is installed here."""
     lock = threading.Lock()
@@ -72,6 +77,7 @@ def watch_parent(parent_pid: int, on_gone: Callable[[], None], *, death_signal: 
             on_gone()
 
     if death_signal:
+
         def on_signal(signum: int, frame: FrameType | None) -> None:
             if os.getppid() != parent_pid:  # not merely the spawning thread of a living gateway ending
                 gone()
@@ -89,17 +95,36 @@ def watch_parent(parent_pid: int, on_gone: Callable[[], None], *, death_signal: 
 
 
 @click.command()
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="A plan file: the output of memserve fit MODEL --json.")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="A plan file: the output of memserve fit MODEL --json.",
+)
 @click.option("--socket", type=click.Path(path_type=Path), default=None, help="Listen on this Unix socket.")
 @click.option("--port", type=int, default=None, help="Listen on 127.0.0.1:PORT.")
 @click.option("--name", default=None, help="The model name clients use (default: the folder name).")
-@click.option("--max-queue", type=int, default=None,
-              help="Waiting requests beyond the plan's concurrency (default: the plan file's, else 4 per sequence).")
-@click.option("--parent-pid", type=int, default=None,
-              help="Exit, removing the socket and the plan file, as soon as this process (the gateway) is gone.")
-def main(plan_path: Path, socket: Path | None, port: int | None, name: str | None, max_queue: int | None,
-         parent_pid: int | None) -> None:
+@click.option(
+    "--max-queue",
+    type=int,
+    default=None,
+    help="Waiting requests beyond the plan's concurrency (default: the plan file's, else 4 per sequence).",
+)
+@click.option(
+    "--parent-pid",
+    type=int,
+    default=None,
+    help="Exit, removing the socket and the plan file, as soon as this process (the gateway) is gone.",
+)
+def main(
+    plan_path: Path,
+    socket: Path | None,
+    port: int | None,
+    name: str | None,
+    max_queue: int | None,
+    parent_pid: int | None,
+) -> None:
     """Load one model by its plan and serve it (OpenAI-compatible) until stopped."""
     if parent_pid is not None:  # first, before the imports that take a while
         owned = [plan_path, *([socket] if socket is not None else [])]

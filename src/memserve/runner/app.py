@@ -98,8 +98,9 @@ def create_app(
     if context_tokens < 1:
         raise InvalidArgument(f"context_tokens must be at least 1, got {context_tokens}")
     eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
-    completer = _Completer(engine, tokenizer, model_name, context_tokens,
-                           tuple(dict.fromkeys([*eos, *(stop_token_ids or ())])))
+    completer = _Completer(
+        engine, tokenizer, model_name, context_tokens, tuple(dict.fromkeys([*eos, *(stop_token_ids or ())]))
+    )
     created = int(time.time())
 
     @asynccontextmanager
@@ -122,8 +123,13 @@ def create_app(
 
     @handles(app, MODELS)
     async def models() -> dict[str, Any]:
-        model = {"id": model_name, "object": "model", "created": created, "owned_by": "memserve",
-                 "context_tokens": context_tokens}
+        model = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "memserve",
+            "context_tokens": context_tokens,
+        }
         return {"object": "list", "data": [model]}
 
     @handles(app, HEALTH)
@@ -140,8 +146,14 @@ def create_app(
 class _Completer:
     """Turns a validated request into prompt ids, an engine request, and an HTTP response."""
 
-    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, model_name: str,
-                 context_tokens: int, stop_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: PreTrainedTokenizerBase,
+        model_name: str,
+        context_tokens: int,
+        stop_token_ids: tuple[int, ...],
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -157,21 +169,21 @@ class _Completer:
             raise ContextOverflow(
                 f"the prompt is {size} bytes, more than this model's context of {self.context_tokens} tokens can "
                 f"hold (at most {self.max_prompt_bytes} bytes even in its longest tokens); shorten the prompt",
-                param=body.prompt_param)
+                param=body.prompt_param,
+            )
         return list(self.tokenizer.encode(text, add_special_tokens=special))
 
     # Tokenizer calls stay on the event loop thread: a fast tokenizer used from two threads at once
     # can fail with "Already borrowed", and even long prompts encode in milliseconds.
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True,
-                                                      tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                body.template_messages(), add_generation_prompt=True, tokenize=False
+            )
         except Exception as exc:  # a template's raise_exception, or a tokenizer without a template
-            raise InvalidArgument(f"the chat template rejected these messages: {exc}",
-                                  param="messages") from exc
+            raise InvalidArgument(f"the chat template rejected these messages: {exc}", param="messages") from exc
         if not isinstance(text, str):
-            raise MemserveError(f"internal error: apply_chat_template returned {type(text).__name__}, "
-                                "not text")
+            raise MemserveError(f"internal error: apply_chat_template returned {type(text).__name__}, not text")
         return self.encode(text, body, special=False)
 
     def text_prompt(self, body: CompletionRequest) -> list[int]:
@@ -189,11 +201,15 @@ class _Completer:
         if unsupported is not None:
             raise UnsupportedParameter(unsupported[1], param=unsupported[0])
         if body.model != self.model_name:
-            raise ModelNotFound(f"this runner serves the model '{self.model_name}', not '{body.model}'; "
-                                "send that name, or ask the gateway for the other model", param="model")
+            raise ModelNotFound(
+                f"this runner serves the model '{self.model_name}', not '{body.model}'; "
+                "send that name, or ask the gateway for the other model",
+                param="model",
+            )
 
-    def engine_request(self, request_id: str, body: ChatCompletionRequest | CompletionRequest,
-                       prompt_ids: list[int]) -> GenerationRequest:
+    def engine_request(
+        self, request_id: str, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]
+    ) -> GenerationRequest:
         """The request in the engine's terms; a prompt and ``max_tokens`` that overflow the context are a 400."""
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty; send at least one token of text", param="prompt")
@@ -303,13 +319,20 @@ async def _start(engine: Engine, generation: GenerationRequest) -> _Sequence:
     except QueueFull as exc:
         raise Overloaded(
             f"the runner is at capacity ({exc.running} sequences running, {exc.waiting} waiting); "
-            f"retry in {exc.retry_after_seconds:g} s", retry_after_seconds=exc.retry_after_seconds,
+            f"retry in {exc.retry_after_seconds:g} s",
+            retry_after_seconds=exc.retry_after_seconds,
         ) from exc
     return _Sequence(events, first)
 
 
-async def _sse_events(sequence: _Sequence, pieces: AsyncGenerator[TextPiece, None], shape: ResponseShape,
-                      prompt_tokens: int, *, include_usage: bool) -> AsyncGenerator[bytes, None]:
+async def _sse_events(
+    sequence: _Sequence,
+    pieces: AsyncGenerator[TextPiece, None],
+    shape: ResponseShape,
+    prompt_tokens: int,
+    *,
+    include_usage: bool,
+) -> AsyncGenerator[bytes, None]:
     """The SSE body: role chunk, text deltas, finish chunk, optional usage chunk, ``[DONE]``."""
     if shape.chat:
         yield sse_event(shape.chunk(role=True))

@@ -130,7 +130,6 @@ def continuous_batching_config(
     )
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # The engine
 
@@ -305,15 +304,19 @@ class ContinuousBatchingEngine(EngineBase):
                 cache_tensor.zero_()
                 touched += int(cache_tensor.nbytes)
                 masks = getattr(processor.inputs_and_outputs, "attention_mask", None)
-                for mask in (masks.values() if isinstance(masks, dict) else ()):
+                for mask in masks.values() if isinstance(masks, dict) else ():
                     mask.zero_()
                     touched += int(mask.nbytes)
         assert self.max_context_tokens is not None
         tokens = worst_case_prompt_tokens(self.model, self.max_context_tokens, self.cb_config.max_batch_tokens)
         prompt = filler_prompt(tokens, self._vocab_size, self._default_stop_ids)
         self._warm_up(prompt, request_id="memserve-worst-case")
-        return {"prompt_tokens": len(prompt), "measured_sequences": 1, "touched_bytes": touched,
-                "seconds": round(time.perf_counter() - started, 3)}
+        return {
+            "prompt_tokens": len(prompt),
+            "measured_sequences": 1,
+            "touched_bytes": touched,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     def _warm_up(self, prompt: list[int] | None = None, request_id: str = "memserve-warmup") -> None:
         """One real request through the manager: proves the model runs under paged attention."""
@@ -410,4 +413,3 @@ class ContinuousBatchingEngine(EngineBase):
         self._stopping.set()
         self._stop_manager()
         self._watcher.join(timeout=STOP_TIMEOUT_SECONDS)
-

@@ -74,9 +74,7 @@ def make_engine(
     :class:`GenerateEngine` with the error as the reason. Bad sizes are the caller's error and raise.
     """
     if prefer not in ("continuous-batching", "generate"):
-        raise InvalidArgument(
-            f"unknown engine {prefer!r}; choose 'continuous-batching' or 'generate'", param="prefer"
-        )
+        raise InvalidArgument(f"unknown engine {prefer!r}; choose 'continuous-batching' or 'generate'", param="prefer")
     reason: str | None = None
     if prefer == "continuous-batching":
         original_attn = model.config._attn_implementation

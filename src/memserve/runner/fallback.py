@@ -194,13 +194,17 @@ class GenerateEngine(EngineBase):
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
         config = self._config_for(WARMUP_REQUEST, 1, rows=1, prompt_tokens=len(prompt))
         with torch.inference_mode():
-            cast(Any, self.model).generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                           generation_config=config)
-        return {"prompt_tokens": len(prompt), "measured_sequences": 1, "touched_bytes": 0,
-                "seconds": round(time.perf_counter() - started, 3)}
+            cast(Any, self.model).generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        return {
+            "prompt_tokens": len(prompt),
+            "measured_sequences": 1,
+            "touched_bytes": 0,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
-    def _config_for(self, request: GenerationRequest, max_new_tokens: int, *, rows: int = 1,
-                    prompt_tokens: int = 1) -> GenerationConfig:
+    def _config_for(
+        self, request: GenerationRequest, max_new_tokens: int, *, rows: int = 1, prompt_tokens: int = 1
+    ) -> GenerationConfig:
         config = copy.deepcopy(self._base_config)
         config.prefill_chunk_size = self.prefill_chunk_tokens(rows, prompt_tokens)
         config.max_new_tokens = max_new_tokens
@@ -277,15 +281,15 @@ class GenerateEngine(EngineBase):
         mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
         for row, job in enumerate(batch):  # left padding: every row's last prompt token lines up
             prompt = job.request.prompt_ids
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long, device=device)
-            mask[row, width - len(prompt):] = 1
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+            mask[row, width - len(prompt) :] = 1
         rows = _Rows(batch, lambda job, tokens: self._post(job, self._deliver, job, tokens))
         cast(Any, self.model).generate(  # PreTrainedModel's stubs leave out GenerationMixin
             input_ids=ids,
             attention_mask=mask,
-            generation_config=self._config_for(first, max(job.request.max_new_tokens for job in batch),
-                                               rows=len(batch), prompt_tokens=width),
+            generation_config=self._config_for(
+                first, max(job.request.max_new_tokens for job in batch), rows=len(batch), prompt_tokens=width
+            ),
             streamer=_RowsStreamer(rows),
             stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
         )
-

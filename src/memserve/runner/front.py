@@ -82,7 +82,6 @@ def eos_ids(config: GenerationConfig) -> tuple[int, ...]:
     return ()
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -346,4 +345,3 @@ class EngineBase:
                 waiter.set_result(None)  # the slot passes to the next waiter; _running is unchanged
                 return
         self._running -= 1
-

@@ -59,8 +59,13 @@ class PackReport:
     def to_json(self) -> dict[str, Any]:
         if self.skipped_reason is not None:
             return {"kernel": "torch", "reason": self.skipped_reason}
-        return {"kernel": "onednn-packed", "layers": self.layers, "packed_bytes": self.packed_bytes,
-                "released_file_bytes": self.released_file_bytes, "not_called": self.not_called}
+        return {
+            "kernel": "onednn-packed",
+            "layers": self.layers,
+            "packed_bytes": self.packed_bytes,
+            "released_file_bytes": self.released_file_bytes,
+            "not_called": self.not_called,
+        }
 
 
 class PackedLinear(nn.Module):
@@ -95,8 +100,9 @@ def why_not_pack(model: nn.Module, env: dict[str, str] | None = None) -> str | N
     return _self_check()
 
 
-def pack_linear_weights(model: nn.Module, *, probe: Callable[[], object] | None = None,
-                        on_bytes: Callable[[int], None] | None = None) -> PackReport:
+def pack_linear_weights(
+    model: nn.Module, *, probe: Callable[[], object] | None = None, on_bytes: Callable[[int], None] | None = None
+) -> PackReport:
     """Replace the packable Linears of ``model`` with :class:`PackedLinear`, in place.
 
     ``probe`` runs a forward first, and only the Linears it calls are packed: a model that reads a
@@ -167,8 +173,11 @@ def tune_allocator(env: dict[str, str] | None = None) -> dict[str, int]:
     applied: dict[str, int] = {}
     with contextlib.suppress(OSError, AttributeError):
         libc = _libc()
-        for name, param in (("arena_max", _M_ARENA_MAX), ("mmap_threshold_bytes", _M_MMAP_THRESHOLD),
-                            ("trim_threshold_bytes", _M_TRIM_THRESHOLD)):
+        for name, param in (
+            ("arena_max", _M_ARENA_MAX),
+            ("mmap_threshold_bytes", _M_MMAP_THRESHOLD),
+            ("trim_threshold_bytes", _M_TRIM_THRESHOLD),
+        ):
             if libc.mallopt(param, ALLOCATOR_SETTINGS[name]) == 1:
                 applied[name] = ALLOCATOR_SETTINGS[name]
     return applied
@@ -198,8 +207,11 @@ def _libc() -> ctypes.CDLL:
 def _called_linears(model: nn.Module, probe: Callable[[], object]) -> set[int]:
     """The ids of the packable Linears a forward calls (ids: holding the layers would keep them alive)."""
     called: set[int] = set()
-    hooks = [m.register_forward_pre_hook(lambda module, args: called.add(id(module)))
-             for m in model.modules() if _packable(m)]
+    hooks = [
+        m.register_forward_pre_hook(lambda module, args: called.add(id(module)))
+        for m in model.modules()
+        if _packable(m)
+    ]
     try:
         with torch.inference_mode():
             probe()
@@ -239,8 +251,11 @@ def _all_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def _kept_ranges(model: nn.Module, packing: set[int]) -> list[tuple[int, int]]:
     """Byte ranges of the model's tensors that stay plain (all but the ids in ``packing``): their pages stay."""
-    return [_byte_span(t) for _, t in _all_tensors(model)
-            if id(t) not in packing and t.device.type == "cpu" and t.numel() > 0]
+    return [
+        _byte_span(t)
+        for _, t in _all_tensors(model)
+        if id(t) not in packing and t.device.type == "cpu" and t.numel() > 0
+    ]
 
 
 def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:

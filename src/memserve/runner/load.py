@@ -110,8 +110,9 @@ def _from_pretrained_kwargs(plan: Plan) -> dict[str, Any]:
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True)
             if plan.quantization == "int8"
-            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=kwargs["dtype"])
+            else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"]
+            )
         )
     if not gpu_devices:
         return kwargs  # plain CPU: keep the weights memory-mapped
@@ -127,9 +128,7 @@ def _from_pretrained_kwargs(plan: Plan) -> dict[str, Any]:
     return kwargs
 
 
-def load_model(
-    source: str, plan: Plan, report: LoadReport, *, progress: LoadProgress | None = None
-) -> tuple[Any, Any]:
+def load_model(source: str, plan: Plan, report: LoadReport, *, progress: LoadProgress | None = None) -> tuple[Any, Any]:
     """Model and tokenizer, loaded, faulted in and warmed up; each phase timed into ``report``.
 
     ``progress`` receives the phases (default: :meth:`LoadProgress.for_stderr`); a live display, if
@@ -140,12 +139,18 @@ def load_model(
         return _load(source, plan, report, progress)
 
 
-def record_phase(report: LoadReport, progress: LoadProgress, name: str, started: float, *,
-                 peak_bytes: dict[str, int] | None = None, needs_bytes: dict[str, int] | None = None,
-                 **details: Any) -> None:
+def record_phase(
+    report: LoadReport,
+    progress: LoadProgress,
+    name: str,
+    started: float,
+    *,
+    peak_bytes: dict[str, int] | None = None,
+    needs_bytes: dict[str, int] | None = None,
+    **details: Any,
+) -> None:
     """One finished phase: kept for /health and reported as an event with the memory now."""
-    event = PhaseDone(name, round(time.perf_counter() - started, 4), process_memory(), peak_bytes, needs_bytes,
-                      details)
+    event = PhaseDone(name, round(time.perf_counter() - started, 4), process_memory(), peak_bytes, needs_bytes, details)
     report.phases.append({k: v for k, v in event.to_json().items() if k not in ("event", "memory")})
     progress.event(event)
 
@@ -185,8 +190,9 @@ def _load(source: str, plan: Plan, report: LoadReport, progress: LoadProgress) -
     progress.phase_started("fault_in", total_bytes=total)
     warm_up_ids = torch.tensor([[tokenizer.eos_token_id or 0] * 8], device=model.device)
     # packing reads each bf16 Linear weight whole (those a forward calls); the rest are read below
-    packing = pack_linear_weights(model, probe=lambda: model(input_ids=warm_up_ids),
-                                  on_bytes=lambda n: progress.bytes_read("fault_in", n))
+    packing = pack_linear_weights(
+        model, probe=lambda: model(input_ids=warm_up_ids), on_bytes=lambda n: progress.bytes_read("fault_in", n)
+    )
     report.linear = packing.to_json()
     with torch.inference_mode():
         for p in _cpu_weights(model):
@@ -202,9 +208,12 @@ def _load(source: str, plan: Plan, report: LoadReport, progress: LoadProgress) -
             model(input_ids=warm_up_ids)
         except Exception as exc:
             if packing.layers:
-                raise MemserveError(f"the warm-up forward failed after {packing.layers} Linear weights were packed "
-                                   f"for oneDNN ({type(exc).__name__}: {exc}); load it with "
-                                   f"{PACK_SWITCH}=0 to keep them as they are", code="packed_forward_failed") from exc
+                raise MemserveError(
+                    f"the warm-up forward failed after {packing.layers} Linear weights were packed "
+                    f"for oneDNN ({type(exc).__name__}: {exc}); load it with "
+                    f"{PACK_SWITCH}=0 to keep them as they are",
+                    code="packed_forward_failed",
+                ) from exc
             raise
     phase("warm_up", t)
     report.state = "ready"

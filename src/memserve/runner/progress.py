@@ -40,8 +40,9 @@ class LoadProgress:
     directly; :meth:`for_stderr` decides for the real stderr.
     """
 
-    def __init__(self, *, json_lines: bool = True, console: Console | None = None,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, *, json_lines: bool = True, console: Console | None = None, stream: TextIO | None = None
+    ) -> None:
         self.json_lines = json_lines
         self.console = console
         self._stream = stream
@@ -66,14 +67,22 @@ class LoadProgress:
     def __enter__(self) -> LoadProgress:
         if self.console is not None and self._live is None:
             self._live = Progress(
-                _StatusColumn(), _PhaseColumn(), _BytesBarColumn(), _BytesColumn(), _NoteColumn(), _SecondsColumn(),
-                console=self.console, redirect_stdout=False, redirect_stderr=True,
+                _StatusColumn(),
+                _PhaseColumn(),
+                _BytesBarColumn(),
+                _BytesColumn(),
+                _NoteColumn(),
+                _SecondsColumn(),
+                console=self.console,
+                redirect_stdout=False,
+                redirect_stderr=True,
             )
             self._live.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         live, self._live = self._live, None
         if live is None:
             return
@@ -87,8 +96,9 @@ class LoadProgress:
         """A row with a spinner; with ``total_bytes``, a bar counting :meth:`bytes_read` too."""
         self._running = name
         if self._live is not None:
-            self._rows[name] = self._live.add_task(name, total=total_bytes, sized=total_bytes is not None,
-                                                   seconds=None, failed=False, note="")
+            self._rows[name] = self._live.add_task(
+                name, total=total_bytes, sized=total_bytes is not None, seconds=None, failed=False, note=""
+            )
 
     def bytes_read(self, name: str, n_bytes: int) -> None:
         if self._live is not None and name in self._rows:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["NucleusSampleProcessor", "SamplingProcessors", "TemperatureProcessor", "as_int32"]
 
 
-
 def as_int32(values: list[float]) -> torch.Tensor:
     """The library passes processor arguments as int32 rows: float32 bits, viewed."""
     return torch.tensor(values, dtype=torch.float32, device="cpu").view(dtype=torch.int32)
@@ -105,6 +104,4 @@ class SamplingProcessors(ContinuousBatchingLogitsProcessorList):
             drop_unsupported_processors=True,
         )
         # one int32 argument row per per-request processor; the library only counts the ones it converts
-        self.tensors_required = sum(
-            isinstance(p, ContinuousBatchingLogitsProcessor) for p in self.logits_processor
-        )
+        self.tensors_required = sum(isinstance(p, ContinuousBatchingLogitsProcessor) for p in self.logits_processor)

@@ -93,8 +93,12 @@ def _peaks() -> dict[str, int]:
 
 
 def fit_to_reservation(
-    engine: Any, launch: PlanFile, report: LoadReport, rebuild: Callable[[int], Any],
-    *, progress: LoadProgress | None = None,
+    engine: Any,
+    launch: PlanFile,
+    report: LoadReport,
+    rebuild: Callable[[int], Any],
+    *,
+    progress: LoadProgress | None = None,
 ) -> Any:
     """Run the heaviest work the plan admits, measure the peak, and make what the runner admits fit.
 
@@ -125,8 +129,11 @@ def fit_to_reservation(
         warm = engine.warm_up_worst_case()
         trim_heap()
         peaks = _peaks()
-        unmeasured = {d: (sequences - int(warm["measured_sequences"])) * kv.get(d, 0) // planned
-                      for d in reserved} if engine.name == "generate" else {}
+        unmeasured = (
+            {d: (sequences - int(warm["measured_sequences"])) * kv.get(d, 0) // planned for d in reserved}
+            if engine.name == "generate"
+            else {}
+        )
         worst = {d: peaks.get(d, 0) + unmeasured.get(d, 0) for d in reserved}
         over = {d: worst[d] - reserved[d] for d in reserved if worst[d] > reserved[d]}
         tries.append({"sequences": sequences, "peak_bytes": worst, "measured_bytes": peaks, **warm})
@@ -151,9 +158,18 @@ def fit_to_reservation(
         check["needs_bytes"] = {d: max(worst[d], reserved[d]) for d in reserved}
     report.plan_check = check
     report.state = "ready"
-    record_phase(report, progress, WORST_CASE_PHASE, started, fits=not over, sequences=sequences,
-                 planned_sequences=planned, peak_bytes=worst, reserved_bytes=reserved,
-                 **({"needs_bytes": check["needs_bytes"]} if over else {}))
+    record_phase(
+        report,
+        progress,
+        WORST_CASE_PHASE,
+        started,
+        fits=not over,
+        sequences=sequences,
+        planned_sequences=planned,
+        peak_bytes=worst,
+        reserved_bytes=reserved,
+        **({"needs_bytes": check["needs_bytes"]} if over else {}),
+    )
     return engine
 
 
@@ -189,10 +205,14 @@ def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
         def rebuild(sequences: int) -> Any:
             asyncio.run(current[0].close())  # no traffic yet: frees its KV cache before the smaller one is made
             gc.collect()
-            smaller, _ = make_engine(model, prefer=current[0].name, max_sequences=sequences,
-                                     max_queue=queue + concurrency - sequences,
-                                     max_context_tokens=plan.context_tokens,
-                                     max_batch_tokens=plan.max_batch_tokens)
+            smaller, _ = make_engine(
+                model,
+                prefer=current[0].name,
+                max_sequences=sequences,
+                max_queue=queue + concurrency - sequences,
+                max_context_tokens=plan.context_tokens,
+                max_batch_tokens=plan.max_batch_tokens,
+            )
             current[0] = smaller
             return smaller
 
@@ -219,8 +239,14 @@ def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
             "uptime_seconds": round(time.time() - started, 3),
         }
 
-    app = create_app(engine=engine, tokenizer=tokenizer, model_name=served_name,
-                     context_tokens=plan.context_tokens, health=health, stop_token_ids=stop_ids or None)
+    app = create_app(
+        engine=engine,
+        tokenizer=tokenizer,
+        model_name=served_name,
+        context_tokens=plan.context_tokens,
+        health=health,
+        stop_token_ids=stop_ids or None,
+    )
     emit(Ready(served_name, engine.name, process_memory(), report.plan_check))
     return app
 
@@ -231,10 +257,21 @@ def serve(launch: PlanFile, *, name: str | None = None, port: int | None = None,
 
     app = build_app(launch, name=name)
     if socket is not None:
-        config = uvicorn.Config(app, uds=str(socket), log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+        config = uvicorn.Config(
+            app,
+            uds=str(socket),
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
     else:
-        config = uvicorn.Config(app, host="127.0.0.1", port=port or 8001, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port or 8001,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
     emit(Listening(str(socket) if socket else None, None if socket else config.port))
     uvicorn.Server(config).run()

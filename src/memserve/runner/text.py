@@ -40,7 +40,7 @@ class IncrementalDetokenizer:
 
     def _pending(self) -> tuple[str, str]:
         """The window's text before the unread tokens, and with them."""
-        window = self._ids[self._prefix_offset:]
+        window = self._ids[self._prefix_offset :]
         return self._decode(window[: self._read_offset - self._prefix_offset]), self._decode(window)
 
     def add(self, token_id: int) -> str:
@@ -50,13 +50,13 @@ class IncrementalDetokenizer:
         if len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return after[len(before):]
+        return after[len(before) :]
 
     def flush(self) -> str:
         """The text still held back (an incomplete character stays U+FFFD); call once at the end."""
         before, after = self._pending()
         self._prefix_offset = self._read_offset = len(self._ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 class StopStrings:
@@ -74,7 +74,7 @@ class StopStrings:
             self._held = ""
             return buffer[: min(hits)], True
         keep = self._partial_tail(buffer)
-        self._held = buffer[len(buffer) - keep:]
+        self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False
 
     def flush(self) -> str:
@@ -102,8 +102,9 @@ class TextPiece:
     completion_tokens: int = 0  # tokens generated so far, the one that ended a stop string included
 
 
-async def text_pieces(events: AsyncIterable[TokenEvent], detokenizer: IncrementalDetokenizer,
-                      stops: StopStrings) -> AsyncGenerator[TextPiece, None]:
+async def text_pieces(
+    events: AsyncIterable[TokenEvent], detokenizer: IncrementalDetokenizer, stops: StopStrings
+) -> AsyncGenerator[TextPiece, None]:
     """Turn token events into text pieces, ending after the first finish (always with a finish_reason).
 
     It stops reading ``events`` at a stop string but does not close them: their owner must, at once.
@@ -124,8 +125,9 @@ async def text_pieces(events: AsyncIterable[TokenEvent], detokenizer: Incrementa
     yield _last_piece("", detokenizer, stops, "stop", count)
 
 
-def _last_piece(text: str, detokenizer: IncrementalDetokenizer, stops: StopStrings,
-                finish_reason: FinishReason, count: int) -> TextPiece:
+def _last_piece(
+    text: str, detokenizer: IncrementalDetokenizer, stops: StopStrings, finish_reason: FinishReason, count: int
+) -> TextPiece:
     tail, stopped = stops.feed(detokenizer.flush())
     if stopped:
         return TextPiece(text + tail, "stop", count)

@@ -136,10 +136,19 @@ class PhaseDone:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        figures = {key: value for key, value in (("peak_bytes", self.peak_bytes), ("needs_bytes", self.needs_bytes))
-                   if value is not None}
-        return {"event": self.KIND, "phase": self.phase, "seconds": self.seconds, **self.details, **figures,
-                **({"memory": self.memory} if self.memory else {})}
+        figures = {
+            key: value
+            for key, value in (("peak_bytes", self.peak_bytes), ("needs_bytes", self.needs_bytes))
+            if value is not None
+        }
+        return {
+            "event": self.KIND,
+            "phase": self.phase,
+            "seconds": self.seconds,
+            **self.details,
+            **figures,
+            **({"memory": self.memory} if self.memory else {}),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PhaseDone:
@@ -147,10 +156,14 @@ class PhaseDone:
         if not isinstance(seconds, int | float) or isinstance(seconds, bool):
             raise ValueError(f"'seconds' must be a number, got {seconds!r}")
         known = {"event", "phase", "seconds", "memory", "peak_bytes", "needs_bytes"}
-        return cls(_text(data, "phase"), float(seconds), _memory(data.get("memory")),
-                   None if data.get("peak_bytes") is None else _sizes(data["peak_bytes"], "peak_bytes"),
-                   None if data.get("needs_bytes") is None else _sizes(data["needs_bytes"], "needs_bytes"),
-                   {k: v for k, v in data.items() if k not in known})
+        return cls(
+            _text(data, "phase"),
+            float(seconds),
+            _memory(data.get("memory")),
+            None if data.get("peak_bytes") is None else _sizes(data["peak_bytes"], "peak_bytes"),
+            None if data.get("needs_bytes") is None else _sizes(data["needs_bytes"], "needs_bytes"),
+            {k: v for k, v in data.items() if k not in known},
+        )
 
 
 @dataclass(frozen=True)
@@ -164,8 +177,13 @@ class Ready:
     plan_check: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"event": self.KIND, "model": self.model, "engine": self.engine, "memory": self.memory,
-                "plan_check": self.plan_check}
+        return {
+            "event": self.KIND,
+            "model": self.model,
+            "engine": self.engine,
+            "memory": self.memory,
+            "plan_check": self.plan_check,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Ready:
@@ -261,7 +279,8 @@ class OtherEvent:
 
 RunnerEvent = PhaseDone | Ready | Listening | Failed | EngineFallback | TestBalloon | OtherEvent
 _KINDS: dict[str, Any] = {
-    kind.KIND: kind for kind in (PhaseDone, Ready, Listening, Failed, EngineFallback, TestBalloon)}
+    kind.KIND: kind for kind in (PhaseDone, Ready, Listening, Failed, EngineFallback, TestBalloon)
+}
 
 
 def runner_event_from_json(data: Any) -> RunnerEvent:

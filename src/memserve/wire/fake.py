@@ -37,8 +37,16 @@ from memserve.wire.format import SSE_DONE, SSE_MEDIA_TYPE, retry_after, sse_even
 from memserve.wire.routes import OPENAI_ROUTES
 from memserve.wire.schema import FinishReason, ResponseShape, Usage
 
-__all__ = ["HALF_EVENT", "NOT_JSON", "UDS_ORIGIN", "FakeOpenAI", "ReceivedRequest", "Script", "serve_fake",
-           "serve_in_thread"]
+__all__ = [
+    "HALF_EVENT",
+    "NOT_JSON",
+    "UDS_ORIGIN",
+    "FakeOpenAI",
+    "ReceivedRequest",
+    "Script",
+    "serve_fake",
+    "serve_in_thread",
+]
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -102,9 +110,15 @@ _DIE = object()  # in a stream's events: drop the connection here
 class FakeOpenAI:
     """The ASGI app and its records. ``requests`` may be one list shared by several fakes to see the order."""
 
-    def __init__(self, *, models: Sequence[str] = ("fake-model",), reply_text: str = "Hello from the fake upstream.",
-                 script: Script | None = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 requests: list[ReceivedRequest] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        models: Sequence[str] = ("fake-model",),
+        reply_text: str = "Hello from the fake upstream.",
+        script: Script | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        requests: list[ReceivedRequest] | None = None,
+    ) -> None:
         self.models = tuple(models)
         self.reply_text = reply_text
         self.sleep = sleep
@@ -155,8 +169,13 @@ class FakeOpenAI:
         if (method, path) not in {(r.method, r.path) for r in OPENAI_ROUTES}:
             await answer.json(404, error_body(404, f"no route {method} {path}"))
         elif path == "/v1/models":
-            await answer.json(200, {"object": "list", "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "fake"} for name in self.models]})
+            await answer.json(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": name, "object": "model", "created": 0, "owned_by": "fake"} for name in self.models],
+                },
+            )
         elif body is None:
             await answer.json(400, error_body(400, "the request body must be a JSON object"))
         else:
@@ -185,8 +204,11 @@ class FakeOpenAI:
         if not body.get("stream"):
             await answer.json(200, shape.response("".join(tokens), finish_reason, usage))
             return
-        if script.slots is not None and script.queue_limit is not None \
-                and self.in_flight >= script.slots + script.queue_limit:
+        if (
+            script.slots is not None
+            and script.queue_limit is not None
+            and self.in_flight >= script.slots + script.queue_limit
+        ):
             error = error_body(429, "the fake's queue is full", code="queue_full")
             await answer.json(429, error, [(b"retry-after", retry_after(1).encode())])
             return
@@ -218,13 +240,23 @@ class FakeOpenAI:
         return tokens, "length" if count == asked else "stop"
 
     @staticmethod
-    def _events(script: Script, answer: int, shape: ResponseShape, tokens: list[str], finish_reason: FinishReason,
-                usage: Usage, include_usage: bool) -> Iterator[bytes | float | object]:
+    def _events(
+        script: Script,
+        answer: int,
+        shape: ResponseShape,
+        tokens: list[str],
+        finish_reason: FinishReason,
+        usage: Usage,
+        include_usage: bool,
+    ) -> Iterator[bytes | float | object]:
         """The stream of the ``answer``-th streamed answer, with the sleeps before events as floats and ``_DIE``
         where the connection drops."""
         for index, token in enumerate(tokens):
-            delay = _cycle(script.first_token_delays_seconds, answer) if index == 0 \
+            delay = (
+                _cycle(script.first_token_delays_seconds, answer)
+                if index == 0
                 else _cycle(script.token_gaps_seconds, index - 1)
+            )
             if delay > 0:
                 yield delay
             if index == script.error_after_tokens:
@@ -244,8 +276,14 @@ class FakeOpenAI:
             yield sse_event(shape.usage_chunk(usage))
         yield SSE_DONE
 
-    async def _stream(self, answer: _Answer, receive: Receive, events: Iterator[bytes | float | object],
-                      slots: int | None, generation: int) -> None:
+    async def _stream(
+        self,
+        answer: _Answer,
+        receive: Receive,
+        events: Iterator[bytes | float | object],
+        slots: int | None,
+        generation: int,
+    ) -> None:
         """Send the events one by one, watching for the client to go away (the moment the server reports it,
         not whenever a cancelled generator happens to be collected)."""
         await answer.start(200, SSE_MEDIA_TYPE, [(b"cache-control", b"no-cache")])
@@ -303,8 +341,13 @@ class _Answer:
 
     async def start(self, status: int, content_type: str, headers: Headers | None = None) -> None:
         self._records.append(self._sent)
-        await self._send({"type": "http.response.start", "status": status,
-                          "headers": [(b"content-type", content_type.encode()), *(headers or [])]})
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", content_type.encode()), *(headers or [])],
+            }
+        )
 
     async def body(self, data: bytes, *, more: bool) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
@@ -374,8 +417,9 @@ UDS_ORIGIN = "http://fake-upstream"
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, uds: Path | None = None, lifespan: bool = False, http: str = "auto",
-                    hint: str = "") -> Iterator[str]:
+def serve_in_thread(
+    app: Any, *, uds: Path | None = None, lifespan: bool = False, http: str = "auto", hint: str = ""
+) -> Iterator[str]:
     """Serve an ASGI app with uvicorn in a daemon thread, on a free 127.0.0.1 port or a Unix socket; yield its
     origin (a socket's is ``UDS_ORIGIN``: reach it with ``httpx.HTTPTransport(uds=...)``).
 
@@ -384,8 +428,15 @@ def serve_in_thread(app: Any, *, uds: Path | None = None, lifespan: bool = False
     import uvicorn  # only when serving: memserve bench imports this module without starting a server
 
     sock: socket.socket | None = None
-    common: dict[str, Any] = {"log_config": None, "log_level": "warning", "access_log": False, "http": http,
-                              "ws": "none", "lifespan": "on" if lifespan else "off", "timeout_graceful_shutdown": 3}
+    common: dict[str, Any] = {
+        "log_config": None,
+        "log_level": "warning",
+        "access_log": False,
+        "http": http,
+        "ws": "none",
+        "lifespan": "on" if lifespan else "off",
+        "timeout_graceful_shutdown": 3,
+    }
     if uds is not None:
         config = uvicorn.Config(app, uds=str(uds), **common)
         origin = UDS_ORIGIN
@@ -397,8 +448,12 @@ def serve_in_thread(app: Any, *, uds: Path | None = None, lifespan: bool = False
         config = uvicorn.Config(app, **common)
         origin = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": None if sock is None else [sock]},
-                              daemon=True, name=f"memserve-serve {origin}")
+    thread = threading.Thread(
+        target=server.run,
+        kwargs={"sockets": None if sock is None else [sock]},
+        daemon=True,
+        name=f"memserve-serve {origin}",
+    )
     thread.start()
     try:
         deadline = time.monotonic() + 10

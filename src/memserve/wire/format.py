@@ -17,8 +17,16 @@ from pydantic import BaseModel, ValidationError
 
 from memserve.errors import InvalidArgument, MemserveError, error_body
 
-__all__ = ["SSE_DONE", "SSE_MEDIA_TYPE", "error_json", "invalid_argument", "param_path", "parse_body",
-           "retry_after", "sse_event"]
+__all__ = [
+    "SSE_DONE",
+    "SSE_MEDIA_TYPE",
+    "error_json",
+    "invalid_argument",
+    "param_path",
+    "parse_body",
+    "retry_after",
+    "sse_event",
+]
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -41,10 +41,27 @@ from memserve.wire.format import (
 )
 from memserve.wire.routes import Route
 
-__all__ = ["SSE_DONE", "SSE_MEDIA_TYPE", "EventStream", "check_json_content_type", "check_origin",
-           "error_body_response", "error_json", "error_response", "handles", "install_error_handlers",
-           "invalid_argument", "json_body", "json_object", "param_path", "parse_body", "read_body", "retry_after",
-           "sse_event", "until_disconnected"]
+__all__ = [
+    "SSE_DONE",
+    "SSE_MEDIA_TYPE",
+    "EventStream",
+    "check_json_content_type",
+    "check_origin",
+    "error_body_response",
+    "error_json",
+    "error_response",
+    "handles",
+    "install_error_handlers",
+    "invalid_argument",
+    "json_body",
+    "json_object",
+    "param_path",
+    "parse_body",
+    "read_body",
+    "retry_after",
+    "sse_event",
+    "until_disconnected",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +86,9 @@ def check_json_content_type(content_type: str | None) -> None:
     if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
         return
     got = f"Content-Type {media!r}" if media else "no Content-Type"
-    raise UnsupportedMediaType(f"this route takes a JSON body, but the request has {got}; send the body "
-                               "with Content-Type: application/json")
+    raise UnsupportedMediaType(
+        f"this route takes a JSON body, but the request has {got}; send the body with Content-Type: application/json"
+    )
 
 
 def check_origin(origin: str | None, host: str | None, scheme: str, allowed: Iterable[str]) -> None:
@@ -86,8 +104,10 @@ def check_origin(origin: str | None, host: str | None, scheme: str, allowed: Ite
     allowed = list(allowed)
     if "*" in allowed or origin in allowed:
         return
-    raise OriginNotAllowed(f"requests from web pages on {origin} are not allowed here; add that origin to "
-                           "cors_origins (memserve.yaml or MEMSERVE_CORS_ORIGINS) to allow them")
+    raise OriginNotAllowed(
+        f"requests from web pages on {origin} are not allowed here; add that origin to "
+        "cors_origins (memserve.yaml or MEMSERVE_CORS_ORIGINS) to allow them"
+    )
 
 
 async def until_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
@@ -126,8 +146,9 @@ def error_response(exc: Exception) -> JSONResponse:
     return error_body_response(exc.status_code, error_json(exc), headers)
 
 
-def error_body_response(status_code: int, body: Mapping[str, Any],
-                        headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_body_response(
+    status_code: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     """An OpenAI error body (``error_body``, ``error_json``) as the answer, with its status and headers."""
     return JSONResponse(dict(body), status_code=status_code, headers=dict(headers) if headers else None)
 
@@ -172,8 +193,13 @@ class EventStream(StreamingResponse):
     ``on_close`` then frees what the body does not own, and runs even if closing the body failed.
     """
 
-    def __init__(self, body: AsyncGenerator[bytes, None], *, on_close: Callable[[], Awaitable[None]] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        body: AsyncGenerator[bytes, None],
+        *,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(body, media_type=SSE_MEDIA_TYPE, headers={"Cache-Control": "no-cache", **(headers or {})})
         self._body = body
         self._on_close = on_close
@@ -216,16 +242,18 @@ def json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON ({exc}); send one JSON object with "
-                              "Content-Type: application/json") from None
+        raise InvalidArgument(
+            f"the request body is not valid JSON ({exc}); send one JSON object with Content-Type: application/json"
+        ) from None
     if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object, not "
-                              f"{type(body).__name__}; send one JSON object")
+        raise InvalidArgument(
+            f"the request body must be a JSON object, not {type(body).__name__}; send one JSON object"
+        )
     return body
 
 
 def _too_large(size: int, max_bytes: int) -> str:
-    return (f"the request body is at least {size} bytes; this server accepts at most {max_bytes} "
-            "(max_body_bytes); send a smaller request")
-
-
+    return (
+        f"the request body is at least {size} bytes; this server accepts at most {max_bytes} "
+        "(max_body_bytes); send a smaller request"
+    )

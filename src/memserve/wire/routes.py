@@ -8,8 +8,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["CHAT_COMPLETIONS", "COMPLETIONS", "EVENTS", "FIT", "GATEWAY_ROUTES", "HEALTH", "LOAD", "MEMORY", "MODELS",
-           "OPENAI_ROUTES", "PS", "RUNNER_ROUTES", "STATS", "UNLOAD", "Route", "describe"]
+__all__ = [
+    "CHAT_COMPLETIONS",
+    "COMPLETIONS",
+    "EVENTS",
+    "FIT",
+    "GATEWAY_ROUTES",
+    "HEALTH",
+    "LOAD",
+    "MEMORY",
+    "MODELS",
+    "OPENAI_ROUTES",
+    "PS",
+    "RUNNER_ROUTES",
+    "STATS",
+    "UNLOAD",
+    "Route",
+    "describe",
+]
 
 
 @dataclass(frozen=True)

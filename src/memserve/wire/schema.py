@@ -64,8 +64,9 @@ class ChatMessage(BaseModel):
             return value
         if isinstance(value, list) and all(_is_text_part(part) for part in value):
             return "\n".join(part["text"] for part in value)
-        raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts '
-                         "(only text is supported)")
+        raise ValueError(
+            'expected a string or a list of {"type": "text", "text": "..."} parts (only text is supported)'
+        )
 
 
 def _is_text_part(part: Any) -> bool:
@@ -119,8 +120,9 @@ class _SamplingRequest(BaseModel):
         """UTF-8 bytes of the prompt's text (token ids count as none): what a tokenizer would be given."""
         return 0
 
-    def check_fits(self, context_tokens: int, *, prompt_tokens: int | None = None,
-                   longest_token_bytes: int | None = None) -> None:
+    def check_fits(
+        self, context_tokens: int, *, prompt_tokens: int | None = None, longest_token_bytes: int | None = None
+    ) -> None:
         """ContextOverflow (400) when the prompt and ``max_tokens`` cannot fit in ``context_tokens``.
 
         As OpenAI and vLLM answer: ``max_tokens`` is not clipped, it is refused with both numbers. Without
@@ -133,11 +135,17 @@ class _SamplingRequest(BaseModel):
             if longest_token_bytes:
                 prompt_tokens = max(1, -(-self.prompt_text_bytes() // longest_token_bytes))
         if prompt_tokens >= context_tokens:
-            size = (f"{prompt_tokens} tokens" if known else
-                    f"{self.prompt_text_bytes()} bytes, so at least {prompt_tokens} tokens")
-            raise ContextOverflow(f"the prompt is {size} but this model's context is {context_tokens} tokens, "
-                                  f"which leaves no room for a completion; shorten the prompt to at most "
-                                  f"{context_tokens - 1} tokens", param=self.prompt_param)
+            size = (
+                f"{prompt_tokens} tokens"
+                if known
+                else f"{self.prompt_text_bytes()} bytes, so at least {prompt_tokens} tokens"
+            )
+            raise ContextOverflow(
+                f"the prompt is {size} but this model's context is {context_tokens} tokens, "
+                f"which leaves no room for a completion; shorten the prompt to at most "
+                f"{context_tokens - 1} tokens",
+                param=self.prompt_param,
+            )
         wanted = self.max_new_tokens
         if wanted is not None and prompt_tokens + wanted > context_tokens:
             prompt = f"{prompt_tokens} in the prompt" if known else f"at least {prompt_tokens} in the prompt"
@@ -145,7 +153,8 @@ class _SamplingRequest(BaseModel):
                 f"this model's context is {context_tokens} tokens, but {prompt_tokens + wanted} were asked for "
                 f"({prompt}, {wanted} for the completion); lower max_tokens to at most "
                 f"{context_tokens - prompt_tokens}, or omit it to use all the room left",
-                param=self.max_tokens_param)
+                param=self.max_tokens_param,
+            )
 
     @property
     def max_tokens_param(self) -> str:
@@ -154,8 +163,9 @@ class _SamplingRequest(BaseModel):
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, message)`` for the first field that would change the answer but is not implemented."""
         if self.n is not None and self.n > 1:
-            return "n", (f"n={self.n} is unsupported: this server returns one choice per request; "
-                         f"send {self.n} requests instead")
+            return "n", (
+                f"n={self.n} is unsupported: this server returns one choice per request; send {self.n} requests instead"
+            )
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 return name, _unsupported(name)
@@ -206,8 +216,9 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.top_logprobs:
             return "top_logprobs", _unsupported("top_logprobs")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", ('response_format other than {"type": "text"} is unsupported by '
-                                       "this server; remove it and retry")
+            return "response_format", (
+                'response_format other than {"type": "text"} is unsupported by this server; remove it and retry'
+            )
         for name in ("tools", "functions"):
             if getattr(self, name):
                 return name, _unsupported(name)
@@ -218,8 +229,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as chat templates expect them; ``developer`` is OpenAI's newer name for ``system``."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                for m in self.messages]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
 
 
 class CompletionRequest(_SamplingRequest):
@@ -236,8 +246,10 @@ class CompletionRequest(_SamplingRequest):
     def _one_prompt(cls, value: Any) -> str | list[int]:
         if isinstance(value, list) and value and all(isinstance(p, str | list) for p in value):
             if len(value) > 1:
-                raise ValueError(f"batching several prompts per request is unsupported (got {len(value)}); "
-                                 "send one request per prompt")
+                raise ValueError(
+                    f"batching several prompts per request is unsupported (got {len(value)}); "
+                    "send one request per prompt"
+                )
             value = value[0]
         if isinstance(value, str):
             return value
@@ -270,8 +282,11 @@ class Usage:
     completion_tokens: int
 
     def to_json(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
 class ResponseShape:
@@ -284,8 +299,14 @@ class ResponseShape:
         self.created = int(time.time())
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], usage: Usage | None) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage.to_json() if usage else None}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage.to_json() if usage else None,
+        }
 
     def response(self, text: str, finish_reason: FinishReason, usage: Usage) -> dict[str, Any]:
         """The whole non-streamed answer."""
@@ -297,8 +318,9 @@ class ResponseShape:
         choice |= {"logprobs": None, "finish_reason": finish_reason}
         return self._envelope("chat.completion" if self.chat else "text_completion", [choice], usage)
 
-    def chunk(self, *, text: str | None = None, role: bool = False,
-              finish_reason: FinishReason | None = None) -> dict[str, Any]:
+    def chunk(
+        self, *, text: str | None = None, role: bool = False, finish_reason: FinishReason | None = None
+    ) -> dict[str, Any]:
         """One streamed choice chunk: the role opener, a text delta, or the closing finish_reason."""
         choice: dict[str, Any] = {"index": 0}
         if self.chat:
