@@ -1,4 +1,4 @@
-"""The runner's loading happens off the main thread (see ``on_worker_thread`` for why), and ends with a
+"""The runner's loading happens off the main thread (see ``runner/threads.py`` for why), and ends with a
 worst-case warm-up that makes what the runner admits fit its reservation (``fit_to_reservation``)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from memserve.memory.planner import Plan
 from memserve.runner import serve
 from memserve.runner.load import WORST_CASE_PHASE, LoadReport
 from memserve.runner.progress import LoadProgress
-from memserve.runner.serve import build_app, fit_to_reservation, on_worker_thread
+from memserve.runner.serve import build_app, fit_to_reservation
+from memserve.runner.threads import on_fresh_thread
 
 
 def test_work_runs_on_another_thread_that_has_ended_when_it_returns() -> None:
@@ -28,9 +29,10 @@ def test_work_runs_on_another_thread_that_has_ended_when_it_returns() -> None:
         seen.append(threading.current_thread())
         return 42
 
-    assert on_worker_thread(work) == 42
+    assert on_fresh_thread(work, name="memserve-load") == 42
     assert seen[0] is not threading.main_thread()
     assert seen[0].name == "memserve-load"
+    assert seen[0].daemon  # Ctrl-C while loading exits; the library thread it starts is a daemon too
     assert not seen[0].is_alive()  # its OpenMP team is back in libgomp's pool
 
 
@@ -39,7 +41,7 @@ def test_an_exception_in_the_work_is_raised_in_the_caller() -> None:
         raise ValueError("no such checkpoint")
 
     with pytest.raises(ValueError, match="no such checkpoint"):
-        on_worker_thread(work)
+        on_fresh_thread(work, name="t")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -57,6 +56,7 @@ from memserve.runner.front import (
     worst_case_prompt_tokens,
 )
 from memserve.runner.sampling import SamplingProcessors
+from memserve.runner.threads import on_fresh_thread
 from memserve.wire.events import GenerationRequest
 
 if TYPE_CHECKING:
@@ -134,25 +134,6 @@ def continuous_batching_config(
 # The engine
 
 
-def _start_as_daemon(start: Callable[[], None]) -> None:
-    """Call ``start`` from a daemon thread: threads inherit daemon-ness from the thread that creates
-    them, and the library's generation thread (non-daemon by default) would otherwise hold the process
-    open at exit until someone stops it."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            start()
-        except BaseException as exc:  # handed back to the caller below
-            errors.append(exc)
-
-    starter = threading.Thread(target=run, name="memserve-cb-start", daemon=True)
-    starter.start()
-    starter.join()
-    if errors:
-        raise errors[0]
-
-
 class ContinuousBatchingEngine(EngineBase):
     """transformers' continuous batching with a Plan-sized paged cache.
 
@@ -224,7 +205,7 @@ class ContinuousBatchingEngine(EngineBase):
             # library's warmup() from this thread before start() builds it here instead, and then every step
             # runs ~30% slower on CPU (small demo model, transformers 5.23: 50 → 38 tok/s); a model the cache
             # cannot serve now fails on that thread, and _wait_for_batch_processor reports its error.
-            _start_as_daemon(self._manager.start)
+            on_fresh_thread(self._manager.start, name="memserve-cb-start")  # a daemon: see threads.py
             processor = self._wait_for_batch_processor()
             if processor.logit_processor is not sampling:
                 raise RuntimeError("this transformers version did not take memserve's sampling processors")

@@ -6,11 +6,10 @@ import asyncio
 import gc
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from memserve.memory.fit import PlanFile
 from memserve.runner.load import (
@@ -23,6 +22,7 @@ from memserve.runner.load import (
     reset_peak_rss,
 )
 from memserve.runner.progress import LoadProgress, emit
+from memserve.runner.threads import on_fresh_thread
 from memserve.wire.events import EngineFallback, Listening, Ready, TestBalloon
 
 # the plan names the engine (a model's `engine:`, `memserve fit --engine`); this overrides it, to compare the two
@@ -32,39 +32,12 @@ GRACEFUL_SHUTDOWN_SECONDS = 10  # then streams still open are cancelled and the 
 TEST_EXTRA_BYTES_ENV = "MEMSERVE_TEST_EXTRA_BYTES"
 _BALLOON_CHUNK_BYTES = 8 << 20
 _balloon: list[bytearray] = []
-T = TypeVar("T")
 ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
 """oneDNN keeps a primitive (with its JIT code and scratch buffers) per matmul shape, up to 1,024 by
 default, and torch's ideep keeps its own cache of as many: every prompt length adds a prefill shape,
 MoE adds one per expert token count and eager attention one per decode length, until they hold
 hundreds of MiB that no plan can price. 128 of each keep decode's shapes warm. An operator's own
 setting wins."""
-
-
-def on_worker_thread(work: Callable[[], T]) -> T:
-    """``work()`` on a short-lived thread; its result, or its exception re-raised here.
-
-    Loading runs torch ops (reading every weight, the warm-up forward). libgomp gives each thread that
-    runs parallel ops its own team of OpenMP workers; a team made by the main thread stays beside the
-    generation thread's for the life of the process, and every step then runs ~25% slower on 2 cores
-    (demo-small: 22 → 28 ms per forward, 50 → 37 tok/s, transformers 5.23, torch 2.13). A worker
-    thread's team goes back to libgomp when the thread ends, and the generation thread reuses it.
-    """
-    result: list[T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(work())
-        except BaseException as exc:  # handed back to the caller below
-            errors.append(exc)
-
-    worker = threading.Thread(target=run, name="memserve-load", daemon=True)  # Ctrl-C while loading exits
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
-    return result[0]
 
 
 def _test_balloon(name: str) -> None:
@@ -219,7 +192,9 @@ def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
         engine = fit_to_reservation(engine, launch, report, rebuild)
         return model, tokenizer, engine, fallback_reason
 
-    model, tokenizer, engine, fallback_reason = on_worker_thread(load)
+    model, tokenizer, engine, fallback_reason = on_fresh_thread(
+        load, name="memserve-load"
+    )  # see runner/threads.py for why
     if fallback_reason:
         emit(EngineFallback(engine.name, fallback_reason))
     served_name = name or Path(source).name or source
