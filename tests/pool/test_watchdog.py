@@ -1,11 +1,21 @@
-"""The watchdog's decisions as tables: the limit scan and the host floor's victim. Plain data, no pool."""
+"""The watchdog's decisions as tables: the limit scan, the host floor's victim, what a kill teaches, and the
+words it says. Plain data, no pool."""
 
 from __future__ import annotations
 
 import pytest
 
 from memserve.pool.state import ModelState
-from memserve.pool.watchdog import Breach, Watched, first_breach, host_victim, watchdog_limit_bytes
+from memserve.pool.watchdog import (
+    Breach,
+    Watched,
+    breach_reason,
+    first_breach,
+    floor_reason,
+    host_victim,
+    learned_bytes,
+    watchdog_limit_bytes,
+)
 
 MiB = 1024**2
 GiB = 1024**3
@@ -72,3 +82,34 @@ READY, WARMING, LOADING = ModelState.READY, ModelState.WARMING, ModelState.LOADI
 )
 def test_host_victim(available_gib: float, runners: list[Watched], victim: str | None) -> None:
     assert host_victim(int(available_gib * GiB), 2 * GiB, runners) == victim
+
+
+@pytest.mark.parametrize(
+    ("peak", "reserved", "learned"),
+    [
+        ({"cpu": GiB}, {"cpu": GiB}, {}),  # at its reservation: nothing to learn
+        ({"cpu": GiB + 1}, {"cpu": GiB}, {"cpu": GiB + 1 + 128 * MiB}),  # past it: the peak plus the minimum
+        ({"cpu": 10 * GiB}, {"cpu": 8 * GiB}, {"cpu": 10 * GiB + int(10 * GiB * 0.05)}),  # plus 5% when larger
+        (
+            {"cpu": GiB, "cuda:0": 9 * GiB},
+            {"cpu": 2 * GiB, "cuda:0": 8 * GiB},
+            {"cuda:0": 9 * GiB + int(9 * GiB * 0.05)},
+        ),
+        ({"cuda:1": MiB}, {"cpu": GiB}, {"cuda:1": 129 * MiB}),  # a device never reserved
+        ({}, {"cpu": GiB}, {}),  # nothing seen
+    ],
+    ids=["at", "one byte past", "relative tolerance", "only the device past", "unreserved device", "no figures"],
+)
+def test_what_a_kill_teaches(peak: dict[str, int], reserved: dict[str, int], learned: dict[str, int]) -> None:
+    assert learned_bytes(peak, reserved, tolerance=0.05, tolerance_min_bytes=128 * MiB) == learned
+
+
+def test_the_reasons_name_the_figures_and_the_state() -> None:
+    breach = Breach("cpu", 3 * GiB, 2 * GiB, 2 * GiB + 128 * MiB)
+    assert breach_reason(breach, READY) == (
+        "stopped by the watchdog: cpu use 3.0 GiB went past its plan of 2.0 GiB plus the tolerance "
+        "(limit 2.1 GiB) while ready"
+    )
+    assert floor_reason(GiB // 2, 2 * GiB, WARMING) == (
+        "stopped by the watchdog: host available memory 512.0 MiB fell below the floor 2.0 GiB while it was warming"
+    )

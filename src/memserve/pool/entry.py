@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ import httpx
 from memserve.config import ModelConfig
 from memserve.memory.fit import queue_limit
 from memserve.memory.planner import Plan
-from memserve.pool.clock import Timer
+from memserve.pool.clock import Clock, Timer
 from memserve.pool.runner_process import RunnerHandle
 from memserve.pool.state import ModelState
 
@@ -70,6 +70,20 @@ class Entry:
     def max_in_flight(self) -> int:
         return self.config.concurrency + queue_limit(self.config.max_queue, self.config.concurrency)
 
+    def schedule_expiry(self, clock: Clock, expire: Callable[[], object]) -> None:
+        """Call ``expire`` after ``keep_alive_seconds`` idle on ``clock`` (never for a pinned model or -1)."""
+        self.cancel_expiry()
+        if self.config.pinned or math.isinf(self.keep_alive_seconds):
+            self.expires_at = math.inf
+            return
+        self.expires_at = clock.now() + self.keep_alive_seconds
+        self.expiry = clock.call_later(self.keep_alive_seconds, expire)
+
+    def cancel_expiry(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        self.expiry, self.expires_at = None, None
+
     def row(
         self, reserved_bytes: dict[str, int], measured_bytes: dict[str, int], expires_at: float | None
     ) -> dict[str, Any]:
@@ -99,6 +113,12 @@ class Entry:
         }
 
 
+def raise_peak(peaks: dict[str, int], seen: Mapping[str, int]) -> None:
+    """Raise each device's highest use in ``peaks`` to what was ``seen``."""
+    for device, value in seen.items():
+        peaks[device] = max(peaks.get(device, 0), value)
+
+
 def keep_alive(seconds: float | None, default: float) -> float:
     """Seconds to keep an idle model: ``seconds`` (the request's or the model's) else ``default``; < 0 is forever."""
     value = default if seconds is None else seconds
@@ -121,4 +141,4 @@ class Lease:
             self._release(self._entry)
 
 
-__all__ = ["Entry", "Lease", "backoff_seconds", "compatible", "keep_alive"]
+__all__ = ["Entry", "Lease", "backoff_seconds", "compatible", "keep_alive", "raise_peak"]

@@ -7,12 +7,16 @@ kind (``reason``, ``rung``, ``reserved_bytes`` ...). Its JSON is flat: ``{"seq",
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from memserve.units import format_bytes
+
+log = logging.getLogger("memserve.pool")
 
 
 class PoolEventKind(StrEnum):
@@ -72,6 +76,29 @@ class PoolEvent:
         return f"{self.kind} {self.model}{f' {details}' if details else ''}"
 
 
+class EventLog:
+    """The pool's last ``kept`` events, numbered from 1 in order, each logged as one line when added."""
+
+    def __init__(self, wall: Callable[[], float], kept: int = 1000) -> None:
+        """``wall``: the pool clock's wall-clock time, stamped on each event."""
+        self._wall, self._seq = wall, 0
+        self._kept: collections.deque[PoolEvent] = collections.deque(maxlen=kept)
+
+    def add(self, kind: PoolEventKind, model: str, fields: dict[str, Any]) -> PoolEvent:
+        self._seq += 1
+        event = PoolEvent(self._seq, self._wall(), kind, model, fields)
+        self._kept.append(event)
+        log.info("%s", event.line())
+        return event
+
+    def __iter__(self) -> Iterator[PoolEvent]:
+        return iter(self._kept)
+
+    def since(self, seq: int = 0) -> list[dict[str, Any]]:
+        """The JSON of the events after sequence number ``seq``, oldest first (``GET /api/events``)."""
+        return [e.to_json() for e in self._kept if e.seq > seq]
+
+
 def sizes(per_device: Mapping[str, int]) -> str:
     """``1.0 GiB on cpu, 2.0 GiB on cuda:0``; ``nothing`` for none."""
     return ", ".join(f"{format_bytes(v)} on {d}" for d, v in sorted(per_device.items())) or "nothing"
@@ -96,4 +123,4 @@ def render(fields: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-__all__ = ["PoolEvent", "PoolEventKind", "render", "sizes"]
+__all__ = ["EventLog", "PoolEvent", "PoolEventKind", "render", "sizes"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.config import ModelConfig
-from memserve.errors import InsufficientMemory, InvalidArgument
+from memserve.errors import InsufficientMemory, InvalidArgument, MemoryBusy
 from memserve.memory.fit import default_context
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import RUNGS, Plan, Policy, Request, plan
@@ -199,6 +199,15 @@ class Placement:
                     "or raise the budget",
                     param="model",
                 )
+
+    def busy(self, name: str, need: Mapping[str, int], holders: list[str], waited_seconds: float) -> MemoryBusy:
+        """The 503 for a load that waited ``waited_seconds`` for room held by busy models (``holders``)."""
+        return MemoryBusy(
+            f"model {name!r} needs {sizes(need)} but only {sizes(self.ledger.free_bytes())} is free, and the rest "
+            f"is held by busy models: {', '.join(holders) or 'nothing'}; waited {waited_seconds:.0f} s. Retry "
+            "later, or raise memory_wait_seconds",
+            retry_after_seconds=5.0,
+        )
 
     def reservation(self, facts: CheckpointFacts, planned: Plan) -> dict[str, int]:
         """The bytes to reserve for ``planned``: what the calibration measured for it, else its estimate."""

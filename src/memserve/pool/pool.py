@@ -46,7 +46,6 @@ Lifecycle of one model (``Entry``)::
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import difflib
 import logging
@@ -72,15 +71,15 @@ from memserve.memory.inventory import Inventory
 from memserve.memory.planner import Plan, Policy, validate_request
 from memserve.memory.probe import available_ram_bytes
 from memserve.pool.clock import Clock, LoopClock, wait_event
-from memserve.pool.entry import Entry, Lease, backoff_seconds, compatible, keep_alive
-from memserve.pool.events import PoolEvent, PoolEventKind, sizes
+from memserve.pool.entry import Entry, Lease, backoff_seconds, compatible, keep_alive, raise_peak
+from memserve.pool.events import EventLog, PoolEventKind, sizes
 from memserve.pool.eviction import Resident, choose_evictions
 from memserve.pool.ledger import Calibration, Ledger, plan_key
 from memserve.pool.placement import Choice, Placement, fingerprint, load_options, request_for
 from memserve.pool.runner_process import RunnerHandle, Spawner, new_run_dir, process_spawner
 from memserve.pool.state import ModelState
-from memserve.pool.watchdog import Watched, first_breach, host_victim, watchdog_limit_bytes
-from memserve.units import format_bytes
+from memserve.pool.watchdog import learned_bytes, watchdog_limit_bytes
+from memserve.pool.watching import Watchdog
 from memserve.wire.events import PhaseDone, Ready, RunnerEvent, peak_bytes
 
 log = logging.getLogger("memserve.pool")
@@ -95,7 +94,6 @@ STOPPED, STARTING, LOADING, WARMING, READY, DRAINING, FAILED = (
     ModelState.FAILED,
 )
 _PHASE_STATES = {"resolve": LOADING, "map": LOADING, "fault_in": WARMING, "warm_up": WARMING}
-_EVENTS_KEPT = 1000
 _DRAIN_TIMEOUT_SECONDS = 30.0
 _STABLE_SECONDS = 60.0  # a runner ready this long before it crashed starts the failure count again
 _KILLS_BEFORE_LOWER = 2  # kills on one rung (each with the bigger reservation the last one taught) before going lower
@@ -119,7 +117,6 @@ class ModelPool:
         self._run_dir = new_run_dir()  # owner recorded; the folders of dead gateways go
         self._spawn = spawner or process_spawner(self._run_dir)
         self._clock: Clock = clock or LoopClock()
-        self._host_available = host_available_bytes
         self._read_facts = facts_reader
         self.ledger = Ledger(
             {
@@ -133,17 +130,17 @@ class ModelPool:
         self.entries: dict[str, Entry] = {
             m.name: Entry(m, keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models
         }
-        self.history: collections.deque[PoolEvent] = collections.deque(maxlen=_EVENTS_KEPT)  # the records
-        self._event_seq = 0
+        self.history = EventLog(self._clock.wall)  # the records, the last 1,000
         self._change = asyncio.Event()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchdog = Watchdog(settings, self.ledger, self._clock, self.entries, host_available_bytes, self._kill)
 
     # ---------------------------------------------------------------------------------------------- public
 
     async def start(self) -> None:
         """Preload the models marked ``preload`` (in the background) and start the host watchdog."""
-        self._spawn_task(self._host_watchdog(), "host-watchdog")
+        self._spawn_task(self._watchdog.watch_host(), "host-watchdog")
         for entry in self.entries.values():
             if entry.config.preload:
                 self._ensure_load(entry)
@@ -162,7 +159,7 @@ class ModelPool:
         if keep_alive_seconds is not None:
             entry.keep_alive_seconds = keep_alive(keep_alive_seconds, self.settings.keep_alive_seconds)
         entry.waiting += 1
-        self._cancel_expiry(entry)
+        entry.cancel_expiry()
         try:
             while entry.state != READY or entry.runner is None:
                 await asyncio.shield(self._ensure_load(entry))
@@ -241,7 +238,7 @@ class ModelPool:
         """Stop every runner (the HTTP server has already drained its requests) and every pool task."""
         self._closing = True
         for entry in self.entries.values():
-            self._cancel_expiry(entry)
+            entry.cancel_expiry()
             if entry.load_task is not None:
                 entry.load_task.cancel()
         await asyncio.gather(
@@ -289,11 +286,11 @@ class ModelPool:
     @property
     def events(self) -> list[dict[str, Any]]:
         """The JSON of every event kept, oldest first (``history`` holds them as records)."""
-        return [e.to_json() for e in self.history]
+        return self.history.since(0)
 
     def events_since(self, seq: int = 0) -> list[dict[str, Any]]:
         """The JSON of the events after sequence number ``seq``, oldest first (``GET /api/events``)."""
-        return [e.to_json() for e in self.history if e.seq > seq]
+        return self.history.since(seq)
 
     # ---------------------------------------------------------------------------------------------- loading
 
@@ -417,20 +414,12 @@ class ModelPool:
             self._placement.refuse_if_never(entry.name, need, pinned)
             remaining = deadline - self._clock.now()
             if remaining <= 0:
-                busy = (
-                    ", ".join(
-                        f"{e.name} ({e.state}, {e.leases} leases)"
-                        for e in self.entries.values()
-                        if e.runner is not None and e is not entry
-                    )
-                    or "nothing"
-                )
-                raise MemoryBusy(
-                    f"model {entry.name!r} needs {sizes(need)} but only {sizes(self.ledger.free_bytes())} is free, "
-                    f"and the rest is held by busy models: {busy}; waited {self.settings.memory_wait_seconds:.0f} s. "
-                    "Retry later, or raise memory_wait_seconds",
-                    retry_after_seconds=5.0,
-                )
+                holders = [
+                    f"{e.name} ({e.state}, {e.leases} leases)"
+                    for e in self.entries.values()
+                    if e.runner is not None and e is not entry
+                ]
+                raise self._placement.busy(entry.name, need, holders, self.settings.memory_wait_seconds)
             await self._wait_change(remaining)
 
     async def _start_runner(self, entry: Entry, facts: CheckpointFacts, planned: Plan, need: dict[str, int]) -> None:
@@ -453,7 +442,7 @@ class ModelPool:
             self.ledger.release(entry.name)
             raise
         entry.runner = runner
-        self._spawn_task(self._watch(entry, runner), f"watchdog-{entry.name}")
+        self._spawn_task(self._watchdog.watch_runner(entry, runner), f"watchdog-{entry.name}")
         try:
             ready = await runner.wait_ready(self.settings.load_timeout_seconds)
         except BaseException as exc:
@@ -462,8 +451,8 @@ class ModelPool:
             await self._stop(entry, str(exc))
             raise
         peak = peak_bytes(ready.memory) if ready is not None else {}
-        _raise_to(peak, runner.sample_memory())
-        _raise_to(entry.peak_bytes, peak)
+        raise_peak(peak, runner.sample_memory())
+        raise_peak(entry.peak_bytes, peak)
         if entry.peak_bytes:
             self.calibration.put(*entry.calibration_key, entry.peak_bytes)
         await self._hold_warm_up_peak(entry)
@@ -506,11 +495,11 @@ class ModelPool:
     def _runner_event(self, entry: Entry, event: RunnerEvent) -> None:
         if not isinstance(event, PhaseDone | Ready):
             return
-        _raise_to(entry.peak_bytes, peak_bytes(event.memory))  # phases report the runner's memory so far
+        raise_peak(entry.peak_bytes, peak_bytes(event.memory))  # phases report the runner's memory so far
         if not isinstance(event, PhaseDone):
             return
         for figures in (event.peak_bytes, event.needs_bytes):  # the worst-case warm-up's own figures
-            _raise_to(entry.peak_bytes, figures or {})
+            raise_peak(entry.peak_bytes, figures or {})
         if entry.state.loading:
             self._set_state(entry, _PHASE_STATES.get(event.phase, entry.state))
             self._event(PoolEventKind.PHASE, entry, phase=event.phase, seconds=event.seconds)
@@ -525,7 +514,7 @@ class ModelPool:
         if deliberate:
             entry.failures = 0
         entry.runner = None
-        self._cancel_expiry(entry)
+        entry.cancel_expiry()
         if entry.state != FAILED:
             self._set_state(entry, DRAINING)
         await runner.stop()
@@ -565,82 +554,13 @@ class ModelPool:
         self._notify()
 
     def _schedule_expiry(self, entry: Entry) -> None:
-        self._cancel_expiry(entry)
-        if entry.config.pinned or math.isinf(entry.keep_alive_seconds):
-            entry.expires_at = math.inf
-            return
-        entry.expires_at = self._clock.now() + entry.keep_alive_seconds
-        entry.expiry = self._clock.call_later(
-            entry.keep_alive_seconds, lambda: self._spawn_task(self._expire(entry), f"expire-{entry.name}")
-        )
-
-    def _cancel_expiry(self, entry: Entry) -> None:
-        if entry.expiry is not None:
-            entry.expiry.cancel()
-        entry.expiry, entry.expires_at = None, None
+        entry.schedule_expiry(self._clock, lambda: self._spawn_task(self._expire(entry), f"expire-{entry.name}"))
 
     async def _expire(self, entry: Entry) -> None:
         if entry.state == READY and entry.leases == 0 and entry.waiting == 0 and entry.expires_at is not None:
             await self._stop(entry, f"idle for {entry.keep_alive_seconds:g} s (keep_alive)", deliberate=True)
 
     # ---------------------------------------------------------------------------------------------- watchdog
-
-    async def _watch(self, entry: Entry, runner: RunnerHandle) -> None:
-        """Sample one runner's memory; kill it when it goes past its reservation by more than the tolerance."""
-        settings = self.settings
-        while entry.runner is runner and runner.returncode is None:
-            sample = runner.sample_memory()
-            if sample:
-                _raise_to(entry.peak_bytes, sample)
-                self.ledger.measure(entry.name, sample)
-                breach = first_breach(
-                    sample,
-                    self.ledger.reserved(entry.name),
-                    tolerance=settings.watchdog_tolerance,
-                    tolerance_min_bytes=settings.watchdog_tolerance_min_bytes,
-                )
-                if breach is not None:
-                    self._kill(
-                        entry,
-                        runner,
-                        f"stopped by the watchdog: {breach.device} use "
-                        f"{format_bytes(breach.measured_bytes)} went past its plan of "
-                        f"{format_bytes(breach.reserved_bytes)} plus the tolerance (limit "
-                        f"{format_bytes(breach.limit_bytes)}) while {entry.state}",
-                        measured_bytes=breach.measured_bytes,
-                        limit_bytes=breach.limit_bytes,
-                    )
-                    return
-            await self._clock.sleep(self._watch_interval(entry.state.loading))
-
-    async def _host_watchdog(self) -> None:
-        """Kill one runner when the host's available memory drops below the floor (``host_victim`` chooses)."""
-        settings = self.settings
-        while True:
-            await self._clock.sleep(self._watch_interval(any(e.state.loading for e in self.entries.values())))
-            available = self._host_available()
-            live = [e for e in self.entries.values() if e.runner is not None and e.runner.returncode is None]
-            name = host_victim(
-                available,
-                settings.host_floor_bytes,
-                [Watched(e.name, e.state, self.ledger.measured(e.name), self.ledger.reserved(e.name)) for e in live],
-            )
-            if name is None:
-                continue
-            victim = self.entries[name]
-            assert victim.runner is not None
-            self._kill(
-                victim,
-                victim.runner,
-                f"stopped by the watchdog: host available memory "
-                f"{format_bytes(available)} fell below the floor {format_bytes(settings.host_floor_bytes)} "
-                f"while it was {victim.state}",
-                available_bytes=available,
-            )
-
-    def _watch_interval(self, loading: bool) -> float:
-        settings = self.settings
-        return settings.watchdog_loading_interval_seconds if loading else settings.watchdog_interval_seconds
 
     def _kill(self, entry: Entry, runner: RunnerHandle, reason: str, **fields: Any) -> None:
         entry.watchdog_reason = reason
@@ -650,28 +570,24 @@ class ModelPool:
     def _learn(self, entry: Entry) -> bool:
         """After a kill or a crash: record what the runner used past its reservation, with a margin. True if any.
 
-        The figure is the highest of the watchdog's samples and the runner's own reports. It is a lower
-        bound of what the plan needs (a killed runner was still growing, and samples are apart), so what
-        is recorded adds the watchdog's own tolerance: the larger of ``watchdog_tolerance`` × the figure
-        and ``watchdog_tolerance_min_bytes``. That is the overshoot the operator already calls normal,
-        it never rounds to nothing on a small model, and each kill raises the figure by at least that
-        much, so repeated kills end in a reservation that holds or one that does not fit (a clean 507).
-        The calibration keeps it for this (checkpoint, plan) across restarts. Must run before ``_stop``,
-        which forgets the reservation.
+        The figure is the highest of the watchdog's samples and the runner's own reports, with the watchdog's
+        tolerance on top (``learned_bytes``). The calibration keeps it for this (checkpoint, plan) across
+        restarts. Must run before ``_stop``, which forgets the reservation.
         """
         reserved = self.ledger.reserved(entry.name)
-        over = {d: v for d, v in entry.peak_bytes.items() if v > reserved.get(d, 0)}
-        if not over or entry.calibration_key is None or entry.plan is None or entry.learned:
+        learned = learned_bytes(
+            entry.peak_bytes,
+            reserved,
+            tolerance=self.settings.watchdog_tolerance,
+            tolerance_min_bytes=self.settings.watchdog_tolerance_min_bytes,
+        )
+        if not learned or entry.calibration_key is None or entry.plan is None or entry.learned:
             return False
-        settings = self.settings
-        learned = {
-            d: watchdog_limit_bytes(v, settings.watchdog_tolerance, settings.watchdog_tolerance_min_bytes)
-            for d, v in over.items()
-        }
         self.calibration.put(*entry.calibration_key, learned)
         rung = entry.plan.rung
         entry.rung_kills[rung] = entry.rung_kills.get(rung, 0) + 1
         entry.learned = True
+        over = {d: v for d, v in entry.peak_bytes.items() if d in learned}
         self._event(
             PoolEventKind.LEARNED,
             entry,
@@ -705,10 +621,7 @@ class ModelPool:
         self._notify()
 
     def _event(self, kind: PoolEventKind, entry: Entry, **fields: Any) -> None:
-        self._event_seq += 1
-        event = PoolEvent(self._event_seq, self._clock.wall(), kind, entry.name, fields)
-        self.history.append(event)
-        log.info("%s", event.line())
+        self.history.add(kind, entry.name, fields)
 
     def _notify(self) -> None:
         self._change.set()
@@ -726,11 +639,6 @@ class ModelPool:
 
 def _both(overrides: Mapping[str, int]) -> dict[str, int | None]:
     return {"context_tokens": overrides.get("context_tokens"), "concurrency": overrides.get("concurrency")}
-
-
-def _raise_to(peaks: dict[str, int], seen: Mapping[str, int]) -> None:
-    for device, value in seen.items():
-        peaks[device] = max(peaks.get(device, 0), value)
 
 
 __all__ = ["Entry", "Lease", "ModelPool", "ModelState", "backoff_seconds", "compatible", "watchdog_limit_bytes"]

@@ -6,6 +6,9 @@
 - :func:`host_victim`: with the host (or our cgroup) below its floor of available memory, which runner to
   stop. A loading one first (its load is not done, so stopping it loses least and it is likely the one
   growing), then the one furthest past its reservation, then the largest.
+- :func:`learned_bytes`: after a kill or a crash, what the next load of that plan reserves.
+
+The loops that sample and act on these answers are ``pool/watching.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from memserve.pool.state import ModelState
+from memserve.units import format_bytes
 
 
 def watchdog_limit_bytes(reserved_bytes: int, tolerance: float, tolerance_min_bytes: int) -> int:
@@ -46,6 +50,40 @@ def first_breach(
     return None
 
 
+def breach_reason(breach: Breach, state: ModelState) -> str:
+    """Why the watchdog stopped a runner past its limit, as its event and the model's failure say it."""
+    return (
+        f"stopped by the watchdog: {breach.device} use {format_bytes(breach.measured_bytes)} went past its plan "
+        f"of {format_bytes(breach.reserved_bytes)} plus the tolerance (limit {format_bytes(breach.limit_bytes)}) "
+        f"while {state}"
+    )
+
+
+def floor_reason(available_bytes: int, floor_bytes: int, state: ModelState) -> str:
+    """Why the watchdog stopped a runner when the host ran low."""
+    return (
+        f"stopped by the watchdog: host available memory {format_bytes(available_bytes)} fell below the floor "
+        f"{format_bytes(floor_bytes)} while it was {state}"
+    )
+
+
+def learned_bytes(
+    peak_bytes: Mapping[str, int], reserved_bytes: Mapping[str, int], *, tolerance: float, tolerance_min_bytes: int
+) -> dict[str, int]:
+    """What the next load of a plan reserves after its runner was seen at ``peak_bytes``; {} when within it.
+
+    The peak is a lower bound of what the plan needs (a killed runner was still growing, and samples are
+    apart), so each device past its reservation gets the watchdog's own tolerance on top: the overshoot the
+    operator already calls normal, never rounding to nothing on a small model, so that repeated kills end in
+    a reservation that holds or one that does not fit (a clean 507).
+    """
+    return {
+        device: watchdog_limit_bytes(peak, tolerance, tolerance_min_bytes)
+        for device, peak in peak_bytes.items()
+        if peak > reserved_bytes.get(device, 0)
+    }
+
+
 @dataclass(frozen=True)
 class Watched:
     """A live runner as the host watchdog sees it."""
@@ -73,4 +111,13 @@ def host_victim(available_bytes: int, floor_bytes: int, runners: Sequence[Watche
     return victim.name
 
 
-__all__ = ["Breach", "Watched", "first_breach", "host_victim", "watchdog_limit_bytes"]
+__all__ = [
+    "Breach",
+    "Watched",
+    "breach_reason",
+    "first_breach",
+    "floor_reason",
+    "host_victim",
+    "learned_bytes",
+    "watchdog_limit_bytes",
+]
