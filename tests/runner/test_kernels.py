@@ -156,6 +156,18 @@ def test_packed_linear_matches_linear_on_any_leading_shape() -> None:
         assert torch.equal(packed(strided), linear(strided.contiguous()))
 
 
+BF16_PLAN = Plan(
+    "cpu",
+    "bfloat16",
+    "none",
+    context_tokens=256,
+    concurrency=1,
+    max_batch_tokens=128,
+    devices={},
+    device_map={"": "cpu"},
+)
+
+
 @needs_packing
 @pytest.mark.parametrize("switch", [None, "0"])
 def test_a_runner_load_packs_bf16_and_says_so(
@@ -167,16 +179,7 @@ def test_a_runner_load_packs_bf16_and_says_so(
         monkeypatch.delenv(ENV_SWITCH, raising=False)
     else:
         monkeypatch.setenv(ENV_SWITCH, switch)
-    plan = Plan(
-        "cpu",
-        "bfloat16",
-        "none",
-        context_tokens=256,
-        concurrency=1,
-        max_batch_tokens=128,
-        devices={},
-        device_map={"": "cpu"},
-    )
+    plan = BF16_PLAN
     stream = io.StringIO()
     report = LoadReport()
     model, _ = load_model(str(bf16_checkpoint), plan, report, progress=LoadProgress(stream=stream))
@@ -235,16 +238,7 @@ def test_a_forward_that_fails_once_packed_names_the_switch(
 
     monkeypatch.setattr(PackedLinear, "forward", broken)
     monkeypatch.setattr("memserve.runner.kernels._self_check", lambda: None)  # which would catch it first
-    plan = Plan(
-        "cpu",
-        "bfloat16",
-        "none",
-        context_tokens=256,
-        concurrency=1,
-        max_batch_tokens=128,
-        devices={},
-        device_map={"": "cpu"},
-    )
+    plan = BF16_PLAN
     with pytest.raises(MemserveError, match=f"after .* Linear weights were packed .* {ENV_SWITCH}=0"):
         load_model(str(bf16_checkpoint), plan, LoadReport(), progress=LoadProgress(stream=io.StringIO()))
 

@@ -48,7 +48,7 @@ def test_an_exception_in_the_work_is_raised_in_the_caller() -> None:
 # Holding to the plan: the worst-case warm-up against the reservation
 
 
-class FakeEngine:
+class WarmUpEngine:
     """Stands in for an engine: its worst-case warm-up records itself; the peaks come from ``peaks``."""
 
     def __init__(self, name: str, sequences: int) -> None:
@@ -94,14 +94,14 @@ def peaks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return values
 
 
-def check(plan: PlanFile, engine: FakeEngine) -> tuple[Any, LoadReport, list[dict[str, Any]], list[int]]:
+def check(plan: PlanFile, engine: WarmUpEngine) -> tuple[Any, LoadReport, list[dict[str, Any]], list[int]]:
     report = LoadReport()
     stream = io.StringIO()
     rebuilt: list[int] = []
 
-    def rebuild(sequences: int) -> FakeEngine:
+    def rebuild(sequences: int) -> WarmUpEngine:
         rebuilt.append(sequences)
-        return FakeEngine(engine.name, sequences)
+        return WarmUpEngine(engine.name, sequences)
 
     result = fit_to_reservation(engine, plan, report, rebuild, progress=LoadProgress(stream=stream))
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -110,7 +110,7 @@ def check(plan: PlanFile, engine: FakeEngine) -> tuple[Any, LoadReport, list[dic
 
 def test_a_runner_inside_its_reservation_keeps_what_it_admits(peaks: list[int]) -> None:
     peaks.append(900)
-    engine = FakeEngine("continuous-batching", 8)
+    engine = WarmUpEngine("continuous-batching", 8)
     result, report, events, rebuilt = check(plan_for(8, 1000, 800), engine)
     assert result is engine and engine.warm_ups == 1 and rebuilt == []
     assert report.plan_check["fits"] is True
@@ -123,9 +123,9 @@ def test_a_runner_inside_its_reservation_keeps_what_it_admits(peaks: list[int]) 
 
 def test_a_runner_over_its_reservation_admits_fewer_sequences_and_measures_again(peaks: list[int]) -> None:
     peaks.extend([1150, 950])  # 150 over; each sequence's KV cache is 100: two fewer sequences
-    result, report, events, rebuilt = check(plan_for(8, 1000, 800), FakeEngine("continuous-batching", 8))
+    result, report, events, rebuilt = check(plan_for(8, 1000, 800), WarmUpEngine("continuous-batching", 8))
     assert rebuilt == [6]
-    assert isinstance(result, FakeEngine) and result.sequences == 6 and result.warm_ups == 1
+    assert isinstance(result, WarmUpEngine) and result.sequences == 6 and result.warm_ups == 1
     assert report.plan_check["fits"] is True
     assert report.plan_check["sequences"] == 6
     assert [t["peak_bytes"]["cpu"] for t in report.plan_check["tries"]] == [1150, 950]
@@ -134,7 +134,7 @@ def test_a_runner_over_its_reservation_admits_fewer_sequences_and_measures_again
 
 def test_a_runner_that_cannot_fit_even_one_sequence_reports_what_it_needs(peaks: list[int]) -> None:
     peaks.extend([1500, 1300])
-    _, report, events, rebuilt = check(plan_for(4, 1000, 400), FakeEngine("continuous-batching", 4))
+    _, report, events, rebuilt = check(plan_for(4, 1000, 400), WarmUpEngine("continuous-batching", 4))
     assert rebuilt == [1]
     assert report.plan_check["fits"] is False
     assert report.plan_check["needs_bytes"] == {"cpu": 1300}  # the pool must reserve this before traffic
@@ -143,7 +143,7 @@ def test_a_runner_that_cannot_fit_even_one_sequence_reports_what_it_needs(peaks:
 
 def test_the_generate_fallback_adds_the_kv_cache_of_the_rows_it_did_not_run(peaks: list[int]) -> None:
     peaks.append(900)  # one row measured; three more rows of 100 each would make it 1200
-    _, report, _, rebuilt = check(plan_for(4, 1000, 400), FakeEngine("generate", 4))
+    _, report, _, rebuilt = check(plan_for(4, 1000, 400), WarmUpEngine("generate", 4))
     assert report.plan_check["tries"][0]["peak_bytes"] == {"cpu": 1200}
     assert rebuilt == [2] and report.plan_check["sequences"] == 2
     assert report.plan_check["peak_bytes"] == {"cpu": 1000}  # one row measured again, one row's KV added
@@ -154,7 +154,7 @@ def test_the_pools_reservation_wins_over_the_estimate(peaks: list[int]) -> None:
     plan = plan_for(8, 1000, 800, reserved_bytes={"cpu": 1200})  # calibrated above the estimate
     assert plan.reservation_bytes == {"cpu": 1200}
     assert plan_for(8, 1000, 800).reservation_bytes == {"cpu": 1000}
-    _, report, _, rebuilt = check(plan, FakeEngine("continuous-batching", 8))
+    _, report, _, rebuilt = check(plan, WarmUpEngine("continuous-batching", 8))
     assert report.plan_check["fits"] is True and rebuilt == []
 
 
@@ -232,9 +232,9 @@ def test_the_runner_sizes_its_engine_queue_from_the_plan_file(
         class generation_config:  # stands in for transformers' GenerationConfig
             eos_token_id = 2
 
-    def make_engine(model: Any, **sizes: Any) -> tuple[FakeEngine, None]:
+    def make_engine(model: Any, **sizes: Any) -> tuple[WarmUpEngine, None]:
         made.append(sizes)
-        return FakeEngine("continuous-batching", sizes["max_sequences"]), None
+        return WarmUpEngine("continuous-batching", sizes["max_sequences"]), None
 
     monkeypatch.setattr(serve, "load_model", lambda source, plan, report: (Model(), object()))
     monkeypatch.setattr(serve, "fit_to_reservation", lambda engine, launch, report, rebuild: engine)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import cast
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from memserve.checkpoint.facts import CheckpointFacts
+from memserve.memory.estimate import Engine
 from memserve.memory.fit import fit_json, fit_result
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import (
@@ -157,7 +159,7 @@ def fit(
         adapters=adapters,
         device=device,
         inventory=inventory,
-        engine=engine,  # type: ignore[arg-type]  # one of click's choices, Engine's values
+        engine=cast(Engine, engine),  # one of click's choices, which are Engine's values
     )
     if as_json:
         click.echo(json.dumps(fit_json(facts, request, result, inventory), indent=2))
