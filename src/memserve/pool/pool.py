@@ -2,7 +2,8 @@
 
 Only the pool starts, stops or evicts a runner; request handlers ask it for a lease and never check a
 model's state and act on it themselves. Everything runs on one asyncio loop, so a check and the
-mutation it gates happen with no ``await`` in between.
+mutation it gates happen with no ``await`` in between. Every wait, timer and timestamp goes through the
+pool's ``Clock`` (``pool/clock.py``), so its tests run on virtual time.
 
 Lifecycle of one model (``Entry``)::
 
@@ -10,37 +11,20 @@ Lifecycle of one model (``Entry``)::
                                │            │          │         │
                                └────────────┴──────────┴─────────┴──exit, OOM kill, watchdog──▶ failed (reason)
 
-- **Single flight.** The first request for a stopped model starts one load task; every other request
-  for it awaits the same task.
-- **Leases.** A request holds a lease from the moment the model is ready until its response ends (or the
-  client goes away). A runner with leases, or with requests waiting for it, is never evicted.
-- **Admission.** A load is planned against the pool's whole capacity (``plan`` on an inventory with
-  nothing held), then admitted against the ledger: fits now, or fits after evicting idle models (the
-  pure ``choose_evictions``), or waits up to ``memory_wait_seconds`` for busy models to go idle
-  (``MemoryBusy``, 503), or never fits beside the pinned models (``InsufficientMemory``, 507).
-- **Keep-alive.** Per model (config) and per request (``keep_alive``, Ollama-style: seconds, "5m", -1
-  forever, 0 unload when idle). Pinned models never expire and are never evicted.
-- **Watchdog.** Samples each runner's memory (every ``watchdog_loading_interval_seconds`` while it loads,
-  ``watchdog_interval_seconds`` after) and the memory still available (the host's, or the room under our
-  cgroup's limit when that is smaller: a container's OOM killer acts there); past its reservation by the
-  tolerance, or with the host below its floor, it kills the runner before the kernel's OOM killer picks
-  a victim and records why. What to kill is decided by the pure functions of ``pool/watchdog.py``.
-- **Time.** Every wait, timer and timestamp goes through the pool's ``Clock`` (``pool/clock.py``).
-- **A kill is not an outage.** What a killed (or crashed) runner was seen to use past its reservation is
-  recorded, with a margin, in the calibration for its (checkpoint, plan) (``_learn``), so the next load
-  of that plan reserves it: on the same rung while that fits the pool's capacity, one rung lower when it
-  does not (``Placement.choose``). The first kill on a rung is retried there with the bigger reservation; a second
-  one, where the policy allows (``retry_lower``), moves the model one rung lower until ``unload``. A rung
-  ruled out that way is still used when no lower rung fits: a model is refused (507) only when it cannot
-  fit even with nothing else loaded. A kill by the host floor (memory taken by others) retries one rung
-  lower in that load only.
-- **Crashes.** A runner that exits on its own is marked failed with the reason; its in-flight responses
-  break (the gateway turns that into an error event), and the next request starts it again after a
-  backoff (0 s after the first failure, then 2, 4, ... up to 30 s). ``unload`` clears a failed model.
-- **Compatibility, not reload.** Every OpenAI request is served by the loaded runner (sampling options
-  are per request; a prompt and ``max_tokens`` past the planned context are a 400). Only ``load`` with a larger context
-  or concurrency than the loaded plan's needs a new plan: the old runner drains and a new one starts.
-  A load's options are checked before anything changes and apply to the one load they start.
+What each part promises (single flight, leases, admission against the ledger, keep-alive, the watchdog,
+crashes and their backoff, compatibility instead of reload, fallback) is written once, in
+``docs/design.md`` ("The pool"); the decisions are pure functions elsewhere: eviction
+(``pool/eviction.py``), the watchdog's limit and victim (``pool/watchdog.py``, sampled by
+``pool/watching.py``), the rung to load on (``pool/placement.py``), the bytes held (``pool/ledger.py``).
+
+Here: **a kill is not an outage.** What a killed (or crashed) runner was seen to use past its reservation
+is recorded, with the watchdog's tolerance on top, in the calibration for its (checkpoint, plan)
+(``_learn``), so the next load of that plan reserves it: on the same rung while that fits the pool's
+capacity, one rung lower when it does not (``Placement.choose``). The first kill on a rung is retried there
+with the bigger reservation; a second one, where the policy allows (``retry_lower``), moves the model one
+rung lower until ``unload``. A rung ruled out that way is still used when no lower rung fits: a model is
+refused (507) only when it cannot fit even with nothing else loaded. A kill by the host floor (memory taken
+by others) retries one rung lower in that load only.
 """
 
 from __future__ import annotations
