@@ -8,6 +8,7 @@ connection, migrates to the newest revision and checks the result. Keys and usag
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,11 +68,12 @@ class Store:
         batch_rows: int = 500,
         max_pending_rows: int = 100_000,
         clock: Callable[[], datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> Store:
         """Open (creating a SQLite file on first start), migrate to head and check the schema.
 
         The usage flusher is not started here (a CLI command needs none): the gateway calls
-        ``store.usage.start()``.
+        ``store.usage.start()``. ``clock`` (UTC now) and ``monotonic`` are seams for tests.
         """
         try:
             parsed = make_url(url)
@@ -101,7 +103,7 @@ class Store:
         except BaseException:
             await engine.dispose()
             raise
-        keys = KeyStore(engine, target, clock=clock, cache_seconds=key_cache_seconds)
+        keys = KeyStore(engine, target, clock=clock, cache_seconds=key_cache_seconds, monotonic=monotonic)
         usage = UsageLog(
             engine,
             target,
