@@ -278,8 +278,9 @@ def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, no
         what = f"its limit of {key.tpm:,} tokens per minute"
         if prompt_tokens > key.tpm:
             raise _never(name, what, prompt_tokens, "--tpm", 60.0)
-        if used + prompt_tokens > key.tpm:
-            room = key.tpm - prompt_tokens - fetch.others_tokens  # how many of our tokens may stay
+        if used + prompt_tokens > key.tpm or used >= key.tpm:
+            # how many of our tokens may stay: room for the prompt, and below the limit
+            room = min(key.tpm - prompt_tokens, key.tpm - 1) - fetch.others_tokens
             wait = _token_wait(books.minute_tokens, books.minute_tokens_total - room, fetch, now)
             raise _refused(
                 f"key {name!r} reached {what} ({used:,} in the last minute; this request's prompt is "
@@ -299,7 +300,7 @@ def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, no
         if prompt_tokens > quota:
             raise _never(name, what, prompt_tokens, flag, wait)
         used = logged + sum(a.tokens for a in books.unsettled if a.admitted_at >= start)
-        if used + prompt_tokens > quota:
+        if used + prompt_tokens > quota or used >= quota:
             today = "today" if period == "daily" else "this month"
             raise _refused(
                 f"key {name!r} reached {what} ({used:,} used {today}, UTC; this request's prompt is {prompt_tokens:,})",
