@@ -257,6 +257,27 @@ def test_completion_tokens_count_as_they_stream(gw: Gateway, clock: Clock) -> No
     gw.admit(key, 50)
 
 
+@pytest.mark.parametrize("real_prompt", [60, 100, 180])
+def test_a_prompt_estimate_is_corrected_where_it_was_counted(gw: Gateway, clock: Clock, real_prompt: int) -> None:
+    """The gateway admits on an estimate and learns the real count from the answer: the books then agree with
+    the usage row, in the minute (where the estimate was counted) and in the day."""
+    key = Key(tpm=1000, daily_tokens=1000)
+    first = gw.admit(key, 100)
+    clock.advance(30)
+    first.correct_prompt(real_prompt)
+    first.completion(20)
+    gw.end(first)
+    assert first.tokens == real_prompt + 20
+    used = real_prompt + 20
+    assert f"({used} in the last minute" in gw.refused(Key(tpm=used), 1).message
+    assert f"({used} used today" in gw.refused(Key(daily_tokens=used), 1).message
+    clock.advance(2)  # read the log again: its row says the same
+    assert f"({used} in the last minute" in gw.refused(Key(tpm=used), 1).message
+    assert f"({used} used today" in gw.refused(Key(daily_tokens=used), 1).message
+    clock.now = T0 + timedelta(seconds=60)  # the prompt leaves with its admission, the completion stays
+    assert "(20 in the last minute" in gw.refused(Key(tpm=20), 1).message
+
+
 def test_a_stream_that_goes_over_is_not_cut_but_the_next_request_is_refused(gw: Gateway, clock: Clock) -> None:
     key = Key(tpm=1000, daily_tokens=5000)
     stream = gw.admit(key, 100)

@@ -115,6 +115,15 @@ class Admission:
         if self._books is not None:
             self._books.count_tokens(self._books.clock(), tokens)
 
+    def correct_prompt(self, tokens: int) -> None:
+        """The prompt's real token count, once the answer says it, in place of the estimate it was admitted
+        with: counted where the estimate was (its minute, its day), so that the books agree with the usage row."""
+        if self.is_done or tokens < 0:
+            return
+        delta, self.prompt_tokens = tokens - self.prompt_tokens, tokens
+        if self._books is not None and delta:
+            self._books.recount(self.admitted_at, delta)
+
     def done(self) -> None:
         """The request ended; its usage row is recorded right after (idempotent)."""
         self.is_done = True
@@ -156,6 +165,18 @@ class _Books:
         else:
             self.minute_tokens.append((at, tokens))
         self.minute_tokens_total += tokens
+
+    def recount(self, at: datetime, delta: int) -> None:
+        """Correct the tokens counted at ``at`` by ``delta`` (nothing once they left the minute)."""
+        for i in range(len(self.minute_tokens) - 1, -1, -1):
+            when, tokens = self.minute_tokens[i]
+            if when == at:
+                corrected = max(0, tokens + delta)
+                self.minute_tokens[i] = (when, corrected)
+                self.minute_tokens_total += corrected - tokens
+                return
+            if when < at:
+                return
 
     def slide(self, now: datetime) -> None:
         """Forget what left the minute window: a request or token counts while it is less than 60 s old."""
