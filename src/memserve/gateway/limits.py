@@ -113,7 +113,7 @@ class Admission:
             return
         self.completion_tokens += tokens
         if self._books is not None:
-            self._books.count_tokens(self._books.clock(), tokens)
+            self._books.count_tokens(self, self._books.clock(), tokens)
 
     def correct_prompt(self, tokens: int) -> None:
         """The prompt's real token count, once the answer says it, in place of the estimate it was admitted
@@ -122,7 +122,7 @@ class Admission:
             return
         delta, self.prompt_tokens = tokens - self.prompt_tokens, tokens
         if self._books is not None and delta:
-            self._books.recount(self.admitted_at, delta)
+            self._books.recount(self, delta)
 
     def done(self) -> None:
         """The request ended; its usage row is recorded right after (idempotent)."""
@@ -136,9 +136,11 @@ class _Fetch:
     at: datetime
     others_requests: int | None = None  # other gateways' requests in the minute before ``at``
     others_tokens: int | None = None  # and their tokens
-    day: datetime | None = None
+    day: datetime | None = None  # the UTC day's start and end
+    day_end: datetime | None = None
     day_tokens: int | None = None
-    month: datetime | None = None
+    month: datetime | None = None  # the UTC month's
+    month_end: datetime | None = None
     month_tokens: int | None = None
 
 
@@ -155,19 +157,27 @@ class _Books:
     # This gateway's tokens counted in the last minute: (when, how many), oldest first, and their sum.
     minute_tokens: deque[tuple[datetime, int]] = field(default_factory=deque)
     minute_tokens_total: int = 0
-    # Requests whose rows were not in the log at the last fetch (in flight, or ended since).
+    # Requests whose rows were not in the log at the last fetch (in flight, or ended since), and their tokens
+    # in the fetch's day and month (kept as they change: admission checks them without a loop).
     unsettled: list[Admission] = field(default_factory=list)
+    unsettled_day_tokens: int = 0
+    unsettled_month_tokens: int = 0
     failing: bool = False
 
-    def count_tokens(self, at: datetime, tokens: int) -> None:
+    def count_tokens(self, admission: Admission, at: datetime, tokens: int) -> None:
+        """``admission``'s ``tokens`` more, counted at ``at`` in the minute and in its day and month."""
         if self.minute_tokens and self.minute_tokens[-1][0] == at:
             self.minute_tokens[-1] = (at, self.minute_tokens[-1][1] + tokens)
         else:
             self.minute_tokens.append((at, tokens))
         self.minute_tokens_total += tokens
+        self._count_unsettled(admission, tokens)
 
-    def recount(self, at: datetime, delta: int) -> None:
-        """Correct the tokens counted at ``at`` by ``delta`` (nothing once they left the minute)."""
+    def recount(self, admission: Admission, delta: int) -> None:
+        """Correct the tokens ``admission`` counted when it was admitted by ``delta`` (in the minute, only while
+        they are still in it)."""
+        self._count_unsettled(admission, delta)
+        at = admission.admitted_at
         for i in range(len(self.minute_tokens) - 1, -1, -1):
             when, tokens = self.minute_tokens[i]
             if when == at:
@@ -177,6 +187,23 @@ class _Books:
                 return
             if when < at:
                 return
+
+    def _count_unsettled(self, admission: Admission, tokens: int) -> None:
+        if self.fetch is None:
+            return
+        if self.fetch.day is not None and admission.admitted_at >= self.fetch.day:
+            self.unsettled_day_tokens += tokens
+        if self.fetch.month is not None and admission.admitted_at >= self.fetch.month:
+            self.unsettled_month_tokens += tokens
+
+    def settle(self, fetch: _Fetch, settled: set[int]) -> None:
+        """A new fetch: what it has in the log leaves the books; the rest is summed for its day and month."""
+        self.fetch = fetch
+        self.unsettled = [a for a in self.unsettled if id(a) not in settled]
+        self.unsettled_day_tokens = sum(a.tokens for a in self.unsettled if fetch.day and a.admitted_at >= fetch.day)
+        self.unsettled_month_tokens = sum(
+            a.tokens for a in self.unsettled if fetch.month and a.admitted_at >= fetch.month
+        )
 
     def slide(self, now: datetime) -> None:
         """Forget what left the minute window: a request or token counts while it is less than 60 s old."""
@@ -224,7 +251,7 @@ class Limiter:
         admission = Admission(key.id, prompt_tokens, now, books)
         books.recent.append(admission)
         books.unsettled.append(admission)
-        books.count_tokens(now, prompt_tokens)
+        books.count_tokens(admission, now, prompt_tokens)
         return admission
 
     async def _refetch(self, books: _Books, key: LimitedKey, now: datetime) -> None:
@@ -243,9 +270,11 @@ class Limiter:
                 fetch.others_tokens = max(0, await self._usage.tokens_since(key.id, since) - own_tokens)
             if key.daily_tokens is not None:
                 fetch.day = day_start(now)
+                fetch.day_end = fetch.day + timedelta(days=1)
                 fetch.day_tokens = await self._usage.tokens_since(key.id, fetch.day)
             if key.monthly_tokens is not None:
                 fetch.month = month_start(now)
+                fetch.month_end = next_month_start(now)
                 fetch.month_tokens = await self._usage.tokens_since(key.id, fetch.month)
         except StoreUnavailable as exc:
             # The last counts plus everything since are still a count that misses nothing of this gateway's:
@@ -262,8 +291,7 @@ class Limiter:
         if books.failing:
             log.warning("limits for key %r read the usage log again", key.name)
             books.failing = False
-        books.fetch = fetch
-        books.unsettled = [a for a in books.unsettled if id(a) not in settled]
+        books.settle(fetch, settled)
 
 
 def _covers(fetch: _Fetch | None, key: LimitedKey, now: datetime, refresh: timedelta | None) -> bool:
@@ -274,9 +302,9 @@ def _covers(fetch: _Fetch | None, key: LimitedKey, now: datetime, refresh: timed
         return False
     if key.tpm is not None and fetch.others_tokens is None:
         return False
-    if key.daily_tokens is not None and fetch.day != day_start(now):
+    if key.daily_tokens is not None and not (fetch.day and fetch.day_end and fetch.day <= now < fetch.day_end):
         return False
-    return key.monthly_tokens is None or fetch.month == month_start(now)
+    return key.monthly_tokens is None or bool(fetch.month and fetch.month_end and fetch.month <= now < fetch.month_end)
 
 
 def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, now: datetime) -> None:
@@ -310,17 +338,31 @@ def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, no
                 now,
                 "rate_limit_exceeded",
             )
-    for quota, start, logged, period, flag, ends in (
-        (key.daily_tokens, fetch.day, fetch.day_tokens, "daily", "--daily-tokens", day_start(now) + timedelta(days=1)),
-        (key.monthly_tokens, fetch.month, fetch.month_tokens, "monthly", "--monthly-tokens", next_month_start(now)),
+    for quota, logged, ours, period, flag, ends in (
+        (
+            key.daily_tokens,
+            fetch.day_tokens,
+            books.unsettled_day_tokens,
+            "daily",
+            "--daily-tokens",
+            fetch.day_end,
+        ),
+        (
+            key.monthly_tokens,
+            fetch.month_tokens,
+            books.unsettled_month_tokens,
+            "monthly",
+            "--monthly-tokens",
+            fetch.month_end,
+        ),
     ):
-        if quota is None or start is None or logged is None:
+        if quota is None or logged is None or ends is None:
             continue
         wait = (ends - now).total_seconds()
         what = f"its {period} quota of {quota:,} tokens"
         if prompt_tokens > quota:
             raise _never(name, what, prompt_tokens, flag, wait)
-        used = logged + sum(a.tokens for a in books.unsettled if a.admitted_at >= start)
+        used = logged + ours
         if used + prompt_tokens > quota or used >= quota:
             today = "today" if period == "daily" else "this month"
             raise _refused(
