@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import pwd
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiosqlite  # noqa: F401  imported here, as root, before any test drops privileges
 import asyncpg  # noqa: F401
@@ -66,3 +69,37 @@ def row(
         status=status,
         error_type=error_type,
     )
+
+
+HOLD_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=" + sys.argv[2])
+conn.execute("CREATE TABLE IF NOT EXISTS held (x)")
+conn.execute("BEGIN EXCLUSIVE")
+conn.execute("INSERT INTO held VALUES (1)")
+print("locked", flush=True)
+sys.stdin.read()
+conn.rollback()
+"""
+
+
+class LockHolder:
+    """Another process holding the SQLite file's write lock until ``release``."""
+
+    def __init__(self, path: Path, journal_mode: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(path), journal_mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "locked\n"
+
+    def release(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        assert self.process.wait() == 0
+        assert self.process.stdout is not None
+        self.process.stdout.close()

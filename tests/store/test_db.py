@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from memserve.errors import StoreUnavailable
 from memserve.store import Store, database_url
 from memserve.store import migrate as migrations
 
-from .helpers import unprivileged
+from .helpers import LockHolder, unprivileged
 
 
 @pytest.mark.parametrize(
@@ -127,40 +125,6 @@ def test_a_corrupt_file_is_refused_and_never_replaced(tmp_path: Path, content: b
     assert f"{path} is not a SQLite database, or it is corrupt" in message and "never replaces" in message
     assert path.read_bytes() == content
     assert sorted(p.name for p in tmp_path.iterdir()) in (["memserve.db"], ["memserve.db", "memserve.db-journal"])
-
-
-HOLD_LOCK = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("PRAGMA journal_mode=" + sys.argv[2])
-conn.execute("CREATE TABLE IF NOT EXISTS held (x)")
-conn.execute("BEGIN EXCLUSIVE")
-conn.execute("INSERT INTO held VALUES (1)")
-print("locked", flush=True)
-sys.stdin.read()
-conn.rollback()
-"""
-
-
-class LockHolder:
-    """Another process holding the SQLite file's write lock until ``release``."""
-
-    def __init__(self, path: Path, journal_mode: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", HOLD_LOCK, str(path), journal_mode],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline() == "locked\n"
-
-    def release(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        assert self.process.wait() == 0
-        assert self.process.stdout is not None
-        self.process.stdout.close()
 
 
 def test_a_database_locked_by_another_process_is_refused_after_the_busy_timeout(tmp_path: Path) -> None:

@@ -147,6 +147,7 @@ class UsageLog:
         interval given at construction."""
         if flush_seconds is not None:
             self.flush_seconds = flush_seconds
+            self._wake.set()  # a running flusher may be waiting out the old interval
         if self._task is None or self._task.done():
             self._closed = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="memserve-usage-flusher")
