@@ -554,3 +554,60 @@ def test_the_store_failing_before_any_count_refuses_with_its_error(gw: Gateway, 
     log.fail = True
     with pytest.raises(StoreUnavailable, match="locked"):
         gw.admit(Key(rpm=3))
+
+
+# --- the tolerance across gateways, in numbers ---------------------------------------------------------------
+
+
+class BufferedLog:
+    """One gateway's usage log on a shared table: its own rows are seen at once (buffered), the others' once
+    flushed."""
+
+    def __init__(self, table: list[Row]) -> None:
+        self.table = table
+        self.buffer: list[Row] = []
+
+    async def requests_since(self, key_id: str, since: datetime) -> int:
+        return sum(1 for r in [*self.table, *self.buffer] if r.time >= since)
+
+    async def tokens_since(self, key_id: str, since: datetime) -> int:
+        return sum(r.tokens for r in [*self.table, *self.buffer] if r.time >= since)
+
+    def flush(self) -> None:
+        self.table.extend(self.buffer)
+        self.buffer.clear()
+
+
+def test_two_gateways_go_past_a_limit_by_at_most_the_others_lag(clock: Clock) -> None:
+    """A runaway client sends 5 requests/s to each of 2 gateways, each request lasting 2 s, against 60 per
+    minute; rows are flushed every 1 s, the log read every 2 s. Over any minute, at most 60 + what the other
+    gateway admitted in the last refresh + flush + request seconds (5 × 5) get through (docs/limits.md)."""
+    table: list[Row] = []
+    logs = [BufferedLog(table), BufferedLog(table)]
+    limiters = [Limiter(log, clock=clock, refresh_seconds=2.0) for log in logs]
+    key = Key(rpm=60)
+    running: list[tuple[datetime, BufferedLog, Admission]] = []
+    admitted: list[datetime] = []
+
+    async def client() -> None:
+        for tick in range(120 * 20):  # 120 s in steps of 50 ms
+            clock.now = T0 + timedelta(seconds=tick / 20)
+            for end, log, admission in [r for r in running if r[0] <= clock.now]:
+                admission.done()
+                log.buffer.append(Row("k1", admission.admitted_at, admission.tokens))
+                running.remove((end, log, admission))
+            if tick % 20 == 5:  # flushes 250 ms after the fetches (worst phases are within a request or two)
+                for log in logs:
+                    log.flush()
+            if tick % 4 == 0:  # 5 requests/s to each gateway
+                for log, limiter in zip(logs, limiters, strict=True):
+                    try:
+                        admission = await limiter.admit(key, 0)
+                    except RateLimited:
+                        continue
+                    admitted.append(clock.now)
+                    running.append((clock.now + timedelta(seconds=2), log, admission))
+
+    asyncio.run(client())
+    most = max(sum(1 for t in admitted if start <= t < start + timedelta(seconds=60)) for start in admitted)
+    assert 60 <= most <= 60 + 5 * (2 + 1 + 2)
