@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -611,3 +613,13 @@ def test_two_gateways_go_past_a_limit_by_at_most_the_others_lag(clock: Clock) ->
     asyncio.run(client())
     most = max(sum(1 for t in admitted if start <= t < start + timedelta(seconds=60)) for start in admitted)
     assert 60 <= most <= 60 + 5 * (2 + 1 + 2)
+
+
+def test_limits_import_neither_torch_nor_the_store() -> None:
+    """The limiter reads the store through its Protocols only, and the gateway never imports torch."""
+    code = (
+        "import sys, memserve.gateway.limits; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sqlalchemy') "
+        "or m.startswith(('memserve.runner', 'memserve.store', 'memserve.pool'))]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
