@@ -345,6 +345,20 @@ class Settings(BaseSettings):
         description="Web page origins (e.g. http://localhost:3000, or * for any) allowed to call this server "
         "from a browser. Requests from other pages' origins get a 403.",
     )
+    auth: Literal["off", "keys"] | None = Field(
+        default=None,
+        description="keys: every route but /health needs an API key (memserve keys create); off: anyone who "
+        "can reach the server may use it. Default: off on a loopback address; any other address needs keys "
+        "(or serve --insecure).",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="The store for keys and usage: sqlite:///path/memserve.db or postgresql://user@host/db "
+        "(several gateways then share keys and usage). Default: SQLite in <data_dir>/memserve.db.",
+    )
+    usage_flush_seconds: IntervalSeconds = Field(
+        default=1.0, description="How often usage rows are written to the store (a kill -9 loses at most this much)."
+    )
     models: list[ModelConfig] = Field(default_factory=list, description="Local models the gateway may load.")
     providers: list[ProviderConfig] = Field(
         default_factory=list, description="Remote OpenAI-compatible providers, addressed as provider/model."

@@ -33,7 +33,7 @@ from starlette.responses import Response
 from memserve.errors import BadUpstream, MemserveError, UpstreamUnavailable, error_body
 from memserve.wire.http import SSE_DONE, SSE_MEDIA_TYPE, EventStream, error_body_response, sse_event
 
-__all__ = ["EXCERPT_CHARS", "Upstream", "forward"]
+__all__ = ["EXCERPT_CHARS", "StreamUsage", "Upstream", "forward"]
 
 EXCERPT_CHARS = 200
 """How much of a malformed answer an error message quotes."""
@@ -65,6 +65,55 @@ class Upstream:
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
 
 
+_USAGE_EVENT_MARKS = (b'"choices":[]', b'"choices": []')
+_TEXT_MARKS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+_EMPTY_TEXT_MARKS = (b'"content":""', b'"content": ""', b'"text":""', b'"text": ""')
+
+
+class StreamUsage:
+    """Reads the token counts out of a relayed stream, for metering, without re-parsing it.
+
+    The gateway asks every upstream for ``stream_options.include_usage``: the usage chunk (no choices,
+    before ``[DONE]``) is then parsed, and dropped when the client did not ask for it itself (``strip``).
+    Only chunks that carry a usage event are framed into events and parsed; every other chunk passes as it
+    is. ``text_events`` counts the events that carry text, which is what a stream cut short is metered by
+    (memserve's runner sends one per token that adds text).
+    """
+
+    __slots__ = ("strip", "text_events", "usage")
+
+    def __init__(self, *, strip: bool) -> None:
+        self.strip = strip
+        self.usage: dict[str, Any] | None = None
+        self.text_events = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """``chunk`` as the client should get it."""
+        self.text_events += sum(chunk.count(m) for m in _TEXT_MARKS) - sum(chunk.count(m) for m in _EMPTY_TEXT_MARKS)
+        if not any(mark in chunk for mark in _USAGE_EVENT_MARKS):
+            return chunk
+        kept: list[bytes] = []
+        for event in chunk.split(b"\n\n"):
+            usage = _usage_of(event) if any(mark in event for mark in _USAGE_EVENT_MARKS) else None
+            if usage is not None:
+                self.usage = usage
+                if self.strip:
+                    continue
+            kept.append(event)
+        return b"\n\n".join(kept)
+
+
+def _usage_of(event: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object of one ``data: {...}`` event, or None."""
+    _, _, data = event.partition(b"data:")
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
 async def forward(
     upstream: Upstream,
     path: str,
@@ -73,11 +122,13 @@ async def forward(
     stream: bool,
     on_done: Callable[[], None] | None = None,
     headers: Mapping[str, str] | None = None,
+    meter: StreamUsage | None = None,
 ) -> Response:
     """POST ``body`` (a JSON object, or the bytes of one) to ``upstream.base_url + path`` and return the
     answer for our client.
 
-    ``headers`` are added to our response (e.g. ``x-memserve-fallback``). Raises ``UpstreamUnavailable``
+    ``headers`` are added to our response (e.g. ``x-memserve-fallback``); ``meter`` sees a stream's chunks
+    (``StreamUsage``). Raises ``UpstreamUnavailable``
     or ``BadUpstream`` before any byte is sent to the client; after that, failures travel in the stream.
     """
     done = _Once(on_done)
@@ -85,7 +136,7 @@ async def forward(
     try:
         answer = await _open(upstream, path, body, stream=stream)
         if stream and answer.status_code == 200:
-            relay = await _start_relay(upstream, answer, done, headers)
+            relay = await _start_relay(upstream, answer, done, headers, meter)
             relaying = True
             return relay
         return await _answer_whole(upstream, answer, headers)
@@ -187,7 +238,11 @@ async def _expect_event_stream(upstream: Upstream, answer: httpx.Response) -> No
 
 
 async def _start_relay(
-    upstream: Upstream, answer: httpx.Response, done: _Once, headers: Mapping[str, str] | None
+    upstream: Upstream,
+    answer: httpx.Response,
+    done: _Once,
+    headers: Mapping[str, str] | None,
+    meter: StreamUsage | None = None,
 ) -> EventStream:
     """The relay that owns ``answer`` and ``done`` from here on; closes the answer if it cannot be built.
 
@@ -203,21 +258,28 @@ async def _start_relay(
             done()
 
     try:
-        return EventStream(_relay_events(answer, upstream), on_close=close, headers=headers)
+        return EventStream(_relay_events(answer, upstream, meter), on_close=close, headers=headers)
     except BaseException:  # e.g. a header value that is not latin-1
         with anyio.CancelScope(shield=True):
             await answer.aclose()
         raise
 
 
-async def _relay_events(answer: httpx.Response, upstream: Upstream) -> AsyncGenerator[bytes, None]:
-    """The upstream's bytes unchanged; if it breaks off, end the stream with an error event and [DONE]."""
+async def _relay_events(
+    answer: httpx.Response, upstream: Upstream, meter: StreamUsage | None = None
+) -> AsyncGenerator[bytes, None]:
+    """The upstream's bytes unchanged (but a usage chunk the client did not ask for, see ``StreamUsage``); if it
+    breaks off, end the stream with an error event and [DONE]."""
     tail = b""
     relayed_bytes = 0
     try:
         async for chunk in answer.aiter_bytes():
             tail = chunk[-_TAIL_BYTES:] if len(chunk) >= _TAIL_BYTES else (tail + chunk)[-_TAIL_BYTES:]
             relayed_bytes += len(chunk)
+            if meter is not None:
+                chunk = meter.feed(chunk)
+                if not chunk:
+                    continue
             yield chunk
     except (httpx.TransportError, httpx.DecodingError) as exc:
         if tail.endswith(_DONE_ENDS):

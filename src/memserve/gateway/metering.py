@@ -1,0 +1,167 @@
+"""One generation request as the gateway meters it: the log line, the usage row, the key's limits.
+
+``_HotRoutes`` makes a ``RequestRecord`` per generation request and shows it every message of the answer
+(``see``); the handler fills in who asked and where it went; ``finish`` runs once however the request ended
+(finished, failed, or the client gone) and writes one usage row off the request path (``UsageLog.record``
+only appends to a buffer). Tokens come from the answer's own ``usage`` (a stream asks its upstream for it,
+see ``metered``); a stream cut short is metered by the text events the client received.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.types import Message
+
+from memserve.gateway.auth import Caller
+from memserve.gateway.limits import Admission, Limiter
+from memserve.gateway.upstream import StreamUsage
+from memserve.store.usage import UsageLog, UsageRow
+
+log = logging.getLogger("memserve.gateway.app")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
+
+
+@dataclass
+class RequestRecord:
+    """One generation request as the log line and the usage row say it; filled in as the answer goes out."""
+
+    path: str
+    started: float
+    caller: Caller | None = None
+    model: str | None = None
+    user: str | None = None
+    provider: str = "local"
+    fallback: bool = False
+    meter: StreamUsage | None = None
+    admission: Admission | None = None
+    prompt_estimate: int = 0
+    status: int | None = None
+    first_byte: float | None = None
+    chunks: int = 0
+    complete: bool = False  # the answer's last body message went out
+    json_body: bytes = b""
+
+    async def admit(self, limiter: Limiter | None, body: dict[str, Any]) -> None:
+        """Count the request against its key's limits (RateLimited, 429, when over one); the prompt is
+        counted by its estimate now and corrected by the real count when the answer says it."""
+        key = self.caller.key if self.caller is not None else None
+        if limiter is None or key is None:
+            return
+        self.prompt_estimate = _prompt_estimate(body)
+        self.admission = await limiter.admit(key, self.prompt_estimate)
+
+    def see(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            return
+        if message["type"] != "http.response.body":
+            return
+        self.complete = self.complete or not message.get("more_body")
+        if not message.get("body"):
+            return
+        self.chunks += 1
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        if self.chunks == 1 and not message.get("more_body"):  # a whole JSON answer: its usage, or its error
+            self.json_body = message["body"]
+
+    def finish(self, usage_log: UsageLog | None) -> None:
+        """Log the request's line and record its usage row; count its tokens against the key's limits."""
+        duration = time.monotonic() - self.started
+        answer = _json_object(self.json_body)
+        usage = (self.meter.usage if self.meter is not None else None) or answer.get("usage") or {}
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        if not usage and self.meter is not None:  # a stream cut short: what the client got
+            completion = self.meter.text_events
+        streamed = self.chunks > 1 or self.meter is not None
+        ttft = self.first_byte - self.started if streamed and self.first_byte is not None else None
+        gone = self.status is None or not self.complete  # the client left before the answer ended
+        status = CLIENT_CLOSED_REQUEST if gone or self.status is None else self.status
+        error = answer.get("error") if isinstance(answer.get("error"), dict) else None
+        if self.admission is not None:
+            if prompt:
+                self.admission.correct_prompt(prompt)
+            self.admission.completion(completion)
+            self.admission.done()
+        if usage_log is not None:  # every request, whatever became of it
+            key = self.caller.key if self.caller is not None else None
+            usage_log.record(
+                UsageRow(
+                    time=datetime.now(UTC),
+                    key_id=key.id if key is not None else None,
+                    key_name=self.caller.name if self.caller is not None else None,
+                    end_user=self.user,
+                    model=self.model or "",
+                    provider=self.provider,
+                    endpoint=self.path,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    ttft_seconds=ttft,
+                    duration_seconds=duration,
+                    status=status,
+                    error_type=(str(error.get("code") or error.get("type")) if error else None)
+                    or ("client_closed" if gone else None),
+                    fallback=self.fallback,
+                )
+            )
+        if not log.isEnabledFor(logging.INFO):
+            return
+        tokens = f"prompt_tokens={prompt} completion_tokens={completion}" if usage else f"chunks={self.chunks}"
+        if ttft is not None:
+            tokens += f" ttft={ttft:.3f}s"
+        log.info(
+            "POST %s model=%s status=%s %s duration=%.3fs",
+            self.path,
+            self.model or "-",
+            self.status if self.status is not None else "none (client gone)",
+            tokens,
+            duration,
+        )
+
+
+def metered(body: dict[str, Any], stream: bool) -> tuple[dict[str, Any], StreamUsage | None]:
+    """The body to send upstream and the meter of its stream: a stream asks for ``include_usage`` so that
+    its tokens are metered exactly; the usage chunk is dropped again when the client did not ask for it."""
+    if not stream:
+        return body, None
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return body, StreamUsage(strip=False)  # the upstream judges it; metered by its text events
+    if (options or {}).get("include_usage") is True:
+        return body, StreamUsage(strip=False)
+    return {**body, "stream_options": {**(options or {}), "include_usage": True}}, StreamUsage(strip=True)
+
+
+def _prompt_estimate(body: dict[str, Any]) -> int:
+    """The prompt's tokens before anyone tokenized it: exact for token ids, else a character count / 4 (the
+    usual rule for English; the answer's own count corrects it)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    text = prompt if isinstance(prompt, str) else json.dumps(body.get("messages") or prompt or "")
+    return len(text) // 4 + 1
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+__all__ = ["CLIENT_CLOSED_REQUEST", "RequestRecord", "metered"]
