@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -623,3 +624,66 @@ def test_limits_import_neither_torch_nor_the_store() -> None:
         "or m.startswith(('memserve.runner', 'memserve.store', 'memserve.pool'))]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- on the real usage log (SQLite) ----------------------------------------------------------------------------
+
+
+def test_on_the_store_two_gateways_count_each_request_once(tmp_path: Path) -> None:
+    """The Limiter on ``memserve.store``'s UsageLog: its rows in the table and in the buffer, the minute's edge
+    at the microsecond, and a second gateway (another Store on the same file) seeing the first's flushed rows."""
+    from memserve.store.db import Store
+    from memserve.store.usage import UsageRow
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'memserve.db'}"
+    clock = Clock(T0)
+
+    def row(admission: Admission) -> UsageRow:
+        return UsageRow(
+            time=admission.admitted_at,
+            key_id=admission.key_id,
+            model="m",
+            provider="local",
+            endpoint="/v1/completions",
+            prompt_tokens=admission.prompt_tokens,
+            completion_tokens=admission.completion_tokens,
+            duration_seconds=0.1,
+            status=200,
+        )
+
+    async def scenario() -> None:
+        a, b = await Store.open(url), await Store.open(url)
+        try:
+            key, _ = await a.keys.create("ci", rpm=5, tpm=1000)
+            on_a, on_b = Limiter(a.usage, clock=clock), Limiter(b.usage, clock=clock)
+            first = await on_a.admit(key, 100)
+            first.completion(50)
+            first.done()
+            a.usage.record(row(first))  # in a's buffer: a counts it, b cannot see it yet
+            clock.advance(1)
+            in_flight = [await on_b.admit(key, 100)]
+            clock.advance(1)
+            for _ in range(2):
+                admission = await on_a.admit(key, 100)
+                admission.done()
+                a.usage.record(row(admission))
+            await a.usage.flush()  # a's three rows (350 tokens) are in the table
+            clock.advance(2)
+            with pytest.raises(RateLimited, match=r"\(450 in the last minute; this request's prompt is 600\)"):
+                await on_b.admit(key, 600)  # b's 100 in flight and a's 350 from the table
+            in_flight.append(await on_b.admit(key, 0))
+            with pytest.raises(RateLimited, match=r"\(5 in the last minute\)"):
+                await on_b.admit(key, 0)
+            # The minute's edge in SQL, read by a gateway with no books: a's rows at 09:00:00 and 09:00:02 (×2).
+            three = Key(id=key.id, rpm=3)
+            clock.now = T0 + timedelta(seconds=60) - timedelta(microseconds=1)
+            with pytest.raises(RateLimited, match=r"\(3 in the last minute\)"):
+                await Limiter(b.usage, clock=clock).admit(three, 0)  # 09:00:00's is still in the minute
+            clock.now = T0 + timedelta(seconds=60)
+            await Limiter(b.usage, clock=clock).admit(three, 0)  # and now it is not
+            assert all(not admission.is_done for admission in in_flight)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
