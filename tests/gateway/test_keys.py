@@ -27,7 +27,7 @@ from memserve.gateway.auth import auth_mode
 from memserve.pool.pool import ModelPool
 from memserve.store.db import Store, database_url
 from memserve.wire.fake import FakeOpenAI, Script
-from tests.gateway.test_gateway_process import GiB, host, settings_for
+from tests.gateway.test_gateway_process import GiB, gateway, host, local, settings_for
 from tests.serving import serve_app, serve_fake
 
 ADMIN = "ms-admin-bootstrap-secret-for-tests"
@@ -228,3 +228,25 @@ def test_keys_created_with_the_cli_open_the_gateway(tmp_path: Path, monkeypatch:
     assert by_key["requests"] == 1 and by_key["completion_tokens"] == 5
     duplicate = runner.invoke(main, ["keys", "create", "ci"])
     assert duplicate.exit_code != 0 and "ci" in duplicate.output
+
+
+def test_a_local_models_usage_is_what_its_client_got(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Auth off (loopback): every request still leaves a usage row, with the runner's own token counts."""
+    settings = settings_for(tmp_path, [local("tiny", tiny_model_dir)], usage_flush_seconds=60)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 6}
+    with gateway(settings, host(4 * GiB)) as (origin, _pool), httpx.Client(base_url=origin, timeout=120) as client:
+        whole = client.post("/v1/chat/completions", json={**body, "user": "carol"}).json()
+        events = []
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+            events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    rows = usage_rows(tmp_path)
+    assert [(r["model"], r["provider"], r["key_id"], r["status"]) for r in rows] == [("tiny", "local", None, 200)] * 2
+    assert rows[0]["end_user"] == "carol"
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (
+        whole["usage"]["prompt_tokens"],
+        whole["usage"]["completion_tokens"],
+    )
+    assert all(e.get("usage") is None for e in events)  # not asked for: the usage chunk was not relayed
+    assert rows[1]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    assert rows[1]["completion_tokens"] == whole["usage"]["completion_tokens"]  # greedy: the same answer
+    assert rows[1]["ttft_seconds"] is not None and rows[0]["ttft_seconds"] is None

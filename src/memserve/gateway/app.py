@@ -242,7 +242,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             stream = _stream_flag(body)
             record.provider = target.name
             await record.admit(service.limiter, body)
-            body, record.meter = metered(body, stream)
+            body, record.meter = metered(body, stream, record.admission)
             return await forward(
                 providers.upstream(target.name),
                 path,
@@ -252,7 +252,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             )
         stream = bool(await door.check(model, path, body))  # everything a runner would refuse, before any load
         await record.admit(service.limiter, body)
-        sent, record.meter = metered(body, stream)
+        sent, record.meter = metered(body, stream, record.admission)
         receive = request.receive
         try:
             lease = await until_disconnected(receive, pool.acquire(model, keep_alive_seconds=keep_alive_seconds))
@@ -351,6 +351,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             "version": __version__,
             "uptime_seconds": round(time.time() - started, 3),
             "models": {e.name: e.state for e in pool.entries.values()},
+            "usage": service.usage.health() if service.usage is not None else None,
         }
 
     @handles(app, PS, responses=openapi.responses(None, openapi.COMMON_ERRORS))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,8 +33,9 @@ class RequestRecord:
     """One generation request as the log line and the usage row say it; filled in as the answer goes out."""
 
     path: str
-    started: float
+    started: float  # monotonic
     caller: Caller | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # the usage row's time
     model: str | None = None
     user: str | None = None
     provider: str = "local"
@@ -52,9 +53,9 @@ class RequestRecord:
         """Count the request against its key's limits (RateLimited, 429, when over one); the prompt is
         counted by its estimate now and corrected by the real count when the answer says it."""
         key = self.caller.key if self.caller is not None else None
+        self.prompt_estimate = _prompt_estimate(body)  # also what a stream cut short is metered with
         if limiter is None or key is None:
             return
-        self.prompt_estimate = _prompt_estimate(body)
         self.admission = await limiter.admit(key, self.prompt_estimate)
 
     def see(self, message: Message) -> None:
@@ -79,23 +80,22 @@ class RequestRecord:
         usage = (self.meter.usage if self.meter is not None else None) or answer.get("usage") or {}
         prompt = _count(usage.get("prompt_tokens"))
         completion = _count(usage.get("completion_tokens"))
-        if not usage and self.meter is not None:  # a stream cut short: what the client got
-            completion = self.meter.text_events
+        if not usage and self.meter is not None:  # a stream cut short: what the client got, and its prompt
+            completion, prompt = self.meter.text_events, self.prompt_estimate
         streamed = self.chunks > 1 or self.meter is not None
         ttft = self.first_byte - self.started if streamed and self.first_byte is not None else None
         gone = self.status is None or not self.complete  # the client left before the answer ended
         status = CLIENT_CLOSED_REQUEST if gone or self.status is None else self.status
         error = answer.get("error") if isinstance(answer.get("error"), dict) else None
-        if self.admission is not None:
-            if prompt:
-                self.admission.correct_prompt(prompt)
-            self.admission.completion(completion)
+        if self.admission is not None:  # the limiter's books then agree with the usage row
+            self.admission.correct_prompt(prompt)
+            self.admission.completion(completion - self.admission.completion_tokens)  # the rest of what streamed
             self.admission.done()
         if usage_log is not None:  # every request, whatever became of it
             key = self.caller.key if self.caller is not None else None
             usage_log.record(
                 UsageRow(
-                    time=datetime.now(UTC),
+                    time=self.admission.admitted_at if self.admission is not None else self.started_at,
                     key_id=key.id if key is not None else None,
                     key_name=self.caller.name if self.caller is not None else None,
                     end_user=self.user,
@@ -127,17 +127,22 @@ class RequestRecord:
         )
 
 
-def metered(body: dict[str, Any], stream: bool) -> tuple[dict[str, Any], StreamUsage | None]:
+def metered(
+    body: dict[str, Any], stream: bool, admission: Admission | None = None
+) -> tuple[dict[str, Any], StreamUsage | None]:
     """The body to send upstream and the meter of its stream: a stream asks for ``include_usage`` so that
-    its tokens are metered exactly; the usage chunk is dropped again when the client did not ask for it."""
+    its tokens are metered exactly; the usage chunk is dropped again when the client did not ask for it. A
+    key's ``admission`` hears of the completion's tokens as they stream."""
     if not stream:
         return body, None
+    on_text = admission.completion if admission is not None else None
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        return body, StreamUsage(strip=False)  # the upstream judges it; metered by its text events
+        return body, StreamUsage(strip=False, on_text=on_text)  # the upstream judges it; metered by text events
     if (options or {}).get("include_usage") is True:
-        return body, StreamUsage(strip=False)
-    return {**body, "stream_options": {**(options or {}), "include_usage": True}}, StreamUsage(strip=True)
+        return body, StreamUsage(strip=False, on_text=on_text)
+    included = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+    return included, StreamUsage(strip=True, on_text=on_text)
 
 
 def _prompt_estimate(body: dict[str, Any]) -> int:

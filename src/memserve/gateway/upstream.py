@@ -80,16 +80,22 @@ class StreamUsage:
     (memserve's runner sends one per token that adds text).
     """
 
-    __slots__ = ("strip", "text_events", "usage")
+    __slots__ = ("on_text", "strip", "text_events", "usage")
 
-    def __init__(self, *, strip: bool) -> None:
+    def __init__(self, *, strip: bool, on_text: Callable[[int], None] | None = None) -> None:
+        """``on_text`` hears of each chunk's text events as it passes (a key's limits count them as they stream)."""
         self.strip = strip
+        self.on_text = on_text
         self.usage: dict[str, Any] | None = None
         self.text_events = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """``chunk`` as the client should get it."""
-        self.text_events += sum(chunk.count(m) for m in _TEXT_MARKS) - sum(chunk.count(m) for m in _EMPTY_TEXT_MARKS)
+        texts = sum(chunk.count(m) for m in _TEXT_MARKS) - sum(chunk.count(m) for m in _EMPTY_TEXT_MARKS)
+        if texts > 0:
+            self.text_events += texts
+            if self.on_text is not None:
+                self.on_text(texts)
         if not any(mark in chunk for mark in _USAGE_EVENT_MARKS):
             return chunk
         kept: list[bytes] = []
