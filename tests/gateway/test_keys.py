@@ -8,7 +8,13 @@ test's folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +33,7 @@ from memserve.gateway.auth import auth_mode
 from memserve.pool.pool import ModelPool
 from memserve.store.db import Store, database_url
 from memserve.wire.fake import FakeOpenAI, Script
-from tests.gateway.test_gateway_process import GiB, gateway, host, local, settings_for
+from tests.gateway.test_gateway_process import GiB, _free_port, gateway, host, local, settings_for
 from tests.serving import serve_app, serve_fake
 
 ADMIN = "ms-admin-bootstrap-secret-for-tests"
@@ -250,3 +256,41 @@ def test_a_local_models_usage_is_what_its_client_got(tmp_path: Path, tiny_model_
     assert rows[1]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
     assert rows[1]["completion_tokens"] == whole["usage"]["completion_tokens"]  # greedy: the same answer
     assert rows[1]["ttft_seconds"] is not None and rows[0]["ttft_seconds"] is None
+
+
+def test_sigterm_writes_every_usage_row(tmp_path: Path) -> None:
+    """Rows wait in memory for the next flush (here: far away); SIGTERM's shutdown writes them all."""
+    port = _free_port()
+    origin = f"http://127.0.0.1:{port}"
+    with serve_fake(FakeOpenAI(models=("m1",))) as fake:
+        env = {
+            **os.environ,
+            "MEMSERVE_DATA_DIR": str(tmp_path / "data"),
+            "MEMSERVE_USAGE_FLUSH_SECONDS": "600",
+            "MEMSERVE_PROVIDERS": json.dumps([{"name": "fake", "base_url": fake.base_url, "models": ["m1"]}]),
+        }
+        command = [sys.executable, "-m", "memserve", "serve", "--port", str(port), "--log-level", "warning"]
+        with (tmp_path / "serve.log").open("wb") as log:
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{origin}/health", timeout=2).status_code == 200:
+                        break
+                started = proc.poll() is None and time.monotonic() < deadline
+                assert started, (tmp_path / "serve.log").read_text()
+                time.sleep(0.1)
+            with httpx.Client(base_url=origin, timeout=30) as client:
+                for i in range(5):
+                    assert client.post("/v1/chat/completions", json={**CHAT, "user": f"u{i}"}).status_code == 200
+                assert client.get("/health").json()["usage"]["pending_rows"] == 5  # none written yet
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    rows = usage_rows(tmp_path)
+    assert [r["end_user"] for r in rows] == [f"u{i}" for i in range(5)]
+    assert all(r["completion_tokens"] == 5 for r in rows)
