@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
-from datetime import date, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -191,7 +193,16 @@ class UsageLog:
         try:
             with translated(self._target):
                 async with self._engine.connect() as conn:
-                    await conn.execute(usage.insert(), [asdict(r) for r in rows])
+                    # In slices of at most batch_rows (and SQLite's bound on parameters), so a backlog is
+                    # several short statements rather than one long pause of the event loop.
+                    sqlite = conn.dialect.name == "sqlite"
+                    size = min(self.batch_rows, _SQLITE_ROWS_PER_STATEMENT) if sqlite else self.batch_rows
+                    for start in range(0, len(rows), size):
+                        part = rows[start : start + size]
+                        if sqlite:
+                            await conn.exec_driver_sql(_sqlite_insert(len(part)), _sqlite_params(part))
+                        else:
+                            await conn.execute(usage.insert(), [vars(r) for r in part])
                     async with self._gate.committing():
                         await conn.commit()
                         self._inflight = []
@@ -336,6 +347,36 @@ class UsageLog:
                 item[field] = float(item[field]) if item[field] is not None else None
             out.append(item)
         return out
+
+
+_COLUMNS = [c.name for c in usage.columns if c.name != "id"]
+_values = operator.attrgetter(*_COLUMNS)
+_TIME = _COLUMNS.index("time")
+_SQLITE_ROWS_PER_STATEMENT = 32766 // len(_COLUMNS)  # SQLITE_MAX_VARIABLE_NUMBER since SQLite 3.32
+
+
+@functools.lru_cache(maxsize=8)
+def _sqlite_insert(rows: int) -> str:
+    """One multi-row INSERT: SQLite then binds every row in one call and steps once with the GIL released.
+
+    ``executemany`` would release and re-take the GIL per row, and a busy event loop on the main thread
+    holds it up to the 5 ms switch interval each time: 500 rows could take seconds under load.
+    """
+    one = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+    return f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES " + ", ".join([one] * rows)
+
+
+def _sqlite_params(rows: list[UsageRow]) -> tuple[Any, ...]:
+    """The rows' values in column order, ``time`` as the naive UTC text SQLAlchemy stores on SQLite."""
+    flat: list[Any] = []
+    for r in rows:
+        values = list(_values(r))
+        t = values[_TIME]
+        if t.tzinfo is not UTC:
+            t = t.astimezone(UTC)
+        values[_TIME] = t.replace(tzinfo=None).isoformat(" ", "microseconds")  # SQLAlchemy's SQLite format
+        flat.extend(values)
+    return tuple(flat)
 
 
 def _chain(*parts: Iterable[UsageRow]) -> Iterable[UsageRow]:
