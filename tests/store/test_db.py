@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,21 @@ def test_a_missing_postgres_database_is_refused_naming_it(postgres_server: objec
 def test_urls_the_store_cannot_use_are_refused(url: str, tmp_path: Path) -> None:
     message = _open_fails(database_url(url, tmp_path))
     assert "database_url" in message
+
+
+def test_the_store_imports_no_torch_and_nothing_above_it() -> None:
+    code = (
+        "import sys, memserve.store, memserve.store.migrate; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') "
+        "or m.startswith(('memserve.runner', 'memserve.gateway', 'memserve.pool', 'memserve.cli'))]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_public_surface() -> None:
+    import memserve.store
+
+    assert memserve.store.__all__ == ["ApiKey", "KeyStore", "Store", "UsageLog", "UsageRow", "database_url"]
+    for name in memserve.store.__all__:
+        assert getattr(memserve.store, name).__module__.startswith("memserve.store.")
