@@ -35,7 +35,7 @@ def upgrade() -> None:
         sa.Column("fallback", sa.Boolean, nullable=False),
     )
     op.create_index("ix_usage_time", "usage", ["time"])
-    op.create_index("ix_usage_key_id_time", "usage", ["key_id", "time"])
+    op.create_index("ix_usage_key_id_time_tokens", "usage", ["key_id", "time", "prompt_tokens", "completion_tokens"])
     op.create_index("ix_usage_end_user_time", "usage", ["end_user", "time"])
 
 
