@@ -74,13 +74,42 @@ class PostgresServer:
         return self.url(name)
 
 
+PREFIX = "memserve-pg-"
+
+
+def _stop_orphans(bindir: Path) -> None:
+    """Stop the servers of earlier test sessions that were killed before their teardown (SIGKILL, OOM)."""
+    for owner in Path(tempfile.gettempdir()).glob(f"{PREFIX}*/owner"):
+        try:
+            os.kill(int(owner.read_text()), 0)
+            continue  # its session is still running
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue
+        _stop(bindir, owner.parent)
+
+
+def _stop(bindir: Path, folder: Path) -> None:
+    data = folder / "data"
+    if (data / "postmaster.pid").exists():
+        subprocess.run(
+            _as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
+            cwd=folder,
+            capture_output=True,
+        )
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     bindir = _postgres_bin()
     if bindir is None:
         _unavailable("initdb/pg_ctl not found on PATH nor under /usr/lib/postgresql/*/bin")
     assert bindir is not None
-    folder = Path(tempfile.mkdtemp(prefix="memserve-pg-"))  # short: a socket path is at most 107 bytes
+    _stop_orphans(bindir)
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX))  # short: a socket path is at most 107 bytes
+    (folder / "owner").write_text(str(os.getpid()))
     if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody")
         os.chown(folder, nobody.pw_uid, nobody.pw_gid)
@@ -96,17 +125,12 @@ def postgres_server() -> Iterator[PostgresServer]:
             subprocess.run(_as_server_user(argv), cwd=folder, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
         log = (folder / "log").read_text() if (folder / "log").exists() else ""
-        shutil.rmtree(folder, ignore_errors=True)
+        _stop(bindir, folder)
         pytest.fail(f"could not start a throwaway Postgres: {exc.stderr}{exc.stdout}{log}")
     try:
         yield PostgresServer(folder)
     finally:
-        subprocess.run(
-            _as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-            cwd=folder,
-            capture_output=True,
-        )
-        shutil.rmtree(folder, ignore_errors=True)
+        _stop(bindir, folder)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
