@@ -328,3 +328,38 @@ def test_a_database_locked_by_another_process_keeps_the_rows_for_the_next_write(
     during, written, after = on_store(url, work, busy_timeout_seconds=0.2)
     assert during["pending_rows"] == 1 and "locked" in during["last_error"]
     assert written == 1 and after == {"pending_rows": 0, "lost_rows": 0, "last_error": None}
+
+
+def test_a_postgres_that_goes_away_keeps_the_rows_for_the_next_write(postgres_server: Any, tmp_path: Path) -> None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from memserve.store import database_url
+
+    url = database_url(postgres_server.new_database(), tmp_path)
+    name = make_url(url).database
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(host=str(postgres_server.socket_dir), user="postgres", database="postgres")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    async def work(store: Store) -> list[Any]:
+        store.usage.record(row())
+        await store.usage.tokens_since("k1", T0)  # a pooled connection, about to die
+        await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        try:
+            with pytest.raises(StoreUnavailable, match="Postgres"):
+                await store.usage.flush()
+            during = store.usage.health()
+        finally:
+            await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        return [during, await store.usage.flush(), store.usage.health(), await store.usage.tokens_since("k1", T0)]
+
+    during, written, after, tokens = on_store(url, work, busy_timeout_seconds=2.0)
+    assert during["pending_rows"] == 1 and during["lost_rows"] == 0 and "postgres" in during["last_error"].lower()
+    assert "://postgres@/" in during["last_error"]
+    assert (written, after, tokens) == (1, {"pending_rows": 0, "lost_rows": 0, "last_error": None}, 15)
