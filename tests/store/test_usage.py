@@ -224,6 +224,24 @@ def test_close_writes_every_buffered_row(db_url: str) -> None:
     assert on_store(db_url, count) == 1234
 
 
+def test_close_during_a_write_writes_every_row_once(db_url: str) -> None:
+    async def fill(store: Store) -> None:
+        store.usage.start()
+        for i in range(5000):
+            store.usage.record(row(time=T0 + timedelta(microseconds=i)))
+        while store.usage.health()["pending_rows"] == 5000 and not store.usage._inflight:
+            await asyncio.sleep(0)  # until the flusher has taken the rows: close() then meets a write in flight
+        await store.usage.close()
+
+    async def count(store: Store) -> tuple[int, int]:
+        async with store.engine.connect() as conn:
+            rows = (await conn.exec_driver_sql("SELECT count(*), count(DISTINCT time) FROM usage")).one()
+        return rows[0], rows[1]
+
+    on_store(db_url, fill, batch_rows=500)
+    assert on_store(db_url, count) == (5000, 5000)
+
+
 def test_the_flusher_writes_a_full_batch_at_once_and_the_rest_each_interval(sqlite_url: str) -> None:
     async def work(store: Store) -> list[int]:
         store.usage.start(flush_seconds=3600)

@@ -244,7 +244,8 @@ class UsageLog:
     async def close(self) -> None:
         """Stop the flusher and write everything left. Rows that cannot be written are counted as lost."""
         if self._task is not None:
-            self._task.cancel()
+            async with self._flush_lock:  # never cancel a write half-way: its commit may have landed
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
