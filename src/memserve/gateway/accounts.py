@@ -23,6 +23,8 @@ from memserve.wire.http import handles, json_body, parse_body
 from memserve.wire.routes import KEY, KEY_CREATE, KEY_REVOKE, KEY_UPDATE, KEYS, USAGE
 
 GroupBy = Literal["key", "user", "model", "day"]
+_CENTURY_SECONDS = 100 * 365 * 86400
+MAX_LIMIT = 10**15  # a 64-bit column with room to add: any real limit is far below
 KEY_FIELDS = ("models", "rpm", "tpm", "daily_tokens", "monthly_tokens", "expires", "admin")
 
 
@@ -31,10 +33,10 @@ class KeyLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     models: list[str] | None = Field(default=None, description='Models the key may call; null or ["*"]: all.')
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens (prompt + completion) per minute.")
-    daily_tokens: int | None = Field(default=None, ge=1, description="Tokens per UTC day.")
-    monthly_tokens: int | None = Field(default=None, ge=1, description="Tokens per UTC calendar month.")
+    rpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Tokens (prompt + completion) per minute.")
+    daily_tokens: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Tokens per UTC day.")
+    monthly_tokens: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Tokens per UTC calendar month.")
     expires: str | int | None = Field(default=None, description='Expires after this long: "30d", "12h", seconds.')
     admin: bool = Field(default=False, description="May call /api/* (load, unload, keys, usage, events).")
 
@@ -55,6 +57,11 @@ def key_changes(fields: dict[str, Any], now: datetime) -> dict[str, Any]:
     if "expires" in changes:
         period = changes.pop("expires")
         seconds = None if period is None else parse_period(period, what="expires")
+        if seconds is not None and seconds > _CENTURY_SECONDS:
+            raise InvalidArgument(
+                f"expires {period!r} is more than 100 years away; leave it out for a key that never expires",
+                param="expires",
+            )
         changes["expires_at"] = None if seconds is None else now + timedelta(seconds=seconds)
     return changes
 
