@@ -294,3 +294,31 @@ def test_sigterm_writes_every_usage_row(tmp_path: Path) -> None:
     rows = usage_rows(tmp_path)
     assert [r["end_user"] for r in rows] == [f"u{i}" for i in range(5)]
     assert all(r["completion_tokens"] == 5 for r in rows)
+
+
+def test_the_cli_manages_keys_on_a_running_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from memserve.cli import main
+
+    runner = CliRunner()
+    with keyed_gateway(tmp_path, monkeypatch) as (origin, _fake):
+        monkeypatch.delenv("MEMSERVE_ADMIN_KEY")  # the CLI's key comes from --api-key here
+        remote = ["--url", origin, "--api-key", ADMIN]
+        created = runner.invoke(main, ["keys", "create", "team", "--tpm", "1000", *remote])
+        assert created.exit_code == 0, created.output
+        secret = created.stdout.strip()
+        with httpx.Client(base_url=origin, timeout=30, headers={"Authorization": f"Bearer {secret}"}) as client:
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        [row] = json.loads(runner.invoke(main, ["keys", "list", "--json", *remote]).stdout)
+        assert (row["name"], row["tpm"], row["revoked_at"]) == ("team", 1000, None)
+        no_key = runner.invoke(main, ["keys", "list", "--url", origin])
+        assert no_key.exit_code == 1 and "API key" in no_key.output
+        not_admin = runner.invoke(main, ["keys", "list", "--url", origin, "--api-key", secret])
+        assert not_admin.exit_code == 1 and "admin key" in not_admin.output
+        assert runner.invoke(main, ["keys", "revoke", "team", *remote]).exit_code == 0
+        with httpx.Client(base_url=origin, timeout=30, headers={"Authorization": f"Bearer {secret}"}) as client:
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
+        csv_out = runner.invoke(main, ["usage", "--by", "model", "--csv", *remote])
+        assert csv_out.exit_code == 0, csv_out.output
+        assert csv_out.stdout.splitlines()[0].startswith("model,") and "fake/m1" in csv_out.stdout
