@@ -322,3 +322,20 @@ def test_the_cli_manages_keys_on_a_running_gateway(tmp_path: Path, monkeypatch: 
         csv_out = runner.invoke(main, ["usage", "--by", "model", "--csv", *remote])
         assert csv_out.exit_code == 0, csv_out.output
         assert csv_out.stdout.splitlines()[0].startswith("model,") and "fake/m1" in csv_out.stdout
+
+
+def test_serve_refuses_a_corrupt_store_before_serving_and_never_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from memserve.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "memserve.db").write_bytes(b"not a database at all")
+    monkeypatch.setenv("MEMSERVE_DATA_DIR", str(data))
+    result = CliRunner().invoke(main, ["serve", "--port", "0"])
+    assert result.exit_code == 1
+    assert f"{data / 'memserve.db'} is not a SQLite database" in result.output and "move it aside" in result.output
+    assert (data / "memserve.db").read_bytes() == b"not a database at all"

@@ -78,8 +78,8 @@ def serve(
     """Start the gateway: load models on demand, evict idle ones, refuse what cannot fit.
 
     Before any model is loaded, the address is bound and every configured model's source is checked.
-    Exit status: 0 stopped, 1 bad input (a setting, or a model source that does not exist or is not a
-    checkpoint), 2 usage error, 4 cannot listen on the address (the port is in use, say).
+    Exit status: 0 stopped, 1 bad input (a setting, a model source that does not exist or is not a
+    checkpoint, or a store that cannot be opened), 2 usage error, 4 cannot listen on the address (the port is in use, say).
     """
     from memserve.config import load_settings
 
@@ -104,6 +104,7 @@ def serve(
         sys.exit(EXIT_CANNOT_LISTEN)
     try:
         _check_sources(settings)
+        _check_store(settings)
         started = _run(settings, sockets)
     finally:
         for sock in sockets:
@@ -144,6 +145,23 @@ def _check_sources(settings: Settings) -> None:
             "--model NAME=SOURCE) and start again",
             err=True,
         )
+        sys.exit(EXIT_BAD_SOURCE)
+
+
+def _check_store(settings: Settings) -> None:
+    """The store opens (created and migrated on a first start); exit 1 with its message otherwise."""
+    import asyncio
+
+    from memserve.store.db import Store, database_url
+
+    async def check() -> None:
+        store = await Store.open(database_url(settings.database_url, settings.data_dir))
+        await store.close()
+
+    try:
+        asyncio.run(check())
+    except MemserveError as exc:
+        click.echo(f"error: {exc.message}", err=True)
         sys.exit(EXIT_BAD_SOURCE)
 
 
