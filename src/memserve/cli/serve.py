@@ -79,7 +79,8 @@ def serve(
 
     Before any model is loaded, the address is bound and every configured model's source is checked.
     Exit status: 0 stopped, 1 bad input (a setting, a model source that does not exist or is not a
-    checkpoint, or a store that cannot be opened), 2 usage error, 4 cannot listen on the address (the port is in use, say).
+    checkpoint, or a store that cannot be opened), 2 usage error, 4 cannot listen on the address (the port
+    is in use, say).
     """
     from memserve.config import load_settings
 
