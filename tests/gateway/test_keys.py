@@ -8,13 +8,11 @@ test's folder.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +32,7 @@ from memserve.pool.pool import ModelPool
 from memserve.store.db import Store, database_url
 from memserve.wire.fake import FakeOpenAI, Script
 from tests.gateway.test_gateway_process import GiB, _free_port, gateway, host, local, settings_for
-from tests.serving import serve_app, serve_fake
+from tests.serving import serve_app, serve_fake, wait_until_healthy
 
 ADMIN = "ms-admin-bootstrap-secret-for-tests"
 CHAT: dict[str, Any] = {
@@ -273,14 +271,7 @@ def test_sigterm_writes_every_usage_row(tmp_path: Path) -> None:
         with (tmp_path / "serve.log").open("wb") as log:
             proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{origin}/health", timeout=2).status_code == 200:
-                        break
-                started = proc.poll() is None and time.monotonic() < deadline
-                assert started, (tmp_path / "serve.log").read_text()
-                time.sleep(0.1)
+            wait_until_healthy(origin, proc, log=tmp_path / "serve.log")
             with httpx.Client(base_url=origin, timeout=30) as client:
                 for i in range(5):
                     assert client.post("/v1/chat/completions", json={**CHAT, "user": f"u{i}"}).status_code == 200
