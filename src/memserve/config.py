@@ -239,6 +239,11 @@ class ProviderConfig(BaseModel):
     )
     models: list[str] = Field(default_factory=list, description="Model ids this provider serves.")
     timeout_seconds: IntervalSeconds = Field(default=600.0, description="How long one upstream request may take.")
+    stream_usage: bool = Field(
+        default=True,
+        description="Ask its streams for token counts (stream_options.include_usage) to meter them exactly; "
+        "false for a provider that rejects the field (then a stream is metered by its text events).",
+    )
 
     @field_validator("name")
     @classmethod

@@ -330,3 +330,41 @@ def test_serve_refuses_a_corrupt_store_before_serving_and_never_replaces_it(
     assert result.exit_code == 1
     assert f"{data / 'memserve.db'} is not a SQLite database" in result.output and "move it aside" in result.output
     assert (data / "memserve.db").read_bytes() == b"not a database at all"
+
+
+def test_refused_requests_do_not_spend_a_keys_rate_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with keyed_gateway(tmp_path, monkeypatch) as (origin, _fake):
+        secret = new_key(origin, "narrow", rpm=2, models=["fake/m1"])
+        with httpx.Client(base_url=origin, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as client:
+            refused = [client.post("/v1/chat/completions", json={**CHAT, "model": "fake/m2"}) for _ in range(3)]
+            bad = client.post("/v1/chat/completions", json={**CHAT, "stream": "yes"})  # the gateway's own check
+            served = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(3)]
+    assert [r.status_code for r in refused] == [403] * 3 and bad.status_code == 400
+    assert served == [200, 200, 429]  # only the two admitted requests spent the 2 per minute
+    rows = usage_rows(tmp_path)
+    assert [(r["status"], bool(r["admitted"])) for r in rows] == [(403, False)] * 3 + [(400, False)] + [
+        (200, True),
+        (200, True),
+        (429, False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("script", "error_type"),
+    [(Script(die_after_tokens=2), "upstream_unavailable"), (Script(error_after_tokens=2), "generation_failed")],
+    ids=["broken off", "error event"],
+)
+def test_a_stream_that_fails_midway_is_recorded_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: Script, error_type: str
+) -> None:
+    with keyed_gateway(tmp_path, monkeypatch) as (origin, fake):
+        secret = new_key(origin, "app")
+        fake.script = script
+        with (
+            httpx.Client(base_url=origin, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json=STREAMED) as answer,
+        ):
+            lines = [line for line in answer.iter_lines() if line]
+    assert any('"error"' in line for line in lines) and lines[-1] == "data: [DONE]"
+    [row] = usage_rows(tmp_path)
+    assert (row["status"], row["error_type"], row["completion_tokens"]) == (200, error_type, 2)

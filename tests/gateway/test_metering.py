@@ -21,6 +21,11 @@ FINISH = event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
 USAGE = event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}})
 SPACED_USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}\n\n'
 DONE = b"data: [DONE]\n\n"
+HALF = b'data: {"choices": [{"delta": {"content": "x'  # a stream that broke off mid-event
+
+
+def CRLF(event: bytes) -> bytes:  # reads as the delimiter it makes
+    return event.replace(b"\n\n", b"\r\n\r\n")
 
 
 @pytest.mark.parametrize(
@@ -31,15 +36,35 @@ DONE = b"data: [DONE]\n\n"
         ([ROLE + TEXT, TEXT + FINISH + USAGE + DONE], True, ROLE + TEXT + TEXT + FINISH + DONE, 2, 2),  # merged
         ([TEXT, EMPTY, FINISH, SPACED_USAGE, DONE], True, TEXT + EMPTY + FINISH + DONE, 2, 1),  # another's JSON
         ([ROLE, TEXT, TEXT], True, ROLE + TEXT + TEXT, None, 2),  # cut short: no usage, the texts sent
+        ([TEXT[:-1], TEXT[-1:] + USAGE[:-1], USAGE[-1:] + DONE], True, TEXT + DONE, 2, 1),  # ends split
+        ([TEXT + USAGE[:30], USAGE[30:] + DONE], True, TEXT + DONE, 2, 1),  # the usage event split
+        ([CRLF(TEXT) + CRLF(USAGE) + CRLF(DONE)], True, CRLF(TEXT) + CRLF(DONE), 2, 1),  # \r\n\r\n
+        (
+            [TEXT, b'data: {"choices": [{"delta": {"content": "x'],
+            True,
+            TEXT + b'data: {"choices": [{"delta": {"content": "x',
+            None,
+            2,
+        ),
     ],
-    ids=["stripped", "asked for", "events merged in chunks", "spaced JSON, empty text", "cut short"],
+    ids=[
+        "stripped",
+        "asked for",
+        "events merged in chunks",
+        "spaced JSON, empty text",
+        "cut short",
+        "delimiter split across chunks",
+        "usage event split across chunks",
+        "CRLF delimiters",
+        "an unfinished event is passed on at the end",
+    ],
 )
 def test_what_the_client_gets_and_what_is_counted(
     chunks: list[bytes], strip: bool, sent: bytes, usage: int | None, texts: int
 ) -> None:
     heard: list[int] = []
     meter = StreamUsage(strip=strip, on_text=heard.append)
-    assert b"".join(meter.feed(c) for c in chunks) == sent
+    assert b"".join(meter.feed(c) for c in chunks) + meter.rest() == sent
     assert (meter.usage or {}).get("completion_tokens") == usage
     assert meter.text_events == sum(heard) == texts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,11 @@ from memserve.store.schema import metadata
 
 def test_revisions_are_one_line_oldest_first_and_named_by_their_id() -> None:
     scripts = list(reversed(list(migrations.scripts().walk_revisions())))
-    assert [s.revision for s in scripts] == ["0001", "0002"]
-    assert [s.down_revision for s in scripts] == [None, "0001"]
+    assert [s.revision for s in scripts] == ["0001", "0002", "0003"]
+    assert [s.down_revision for s in scripts] == [None, "0001", "0002"]
     for script in scripts:
         assert re.fullmatch(rf"{script.revision}_[a-z_]+\.py", script.path.rsplit("/", 1)[-1])
-    assert migrations.head() == "0002"
+    assert migrations.head() == "0003"
 
 
 def _differences(connection: sa.Connection) -> list[Any]:
@@ -96,3 +96,44 @@ def test_upgrade_from_0001_keeps_the_keys_and_they_still_work(db_url: str) -> No
             await store.close()
 
     assert asyncio.run(after_upgrade()) == (key_id, "before-upgrade", ("demo",), 7, True, 1)
+
+
+def test_upgrade_from_0002_counts_the_rows_it_had_as_admitted(db_url: str) -> None:
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        Path(str(url.database)).parent.mkdir(parents=True)
+    at = datetime.now(UTC)
+
+    async def at_0002() -> None:
+        engine = create_async_engine(db_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(migrations.upgrade, "0002")
+                row = {
+                    "time": at.replace(tzinfo=None),
+                    "key_id": "k1",
+                    "model": "demo",
+                    "provider": "local",
+                    "endpoint": "/v1/completions",
+                    "prompt_tokens": 3,
+                    "completion_tokens": 4,
+                    "duration_seconds": 0.5,
+                    "status": 200,
+                    "fallback": False,
+                }
+                columns = ", ".join(row)
+                await conn.execute(sa.text(f"INSERT INTO usage ({columns}) VALUES (:{', :'.join(row)})"), row)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(at_0002())
+
+    async def after_upgrade() -> tuple[int, int]:
+        store = await Store.open(db_url)
+        try:
+            since = at - timedelta(seconds=1)
+            return await store.usage.requests_since("k1", since), await store.usage.tokens_since("k1", since)
+        finally:
+            await store.close()
+
+    assert asyncio.run(after_upgrade()) == (1, 7)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
 
 import click
 from rich.console import Console
@@ -180,7 +181,10 @@ def show(name: str, url: str | None, api_key: str | None, config_file: Path | No
         return {"key": (await store.keys.get(name)).to_json()}
 
     click.echo(
-        json.dumps(_Keys(url, api_key, config_file).call("GET", f"/api/keys/{name}", None, direct)["key"], indent=2)
+        json.dumps(
+            _Keys(url, api_key, config_file).call("GET", f"/api/keys/{quote(name, safe='')}", None, direct)["key"],
+            indent=2,
+        )
     )
 
 
@@ -207,7 +211,7 @@ def update(
     async def direct(store: Any) -> dict[str, Any]:
         return {"key": (await store.keys.update(name, **key_changes(fields, datetime.now(UTC)))).to_json()}
 
-    row = _Keys(url, api_key, config_file).call("PATCH", f"/api/keys/{name}", fields, direct)["key"]
+    row = _Keys(url, api_key, config_file).call("PATCH", f"/api/keys/{quote(name, safe='')}", fields, direct)["key"]
     click.echo(f"key {row['name']!r} updated", err=True)
 
 
@@ -222,7 +226,7 @@ def revoke(name: str, url: str | None, api_key: str | None, config_file: Path | 
     async def direct(store: Any) -> dict[str, Any]:
         return {"key": (await store.keys.revoke(name)).to_json()}
 
-    row = _Keys(url, api_key, config_file).call("DELETE", f"/api/keys/{name}", None, direct)["key"]
+    row = _Keys(url, api_key, config_file).call("DELETE", f"/api/keys/{quote(name, safe='')}", None, direct)["key"]
     click.echo(f"key {row['name']!r} revoked", err=True)
 
 
@@ -249,7 +253,7 @@ def usage(
     from memserve.gateway.accounts import parse_time
 
     if url is not None:
-        query = "&".join(f"{k}={v}" for k, v in (("group_by", group_by), ("since", since), ("until", until)) if v)
+        query = urlencode({k: v for k, v in (("group_by", group_by), ("since", since), ("until", until)) if v})
         with GatewayClient(url, api_key=api_key) as client:
             rows = client.request("GET", f"/api/usage?{query}", timeout_seconds=_TIMEOUT_SECONDS)["rows"]
     else:

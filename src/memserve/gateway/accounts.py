@@ -7,6 +7,7 @@ routes when given ``--url``, and the store directly otherwise.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -24,6 +25,7 @@ from memserve.wire.routes import KEY, KEY_CREATE, KEY_REVOKE, KEY_UPDATE, KEYS, 
 
 GroupBy = Literal["key", "user", "model", "day"]
 _CENTURY_SECONDS = 100 * 365 * 86400
+MAX_RATE = 2**31 - 1  # a 32-bit column
 MAX_LIMIT = 10**15  # a 64-bit column with room to add: any real limit is far below
 KEY_FIELDS = ("models", "rpm", "tpm", "daily_tokens", "monthly_tokens", "expires", "admin")
 
@@ -33,8 +35,8 @@ class KeyLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     models: list[str] | None = Field(default=None, description='Models the key may call; null or ["*"]: all.')
-    rpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Requests per minute.")
-    tpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Tokens (prompt + completion) per minute.")
+    rpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Tokens (prompt + completion) per minute.")
     daily_tokens: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Tokens per UTC day.")
     monthly_tokens: int | None = Field(default=None, ge=1, le=MAX_LIMIT, description="Tokens per UTC calendar month.")
     expires: str | int | None = Field(default=None, description='Expires after this long: "30d", "12h", seconds.')
@@ -140,7 +142,8 @@ def add_account_routes(
         now = datetime.now(UTC)
         start, end = parse_time(since, now, what="since"), parse_time(until, now, what="until")
         log = usage_log()
-        await log.flush()  # what this gateway still holds is part of the answer
+        with contextlib.suppress(StoreUnavailable):  # what it holds is part of the answer, when it can be written
+            await log.flush()
         rows = await log.summary(group_by, start, end)
         return {"group_by": group_by, "since": _iso(start), "until": _iso(end), "rows": rows}
 

@@ -230,7 +230,9 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             raise InvalidArgument(
                 "missing required parameter 'model' (a string naming a model; GET /v1/models lists them)", param="model"
             )
-        record: RequestRecord = getattr(request.state, "record", None) or RequestRecord(path, time.monotonic())
+        record: RequestRecord | None = getattr(request.state, "record", None)
+        if record is None:  # only the hot routes check keys and meter: never serve around them
+            raise InvalidArgument(f"POST /v1{path} is served by memserve's own entry point, not by FastAPI's")
         record.model = model
         record.user = end_user(body.get("user"), request.headers)
         caller = record.caller or ANONYMOUS
@@ -242,7 +244,8 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             stream = _stream_flag(body)
             record.provider = target.name
             await record.admit(service.limiter, body)
-            body, record.meter = metered(body, stream, record.admission)
+            ask = providers.configs[target.name].stream_usage
+            body, record.meter = metered(body, stream, record.admission, ask=ask)
             return await forward(
                 providers.upstream(target.name),
                 path,
@@ -263,6 +266,8 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             provider_name, _, upstream_model = fallback.partition("/")
             headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code), FALLBACK_MODEL_HEADER: model}
             record.provider, record.fallback = provider_name, True
+            if not providers.configs[provider_name].stream_usage:
+                sent, record.meter = metered(body, stream, record.admission, ask=False)
             try:
                 return await forward(
                     providers.upstream(provider_name),
@@ -527,7 +532,7 @@ class _HotRoutes:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -536,27 +541,30 @@ class _HotRoutes:
             check_origin(headers.get("origin"), headers.get("host"), scope.get("scheme", "http"), self.cors_origins)
             state["caller"] = await self.service.caller(scope["path"], headers)
         except MemserveError as exc:
+            if scope["type"] == "websocket":  # none is served today; a future one is checked all the same
+                await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+                return
             await error_response(exc)(scope, receive, send)
             return
-        handler = self.routes.get(scope["path"]) if scope["method"] == "POST" else None
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if handler is None:
             await self.app(scope, receive, send)
             return
         record = RequestRecord(scope["path"], time.monotonic(), caller=state["caller"])
         state["record"] = record
         request = Request(scope, receive)
-        try:
-            response = await handler(request)
-        except Exception as exc:
-            if not isinstance(exc, MemserveError):
-                log.exception("internal error in POST %s", scope["path"])  # a bug: keep its traceback
-            response = error_response(exc)
 
         async def recorded(message: Message) -> None:
             record.see(message)
             await send(message)
 
-        try:
+        try:  # one usage row however it ends, cancelled (a shutdown past its grace) included
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                if not isinstance(exc, MemserveError):
+                    log.exception("internal error in POST %s", scope["path"])  # a bug: keep its traceback
+                response = error_response(exc)
             await response(scope, receive, recorded)
         finally:
             record.finish(self.service.usage)

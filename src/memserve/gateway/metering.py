@@ -42,11 +42,13 @@ class RequestRecord:
     fallback: bool = False
     meter: StreamUsage | None = None
     admission: Admission | None = None
+    admitted: bool = False  # passed the door, the key's models and its limits: it spends the key's limits
     prompt_estimate: int = 0
     status: int | None = None
     first_byte: float | None = None
     chunks: int = 0
     complete: bool = False  # the answer's last body message went out
+    stream_error: str | None = None  # the code of an error event sent in a stream (upstream, broken, timed out)
     json_body: bytes = b""
 
     async def admit(self, limiter: Limiter | None, body: dict[str, Any]) -> None:
@@ -54,9 +56,9 @@ class RequestRecord:
         counted by its estimate now and corrected by the real count when the answer says it."""
         key = self.caller.key if self.caller is not None else None
         self.prompt_estimate = _prompt_estimate(body)  # also what a stream cut short is metered with
-        if limiter is None or key is None:
-            return
-        self.admission = await limiter.admit(key, self.prompt_estimate)
+        if limiter is not None and key is not None:
+            self.admission = await limiter.admit(key, self.prompt_estimate)
+        self.admitted = True
 
     def see(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -72,6 +74,8 @@ class RequestRecord:
             self.first_byte = time.monotonic()
         if self.chunks == 1 and not message.get("more_body"):  # a whole JSON answer: its usage, or its error
             self.json_body = message["body"]
+        elif _ERROR_EVENT in message["body"]:
+            self.stream_error = self.stream_error or _error_code(message["body"])
 
     def finish(self, usage_log: UsageLog | None) -> None:
         """Log the request's line and record its usage row; count its tokens against the key's limits."""
@@ -84,7 +88,7 @@ class RequestRecord:
             completion, prompt = self.meter.text_events, self.prompt_estimate
         streamed = self.chunks > 1 or self.meter is not None
         ttft = self.first_byte - self.started if streamed and self.first_byte is not None else None
-        gone = self.status is None or not self.complete  # the client left before the answer ended
+        gone = self.status in (None, CLIENT_CLOSED_REQUEST) or not self.complete  # the client left first
         status = CLIENT_CLOSED_REQUEST if gone or self.status is None else self.status
         error = answer.get("error") if isinstance(answer.get("error"), dict) else None
         if self.admission is not None:  # the limiter's books then agree with the usage row
@@ -108,8 +112,10 @@ class RequestRecord:
                     duration_seconds=duration,
                     status=status,
                     error_type=(str(error.get("code") or error.get("type")) if error else None)
+                    or self.stream_error
                     or ("client_closed" if gone else None),
                     fallback=self.fallback,
+                    admitted=self.admitted,
                 )
             )
         if not log.isEnabledFor(logging.INFO):
@@ -128,16 +134,17 @@ class RequestRecord:
 
 
 def metered(
-    body: dict[str, Any], stream: bool, admission: Admission | None = None
+    body: dict[str, Any], stream: bool, admission: Admission | None = None, *, ask: bool = True
 ) -> tuple[dict[str, Any], StreamUsage | None]:
     """The body to send upstream and the meter of its stream: a stream asks for ``include_usage`` so that
     its tokens are metered exactly; the usage chunk is dropped again when the client did not ask for it. A
-    key's ``admission`` hears of the completion's tokens as they stream."""
+    key's ``admission`` hears of the completion's tokens as they stream. ``ask`` false (a provider that rejects
+    ``stream_options``): the body goes as it is, and the stream is metered by its text events."""
     if not stream:
         return body, None
     on_text = admission.completion if admission is not None else None
     options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
+    if not ask or (options is not None and not isinstance(options, dict)):
         return body, StreamUsage(strip=False, on_text=on_text)  # the upstream judges it; metered by text events
     if (options or {}).get("include_usage") is True:
         return body, StreamUsage(strip=False, on_text=on_text)
@@ -146,13 +153,39 @@ def metered(
 
 
 def _prompt_estimate(body: dict[str, Any]) -> int:
-    """The prompt's tokens before anyone tokenized it: exact for token ids, else a character count / 4 (the
-    usual rule for English; the answer's own count corrects it)."""
+    """The prompt's tokens before anyone tokenized it: exact for token ids, else its text's characters / 4 (the
+    usual rule for English; the answer's own count corrects it). Only text counts: an image's base64 is not
+    its tokens."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return len(prompt)
-    text = prompt if isinstance(prompt, str) else json.dumps(body.get("messages") or prompt or "")
-    return len(text) // 4 + 1
+    if isinstance(prompt, str):
+        return len(prompt) // 4 + 1
+    if isinstance(prompt, list):
+        return sum(len(p) for p in prompt if isinstance(p, str)) // 4 + 1
+    characters = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            characters += len(content)
+        elif isinstance(content, list):
+            characters += sum(
+                len(p.get("text") or "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+            )
+    return characters // 4 + 1
+
+
+_ERROR_EVENT = b'data: {"error"'
+_MAX_COUNT = 2**31 - 1  # the usage columns' range: an upstream's absurd count must not stop every write
+
+
+def _error_code(body: bytes) -> str:
+    """The ``code`` (else ``type``) of the first error event in ``body``; ``stream_error`` if unreadable."""
+    start = body.index(_ERROR_EVENT) + len(b"data: ")
+    line = body[start:].split(b"\n", 1)[0]
+    error = _json_object(line).get("error")
+    code = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
+    return str(code) if code else "stream_error"
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -166,7 +199,7 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 
 def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    return min(value, _MAX_COUNT) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "RequestRecord", "metered"]

@@ -22,6 +22,7 @@ sees its client go away and frees the sequence.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,7 @@ class Upstream:
 
 _USAGE_EVENT_MARKS = (b'"choices":[]', b'"choices": []')
 _TEXT_MARKS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _EMPTY_TEXT_MARKS = (b'"content":""', b'"content": ""', b'"text":""', b'"text": ""')
 
 
@@ -75,12 +77,14 @@ class StreamUsage:
 
     The gateway asks every upstream for ``stream_options.include_usage``: the usage chunk (no choices,
     before ``[DONE]``) is then parsed, and dropped when the client did not ask for it itself (``strip``).
-    Only chunks that carry a usage event are framed into events and parsed; every other chunk passes as it
-    is. ``text_events`` counts the events that carry text, which is what a stream cut short is metered by
+    Until it has been seen, the relay passes whole events only (an event split across chunks waits for its
+    end, which upstreams rarely make it do), so that a usage event is found and cut out whole whichever
+    delimiter (``\\n\\n``, ``\\r\\n\\r\\n``) the upstream uses; chunks that carry no usage event are passed unparsed.
+    ``text_events`` counts the events that carry text, which is what a stream cut short is metered by
     (memserve's runner sends one per token that adds text).
     """
 
-    __slots__ = ("on_text", "strip", "text_events", "usage")
+    __slots__ = ("_held", "on_text", "strip", "text_events", "usage")
 
     def __init__(self, *, strip: bool, on_text: Callable[[int], None] | None = None) -> None:
         """``on_text`` hears of each chunk's text events as it passes (a key's limits count them as they stream)."""
@@ -88,25 +92,38 @@ class StreamUsage:
         self.on_text = on_text
         self.usage: dict[str, Any] | None = None
         self.text_events = 0
+        self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        """``chunk`` as the client should get it."""
+        """What of ``chunk`` (and of what was held) the client should get now."""
         texts = sum(chunk.count(m) for m in _TEXT_MARKS) - sum(chunk.count(m) for m in _EMPTY_TEXT_MARKS)
         if texts > 0:
             self.text_events += texts
             if self.on_text is not None:
                 self.on_text(texts)
-        if not any(mark in chunk for mark in _USAGE_EVENT_MARKS):
-            return chunk
-        kept: list[bytes] = []
-        for event in chunk.split(b"\n\n"):
+        if self.usage is not None and not self._held:
+            return chunk  # the usage was seen: nothing left to look for
+        data, self._held = self._held + chunk, b""
+        ends = list(_EVENT_END.finditer(data))
+        cut = ends[-1].end() if ends else 0
+        data, self._held = data[:cut], data[cut:]
+        if not any(mark in data for mark in _USAGE_EVENT_MARKS):
+            return data
+        kept, start = [], 0
+        for end in ends:
+            event, start = data[start : end.start()], end.end()
             usage = _usage_of(event) if any(mark in event for mark in _USAGE_EVENT_MARKS) else None
             if usage is not None:
                 self.usage = usage
                 if self.strip:
                     continue
-            kept.append(event)
-        return b"\n\n".join(kept)
+            kept.append(event + end.group())
+        return b"".join(kept)
+
+    def rest(self) -> bytes:
+        """What is held when the stream ends: an unfinished event, passed on as it came."""
+        held, self._held = self._held, b""
+        return held
 
 
 def _usage_of(event: bytes) -> dict[str, Any] | None:
@@ -287,7 +304,11 @@ async def _relay_events(
                 if not chunk:
                     continue
             yield chunk
+        if meter is not None and (held := meter.rest()):
+            yield held
     except (httpx.TransportError, httpx.DecodingError) as exc:
+        if meter is not None and (held := meter.rest()):
+            yield held
         if tail.endswith(_DONE_ENDS):
             return  # the answer was complete; only the connection's goodbye went wrong
         if tail and not tail.endswith(_EVENT_ENDS):

@@ -80,9 +80,13 @@ usage = sa.Table(
     sa.Column("status", sa.Integer, nullable=False),
     sa.Column("error_type", sa.Text, nullable=True),
     sa.Column("fallback", sa.Boolean, nullable=False),
+    # passed admission (the key's models and limits, the door) and was sent on; only these spend limits
+    sa.Column("admitted", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Index("ix_usage_time", "time"),
-    # (key_id, time) leads; the token columns make the limit queries' sums index-only (24× faster on
-    # SQLite with 100,000 rows: the table is never read).
-    sa.Index("ix_usage_key_id_time_tokens", "key_id", "time", "prompt_tokens", "completion_tokens"),
+    # (key_id, admitted, time) leads; the token columns make the limit queries' sums index-only (24× faster
+    # on SQLite with 100,000 rows: the table is never read).
+    sa.Index(
+        "ix_usage_key_id_admitted_time_tokens", "key_id", "admitted", "time", "prompt_tokens", "completion_tokens"
+    ),
     sa.Index("ix_usage_end_user_time", "end_user", "time"),
 )

@@ -58,6 +58,7 @@ class UsageRow:
     ttft_seconds: float | None = None
     error_type: str | None = None
     fallback: bool = False
+    admitted: bool = True  # passed admission and was sent on: only these count against a key's limits
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None:
@@ -211,6 +212,13 @@ class UsageLog:
             self._put_back(rows)
             if isinstance(exc, StoreUnavailable):
                 self._failed(exc)
+            elif isinstance(exc, Exception):  # a driver's own error (a value out of range): said, not silent
+                failure = StoreUnavailable(
+                    f"writing {len(rows)} usage rows failed ({type(exc).__name__}: {exc}); they are kept for the "
+                    "next write; if this repeats, report it with the server's log"
+                )
+                self._failed(failure)
+                raise failure from exc
             raise
         self._succeeded(len(rows))
         return len(rows)
@@ -275,23 +283,28 @@ class UsageLog:
     # ---- queries -------------------------------------------------------------------------------------
 
     async def tokens_since(self, key_id: str, since: datetime) -> int:
-        """Prompt + completion tokens of ``key_id`` since ``since``, rows not yet written included."""
+        """Prompt + completion tokens of ``key_id``'s admitted requests since ``since``, rows not yet written
+        included."""
         query = sa.select(sa.func.coalesce(sa.func.sum(usage.c.prompt_tokens + usage.c.completion_tokens), 0))
         stored, pending = await self._count(query, key_id, since)
         return int(stored) + sum(r.prompt_tokens + r.completion_tokens for r in pending)
 
     async def requests_since(self, key_id: str, since: datetime) -> int:
-        """Requests of ``key_id`` since ``since``, rows not yet written included."""
+        """Admitted requests of ``key_id`` since ``since``, rows not yet written included."""
         stored, pending = await self._count(sa.select(sa.func.count()), key_id, since)
         return int(stored) + len(pending)
 
     async def _count(self, query: sa.Select[Any], key_id: str, since: datetime) -> tuple[Any, list[UsageRow]]:
-        query = query.select_from(usage).where(usage.c.key_id == key_id, usage.c.time >= since)
+        query = query.select_from(usage).where(
+            usage.c.key_id == key_id, usage.c.admitted.is_(True), usage.c.time >= since
+        )
         async with self._gate.reading():
             with translated(self._target):
                 async with self._engine.connect() as conn:
                     stored = (await conn.execute(query)).scalar_one()
-            pending = [r for r in _chain(self._inflight, self._buffer) if r.key_id == key_id and r.time >= since]
+            pending = [
+                r for r in _chain(self._inflight, self._buffer) if r.key_id == key_id and r.admitted and r.time >= since
+            ]
         return stored, pending
 
     async def summary(
@@ -301,7 +314,8 @@ class UsageLog:
         until: datetime | None,
         key_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Requests, tokens, errors (status ≥ 400) and mean TTFT and duration per group, over written rows.
+        """Requests, tokens, errors (status ≥ 400, or an error event in a stream), and mean TTFT and
+        duration per group, over written rows.
 
         ``since`` is inclusive, ``until`` exclusive; ``day`` is the UTC date as ``YYYY-MM-DD``, in order;
         the other groupings come most tokens first.
@@ -323,7 +337,9 @@ class UsageLog:
             sa.func.count().label("requests"),
             sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
             sa.func.sum(usage.c.completion_tokens).label("completion_tokens"),
-            sa.func.sum(sa.case((usage.c.status >= 400, 1), else_=0)).label("errors"),
+            sa.func.sum(sa.case((sa.or_(usage.c.status >= 400, usage.c.error_type.is_not(None)), 1), else_=0)).label(
+                "errors"
+            ),
             sa.func.avg(usage.c.ttft_seconds).label("avg_ttft_seconds"),
             sa.func.avg(usage.c.duration_seconds).label("avg_duration_seconds"),
         ).group_by(*labels)
