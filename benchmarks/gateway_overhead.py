@@ -2,12 +2,17 @@
 
     python benchmarks/gateway_overhead.py                       # tiny demo model (worst case: overhead is visible)
     python benchmarks/gateway_overhead.py --model /tmp/mb/demo-small --requests 100
+    python benchmarks/gateway_overhead.py --auth      # keys on: every request checked and counted against limits
 
 One gateway is started with one model; once it is loaded, the benchmark talks to *that same runner*
 two ways, alternating so both see the same machine state:
 
 - ``direct``: the runner's own Unix socket (what the gateway itself speaks to);
 - ``gateway``: ``http://127.0.0.1:PORT`` (TCP to the gateway, which leases the runner and relays).
+
+Every request through the gateway writes a usage row (always on). With ``--auth`` the gateway runs with
+``auth: keys`` and the benchmark calls it with a key that has limits (requests and tokens per minute, daily and
+monthly tokens, all far above what it sends), so the key check and the limits are on the measured path too.
 
 Latency: sequential non-streamed requests with ``max_tokens`` 1, direct and gateway interleaved one by
 one; the added latency is the gateway's p50/p99 minus the direct p50/p99. Throughput: ``--streams``
@@ -62,13 +67,14 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tupl
     return time.perf_counter() - start, tokens
 
 
-async def measure(gateway: str, sock: str, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(gateway: str, sock: str, args: argparse.Namespace, key: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     targets = {
         "direct": (
             httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=sock), timeout=600),
             "http://runner/v1/chat/completions",
         ),
-        "gateway": (httpx.AsyncClient(timeout=600), f"{gateway}/v1/chat/completions"),
+        "gateway": (httpx.AsyncClient(timeout=600, headers=headers), f"{gateway}/v1/chat/completions"),
     }
     latency: dict[str, list[float]] = {"direct": [], "gateway": []}
     throughput: dict[str, list[float]] = {"direct": [], "gateway": []}
@@ -111,6 +117,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6, help="throughput rounds (each runs both setups)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--auth", action="store_true", help="keys on, and a key with limits on every request")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         from memserve.checkpoint.demo import write_demo_model
@@ -120,6 +127,11 @@ def main() -> None:
     port = free_port()
     gateway = f"http://127.0.0.1:{port}"
     log = Path(f"/tmp/memserve-gateway-overhead-{os.getpid()}.log")
+    admin = f"ms-bench-admin-{os.getpid()}"
+    env = {**os.environ, "MEMSERVE_DATA_DIR": f"/tmp/memserve-gateway-overhead-{os.getpid()}"}
+    if args.auth:
+        env |= {"MEMSERVE_AUTH": "keys", "MEMSERVE_ADMIN_KEY": admin}
+    admin_headers = {"Authorization": f"Bearer {admin}"}
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [
@@ -136,6 +148,7 @@ def main() -> None:
             ],
             stdout=subprocess.DEVNULL,
             stderr=sink,
+            env=env,
         )
     try:
         deadline = time.monotonic() + 120
@@ -148,13 +161,18 @@ def main() -> None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"gateway did not start:\n{log.read_text()[-2000:]}")
             time.sleep(0.2)
-        row = httpx.post(f"{gateway}/api/load", json={"model": "m"}, timeout=600).json()["model"]
+        row = httpx.post(f"{gateway}/api/load", json={"model": "m"}, timeout=600, headers=admin_headers).json()["model"]
+        key = None
+        if args.auth:
+            limits = {"rpm": 10**6, "tpm": 10**9, "daily_tokens": 10**12, "monthly_tokens": 10**13}
+            created = httpx.post(f"{gateway}/api/keys", json={"name": "bench", **limits}, headers=admin_headers)
+            key = created.json()["secret"]
         print(
             f"model {args.model} loaded by the gateway in {row['load_seconds']} s; runner pid {row['pid']}, "
             f"socket {row['socket']}",
             flush=True,
         )
-        result = asyncio.run(measure(gateway, row["socket"], args))
+        result = asyncio.run(measure(gateway, row["socket"], args, key))
     finally:
         proc.terminate()
         proc.wait(timeout=60)

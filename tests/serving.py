@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 from starlette.types import ASGIApp
 
 from memserve.wire.fake import UDS_ORIGIN, FakeOpenAI, ReceivedRequest, Script, serve_in_thread
@@ -40,3 +44,15 @@ def nothing_listening() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def wait_until_healthy(origin: str, process: subprocess.Popen[bytes], *, log: Path | None = None) -> None:
+    """Wait (up to 60 s) for a ``memserve serve`` process to answer ``GET /health``; fail with its log if it exits."""
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{origin}/health", timeout=2).status_code == 200:
+                return
+        alive = process.poll() is None and time.monotonic() < deadline
+        assert alive, f"the gateway did not start: {log.read_text()[-2000:] if log else ''}"
+        time.sleep(0.1)

@@ -239,6 +239,11 @@ class ProviderConfig(BaseModel):
     )
     models: list[str] = Field(default_factory=list, description="Model ids this provider serves.")
     timeout_seconds: IntervalSeconds = Field(default=600.0, description="How long one upstream request may take.")
+    stream_usage: bool = Field(
+        default=True,
+        description="Ask its streams for token counts (stream_options.include_usage) to meter them exactly; "
+        "false for a provider that rejects the field (then a stream is metered by its text events).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -344,6 +349,20 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Web page origins (e.g. http://localhost:3000, or * for any) allowed to call this server "
         "from a browser. Requests from other pages' origins get a 403.",
+    )
+    auth: Literal["off", "keys"] | None = Field(
+        default=None,
+        description="keys: every route but /health needs an API key (memserve keys create); off: anyone who "
+        "can reach the server may use it. Default: off on a loopback address; any other address needs keys "
+        "(or serve --insecure).",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="The store for keys and usage: sqlite:///path/memserve.db or postgresql://user@host/db "
+        "(several gateways then share keys and usage). Default: SQLite in <data_dir>/memserve.db.",
+    )
+    usage_flush_seconds: IntervalSeconds = Field(
+        default=1.0, description="How often usage rows are written to the store (a kill -9 loses at most this much)."
     )
     models: list[ModelConfig] = Field(default_factory=list, description="Local models the gateway may load.")
     providers: list[ProviderConfig] = Field(

@@ -191,6 +191,37 @@ class BadUpstream(MemserveError):
     code = "bad_upstream"
 
 
+class InvalidApiKey(MemserveError):
+    """No key, a key nobody issued, or one revoked or expired (401, as OpenAI answers a bad key)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(MemserveError):
+    """A valid key asked for what it may not use: a model not in its list, or an admin route (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class RateLimited(Overloaded):
+    """A key went past one of its limits: ``code`` is ``rate_limit_exceeded`` (requests or tokens per minute)
+    or ``insufficient_quota`` (daily or monthly tokens); ``Retry-After`` says when it resets."""
+
+    code = "rate_limit_exceeded"
+
+
+class StoreUnavailable(MemserveError):
+    """The database cannot be opened or written: the message names it and what to do."""
+
+    status_code = 503
+    error_type = "api_error"
+    code = "store_unavailable"
+
+
 class MemoryBusy(MemserveError):
     """The model fits on this host, but the memory it needs is held by busy models past the wait."""
 

@@ -127,3 +127,22 @@ def _seconds_from_text(text: str) -> float | None:
         return None
     seconds = sum(float(number) * _DURATION_UNITS_SECONDS[unit] for number, unit in _DURATION_PART.findall(match[2]))
     return -seconds if match[1] == "-" else seconds
+
+
+_PERIOD = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(d|w)$")
+
+
+def parse_period(text: str, *, what: str = "period") -> float:
+    """Seconds of a period written for people: ``30d``, ``2w``, or any duration ``parse_seconds`` reads
+    (``12h``, ``90m``, ``3600``). Never negative, never forever: InvalidArgument otherwise."""
+    match = _PERIOD.match(text.strip()) if isinstance(text, str) else None
+    if match is not None:
+        return float(match[1]) * (86400.0 if match[2] == "d" else 7 * 86400.0)
+    expected = "expected e.g. 30d, 2w, 12h or 3600 (seconds)"
+    try:
+        seconds = parse_seconds(text, what=what)
+    except InvalidArgument:
+        raise InvalidArgument(f"cannot read {what} {text!r}: {expected}") from None
+    if math.isinf(seconds):
+        raise InvalidArgument(f"{what} cannot be negative or forever: {expected}")
+    return seconds

@@ -7,7 +7,6 @@ and speaks to it over 127.0.0.1 like any client.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -36,7 +35,7 @@ from memserve.memory.inventory import Device, Inventory
 from memserve.pool.pool import ModelPool
 from memserve.runner.serve import TEST_EXTRA_BYTES_ENV
 from tests.fakes import LLAMA3_8B, write_sparse_checkpoint
-from tests.serving import FakeOpenAI, nothing_listening, serve_app, serve_fake
+from tests.serving import FakeOpenAI, nothing_listening, serve_app, serve_fake, wait_until_healthy
 
 MiB, GiB = 1 << 20, 1 << 30
 CHAT = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 8, "temperature": 0}
@@ -193,13 +192,7 @@ def test_sigterm_drains_and_stops_the_runners(tmp_path: Path, tiny_model_dir: Pa
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{origin}/health", timeout=2).status_code == 200:
-                    break
-            assert gateway_proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.1)
+        wait_until_healthy(origin, gateway_proc)
         pid = httpx.post(f"{origin}/api/load", json={"model": "demo"}, timeout=120).json()["model"]["pid"]
         assert psutil.pid_exists(pid)
         gateway_proc.send_signal(signal.SIGTERM)

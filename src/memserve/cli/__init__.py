@@ -16,6 +16,7 @@ from memserve import __version__
 from memserve.cli.bench import bench
 from memserve.cli.demo_model import demo_model
 from memserve.cli.fit import fit
+from memserve.cli.keys import keys, usage
 from memserve.cli.manage import load, ps, unload
 from memserve.cli.run_model import run_model
 from memserve.cli.serve import serve
@@ -56,10 +57,12 @@ def main() -> None:
 main.add_command(bench)
 main.add_command(demo_model)
 main.add_command(fit)
+main.add_command(keys)
 main.add_command(load)
 main.add_command(ps)
 main.add_command(run_model)
 main.add_command(serve)
 main.add_command(unload)
+main.add_command(usage)
 
 __all__ = ["main"]

@@ -134,15 +134,22 @@ class GatewayClient:
     ``127.0.0.1:8000``.
     """
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, base_url: str = DEFAULT_URL, *, transport: httpx.BaseTransport | None = None, api_key: str | None = None
+    ) -> None:
+        """``api_key``: sent as a bearer token; default ``$MEMSERVE_API_KEY``, then ``$MEMSERVE_ADMIN_KEY``."""
         self.base_url = base_url.rstrip("/")
+        key = api_key or os.environ.get("MEMSERVE_API_KEY") or os.environ.get("MEMSERVE_ADMIN_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         try:
             url = httpx.URL(self.base_url)
         except httpx.InvalidURL as exc:
             raise InvalidArgument(f"--url {base_url!r} is not a URL ({exc}); expected e.g. {DEFAULT_URL}") from exc
         if url.scheme not in ("http", "https") or not url.host:
             raise InvalidArgument(f"--url {base_url!r} is not an http(s) URL; expected e.g. {DEFAULT_URL}")
-        self._client = httpx.Client(base_url=self.base_url, transport=transport, trust_env=not is_loopback(url.host))
+        self._client = httpx.Client(
+            base_url=self.base_url, transport=transport, trust_env=not is_loopback(url.host), headers=headers
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from memserve.errors import MemserveError
+from memserve.gateway.auth import auth_mode
 from memserve.net import bind_error_message, is_loopback, listening_sockets
 
 if TYPE_CHECKING:
@@ -52,6 +53,11 @@ EXIT_CANNOT_LISTEN = 4
 @click.option("--port", type=int, default=None, help="Port to listen on (default 8000; 0 picks a free one).")
 @click.option("--keep-alive", "keep_alive", default=None, help="Default idle time before a model unloads, e.g. 5m.")
 @click.option(
+    "--insecure",
+    is_flag=True,
+    help="Serve a network address with auth off (only behind a proxy that authenticates).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -66,13 +72,15 @@ def serve(
     host: str | None,
     port: int | None,
     keep_alive: str | None,
+    insecure: bool,
     log_level: str,
 ) -> None:
     """Start the gateway: load models on demand, evict idle ones, refuse what cannot fit.
 
     Before any model is loaded, the address is bound and every configured model's source is checked.
-    Exit status: 0 stopped, 1 bad input (a setting, or a model source that does not exist or is not a
-    checkpoint), 2 usage error, 4 cannot listen on the address (the port is in use, say).
+    Exit status: 0 stopped, 1 bad input (a setting, a model source that does not exist or is not a
+    checkpoint, or a store that cannot be opened), 2 usage error, 4 cannot listen on the address (the port
+    is in use, say).
     """
     from memserve.config import load_settings
 
@@ -86,12 +94,18 @@ def serve(
     }
     settings = load_settings(config_file, model_flags=model_flags, **flags)
     try:
+        settings.auth = auth_mode(settings.auth, settings.host, insecure=insecure)
+    except MemserveError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_BAD_SOURCE)
+    try:
         sockets = listening_sockets(settings.host, settings.port)
     except OSError as exc:
         click.echo(f"error: {bind_error_message(settings.host, settings.port, exc)}", err=True)
         sys.exit(EXIT_CANNOT_LISTEN)
     try:
         _check_sources(settings)
+        _check_store(settings)
         started = _run(settings, sockets)
     finally:
         for sock in sockets:
@@ -135,6 +149,23 @@ def _check_sources(settings: Settings) -> None:
         sys.exit(EXIT_BAD_SOURCE)
 
 
+def _check_store(settings: Settings) -> None:
+    """The store opens (created and migrated on a first start); exit 1 with its message otherwise."""
+    import asyncio
+
+    from memserve.store.db import Store, database_url
+
+    async def check() -> None:
+        store = await Store.open(database_url(settings.database_url, settings.data_dir))
+        await store.close()
+
+    try:
+        asyncio.run(check())
+    except MemserveError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_BAD_SOURCE)
+
+
 def _run(settings: Settings, sockets: list[socket.socket]) -> bool:
     """Build the pool and the app and serve on ``sockets`` until stopped; False if the server did not start."""
     import uvicorn
@@ -144,10 +175,10 @@ def _run(settings: Settings, sockets: list[socket.socket]) -> bool:
     from memserve.pool.pool import ModelPool
 
     inventory = probe_inventory(memory=settings.memory, headroom=settings.headroom)
-    if not is_loopback(settings.host):
+    if not is_loopback(settings.host) and settings.auth == "off":
         click.secho(
-            f"WARNING: listening on {settings.host} exposes every model to the network with NO "
-            "authentication (per-key auth is not built yet); bind 127.0.0.1 unless you mean it",
+            f"WARNING: listening on {settings.host} with auth off (--insecure): every model and the management "
+            "API are open to anyone who can reach it; only do this behind a proxy that authenticates",
             fg="red",
             bold=True,
             err=True,

@@ -37,8 +37,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memserve import __version__
-from memserve.checkpoint.locate import hub_offline, read_facts
-from memserve.checkpoint.tokens import tokenizer_file_longest_token_bytes
+from memserve.checkpoint.locate import hub_offline
 from memserve.config import ProviderConfig, Settings
 from memserve.errors import (
     HubUnavailable,
@@ -49,14 +48,21 @@ from memserve.errors import (
     ModelNotFound,
     Overloaded,
     RequestTimedOut,
-    UnsupportedParameter,
+    StoreUnavailable,
 )
 from memserve.gateway import openapi
+from memserve.gateway.accounts import add_account_routes
+from memserve.gateway.auth import ANONYMOUS, Auth, Caller, auth_mode, end_user
+from memserve.gateway.door import Door
+from memserve.gateway.limits import Limiter
+from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord, metered
 from memserve.gateway.upstream import Upstream, forward
-from memserve.memory.fit import default_context, fit_json, fit_result
+from memserve.memory.fit import fit_json, fit_result
 from memserve.memory.probe import host_memory
 from memserve.pool.pool import ModelPool
 from memserve.pool.runner_process import RUNNER_BASE_URL
+from memserve.store.db import Store, database_url
+from memserve.store.usage import UsageLog
 from memserve.units import parse_seconds
 from memserve.wire.http import (
     SSE_DONE,
@@ -89,8 +95,6 @@ from memserve.wire.routes import (
 from memserve.wire.schema import (
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
-    CompletionRequest,
     ModelList,
     TextCompletion,
     TextCompletionChunk,
@@ -101,7 +105,6 @@ log = logging.getLogger(__name__)
 FALLBACK_HEADER = "x-memserve-fallback"
 FALLBACK_REASON_HEADER = "x-memserve-fallback-reason"
 FALLBACK_MODEL_HEADER = "x-memserve-fallback-for"
-CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
 _FALLBACK_ON = (InsufficientMemory, MemoryBusy, Overloaded)
 HUB_FIT_SECONDS = 15.0
 """How long ``GET /api/fit`` waits for the hub about a model that is not configured."""
@@ -164,24 +167,59 @@ class Providers:
         await asyncio.gather(*(c.aclose() for c in self.clients.values()))
 
 
-def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
-    """The gateway app; its lifespan starts the pool (preloads) and stops every runner at shutdown."""
+@dataclass
+class Service:
+    """What the gateway opens in its lifespan: the store's keys (``auth``), usage log and limits.
+
+    Before the store is open (or in an app run without its lifespan) nothing is metered, and with keys on
+    every request but ``/health`` is refused with a 503, never let through.
+    """
+
+    keys_on: bool
+    store: Store | None = None
+    auth: Auth | None = None
+    usage: UsageLog | None = None
+    limiter: Limiter | None = None
+
+    async def caller(self, path: str, headers: Headers) -> Caller | None:
+        if self.auth is not None:
+            return await self.auth.caller(path, headers)
+        if self.keys_on and path != "/health":
+            raise StoreUnavailable("the server is starting (its key store is not open yet); retry in a few seconds")
+        return ANONYMOUS
+
+
+def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = None) -> ASGIApp:
+    """The gateway app; its lifespan opens the store (unless given one), starts the pool (preloads), and at
+    shutdown stops every runner and writes the last usage rows."""
     providers = Providers(settings.providers)
     started = time.time()
+    service = Service(keys_on=auth_mode(settings.auth, settings.host, insecure=True) == "keys")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        opened = store or await Store.open(database_url(settings.database_url, settings.data_dir))
+        opened.usage.start(flush_seconds=settings.usage_flush_seconds)
+        service.store, service.auth = opened, Auth(opened.keys if service.keys_on else None)
+        service.usage, service.limiter = opened.usage, Limiter(opened.usage)
         await pool.start()
         try:
             yield
         finally:
-            await pool.shutdown()
-            await providers.aclose()
+            try:
+                await pool.shutdown()
+                await providers.aclose()
+            finally:
+                service.store = service.auth = service.usage = service.limiter = None
+                if store is None:
+                    await opened.close()  # writes the usage rows still buffered
+                else:
+                    await opened.usage.flush()
 
     app = FastAPI(title="memserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app, serves=f"memserve serves {describe(GATEWAY_ROUTES)}")
 
-    door = _Door(settings, pool)
+    door = Door(settings, pool)
 
     async def completion(request: Request, path: str) -> Response:
         check_json_content_type(request.headers.get("content-type"))
@@ -192,16 +230,32 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
             raise InvalidArgument(
                 "missing required parameter 'model' (a string naming a model; GET /v1/models lists them)", param="model"
             )
-        request.state.model = model
+        record: RequestRecord | None = getattr(request.state, "record", None)
+        if record is None:  # only the hot routes check keys and meter: never serve around them
+            raise InvalidArgument(f"POST /v1{path} is served by memserve's own entry point, not by FastAPI's")
+        record.model = model
+        record.user = end_user(body.get("user"), request.headers)
+        caller = record.caller or ANONYMOUS
+        caller.check_model(model)
         keep_alive = body.pop("keep_alive", None)  # ours (as Ollama's): never sent upstream
         keep_alive_seconds = None if keep_alive is None else parse_seconds(keep_alive, what="keep_alive")
         target = route(model, settings)
         if target.kind == "provider":  # the provider judges its own fields (tools, images, ...)
             stream = _stream_flag(body)
+            record.provider = target.name
+            await record.admit(service.limiter, body)
+            ask = providers.configs[target.name].stream_usage
+            body, record.meter = metered(body, stream, record.admission, ask=ask)
             return await forward(
-                providers.upstream(target.name), path, {**body, "model": target.upstream_model}, stream=stream
+                providers.upstream(target.name),
+                path,
+                {**body, "model": target.upstream_model},
+                stream=stream,
+                meter=record.meter,
             )
         stream = bool(await door.check(model, path, body))  # everything a runner would refuse, before any load
+        await record.admit(service.limiter, body)
+        sent, record.meter = metered(body, stream, record.admission)
         receive = request.receive
         try:
             lease = await until_disconnected(receive, pool.acquire(model, keep_alive_seconds=keep_alive_seconds))
@@ -211,13 +265,17 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
                 raise
             provider_name, _, upstream_model = fallback.partition("/")
             headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code), FALLBACK_MODEL_HEADER: model}
+            record.provider, record.fallback = provider_name, True
+            if not providers.configs[provider_name].stream_usage:
+                sent, record.meter = metered(body, stream, record.admission, ask=False)
             try:
                 return await forward(
                     providers.upstream(provider_name),
                     path,
-                    {**body, "model": upstream_model},
+                    {**sent, "model": upstream_model},
                     stream=stream,
                     headers=headers,
+                    meter=record.meter,
                 )
             except MemserveError as failed:
                 failed.message = (
@@ -228,8 +286,10 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
         if lease is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         upstream = Upstream(f"runner {model}", RUNNER_BASE_URL, lease.client, transport=lease.transport)
-        unchanged = keep_alive is None  # then the client's own bytes go to the runner, not a re-encoding
-        answer = forward(upstream, path, raw if unchanged else body, stream=stream, on_done=lease.release)
+        unchanged = keep_alive is None and sent is body  # then the client's own bytes go to the runner
+        answer = forward(
+            upstream, path, raw if unchanged else sent, stream=stream, on_done=lease.release, meter=record.meter
+        )
         timeout = settings.request_timeout_seconds
         if stream:
             return _Deadline(await answer, timeout, model)
@@ -269,9 +329,10 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
     }
 
     @handles(app, MODELS, response_model=ModelList, responses=openapi.responses(None, openapi.COMMON_ERRORS))
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        caller: Caller = getattr(request.state, "caller", None) or ANONYMOUS
         states = {e.name: e.state for e in pool.entries.values()}
-        data = [
+        data: list[dict[str, Any]] = [
             {
                 "id": m.name,
                 "object": "model",
@@ -286,7 +347,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
             for p in settings.providers
             for m in p.models
         ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [m for m in data if caller.allows(m["id"])]}
 
     @handles(app, HEALTH, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def health() -> dict[str, Any]:
@@ -295,6 +356,7 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
             "version": __version__,
             "uptime_seconds": round(time.time() - started, 3),
             "models": {e.name: e.state for e in pool.entries.values()},
+            "usage": service.usage.health() if service.usage is not None else None,
         }
 
     @handles(app, PS, responses=openapi.responses(None, openapi.COMMON_ERRORS))
@@ -364,7 +426,13 @@ def create_app(settings: Settings, pool: ModelPool) -> ASGIApp:
     async def events(since: int = 0) -> dict[str, Any]:
         return {"events": pool.events_since(since)}
 
-    return _HotRoutes(app, hot_routes, settings.cors_origins)
+    add_account_routes(
+        app,
+        lambda: service.store.keys if service.store else None,
+        lambda: service.usage,
+        settings.max_body_bytes,
+    )
+    return _HotRoutes(app, hot_routes, settings.cors_origins, service)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -387,62 +455,6 @@ def _fit_hub_id(model: str, settings: Settings) -> str:
     if not _HUB_ID.match(model) or ".." in model or Path(model).expanduser().exists():
         raise ModelNotFound(refusal.format(hub=" and hub ids (org/name)"), param="model")
     return model
-
-
-class _Door:
-    """Everything a runner would refuse in a request, checked before the pool leases, loads or evicts.
-
-    The body is validated with the runner's own request models (``memserve.wire.schema``), so bad input
-    never waits for memory, never evicts a model and never gets a 5xx. The prompt is also measured
-    against the model's context: in tokens when they are given, else in bytes against the vocabulary's
-    longest piece (``checkpoint.tokens``), which proves a 1 MiB prompt too long without a tokenizer. The
-    context is the loaded plan's, else the configured one, else the checkpoint's default; the runner
-    checks again in tokens, exactly.
-    """
-
-    def __init__(self, settings: Settings, pool: ModelPool) -> None:
-        self.settings = settings
-        self.pool = pool
-        self._facts: dict[str, tuple[int | None, int | None]] = {}  # name → (default context, longest token)
-
-    async def check(self, model: str, path: str, body: dict[str, Any]) -> bool | None:
-        """Validate ``body`` for local ``model``; its ``stream`` flag when it passes, InvalidArgument if not."""
-        schema = ChatCompletionRequest if path == "/chat/completions" else CompletionRequest
-        request = parse_body(schema, body)
-        unsupported = request.unsupported()
-        if unsupported is not None:
-            raise UnsupportedParameter(unsupported[1], param=unsupported[0])
-        context, longest = await self._limits(model)
-        if context is not None:
-            ids = request.prompt if isinstance(request, CompletionRequest) else None
-            request.check_fits(
-                context, prompt_tokens=len(ids) if isinstance(ids, list) else None, longest_token_bytes=longest
-            )
-        return request.stream
-
-    async def _limits(self, model: str) -> tuple[int | None, int | None]:
-        """(context, longest token bytes): the running plan's context, else the configured or default one."""
-        config = self.settings.model(model)
-        assert config is not None  # route() found it
-        if model not in self._facts:
-            self._facts[model] = await asyncio.to_thread(_local_limits, config.source)
-        default_context, longest = self._facts[model]
-        entry = self.pool.entries.get(model)
-        if entry is not None and entry.runner is not None and entry.plan is not None:
-            return entry.plan.context_tokens, longest
-        return config.context_tokens or default_context, longest
-
-
-def _local_limits(source: str) -> tuple[int | None, int | None]:
-    """(default context, longest token bytes) of a local checkpoint folder; (None, None) for anything else."""
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        return None, None
-    try:
-        context: int | None = default_context(read_facts(str(folder)))
-    except MemserveError:
-        context = None  # the load will say what is wrong with it
-    return context, tokenizer_file_longest_token_bytes(folder)
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -501,89 +513,58 @@ class _HotRoutes:
     layers, with a wrapped ``send`` per layer); a py-spy of the gateway put a third of its relay time
     there. Errors here get the same responses as FastAPI's handlers give (``_error_for``).
 
-    Every request is checked for its browser origin first (``check_origin``), and every generation
-    request leaves one log line: model, status, tokens, time to the first byte of the answer, duration.
+    Every request is checked for its browser origin first (``check_origin``), then for its key (``Auth``:
+    every route, FastAPI's included, so a new route cannot slip through unprotected), and every generation
+    request leaves one log line and one usage row: model, status, tokens, time to the first byte of the
+    answer, duration.
     """
 
     def __init__(
-        self, app: FastAPI, routes: dict[str, Callable[[Request], Awaitable[Response]]], cors_origins: list[str]
+        self,
+        app: FastAPI,
+        routes: dict[str, Callable[[Request], Awaitable[Response]]],
+        cors_origins: list[str],
+        service: Service,
     ) -> None:
         self.app = app
         self.routes = routes
         self.cors_origins = cors_origins
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = Headers(scope=scope)
-            try:
-                check_origin(headers.get("origin"), headers.get("host"), scope.get("scheme", "http"), self.cors_origins)
-            except MemserveError as exc:
-                await error_response(exc)(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        state = scope.setdefault("state", {})
+        try:
+            check_origin(headers.get("origin"), headers.get("host"), scope.get("scheme", "http"), self.cors_origins)
+            state["caller"] = await self.service.caller(scope["path"], headers)
+        except MemserveError as exc:
+            if scope["type"] == "websocket":  # none is served today; a future one is checked all the same
+                await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
                 return
+            await error_response(exc)(scope, receive, send)
+            return
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if handler is None:
             await self.app(scope, receive, send)
             return
-        record = _RequestRecord(scope["path"], time.monotonic())
+        record = RequestRecord(scope["path"], time.monotonic(), caller=state["caller"])
+        state["record"] = record
         request = Request(scope, receive)
-        try:
-            response = await handler(request)
-        except Exception as exc:
-            if not isinstance(exc, MemserveError):
-                log.exception("internal error in POST %s", scope["path"])  # a bug: keep its traceback
-            response = error_response(exc)
-        record.model = scope.get("state", {}).get("model")
 
         async def recorded(message: Message) -> None:
             record.see(message)
             await send(message)
 
-        try:
+        try:  # one usage row however it ends, cancelled (a shutdown past its grace) included
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                if not isinstance(exc, MemserveError):
+                    log.exception("internal error in POST %s", scope["path"])  # a bug: keep its traceback
+                response = error_response(exc)
             await response(scope, receive, recorded)
         finally:
-            record.log()
-
-
-@dataclass
-class _RequestRecord:
-    """What the per-request log line says; filled in as the answer goes out."""
-
-    path: str
-    started: float
-    model: str | None = None
-    status: int | None = None
-    first_byte: float | None = None
-    chunks: int = 0
-    usage: dict[str, Any] | None = None
-    json_body: bytes = b""
-
-    def see(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            return
-        if message["type"] != "http.response.body" or not message.get("body"):
-            return
-        self.chunks += 1
-        if self.first_byte is None:
-            self.first_byte = time.monotonic()
-        if self.chunks == 1 and not message.get("more_body"):  # a whole JSON answer: read its usage
-            self.json_body = message["body"]
-
-    def log(self) -> None:
-        if not log.isEnabledFor(logging.INFO):
-            return
-        tokens = f"chunks={self.chunks}"
-        if self.json_body:
-            with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
-                usage = json.loads(self.json_body).get("usage") or {}
-                tokens = f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']}"
-        if self.chunks > 1 and self.first_byte is not None:  # streamed: the first chunk is the first token's
-            tokens += f" ttft={self.first_byte - self.started:.3f}s"
-        log.info(
-            "POST %s model=%s status=%s %s duration=%.3fs",
-            self.path,
-            self.model or "-",
-            self.status if self.status is not None else "none (client gone)",
-            tokens,
-            time.monotonic() - self.started,
-        )
+            record.finish(self.service.usage)

@@ -19,7 +19,12 @@ from memserve.wire.schema import (
     TextCompletionChunk,
 )
 
-COMMON_ERRORS = {400: "a bad query parameter", 403: "a browser page from an origin not in cors_origins"}
+COMMON_ERRORS = {
+    400: "a bad query parameter",
+    401: "auth is on (auth: keys) and the request has no valid API key",
+    403: "a browser page from an origin not in cors_origins, or a key that may not use this model or route",
+    503: "auth is on and the server's key store is not open yet (it is starting)",
+}
 JSON_BODY_ERRORS = {
     **COMMON_ERRORS,
     404: "no such model is configured",
@@ -30,7 +35,7 @@ GENERATION_ERRORS = {
     **JSON_BODY_ERRORS,
     400: "the body is not a valid request (types are strict), asks for something unsupported, or the prompt and "
     "max_tokens do not fit the model's context",
-    429: "the model's queue is full (Retry-After)",
+    429: "the model's queue is full, or the key went past one of its limits (Retry-After)",
     502: "the model's runner failed (crashed, killed by the watchdog, or could not start), or a provider failed",
     503: "memory is held by busy models past memory_wait_seconds (Retry-After), or the server is shutting down",
     504: "the request ran past request_timeout (a stream ends with an error event instead)",

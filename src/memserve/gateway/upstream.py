@@ -22,6 +22,7 @@ sees its client go away and frees the sequence.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from starlette.responses import Response
 from memserve.errors import BadUpstream, MemserveError, UpstreamUnavailable, error_body
 from memserve.wire.http import SSE_DONE, SSE_MEDIA_TYPE, EventStream, error_body_response, sse_event
 
-__all__ = ["EXCERPT_CHARS", "Upstream", "forward"]
+__all__ = ["EXCERPT_CHARS", "StreamUsage", "Upstream", "forward"]
 
 EXCERPT_CHARS = 200
 """How much of a malformed answer an error message quotes."""
@@ -65,6 +66,77 @@ class Upstream:
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
 
 
+_USAGE_EVENT_MARKS = (b'"choices":[]', b'"choices": []')
+_TEXT_MARKS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_EMPTY_TEXT_MARKS = (b'"content":""', b'"content": ""', b'"text":""', b'"text": ""')
+
+
+class StreamUsage:
+    """Reads the token counts out of a relayed stream, for metering, without re-parsing it.
+
+    The gateway asks every upstream for ``stream_options.include_usage``: the usage chunk (no choices,
+    before ``[DONE]``) is then parsed, and dropped when the client did not ask for it itself (``strip``).
+    Until it has been seen, the relay passes whole events only (an event split across chunks waits for its
+    end, which upstreams rarely make it do), so that a usage event is found and cut out whole whichever
+    delimiter (``\\n\\n``, ``\\r\\n\\r\\n``) the upstream uses; chunks that carry no usage event are passed unparsed.
+    ``text_events`` counts the events that carry text, which is what a stream cut short is metered by
+    (memserve's runner sends one per token that adds text).
+    """
+
+    __slots__ = ("_held", "on_text", "strip", "text_events", "usage")
+
+    def __init__(self, *, strip: bool, on_text: Callable[[int], None] | None = None) -> None:
+        """``on_text`` hears of each chunk's text events as it passes (a key's limits count them as they stream)."""
+        self.strip = strip
+        self.on_text = on_text
+        self.usage: dict[str, Any] | None = None
+        self.text_events = 0
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of ``chunk`` (and of what was held) the client should get now."""
+        texts = sum(chunk.count(m) for m in _TEXT_MARKS) - sum(chunk.count(m) for m in _EMPTY_TEXT_MARKS)
+        if texts > 0:
+            self.text_events += texts
+            if self.on_text is not None:
+                self.on_text(texts)
+        if self.usage is not None and not self._held:
+            return chunk  # the usage was seen: nothing left to look for
+        data, self._held = self._held + chunk, b""
+        ends = list(_EVENT_END.finditer(data))
+        cut = ends[-1].end() if ends else 0
+        data, self._held = data[:cut], data[cut:]
+        if not any(mark in data for mark in _USAGE_EVENT_MARKS):
+            return data
+        kept, start = [], 0
+        for end in ends:
+            event, start = data[start : end.start()], end.end()
+            usage = _usage_of(event) if any(mark in event for mark in _USAGE_EVENT_MARKS) else None
+            if usage is not None:
+                self.usage = usage
+                if self.strip:
+                    continue
+            kept.append(event + end.group())
+        return b"".join(kept)
+
+    def rest(self) -> bytes:
+        """What is held when the stream ends: an unfinished event, passed on as it came."""
+        held, self._held = self._held, b""
+        return held
+
+
+def _usage_of(event: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object of one ``data: {...}`` event, or None."""
+    _, _, data = event.partition(b"data:")
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
 async def forward(
     upstream: Upstream,
     path: str,
@@ -73,11 +145,13 @@ async def forward(
     stream: bool,
     on_done: Callable[[], None] | None = None,
     headers: Mapping[str, str] | None = None,
+    meter: StreamUsage | None = None,
 ) -> Response:
     """POST ``body`` (a JSON object, or the bytes of one) to ``upstream.base_url + path`` and return the
     answer for our client.
 
-    ``headers`` are added to our response (e.g. ``x-memserve-fallback``). Raises ``UpstreamUnavailable``
+    ``headers`` are added to our response (e.g. ``x-memserve-fallback``); ``meter`` sees a stream's chunks
+    (``StreamUsage``). Raises ``UpstreamUnavailable``
     or ``BadUpstream`` before any byte is sent to the client; after that, failures travel in the stream.
     """
     done = _Once(on_done)
@@ -85,7 +159,7 @@ async def forward(
     try:
         answer = await _open(upstream, path, body, stream=stream)
         if stream and answer.status_code == 200:
-            relay = await _start_relay(upstream, answer, done, headers)
+            relay = await _start_relay(upstream, answer, done, headers, meter)
             relaying = True
             return relay
         return await _answer_whole(upstream, answer, headers)
@@ -187,7 +261,11 @@ async def _expect_event_stream(upstream: Upstream, answer: httpx.Response) -> No
 
 
 async def _start_relay(
-    upstream: Upstream, answer: httpx.Response, done: _Once, headers: Mapping[str, str] | None
+    upstream: Upstream,
+    answer: httpx.Response,
+    done: _Once,
+    headers: Mapping[str, str] | None,
+    meter: StreamUsage | None = None,
 ) -> EventStream:
     """The relay that owns ``answer`` and ``done`` from here on; closes the answer if it cannot be built.
 
@@ -203,23 +281,34 @@ async def _start_relay(
             done()
 
     try:
-        return EventStream(_relay_events(answer, upstream), on_close=close, headers=headers)
+        return EventStream(_relay_events(answer, upstream, meter), on_close=close, headers=headers)
     except BaseException:  # e.g. a header value that is not latin-1
         with anyio.CancelScope(shield=True):
             await answer.aclose()
         raise
 
 
-async def _relay_events(answer: httpx.Response, upstream: Upstream) -> AsyncGenerator[bytes, None]:
-    """The upstream's bytes unchanged; if it breaks off, end the stream with an error event and [DONE]."""
+async def _relay_events(
+    answer: httpx.Response, upstream: Upstream, meter: StreamUsage | None = None
+) -> AsyncGenerator[bytes, None]:
+    """The upstream's bytes unchanged (but a usage chunk the client did not ask for, see ``StreamUsage``); if it
+    breaks off, end the stream with an error event and [DONE]."""
     tail = b""
     relayed_bytes = 0
     try:
         async for chunk in answer.aiter_bytes():
             tail = chunk[-_TAIL_BYTES:] if len(chunk) >= _TAIL_BYTES else (tail + chunk)[-_TAIL_BYTES:]
             relayed_bytes += len(chunk)
+            if meter is not None:
+                chunk = meter.feed(chunk)
+                if not chunk:
+                    continue
             yield chunk
+        if meter is not None and (held := meter.rest()):
+            yield held
     except (httpx.TransportError, httpx.DecodingError) as exc:
+        if meter is not None and (held := meter.rest()):
+            yield held
         if tail.endswith(_DONE_ENDS):
             return  # the answer was complete; only the connection's goodbye went wrong
         if tail and not tail.endswith(_EVENT_ENDS):

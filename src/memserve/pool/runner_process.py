@@ -228,7 +228,7 @@ class RunnerProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "MEMSERVE_PROGRESS": "json", **(self._env or {})},
+            env={**_runner_environ(), "MEMSERVE_PROGRESS": "json", **(self._env or {})},
             limit=_STDERR_LINE_LIMIT_BYTES,
             start_new_session=True,
         )
@@ -356,3 +356,11 @@ def process_spawner(run_dir: Path, env: Mapping[str, str] | None = None) -> Spaw
         return runner
 
     return spawn
+
+
+_SECRETS = ("MEMSERVE_ADMIN_KEY", "MEMSERVE_API_KEY")
+
+
+def _runner_environ() -> dict[str, str]:
+    """The gateway's environment without its API keys: a runner runs model code and never needs them."""
+    return {name: value for name, value in os.environ.items() if name not in _SECRETS}

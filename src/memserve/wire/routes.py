@@ -15,6 +15,12 @@ __all__ = [
     "FIT",
     "GATEWAY_ROUTES",
     "HEALTH",
+    "KEY",
+    "KEYS",
+    "KEY_CREATE",
+    "KEY_REVOKE",
+    "KEY_ROUTES",
+    "KEY_UPDATE",
     "LOAD",
     "MEMORY",
     "MODELS",
@@ -23,6 +29,7 @@ __all__ = [
     "RUNNER_ROUTES",
     "STATS",
     "UNLOAD",
+    "USAGE",
     "Route",
     "describe",
 ]
@@ -53,7 +60,14 @@ UNLOAD = Route("POST", "/api/unload")
 FIT = Route("GET", "/api/fit")
 MEMORY = Route("GET", "/api/memory")
 EVENTS = Route("GET", "/api/events")
-GATEWAY_ROUTES = (*OPENAI_ROUTES, HEALTH, PS, LOAD, UNLOAD, FIT, MEMORY, EVENTS)
+USAGE = Route("GET", "/api/usage")
+KEYS = Route("GET", "/api/keys")
+KEY_CREATE = Route("POST", "/api/keys")
+KEY = Route("GET", "/api/keys/{name}")
+KEY_UPDATE = Route("PATCH", "/api/keys/{name}")
+KEY_REVOKE = Route("DELETE", "/api/keys/{name}")
+KEY_ROUTES = (KEYS, KEY_CREATE, KEY, KEY_UPDATE, KEY_REVOKE)
+GATEWAY_ROUTES = (*OPENAI_ROUTES, HEALTH, PS, LOAD, UNLOAD, FIT, MEMORY, EVENTS, USAGE, *KEY_ROUTES)
 
 
 def describe(routes: Sequence[Route]) -> str:

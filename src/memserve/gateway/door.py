@@ -1,0 +1,75 @@
+"""The door: everything a runner would refuse in a request, checked before the pool leases, loads or evicts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from memserve.checkpoint.locate import read_facts
+from memserve.checkpoint.tokens import tokenizer_file_longest_token_bytes
+from memserve.config import Settings
+from memserve.errors import MemserveError, UnsupportedParameter
+from memserve.memory.fit import default_context
+from memserve.pool.pool import ModelPool
+from memserve.wire.http import parse_body
+from memserve.wire.schema import ChatCompletionRequest, CompletionRequest
+
+
+class Door:
+    """Everything a runner would refuse in a request, checked before the pool leases, loads or evicts.
+
+    The body is validated with the runner's own request models (``memserve.wire.schema``), so bad input
+    never waits for memory, never evicts a model and never gets a 5xx. The prompt is also measured
+    against the model's context: in tokens when they are given, else in bytes against the vocabulary's
+    longest piece (``checkpoint.tokens``), which proves a 1 MiB prompt too long without a tokenizer. The
+    context is the loaded plan's, else the configured one, else the checkpoint's default; the runner
+    checks again in tokens, exactly.
+    """
+
+    def __init__(self, settings: Settings, pool: ModelPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self._facts: dict[str, tuple[int | None, int | None]] = {}  # name → (default context, longest token)
+
+    async def check(self, model: str, path: str, body: dict[str, Any]) -> bool | None:
+        """Validate ``body`` for local ``model``; its ``stream`` flag when it passes, InvalidArgument if not."""
+        schema = ChatCompletionRequest if path == "/chat/completions" else CompletionRequest
+        request = parse_body(schema, body)
+        unsupported = request.unsupported()
+        if unsupported is not None:
+            raise UnsupportedParameter(unsupported[1], param=unsupported[0])
+        context, longest = await self._limits(model)
+        if context is not None:
+            ids = request.prompt if isinstance(request, CompletionRequest) else None
+            request.check_fits(
+                context, prompt_tokens=len(ids) if isinstance(ids, list) else None, longest_token_bytes=longest
+            )
+        return request.stream
+
+    async def _limits(self, model: str) -> tuple[int | None, int | None]:
+        """(context, longest token bytes): the running plan's context, else the configured or default one."""
+        config = self.settings.model(model)
+        assert config is not None  # route() found it
+        if model not in self._facts:
+            self._facts[model] = await asyncio.to_thread(_local_limits, config.source)
+        default_context, longest = self._facts[model]
+        entry = self.pool.entries.get(model)
+        if entry is not None and entry.runner is not None and entry.plan is not None:
+            return entry.plan.context_tokens, longest
+        return config.context_tokens or default_context, longest
+
+
+def _local_limits(source: str) -> tuple[int | None, int | None]:
+    """(default context, longest token bytes) of a local checkpoint folder; (None, None) for anything else."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return None, None
+    try:
+        context: int | None = default_context(read_facts(str(folder)))
+    except MemserveError:
+        context = None  # the load will say what is wrong with it
+    return context, tokenizer_file_longest_token_bytes(folder)
+
+
+__all__ = ["Door"]

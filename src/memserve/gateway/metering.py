@@ -1,0 +1,205 @@
+"""One generation request as the gateway meters it: the log line, the usage row, the key's limits.
+
+``_HotRoutes`` makes a ``RequestRecord`` per generation request and shows it every message of the answer
+(``see``); the handler fills in who asked and where it went; ``finish`` runs once however the request ended
+(finished, failed, or the client gone) and writes one usage row off the request path (``UsageLog.record``
+only appends to a buffer). Tokens come from the answer's own ``usage`` (a stream asks its upstream for it,
+see ``metered``); a stream cut short is metered by the text events the client received.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.types import Message
+
+from memserve.gateway.auth import Caller
+from memserve.gateway.limits import Admission, Limiter
+from memserve.gateway.upstream import StreamUsage
+from memserve.store.usage import UsageLog, UsageRow
+
+log = logging.getLogger("memserve.gateway.app")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
+
+
+@dataclass
+class RequestRecord:
+    """One generation request as the log line and the usage row say it; filled in as the answer goes out."""
+
+    path: str
+    started: float  # monotonic
+    caller: Caller | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # the usage row's time
+    model: str | None = None
+    user: str | None = None
+    provider: str = "local"
+    fallback: bool = False
+    meter: StreamUsage | None = None
+    admission: Admission | None = None
+    admitted: bool = False  # passed the door, the key's models and its limits: it spends the key's limits
+    prompt_estimate: int = 0
+    status: int | None = None
+    first_byte: float | None = None
+    chunks: int = 0
+    complete: bool = False  # the answer's last body message went out
+    stream_error: str | None = None  # the code of an error event sent in a stream (upstream, broken, timed out)
+    json_body: bytes = b""
+
+    async def admit(self, limiter: Limiter | None, body: dict[str, Any]) -> None:
+        """Count the request against its key's limits (RateLimited, 429, when over one); the prompt is
+        counted by its estimate now and corrected by the real count when the answer says it."""
+        key = self.caller.key if self.caller is not None else None
+        self.prompt_estimate = _prompt_estimate(body)  # also what a stream cut short is metered with
+        if limiter is not None and key is not None:
+            self.admission = await limiter.admit(key, self.prompt_estimate)
+        self.admitted = True
+
+    def see(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            return
+        if message["type"] != "http.response.body":
+            return
+        self.complete = self.complete or not message.get("more_body")
+        if not message.get("body"):
+            return
+        self.chunks += 1
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        if self.chunks == 1 and not message.get("more_body"):  # a whole JSON answer: its usage, or its error
+            self.json_body = message["body"]
+        elif _ERROR_EVENT in message["body"]:
+            self.stream_error = self.stream_error or _error_code(message["body"])
+
+    def finish(self, usage_log: UsageLog | None) -> None:
+        """Log the request's line and record its usage row; count its tokens against the key's limits."""
+        duration = time.monotonic() - self.started
+        answer = _json_object(self.json_body)
+        usage = (self.meter.usage if self.meter is not None else None) or answer.get("usage") or {}
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        if not usage and self.meter is not None:  # a stream cut short: what the client got, and its prompt
+            completion, prompt = self.meter.text_events, self.prompt_estimate
+        streamed = self.chunks > 1 or self.meter is not None
+        ttft = self.first_byte - self.started if streamed and self.first_byte is not None else None
+        gone = self.status in (None, CLIENT_CLOSED_REQUEST) or not self.complete  # the client left first
+        status = CLIENT_CLOSED_REQUEST if gone or self.status is None else self.status
+        error = answer.get("error") if isinstance(answer.get("error"), dict) else None
+        if self.admission is not None:  # the limiter's books then agree with the usage row
+            self.admission.correct_prompt(prompt)
+            self.admission.completion(completion - self.admission.completion_tokens)  # the rest of what streamed
+            self.admission.done()
+        if usage_log is not None:  # every request, whatever became of it
+            key = self.caller.key if self.caller is not None else None
+            usage_log.record(
+                UsageRow(
+                    time=self.admission.admitted_at if self.admission is not None else self.started_at,
+                    key_id=key.id if key is not None else None,
+                    key_name=self.caller.name if self.caller is not None else None,
+                    end_user=self.user,
+                    model=self.model or "",
+                    provider=self.provider,
+                    endpoint=self.path,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    ttft_seconds=ttft,
+                    duration_seconds=duration,
+                    status=status,
+                    error_type=(str(error.get("code") or error.get("type")) if error else None)
+                    or self.stream_error
+                    or ("client_closed" if gone else None),
+                    fallback=self.fallback,
+                    admitted=self.admitted,
+                )
+            )
+        if not log.isEnabledFor(logging.INFO):
+            return
+        tokens = f"prompt_tokens={prompt} completion_tokens={completion}" if usage else f"chunks={self.chunks}"
+        if ttft is not None:
+            tokens += f" ttft={ttft:.3f}s"
+        log.info(
+            "POST %s model=%s status=%s %s duration=%.3fs",
+            self.path,
+            self.model or "-",
+            self.status if self.status is not None else "none (client gone)",
+            tokens,
+            duration,
+        )
+
+
+def metered(
+    body: dict[str, Any], stream: bool, admission: Admission | None = None, *, ask: bool = True
+) -> tuple[dict[str, Any], StreamUsage | None]:
+    """The body to send upstream and the meter of its stream: a stream asks for ``include_usage`` so that
+    its tokens are metered exactly; the usage chunk is dropped again when the client did not ask for it. A
+    key's ``admission`` hears of the completion's tokens as they stream. ``ask`` false (a provider that rejects
+    ``stream_options``): the body goes as it is, and the stream is metered by its text events."""
+    if not stream:
+        return body, None
+    on_text = admission.completion if admission is not None else None
+    options = body.get("stream_options")
+    if not ask or (options is not None and not isinstance(options, dict)):
+        return body, StreamUsage(strip=False, on_text=on_text)  # the upstream judges it; metered by text events
+    if (options or {}).get("include_usage") is True:
+        return body, StreamUsage(strip=False, on_text=on_text)
+    included = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+    return included, StreamUsage(strip=True, on_text=on_text)
+
+
+def _prompt_estimate(body: dict[str, Any]) -> int:
+    """The prompt's tokens before anyone tokenized it: exact for token ids, else its text's characters / 4 (the
+    usual rule for English; the answer's own count corrects it). Only text counts: an image's base64 is not
+    its tokens."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    if isinstance(prompt, str):
+        return len(prompt) // 4 + 1
+    if isinstance(prompt, list):
+        return sum(len(p) for p in prompt if isinstance(p, str)) // 4 + 1
+    characters = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            characters += len(content)
+        elif isinstance(content, list):
+            characters += sum(
+                len(p.get("text") or "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+            )
+    return characters // 4 + 1
+
+
+_ERROR_EVENT = b'data: {"error"'
+_MAX_COUNT = 2**31 - 1  # the usage columns' range: an upstream's absurd count must not stop every write
+
+
+def _error_code(body: bytes) -> str:
+    """The ``code`` (else ``type``) of the first error event in ``body``; ``stream_error`` if unreadable."""
+    start = body.index(_ERROR_EVENT) + len(b"data: ")
+    line = body[start:].split(b"\n", 1)[0]
+    error = _json_object(line).get("error")
+    code = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
+    return str(code) if code else "stream_error"
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int:
+    return min(value, _MAX_COUNT) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+__all__ = ["CLIENT_CLOSED_REQUEST", "RequestRecord", "metered"]

@@ -1,0 +1,92 @@
+"""The tables as SQLAlchemy Core sees them at the newest revision (queries use these, never the migrations).
+
+The migrations under ``migrations/versions/`` are frozen copies of how each revision changed the schema;
+``tests/store/test_migrations.py`` checks that upgrading to head yields exactly these tables.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData()
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime in Python, a naive UTC ``timestamp`` in SQL.
+
+    Naive in the database so that ``date(time)`` means the UTC day on SQLite and Postgres alike
+    (a ``timestamptz`` would follow the session's time zone); aware in Python so no caller can mix
+    local and UTC times. A naive value is refused rather than guessed.
+    """
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given to the store: pass a timezone-aware one")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # SQLite functions (max, min) hand back the stored text
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("prefix", sa.Text, nullable=False),
+    sa.Column("hash", sa.Text, nullable=False, unique=True),
+    sa.Column("models", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("rpm", sa.Integer, nullable=True),
+    sa.Column("tpm", sa.Integer, nullable=True),
+    sa.Column("daily_tokens", sa.BigInteger, nullable=True),
+    sa.Column("monthly_tokens", sa.BigInteger, nullable=True),
+    sa.Column("admin", sa.Boolean, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+)
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    # BIGINT on Postgres; SQLite only autoincrements an INTEGER PRIMARY KEY (its rowid, 64 bits anyway).
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("time", UtcDateTime, nullable=False),
+    sa.Column("key_id", sa.Text, nullable=True),
+    sa.Column("key_name", sa.Text, nullable=True),
+    sa.Column("end_user", sa.Text, nullable=True),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("provider", sa.Text, nullable=False),
+    sa.Column("endpoint", sa.Text, nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("ttft_seconds", sa.Float, nullable=True),
+    sa.Column("duration_seconds", sa.Float, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("error_type", sa.Text, nullable=True),
+    sa.Column("fallback", sa.Boolean, nullable=False),
+    # passed admission (the key's models and limits, the door) and was sent on; only these spend limits
+    sa.Column("admitted", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Index("ix_usage_time", "time"),
+    # (key_id, admitted, time) leads; the token columns make the limit queries' sums index-only (24× faster
+    # on SQLite with 100,000 rows: the table is never read).
+    sa.Index(
+        "ix_usage_key_id_admitted_time_tokens", "key_id", "admitted", "time", "prompt_tokens", "completion_tokens"
+    ),
+    sa.Index("ix_usage_end_user_time", "end_user", "time"),
+)

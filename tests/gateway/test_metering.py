@@ -1,0 +1,82 @@
+"""The stream meter as a table: which bytes reach the client, and what it counted. Plain bytes, no server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memserve.gateway.metering import metered
+from memserve.gateway.upstream import StreamUsage
+
+
+def event(payload: dict[str, object]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+ROLE = event({"choices": [{"index": 0, "delta": {"role": "assistant"}}], "usage": None})
+TEXT = event({"choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None})
+EMPTY = event({"choices": [{"index": 0, "delta": {"content": ""}}], "usage": None})
+FINISH = event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None})
+USAGE = event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}})
+SPACED_USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}\n\n'
+DONE = b"data: [DONE]\n\n"
+HALF = b'data: {"choices": [{"delta": {"content": "x'  # a stream that broke off mid-event
+
+
+def CRLF(event: bytes) -> bytes:  # reads as the delimiter it makes
+    return event.replace(b"\n\n", b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "strip", "sent", "usage", "texts"),
+    [
+        ([ROLE, TEXT, TEXT, FINISH, USAGE, DONE], True, ROLE + TEXT + TEXT + FINISH + DONE, 2, 2),
+        ([ROLE, TEXT, TEXT, FINISH, USAGE, DONE], False, ROLE + TEXT + TEXT + FINISH + USAGE + DONE, 2, 2),
+        ([ROLE + TEXT, TEXT + FINISH + USAGE + DONE], True, ROLE + TEXT + TEXT + FINISH + DONE, 2, 2),  # merged
+        ([TEXT, EMPTY, FINISH, SPACED_USAGE, DONE], True, TEXT + EMPTY + FINISH + DONE, 2, 1),  # another's JSON
+        ([ROLE, TEXT, TEXT], True, ROLE + TEXT + TEXT, None, 2),  # cut short: no usage, the texts sent
+        ([TEXT[:-1], TEXT[-1:] + USAGE[:-1], USAGE[-1:] + DONE], True, TEXT + DONE, 2, 1),  # ends split
+        ([TEXT + USAGE[:30], USAGE[30:] + DONE], True, TEXT + DONE, 2, 1),  # the usage event split
+        ([CRLF(TEXT) + CRLF(USAGE) + CRLF(DONE)], True, CRLF(TEXT) + CRLF(DONE), 2, 1),  # \r\n\r\n
+        (
+            [TEXT, b'data: {"choices": [{"delta": {"content": "x'],
+            True,
+            TEXT + b'data: {"choices": [{"delta": {"content": "x',
+            None,
+            2,
+        ),
+    ],
+    ids=[
+        "stripped",
+        "asked for",
+        "events merged in chunks",
+        "spaced JSON, empty text",
+        "cut short",
+        "delimiter split across chunks",
+        "usage event split across chunks",
+        "CRLF delimiters",
+        "an unfinished event is passed on at the end",
+    ],
+)
+def test_what_the_client_gets_and_what_is_counted(
+    chunks: list[bytes], strip: bool, sent: bytes, usage: int | None, texts: int
+) -> None:
+    heard: list[int] = []
+    meter = StreamUsage(strip=strip, on_text=heard.append)
+    assert b"".join(meter.feed(c) for c in chunks) + meter.rest() == sent
+    assert (meter.usage or {}).get("completion_tokens") == usage
+    assert meter.text_events == sum(heard) == texts
+
+
+def test_a_stream_asks_for_usage_only_when_its_client_did_not() -> None:
+    body = {"model": "m", "stream": True}
+    sent, meter = metered(body, True)
+    assert sent == {**body, "stream_options": {"include_usage": True}} and meter is not None and meter.strip
+    asked = {**body, "stream_options": {"include_usage": True}}
+    sent, meter = metered(asked, True)
+    assert sent is asked and meter is not None and not meter.strip
+    assert metered(body, False) == (body, None)
+    odd = {**body, "stream_options": "yes"}  # the provider judges it; nothing is added
+    sent, meter = metered(odd, True)
+    assert sent is odd and meter is not None and not meter.strip
