@@ -22,6 +22,7 @@ from memserve.memory.estimate import (
     kv_cache_bytes,
     mask_bytes,
     paged_tokens,
+    tokens_read,
 )
 from tests.fakes import LLAMA3_8B, MISTRAL_7B, MIXTRAL_8X7B, tensors_for
 
@@ -53,6 +54,20 @@ def test_kv_cache_is_what_the_paged_cache_allocates_for_every_layer() -> None:
     mistral = facts(MISTRAL_7B)
     assert mistral.sliding_window == 4096
     assert kv_cache_bytes(mistral, "bfloat16", 16384, 1) == mistral.kv_bytes_per_token(2) * paged_tokens(16384, 1)
+
+
+def test_only_sliding_layers_read_at_most_their_window_per_sequence() -> None:
+    mistral = facts(MISTRAL_7B)  # every layer slides, window 4,096
+    assert tokens_read(mistral, 2048, 8, 2048) == 8 * 2048  # the window is past the context: everything
+    assert tokens_read(mistral, 2048, 8, 16384) == 8 * 4095 + 2048  # each its window's last 4,095, plus the chunk
+    assert tokens_read(mistral, 8, 8, 16384) == 8 * 4095 + 8  # decode: one new token each
+    gemma2 = replace(facts(LLAMA3_8B), sliding_window=4096, sliding_window_layers=16)  # its full layers read all
+    assert tokens_read(gemma2, 2048, 8, 16384) == 8 * 16384
+    llama = facts(LLAMA3_8B)
+    assert attention_bytes(mistral, "bfloat16", 2048, 8, 16384) < attention_bytes(
+        replace(mistral, sliding_window=None, sliding_window_layers=0), "bfloat16", 2048, 8, 16384
+    )
+    assert tokens_read(llama, 2048, 8, 16384) == 8 * 16384
 
 
 def test_masks_one_per_attention_type() -> None:

@@ -27,9 +27,10 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
     - the MLP holds ``facts.mlp_tensors`` ``tokens × intermediate`` tensors at once: 3 gated (gate, up,
       act·up), 4 for GPT-2's gelu_new written as a Python expression, 2 for a fused activation
       (``checkpoint/facts.py: mlp_tensors``, measured);
-    - attention reads every K/V the batch's sequences hold (up to context × concurrency tokens): the
-      paged cache gathers them (``index_select``: a copy), and with a mask transformers' sdpa path
-      repeats them to every query head (``repeat_kv``; GQA-in-sdpa is only used without a mask) —
+    - attention reads every K/V the batch's sequences hold (up to context × concurrency tokens; with only
+      sliding-window layers at most the window per sequence, ``tokens_read``): the paged cache gathers them
+      (``index_select``: a copy), and with a mask transformers' sdpa path repeats them to every query head
+      (``repeat_kv``; GQA-in-sdpa is only used without a mask) —
       the CPU flash kernel itself adds ~8 MiB at 2,048 × 18,944 (measured), it never materialises scores;
     - eager attention (Gemma2: its soft-capping rules sdpa out) materialises the scores,
       ``tokens × keys × heads`` in the model dtype and again in fp32 for the softmax;
@@ -177,13 +178,26 @@ def mask_bytes(facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrenc
     return groups * batch_tokens * (groups * data_tokens + batch_tokens) * DTYPE_WIDTH[dtype]
 
 
+def tokens_read(facts: CheckpointFacts, batch_tokens: int, concurrency: int, context_tokens: int) -> int:
+    """Keys one forward of the continuous-batching engine reads: every token its sequences hold. When every layer
+    slides (Mistral), each sequence reads at most its window's last ``window - 1`` cached tokens plus its new
+    ones (transformers 5.24 ``SlidingAttentionCacheAllocator.get_read_indices``, the scheduler's
+    ``read_cache_limit``); one full-attention layer (Gemma2's) reads everything. Measured on the Mistral family
+    checkpoint (window 1,024) at 4096 × 8: priced as every token it was 1.123 × its peak."""
+    read = concurrency * context_tokens
+    if facts.sliding_window and facts.sliding_window_layers == facts.layers:
+        read = min(read, concurrency * (facts.sliding_window - 1) + batch_tokens)
+    return read
+
+
 def attention_bytes(
     facts: CheckpointFacts, dtype: str, batch_tokens: int, concurrency: int, context_tokens: int
 ) -> int:
-    """One layer's attention transient: the gathered K/V of every token the batch reads, repeated to every
-    query head under a mask; eager attention adds its scores (model dtype, then fp32 for the softmax)."""
+    """One layer's attention transient: the gathered K/V of every token the batch reads (``tokens_read``),
+    repeated to every query head under a mask; eager attention adds its scores (model dtype, then fp32 for the
+    softmax)."""
     width = DTYPE_WIDTH[dtype]
-    read = concurrency * context_tokens
+    read = tokens_read(facts, batch_tokens, concurrency, context_tokens)
     gathered = 2 * read * facts.kv_heads * facts.head_dim * width
     repeated = 2 * read * facts.heads * facts.head_dim * width if facts.heads != facts.kv_heads else 0
     scores = batch_tokens * read * facts.heads * (width + 4) if facts.eager_attention else 0
