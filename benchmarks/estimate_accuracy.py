@@ -119,10 +119,22 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: 
 
 
 async def traffic(
-    port: int, pid: int, vocab: int, context: int, concurrency: int, new_tokens: int, streams: list[bool]
+    port: int,
+    pid: int,
+    vocab: int,
+    context: int,
+    concurrency: int,
+    new_tokens: int,
+    streams: list[bool],
+    engine: str = "continuous-batching",
 ) -> list[dict[str, Any]]:
     """Full-context prompts: one alone, then ``concurrency`` at once (streamed and not, alternating when both
-    are asked for); VmHWM after each step."""
+    are asked for); VmHWM after each step, and the engine's own figures (``/stats``).
+
+    The ``generate`` engine batches the requests waiting when its worker starts a call: a request sent a moment
+    before the others would run alone and leave the rest to a smaller batch. So its step first keeps the worker
+    busy with a short request, and the ``concurrency`` prompts then wait together and run as one batch (the
+    worst case its plan admits)."""
     prompt_tokens = context - new_tokens
     steps: list[dict[str, Any]] = []
     timeout = httpx.Timeout(3600.0)
@@ -132,13 +144,20 @@ async def traffic(
             started = time.perf_counter()
             prompts = [[3 + (7 * i + 13 * j) % (vocab - 3) for j in range(prompt_tokens)] for i in range(n)]
             modes = [streams[(i + len(steps)) % len(streams)] for i in range(n)]
+            blocker = None
+            if engine == "generate" and n > 1:
+                blocker = asyncio.create_task(one_request(client, [3] * 8, 32, False))
+                await asyncio.sleep(0.5)
             await asyncio.gather(*(one_request(client, p, new_tokens, m) for p, m in zip(prompts, modes, strict=True)))
+            if blocker is not None:
+                await blocker
             steps.append(
                 {
                     "sequences": n,
                     "streamed": sum(modes),
                     "seconds": round(time.perf_counter() - started, 1),
                     **proc_status(pid),
+                    "engine_stats": (await client.get("/stats")).json(),
                 }
             )
     return steps
@@ -193,7 +212,7 @@ def run_case(
         time.sleep(0.5)
         loaded = proc_status(runner.pid)
         steps = (
-            asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams))
+            asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams, engine))
             if traffic_on
             else []
         )
