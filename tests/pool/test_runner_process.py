@@ -7,9 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Collection
 from pathlib import Path
 
+import psutil
+import pytest
+
+from memserve.pool import runner_process
 from memserve.pool.runner_process import (
     RUN_DIR_OWNER_FILE,
     RUN_DIR_PREFIX,
@@ -127,3 +132,31 @@ def test_a_child_not_yet_the_runner_is_not_measured(tmp_path: Path) -> None:
 
     runner._proc = _Proc()  # type: ignore[assignment]
     assert runner.sample_memory() == {}
+
+
+@pytest.mark.parametrize("proc_children", [True, False], ids=["proc-children-files", "psutil-walk"])
+def test_descendants_finds_grandchildren_as_psutil_does(
+    proc_children: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if proc_children and not runner_process._PROC_CHILDREN:
+        pytest.skip("this kernel has no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
+    monkeypatch.setattr(runner_process, "_PROC_CHILDREN", proc_children)
+    ready = tmp_path / "ready"
+    # a parent, its child and the child's child; the grandchild says when the whole tree is up
+    grandchild = f"import pathlib, time; pathlib.Path({str(ready)!r}).touch(); time.sleep(30)"
+    child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(30)"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"]
+    )
+    try:
+        while not ready.exists():
+            assert parent.poll() is None, "the stand-in tree ended before it was up"
+            time.sleep(0.02)
+        root = psutil.Process(parent.pid)
+        found = runner_process.descendants(root)
+        assert len(found) == 2
+        assert sorted(found) == sorted(p.pid for p in root.children(recursive=True))
+    finally:
+        for process in [*psutil.Process(parent.pid).children(recursive=True), psutil.Process(parent.pid)]:
+            process.kill()
+        parent.wait()

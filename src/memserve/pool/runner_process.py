@@ -38,7 +38,34 @@ RUN_DIR_OWNER_FILE = "owner.json"
 _STDERR_LINE_LIMIT_BYTES = 1 << 20
 _GPU_MEMORY = GpuProcessMemory()  # one NVML session for every runner the gateway watches
 _HEALTH_POLL_SECONDS = 0.02
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
 _SAME_START_SECONDS = 0.01  # start times are in clock ticks (10 ms); one process reads the same value each time
+
+
+def descendants(process: psutil.Process) -> list[int]:
+    """The pids of ``process``'s children, grandchildren and so on.
+
+    Read from each thread's ``/proc/PID/task/TID/children`` (the kernel's own list, a few files): psutil's
+    ``children(recursive=True)`` reads every process's ``stat`` on the host instead, 2.6 ms per sample
+    with 68 processes here, paid on the gateway's loop twice a second per runner. Kernels built without
+    that file get psutil's walk. A child started or reaped during the read may be missed until the next
+    sample, as with any walk.
+    """
+    if not _PROC_CHILDREN:
+        return [child.pid for child in process.children(recursive=True)]
+    found: list[int] = []
+    parents = [process.pid]
+    while parents:
+        pid = parents.pop()
+        try:
+            for task in os.scandir(f"/proc/{pid}/task"):
+                with open(f"{task.path}/children") as children:
+                    kids = [int(kid) for kid in children.read().split()]
+                found += kids
+                parents += kids
+        except OSError:  # it (or one of its threads) ended while it was read: the rest of the tree still counts
+            continue
+    return found
 
 
 class RunnerHandle(Protocol):
@@ -317,7 +344,7 @@ class RunnerProcess:
                 if not is_runner_command(root.cmdline()):
                     return {}
                 self._exec_seen = True
-            tree = [root, *root.children(recursive=True)]
+            tree = [root, *(psutil.Process(pid) for pid in descendants(root))]
             sample = {"cpu": sum(p.memory_info().rss for p in tree)}
         except psutil.Error:
             return {}
