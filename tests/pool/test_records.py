@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from memserve.pool.events import PoolEvent, PoolEventKind
+from memserve.pool.events import EventLog, PoolEvent, PoolEventKind
 from memserve.pool.state import LOADING_STATES, ModelState
 from memserve.wire.events import (
     EngineFallback,
@@ -113,3 +113,23 @@ def test_model_states_are_their_json_strings() -> None:
     assert json.dumps({"state": ModelState.READY}) == '{"state": "ready"}'
     assert ModelState("warming") is ModelState.WARMING and ModelState.WARMING == "warming"
     assert {s for s in ModelState if s.loading} == LOADING_STATES == {"starting", "loading", "warming"}
+
+
+def test_event_log_listeners_hear_each_event_once_and_a_failing_one_stops_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = EventLog(wall=lambda: 100.0, kept=2)
+    heard: list[PoolEvent] = []
+
+    def broken(event: PoolEvent) -> None:
+        raise RuntimeError("a listener's bug")
+
+    events.subscribe(broken)
+    unsubscribe = events.subscribe(heard.append)
+    first = events.add(PoolEventKind.LOAD, "m", {"rung": "cpu"})
+    assert heard == [first]
+    assert "a pool event listener failed on load m rung=cpu" in caplog.text
+    unsubscribe()
+    events.add(PoolEventKind.READY, "m", {})
+    assert heard == [first]  # no longer subscribed
+    assert [e.seq for e in events] == [1, 2]  # the log itself kept both

@@ -83,12 +83,25 @@ class EventLog:
         """``wall``: the pool clock's wall-clock time, stamped on each event."""
         self._wall, self._seq = wall, 0
         self._kept: collections.deque[PoolEvent] = collections.deque(maxlen=kept)
+        self._listeners: list[Callable[[PoolEvent], None]] = []
+
+    def subscribe(self, listener: Callable[[PoolEvent], None]) -> Callable[[], None]:
+        """Call ``listener`` with every event added from now on (on the pool's loop, synchronously: it must
+        not block and should not raise); returns the function that unsubscribes it. Metrics count events
+        and the live page pushes them this way, so neither polls the log nor misses what it scrolled off."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def add(self, kind: PoolEventKind, model: str, fields: dict[str, Any]) -> PoolEvent:
         self._seq += 1
         event = PoolEvent(self._seq, self._wall(), kind, model, fields)
         self._kept.append(event)
         log.info("%s", event.line())
+        for listener in list(self._listeners):  # a listener may unsubscribe itself
+            try:
+                listener(event)
+            except Exception:  # a listener's bug never stops the pool: it is logged, and the others still hear
+                log.exception("a pool event listener failed on %s", event.line())
         return event
 
     def __iter__(self) -> Iterator[PoolEvent]:
