@@ -299,6 +299,11 @@ class Settings(BaseSettings):
         default="127.0.0.1", description="Address to listen on; 0.0.0.0 exposes the server to the network."
     )
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: lines for a person; json: one object per line (time, level, logger, message and the "
+        "request's or pool event's fields: model, key, status, tokens, ttft_seconds, duration_seconds ...).",
+    )
     memory: str | None = Field(
         default=None,
         description="Memory budget per device, e.g. cpu=16GiB,cuda:0=20GiB. None: what each device really has.",

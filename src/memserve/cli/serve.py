@@ -20,6 +20,7 @@ import click
 
 from memserve.errors import MemserveError
 from memserve.gateway.auth import auth_mode
+from memserve.logs import configure, say
 from memserve.net import bind_error_message, is_loopback, listening_sockets
 
 if TYPE_CHECKING:
@@ -64,6 +65,13 @@ EXIT_CANNOT_LISTEN = 4
     show_default=True,
     help="info: one line per request and every load, eviction, kill and restart.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="text (default) for a person; json: one object per line with the request's or event's fields "
+    "(config key log_format).",
+)
 def serve(
     config_file: Path | None,
     model_flags: tuple[str, ...],
@@ -74,6 +82,7 @@ def serve(
     keep_alive: str | None,
     insecure: bool,
     log_level: str,
+    log_format: str | None,
 ) -> None:
     """Start the gateway: load models on demand, evict idle ones, refuse what cannot fit.
 
@@ -84,24 +93,26 @@ def serve(
     """
     from memserve.config import load_settings
 
-    _configure_logging(log_level)
+    configure(log_level, "json" if log_format == "json" else "text")  # for what loading the settings says
     flags: dict[str, Any] = {
         "memory": memory,
         "headroom": headroom,
         "host": host,
         "port": port,
         "keep_alive": keep_alive,
+        "log_format": log_format,
     }
     settings = load_settings(config_file, model_flags=model_flags, **flags)
+    configure(log_level, settings.log_format)
     try:
         settings.auth = auth_mode(settings.auth, settings.host, insecure=insecure)
     except MemserveError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        say(f"error: {exc.message}", level=logging.ERROR)
         sys.exit(EXIT_BAD_SOURCE)
     try:
         sockets = listening_sockets(settings.host, settings.port)
     except OSError as exc:
-        click.echo(f"error: {bind_error_message(settings.host, settings.port, exc)}", err=True)
+        say(f"error: {bind_error_message(settings.host, settings.port, exc)}", level=logging.ERROR)
         sys.exit(EXIT_CANNOT_LISTEN)
     try:
         _check_sources(settings)
@@ -111,19 +122,8 @@ def serve(
         for sock in sockets:
             sock.close()
     if not started:
-        click.echo("error: the gateway did not start; the lines above say why", err=True)
+        say("error: the gateway did not start; the lines above say why", level=logging.ERROR)
         sys.exit(1)
-
-
-def _configure_logging(level: str) -> None:
-    """memserve's own lines (requests, lifecycle events) on stderr; uvicorn's only from warnings up (its
-    access log would repeat each request line without the model, tokens or timings)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    memserve_log = logging.getLogger("memserve")
-    memserve_log.addHandler(handler)
-    memserve_log.setLevel(level.upper())
-    memserve_log.propagate = False
 
 
 def _check_sources(settings: Settings) -> None:
@@ -136,15 +136,15 @@ def _check_sources(settings: Settings) -> None:
             checked = check_source(model.source)
         except MemserveError as exc:
             bad += 1
-            click.echo(f"error: model {model.name!r}: {exc.message}", err=True)
+            say(f"error: model {model.name!r}: {exc.message}", level=logging.ERROR)
             continue
         if checked.warning:
-            click.echo(f"warning: model {model.name!r} ({model.source}): {checked.note}", err=True)
+            say(f"warning: model {model.name!r} ({model.source}): {checked.note}", level=logging.WARNING)
     if bad:
-        click.echo(
+        say(
             f"error: {bad} model source(s) above cannot be served; fix each source (in the config file or "
             "--model NAME=SOURCE) and start again",
-            err=True,
+            level=logging.ERROR,
         )
         sys.exit(EXIT_BAD_SOURCE)
 
@@ -162,7 +162,7 @@ def _check_store(settings: Settings) -> None:
     try:
         asyncio.run(check())
     except MemserveError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        say(f"error: {exc.message}", level=logging.ERROR)
         sys.exit(EXIT_BAD_SOURCE)
 
 
@@ -191,13 +191,21 @@ def _run(settings: Settings, sockets: list[socket.socket]) -> bool:
     usable = ", ".join(
         f"{name} {d['usable_bytes'] / 2**30:.1f} GiB" for name, d in pool.ledger.to_json()["devices"].items()
     )
-    click.echo(
+    say(
         f"memserve gateway on http://{settings.host}:{port}  models: {names}  providers: {remote}  usable: {usable}",
-        err=True,
+        url=f"http://{settings.host}:{port}",
+        models=[m.name for m in settings.models],
+        providers=[p.name for p in settings.providers],
     )
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=settings.host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30
+            app,
+            host=settings.host,
+            port=port,
+            log_level="warning",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=30,
         )
     )
     server.run(sockets=sockets)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from memserve.logs import FIELDS
 from memserve.units import format_bytes
 
 log = logging.getLogger("memserve.pool")
@@ -96,7 +97,7 @@ class EventLog:
         self._seq += 1
         event = PoolEvent(self._seq, self._wall(), kind, model, fields)
         self._kept.append(event)
-        log.info("%s", event.line())
+        log.info("%s", event.line(), extra={FIELDS: event.to_json()})
         for listener in list(self._listeners):  # a listener may unsubscribe itself
             try:
                 listener(event)
