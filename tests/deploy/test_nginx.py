@@ -3,6 +3,7 @@ it, in front of a real gateway whose model is a provider faked on 127.0.0.1.
 
 The fake sends the first token and then holds the rest until the test has read that token through nginx, so a
 proxy that buffered the stream fails the test (the first token never comes) rather than passing by luck of timing.
+The template's commented TLS lines are switched on as the README says and serve HTTPS with a certificate made here.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,17 +38,22 @@ def nginx() -> str:
 
 
 @contextmanager
-def nginx_in_front(nginx: str, upstream: str, tmp_path: Path) -> Iterator[str]:
+def nginx_in_front(
+    nginx: str, upstream: str, tmp_path: Path, edit: Callable[[str, int], str] | None = None
+) -> Iterator[str]:
     """nginx on a free port with the shipped template in its http block; yields its origin.
 
     The main file stands in for the nginx image's ``/etc/nginx/nginx.conf`` (which includes conf.d/*.conf in
     http); pid, logs and temp files are in ``tmp_path``, so it runs as any user. As root, the workers run as
-    root too: the default ``nobody`` could not enter pytest's private tmp folder for its temp files.
+    root too: the default ``nobody`` could not enter pytest's private tmp folder for its temp files. ``edit``
+    changes the template (and gets the port) as a user would before it is rendered.
     """
     port = free_port()
     conf_d = tmp_path / "conf.d"
     conf_d.mkdir()
     template = (DEPLOY / "nginx" / "memserve.conf.template").read_text()
+    if edit is not None:
+        template = edit(template, port)
     values = {
         "MEMSERVE_UPSTREAM": upstream.removeprefix("http://"),
         "MEMSERVE_LISTEN": f"127.0.0.1:{port}",
@@ -80,18 +87,20 @@ http {{
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, process, tmp_path / "error.log", "nginx")
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if edit else 'http'}://127.0.0.1:{port}"
     finally:
         stop(process, "nginx")
 
 
 @contextmanager
-def stack(nginx: str, tmp_path: Path, script: Script) -> Iterator[tuple[str, FakeOpenAI]]:
+def stack(
+    nginx: str, tmp_path: Path, script: Script, edit: Callable[[str, int], str] | None = None
+) -> Iterator[tuple[str, FakeOpenAI]]:
     """The fake provider, a gateway serving it as ``fake/fake-model``, and nginx in front; yields nginx's origin."""
     with serve_fake(FakeOpenAI(models=["fake-model"], script=script)) as fake:
         provider = ProviderConfig(name="fake", base_url=fake.base_url, models=["fake-model"])
         settings = settings_for(tmp_path, [], providers=[provider], max_body_bytes=LIMIT_MIB * MiB)
-        with gateway(settings, host(4 * GiB)) as (origin, _), nginx_in_front(nginx, origin, tmp_path) as front:
+        with gateway(settings, host(4 * GiB)) as (origin, _), nginx_in_front(nginx, origin, tmp_path, edit) as front:
             try:
                 yield front, fake
             finally:
@@ -147,3 +156,44 @@ def test_a_normal_request_and_the_model_list_are_relayed(nginx: str, tmp_path: P
         assert [r.body["messages"] for r in fake.requests if r.body] == [MESSAGES]
         models = httpx.get(f"{front}/v1/models", timeout=60)
         assert models.status_code == 200 and "fake/fake-model" in {m["id"] for m in models.json()["data"]}
+
+
+def with_tls(certificate: Path, key: Path) -> Callable[[str, int], str]:
+    """What the README tells a user to do for TLS: the commented ``ssl`` lines instead of the plain ``listen``
+    (on the test's port, with the test's certificate)."""
+
+    def edit(template: str, port: int) -> str:
+        plain = "    listen ${MEMSERVE_LISTEN};\n"
+        assert plain in template
+        template = template.replace(plain, "")
+        for line in ("listen 443 ssl;", "ssl_certificate ", "ssl_certificate_key ", "ssl_protocols "):
+            commented = f"    # {line}"
+            assert commented in template, f"the template has no commented {line!r} line"
+            template = template.replace(commented, f"    {line}")
+        template = template.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
+        template = template.replace("/etc/nginx/certs/fullchain.pem", str(certificate))
+        return template.replace("/etc/nginx/certs/privkey.pem", str(key))
+
+    return edit
+
+
+def test_the_commented_tls_lines_serve_https_with_the_users_certificate(nginx: str, tmp_path: Path) -> None:
+    openssl = program("openssl", "openssl")
+    certificate, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    made = subprocess.run(
+        [openssl, *request, "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(certificate)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    with (
+        stack(nginx, tmp_path, Script(reply_tokens=3), with_tls(certificate, key)) as (front, _),
+        httpx.Client(verify=ssl.create_default_context(cafile=certificate), timeout=60) as client,
+    ):
+        assert front.startswith("https://")
+        body = {"model": "fake/fake-model", "messages": MESSAGES, "stream": True}
+        with client.stream("POST", f"{front}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            assert [text for line in response.iter_lines() if (text := content(line))] == ["Hello", " from", " the"]
