@@ -98,7 +98,8 @@ def scrape_config(target: str, key_file: Path | None) -> dict[str, Any]:
 @contextmanager
 def prometheus_on(config: dict[str, Any], tmp_path: Path) -> Iterator[Prometheus]:
     """Debian's prometheus in the foreground, its data and log in ``tmp_path``, on a free port; SIGTERM at the end
-    (and a check that it exited cleanly)."""
+    (and a check that it exited cleanly). The shipped file as the test changed it must pass ``promtool check
+    config`` first."""
     binary = program("prometheus", "prometheus")
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -125,10 +126,16 @@ def prometheus_on(config: dict[str, Any], tmp_path: Path) -> Iterator[Prometheus
 
 
 @pytest.fixture(scope="module")
+def prometheus_bin() -> str:
+    """Asked for before ``served`` by the tests that run Prometheus, so that they skip before starting a gateway."""
+    program("promtool", "prometheus")
+    return program("prometheus", "prometheus")
+
+
+@pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Gateway]:
     """``memserve serve`` with keys on and the demo model, after ``STREAMS`` streamed answers (so request series
     exist as well as the memory ones)."""
-    program("prometheus", "prometheus")  # skip before starting anything when it is missing
     tmp_path = tmp_path_factory.mktemp("gateway")
     port = free_port()
     gateway = Gateway(f"http://127.0.0.1:{port}", f"ms-{secrets.token_urlsafe(24)}")
@@ -155,7 +162,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
         stop(process, "memserve serve")
 
 
-def test_prometheus_scrapes_memserve_with_the_admin_key(served: Gateway, tmp_path: Path) -> None:
+def test_prometheus_scrapes_memserve_with_the_admin_key(prometheus_bin: str, served: Gateway, tmp_path: Path) -> None:
     key_file = tmp_path / "memserve_admin_key"
     key_file.write_text(served.admin_key + "\n")  # as `print(key) > file` writes it: Prometheus trims the newline
     config = scrape_config(served.origin.removeprefix("http://"), key_file)
@@ -173,7 +180,7 @@ def test_prometheus_scrapes_memserve_with_the_admin_key(served: Gateway, tmp_pat
         assert float(streams["value"][1]) >= STREAMS
 
 
-def test_without_the_key_the_target_is_down_with_a_401(served: Gateway, tmp_path: Path) -> None:
+def test_without_the_key_the_target_is_down_with_a_401(prometheus_bin: str, served: Gateway, tmp_path: Path) -> None:
     """The other side of the test above: the shipped authorization lines are what makes the scrape work."""
     with prometheus_on(scrape_config(served.origin.removeprefix("http://"), None), tmp_path) as prometheus:
         target = prometheus.wait_for_health("memserve", "down")
