@@ -8,7 +8,7 @@ set -eu
 
 if [ -n "${MEMSERVE_ADMIN_KEY_FILE:-}" ]; then
     if [ ! -r "$MEMSERVE_ADMIN_KEY_FILE" ]; then
-        echo "memserve: MEMSERVE_ADMIN_KEY_FILE=$MEMSERVE_ADMIN_KEY_FILE cannot be read by user $(id -u): create it (deploy/README: 'Run it as a service') and make it readable, or unset the variable" >&2
+        echo "memserve: MEMSERVE_ADMIN_KEY_FILE=$MEMSERVE_ADMIN_KEY_FILE cannot be read by user $(id -u): create it (README.md, 'Run it as a service') and make it readable, or unset the variable" >&2
         exit 1
     fi
     MEMSERVE_ADMIN_KEY="$(cat "$MEMSERVE_ADMIN_KEY_FILE")"

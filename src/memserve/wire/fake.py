@@ -24,6 +24,7 @@ ASGI app the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -172,7 +173,8 @@ class FakeOpenAI:
         self._released.set()
         holds, self._holds = self._holds, []
         for loop, event in holds:
-            loop.call_soon_threadsafe(event.set)
+            with contextlib.suppress(RuntimeError):  # its server stopped meanwhile: nothing waits there any more
+                loop.call_soon_threadsafe(event.set)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -353,17 +355,18 @@ class FakeOpenAI:
 
     async def _hold(self, gone: asyncio.Future[None]) -> None:
         """Wait for ``release()`` or the client to go away; ``held`` is set first, so a test may wait for it."""
-        released, event = self._released, asyncio.Event()
-        self._holds.append((asyncio.get_running_loop(), event))
+        released, hold = self._released, (asyncio.get_running_loop(), asyncio.Event())
+        self._holds.append(hold)
         self.held.set()
-        if released.is_set():  # released before this stream got here
-            return
-        waiter: asyncio.Future[Any] = asyncio.ensure_future(event.wait())
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(hold[1].wait())
         either: set[asyncio.Future[Any]] = {waiter, gone}
         try:
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not released.is_set():  # else released before this stream got here
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
+            with contextlib.suppress(ValueError):  # release() took it already
+                self._holds.remove(hold)
 
     def _saw_disconnect(self, generation: int) -> None:
         """A stream's client went away; only the test that started that stream hears of it."""
