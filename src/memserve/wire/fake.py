@@ -13,7 +13,9 @@ By default it answers at once. A ``Script`` adds latencies through an injected `
 from a virtual clock): a delay before any answer, a first-token delay once a slot is free, a gap before each
 further token, at most ``slots`` answers generated at once and ``queue_limit`` waiting (429 beyond). It also
 acts out failures: an error status, a body that is not JSON, an SSE error event mid-stream, or a connection
-dropped mid-stream. A stream whose client goes away stops at once and sets ``disconnected``.
+dropped mid-stream. A stream whose client goes away stops at once and sets ``disconnected``. A stream can
+also stop at a hold point (``Script.hold_after_tokens``) until the test calls ``release()``: a test of a proxy in
+front proves a token crossed it while the rest was not yet generated, with no sleep to tune.
 
 Serve it with ``serve_fake`` (127.0.0.1 on a free port, or a Unix socket); ``serve_in_thread`` serves any
 ASGI app the same way.
@@ -22,6 +24,7 @@ ASGI app the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -89,6 +92,9 @@ class Script:
     """Streams: drop the connection after this many content chunks, without ending the body."""
     die_mid_event: bool = False
     """With ``die_after_tokens``: send the first half of one more event before dropping the connection."""
+    hold_after_tokens: int | None = None
+    """Streams: after this many content chunks, set ``held`` and send nothing more until ``release()`` (or the
+    client goes away)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class ReceivedRequest:
 HALF_EVENT = sse_event({"id": "half-an-event"})[:23]  # b'data: {"id":"half-an-ev'
 """What ``die_mid_event`` sends before dropping the connection."""
 _DIE = object()  # in a stream's events: drop the connection here
+_HOLD = object()  # in a stream's events: wait here for release()
 
 
 class FakeOpenAI:
@@ -137,6 +144,10 @@ class FakeOpenAI:
         """Set when a stream's client went away before its end."""
         self.disconnected_at: float | None = None
         """``time.monotonic()`` when that was noticed."""
+        self.held = threading.Event()
+        """Set when a stream reached its ``hold_after_tokens`` point."""
+        self._released = threading.Event()
+        self._holds: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.reset(script)
         if requests is not None:
             self.requests = requests
@@ -153,6 +164,17 @@ class FakeOpenAI:
         self.sent = []
         self.disconnected = threading.Event()
         self.disconnected_at = None
+        self.release()  # a stream held by the test before belongs to it: let it finish
+        self.held = threading.Event()
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        """Let every stream waiting at its hold point go on, and any that reaches one later (thread-safe)."""
+        self._released.set()
+        holds, self._holds = self._holds, []
+        for loop, event in holds:
+            with contextlib.suppress(RuntimeError):  # its server stopped meanwhile: nothing waits there any more
+                loop.call_soon_threadsafe(event.set)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -268,6 +290,8 @@ class FakeOpenAI:
                     yield HALF_EVENT
                 yield _DIE
                 return
+            if index == script.hold_after_tokens:
+                yield _HOLD
             if index == 0 and shape.chat:
                 yield sse_event(shape.chunk(role=True))
             yield sse_event(shape.chunk(text=token))
@@ -298,6 +322,11 @@ class FakeOpenAI:
                         return
                     if event is _DIE:
                         return  # uvicorn logs "ASGI callable returned without completing response" and closes
+                    if event is _HOLD:
+                        await self._hold(gone)
+                        if gone.done():
+                            self._saw_disconnect(generation)
+                            return
                     if isinstance(event, bytes):
                         await answer.body(event, more=True)
             await answer.body(b"", more=False)
@@ -323,6 +352,21 @@ class FakeOpenAI:
             await asyncio.wait({sleeper, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
+
+    async def _hold(self, gone: asyncio.Future[None]) -> None:
+        """Wait for ``release()`` or the client to go away; ``held`` is set first, so a test may wait for it."""
+        released, hold = self._released, (asyncio.get_running_loop(), asyncio.Event())
+        self._holds.append(hold)
+        self.held.set()
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(hold[1].wait())
+        either: set[asyncio.Future[Any]] = {waiter, gone}
+        try:
+            if not released.is_set():  # else released before this stream got here
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            with contextlib.suppress(ValueError):  # release() took it already
+                self._holds.remove(hold)
 
     def _saw_disconnect(self, generation: int) -> None:
         """A stream's client went away; only the test that started that stream hears of it."""
