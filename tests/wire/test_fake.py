@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 from fastapi.testclient import TestClient
 
-from memserve.wire.fake import FakeOpenAI, Script
+from memserve.wire.fake import FakeOpenAI, Script, serve_fake
 from memserve.wire.schema import ChatCompletion, ChatCompletionChunk, TextCompletion
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "three words here"}]}
@@ -83,3 +84,34 @@ def test_scripted_failures() -> None:
     garbage = http.post("/v1/completions", json={"model": "fake-model", "prompt": "x"})
     assert garbage.status_code == 200 and garbage.text == "<html>down</html>"
     assert garbage.headers["content-type"].startswith("text/plain")
+
+
+def test_a_held_stream_sends_nothing_more_until_released() -> None:
+    body = {**CHAT, "stream": True}
+    with (
+        serve_fake(FakeOpenAI(script=Script(reply_tokens=4, hold_after_tokens=1))) as fake,
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{fake.base_url}/chat/completions", json=body) as response,
+    ):
+        lines = (line for line in response.iter_lines() if line)
+        texts = []
+        for line in lines:
+            chunk = json.loads(line.removeprefix("data: "))
+            texts.append(chunk["choices"][0]["delta"].get("content"))
+            if texts[-1]:
+                break
+        assert texts == [None, "Hello"] and fake.held.wait(timeout=30)  # the role chunk, the first token, the hold
+        sent = bytes(fake.sent[-1])
+        assert sent.count(b"data: ") == 2  # and nothing after it while held
+        fake.release()
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]" and len(rest) == 3 + 2  # three more tokens, the finish chunk, [DONE]
+
+
+def test_a_release_before_the_hold_point_is_kept_and_a_reset_holds_anew() -> None:
+    fake, http = client(Script(reply_tokens=3, hold_after_tokens=2))
+    fake.release()
+    chunks = events(http.post("/v1/chat/completions", json={**CHAT, "stream": True}).content)
+    assert chunks[-1] == "[DONE]" and fake.held.is_set()
+    fake.reset(Script(hold_after_tokens=1))
+    assert not fake.held.is_set()  # a new script holds anew

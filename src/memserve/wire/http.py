@@ -219,7 +219,12 @@ class EventStream(StreamingResponse):
         on_close: Callable[[], Awaitable[None]] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(body, media_type=SSE_MEDIA_TYPE, headers={"Cache-Control": "no-cache", **(headers or {})})
+        # X-Accel-Buffering: an nginx in front that buffers or gzips proxied answers still passes each event on
+        super().__init__(
+            body,
+            media_type=SSE_MEDIA_TYPE,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
+        )
         self._body = body
         self._on_close = on_close
 
