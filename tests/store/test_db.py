@@ -227,7 +227,7 @@ def test_an_unreachable_postgres_is_refused_naming_it(tmp_path: Path) -> None:
 
 
 def test_a_missing_postgres_database_is_refused_naming_it(postgres_server: object, tmp_path: Path) -> None:
-    from .conftest import PostgresServer
+    from tests.postgres import PostgresServer
 
     assert isinstance(postgres_server, PostgresServer)
     message = _open_fails(database_url(postgres_server.url("no_such_db"), tmp_path))
