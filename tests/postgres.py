@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,9 @@ def _stop(bindir: Path, folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+@contextmanager
+def _started() -> Iterator[PostgresServer]:
+    """Start a server in a new temporary folder; stop it and remove the folder at the end."""
     bindir = _postgres_bin()
     if bindir is None:
         _unavailable("initdb/pg_ctl not found on PATH nor under /usr/lib/postgresql/*/bin")
@@ -134,3 +136,27 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield PostgresServer(folder)
     finally:
         _stop(bindir, folder)
+
+
+class _Session:
+    """One server for the whole session, however many fixtures hold it: pytest makes a separate session fixture
+    for each conftest or module that imports ``postgres_server``."""
+
+    server: PostgresServer | None = None
+    users = 0
+    stack = ExitStack()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's throwaway server (started by the first user, stopped when the last one ends)."""
+    if _Session.server is None:
+        _Session.server = _Session.stack.enter_context(_started())
+    _Session.users += 1
+    try:
+        yield _Session.server
+    finally:
+        _Session.users -= 1
+        if _Session.users == 0:
+            _Session.server = None
+            _Session.stack.close()

@@ -161,9 +161,11 @@ def test_a_limit_spent_on_one_gateway_is_refused_on_the_other_once_the_rows_are_
     rpm = 4
     secret = new_key(a.origin, "spent-on-a", rpm=rpm)
     assert [ask(a, secret).status_code for _ in range(rpm + 1)] == [200] * rpm + [429]
-    poll(
+    poll(  # the refused request has its row too (an error that spends nothing)
         "A's rows to be in the database, as B's /api/usage reads it",
-        lambda: any(r["key_name"] == "spent-on-a" and r["requests"] == rpm for r in _usage_by_key(b)),
+        lambda: any(
+            (r["key_name"], r["requests"], r["errors"]) == ("spent-on-a", rpm + 1, 1) for r in _usage_by_key(b)
+        ),
     )
     refused = ask(b, secret)
     assert refused.status_code == 429, refused.text
