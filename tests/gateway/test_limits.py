@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from memserve.errors import RateLimited, StoreUnavailable
+from memserve.errors import InvalidArgument, RateLimited, StoreUnavailable
 from memserve.gateway.limits import Admission, Limiter
 
 T0 = datetime(2026, 11, 30, 9, 0, 0, tzinfo=UTC)
@@ -238,15 +238,76 @@ def test_the_tpm_message_and_retry_after(gw: Gateway, clock: Clock) -> None:
     gw.request(key, 300)
 
 
-def test_a_prompt_larger_than_the_whole_tpm_never_passes_and_says_so(gw: Gateway) -> None:
-    refused = gw.refused(Key(tpm=1000), 1001)
-    assert refused.code == "rate_limit_exceeded"
-    assert "retry in" not in refused.message
+@pytest.mark.parametrize(
+    ("key", "code", "what", "flag"),
+    [
+        (Key(tpm=1000), "rate_limit_exceeded", "its limit of 1,000 tokens per minute", "--tpm"),
+        (Key(daily_tokens=1000), "insufficient_quota", "its daily quota of 1,000 tokens", "--daily-tokens"),
+        (Key(monthly_tokens=1000), "insufficient_quota", "its monthly quota of 1,000 tokens", "--monthly-tokens"),
+        (
+            Key(rpm=5, monthly_tokens=1000),
+            "insufficient_quota",
+            "its monthly quota of 1,000 tokens",
+            "--monthly-tokens",
+        ),
+    ],
+)
+def test_a_prompt_larger_than_a_whole_limit_is_a_400_that_says_it_can_never_pass(
+    gw: Gateway, log: FakeLog, key: Key, code: str, what: str, flag: str
+) -> None:
+    """No wait lets it pass, so no Retry-After and no 429 (the openai client retries every 429): a 400, decided
+    before any query, so a failing store or a spent minute does not hide it behind a 503 or a 429."""
+    log.fail = True
+    with pytest.raises(InvalidArgument) as caught:
+        gw.admit(key, 1001)
+    refused = caught.value
+    assert (refused.status_code, refused.error_type, refused.code) == (400, "invalid_request_error", code)
+    assert not hasattr(refused, "retry_after_seconds") and log.queries == []
     assert refused.message == (
-        "key 'ci' has its limit of 1,000 tokens per minute, and this request's prompt alone is 1,001 tokens: "
-        "it can never pass, whenever it is retried; shorten the prompt, or raise the key's limit "
-        "(memserve keys update ci --tpm N)"
+        f"key 'ci' has {what}, and this request's prompt alone is 1,001 tokens: it can never pass, however long "
+        f"it waits; shorten the prompt, or ask an admin to raise the key's limit (memserve keys update ci {flag} N)"
     )
+    log.fail = False
+    gw.request(key, 1000)  # the whole limit, with nothing used yet, passes
+
+
+def test_the_command_in_a_never_message_quotes_the_key_name(gw: Gateway) -> None:
+    with pytest.raises(InvalidArgument, match=r"\(memserve keys update 'team a' --tpm N\)$"):
+        gw.admit(Key(name="team a", tpm=10), 11)
+
+
+def test_a_quota_with_too_little_left_today_is_a_429_until_the_reset(gw: Gateway, clock: Clock) -> None:
+    """Unlike a prompt above the whole quota, this one passes after the reset: Retry-After says when."""
+    key = Key(daily_tokens=1000)
+    gw.request(key, 600)
+    refused = gw.refused(key, 500)
+    assert (refused.status_code, refused.code) == (429, "insufficient_quota")
+    assert refused.retry_after_seconds == pytest.approx(15 * 3600)
+    clock.now = datetime(2026, 12, 1, tzinfo=UTC)
+    gw.request(key, 500)
+
+
+def test_the_openai_client_does_not_retry_a_request_that_can_never_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gateway, with the client's default retries: one request reaches it (one usage row), the
+    answer has no Retry-After, and the client raises at once with the message."""
+    import openai
+
+    from tests.gateway.test_keys import CHAT, keyed_gateway, new_key, usage_rows
+
+    long_prompt = [{"role": "user", "content": "word " * 400}]  # about 500 tokens by the estimate
+    with keyed_gateway(tmp_path, monkeypatch) as (origin, fake):
+        secret = new_key(origin, "small", tpm=100)
+        client = openai.OpenAI(base_url=f"{origin}/v1", api_key=secret)  # max_retries: the default, 2
+        with pytest.raises(openai.BadRequestError, match="it can never pass") as caught:
+            client.chat.completions.create(**{**CHAT, "messages": long_prompt})
+        assert "retry-after" not in caught.value.response.headers
+        assert caught.value.code == "rate_limit_exceeded"
+        assert client.chat.completions.create(**CHAT).choices  # a short prompt still passes
+        assert len(fake.requests) == 1  # only the short one reached the provider
+    rows = usage_rows(tmp_path)
+    assert [(r["status"], r["admitted"]) for r in rows] == [(400, False), (200, True)]
 
 
 def test_completion_tokens_count_as_they_stream(gw: Gateway, clock: Clock) -> None:

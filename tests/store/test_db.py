@@ -69,6 +69,69 @@ def test_open_twice_is_a_no_op(db_url: str) -> None:
     assert asyncio.run(twice()) == ([migrations.head()], ["alice"])
 
 
+# Each child imports the store, says "ready", waits for "go" on stdin, then opens: all open at one instant.
+_OPEN_ON_GO = """
+import asyncio, sys
+from memserve.store import Store
+from memserve.store import migrate
+
+
+async def main() -> None:
+    print("ready", flush=True)
+    sys.stdin.readline()
+    store = await Store.open(sys.argv[1])
+    try:
+        async with store.engine.connect() as conn:
+            print(await conn.run_sync(migrate.current), flush=True)
+    finally:
+        await store.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_gateways_starting_together_on_a_fresh_database_all_open_and_migrate_it_once(db_url: str) -> None:
+    """Without a lock around the upgrade, every process saw no schema and all but one failed on "table already
+    exists" (SQLite runs DDL outside a transaction; measured: 6 of 8 pairs failed)."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_ON_GO, db_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        answers = [child.communicate(timeout=120) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert [(child.returncode, out, err) for child, (out, err) in zip(children, answers, strict=True)] == [
+        (0, f"{migrations.head()}\n", "")
+    ] * 3
+
+    async def versions() -> list[str]:
+        store = await Store.open(db_url)
+        try:
+            async with store.engine.connect() as conn:
+                return list((await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalars())
+        finally:
+            await store.close()
+
+    assert asyncio.run(versions()) == [migrations.head()]
+
+
 def _open_fails(url: str, **kwargs: float) -> str:
     async def attempt() -> None:
         store = await Store.open(url, **kwargs)
@@ -164,7 +227,7 @@ def test_an_unreachable_postgres_is_refused_naming_it(tmp_path: Path) -> None:
 
 
 def test_a_missing_postgres_database_is_refused_naming_it(postgres_server: object, tmp_path: Path) -> None:
-    from .conftest import PostgresServer
+    from tests.postgres import PostgresServer
 
     assert isinstance(postgres_server, PostgresServer)
     message = _open_fails(database_url(postgres_server.url("no_such_db"), tmp_path))

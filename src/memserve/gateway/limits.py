@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import shlex
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from memserve.errors import RateLimited, StoreUnavailable
+from memserve.errors import InvalidArgument, RateLimited, StoreUnavailable
 
 __all__ = ["Admission", "LimitedKey", "Limiter", "UsageCounts"]
 
@@ -231,9 +232,11 @@ class Limiter:
     async def admit(self, key: LimitedKey, prompt_tokens: int) -> Admission:
         """Count a request of ``prompt_tokens`` against ``key``'s limits, in order: requests per minute,
         tokens per minute, daily tokens, monthly tokens. Raises :class:`RateLimited` at the first one it
-        would pass."""
+        would pass, or :class:`InvalidArgument` first (before any query) when its prompt alone is above a whole
+        limit: no wait would let it pass."""
         if key.rpm is None and key.tpm is None and key.daily_tokens is None and key.monthly_tokens is None:
             return Admission(key.id, prompt_tokens, self._clock(), None)
+        _check_never(key, prompt_tokens)
         books = self._books.get(key.id)
         if books is None:
             books = self._books[key.id] = _Books(self._clock)
@@ -308,7 +311,8 @@ def _covers(fetch: _Fetch | None, key: LimitedKey, now: datetime, refresh: timed
 
 
 def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, now: datetime) -> None:
-    """Raise :class:`RateLimited` for the first limit this request would pass, in the documented order."""
+    """Raise :class:`RateLimited` for the first limit this request would pass, in the documented order (a prompt
+    above a whole limit was refused before, by ``_check_never``: here each prompt fits its limits when empty)."""
     name = key.name
     if key.rpm is not None and fetch.others_requests is not None:
         used = fetch.others_requests + len(books.recent)
@@ -325,8 +329,6 @@ def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, no
     if key.tpm is not None and fetch.others_tokens is not None:
         used = fetch.others_tokens + books.minute_tokens_total
         what = f"its limit of {key.tpm:,} tokens per minute"
-        if prompt_tokens > key.tpm:
-            raise _never(name, what, prompt_tokens, "--tpm", 60.0)
         if used + prompt_tokens > key.tpm or used >= key.tpm:
             # how many of our tokens may stay: room for the prompt, and below the limit
             room = min(key.tpm - prompt_tokens, key.tpm - 1) - fetch.others_tokens
@@ -338,13 +340,12 @@ def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, no
                 now,
                 "rate_limit_exceeded",
             )
-    for quota, logged, ours, period, flag, ends in (
+    for quota, logged, ours, period, ends in (
         (
             key.daily_tokens,
             fetch.day_tokens,
             books.unsettled_day_tokens,
             "daily",
-            "--daily-tokens",
             fetch.day_end,
         ),
         (
@@ -352,7 +353,6 @@ def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, no
             fetch.month_tokens,
             books.unsettled_month_tokens,
             "monthly",
-            "--monthly-tokens",
             fetch.month_end,
         ),
     ):
@@ -360,8 +360,6 @@ def _check(key: LimitedKey, books: _Books, fetch: _Fetch, prompt_tokens: int, no
             continue
         wait = (ends - now).total_seconds()
         what = f"its {period} quota of {quota:,} tokens"
-        if prompt_tokens > quota:
-            raise _never(name, what, prompt_tokens, flag, wait)
         used = logged + ours
         if used + prompt_tokens > quota or used >= quota:
             today = "today" if period == "daily" else "this month"
@@ -403,13 +401,25 @@ def _refused(what: str, wait_seconds: float, now: datetime, code: str) -> RateLi
     )
 
 
-def _never(name: str, what: str, prompt_tokens: int, flag: str, wait_seconds: float) -> RateLimited:
+def _check_never(key: LimitedKey, prompt_tokens: int) -> None:
+    for limit, what, flag in (
+        (key.tpm, "its limit of {:,} tokens per minute", "--tpm"),
+        (key.daily_tokens, "its daily quota of {:,} tokens", "--daily-tokens"),
+        (key.monthly_tokens, "its monthly quota of {:,} tokens", "--monthly-tokens"),
+    ):
+        if limit is not None and prompt_tokens > limit:
+            raise _never(key.name, what.format(limit), prompt_tokens, flag)
+
+
+def _never(name: str, what: str, prompt_tokens: int, flag: str) -> InvalidArgument:
+    """A prompt larger than a whole limit passes after no wait: a 400, as a prompt longer than the context is,
+    not a 429 whose Retry-After (and status: the openai client retries any 429) would invite retries that can
+    only fail. The code still names the kind of limit. docs/limits.md compares OpenAI's and LiteLLM's answers."""
     code = "rate_limit_exceeded" if flag == "--tpm" else "insufficient_quota"
-    return RateLimited(
+    return InvalidArgument(
         f"key {name!r} has {what}, and this request's prompt alone is {prompt_tokens:,} tokens: it can never "
-        f"pass, whenever it is retried; shorten the prompt, or raise the key's limit "
-        f"(memserve keys update {name} {flag} N)",
-        retry_after_seconds=wait_seconds,
+        f"pass, however long it waits; shorten the prompt, or ask an admin to raise the key's limit "
+        f"(memserve keys update {shlex.quote(name)} {flag} N)",
         code=code,
     )
 

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from memserve.errors import StoreUnavailable
 from memserve.store import migrate
@@ -97,9 +98,7 @@ class Store:
                 "(sqlite:///PATH) and Postgres (postgresql://USER@HOST/DB)."
             )
         try:
-            with translated(target):
-                async with engine.begin() as conn:
-                    await conn.run_sync(_migrate, target)
+            await _migrate_once(engine, parsed, target, busy_timeout_seconds)
         except BaseException:
             await engine.dispose()
             raise
@@ -162,8 +161,21 @@ def _prepare_sqlite_file(url: URL) -> None:
         raise StoreUnavailable(corrupt_message(str(path)))
 
 
-def _sqlite_engine(url: URL, busy_timeout_seconds: float) -> AsyncEngine:
-    engine = create_async_engine(url.set(drivername="sqlite+aiosqlite"), connect_args={"timeout": busy_timeout_seconds})
+def _sqlite_engine(url: URL, busy_timeout_seconds: float, *, write_lock: bool = False) -> AsyncEngine:
+    """The SQLite engine; with ``write_lock``, every transaction starts with ``BEGIN IMMEDIATE``.
+
+    Python's sqlite3 (legacy transaction control, before 3.16) runs DDL outside any transaction, so two
+    processes migrating one fresh file both see no schema and the second fails on "table already exists".
+    The migration engine therefore takes SQLite's transaction control over as SQLAlchemy's SQLite docs show
+    ("Enabling Non-Legacy SQLite Transactional Modes": ``isolation_level = None`` and our own BEGIN), and
+    begins IMMEDIATE: the write lock is taken before the revision is read, and a second process waits for it
+    (``busy_timeout``), then finds the schema at head.
+    """
+    engine = create_async_engine(
+        url.set(drivername="sqlite+aiosqlite"),
+        connect_args={"timeout": busy_timeout_seconds},
+        poolclass=NullPool if write_lock else None,
+    )
     busy_ms = int(busy_timeout_seconds * 1000)
 
     @sa.event.listens_for(engine.sync_engine, "connect")
@@ -175,12 +187,37 @@ def _sqlite_engine(url: URL, busy_timeout_seconds: float) -> AsyncEngine:
             cursor.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a crash of the process loses nothing
         finally:
             cursor.close()
+        if write_lock:
+            dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own; the hook below does
+
+    if write_lock:
+
+        @sa.event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
 
+async def _migrate_once(engine: AsyncEngine, url: URL, target: Target, busy_timeout_seconds: float) -> None:
+    """Migrate holding a lock every process opening this database shares, so that gateways started together
+    on a fresh database upgrade it once, one after the other: Postgres's advisory lock (in ``_migrate``),
+    SQLite's write lock (a short-lived engine whose transaction is ``BEGIN IMMEDIATE``)."""
+    migrating = engine
+    if url.get_backend_name() == "sqlite":
+        migrating = _sqlite_engine(url, busy_timeout_seconds, write_lock=True)
+    try:
+        with translated(target):
+            async with migrating.begin() as conn:
+                await conn.run_sync(_migrate, target)
+    finally:
+        if migrating is not engine:
+            await migrating.dispose()
+
+
 def _migrate(conn: Connection, target: Target) -> None:
     if conn.dialect.name == "postgresql":
+        # held until this transaction ends; Postgres's DDL is transactional, so the next holder sees head
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
     found = migrate.current(conn)
     head = migrate.head()
