@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,3 +98,11 @@ def read_frames(lines: Iterator[str], count: int) -> list[dict[str, Any]]:
         if len(frames) == count:
             return frames
     raise AssertionError(f"the stream ended after {len(frames)} of {count} frames: {frames}")
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Wait for ``condition()`` to hold (a hang guard of 30 s, not a speed check)."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.02)

@@ -4,11 +4,9 @@ went away (no listener, no task left), and who may read it with keys on."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +15,7 @@ from memserve.gateway.ui import LiveStreams, close_live_streams
 from memserve.pool.events import EventLog, PoolEventKind
 from memserve.wire.routes import UI_ROUTES
 from tests.gateway.test_gateway_process import GiB, host, settings_for
-from tests.ui.live import Live, live_gateway, read_frames
+from tests.ui.live import Live, live_gateway, read_frames, wait_for
 
 ADMIN = "ms-admin-bootstrap-secret-for-ui-tests"
 STREAM = "/api/events/stream"
@@ -27,14 +25,6 @@ STREAM = "/api/events/stream"
 def live(tmp_path: Path) -> Iterator[Live]:
     with live_gateway(settings_for(tmp_path, []), host(4 * GiB)) as served:
         yield served
-
-
-def wait_for(condition: Any, what: str) -> None:
-    """Wait for ``condition()`` (a hang guard of 20 s, not a speed check)."""
-    deadline = time.monotonic() + 20
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------- LiveStreams

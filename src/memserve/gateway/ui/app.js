@@ -417,9 +417,9 @@ function onFrame(frame) {
 function addEvent(event) {
   const { seq, time, event: kind, model, ...fields } = event;
   const item = el("li", BAD.has(kind) ? "bad" : WARN.has(kind) ? "warn" : kind === "ready" ? "good" : "");
-  Object.assign(item.dataset, { seq, event: kind, model, received: Date.now() });
+  Object.assign(item.dataset, { seq, time, event: kind, model, received: Date.now() });
   item.append(
-    el("time", "", new Date(time * 1000).toLocaleTimeString()),
+    el("time", "", new Date(time * 1000).toLocaleTimeString(undefined, { hour12: false })),
     el("span", "kind", kind),
     el("span", "model", model),
     el("span", "detail", details(fields)),
