@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -134,7 +134,7 @@ def close_live_streams(app: ASGIApp) -> None:
         streams.close()
 
 
-def _file_handler(name: str, media_type: str) -> Any:
+def _file_handler(name: str, media_type: str) -> Callable[[], Awaitable[Response]]:
     async def serve_file() -> Response:
         body = resources.files(__package__).joinpath("ui", name).read_bytes()
         return Response(body, media_type=media_type, headers=_HEADERS)
