@@ -56,6 +56,7 @@ from memserve.gateway.auth import ANONYMOUS, Auth, Caller, auth_mode, end_user
 from memserve.gateway.door import Door
 from memserve.gateway.limits import Limiter
 from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord, metered
+from memserve.gateway.ui import install_ui
 from memserve.gateway.upstream import Upstream, forward
 from memserve.memory.fit import fit_json, fit_result
 from memserve.memory.probe import host_memory
@@ -426,6 +427,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
     async def events(since: int = 0) -> dict[str, Any]:
         return {"events": pool.events_since(since)}
 
+    install_ui(app, pool.history)
     add_account_routes(
         app,
         lambda: service.store.keys if service.store else None,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from memserve.errors import InvalidApiKey, InvalidArgument, PermissionDenied
 from memserve.net import is_loopback
+from memserve.wire.routes import UI_ROUTES
 
 if TYPE_CHECKING:
     from memserve.store.keys import ApiKey, KeyStore
@@ -31,8 +32,9 @@ if TYPE_CHECKING:
 AuthMode = Literal["off", "keys"]
 ADMIN_KEY_ENV = "MEMSERVE_ADMIN_KEY"
 USER_HEADER = "x-memserve-user"
-PUBLIC_PATHS = frozenset({"/health"})
-"""Routes that answer without a key (``/metrics`` joins them with ``metrics_public``)."""
+PUBLIC_PATHS = frozenset({"/health", *(route.path for route in UI_ROUTES)})
+"""Routes that answer without a key (``/metrics`` joins them with ``metrics_public``); the ``/ui`` page's files
+hold no data: the page asks for the admin key before it reads any."""
 MODEL_PATHS_PREFIX = "/v1/"
 """Routes any valid key may call; the handler checks the key's models."""
 

@@ -12,6 +12,7 @@ __all__ = [
     "CHAT_COMPLETIONS",
     "COMPLETIONS",
     "EVENTS",
+    "EVENTS_STREAM",
     "FIT",
     "GATEWAY_ROUTES",
     "HEALTH",
@@ -21,6 +22,7 @@ __all__ = [
     "KEY_REVOKE",
     "KEY_ROUTES",
     "KEY_UPDATE",
+    "LIVE_ROUTES",
     "LOAD",
     "MEMORY",
     "MODELS",
@@ -28,6 +30,10 @@ __all__ = [
     "PS",
     "RUNNER_ROUTES",
     "STATS",
+    "UI",
+    "UI_ROUTES",
+    "UI_SCRIPT",
+    "UI_STYLE",
     "UNLOAD",
     "USAGE",
     "Route",
@@ -67,7 +73,15 @@ KEY = Route("GET", "/api/keys/{name}")
 KEY_UPDATE = Route("PATCH", "/api/keys/{name}")
 KEY_REVOKE = Route("DELETE", "/api/keys/{name}")
 KEY_ROUTES = (KEYS, KEY_CREATE, KEY, KEY_UPDATE, KEY_REVOKE)
-GATEWAY_ROUTES = (*OPENAI_ROUTES, HEALTH, PS, LOAD, UNLOAD, FIT, MEMORY, EVENTS, USAGE, *KEY_ROUTES)
+EVENTS_STREAM = Route("GET", "/api/events/stream")
+UI = Route("GET", "/ui")
+UI_SCRIPT = Route("GET", "/ui/app.js")
+UI_STYLE = Route("GET", "/ui/style.css")
+UI_ROUTES = (UI, UI_SCRIPT, UI_STYLE)
+"""The live memory page's static files: public even with keys on (they hold no data)."""
+LIVE_ROUTES = (EVENTS_STREAM, *UI_ROUTES)
+"""What ``/ui`` adds: its files and the pool's events as SSE (``gateway/ui.py``)."""
+GATEWAY_ROUTES = (*OPENAI_ROUTES, HEALTH, PS, LOAD, UNLOAD, FIT, MEMORY, EVENTS, USAGE, *KEY_ROUTES, *LIVE_ROUTES)
 
 
 def describe(routes: Sequence[Route]) -> str:
