@@ -171,6 +171,7 @@ def _run(settings: Settings, sockets: list[socket.socket]) -> bool:
     import uvicorn
 
     from memserve.gateway.app import create_app
+    from memserve.gateway.ui import close_live_streams
     from memserve.memory.probe import probe_inventory
     from memserve.pool.pool import ModelPool
 
@@ -197,7 +198,13 @@ def _run(settings: Settings, sockets: list[socket.socket]) -> bool:
         models=[m.name for m in settings.models],
         providers=[p.name for p in settings.providers],
     )
-    server = uvicorn.Server(
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            close_live_streams(app)  # uvicorn drains open responses: an open /ui tab would hold it for 30 s
+            await super().shutdown(sockets)
+
+    server = Server(
         uvicorn.Config(
             app,
             host=settings.host,
