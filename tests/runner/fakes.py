@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from memserve.errors import GenerationFailed
+from memserve.memory.estimate import DeviceNeed
+from memserve.memory.planner import Plan
 from memserve.wire.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
 
 
@@ -87,3 +89,24 @@ def _finish_reason(token_id: int, index: int, request: GenerationRequest, script
     if index + 1 == request.max_new_tokens:
         return "length"
     return "stop" if index + 1 == scripted else None
+
+
+def cpu_plan(
+    dtype: str = "float32",
+    *,
+    context_tokens: int = 256,
+    concurrency: int = 1,
+    max_batch_tokens: int = 128,
+    devices: dict[str, DeviceNeed] | None = None,
+) -> Plan:
+    """A whole-model plan on the CPU, unquantized, for tests that load or serve a demo model directly."""
+    return Plan(
+        "cpu",
+        dtype,
+        "none",
+        context_tokens=context_tokens,
+        concurrency=concurrency,
+        max_batch_tokens=max_batch_tokens,
+        devices=devices or {},
+        device_map={"": "cpu"},
+    )

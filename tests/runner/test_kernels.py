@@ -14,7 +14,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from memserve.checkpoint.demo import write_demo_model
-from memserve.memory.planner import Plan
 from memserve.runner.kernels import (
     ENV_SWITCH,
     PackedLinear,
@@ -23,6 +22,7 @@ from memserve.runner.kernels import (
     pack_linear_weights,
     why_not_pack,
 )
+from tests.runner.fakes import cpu_plan
 
 _probe = nn.Linear(8, 8, dtype=torch.bfloat16)
 REASON = why_not_pack(_probe, env={})
@@ -156,16 +156,7 @@ def test_packed_linear_matches_linear_on_any_leading_shape() -> None:
         assert torch.equal(packed(strided), linear(strided.contiguous()))
 
 
-BF16_PLAN = Plan(
-    "cpu",
-    "bfloat16",
-    "none",
-    context_tokens=256,
-    concurrency=1,
-    max_batch_tokens=128,
-    devices={},
-    device_map={"": "cpu"},
-)
+BF16_PLAN = cpu_plan("bfloat16")
 
 
 @needs_packing

@@ -19,21 +19,12 @@ from rich.file_proxy import FileProxy
 from transformers.utils import logging as transformers_logging
 
 from memserve.errors import ModelNotFound
-from memserve.memory.planner import Plan
 from memserve.runner.load import PHASES, LoadReport, load_model
 from memserve.runner.progress import LoadProgress, emit
 from memserve.wire.events import runner_event_from_json
+from tests.runner.fakes import cpu_plan
 
-PLAN = Plan(
-    "cpu",
-    "float32",
-    "none",
-    context_tokens=256,
-    concurrency=1,
-    max_batch_tokens=128,
-    devices={},
-    device_map={"": "cpu"},
-)
+PLAN = cpu_plan()
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

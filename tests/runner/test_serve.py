@@ -14,12 +14,12 @@ import pytest
 
 from memserve.memory.estimate import DeviceNeed
 from memserve.memory.fit import PlanFile
-from memserve.memory.planner import Plan
 from memserve.runner import serve
 from memserve.runner.load import WORST_CASE_PHASE, LoadReport
 from memserve.runner.progress import LoadProgress
 from memserve.runner.serve import build_app, fit_to_reservation
 from memserve.runner.threads import on_fresh_thread
+from tests.runner.fakes import cpu_plan
 
 
 def test_work_runs_on_another_thread_that_has_ended_when_it_returns() -> None:
@@ -65,16 +65,7 @@ def plan_for(
     concurrency: int, total_bytes: int, kv_bytes: int, *, reserved_bytes: dict[str, int] | None = None
 ) -> PlanFile:
     need = DeviceNeed(weights_bytes=total_bytes - kv_bytes, kv_cache_bytes=kv_bytes)
-    plan = Plan(
-        "cpu",
-        "float32",
-        "none",
-        context_tokens=2048,
-        concurrency=concurrency,
-        max_batch_tokens=2048,
-        devices={"cpu": need},
-        device_map={"": "cpu"},
-    )
+    plan = cpu_plan(context_tokens=2048, concurrency=concurrency, max_batch_tokens=2048, devices={"cpu": need})
     return PlanFile("/models/m", plan, reserved_bytes=reserved_bytes)
 
 
@@ -161,16 +152,7 @@ def test_the_pools_reservation_wins_over_the_estimate(peaks: list[int]) -> None:
 def tiny_plan(folder: Path, **limits: Any) -> PlanFile:
     """The tiny demo model at 256 × 2 with all the memory it could want (unless ``reserved_bytes`` says less)."""
     need = DeviceNeed(weights_bytes=(64 << 30) - (1 << 20), kv_cache_bytes=1 << 20)
-    plan = Plan(
-        "cpu",
-        "float32",
-        "none",
-        context_tokens=256,
-        concurrency=2,
-        max_batch_tokens=128,
-        devices={"cpu": need},
-        device_map={"": "cpu"},
-    )
+    plan = cpu_plan(concurrency=2, devices={"cpu": need})
     return PlanFile(str(folder), plan, **limits)
 
 
