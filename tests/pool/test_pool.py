@@ -1151,9 +1151,10 @@ def test_lifecycle_log_lines_read_as_key_value_pairs_with_units(
             runner.memory_bytes = {"cpu": 8 * GiB}
             await until(lambda: entry.state == "failed", "the watchdog")
             lines = [r.getMessage() for r in caplog.records if r.name == "memserve.pool"]
-            assert f'load a rung=cpu reserved="{format_bytes(reserved)} on cpu"' in lines
+            load = f'load a rung=cpu reserved="{format_bytes(reserved)} on cpu" planned="'
+            assert any(line.startswith(load) for line in lines)
             [kill] = [line for line in lines if line.startswith("watchdog_kill a ")]
-            assert kill.startswith(f'watchdog_kill a pid={runner.pid} measured="8.0 GiB" limit="')
+            assert kill.startswith(f'watchdog_kill a pid={runner.pid} device=cpu measured="8.0 GiB" limit="')
             assert kill.endswith(
                 'reason="stopped by the watchdog: cpu use 8.0 GiB went past its plan of '
                 f"{format_bytes(reserved)} plus the tolerance (limit "
