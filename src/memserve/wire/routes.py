@@ -23,6 +23,7 @@ __all__ = [
     "KEY_UPDATE",
     "LOAD",
     "MEMORY",
+    "METRICS",
     "MODELS",
     "OPENAI_ROUTES",
     "PS",
@@ -61,13 +62,14 @@ FIT = Route("GET", "/api/fit")
 MEMORY = Route("GET", "/api/memory")
 EVENTS = Route("GET", "/api/events")
 USAGE = Route("GET", "/api/usage")
+METRICS = Route("GET", "/metrics")
 KEYS = Route("GET", "/api/keys")
 KEY_CREATE = Route("POST", "/api/keys")
 KEY = Route("GET", "/api/keys/{name}")
 KEY_UPDATE = Route("PATCH", "/api/keys/{name}")
 KEY_REVOKE = Route("DELETE", "/api/keys/{name}")
 KEY_ROUTES = (KEYS, KEY_CREATE, KEY, KEY_UPDATE, KEY_REVOKE)
-GATEWAY_ROUTES = (*OPENAI_ROUTES, HEALTH, PS, LOAD, UNLOAD, FIT, MEMORY, EVENTS, USAGE, *KEY_ROUTES)
+GATEWAY_ROUTES = (*OPENAI_ROUTES, HEALTH, PS, LOAD, UNLOAD, FIT, MEMORY, EVENTS, USAGE, *KEY_ROUTES, METRICS)
 
 
 def describe(routes: Sequence[Route]) -> str:
