@@ -180,6 +180,11 @@ def report_stats(
 
 def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
     """Everything short of listening: the loaded model behind its FastAPI app."""
+    return _build(launch, name=name)[0]
+
+
+def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
+    """The app, and the engine behind it (whose figures ``serve`` pushes)."""
     from memserve.runner.app import create_app
     from memserve.runner.engine import make_engine
 
@@ -255,15 +260,14 @@ def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
         stop_token_ids=stop_ids or None,
     )
     emit(Ready(served_name, engine.name, process_memory(), report.plan_check))
-    app.state.engine_stats = engine.stats  # pushed by serve() while it listens
-    return app
+    return app, engine
 
 
 def serve(launch: PlanFile, *, name: str | None = None, port: int | None = None, socket: Path | None = None) -> None:
     """Load, then listen on a Unix socket or 127.0.0.1:port until stopped."""
     import uvicorn
 
-    app = build_app(launch, name=name)
+    app, engine = _build(launch, name=name)
     if socket is not None:
         config = uvicorn.Config(
             app,
@@ -283,9 +287,7 @@ def serve(launch: PlanFile, *, name: str | None = None, port: int | None = None,
         )
     emit(Listening(str(socket) if socket else None, None if socket else config.port))
     stop = threading.Event()
-    reporter = threading.Thread(
-        target=report_stats, args=(app.state.engine_stats, stop), name="memserve-stats", daemon=True
-    )
+    reporter = threading.Thread(target=report_stats, args=(engine.stats, stop), name="memserve-stats", daemon=True)
     reporter.start()
     try:
         uvicorn.Server(config).run()
