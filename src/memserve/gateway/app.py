@@ -446,7 +446,13 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         METRICS,
         response_class=Response,
         summary="Prometheus metrics (docs/metrics.md): requests, memory per device and model, lifecycle",
-        responses=openapi.responses(None, openapi.COMMON_ERRORS),
+        responses={
+            **openapi.responses(None, openapi.COMMON_ERRORS),
+            200: {
+                "description": "Prometheus's text format",
+                "content": {CONTENT_TYPE_LATEST.partition(";")[0]: {"schema": {"type": "string"}}},
+            },
+        },
     )
     async def metrics() -> Response:
         snapshot = take_snapshot(pool, service.metrics)  # on the loop, no await: one consistent instant
