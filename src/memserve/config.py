@@ -366,6 +366,11 @@ class Settings(BaseSettings):
         description="The store for keys and usage: sqlite:///path/memserve.db or postgresql://user@host/db "
         "(several gateways then share keys and usage). Default: SQLite in <data_dir>/memserve.db.",
     )
+    metrics_public: bool = Field(
+        default=False,
+        description="With auth: keys, let GET /metrics answer without a key (for a Prometheus that cannot send one); "
+        "its series name the keys and models.",
+    )
     usage_flush_seconds: IntervalSeconds = Field(
         default=1.0, description="How often usage rows are written to the store (a kill -9 loses at most this much)."
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from memserve.memory.estimate import DeviceNeed, GiB
 from memserve.memory.fit import PlanFile
 from memserve.memory.planner import Plan
 from memserve.pool.runner_process import RUNNER_BASE_URL, describe_exit
-from memserve.wire.events import PhaseDone, Ready, RunnerEvent
+from memserve.wire.events import PhaseDone, Ready, RunnerEvent, Stats
 
 LOAD_PHASES = ("resolve", "map", "fault_in", "warm_up")
 CPU_PLAN = Plan(
@@ -63,6 +63,7 @@ class RunnerScript:
     memory_bytes: dict[str, int] = field(default_factory=dict)
     ready_report: Ready | None = None
     exit_on_kill: bool = True
+    app: Any = None  # an ASGI app that answers the runner's requests (a FakeOpenAI, say); None: a JSON echo
 
 
 class FakeRunner:
@@ -89,8 +90,11 @@ class FakeRunner:
         self._on_event = on_event
         self._journal = journal
         self._ready = asyncio.Event()
+        self._stats: tuple[Stats, float] | None = None
         self._exited = asyncio.Event()
-        self._transport = httpx.MockTransport(self._answer)
+        self._transport: httpx.AsyncBaseTransport = (
+            StreamingASGITransport(script.app) if script.app is not None else httpx.MockTransport(self._answer)
+        )
         self._client = httpx.AsyncClient(base_url=RUNNER_BASE_URL, transport=self._transport)
 
     # ------------------------------------------------------------------------------ RunnerHandle
@@ -110,6 +114,10 @@ class FakeRunner:
     @property
     def transport(self) -> httpx.AsyncBaseTransport:
         return self._transport
+
+    @property
+    def last_stats(self) -> tuple[Stats, float] | None:
+        return self._stats
 
     async def wait_ready(self, timeout_seconds: float) -> Ready | None:
         """The ready report; RunnerFailed when it exits first or takes longer than ``timeout_seconds``."""
@@ -181,6 +189,10 @@ class FakeRunner:
         )
         self._on_event(PhaseDone(phase, seconds, memory, peak_bytes, needs_bytes, details))
 
+    def push_stats(self, stats: Stats) -> None:
+        """The engine's figures, as the real runner pushes them on stderr while it serves."""
+        self._stats = (stats, asyncio.get_running_loop().time())
+
     def make_ready(self) -> None:
         if self._returncode is None:
             self.phase = "ready"
@@ -204,6 +216,68 @@ class FakeRunner:
 
     def _answer(self, request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"runner": self.name, "pid": self._pid, "path": request.url.path})
+
+
+class StreamingASGITransport(httpx.AsyncBaseTransport):
+    """Answers from an ASGI app, each body message as its own chunk as soon as the app sends it (httpx's own
+    ``ASGITransport`` joins the whole body first, so a relay would see a stream as one chunk)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": request.method,
+            "scheme": request.url.scheme,
+            "path": request.url.path,
+            "raw_path": request.url.raw_path,
+            "query_string": request.url.query,
+            "headers": [(k.lower(), v) for k, v in request.headers.raw],
+            "server": ("runner", 80),
+            "client": ("127.0.0.1", 1),
+        }
+        sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        received = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client never leaves on its own here
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            await sent.put(message)
+
+        task = asyncio.create_task(self.app(scope, receive, send))
+        start = await sent.get()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    message = await sent.get()
+                    if message.get("body"):
+                        yield message["body"]
+                    if not message.get("more_body"):
+                        return
+            finally:
+                task.cancel()
+
+        return httpx.Response(start["status"], headers=start.get("headers", []), stream=_Chunks(chunks()))
+
+
+class _Chunks(httpx.AsyncByteStream):
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.chunks:
+            yield chunk
 
 
 class FakeSpawner:

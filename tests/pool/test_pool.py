@@ -54,6 +54,8 @@ ROW_KEYS = {
     "pid",
     "source",
     "rung",
+    "dtype",
+    "quantization",
     "context_tokens",
     "concurrency",
     "devices",
@@ -1151,9 +1153,10 @@ def test_lifecycle_log_lines_read_as_key_value_pairs_with_units(
             runner.memory_bytes = {"cpu": 8 * GiB}
             await until(lambda: entry.state == "failed", "the watchdog")
             lines = [r.getMessage() for r in caplog.records if r.name == "memserve.pool"]
-            assert f'load a rung=cpu reserved="{format_bytes(reserved)} on cpu"' in lines
+            load = f'load a rung=cpu reserved="{format_bytes(reserved)} on cpu" planned="'
+            assert any(line.startswith(load) for line in lines)
             [kill] = [line for line in lines if line.startswith("watchdog_kill a ")]
-            assert kill.startswith(f'watchdog_kill a pid={runner.pid} measured="8.0 GiB" limit="')
+            assert kill.startswith(f'watchdog_kill a pid={runner.pid} device=cpu measured="8.0 GiB" limit="')
             assert kill.endswith(
                 'reason="stopped by the watchdog: cpu use 8.0 GiB went past its plan of '
                 f"{format_bytes(reserved)} plus the tolerance (limit "
@@ -1184,6 +1187,8 @@ def test_ps_rows_have_the_documented_keys_and_events_tell_the_story(tmp_path: Pa
                 "pid": runner.pid,
                 "source": "mem://a",
                 "rung": "cpu",
+                "dtype": "bfloat16",
+                "quantization": "none",
                 "context_tokens": 2048,
                 "concurrency": 1,
                 "devices": {"cpu": {"reserved_bytes": reserved, "measured_bytes": 0}},

@@ -64,8 +64,14 @@ class Live:
         return self.on_loop(lambda: len(asyncio.all_tasks())) - 1
 
     def listeners(self) -> int:
-        """The listeners on the pool's event log (the open streams subscribe one each)."""
-        return self.on_loop(lambda: len(self.pool.history._listeners))
+        """The listeners on the pool's event log that the open streams subscribed (one each); the pool's own
+        counters, subscribed for its whole life, are not counted."""
+        counters = self.pool.counters
+        return self.on_loop(
+            lambda: sum(
+                getattr(listener, "__self__", None) is not counters for listener in self.pool.history._listeners
+            )
+        )
 
 
 @contextmanager

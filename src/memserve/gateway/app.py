@@ -52,10 +52,11 @@ from memserve.errors import (
 )
 from memserve.gateway import openapi
 from memserve.gateway.accounts import add_account_routes
-from memserve.gateway.auth import ANONYMOUS, Auth, Caller, auth_mode, end_user
+from memserve.gateway.auth import ANONYMOUS, PUBLIC_PATHS, Auth, Caller, auth_mode, end_user
 from memserve.gateway.door import Door
 from memserve.gateway.limits import Limiter
 from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord, metered
+from memserve.gateway.metrics import CONTENT_TYPE_LATEST, RequestMetrics, render, take_snapshot
 from memserve.gateway.ui import install_ui
 from memserve.gateway.upstream import Upstream, forward
 from memserve.memory.fit import fit_json, fit_result
@@ -88,6 +89,7 @@ from memserve.wire.routes import (
     HEALTH,
     LOAD,
     MEMORY,
+    METRICS,
     MODELS,
     PS,
     UNLOAD,
@@ -181,6 +183,7 @@ class Service:
     auth: Auth | None = None
     usage: UsageLog | None = None
     limiter: Limiter | None = None
+    metrics: RequestMetrics | None = None  # /metrics' request tallies, on the loop
 
     async def caller(self, path: str, headers: Headers) -> Caller | None:
         if self.auth is not None:
@@ -195,13 +198,17 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
     shutdown stops every runner and writes the last usage rows."""
     providers = Providers(settings.providers)
     started = time.time()
-    service = Service(keys_on=auth_mode(settings.auth, settings.host, insecure=True) == "keys")
+    service = Service(
+        keys_on=auth_mode(settings.auth, settings.host, insecure=True) == "keys", metrics=RequestMetrics(settings)
+    )
+    public_paths = PUBLIC_PATHS | {METRICS.path} if settings.metrics_public else PUBLIC_PATHS
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         opened = store or await Store.open(database_url(settings.database_url, settings.data_dir))
         opened.usage.start(flush_seconds=settings.usage_flush_seconds)
-        service.store, service.auth = opened, Auth(opened.keys if service.keys_on else None)
+        service.store = opened
+        service.auth = Auth(opened.keys if service.keys_on else None, public_paths=public_paths)
         service.usage, service.limiter = opened.usage, Limiter(opened.usage)
         await pool.start()
         try:
@@ -244,9 +251,11 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         if target.kind == "provider":  # the provider judges its own fields (tools, images, ...)
             stream = _stream_flag(body)
             record.provider = target.name
+            if service.metrics is not None:
+                service.metrics.begin(record)
             await record.admit(service.limiter, body)
             ask = providers.configs[target.name].stream_usage
-            body, record.meter = metered(body, stream, record.admission, ask=ask)
+            body, record.meter = metered(body, stream, record.admission, ask=ask, record=record)
             return await forward(
                 providers.upstream(target.name),
                 path,
@@ -254,21 +263,27 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
                 stream=stream,
                 meter=record.meter,
             )
+        if service.metrics is not None:
+            service.metrics.begin(record)
         stream = bool(await door.check(model, path, body))  # everything a runner would refuse, before any load
         await record.admit(service.limiter, body)
-        sent, record.meter = metered(body, stream, record.admission)
+        sent, record.meter = metered(body, stream, record.admission, record=record)
         receive = request.receive
+        asked = time.monotonic()
         try:
             lease = await until_disconnected(receive, pool.acquire(model, keep_alive_seconds=keep_alive_seconds))
+            record.queue_seconds = time.monotonic() - asked
         except _FALLBACK_ON as exc:
             fallback = settings.model(model).fallback  # type: ignore[union-attr]  # route() found it
             if fallback is None:
                 raise
             provider_name, _, upstream_model = fallback.partition("/")
             headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code), FALLBACK_MODEL_HEADER: model}
-            record.provider, record.fallback = provider_name, True
+            record.provider, record.fallback, record.fallback_code = provider_name, True, str(exc.code)
+            if service.metrics is not None:
+                service.metrics.begin(record)  # in flight at the provider now
             if not providers.configs[provider_name].stream_usage:
-                sent, record.meter = metered(body, stream, record.admission, ask=False)
+                sent, record.meter = metered(body, stream, record.admission, ask=False, record=record)
             try:
                 return await forward(
                     providers.upstream(provider_name),
@@ -427,6 +442,23 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
     async def events(since: int = 0) -> dict[str, Any]:
         return {"events": pool.events_since(since)}
 
+    @handles(
+        app,
+        METRICS,
+        response_class=Response,
+        summary="Prometheus metrics (docs/metrics.md): requests, memory per device and model, lifecycle",
+        responses={
+            **openapi.responses(None, openapi.COMMON_ERRORS),
+            200: {
+                "description": "Prometheus's text format",
+                "content": {CONTENT_TYPE_LATEST.partition(";")[0]: {"schema": {"type": "string"}}},
+            },
+        },
+    )
+    async def metrics() -> Response:
+        snapshot = take_snapshot(pool, service.metrics)  # on the loop, no await: one consistent instant
+        return Response(await asyncio.to_thread(render, snapshot), media_type=CONTENT_TYPE_LATEST)
+
     install_ui(app, pool.history)
     add_account_routes(
         app,
@@ -569,4 +601,4 @@ class _HotRoutes:
                 response = error_response(exc)
             await response(scope, receive, recorded)
         finally:
-            record.finish(self.service.usage)
+            record.finish(self.service.usage, self.service.metrics)

@@ -4,7 +4,9 @@
 (``see``); the handler fills in who asked and where it went; ``finish`` runs once however the request ended
 (finished, failed, or the client gone) and writes one usage row off the request path (``UsageLog.record``
 only appends to a buffer). Tokens come from the answer's own ``usage`` (a stream asks its upstream for it,
-see ``metered``); a stream cut short is metered by the text events the client received.
+see ``metered``); a stream cut short is metered by the text events the client received. ``finish`` also
+counts the request in ``/metrics`` (``gateway/metrics.py``), and a stream's text events are timed as they
+pass (``text_seen``) for its inter-token latency.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Message
 
@@ -22,6 +25,10 @@ from memserve.gateway.auth import Caller
 from memserve.gateway.limits import Admission, Limiter
 from memserve.gateway.upstream import StreamUsage
 from memserve.store.usage import UsageLog, UsageRow
+from memserve.tally import ITL_BUCKETS, Labels, Tally
+
+if TYPE_CHECKING:
+    from memserve.gateway.metrics import RequestMetrics
 
 log = logging.getLogger("memserve.gateway.app")
 
@@ -50,10 +57,29 @@ class RequestRecord:
     complete: bool = False  # the answer's last body message went out
     stream_error: str | None = None  # the code of an error event sent in a stream (upstream, broken, timed out)
     json_body: bytes = b""
+    fallback_code: str | None = None  # the error code that sent a local model's request to its fallback
+    queue_seconds: float | None = None  # waited for a lease on a local model's runner
+    first_text: float | None = None  # monotonic: the first and last stream chunks that carried text
+    last_text: float | None = None
+    gaps: Tally | None = None  # the stream's seconds between text events, per event
+    in_flight: Labels | None = None  # where /metrics counts it in flight (RequestMetrics.begin)
+
+    def text_seen(self, texts: int) -> None:
+        """A relayed chunk carried ``texts`` text events: the gap since the last such chunk, shared among them,
+        is each one's inter-token latency. A few operations per chunk, on the request's own tally."""
+        now = time.monotonic()
+        if self.last_text is None:
+            self.first_text = now
+        else:
+            if self.gaps is None:
+                self.gaps = Tally(ITL_BUCKETS)
+            self.gaps.observe((now - self.last_text) / texts, texts)
+        self.last_text = now
 
     async def admit(self, limiter: Limiter | None, body: dict[str, Any]) -> None:
-        """Count the request against its key's limits (RateLimited, 429, when over one); the prompt is
-        counted by its estimate now and corrected by the real count when the answer says it."""
+        """Count the request against its key's limits (RateLimited, 429, when over one; InvalidArgument, 400,
+        when its prompt alone is over a whole limit); the prompt is counted by its estimate now and corrected
+        by the real count when the answer says it."""
         key = self.caller.key if self.caller is not None else None
         self.prompt_estimate = _prompt_estimate(body)  # also what a stream cut short is metered with
         if limiter is not None and key is not None:
@@ -77,8 +103,9 @@ class RequestRecord:
         elif _ERROR_EVENT in message["body"]:
             self.stream_error = self.stream_error or _error_code(message["body"])
 
-    def finish(self, usage_log: UsageLog | None) -> None:
-        """Log the request's line and record its usage row; count its tokens against the key's limits."""
+    def finish(self, usage_log: UsageLog | None, metrics: RequestMetrics | None = None) -> None:
+        """Log the request's line and record its usage row; count its tokens against the key's limits and the
+        request in ``/metrics``."""
         duration = time.monotonic() - self.started
         answer = _json_object(self.json_body)
         usage = (self.meter.usage if self.meter is not None else None) or answer.get("usage") or {}
@@ -91,6 +118,11 @@ class RequestRecord:
         gone = self.status in (None, CLIENT_CLOSED_REQUEST) or not self.complete  # the client left first
         status = CLIENT_CLOSED_REQUEST if gone or self.status is None else self.status
         error = answer.get("error") if isinstance(answer.get("error"), dict) else None
+        error_type = (
+            (str(error.get("code") or error.get("type")) if error else None)
+            or self.stream_error
+            or ("client_closed" if gone else None)
+        )
         if self.admission is not None:  # the limiter's books then agree with the usage row
             self.admission.correct_prompt(prompt)
             self.admission.completion(completion - self.admission.completion_tokens)  # the rest of what streamed
@@ -111,12 +143,20 @@ class RequestRecord:
                     ttft_seconds=ttft,
                     duration_seconds=duration,
                     status=status,
-                    error_type=(str(error.get("code") or error.get("type")) if error else None)
-                    or self.stream_error
-                    or ("client_closed" if gone else None),
+                    error_type=error_type,
                     fallback=self.fallback,
                     admitted=self.admitted,
                 )
+            )
+        if metrics is not None:
+            metrics.request_done(
+                self,
+                status=status,
+                code=error_type,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                ttft_seconds=ttft,
+                duration_seconds=duration,
             )
         if not log.isEnabledFor(logging.INFO):
             return
@@ -134,15 +174,21 @@ class RequestRecord:
 
 
 def metered(
-    body: dict[str, Any], stream: bool, admission: Admission | None = None, *, ask: bool = True
+    body: dict[str, Any],
+    stream: bool,
+    admission: Admission | None = None,
+    *,
+    ask: bool = True,
+    record: RequestRecord | None = None,
 ) -> tuple[dict[str, Any], StreamUsage | None]:
     """The body to send upstream and the meter of its stream: a stream asks for ``include_usage`` so that
     its tokens are metered exactly; the usage chunk is dropped again when the client did not ask for it. A
     key's ``admission`` hears of the completion's tokens as they stream. ``ask`` false (a provider that rejects
-    ``stream_options``): the body goes as it is, and the stream is metered by its text events."""
+    ``stream_options``): the body goes as it is, and the stream is metered by its text events. ``record`` hears
+    of them too (``text_seen``: inter-token latency)."""
     if not stream:
         return body, None
-    on_text = admission.completion if admission is not None else None
+    on_text = _both(admission.completion if admission is not None else None, record.text_seen if record else None)
     options = body.get("stream_options")
     if not ask or (options is not None and not isinstance(options, dict)):
         return body, StreamUsage(strip=False, on_text=on_text)  # the upstream judges it; metered by text events
@@ -150,6 +196,18 @@ def metered(
         return body, StreamUsage(strip=False, on_text=on_text)
     included = {**body, "stream_options": {**(options or {}), "include_usage": True}}
     return included, StreamUsage(strip=True, on_text=on_text)
+
+
+def _both(first: Callable[[int], None] | None, second: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """One ``on_text`` hook that calls both (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(texts: int) -> None:
+        first(texts)
+        second(texts)
+
+    return both
 
 
 def _prompt_estimate(body: dict[str, Any]) -> int:

@@ -99,6 +99,8 @@ class Entry:
             "pid": runner.pid if runner else None,
             "source": self.config.source,
             "rung": loaded.rung if loaded else None,
+            "dtype": loaded.dtype if loaded else None,
+            "quantization": loaded.quantization if loaded else None,
             "context_tokens": loaded.context_tokens if loaded else None,
             "concurrency": loaded.concurrency if loaded else None,
             "devices": devices,

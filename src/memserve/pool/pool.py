@@ -55,6 +55,7 @@ from memserve.memory.inventory import Inventory
 from memserve.memory.planner import Plan, Policy, validate_request
 from memserve.memory.probe import available_ram_bytes
 from memserve.pool.clock import Clock, LoopClock, wait_event
+from memserve.pool.counters import PoolCounters
 from memserve.pool.entry import Entry, Lease, backoff_seconds, compatible, keep_alive, raise_peak
 from memserve.pool.events import EventLog, PoolEventKind, sizes
 from memserve.pool.eviction import Resident, choose_evictions
@@ -115,6 +116,8 @@ class ModelPool:
             m.name: Entry(m, keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models
         }
         self.history = EventLog(self._clock.wall)  # the records, the last 1,000
+        self.counters = PoolCounters(self.entries)  # /metrics' lifecycle counters, from the events
+        self.history.subscribe(self.counters.hear)
         self._change = asyncio.Event()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -135,6 +138,7 @@ class ModelPool:
         if self._closing:
             raise MemoryBusy("the server is shutting down; retry on another server", retry_after_seconds=5)
         if entry.leases + entry.waiting >= entry.max_in_flight:
+            self.counters.refused(name, Overloaded.code)  # no event: under overload it would flush the log
             raise Overloaded(
                 f"model {name!r} has {entry.leases} requests in flight and {entry.waiting} waiting, its limit "
                 f"(concurrency {entry.config.concurrency} + queue); retry after a few seconds or raise max_queue",
@@ -214,7 +218,7 @@ class ModelPool:
         deadline = self._clock.now() + _DRAIN_TIMEOUT_SECONDS
         while entry.leases > 0 and self._clock.now() < deadline:
             await self._wait_change(deadline - self._clock.now())
-        await self._stop(entry, "unloaded on request", deliberate=True)
+        await self._stop(entry, "unloaded on request", cause="unload", deliberate=True)
         self._forget_failures(entry)
         return True
 
@@ -226,7 +230,8 @@ class ModelPool:
             if entry.load_task is not None:
                 entry.load_task.cancel()
         await asyncio.gather(
-            *(self._stop(e, "server shutting down") for e in self.entries.values() if e.runner), return_exceptions=True
+            *(self._stop(e, "server shutting down", cause="shutdown") for e in self.entries.values() if e.runner),
+            return_exceptions=True,
         )
         for task in list(self._tasks):
             task.cancel()
@@ -266,6 +271,11 @@ class ModelPool:
             else self._clock.wall() + (entry.expires_at - self._clock.now())
         )
         return entry.row(self.ledger.reserved(entry.name), self.ledger.measured(entry.name), expires)
+
+    @property
+    def host_available_bytes(self) -> int | None:
+        """The host's available memory at the watchdog's last sample (None before the first)."""
+        return self._watchdog.last_available_bytes
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -389,7 +399,12 @@ class ModelPool:
                     self._event(PoolEventKind.EVICT, self.entries[victim], reason=f"to make room for {entry.name}")
                 await asyncio.gather(
                     *(
-                        self._stop(self.entries[v], f"evicted to make room for {entry.name}", deliberate=True)
+                        self._stop(
+                            self.entries[v],
+                            f"evicted to make room for {entry.name}",
+                            cause="make_room",
+                            deliberate=True,
+                        )
                         for v in victims
                     )
                 )
@@ -412,7 +427,14 @@ class ModelPool:
         entry.peak_bytes, entry.learned = {}, False
         entry.calibration_key = (fingerprint(facts), plan_key(planned))
         self._set_state(entry, STARTING)
-        self._event(PoolEventKind.LOAD, entry, rung=planned.rung, reserved_bytes=need)
+        self._event(
+            PoolEventKind.LOAD,
+            entry,
+            rung=planned.rung,
+            reserved_bytes=need,
+            planned_bytes=dict(planned.reserved_bytes),
+            **({"after_failures": entry.failures} if entry.failures else {}),  # a restart
+        )
         launch = PlanFile(facts.source, planned, reserved_bytes=dict(need), max_queue=entry.config.max_queue)
         try:
             runner = await self._spawn(entry.name, launch, lambda ev: self._runner_event(entry, ev))
@@ -432,7 +454,7 @@ class ModelPool:
         except BaseException as exc:
             if runner.returncode is not None:
                 self._learn(entry)
-            await self._stop(entry, str(exc))
+            await self._stop(entry, str(exc), cause="load_failed")
             raise
         peak = peak_bytes(ready.memory) if ready is not None else {}
         raise_peak(peak, runner.sample_memory())
@@ -443,7 +465,15 @@ class ModelPool:
         entry.load_seconds = round(self._clock.now() - started, 3)
         entry.last_used = entry.ready_at = self._clock.now()
         self._set_state(entry, READY)
-        self._event(PoolEventKind.READY, entry, pid=runner.pid, load_seconds=entry.load_seconds, measured_bytes=peak)
+        self._event(
+            PoolEventKind.READY,
+            entry,
+            pid=runner.pid,
+            load_seconds=entry.load_seconds,
+            measured_bytes=peak,
+            planned_bytes=dict(planned.reserved_bytes),
+            peak_bytes=dict(entry.peak_bytes),
+        )
         self._spawn_task(self._monitor(entry, runner), f"monitor-{entry.name}")
         if entry.waiting == 0:
             self._schedule_expiry(entry)
@@ -470,7 +500,7 @@ class ModelPool:
             self._event(PoolEventKind.RESERVE, entry, reserved_bytes=bigger, reason=why)
             return
         self._learn(entry)
-        await self._stop(entry, f"{why}, with no room for that beside the other models")
+        await self._stop(entry, f"{why}, with no room for that beside the other models", cause="retry")
         raise RunnerFailed(
             f"runner {entry.name} stopped before serving: {why}, with no room for that beside the "
             "other models; it is loaded again with the bigger reservation"
@@ -490,8 +520,14 @@ class ModelPool:
 
     # ---------------------------------------------------------------------------------------------- stopping
 
-    async def _stop(self, entry: Entry, reason: str, *, state: ModelState = STOPPED, deliberate: bool = False) -> None:
-        """Stop the runner; ``deliberate`` stops (unload, eviction, expiry) also end a run of failures."""
+    async def _stop(
+        self, entry: Entry, reason: str, *, cause: str, state: ModelState = STOPPED, deliberate: bool = False
+    ) -> None:
+        """Stop the runner; ``deliberate`` stops (unload, eviction, expiry) also end a run of failures.
+
+        ``cause`` is the ``stopped`` event's fixed word for why (``make_room``, ``keep_alive``, ``unload``,
+        ``shutdown``: the evictions ``/metrics`` counts; ``load_failed``, ``retry``, ``crash``), where
+        ``reason`` is the sentence for a person."""
         runner = entry.runner
         if runner is None:
             return
@@ -505,7 +541,7 @@ class ModelPool:
         self.ledger.release(entry.name)
         if entry.state != FAILED:
             self._set_state(entry, state, reason)
-            self._event(PoolEventKind.STOPPED, entry, reason=reason)
+            self._event(PoolEventKind.STOPPED, entry, reason=reason, cause=cause)
         self._notify()
 
     async def _monitor(self, entry: Entry, runner: RunnerHandle) -> None:
@@ -528,7 +564,7 @@ class ModelPool:
         entry.watchdog_reason = None
         self._set_state(entry, FAILED, f"runner {entry.name} (pid {runner.pid}) {reason}")
         self._event(PoolEventKind.CRASH, entry, pid=runner.pid, reason=reason)
-        await self._stop(entry, reason, state=FAILED)
+        await self._stop(entry, reason, cause="crash", state=FAILED)
 
     def _release(self, entry: Entry) -> None:
         entry.leases -= 1
@@ -542,7 +578,9 @@ class ModelPool:
 
     async def _expire(self, entry: Entry) -> None:
         if entry.state == READY and entry.leases == 0 and entry.waiting == 0 and entry.expires_at is not None:
-            await self._stop(entry, f"idle for {entry.keep_alive_seconds:g} s (keep_alive)", deliberate=True)
+            await self._stop(
+                entry, f"idle for {entry.keep_alive_seconds:g} s (keep_alive)", cause="keep_alive", deliberate=True
+            )
 
     # ---------------------------------------------------------------------------------------------- watchdog
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +31,7 @@ from memserve.errors import RunnerFailed
 from memserve.memory.fit import PlanFile
 from memserve.memory.probe import GpuProcessMemory
 from memserve.pool.runner_transport import RunnerTransport
-from memserve.wire.events import Failed, Listening, PhaseDone, Ready, RunnerEvent, runner_event_from_json
+from memserve.wire.events import Failed, Listening, PhaseDone, Ready, RunnerEvent, Stats, runner_event_from_json
 
 RUNNER_BASE_URL = "http://runner/v1"  # the host part is ignored on a Unix socket
 RUN_DIR_PREFIX = "memserve-run-"
@@ -85,6 +86,9 @@ class RunnerHandle(Protocol):
 
     @property
     def transport(self) -> httpx.AsyncBaseTransport: ...  # the client's transport; the gateway's hot path uses it
+
+    @property
+    def last_stats(self) -> tuple[Stats, float] | None: ...  # its engine's last pushed figures, and when (monotonic)
 
     async def wait_ready(self, timeout_seconds: float) -> Ready | None: ...  # its ready report, if it sent one
 
@@ -213,6 +217,7 @@ class RunnerProcess:
         self._reader: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._ready_event: Ready | None = None
+        self._stats: tuple[Stats, float] | None = None
         self._failure: str | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._gpu_memory = gpu_memory or _GPU_MEMORY
@@ -236,6 +241,10 @@ class RunnerProcess:
     @property
     def transport(self) -> RunnerTransport:
         return self._transport
+
+    @property
+    def last_stats(self) -> tuple[Stats, float] | None:
+        return self._stats
 
     async def start(self) -> None:
         self.plan_path.write_text(json.dumps(self.launch.to_json()))
@@ -284,6 +293,9 @@ class RunnerProcess:
                 self._listening.set()
             elif isinstance(event, Failed):
                 self._failure = event.error
+            elif isinstance(event, Stats):  # kept for /metrics; the pool has nothing to do with it
+                self._stats = (event, time.monotonic())
+                continue
             self._on_event(event)
         await self._proc.wait()
 

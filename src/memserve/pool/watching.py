@@ -37,6 +37,7 @@ class Watchdog:
     ) -> None:
         self.settings, self.ledger, self.clock, self.entries = settings, ledger, clock, entries
         self.host_available_bytes, self.kill = host_available_bytes, kill
+        self.last_available_bytes: int | None = None  # the host's last sample, for /metrics
 
     def interval(self, loading: bool) -> float:
         """Seconds between samples: shorter while something loads (a load grows fastest)."""
@@ -60,7 +61,12 @@ class Watchdog:
                 if breach is not None:
                     reason = breach_reason(breach, entry.state)
                     self.kill(
-                        entry, runner, reason, measured_bytes=breach.measured_bytes, limit_bytes=breach.limit_bytes
+                        entry,
+                        runner,
+                        reason,
+                        device=breach.device,
+                        measured_bytes=breach.measured_bytes,
+                        limit_bytes=breach.limit_bytes,
                     )
                     return
             await self.clock.sleep(self.interval(entry.state.loading))
@@ -70,7 +76,7 @@ class Watchdog:
         floor = self.settings.host_floor_bytes
         while True:
             await self.clock.sleep(self.interval(any(e.state.loading for e in self.entries.values())))
-            available = self.host_available_bytes()
+            available = self.last_available_bytes = self.host_available_bytes()
             watched = [
                 Watched(e.name, e.state, self.ledger.measured(e.name), self.ledger.reserved(e.name))
                 for e in self.entries.values()

@@ -353,7 +353,22 @@ class ContinuousBatchingEngine(EngineBase):
             return list(self._jobs.values())
 
     def _extra_stats(self) -> dict[str, Any]:
-        return dict(self._memory)
+        figures: dict[str, Any] = dict(self._memory)
+        used = self._kv_cache_blocks_used()
+        if used is not None:
+            figures["kv_cache_blocks_used"] = used
+        return figures
+
+    def _kv_cache_blocks_used(self) -> int | None:
+        """KV pages in use now, in whole-model pages: the library's own free fraction of its paged cache
+        (``PagedAttentionCache.compute_free_capacity``: free sectors plus the free pages of each allocator; a
+        private part, checked in tests) applied to ``kv_cache_blocks``. None before the cache exists."""
+        processor = self._manager.batch_processor
+        blocks = self._memory.get("kv_cache_blocks")
+        if processor is None or not blocks:
+            return None
+        free = float(processor.cache.compute_free_capacity(relative=True))
+        return max(0, min(int(blocks), round(int(blocks) * (1.0 - free))))
 
     def _watch(self) -> None:
         """Watcher thread: if the library's generation thread stops on its own, fail what is in flight."""

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +24,15 @@ from memserve.runner.load import (
 )
 from memserve.runner.progress import LoadProgress, emit
 from memserve.runner.threads import on_fresh_thread
-from memserve.wire.events import EngineFallback, Listening, Ready, TestBalloon
+from memserve.wire.events import EngineFallback, EngineStats, Listening, Ready, Stats, TestBalloon
 
 # the plan names the engine (a model's `engine:`, `memserve fit --engine`); this overrides it, to compare the two
 # on one plan (a plan priced for the other engine may then be over or under what it really needs)
 ENGINE_ENV = "MEMSERVE_ENGINE"
 GRACEFUL_SHUTDOWN_SECONDS = 10  # then streams still open are cancelled and the engine closes
 TEST_EXTRA_BYTES_ENV = "MEMSERVE_TEST_EXTRA_BYTES"
+STATS_SECONDS = 2.0  # how often the engine's figures are looked at, and pushed to the gateway when they changed
+STATS_EVERY_SECONDS = 15.0  # pushed at least this often even when unchanged (their age shows the runner alive)
 _BALLOON_CHUNK_BYTES = 8 << 20
 _balloon: list[bytearray] = []
 ONEDNN_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
@@ -146,8 +149,42 @@ def fit_to_reservation(
     return engine
 
 
+def report_stats(
+    stats: Callable[[], EngineStats],
+    stop: threading.Event,
+    *,
+    interval_seconds: float = STATS_SECONDS,
+    every_seconds: float = STATS_EVERY_SECONDS,
+    push: Callable[[Stats], None] = emit,
+) -> None:
+    """Push the engine's figures (``Stats``) on stderr for the gateway's ``/metrics``: at once, then whenever they
+    changed at a look every ``interval_seconds``, and at least every ``every_seconds``; until ``stop`` is set.
+
+    A thread of its own: it only reads counters the engine keeps (a few ints and the KV pool's free lists), and
+    the server's loop is left as uvicorn runs it. Pushing (not a scrape pulling ``/stats``) means a gateway's
+    scrape never waits on a runner whose loop is busy prefilling.
+    """
+    last: Stats | None = None
+    pushed_at = 0.0
+    while True:
+        try:
+            now, current = time.monotonic(), Stats.of(stats())
+        except Exception:  # an engine closing under it: nothing to report this time
+            current = None
+        if current is not None and (current != last or now - pushed_at >= every_seconds):
+            push(current)
+            last, pushed_at = current, now
+        if stop.wait(interval_seconds):
+            return
+
+
 def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
     """Everything short of listening: the loaded model behind its FastAPI app."""
+    return _build(launch, name=name)[0]
+
+
+def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
+    """The app, and the engine behind it (whose figures ``serve`` pushes)."""
     from memserve.runner.app import create_app
     from memserve.runner.engine import make_engine
 
@@ -223,14 +260,14 @@ def build_app(launch: PlanFile, *, name: str | None = None) -> Any:
         stop_token_ids=stop_ids or None,
     )
     emit(Ready(served_name, engine.name, process_memory(), report.plan_check))
-    return app
+    return app, engine
 
 
 def serve(launch: PlanFile, *, name: str | None = None, port: int | None = None, socket: Path | None = None) -> None:
     """Load, then listen on a Unix socket or 127.0.0.1:port until stopped."""
     import uvicorn
 
-    app = build_app(launch, name=name)
+    app, engine = _build(launch, name=name)
     if socket is not None:
         config = uvicorn.Config(
             app,
@@ -249,4 +286,10 @@ def serve(launch: PlanFile, *, name: str | None = None, port: int | None = None,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
     emit(Listening(str(socket) if socket else None, None if socket else config.port))
-    uvicorn.Server(config).run()
+    stop = threading.Event()
+    reporter = threading.Thread(target=report_stats, args=(engine.stats, stop), name="memserve-stats", daemon=True)
+    reporter.start()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        stop.set()

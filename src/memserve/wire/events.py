@@ -2,7 +2,8 @@
 
 Two kinds. An engine yields :class:`TokenEvent` records to the runner's HTTP layer. The runner process
 reports its start-up to the gateway as one JSON line per event on stderr (``phase``, ``ready``,
-``listening``, ``failed``, ``engine_fallback``, ``test_balloon``): :data:`RunnerEvent`, each record with one
+``listening``, ``failed``, ``engine_fallback``, ``test_balloon``), and then its engine's figures (``stats``,
+for ``/metrics``): :data:`RunnerEvent`, each record with one
 ``to_json``/``from_json`` pair, written by the runner and read by the pool (``pool/runner_process.py``).
 This module is torch-free (the gateway imports it) and imports nothing from the rest of the runner.
 """
@@ -262,6 +263,58 @@ class TestBalloon:
         return cls(extra)
 
 
+def _count(data: Mapping[str, Any], key: str, *, optional: bool = False) -> int | None:
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key!r} must be a count, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The engine's figures now, pushed while the runner serves (every few seconds when they change), so that a
+    scrape of the gateway reads the last ones without asking a runner that may be busy or loading.
+
+    ``kv_cache_blocks`` and ``kv_cache_blocks_used`` only from an engine with a paged KV cache."""
+
+    KIND: ClassVar[str] = "stats"
+    running: int
+    waiting: int
+    kv_cache_blocks: int | None = None
+    kv_cache_blocks_used: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": self.KIND,
+            "running": self.running,
+            "waiting": self.waiting,
+            "kv_cache_blocks": self.kv_cache_blocks,
+            "kv_cache_blocks_used": self.kv_cache_blocks_used,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Stats:
+        return cls(
+            _count(data, "running") or 0,
+            _count(data, "waiting") or 0,
+            _count(data, "kv_cache_blocks", optional=True),
+            _count(data, "kv_cache_blocks_used", optional=True),
+        )
+
+    @classmethod
+    def of(cls, stats: EngineStats) -> Stats:
+        """The pushed figures of an engine's ``GET /stats`` answer."""
+        blocks, used = stats.extra.get("kv_cache_blocks"), stats.extra.get("kv_cache_blocks_used")
+        return cls(
+            stats.running,
+            stats.waiting,
+            blocks if isinstance(blocks, int) else None,
+            used if isinstance(used, int) else None,
+        )
+
+
 @dataclass(frozen=True)
 class OtherEvent:
     """An event of a kind this version does not know (a newer runner's): kept whole, shown, otherwise ignored."""
@@ -277,9 +330,9 @@ class OtherEvent:
         return cls(str(data.get("event")), {k: v for k, v in data.items() if k != "event"})
 
 
-RunnerEvent = PhaseDone | Ready | Listening | Failed | EngineFallback | TestBalloon | OtherEvent
+RunnerEvent = PhaseDone | Ready | Listening | Failed | EngineFallback | TestBalloon | Stats | OtherEvent
 _KINDS: dict[str, Any] = {
-    kind.KIND: kind for kind in (PhaseDone, Ready, Listening, Failed, EngineFallback, TestBalloon)
+    kind.KIND: kind for kind in (PhaseDone, Ready, Listening, Failed, EngineFallback, TestBalloon, Stats)
 }
 
 

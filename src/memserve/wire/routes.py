@@ -25,6 +25,7 @@ __all__ = [
     "LIVE_ROUTES",
     "LOAD",
     "MEMORY",
+    "METRICS",
     "MODELS",
     "OPENAI_ROUTES",
     "PS",
@@ -67,6 +68,7 @@ FIT = Route("GET", "/api/fit")
 MEMORY = Route("GET", "/api/memory")
 EVENTS = Route("GET", "/api/events")
 USAGE = Route("GET", "/api/usage")
+METRICS = Route("GET", "/metrics")
 KEYS = Route("GET", "/api/keys")
 KEY_CREATE = Route("POST", "/api/keys")
 KEY = Route("GET", "/api/keys/{name}")
@@ -81,7 +83,20 @@ UI_ROUTES = (UI, UI_SCRIPT, UI_STYLE)
 """The live memory page's static files: public even with keys on (they hold no data)."""
 LIVE_ROUTES = (EVENTS_STREAM, *UI_ROUTES)
 """What ``/ui`` adds: its files and the pool's events as SSE (``gateway/ui.py``)."""
-GATEWAY_ROUTES = (*OPENAI_ROUTES, HEALTH, PS, LOAD, UNLOAD, FIT, MEMORY, EVENTS, USAGE, *KEY_ROUTES, *LIVE_ROUTES)
+GATEWAY_ROUTES = (
+    *OPENAI_ROUTES,
+    HEALTH,
+    PS,
+    LOAD,
+    UNLOAD,
+    FIT,
+    MEMORY,
+    EVENTS,
+    USAGE,
+    *KEY_ROUTES,
+    METRICS,
+    *LIVE_ROUTES,
+)
 
 
 def describe(routes: Sequence[Route]) -> str:
