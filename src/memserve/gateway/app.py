@@ -248,21 +248,23 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         keep_alive = body.pop("keep_alive", None)  # ours (as Ollama's): never sent upstream
         keep_alive_seconds = None if keep_alive is None else parse_seconds(keep_alive, what="keep_alive")
         target = route(model, settings)
+
+        async def to_provider(name: str, upstream_model: str | None, headers: dict[str, str] | None = None) -> Response:
+            """Relay to provider ``name``: its route, or a local model's fallback (``headers`` then say so)."""
+            record.provider = name
+            if service.metrics is not None:
+                service.metrics.begin(record)  # in flight at the provider (again, under it, for a fallback)
+            ask = providers.configs[name].stream_usage
+            sent, record.meter = metered(body, stream, record.admission, ask=ask, record=record)
+            upstream_body = {**sent, "model": upstream_model}
+            return await forward(
+                providers.upstream(name), path, upstream_body, stream=stream, headers=headers, meter=record.meter
+            )
+
         if target.kind == "provider":  # the provider judges its own fields (tools, images, ...)
             stream = _stream_flag(body)
-            record.provider = target.name
-            if service.metrics is not None:
-                service.metrics.begin(record)
             await record.admit(service.limiter, body)
-            ask = providers.configs[target.name].stream_usage
-            body, record.meter = metered(body, stream, record.admission, ask=ask, record=record)
-            return await forward(
-                providers.upstream(target.name),
-                path,
-                {**body, "model": target.upstream_model},
-                stream=stream,
-                meter=record.meter,
-            )
+            return await to_provider(target.name, target.upstream_model)
         if service.metrics is not None:
             service.metrics.begin(record)
         stream = bool(await door.check(model, path, body))  # everything a runner would refuse, before any load
@@ -279,20 +281,9 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
                 raise
             provider_name, _, upstream_model = fallback.partition("/")
             headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code), FALLBACK_MODEL_HEADER: model}
-            record.provider, record.fallback, record.fallback_code = provider_name, True, str(exc.code)
-            if service.metrics is not None:
-                service.metrics.begin(record)  # in flight at the provider now
-            if not providers.configs[provider_name].stream_usage:
-                sent, record.meter = metered(body, stream, record.admission, ask=False, record=record)
+            record.fallback, record.fallback_code = True, str(exc.code)
             try:
-                return await forward(
-                    providers.upstream(provider_name),
-                    path,
-                    {**sent, "model": upstream_model},
-                    stream=stream,
-                    headers=headers,
-                    meter=record.meter,
-                )
+                return await to_provider(provider_name, upstream_model, headers)
             except MemserveError as failed:
                 failed.message = (
                     f"model {model!r} could not be served here ({exc.message}), and its fallback "
@@ -310,7 +301,8 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         if stream:
             return _Deadline(await answer, timeout, model)
         try:
-            whole = await asyncio.wait_for(until_disconnected(receive, answer), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+                whole = await until_disconnected(receive, answer)
         except TimeoutError:
             raise RequestTimedOut(_timed_out(model, timeout)) from None
         return Response(status_code=CLIENT_CLOSED_REQUEST) if whole is None else whole
