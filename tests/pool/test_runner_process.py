@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -160,3 +163,19 @@ def test_descendants_finds_grandchildren_as_psutil_does(
         for process in [*psutil.Process(parent.pid).children(recursive=True), psutil.Process(parent.pid)]:
             process.kill()
         parent.wait()
+
+
+def test_descendants_of_a_process_that_ends_while_it_is_read_leaves_nothing_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not runner_process._PROC_CHILDREN:
+        pytest.skip("this kernel has no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
+
+    def gone(path: str) -> Any:
+        raise FileNotFoundError(2, "No such file or directory", path)  # as when a thread or process just ended
+
+    monkeypatch.setattr(runner_process, "open", gone, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unclosed scandir iterator is a ResourceWarning when collected
+        assert runner_process.descendants(psutil.Process(os.getpid())) == []
+        gc.collect()

@@ -59,11 +59,12 @@ def descendants(process: psutil.Process) -> list[int]:
     while parents:
         pid = parents.pop()
         try:
-            for task in os.scandir(f"/proc/{pid}/task"):
-                with open(f"{task.path}/children") as children:
-                    kids = [int(kid) for kid in children.read().split()]
-                found += kids
-                parents += kids
+            with os.scandir(f"/proc/{pid}/task") as tasks:  # closed however the walk ends
+                for task in tasks:
+                    with open(f"{task.path}/children") as children:
+                        kids = [int(kid) for kid in children.read().split()]
+                    found += kids
+                    parents += kids
         except OSError:  # it (or one of its threads) ended while it was read: the rest of the tree still counts
             continue
     return found
