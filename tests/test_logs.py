@@ -83,3 +83,8 @@ def test_a_gateway_with_json_logs_writes_only_json_lines_with_each_events_fields
     assert {"load", "ready", "stopped"} <= set(events)
     assert events["load"]["model"] == "demo" and events["load"]["rung"] == "cpu"
     assert events["ready"]["load_seconds"] > 0 and events["ready"]["message"].startswith("ready demo")
+    (request,) = [line for line in lines if line["message"].startswith("POST /v1/chat/completions")]
+    assert request["logger"] == "memserve.gateway.app" and request["endpoint"] == "/v1/chat/completions"
+    assert (request["model"], request["status"], request["completion_tokens"]) == ("demo", 200, 2)
+    assert request["prompt_tokens"] > 0 and request["duration_seconds"] > 0
+    assert request["key"] is None and request["ttft_seconds"] is None and request["error_type"] is None  # whole

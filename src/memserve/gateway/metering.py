@@ -24,6 +24,7 @@ from starlette.types import Message
 from memserve.gateway.auth import Caller
 from memserve.gateway.limits import Admission, Limiter
 from memserve.gateway.upstream import StreamUsage
+from memserve.logs import FIELDS
 from memserve.store.usage import UsageLog, UsageRow
 from memserve.tally import ITL_BUCKETS, Labels, Tally
 
@@ -127,27 +128,26 @@ class RequestRecord:
             self.admission.correct_prompt(prompt)
             self.admission.completion(completion - self.admission.completion_tokens)  # the rest of what streamed
             self.admission.done()
+        key = self.caller.key if self.caller is not None else None
+        row = UsageRow(
+            time=self.admission.admitted_at if self.admission is not None else self.started_at,
+            key_id=key.id if key is not None else None,
+            key_name=self.caller.name if self.caller is not None else None,
+            end_user=self.user,
+            model=self.model or "",
+            provider=self.provider,
+            endpoint=self.path,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            ttft_seconds=ttft,
+            duration_seconds=duration,
+            status=status,
+            error_type=error_type,
+            fallback=self.fallback,
+            admitted=self.admitted,
+        )
         if usage_log is not None:  # every request, whatever became of it
-            key = self.caller.key if self.caller is not None else None
-            usage_log.record(
-                UsageRow(
-                    time=self.admission.admitted_at if self.admission is not None else self.started_at,
-                    key_id=key.id if key is not None else None,
-                    key_name=self.caller.name if self.caller is not None else None,
-                    end_user=self.user,
-                    model=self.model or "",
-                    provider=self.provider,
-                    endpoint=self.path,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    ttft_seconds=ttft,
-                    duration_seconds=duration,
-                    status=status,
-                    error_type=error_type,
-                    fallback=self.fallback,
-                    admitted=self.admitted,
-                )
-            )
+            usage_log.record(row)
         if metrics is not None:
             metrics.request_done(
                 self,
@@ -163,13 +163,28 @@ class RequestRecord:
         tokens = f"prompt_tokens={prompt} completion_tokens={completion}" if usage else f"chunks={self.chunks}"
         if ttft is not None:
             tokens += f" ttft={ttft:.3f}s"
+        fields = {  # the JSON log's fields: the usage row's, but the end user's id (it is in the usage rows)
+            "endpoint": self.path,
+            "model": row.model,
+            "provider": row.provider,
+            "key": row.key_name,
+            "status": status,
+            "error_type": error_type,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "ttft_seconds": ttft,
+            "duration_seconds": duration,
+            "fallback": self.fallback,
+        }
         log.info(
-            "POST %s model=%s status=%s %s duration=%.3fs",
+            "POST %s model=%s%s status=%s %s duration=%.3fs",
             self.path,
             self.model or "-",
+            f" key={row.key_name}" if row.key_name else "",
             self.status if self.status is not None else "none (client gone)",
             tokens,
             duration,
+            extra={FIELDS: fields},
         )
 
 
