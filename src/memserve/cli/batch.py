@@ -15,7 +15,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -200,25 +199,31 @@ def _detach(config: BatchRun, options: dict[str, Any]) -> None:
     env = dict(os.environ)
     if config.api_key:
         env["MEMSERVE_API_KEY"] = config.api_key  # not on the command line, where `ps` shows it
-    with log.open("ab") as log_file:
-        process = subprocess.Popen(
+    # posix_spawn, not Popen: nothing here waits for the run, and a Popen left running warns when collected
+    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        pid = os.posix_spawn(
+            sys.executable,
             argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            env=env,
-            start_new_session=True,
-            cwd=os.getcwd(),
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
         )
+    finally:
+        os.close(log_fd)
     import psutil
 
     try:
-        started = psutil.Process(process.pid).create_time()
+        started = psutil.Process(pid).create_time()
     except psutil.Error:
         started = time.time()
     record = JobRecord(
         id=job_id,
-        pid=process.pid,
+        pid=pid,
         started=started,
         command=argv[2:],
         input=str(config.input.resolve()),
@@ -229,9 +234,7 @@ def _detach(config: BatchRun, options: dict[str, Any]) -> None:
     )
     save_job(data_dir, record)
     click.echo(job_id)
-    click.echo(
-        f"started {job_id} (pid {process.pid}); `memserve batch status {job_id}` to watch, log in {log}", err=True
-    )
+    click.echo(f"started {job_id} (pid {pid}); `memserve batch status {job_id}` to watch, log in {log}", err=True)
 
 
 class PlainDisplay:
@@ -239,6 +242,7 @@ class PlainDisplay:
 
     def __init__(self) -> None:
         self._last = 0.0
+        self._finished = False
 
     def start(self) -> None: ...
 
@@ -249,9 +253,10 @@ class PlainDisplay:
 
     def update(self, progress: Progress, view: RunView) -> None:
         now = time.monotonic()
-        if now - self._last < PLAIN_REPORT_SECONDS and progress.done < progress.total:
+        finished = progress.done >= progress.total
+        if self._finished or (now - self._last < PLAIN_REPORT_SECONDS and not finished):
             return
-        self._last = now
+        self._last, self._finished = now, finished
         click.echo(progress_line(progress, view), err=True)
 
 
