@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -162,3 +163,27 @@ def test_sigterm_stops_a_foreground_run_cleanly(tmp_path: Path) -> None:
         assert process.wait(timeout=30) == 143
         gate.open.set()
     assert json.loads(progress_path_for(out).read_text())["state"] == "stopped"
+
+
+def test_local_restarts_a_runner_killed_mid_batch_and_finishes_every_request(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    path = write_input(tmp_path / "in.jsonl", 30)
+    out = tmp_path / "out.jsonl"
+    process = memserve("batch", "run", str(path), "-o", str(out), "--local", str(tiny_model_dir), "--model", "tiny",
+                       "--memory", "cpu=4GiB", "--context", "256", "--concurrency", "2")  # fmt: skip
+    try:
+        wait_for(lambda: count_lines(out) >= 5, "five answers", timeout_seconds=240)
+        progress = json.loads(progress_path_for(out).read_text())
+        first_runner = progress["runner_pid"]
+        os.kill(first_runner, signal.SIGKILL)
+        assert process.wait(timeout=300) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert sorted(answers(out)) == sorted(f"q{i}" for i in range(30))
+    assert count_lines(tmp_path / "out.errors.jsonl") == 0
+    progress = json.loads(progress_path_for(out).read_text())
+    assert progress["runner_restarts"] == 1 and progress["runner_pid"] != first_runner
+    assert progress["runner_peak_memory_bytes"] > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +226,30 @@ def test_request_path_does_not_say_v1_twice(url: str, base: str, path: str) -> N
 )
 def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, now=1445412480.0) == seconds
+
+
+def test_the_input_is_read_only_as_slots_free(tmp_path: Path) -> None:
+    """Memory stays flat however long the file: a line is read when a request can start, not before."""
+    pulled = 0
+    batch = requests(40)
+
+    def lines() -> Iterator[BatchRequest]:
+        nonlocal pulled
+        for request in batch:
+            pulled += 1
+            yield request
+
+    ahead: list[int] = []
+
+    def watch(progress: Progress) -> None:
+        ahead.append(pulled - progress.done)
+
+    async def go() -> None:
+        fake = FakeOpenAI(models=("m",))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=fake), base_url="http://fake") as client:
+            with Checkpoint(tmp_path / "out.jsonl") as checkpoint:
+                await run_requests(lines(), checkpoint, client, total=40, concurrency=3, on_progress=watch)
+
+    asyncio.run(go())
+    assert pulled == 40
+    assert max(ahead) <= 3 + 1  # those in flight, and the one read while waiting for a slot

@@ -5,7 +5,10 @@ probed inventory), so a model that cannot fit is refused with the planner's NoFi
 starts. The runner is the pool's ``RunnerProcess`` (``python -m memserve.runner`` on a Unix socket, ended
 with its parent however the parent dies); this module only adds what a batch needs: the runner as an httpx
 transport that survives restarts, and a supervisor that starts a new runner when one exits (an OOM kill, a
-crash on one request). While none is up, requests fail to connect, which the executor retries with backoff.
+crash on one request). Requests in flight when it dies fail (the executor retries them); requests sent while
+the next one loads wait for it rather than spend their retries. A runner that keeps dying without answering
+anything in between ends the run after ``max_restarts`` (a request that crashes it every time ends in the
+errors file first, after its own retries).
 """
 
 from __future__ import annotations
@@ -60,7 +63,10 @@ class LocalRunner(httpx.AsyncBaseTransport):
     def __init__(self, launch: PlanFile, *, name: str, max_restarts: int = MAX_RESTARTS) -> None:
         self.launch, self.name, self.max_restarts = launch, name, max_restarts
         self.restarts = 0
+        self._failing = 0  # restarts since the runner last answered a request
+        self._answered = False
         self.load_seconds: float | None = None
+        self.peak_memory_bytes = 0  # the most any sample saw: what the batch needed at most
         self._run_dir: Path | None = None
         self._runner: RunnerProcess | None = None
         self._up = asyncio.Event()
@@ -97,28 +103,36 @@ class LocalRunner(httpx.AsyncBaseTransport):
             self._up.clear()
             reason = runner.exit_reason()
             await runner.stop()  # closes its transport and removes its socket
-            if self.restarts >= self.max_restarts:
+            self._failing = 0 if self._answered else self._failing + 1
+            if self._failing > self.max_restarts:
                 raise RunnerFailed(
-                    f"the runner for {self.name} exited {self.restarts + 1} times (last: {reason}); "
+                    f"the runner for {self.name} exited {self._failing} times without answering (last: {reason}); "
                     "finished results are kept: check the model, then run the same command to resume"
                 )
             self.restarts += 1
+            self._answered = False
             await self._start_one()
 
     def memory_bytes(self) -> int:
         """What the runner's process tree holds now, summed over its devices (0 while none is up)."""
         runner = self._runner
-        return sum(runner.sample_memory().values()) if runner is not None else 0
+        now = sum(runner.sample_memory().values()) if runner is not None else 0
+        self.peak_memory_bytes = max(self.peak_memory_bytes, now)
+        return now
 
     @property
     def pid(self) -> int | None:
         return self._runner.pid if self._runner is not None else None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await self._up.wait()  # while a new runner loads (the supervisor ends the run if it cannot)
         runner = self._runner
-        if runner is None or not self._up.is_set():
-            raise httpx.ConnectError(f"the runner for {self.name} is restarting", request=request)
-        return await runner.transport.handle_async_request(request)
+        if runner is None or self._stopping:
+            raise httpx.ConnectError(f"the runner for {self.name} was stopped", request=request)
+        response = await runner.transport.handle_async_request(request)
+        if response.status_code < 500:
+            self._answered = True
+        return response
 
     async def aclose(self) -> None:
         """Stop the runner (SIGTERM, then SIGKILL) and remove its run folder."""

@@ -57,6 +57,8 @@ class RunView:
 
     memory_bytes: Callable[[], int] | None = None
     restarts: Callable[[], int] | None = None
+    runner_pid: Callable[[], int | None] | None = None
+    peak_memory_bytes: Callable[[], int] | None = None
 
 
 def count_requests(path: Path, *, model: str | None) -> int:
@@ -122,7 +124,11 @@ async def execute(
                 plan = launch.plan
                 note(f"starting {model}: {plan.rung}, {plan.dtype}, context {plan.context_tokens} × {plan.concurrency}")
                 runner = LocalRunner(launch, name=model)
-                view.memory_bytes, view.restarts = runner.memory_bytes, lambda: runner.restarts if runner else 0
+                local_runner = runner
+                view.memory_bytes = local_runner.memory_bytes
+                view.restarts = lambda: local_runner.restarts
+                view.runner_pid = lambda: local_runner.pid
+                view.peak_memory_bytes = lambda: local_runner.peak_memory_bytes
                 await runner.start()
                 note(f"{model} is ready ({runner.load_seconds or 0:.1f} s)")
                 client = runner.client()
@@ -199,6 +205,8 @@ def _progress_json(run: BatchRun, progress: Progress, view: RunView, state: str)
         "target": run.url or f"local:{run.local}",
         "runner_memory_bytes": view.memory_bytes() if view.memory_bytes else None,
         "runner_restarts": view.restarts() if view.restarts else None,
+        "runner_pid": view.runner_pid() if view.runner_pid else None,
+        "runner_peak_memory_bytes": view.peak_memory_bytes() if view.peak_memory_bytes else None,
         "updated_at": time.time(),
     }
 

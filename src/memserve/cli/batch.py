@@ -299,7 +299,9 @@ def _rates(progress: Progress, view: RunView) -> str:
         f"{progress.retries} retries",
     ]
     if view.memory_bytes is not None:
-        parts.append(f"runner {format_bytes(view.memory_bytes())}")
+        now = view.memory_bytes()
+        peak = view.peak_memory_bytes() if view.peak_memory_bytes else now
+        parts.append(f"runner {format_bytes(now)} (peak {format_bytes(peak)})" if now else "runner stopped")
     return " · ".join(parts)
 
 
@@ -359,6 +361,8 @@ def status(target: str | None, as_json: bool) -> None:
     ]
     if data.get("runner_memory_bytes"):
         rows.append(("runner memory", format_bytes(data["runner_memory_bytes"])))
+    if data.get("runner_peak_memory_bytes"):
+        rows.append(("runner peak", format_bytes(data["runner_peak_memory_bytes"])))
     if data.get("last_error"):
         rows.append(("last error", str(data["last_error"])))
     for name, value in rows:
