@@ -216,7 +216,14 @@ class Checkpoint:
     @staticmethod
     def _open(path: Path) -> _Appender:
         path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if not existed:  # a new file's name must survive a reboot too, not only its lines
+            folder = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         return _Appender(path, fd, os.fstat(fd).st_size)
 
     def _lock(self) -> None:
