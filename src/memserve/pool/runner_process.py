@@ -1,6 +1,7 @@
 """One runner child process: start it by a plan, follow its progress lines, sample its memory, stop it.
 
-Only the pool uses this module (one owner for runners). The runner is ``python -m memserve.runner`` on a
+Only the pool uses this module (one owner for runners), and ``memserve batch run --local``, which owns the one
+runner it starts (``batch/local.py``). The runner is ``python -m memserve.runner`` on a
 Unix socket; it reports each load phase as a JSON line on stderr and says ``listening`` once its socket is
 up. A crash, an OOM kill or an access violation ends the child only: the pool sees the exit code here.
 
