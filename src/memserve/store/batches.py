@@ -28,7 +28,8 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from memserve.store.faults import Target, translated
-from memserve.store.schema import batch_results, batches, file_parts, files
+from memserve.store.keys import ApiKey
+from memserve.store.schema import api_keys, batch_results, batches, file_parts, files
 
 PART_BYTES = 1 << 20
 _PAGE_ROWS = 1000
@@ -200,16 +201,13 @@ class BatchStore:
             for data in parts:
                 size, number = size + len(data), number + 1
                 await conn.execute(sa.insert(file_parts).values(file_id=file_id, part=number - 1, data=data))
-        row = {
-            "id": file_id,
-            "purpose": purpose,
-            "filename": filename,
-            "bytes": size,
-            "created_at": self._clock(),
-            "key_id": key_id,
-        }
-        await conn.execute(sa.insert(files).values(**row))
-        return StoredFile(file_id, purpose, filename, size, row["created_at"], key_id)
+        stored = StoredFile(file_id, purpose, filename, size, self._clock(), key_id)
+        await conn.execute(
+            sa.insert(files).values(
+                id=file_id, purpose=purpose, filename=filename, bytes=size, created_at=stored.created_at, key_id=key_id
+            )
+        )
+        return stored
 
     async def get_file(self, file_id: str) -> StoredFile | None:
         with translated(self._target):
@@ -390,6 +388,17 @@ class BatchStore:
                     .where(batches.c.id == batch_id, batches.c.holder == holder)
                     .values(holder=None, held_until=None)
                 )
+
+    async def owner_key(self, key_id: str) -> ApiKey | None:
+        """The key a job runs as (revoked and expired ones too: the caller decides), None if it is gone."""
+        with translated(self._target):
+            async with self._engine.connect() as conn:
+                row = (
+                    await conn.execute(
+                        sa.select(*[c for c in api_keys.c if c.name != "hash"]).where(api_keys.c.id == key_id)
+                    )
+                ).first()
+        return ApiKey.from_row(row) if row is not None else None
 
     # ---------------------------------------------------------------------------------------------- results
 
