@@ -465,6 +465,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
 
     install_ui(app, pool.history)
     add_batch_routes(app, service, jobs, settings.max_body_bytes)
+    app.state.batch_jobs = jobs  # its slots, for tests
     add_account_routes(
         app,
         lambda: service.store.keys if service.store else None,
