@@ -29,7 +29,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -88,7 +88,7 @@ HOLD = timedelta(seconds=30)
 SCAN_SECONDS = 10.0
 """How often a gateway looks for jobs nobody holds (another gateway stopped, or a hold ran out)."""
 _METADATA_MAX = 16
-Generate = Callable[[Caller, BatchRequest, str, asyncio.Event], Awaitable["Answer"]]
+Generate = Callable[[Caller, BatchRequest, str, asyncio.Event], Coroutine[Any, Any, "Answer"]]
 
 
 class FileNotFound(MemserveError):
@@ -615,11 +615,40 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
             raise BatchNotFound(f"no batch {batch_id!r} here (GET /v1/batches lists yours)", param="batch_id")
         return found
 
-    file_errors = openapi.responses(
-        None, {**openapi.COMMON_ERRORS, 400: "a bad line (by number), or not purpose batch"}
+    upload_errors = openapi.responses(
+        None,
+        {
+            **openapi.COMMON_ERRORS,
+            400: "a bad line (each by number), no request, not multipart, or a purpose other than batch",
+            413: f"a file over {MAX_UPLOAD_BYTES} bytes",
+        },
     )
+    upload_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "purpose"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": "OpenAI batch JSONL"},
+                            "purpose": {"type": "string", "enum": ["batch"]},
+                        },
+                    }
+                }
+            },
+        }
+    }
+    listed = openapi.responses(None, openapi.COMMON_ERRORS)
+    missing_file = openapi.responses(None, {**openapi.COMMON_ERRORS, 404: "no such file, or not one this key may see"})
+    missing_batch = openapi.responses(
+        None, {**openapi.COMMON_ERRORS, 404: "no such batch, or not one this key may see"}
+    )
+    in_use = {409: "the file is the input of a running batch (cancel it first)"}
+    finished = {409: "the batch has finished: there is nothing to cancel"}
 
-    @handles(app, FILE_UPLOAD, responses=file_errors)
+    @handles(app, FILE_UPLOAD, responses=upload_errors, openapi_extra=upload_body)
     async def upload(request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES + 64 * 1024:
@@ -671,7 +700,7 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
             await form.close()
         return stored.to_openai()
 
-    @handles(app, FILES, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(app, FILES, responses=listed)
     async def list_files(
         request: Request,
         purpose: str | None = None,
@@ -690,11 +719,19 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
         )
         return _page([f.to_openai() for f in found], more)
 
-    @handles(app, FILE, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(app, FILE, responses=missing_file)
     async def get_file(request: Request, file_id: str) -> dict[str, Any]:
         return (await visible_file(request, file_id)).to_openai()
 
-    @handles(app, FILE_CONTENT, response_class=Response, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(
+        app,
+        FILE_CONTENT,
+        response_class=Response,
+        responses={
+            **missing_file,
+            200: {"description": "the file's bytes", "content": {"application/jsonl": {"schema": {"type": "string"}}}},
+        },
+    )
     async def file_content(request: Request, file_id: str) -> Response:
         found = await visible_file(request, file_id)
         return StreamingResponse(
@@ -703,7 +740,7 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
             headers={"Content-Length": str(found.bytes)},
         )
 
-    @handles(app, FILE_DELETE, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(app, FILE_DELETE, responses={**missing_file, **openapi.responses(None, in_use)})
     async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
         found = await visible_file(request, file_id)
         readers = await store().batches_reading(found.id)
@@ -716,7 +753,7 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
         await store().delete_file(found.id)
         return {"id": found.id, "object": "file", "deleted": True}
 
-    batch_errors = openapi.responses(None, {**openapi.JSON_BODY_ERRORS, 404: "no such input file"})
+    batch_errors = openapi.responses(None, {**openapi.JSON_BODY_ERRORS, 404: "no such input file, or not this key's"})
 
     @handles(app, BATCH_CREATE, responses=batch_errors, openapi_extra=openapi.body_doc(BatchCreate))
     async def create_batch(request: Request) -> dict[str, Any]:
@@ -753,7 +790,7 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
         jobs.submit(created.id)
         return created.to_openai()
 
-    @handles(app, BATCHES, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(app, BATCHES, responses=listed)
     async def list_batches(
         request: Request, limit: int = Query(default=20, ge=1, le=100), after: str | None = None
     ) -> dict[str, Any]:
@@ -763,11 +800,11 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
         )
         return _page([b.to_openai() for b in found], more)
 
-    @handles(app, BATCH, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(app, BATCH, responses=missing_batch)
     async def get_batch(request: Request, batch_id: str) -> dict[str, Any]:
         return (await visible_batch(request, batch_id)).to_openai()
 
-    @handles(app, BATCH_CANCEL, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(app, BATCH_CANCEL, responses={**missing_batch, **openapi.responses(None, finished)})
     async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
         found = await visible_batch(request, batch_id)
         changed = await store().update_batch(
