@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from memserve.batch.checkpoint import Checkpoint
+from memserve.batch.checkpoint import Checkpoint, OutputFull
 from memserve.batch.execute import Progress, RetryPolicy, parse_retry_after, request_path, run_requests
 from memserve.batch.format import BatchRequest
 from memserve.wire.fake import FakeOpenAI, Script
@@ -226,3 +226,57 @@ def test_request_path_does_not_say_v1_twice(url: str, base: str, path: str) -> N
 )
 def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, now=1445412480.0) == seconds
+
+
+def test_the_input_is_read_only_as_slots_free(tmp_path: Path) -> None:
+    """Memory stays flat however long the file: a line is read when a request can start, not before."""
+    pulled = 0
+    batch = requests(40)
+
+    def lines() -> Iterator[BatchRequest]:
+        nonlocal pulled
+        for request in batch:
+            pulled += 1
+            yield request
+
+    ahead: list[int] = []
+
+    def watch(progress: Progress) -> None:
+        ahead.append(pulled - progress.done)
+
+    async def go() -> None:
+        fake = FakeOpenAI(models=("m",))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=fake), base_url="http://fake") as client:
+            with Checkpoint(tmp_path / "out.jsonl") as checkpoint:
+                await run_requests(lines(), checkpoint, client, total=40, concurrency=3, on_progress=watch)
+
+    asyncio.run(go())
+    assert pulled == 40
+    assert max(ahead) <= 3 + 1  # those in flight, and the one read while waiting for a slot
+
+
+def test_a_full_disk_stops_the_run_with_its_error_and_the_same_call_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out.jsonl"
+    real = Checkpoint.record_many
+    writes = 0
+
+    def fill_up(self: Checkpoint, results: list[tuple[str, dict[str, Any], bool]]) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 2:
+            raise OutputFull("cannot write to out.jsonl: the disk is full")
+        real(self, results)
+
+    monkeypatch.setattr(Checkpoint, "record_many", fill_up)
+    with pytest.raises(OutputFull, match="disk is full"):
+        run(Scripted({}), out, requests(20))
+    kept = [line["custom_id"] for line in read(out)]
+    assert 1 <= len(kept) < 20 and len(kept) == len(set(kept))
+    monkeypatch.undo()  # space freed
+    app = Scripted({})
+    progress, _, _ = run(app, out, requests(20))
+    assert sorted(app.tries) == sorted(f"p{i}" for i in range(20) if f"q{i}" not in kept)
+    assert sorted(line["custom_id"] for line in read(out)) == sorted(f"q{i}" for i in range(20))
+    assert progress.done == 20

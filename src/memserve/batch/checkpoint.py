@@ -193,16 +193,29 @@ class Checkpoint:
 
     def record(self, custom_id: str, line: dict[str, Any], *, failed: bool) -> None:
         """Append one result (an output line, or an errors-file line when ``failed``), on disk when this returns."""
-        if custom_id in self.finished:
-            raise AssertionError(f"custom_id {custom_id!r} was recorded twice")  # a bug in the caller, not input
-        appender = self._err if failed else self._out
-        assert appender is not None, "record() outside `with Checkpoint(...)`"
-        appender.append(dumps_line(line))
-        self.finished.add(custom_id)
-        if failed:
-            self.failed += 1
-        else:
-            self.succeeded += 1
+        self.record_many([(custom_id, line, failed)])
+
+    def record_many(self, results: list[tuple[str, dict[str, Any], bool]]) -> None:
+        """Append several results, each ``(custom_id, line, failed)``: one write and one fsync per file.
+
+        Whole lines only, so a write cut short leaves at most a cut last line, which the next open repairs;
+        if a write fails, none of these results counts as done (their file is cut back to before them).
+        """
+        ids = [custom_id for custom_id, _, _ in results]
+        repeated = [i for i in ids if i in self.finished] or [i for i in ids if ids.count(i) > 1]
+        if repeated:
+            raise AssertionError(f"custom_id {repeated[0]!r} was recorded twice")  # a bug in the caller, not input
+        assert self._out is not None and self._err is not None, "record() outside `with Checkpoint(...)`"
+        for appender, failed in ((self._out, False), (self._err, True)):
+            lines = [dumps_line(line) for _, line, is_failed in results if is_failed is failed]
+            if lines:
+                appender.append(b"".join(lines))
+        for custom_id, _, failed in results:
+            self.finished.add(custom_id)
+            if failed:
+                self.failed += 1
+            else:
+                self.succeeded += 1
 
     def close(self) -> None:
         for appender in (self._out, self._err):
@@ -216,7 +229,14 @@ class Checkpoint:
     @staticmethod
     def _open(path: Path) -> _Appender:
         path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if not existed:  # a new file's name must survive a reboot too, not only its lines
+            folder = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         return _Appender(path, fd, os.fstat(fd).st_size)
 
     def _lock(self) -> None:

@@ -14,6 +14,7 @@ Unix socket), the clock's ``sleep`` and the jitter's random source, so tests dri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import random
@@ -94,6 +95,49 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+
+
+class _Committer:
+    """Group commit: results that finish while one fsync runs are written together by the next, in a thread.
+
+    The event loop never waits on the disk (an fsync takes 0.2 ms on this machine's SSD, 10 ms on a
+    spinning disk: per result, on the loop, it would cap a fast model at 100 results/s); each ``record``
+    returns once its line is on disk, or raises what the write raised (a full disk) to every waiter.
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self._pending: list[tuple[str, dict[str, Any], bool, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(self, custom_id: str, line: dict[str, Any], *, failed: bool) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((custom_id, line, failed, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="batch-checkpoint-writer")
+        await asyncio.shield(done)  # a cancelled request still waits for a write already under way
+
+    async def drain(self) -> None:
+        """Wait for the write under way (the files must not close under a writing thread)."""
+        while self._writer is not None and not self._writer.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writer)
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self.checkpoint.record_many, [(i, line, f) for i, line, f, _ in batch])
+            except BaseException as exc:  # the disk is full: every waiter hears it
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for *_, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -189,10 +233,11 @@ async def run_requests(
     progress = Progress(total=total, done_before=len(checkpoint.finished))
     report = on_progress or (lambda p: None)
     slots = asyncio.Semaphore(concurrency)
+    committer = _Committer(checkpoint)
 
     async def one(request: BatchRequest) -> None:
         try:
-            await _run_one(request, checkpoint, client, retry, progress, sleep, rng)
+            await _run_one(request, committer, client, retry, progress, sleep, rng)
         finally:
             progress.in_flight -= 1
             slots.release()
@@ -209,12 +254,14 @@ async def run_requests(
                 group.create_task(one(request), name=f"batch-{request.custom_id}")
     except ExceptionGroup as failures:  # one request's failure stopped the run (a full disk): say that one
         raise failures.exceptions[0] from None
+    finally:
+        await committer.drain()
     return progress
 
 
 async def _run_one(
     request: BatchRequest,
-    checkpoint: Checkpoint,
+    checkpoint: _Committer,
     client: httpx.AsyncClient,
     retry: RetryPolicy,
     progress: Progress,
@@ -237,7 +284,7 @@ async def _run_one(
                 request_id=outcome.request_id,
                 batch_request_id=new_batch_request_id(),
             )
-            checkpoint.record(request.custom_id, line, failed=False)
+            await checkpoint.record(request.custom_id, line, failed=False)
             progress.succeeded += 1
             return
         if is_transient(status) and attempt <= retry.max_retries:
@@ -258,7 +305,7 @@ async def _run_one(
             body=outcome.body,
             request_id=outcome.request_id,
         )
-        checkpoint.record(request.custom_id, line, failed=True)
+        await checkpoint.record(request.custom_id, line, failed=True)
         progress.failed += 1
         progress.last_error = f"{request.custom_id}: {outcome.message}{spent}"
         return
