@@ -219,3 +219,26 @@ def test_a_key_sees_only_its_own_files_and_batches(tmp_path: Path, monkeypatch: 
             alice.batches.cancel(batch.id)  # finished: nothing to cancel
     rows = [r for r in usage_rows(tmp_path) if r["end_user"] == batch.id]
     assert len(rows) == 2 and {r["key_name"] for r in rows} == {"alice"}  # metered to the job's key
+
+
+def test_a_request_that_keeps_failing_goes_to_the_errors_file_after_its_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        gateway_batches, "RetryPolicy", lambda: RetryPolicy(max_retries=2, base_seconds=0.001, max_seconds=0.01)
+    )
+    fake = FakeOpenAI(models=("m1",), script=Script(error_status=500))  # a model that fails every time
+    ids = ["a", "b", "c"]
+    with serve_fake(fake), gateway(tmp_path, fake) as client:
+        uploaded = upload(client, batch_lines(ids, model="fake/m1"))
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = wait_for(client, batch.id, {"completed", "failed"})
+        counts = done.request_counts
+        assert counts is not None and (counts.total, counts.completed, counts.failed) == (3, 0, 3)
+        assert done.status == "completed" and done.output_file_id is None and done.error_file_id is not None
+        errors = read_jsonl(client.files.content(done.error_file_id).content)
+        assert [line["custom_id"] for line in errors] == ids
+        assert {line["response"]["status_code"] for line in errors} == {500}  # the provider's answer, relayed
+        assert len(fake.requests) == 3 * 3  # the first try and two retries each
