@@ -151,6 +151,8 @@ def test_a_cancel_mid_way_keeps_what_finished_and_stops_the_rest(tmp_path: Path)
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
         wait_for(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed == 5)
+        with pytest.raises(openai.ConflictError, match="cancel it first"):
+            client.files.delete(uploaded.id)  # a running batch reads it
         cancelling = client.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled")
         done = wait_for(client, batch.id, {"cancelled"})
