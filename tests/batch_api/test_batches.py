@@ -50,14 +50,6 @@ def _opened(gate: threading.Event) -> Iterator[None]:
         gate.set()
 
 
-@pytest.fixture
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Transient failures retried at once, many times: the tests wait for events, never for a backoff."""
-    monkeypatch.setattr(
-        gateway_batches, "RetryPolicy", lambda: RetryPolicy(max_retries=1000, base_seconds=0.001, max_seconds=0.01)
-    )
-
-
 def test_the_openai_client_runs_a_batch_to_completed(tmp_path: Path) -> None:
     ids = [f"q{i}" for i in range(20)]
     lines = batch_lines(ids, model="fake/m1")
@@ -166,8 +158,16 @@ def test_a_cancel_mid_way_keeps_what_finished_and_stops_the_rest(tmp_path: Path)
     assert answered > 5  # the fake did get more than it answered: those were cut off by the cancel
 
 
-def test_transient_failures_are_retried_until_they_pass(tmp_path: Path, fast_retries: None) -> None:
-    fake = FakeOpenAI(models=("m1",), script=Script(error_status=503))
+@pytest.mark.parametrize(("status", "retries"), [(503, 1000), (429, 1)])
+def test_transient_failures_are_retried_until_they_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, retries: int
+) -> None:
+    """A 503 while retries last; a 429 (a limit) without spending them: one retry each, and 20 tries made."""
+    monkeypatch.setattr(
+        gateway_batches, "RetryPolicy", lambda: RetryPolicy(max_retries=retries, base_seconds=0.001, max_seconds=0.01)
+    )
+    monkeypatch.setattr(gateway_batches, "_LIMITED_BACKOFF_STEPS", 1)
+    fake = FakeOpenAI(models=("m1",), script=Script(error_status=status, error_headers={"Retry-After": "0"}))
     ids = [f"q{i}" for i in range(6)]
     with serve_fake(fake), gateway(tmp_path, fake) as client:
         uploaded = upload(client, batch_lines(ids, model="fake/m1"))

@@ -10,8 +10,9 @@ A job runs in the gateway that holds it (``BatchStore.claim``), one task per job
 own generation handler (``generate``), as the job's key: checked against the key's models and limits, routed
 like any request, and metered with one usage row (its end user is the job's id unless the body names one).
 Its result is recorded in the store once (``record_result``): a job resumed after a restart or a kill -9
-skips what is recorded and never recomputes it. Transient failures (no answer, 408, 429, 5xx but 501) are
-retried with backoff; the rest go to the errors file.
+skips what is recorded and never recomputes it. Transient failures (no answer, 408, 5xx but 501) are
+retried with backoff up to the retry policy's count; a 429 (a limit) is waited out without spending one; the
+rest go to the errors file.
 
 Batch work yields to interactive work: on a local model a job never holds the last free slot of its plan's
 concurrency (at most ``concurrency - 1`` batch requests in flight per model, across all jobs, and 1 when the
@@ -88,6 +89,9 @@ HOLD = timedelta(seconds=30)
 SCAN_SECONDS = 10.0
 """How often a gateway looks for jobs nobody holds (another gateway stopped, or a hold ran out)."""
 _METADATA_MAX = 16
+_LIMITED_BACKOFF_STEPS = 6
+"""A 429 is waited out (its Retry-After, else a backoff growing to base × 2^5) without spending a retry: a
+key's requests-per-minute limit slows a job down, it does not fail its requests. A cancel still stops it."""
 Generate = Callable[[Caller, BatchRequest, str, asyncio.Event], Coroutine[Any, Any, "Answer"]]
 
 
@@ -435,9 +439,10 @@ class BatchJobs:
                 )
                 await store.record_result(batch.id, request.custom_id, line=request.line, ok=True, record=record)
                 return
-            attempt += 1
-            if is_transient(answer.status) and attempt <= self.retry.max_retries:
-                delay = self.retry.delay_seconds(attempt, answer.retry_after_seconds, self._rng)
+            limited = answer.status == 429  # a limit (the key's, a queue's, a provider's): wait, never give up
+            attempt = attempt + 1 if not limited else min(attempt + 1, _LIMITED_BACKOFF_STEPS)
+            if limited or (is_transient(answer.status) and attempt <= self.retry.max_retries):
+                delay = self.retry.delay_seconds(max(attempt, 1), answer.retry_after_seconds, self._rng)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(job.stop.wait(), delay)
                 if job.stop.is_set():
