@@ -23,11 +23,11 @@ from memserve.store.schema import metadata
 
 def test_revisions_are_one_line_oldest_first_and_named_by_their_id() -> None:
     scripts = list(reversed(list(migrations.scripts().walk_revisions())))
-    assert [s.revision for s in scripts] == ["0001", "0002", "0003"]
-    assert [s.down_revision for s in scripts] == [None, "0001", "0002"]
+    assert [s.revision for s in scripts] == ["0001", "0002", "0003", "0004"]
+    assert [s.down_revision for s in scripts] == [None, "0001", "0002", "0003"]
     for script in scripts:
         assert re.fullmatch(rf"{script.revision}_[a-z_]+\.py", script.path.rsplit("/", 1)[-1])
-    assert migrations.head() == "0003"
+    assert migrations.head() == "0004"
 
 
 def _differences(connection: sa.Connection) -> list[Any]:
@@ -47,7 +47,7 @@ def test_upgrade_from_empty_gives_exactly_the_tables_the_queries_use(db_url: str
 
     diffs, tables = asyncio.run(upgraded())
     assert diffs == []
-    assert tables == {"alembic_version", "api_keys", "usage"}
+    assert tables == {"alembic_version", "api_keys", "usage", "files", "file_parts", "batches", "batch_results"}
 
 
 def test_upgrade_from_0001_keeps_the_keys_and_they_still_work(db_url: str) -> None:
@@ -137,3 +137,52 @@ def test_upgrade_from_0002_counts_the_rows_it_had_as_admitted(db_url: str) -> No
             await store.close()
 
     assert asyncio.run(after_upgrade()) == (1, 7)
+
+
+def test_upgrade_from_0003_keeps_keys_and_usage_and_adds_the_batch_tables(db_url: str) -> None:
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        Path(str(url.database)).parent.mkdir(parents=True)
+
+    async def at_0003() -> str:
+        engine = create_async_engine(db_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(migrations.upgrade, "0003")
+                tables = set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+                assert "batches" not in tables and "files" not in tables
+            keys = KeyStore(engine, Target.of(url, 5.0), clock=lambda: datetime.now(UTC))
+            _key, secret = await keys.create("before-batches")
+            return secret
+        finally:
+            await engine.dispose()
+
+    secret = asyncio.run(at_0003())
+
+    async def after_upgrade() -> tuple[str, str, bool, bool, int]:
+        store = await Store.open(db_url)
+        try:
+            key = await store.keys.verify(secret)
+            stored = await store.batches.create_file(
+                "file-1", purpose="batch", filename="in.jsonl", key_id=key.id, parts=[b"a\n", b"b\n"]
+            )
+            batch = await store.batches.create_batch(
+                "batch_1",
+                endpoint="/v1/completions",
+                input_file_id=stored.id,
+                completion_window=timedelta(hours=24),
+                window_text="24h",
+                key_id=key.id,
+                key_name=key.name,
+                metadata=None,
+            )
+            first = await store.batches.record_result(batch.id, "q1", line=1, ok=True, record={"x": 1})
+            again = await store.batches.record_result(batch.id, "q1", line=1, ok=True, record={"x": 1})
+            content = b"".join([part async for part in store.batches.content(stored.id)])
+            counted = await store.batches.get_batch(batch.id)
+            assert counted is not None
+            return key.name, content.decode(), first, again, counted.completed
+        finally:
+            await store.close()
+
+    assert asyncio.run(after_upgrade()) == ("before-batches", "a\nb\n", True, False, 1)

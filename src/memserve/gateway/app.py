@@ -53,6 +53,7 @@ from memserve.errors import (
 from memserve.gateway import openapi
 from memserve.gateway.accounts import add_account_routes
 from memserve.gateway.auth import ANONYMOUS, PUBLIC_PATHS, Auth, Caller, auth_mode, end_user
+from memserve.gateway.batches import BatchJobs, add_batch_routes, make_generate
 from memserve.gateway.door import Door
 from memserve.gateway.limits import Limiter
 from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord, metered
@@ -211,10 +212,12 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         service.auth = Auth(opened.keys if service.keys_on else None, public_paths=public_paths)
         service.usage, service.limiter = opened.usage, Limiter(opened.usage)
         await pool.start()
+        await jobs.start(opened.batches)
         try:
             yield
         finally:
             try:
+                await jobs.stop()
                 await pool.shutdown()
                 await providers.aclose()
             finally:
@@ -335,6 +338,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         CHAT_COMPLETIONS.path: chat_completions,
         COMPLETIONS.path: completions,
     }
+    jobs = BatchJobs(settings, pool, make_generate(hot_routes, service))
 
     @handles(app, MODELS, response_model=ModelList, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def models(request: Request) -> dict[str, Any]:
@@ -452,6 +456,8 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         return Response(await asyncio.to_thread(render, snapshot), media_type=CONTENT_TYPE_LATEST)
 
     install_ui(app, pool.history)
+    add_batch_routes(app, service, jobs, settings.max_body_bytes)
+    app.state.batch_jobs = jobs  # its slots, for tests
     add_account_routes(
         app,
         lambda: service.store.keys if service.store else None,

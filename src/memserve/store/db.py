@@ -22,6 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from memserve.errors import StoreUnavailable
 from memserve.store import migrate
+from memserve.store.batches import BatchStore
 from memserve.store.faults import Target, corrupt_message, translated
 from memserve.store.keys import KeyStore
 from memserve.store.schema import metadata
@@ -50,13 +51,17 @@ def utcnow() -> datetime:
 
 
 class Store:
-    """An open database: ``keys`` (issued API keys) and ``usage`` (one row per request)."""
+    """An open database: ``keys`` (issued API keys), ``usage`` (one row per request) and ``batches`` (files and
+    batch jobs)."""
 
-    def __init__(self, engine: AsyncEngine, target: Target, keys: KeyStore, usage: UsageLog) -> None:
+    def __init__(
+        self, engine: AsyncEngine, target: Target, keys: KeyStore, usage: UsageLog, batches: BatchStore | None = None
+    ) -> None:
         self.engine = engine
         self.target = target
         self.keys = keys
         self.usage = usage
+        self.batches = batches or BatchStore(engine, target, clock=utcnow)
 
     @classmethod
     async def open(
@@ -111,7 +116,7 @@ class Store:
             max_pending_rows=max_pending_rows,
             after_flush=keys.write_last_used,
         )
-        return cls(engine, target, keys, usage)
+        return cls(engine, target, keys, usage, BatchStore(engine, target, clock=clock))
 
     async def close(self) -> None:
         """Flush what usage holds (SIGTERM loses no row), then close every connection."""

@@ -90,3 +90,71 @@ usage = sa.Table(
     ),
     sa.Index("ix_usage_end_user_time", "end_user", "time"),
 )
+
+# Batch jobs (revision 0004): OpenAI's Files and Batch objects, and one row per finished request.
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # file-…
+    sa.Column("purpose", sa.Text, nullable=False),  # batch (an upload), batch_output (a job's output or errors)
+    sa.Column("filename", sa.Text, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("key_id", sa.Text, nullable=True),  # who uploaded it (NULL: auth off, or the bootstrap admin key)
+    sa.Index("ix_files_key_id_created_at", "key_id", "created_at"),
+)
+
+file_parts = sa.Table(
+    "file_parts",
+    metadata,
+    # a file's content in 1 MiB parts: streamed in and out a part at a time, shared by every gateway
+    sa.Column("file_id", sa.Text, primary_key=True),
+    sa.Column("part", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # batch_…
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("endpoint", sa.Text, nullable=False),
+    sa.Column("completion_window", sa.Text, nullable=False),
+    sa.Column("input_file_id", sa.Text, nullable=False),
+    sa.Column("output_file_id", sa.Text, nullable=True),
+    sa.Column("error_file_id", sa.Text, nullable=True),
+    sa.Column("key_id", sa.Text, nullable=True),  # the key whose job it is: its requests are metered to it
+    sa.Column("key_name", sa.Text, nullable=True),
+    sa.Column("metadata", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("errors", sa.JSON(none_as_null=True), nullable=True),  # why validation failed, line by line
+    sa.Column("total", sa.Integer, nullable=False),  # request_counts
+    sa.Column("completed", sa.Integer, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("in_progress_at", UtcDateTime, nullable=True),
+    sa.Column("finalizing_at", UtcDateTime, nullable=True),
+    sa.Column("completed_at", UtcDateTime, nullable=True),
+    sa.Column("failed_at", UtcDateTime, nullable=True),
+    sa.Column("expired_at", UtcDateTime, nullable=True),
+    sa.Column("cancelling_at", UtcDateTime, nullable=True),
+    sa.Column("cancelled_at", UtcDateTime, nullable=True),
+    # which gateway runs it, until when (renewed while it runs): one runner per job across gateways
+    sa.Column("holder", sa.Text, nullable=True),
+    sa.Column("held_until", UtcDateTime, nullable=True),
+    sa.Index("ix_batches_key_id_created_at", "key_id", "created_at"),
+    sa.Index("ix_batches_status", "status"),
+)
+
+batch_results = sa.Table(
+    "batch_results",
+    metadata,
+    # the primary key is the exactly-once: a request's result is recorded once, whatever was killed when
+    sa.Column("batch_id", sa.Text, primary_key=True),
+    sa.Column("custom_id", sa.Text, primary_key=True),
+    sa.Column("line", sa.Integer, nullable=False),  # in the input file: output files keep the input's order
+    sa.Column("ok", sa.Boolean, nullable=False),  # the output file's (True) or the errors file's (False)
+    sa.Column("record", sa.Text, nullable=False),  # the JSONL line, as written to that file
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Index("ix_batch_results_batch_id_line", "batch_id", "line"),
+)

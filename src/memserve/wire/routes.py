@@ -9,10 +9,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "BATCH",
+    "BATCHES",
+    "BATCH_CANCEL",
+    "BATCH_CREATE",
+    "BATCH_ROUTES",
     "CHAT_COMPLETIONS",
     "COMPLETIONS",
     "EVENTS",
     "EVENTS_STREAM",
+    "FILE",
+    "FILES",
+    "FILE_CONTENT",
+    "FILE_DELETE",
+    "FILE_UPLOAD",
     "FIT",
     "GATEWAY_ROUTES",
     "HEALTH",
@@ -83,6 +93,17 @@ UI_ROUTES = (UI, UI_SCRIPT, UI_STYLE)
 """The live memory page's static files: public even with keys on (they hold no data)."""
 LIVE_ROUTES = (EVENTS_STREAM, *UI_ROUTES)
 """What ``/ui`` adds: its files and the pool's events as SSE (``gateway/ui.py``)."""
+FILE_UPLOAD = Route("POST", "/v1/files")
+FILES = Route("GET", "/v1/files")
+FILE = Route("GET", "/v1/files/{file_id}")
+FILE_CONTENT = Route("GET", "/v1/files/{file_id}/content")
+FILE_DELETE = Route("DELETE", "/v1/files/{file_id}")
+BATCH_CREATE = Route("POST", "/v1/batches")
+BATCHES = Route("GET", "/v1/batches")
+BATCH = Route("GET", "/v1/batches/{batch_id}")
+BATCH_CANCEL = Route("POST", "/v1/batches/{batch_id}/cancel")
+BATCH_ROUTES = (FILE_UPLOAD, FILES, FILE, FILE_CONTENT, FILE_DELETE, BATCH_CREATE, BATCHES, BATCH, BATCH_CANCEL)
+"""OpenAI's Files and Batch API on the gateway (``gateway/batches.py``)."""
 GATEWAY_ROUTES = (
     *OPENAI_ROUTES,
     HEALTH,
@@ -96,6 +117,7 @@ GATEWAY_ROUTES = (
     *KEY_ROUTES,
     METRICS,
     *LIVE_ROUTES,
+    *BATCH_ROUTES,
 )
 
 
