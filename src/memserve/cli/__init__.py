@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from memserve import __version__
+from memserve.cli.batch import batch
 from memserve.cli.bench import bench
 from memserve.cli.demo_model import demo_model
 from memserve.cli.fit import fit
@@ -54,6 +55,7 @@ def main() -> None:
     """memserve: serve language models on the memory this machine really has."""
 
 
+main.add_command(batch)
 main.add_command(bench)
 main.add_command(demo_model)
 main.add_command(fit)
