@@ -16,6 +16,7 @@ from memserve.compare.run import Compare, run_compare
 from memserve.compare.scorers import SCORERS, load_scorer
 
 PROGRESS_EVERY = 10
+TABLE_WIDTH = 150  # when stdout is a file or pipe (rich's default there is 80 columns, too narrow for it)
 
 
 @click.command("compare")
@@ -63,7 +64,7 @@ def compare(
 ) -> None:
     """Run every question of QUESTIONS (.jsonl: id, prompt or messages, answer) through each --model, one
     model at a time, resumably, and report success, latency, tokens/s, memory and load time."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if make_questions is not None:
         question_files.write_questions(question_files.make_questions(make_questions), questions)
         console.print(f"wrote {make_questions} questions to {questions} (score them with --scorer contains)")
@@ -87,5 +88,6 @@ def compare(
     paths = write_report(rows, report_dir, scorer=scorer, questions=questions)
     if not no_plot:
         paths["png"] = plot_report(rows, report_dir / "report.png")
-    Console().print(table(rows))
+    out = Console()
+    (out if out.is_terminal else Console(width=TABLE_WIDTH)).print(table(rows))
     console.print("report: " + ", ".join(str(p) for p in paths.values()), highlight=False)

@@ -182,7 +182,7 @@ def plot_report(rows: list[ModelReport], path: Path) -> Path:
     axes.set_xlabel("tokens/s (completion tokens over busy time)")
     axes.set_ylabel("success rate (Wilson 95 % interval)")
     axes.set_ylim(0, 1)
-    axes.set_xlim(left=0)
+    axes.set_xlim(0, 1.3 * max((r.tokens_per_second or 0.0) for r in rows) or 1.0)  # room for the labels
     axes.set_title("memserve compare: marker area = peak measured memory")
     axes.grid(alpha=0.3)
     figure.tight_layout()

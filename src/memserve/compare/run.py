@@ -87,6 +87,7 @@ async def run_compare(
             out = output_path(job.report_dir, model)
             info_path = model_info_path(job.report_dir, model)
             info = _read_json(info_path)
+            loaded = False
             with Checkpoint(out, errors_path_for(out)) as checkpoint:
                 left = len(questions) - len(checkpoint.finished)
                 if left == 0 and info:
@@ -96,6 +97,7 @@ async def run_compare(
                         note(f"{model}: resuming, {len(checkpoint.finished)} of {len(questions)} answered already")
                     note(f"loading {model} …")
                     row, seconds = await _load(api, model)
+                    loaded = True
                     info["load_seconds"] = row.get("load_seconds") if row.get("load_seconds") is not None else seconds
                     info["reserved_bytes"] = _device_sum(row, "reserved_bytes")
                     peak = max(int(info.get("peak_measured_bytes") or 0), _device_sum(row, "measured_bytes"))
@@ -117,7 +119,7 @@ async def run_compare(
                         with contextlib.suppress(BaseException):
                             await sampler
                         _write_json(info_path, info)
-            if index + 1 < len(job.models) and not await _fits_beside(api, job.models[index + 1]):
+            if loaded and index + 1 < len(job.models) and not await _fits_beside(api, job.models[index + 1]):
                 note(
                     f"the budget holds one of these models at a time: unloading {model} before {job.models[index + 1]}"
                 )
