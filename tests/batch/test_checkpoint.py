@@ -109,3 +109,15 @@ def test_a_full_disk_stops_with_a_clear_error_and_leaves_whole_lines(
         assert resumed.finished == {"a"}
         resumed.record("b", line("b"), failed=False)
     assert out.read_bytes().count(b"\n") == 2
+
+
+def test_asking_who_holds_the_lock_never_takes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batch status`` reads the kernel's table: a run starting while it asks is never refused."""
+    out = tmp_path / "out.jsonl"
+    with Checkpoint(out):
+        calls: list[int] = []
+        monkeypatch.setattr(checkpoint_module.fcntl, "flock", lambda fd, op: calls.append(op))
+        assert lock_holder(out) == os.getpid()
+        monkeypatch.undo()
+    assert calls == []
+    assert lock_holder(out) is None

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from memserve.batch.checkpoint import count_lines, errors_path_for
+from memserve.batch.checkpoint import count_lines, errors_path_for, lock_holder
 from tests.batch.conftest import answers, memserve, write_input
 
 REQUESTS = 300
@@ -45,8 +45,9 @@ def test_kill_9_at_random_points_then_resume_gives_each_id_once_with_the_clean_t
         target = done + rng.choice([0, *range(1, 2 * REQUESTS // (MIN_KILLS + 5))])
         process = run_batch(input_path, output, runner_url, log)
         starts += 1
-        if target == done:
-            time.sleep(rng.uniform(0, 0.5))  # a kill while it reads the files or connects: any moment is fair
+        if target == done:  # right after it took the lock and read what is done, before any new result
+            while process.poll() is None and lock_holder(output) != process.pid:
+                time.sleep(0.005)
         else:
             while process.poll() is None and count_lines(output) < target:
                 time.sleep(0.005)

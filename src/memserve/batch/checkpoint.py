@@ -20,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from memserve.batch.format import dumps_line
 from memserve.errors import InvalidArgument, MemserveError
 
 _READ_CHUNK_BYTES = 1 << 16
+_LOCK_ATTEMPTS = 5
 
 
 class BatchLocked(MemserveError):
@@ -242,9 +244,14 @@ class Checkpoint:
     def _lock(self) -> None:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(_LOCK_ATTEMPTS):  # a `batch status` probing it without /proc/locks holds it for µs
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt + 1 < _LOCK_ATTEMPTS:
+                    time.sleep(0.02)
+        else:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise BatchLocked(
@@ -257,10 +264,31 @@ class Checkpoint:
 
 
 def lock_holder(output: Path) -> int | None:
-    """The pid of the run holding ``output``'s lock now, or None when no run holds it."""
+    """The pid of the run holding ``output``'s lock now, or None when no run holds it.
+
+    Read from ``/proc/locks`` (the kernel's table) without touching the lock: probing it with a lock of our
+    own, however briefly, could make a run starting at that instant refuse. Elsewhere, the probe.
+    """
     path = lock_path_for(output)
-    if not path.exists():
+    try:
+        stat = os.stat(path)
+    except OSError:
         return None
+    where = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"  # as the kernel prints it
+    try:
+        with open("/proc/locks") as table:
+            rows = table.read().splitlines()
+    except OSError:
+        return _probe_holder(path)
+    for row in rows:
+        fields = row.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:123456 0 EOF"; a waiter's row reads "1: -> FLOCK ..."
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5] == where:
+            return int(fields[4]) if fields[4].isdigit() else -1
+    return None
+
+
+def _probe_holder(path: Path) -> int | None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:

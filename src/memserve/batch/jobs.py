@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 from memserve.batch.checkpoint import count_lines, lock_holder, progress_path_for
-from memserve.errors import InvalidArgument, ModelNotFound
+from memserve.errors import ModelNotFound
 
 _SAME_START_SECONDS = 0.01
 
@@ -145,11 +145,6 @@ def stop_job(record: JobRecord, *, wait_seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def check_id(job_id: str) -> None:
-    if not job_id.startswith("batch_"):
-        raise InvalidArgument(f"{job_id!r} is not a batch id (they look like batch_1a2b3c4d5e6f)")
 
 
 __all__ = [
