@@ -119,7 +119,7 @@ async def run_compare(
                         with contextlib.suppress(BaseException):
                             await sampler
                         _write_json(info_path, info)
-            if loaded and index + 1 < len(job.models) and not await _fits_beside(api, job.models[index + 1]):
+            if loaded and index + 1 < len(job.models) and not await fits_beside(api, job.models[index + 1]):
                 note(
                     f"the budget holds one of these models at a time: unloading {model} before {job.models[index + 1]}"
                 )
@@ -170,7 +170,7 @@ async def _sample_peak(api: httpx.AsyncClient, model: str, info: dict[str, Any])
         await asyncio.sleep(PS_SAMPLE_SECONDS)
 
 
-async def _fits_beside(api: httpx.AsyncClient, model: str) -> bool:
+async def fits_beside(api: httpx.AsyncClient, model: str) -> bool:
     """Whether ``model``'s plan fits in the memory free now (with the current model still loaded)."""
     try:
         response = await api.get("/api/fit", params={"model": model})
@@ -203,4 +203,4 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-__all__ = ["Compare", "model_info_path", "output_path", "run_compare"]
+__all__ = ["Compare", "fits_beside", "model_info_path", "output_path", "run_compare"]
