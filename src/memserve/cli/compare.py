@@ -9,13 +9,14 @@ import click
 from rich.console import Console
 
 from memserve.batch.execute import Progress
+from memserve.batch.run import RunView
+from memserve.cli.batch import LiveDisplay, PlainDisplay
 from memserve.compare import questions as question_files
 from memserve.compare.questions import read_questions
 from memserve.compare.report import model_report, plot_report, table, write_report
 from memserve.compare.run import Compare, run_compare
 from memserve.compare.scorers import SCORERS, load_scorer
 
-PROGRESS_EVERY = 10
 TABLE_WIDTH = 150  # when stdout is a file or pipe (rich's default there is 80 columns, too narrow for it)
 
 
@@ -74,15 +75,14 @@ def compare(
     judge = load_scorer(scorer)  # a bad scorer is said before any model loads
     job = Compare(questions, models, url, report_dir, concurrency, max_tokens, max_retries, api_key)
 
-    def progress(model: str, p: Progress) -> None:
-        if p.in_flight == 0 or p.done % PROGRESS_EVERY == 0:
-            console.print(f"  {model}: {p.done}/{p.total} answered, {p.failed} failed", highlight=False)
-
+    display = _Display(console)
     try:
-        asyncio.run(run_compare(job, on_note=lambda text: console.print(text, highlight=False), on_progress=progress))
+        asyncio.run(run_compare(job, on_note=display.note, on_progress=display.update))
     except KeyboardInterrupt:
+        display.stop()
         console.print(f"stopped; run the same command to resume (the answers so far are in {report_dir / 'outputs'})")
         raise SystemExit(130) from None
+    display.stop()
     parsed = read_questions(questions)
     rows = [model_report(m, parsed, report_dir, judge) for m in models]
     paths = write_report(rows, report_dir, scorer=scorer, questions=questions)
@@ -91,3 +91,33 @@ def compare(
     out = Console()
     (out if out.is_terminal else Console(width=TABLE_WIDTH)).print(table(rows))
     console.print("report: " + ", ".join(str(p) for p in paths.values()), highlight=False)
+
+
+class _Display:
+    """The batch command's progress display (a bar on a terminal, a line every few seconds otherwise), a new
+    one for each model; notes go through the display that is showing, so they never tear its bar."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.model: str | None = None
+        self.shown: LiveDisplay | PlainDisplay | None = None
+
+    def note(self, text: str) -> None:
+        if self.shown is not None:
+            self.shown.note(text)
+        else:
+            self.console.print(text, highlight=False)
+
+    def update(self, model: str, progress: Progress) -> None:
+        if model != self.model:
+            self.stop()
+            self.model = model
+            self.shown = LiveDisplay(self.console) if self.console.is_terminal else PlainDisplay()
+            self.shown.start()
+        assert self.shown is not None
+        self.shown.update(progress, RunView())
+
+    def stop(self) -> None:
+        if self.shown is not None:
+            self.shown.stop()
+        self.shown, self.model = None, None
