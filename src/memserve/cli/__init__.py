@@ -15,6 +15,7 @@ import click
 from memserve import __version__
 from memserve.cli.batch import batch
 from memserve.cli.bench import bench
+from memserve.cli.compare import compare
 from memserve.cli.demo_model import demo_model
 from memserve.cli.fit import fit
 from memserve.cli.keys import keys, usage
@@ -57,6 +58,7 @@ def main() -> None:
 
 main.add_command(batch)
 main.add_command(bench)
+main.add_command(compare)
 main.add_command(demo_model)
 main.add_command(fit)
 main.add_command(keys)

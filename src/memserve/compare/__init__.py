@@ -1,0 +1,1 @@
+"""``memserve compare``: one question set through several models, scored, and a report (docs/compare.md)."""
