@@ -46,6 +46,8 @@ def test_configure_twice_keeps_one_handler_in_the_last_format(monkeypatch: pytes
         monkeypatch.setattr(logger, "handlers", list(logger.handlers))
         monkeypatch.setattr(logger, "level", logger.level)
         monkeypatch.setattr(logger, "propagate", logger.propagate)
+    for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):  # configure() turns them off
+        monkeypatch.setattr(logging, name, getattr(logging, name))
     configure("info")
     configure("info", "json")
     logging.getLogger("memserve.pool").info("evict demo", extra={FIELDS: {"event": "evict", "model": "demo"}})
