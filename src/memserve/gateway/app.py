@@ -56,7 +56,7 @@ from memserve.gateway.auth import ANONYMOUS, PUBLIC_PATHS, Auth, Caller, auth_mo
 from memserve.gateway.batches import BatchJobs, add_batch_routes, make_generate
 from memserve.gateway.door import Door
 from memserve.gateway.limits import Limiter
-from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord, metered
+from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord, answer_metered, metered
 from memserve.gateway.metrics import CONTENT_TYPE_LATEST, RequestMetrics, render, take_snapshot
 from memserve.gateway.ui import install_ui
 from memserve.gateway.upstream import Upstream, forward
@@ -582,21 +582,4 @@ class _HotRoutes:
         if handler is None:
             await self.app(scope, receive, send)
             return
-        record = RequestRecord(scope["path"], time.monotonic(), caller=state["caller"])
-        state["record"] = record
-        request = Request(scope, receive)
-
-        async def recorded(message: Message) -> None:
-            record.see(message)
-            await send(message)
-
-        try:  # one usage row however it ends, cancelled (a shutdown past its grace) included
-            try:
-                response = await handler(request)
-            except Exception as exc:
-                if not isinstance(exc, MemserveError):
-                    log.exception("internal error in POST %s", scope["path"])  # a bug: keep its traceback
-                response = error_response(exc)
-            await response(scope, receive, recorded)
-        finally:
-            record.finish(self.service.usage, self.service.metrics)
+        await answer_metered(handler, scope, receive, send, self.service, what=f"POST {scope['path']}")

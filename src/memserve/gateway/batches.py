@@ -29,7 +29,6 @@ import logging
 import os
 import random
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -57,10 +56,10 @@ from memserve.config import Settings
 from memserve.errors import InvalidArgument, MemserveError, RequestTooLarge, StoreUnavailable
 from memserve.gateway import openapi
 from memserve.gateway.auth import ANONYMOUS, USER_HEADER, Caller
-from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord
+from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, answer_metered
 from memserve.pool.pool import ModelPool
 from memserve.store.batches import PART_BYTES, BatchStore, StoredBatch, StoredFile, this_holder
-from memserve.wire.http import error_response, handles, json_body, parse_body
+from memserve.wire.http import handles, json_body, parse_body
 from memserve.wire.routes import (
     BATCH,
     BATCH_CANCEL,
@@ -507,7 +506,6 @@ def make_generate(routes: dict[str, Callable[[Request], Awaitable[Response]]], s
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
         if "user" not in request.body:
             headers.append((USER_HEADER.encode(), batch_id.encode()))
-        record = RequestRecord(request.url, time.monotonic(), caller=caller)
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0"},
@@ -521,7 +519,7 @@ def make_generate(routes: dict[str, Callable[[Request], Awaitable[Response]]], s
             "headers": headers,
             "client": ("batch", 0),
             "server": None,
-            "state": {"caller": caller, "record": record},
+            "state": {"caller": caller},
         }
         sent = False
 
@@ -539,7 +537,6 @@ def make_generate(routes: dict[str, Callable[[Request], Awaitable[Response]]], s
 
         async def send(message: Message) -> None:
             nonlocal status, retry_after
-            record.see(message)
             if message["type"] == "http.response.start":
                 status = message["status"]
                 for name, value in message.get("headers", ()):
@@ -548,16 +545,9 @@ def make_generate(routes: dict[str, Callable[[Request], Awaitable[Response]]], s
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
 
-        try:
-            try:
-                response = await handler(Request(scope, receive))
-            except Exception as exc:
-                if not isinstance(exc, MemserveError):
-                    log.exception("internal error in batch %s request %s", batch_id, request.custom_id)
-                response = error_response(exc)
-            await response(scope, receive, send)
-        finally:
-            record.finish(service.usage, service.metrics)
+        await answer_metered(
+            handler, scope, receive, send, service, what=f"batch {batch_id} request {request.custom_id}"
+        )
         body: dict[str, Any] | None = None
         with contextlib.suppress(ValueError):
             parsed = json.loads(b"".join(chunks)) if chunks else None

@@ -14,19 +14,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from starlette.types import Message
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
+from memserve.errors import MemserveError
 from memserve.gateway.auth import Caller
 from memserve.gateway.limits import Admission, Limiter
 from memserve.gateway.upstream import StreamUsage
 from memserve.logs import FIELDS
 from memserve.store.usage import UsageLog, UsageRow
 from memserve.tally import ITL_BUCKETS, Labels, Tally
+from memserve.wire.http import error_response
 
 if TYPE_CHECKING:
     from memserve.gateway.metrics import RequestMetrics
@@ -188,6 +192,46 @@ class RequestRecord:
         )
 
 
+class Meters(Protocol):
+    """Where a finished request is counted (the gateway's ``Service``); read when it finishes."""
+
+    usage: UsageLog | None
+    metrics: RequestMetrics | None
+
+
+async def answer_metered(
+    handler: Callable[[Request], Awaitable[Response]],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    meters: Meters,
+    *,
+    what: str,
+) -> None:
+    """Answer one generation request with ``handler``, seen message by message by its ``RequestRecord`` (made
+    here, as ``scope["state"]["record"]``, for the caller in ``scope["state"]["caller"]``): one usage row and
+    one count in ``/metrics`` however it ends, a cancel (a shutdown past its grace) included. A client's
+    request (``_HotRoutes``) and a batch job's (``gateway/batches.py``) both come through here. ``what``
+    names the request in the log when the handler has a bug."""
+    state = scope["state"]
+    record = state["record"] = RequestRecord(scope["path"], time.monotonic(), caller=state["caller"])
+
+    async def recorded(message: Message) -> None:
+        record.see(message)
+        await send(message)
+
+    try:
+        try:
+            response = await handler(Request(scope, receive))
+        except Exception as exc:
+            if not isinstance(exc, MemserveError):
+                log.exception("internal error in %s", what)  # a bug: keep its traceback
+            response = error_response(exc)
+        await response(scope, receive, recorded)
+    finally:
+        record.finish(meters.usage, meters.metrics)
+
+
 def metered(
     body: dict[str, Any],
     stream: bool,
@@ -275,4 +319,4 @@ def _count(value: Any) -> int:
     return min(value, _MAX_COUNT) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-__all__ = ["CLIENT_CLOSED_REQUEST", "RequestRecord", "metered"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "Meters", "RequestRecord", "answer_metered", "metered"]
