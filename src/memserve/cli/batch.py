@@ -263,9 +263,9 @@ class PlainDisplay:
 class LiveDisplay:
     """A rich progress bar: done/total, rate, ETA, tokens/s, errors, and the runner's memory with --local."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, label: str = "batch") -> None:
         self.bar = RichProgress(
-            TextColumn("batch"),
+            TextColumn(label.replace("{", "{{").replace("}", "}}"), markup=False),  # a format string: braces doubled
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),

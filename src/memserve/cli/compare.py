@@ -112,7 +112,7 @@ class _Display:
         if model != self.model:
             self.stop()
             self.model = model
-            self.shown = LiveDisplay(self.console) if self.console.is_terminal else PlainDisplay()
+            self.shown = LiveDisplay(self.console, label=model) if self.console.is_terminal else PlainDisplay()
             self.shown.start()
         assert self.shown is not None
         self.shown.update(progress, RunView())
