@@ -43,6 +43,10 @@ from memserve.memory.inventory import Device, Inventory
 from memserve.units import format_bytes
 
 QuantizationRequest = Literal["auto", "none", "int8", "4bit"]
+# the engine a plan runs on, i.e. its runner kind: memserve's own runner (transformers) or an external
+# OpenAI-compatible server memserve starts and supervises (docs/engines.md)
+RunnerKind = Literal["transformers", "vllm", "llama.cpp"]
+RUNNER_KINDS: tuple[str, ...] = get_args(RunnerKind)
 QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "4bit")
 RUNGS = ("gpu", "gpu-int8", "gpu-4bit", "gpu-cpu-split", "cpu", "smaller-context")
 DEFAULT_CONTEXT_TOKENS = 4096
@@ -107,6 +111,7 @@ class Rung:
     devices: dict[str, DeviceNeed] = field(default_factory=dict)
     device_map: dict[str, str] = field(default_factory=dict)  # block name → device
     blocked: str | None = None  # why the rung is not available (policy, software, the watchdog), when it is not
+    runner: RunnerKind = "transformers"  # the engine that would serve it
 
     @property
     def total_bytes(self) -> int:
@@ -129,6 +134,7 @@ class Rung:
             "context_tokens": self.context_tokens,
             "concurrency": self.concurrency,
             "devices": {name: need.to_json() for name, need in self.devices.items()},
+            "runner": self.runner,
         }
 
 
@@ -144,7 +150,8 @@ class Plan:
     max_batch_tokens: int
     devices: dict[str, DeviceNeed]
     device_map: dict[str, str]
-    engine: Engine = CONTINUOUS_BATCHING
+    engine: Engine = CONTINUOUS_BATCHING  # how memserve's own runner batches (estimate.py)
+    runner: RunnerKind = "transformers"  # the engine (runner kind) that serves the plan
 
     @property
     def reserved_bytes(self) -> dict[str, int]:
@@ -161,6 +168,7 @@ class Plan:
             "devices": {name: need.to_json() for name, need in self.devices.items()},
             "device_map": self.device_map,
             "engine": self.engine,
+            "runner": self.runner,
         }
 
     @classmethod
@@ -180,6 +188,9 @@ class Plan:
         engine = data.get("engine", CONTINUOUS_BATCHING)  # plans written before the field: the default engine
         if engine not in get_args(Engine):
             raise InvalidArgument(f"plan field 'engine' must be one of {', '.join(get_args(Engine))}, got {engine!r}")
+        runner = data.get("runner", "transformers")  # plans written before engines were runner kinds
+        if runner not in RUNNER_KINDS:
+            raise InvalidArgument(f"plan field 'runner' must be one of {', '.join(RUNNER_KINDS)}, got {runner!r}")
         return cls(
             rung=_field(data, "rung", str),
             dtype=_field(data, "dtype", str),
@@ -190,6 +201,7 @@ class Plan:
             devices={str(name): _device_need(str(name), need) for name, need in devices.items()},
             device_map={str(block): str(device) for block, device in device_map.items()},
             engine=engine,
+            runner=runner,
         )
 
 
@@ -592,6 +604,7 @@ def plan(facts: CheckpointFacts, request: Request, inventory: Inventory, policy:
             devices=chosen.devices,
             device_map=chosen.device_map,
             engine=request.engine,
+            runner=chosen.runner,
         )
         return PlanResult(tuple(rungs), result, None)
 
