@@ -388,15 +388,37 @@ class RunnerProcess:
         self.plan_path.unlink(missing_ok=True)
 
 
-def process_spawner(run_dir: Path, env: Mapping[str, str] | None = None) -> Spawner:
-    """The real spawner: each call starts one runner process with its socket and plan file in ``run_dir``."""
+def process_spawner(
+    run_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    gpu_total_bytes: Callable[[], Mapping[str, int]] | None = None,
+) -> Spawner:
+    """The real spawner: each call starts the runner its plan names (``plan.runner``).
+
+    ``transformers``: memserve's own runner process, with its socket and plan file in ``run_dir``. ``vllm``,
+    ``llama.cpp``: the engine's own server as an ``ExternalRunner`` (``pool/external.py``) on a loopback port,
+    started with the argv its ``memserve.engines`` module computes from the plan. ``gpu_total_bytes`` gives
+    each GPU's total (the pool knows it from its inventory; NVML is asked otherwise).
+    """
 
     async def spawn(name: str, launch: PlanFile, on_event: Callable[[RunnerEvent], None]) -> RunnerHandle:
+        if launch.plan.runner != "transformers":
+            from memserve.pool.external import start_external  # it imports this module
+
+            return await start_external(name, launch, env=env, gpu_total_bytes=gpu_total_bytes or _gpu_totals)
         runner = RunnerProcess(name, launch, run_dir=run_dir, on_event=on_event, env=env)
         await runner.start()
         return runner
 
     return spawn
+
+
+def _gpu_totals() -> dict[str, int]:
+    """Each visible GPU's total bytes, from NVML (no CUDA context); {} on a host without GPUs."""
+    from memserve.memory.probe import cuda_devices
+
+    return {device.name: device.total_bytes for device in cuda_devices()[0]}
 
 
 _SECRETS = ("MEMSERVE_ADMIN_KEY", "MEMSERVE_API_KEY")

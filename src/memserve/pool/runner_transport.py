@@ -1,4 +1,5 @@
-"""An httpx transport for a runner's Unix socket: asyncio protocol, the httptools parser, keep-alive.
+"""An httpx transport for a runner's Unix socket (or a loopback port): asyncio protocol, the httptools parser,
+keep-alive.
 
 Every token the gateway relays crosses this hop. httpx's default transport (httpcore) parses HTTP/1.1
 in pure Python (h11) and opens an anyio cancel scope for every read; on two cores a py-spy of the
@@ -18,7 +19,10 @@ the server side: bytes arrive in ``data_received`` and go straight into httptool
   frees the sequence at once.
 - A reader that falls behind pauses the socket (``pause_reading``) past ``_HIGH_WATER_BYTES``.
 
-Only what a runner speaks is supported: HTTP/1.1 over a Unix socket, request bodies sent whole; 1xx
+The same transport speaks to an external engine's server (vLLM, llama-server: ``pool/external.py``) on
+``127.0.0.1:PORT``: only the connect differs, so the gateway's hot path is the same for every runner kind.
+
+Only what a runner speaks is supported: HTTP/1.1 over a Unix socket or TCP, request bodies sent whole; 1xx
 interim answers are skipped, HEAD answers have no body, an answer with neither a length nor chunked
 encoding ends when the connection does.
 """
@@ -48,10 +52,21 @@ _DROPPED_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connect
 
 
 class RunnerTransport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 to one Unix socket; honours the request's ``connect`` and ``read`` timeouts."""
+    """HTTP/1.1 to one Unix socket, or to one ``(host, port)``; honours the request's ``connect`` and ``read``
+    timeouts. The URL's host and port are not used to connect: the runner is the one the transport names."""
 
-    def __init__(self, socket_path: str, *, max_idle_seconds: float = MAX_IDLE_SECONDS) -> None:
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        address: tuple[str, int] | None = None,
+        max_idle_seconds: float = MAX_IDLE_SECONDS,
+    ) -> None:
+        if (socket_path is None) == (address is None):
+            raise ValueError("a RunnerTransport needs either a socket path or a (host, port) address")
         self.socket_path = socket_path
+        self.address = address
+        self.where = socket_path if address is None else f"{address[0]}:{address[1]}"
         self.max_idle_seconds = max_idle_seconds
         self._idle: list[_Connection] = []
         self._closed = False
@@ -65,7 +80,7 @@ class RunnerTransport(httpx.AsyncBaseTransport):
 
     async def _handle(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
-            raise httpx.ConnectError(f"the transport for {self.socket_path} is closed")
+            raise httpx.ConnectError(f"the transport for {self.where} is closed")
         timeouts = request.extensions.get("timeout", {})
         message = _encode_request(request, await request.aread())
         connection = self._take_idle() or await self._connect(timeouts.get("connect"))
@@ -107,11 +122,14 @@ class RunnerTransport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                _, connection = await loop.create_unix_connection(_Connection, self.socket_path)
+                if self.address is None:
+                    _, connection = await loop.create_unix_connection(_Connection, self.socket_path)
+                else:  # asyncio sets TCP_NODELAY on its TCP transports: each token leaves at once
+                    _, connection = await loop.create_connection(_Connection, *self.address)
         except TimeoutError:
-            raise httpx.ConnectTimeout(f"no connection to {self.socket_path} within {timeout} s") from None
+            raise httpx.ConnectTimeout(f"no connection to {self.where} within {timeout} s") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+            raise httpx.ConnectError(f"cannot connect to {self.where}: {exc.strerror or exc}") from exc
         return connection
 
 
@@ -207,7 +225,7 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a Unix socket's transport is an asyncio.Transport
+        self.transport = transport  # type: ignore[assignment]  # a socket's transport is an asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
         try:
