@@ -8,15 +8,19 @@ from typing import cast
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memserve.checkpoint.facts import CheckpointFacts
+from memserve.engines import EngineStatus, engines_for, require
+from memserve.engines.vllm import with_vllm
 from memserve.memory.estimate import Engine
 from memserve.memory.fit import fit_json, fit_result
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import (
     DEFAULT_MAX_BATCH_TOKENS,
     PlanResult,
+    Policy,
     Request,
 )
 from memserve.memory.probe import probe_inventory
@@ -25,7 +29,9 @@ from memserve.units import format_bytes
 EXIT_NO_FIT = 3
 
 
-def _print_table(facts: CheckpointFacts, request: Request, result: PlanResult, inventory: Inventory) -> None:
+def _print_table(
+    facts: CheckpointFacts, request: Request, result: PlanResult, inventory: Inventory, engines: list[EngineStatus]
+) -> None:
     console = Console()
     console.print(
         f"[bold]{facts.source}[/]  {facts.model_type}, {facts.params / 1e9:.2f}B params, "
@@ -46,7 +52,7 @@ def _print_table(facts: CheckpointFacts, request: Request, result: PlanResult, i
         f"quantization {request.quantization}"
     )
     table = Table(title="placement ladder (first that fits wins)")
-    for col in ("rung", "fits", "dtype", "needs", "why"):
+    for col in ("rung", "runner", "fits", "dtype", "needs", "why"):
         table.add_column(col, overflow="fold")
     chosen = result.plan.rung if result.plan else None
     for rung in result.rungs:
@@ -54,8 +60,19 @@ def _print_table(facts: CheckpointFacts, request: Request, result: PlanResult, i
         name = f"[bold]{rung.name} ◀[/]" if rung.name == chosen else rung.name
         needs = ", ".join(f"{d} {format_bytes(n.total_bytes)}" for d, n in rung.devices.items()) or "-"
         quant = "" if rung.quantization == "none" else f" {rung.quantization}"
-        table.add_row(name, mark, rung.dtype + quant, needs, rung.why)
+        table.add_row(name, rung.runner, mark, rung.dtype + quant, needs, escape(rung.why))
     console.print(table)
+    kinds = Table(title="engines (runner kinds)")
+    for col in ("engine", "installed", "considered", "why"):
+        kinds.add_column(col, overflow="fold")
+    for engine in engines:
+        kinds.add_row(
+            engine.name,
+            "yes" if engine.installed else "[dim]no[/]",
+            "[green]yes[/]" if engine.considered else "[dim]no[/]",
+            escape(engine.why),  # install hints hold brackets: memserve[vllm]
+        )
+    console.print(kinds)
     if result.plan is None:
         return
     p = result.plan
@@ -128,6 +145,13 @@ def _print_table(facts: CheckpointFacts, request: Request, result: PlanResult, i
     show_default=True,
     help="The runner's engine: each holds its KV cache and activations its own way.",
 )
+@click.option(
+    "--runner",
+    type=click.Choice(["auto", "transformers", "vllm", "llama.cpp"]),
+    default="auto",
+    show_default=True,
+    help="The engine that serves it: auto picks among the installed ones; a missing one named here is an error.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def fit(
     model: str,
@@ -141,6 +165,7 @@ def fit(
     adapters: tuple[str, ...],
     device: str,
     engine: str,
+    runner: str,
     as_json: bool,
 ) -> None:
     """Say whether MODEL fits on this machine and how, from its headers alone.
@@ -148,6 +173,8 @@ def fit(
     MODEL is a local folder, a Hugging Face cache id or a hub id (org/name[@revision]).
     Exit status: 0 a plan fits, 1 bad input, 3 nothing fits.
     """
+    if runner in ("vllm", "llama.cpp"):
+        require(runner)  # before anything is read or loaded: the error names the install command
     inventory = probe_inventory(memory=memory, headroom=headroom)
     facts, request, result = fit_result(
         model,
@@ -161,10 +188,14 @@ def fit(
         inventory=inventory,
         engine=cast(Engine, engine),  # one of click's choices, which are Engine's values
     )
+    policy = Policy(allow_gpu=device != "cpu", allow_cpu=device != "cuda", allow_split=device == "auto")
+    result = with_vllm(facts, request, inventory, policy, result, runner=runner)
+    engines = engines_for(has_gpu=bool(inventory.gpus), model_format=facts.format, gguf=facts.format == "gguf")
     if as_json:
-        click.echo(json.dumps(fit_json(facts, request, result, inventory), indent=2))
+        data = fit_json(facts, request, result, inventory)
+        click.echo(json.dumps({**data, "engines": [e.to_json() for e in engines]}, indent=2))
     else:
-        _print_table(facts, request, result, inventory)
+        _print_table(facts, request, result, inventory, engines)
     if result.nofit is not None:
         if not as_json:
             click.echo(f"no fit: {result.nofit.message}", err=True)

@@ -35,12 +35,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from memserve.checkpoint.facts import CheckpointFacts
-from memserve.engines import VLLM_COMMAND_ENV, engine_command
-from memserve.errors import RunnerFailed
+from memserve.engines import VLLM_COMMAND_ENV, engine_command, is_installed
+from memserve.errors import InvalidArgument, RunnerFailed
 from memserve.memory.estimate import DTYPE_WIDTH, DeviceNeed, GiB, MiB, Quantization, block_weight_bytes
 from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
-from memserve.memory.planner import Plan, Policy, Request, Rung
+from memserve.memory.planner import NoFit, Plan, PlanResult, Policy, Request, Rung
 from memserve.units import format_bytes
 
 COMMAND_ENV = VLLM_COMMAND_ENV
@@ -299,10 +299,51 @@ def rungs(
     """The vLLM rungs for this host, best first (as stored, then 4-bit); ``installed`` defaults to whether vLLM
     can be started here (``memserve.engines.installed``)."""
     if installed is None:
-        from memserve.engines import is_installed
-
         installed = is_installed("vllm")
     return [price(name, facts, request, inventory, policy, installed=installed) for name in RUNGS]
+
+
+def with_vllm(
+    facts: CheckpointFacts,
+    request: Request,
+    inventory: Inventory,
+    policy: Policy,
+    result: PlanResult,
+    *,
+    runner: str = "auto",
+    installed: bool | None = None,
+) -> PlanResult:
+    """The transformers ladder's ``result`` with vLLM's rungs in front: what ``fit_result`` (and the pool's
+    placement) plan with.
+
+    ``runner`` ``auto``: on a host with a CUDA GPU and vLLM installed, a fitting vLLM rung wins (it is the engine
+    people serve GPUs with), else the transformers ladder decides as before. ``vllm``: only vLLM's rungs may be
+    chosen; InvalidArgument, before anything is loaded, when vLLM is not installed (naming the install command)
+    or the host has no CUDA GPU. ``transformers`` and ``llama.cpp``: ``result`` unchanged.
+    """
+    if runner not in ("auto", "vllm"):
+        return result
+    if installed is None:
+        installed = is_installed("vllm")
+    if runner == "vllm":
+        if not installed:
+            raise InvalidArgument(f"the vllm engine was asked for but is not installed here: {INSTALL}", param="runner")
+        if not inventory.gpus:
+            raise InvalidArgument("the vllm engine was asked for but this host has no CUDA GPU", param="runner")
+    elif not installed or not inventory.gpus:
+        return result
+    ours = rungs(facts, request, inventory, policy, installed=installed)
+    every = (*ours, *result.rungs)
+    chosen = next((r for r in ours if r.fits), None)
+    if chosen is not None:
+        return PlanResult(every, plan_for(chosen, request), None)
+    if runner == "auto":
+        return PlanResult(every, result.plan, result.nofit)
+    closest = min(ours, key=lambda r: sum(max(0, n.total_bytes - n.free_bytes) for n in r.devices.values()))
+    others = [f"fits as {r.name} with runner transformers ({r.where()})" for r in result.rungs if r.fits]
+    fits_anyway = all(n.fits for n in closest.devices.values())
+    nofit = NoFit(facts.source, closest.devices, closest.name, tuple(others), closest.blocked if fits_anyway else None)
+    return PlanResult(every, None, nofit)
 
 
 def plan_for(rung: Rung, request: Request) -> Plan:
@@ -335,4 +376,5 @@ __all__ = [
     "price",
     "rungs",
     "utilization",
+    "with_vllm",
 ]
