@@ -25,10 +25,11 @@ import pytest
 from memserve.config import Settings
 from memserve.gateway.app import create_app
 from memserve.memory.fit import PlanFile, fit_result
-from memserve.memory.inventory import Inventory
+from memserve.memory.inventory import Device, Inventory
+from memserve.pool import placement
 from memserve.pool.pool import ModelPool
 from tests.engines.conftest import vllm_spawner
-from tests.gateway.test_gateway_process import chat, host, local, ps, room_for_one, settings_for
+from tests.gateway.test_gateway_process import HEADROOM, chat, host, local, ps, room_for_one, settings_for
 from tests.serving import serve_app
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -165,3 +166,25 @@ def test_the_watchdog_kills_an_external_server_past_its_plan(
         until(lambda: row(origin, "demo")["state"] == "failed", "the model to be marked failed")
         assert "stopped by the watchdog" in row(origin, "demo")["reason"]
         assert pid not in stand_in_pids()
+
+
+@pytest.mark.skipif(
+    not hasattr(placement, "with_vllm"), reason="vLLM's rungs are not wired into the pool's placement on this branch"
+)
+def test_on_a_gpu_host_where_vllm_is_installed_the_pool_plans_and_starts_vllm(
+    tmp_path: Path, tiny_model_dir: Path, fake_vllm: str
+) -> None:
+    """No spawner of the test's own: the planner chooses the vLLM rung on a host with a GPU, and the pool's own
+    spawner starts the stand-in with vLLM's share of that GPU's total."""
+    gpu = Device("cuda:0", "cuda", 24 * GiB, 23 * GiB, headroom_bytes=HEADROOM, compute_capability=(8, 9))
+    cpu = Device("cpu", "cpu", 24 * GiB, 20 * GiB, budget_bytes=8 * GiB, headroom_bytes=HEADROOM)
+    settings = settings_for(tmp_path, [local("demo", tiny_model_dir)])
+    pool = ModelPool(settings, Inventory((cpu, gpu)))
+    with serve_app(create_app(settings, pool), lifespan=True) as origin:
+        answer = chat(origin, "demo")
+        assert answer.status_code == 200, answer.text
+        loaded = pool.entries["demo"].plan
+        assert loaded is not None and (loaded.runner, loaded.rung) == ("vllm", "vllm")
+        assert row(origin, "demo")["pid"] in stand_in_pids()
+        assert set(row(origin, "demo")["devices"]) == {"cpu", "cuda:0"}
+    assert not stand_in_pids()

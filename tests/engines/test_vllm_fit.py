@@ -4,6 +4,7 @@ engine asked for by name refused before anything is read."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -148,3 +149,15 @@ def test_the_vllm_plan_reserves_the_gpu_and_the_host() -> None:
     assert result.plan is not None and result.plan.runner == "vllm"
     assert set(result.plan.reserved_bytes) == {"cuda:0", "cpu"} and result.plan.reserved_bytes["cuda:0"] > 16 * GiB
     assert json.loads(json.dumps(result.to_json()))["plan"]["runner"] == "vllm"
+
+
+def test_engines_import_neither_the_pool_nor_the_gateway_nor_torch() -> None:
+    """engines/ is pure (it may import memory/ and checkpoint/ only); the external runner is gateway-side."""
+    code = (
+        "import sys, memserve.engines, memserve.engines.vllm; "
+        "bad = [m for m in sys.modules if m.split('.')[:2] in (['memserve', 'pool'], ['memserve', 'gateway'], "
+        "['memserve', 'runner']) or m in ('torch', 'transformers', 'vllm')]; assert not bad, bad; "
+        "import memserve.pool.external; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

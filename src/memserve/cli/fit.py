@@ -193,7 +193,8 @@ def fit(
     engines = engines_for(has_gpu=bool(inventory.gpus), model_format=facts.format, gguf=facts.format == "gguf")
     if as_json:
         data = fit_json(facts, request, result, inventory)
-        click.echo(json.dumps({**data, "engines": [e.to_json() for e in engines]}, indent=2))
+        data.setdefault("engines", [e.to_json() for e in engines])  # where fit_json does not list them yet
+        click.echo(json.dumps(data, indent=2))
     else:
         _print_table(facts, request, result, inventory, engines)
     if result.nofit is not None:

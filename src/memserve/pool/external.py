@@ -172,6 +172,11 @@ class ExternalRunner:
         return self._proc.returncode if self._proc else None
 
     @property
+    def address(self) -> str:
+        """Where it listens, ``127.0.0.1:PORT`` (a RunnerProcess's ``socket_path``, for /api/ps)."""
+        return f"{self.host}:{self.port}"
+
+    @property
     def client(self) -> httpx.AsyncClient:
         return self._client
 
