@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from memserve.engines import vllm
 from memserve.errors import RunnerFailed
 from memserve.memory.fit import PlanFile
 from memserve.pool import external
@@ -216,5 +217,21 @@ def test_the_transport_speaks_tcp_as_it_speaks_unix_sockets(fake_vllm: str) -> N
             await runner.stop()
         with pytest.raises(ValueError, match="either a socket path or"):
             RunnerTransport()
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_serves_another_name_is_stopped_with_what_it_serves(fake_vllm: str) -> None:
+    async def scenario() -> None:
+        port = external.free_port()
+        argv = vllm.arguments(
+            "other", launch(), host="127.0.0.1", port=port, total_bytes={"cuda:0": FAKE_GPU_TOTAL_BYTES}
+        )
+        runner = ExternalRunner("m", launch(), argv, port=port)
+        await runner.start()
+        with pytest.raises(RunnerFailed, match=r"serves \['other'\] instead of 'm'"):
+            await runner.wait_ready(60)
+        assert runner.returncode == -signal.SIGKILL
+        await runner.stop()
 
     asyncio.run(scenario())
