@@ -42,9 +42,13 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_ready_once_health_and_models_answer_then_serves_and_stops(fake_vllm: str, tmp_path: Path) -> None:
+def test_ready_once_health_and_models_answer_then_serves_and_stops(
+    fake_vllm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args_file = tmp_path / "args.json"
-    os.environ["FAKE_VLLM_ARGS_FILE"] = str(args_file)
+    monkeypatch.setenv("FAKE_VLLM_ARGS_FILE", str(args_file))
+    monkeypatch.setenv("MEMSERVE_ADMIN_KEY", "sk-admin")  # the gateway's keys, and a server key that would lock
+    monkeypatch.setenv("VLLM_API_KEY", "sk-vllm")  # the gateway out of its own runner, never reach the server
 
     async def scenario() -> None:
         runner = await started("demo")
@@ -68,10 +72,14 @@ def test_ready_once_health_and_models_answer_then_serves_and_stops(fake_vllm: st
     args = json.loads(args_file.read_text())  # the argv the plan gave, as the stand-in parsed it
     assert args["served_model_name"] == ["demo"] and args["host"] == "127.0.0.1"
     assert args["max_model_len"] == 2048 and args["max_num_seqs"] == 2 and args["dtype"] == "bfloat16"
+    assert "MEMSERVE_ADMIN_KEY" not in args["environ"] and "VLLM_API_KEY" not in args["environ"]
+    assert "PATH" in args["environ"]
 
 
-def test_never_ready_is_killed_after_the_load_timeout_with_its_last_log_lines(fake_vllm: str) -> None:
-    os.environ["FAKE_VLLM_NEVER_READY"] = "1"
+def test_never_ready_is_killed_after_the_load_timeout_with_its_last_log_lines(
+    fake_vllm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VLLM_NEVER_READY", "1")
 
     async def scenario() -> None:
         runner = await started()
@@ -86,8 +94,10 @@ def test_never_ready_is_killed_after_the_load_timeout_with_its_last_log_lines(fa
     asyncio.run(scenario())
 
 
-def test_a_server_on_another_port_than_asked_is_killed_after_the_load_timeout(fake_vllm: str) -> None:
-    os.environ["FAKE_VLLM_OTHER_PORT"] = "1"
+def test_a_server_on_another_port_than_asked_is_killed_after_the_load_timeout(
+    fake_vllm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VLLM_OTHER_PORT", "1")
 
     async def scenario() -> None:
         runner = await started()
@@ -99,8 +109,10 @@ def test_a_server_on_another_port_than_asked_is_killed_after_the_load_timeout(fa
     asyncio.run(scenario())
 
 
-def test_a_server_that_ignores_sigterm_is_killed_after_the_grace(fake_vllm: str) -> None:
-    os.environ["FAKE_VLLM_IGNORE_SIGTERM"] = "1"
+def test_a_server_that_ignores_sigterm_is_killed_after_the_grace(
+    fake_vllm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VLLM_IGNORE_SIGTERM", "1")
 
     async def scenario() -> None:
         runner = await started()
@@ -113,8 +125,12 @@ def test_a_server_that_ignores_sigterm_is_killed_after_the_grace(fake_vllm: str)
     asyncio.run(scenario())
 
 
-def test_a_log_flood_is_read_as_it_comes_and_only_its_tail_is_kept(fake_vllm: str) -> None:
-    os.environ["FAKE_VLLM_LOG_MIB"] = "8"  # far past a pipe's 64 KiB: a server blocked on a full pipe never answers
+def test_a_log_flood_is_read_as_it_comes_and_only_its_tail_is_kept(
+    fake_vllm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "FAKE_VLLM_LOG_MIB", "8"
+    )  # far past a pipe's 64 KiB: a server blocked on a full pipe never answers
 
     async def scenario() -> None:
         runner = await started()

@@ -38,7 +38,7 @@ import psutil
 from memserve.errors import RunnerFailed
 from memserve.memory.fit import PlanFile
 from memserve.memory.probe import GpuProcessMemory
-from memserve.pool.runner_process import RUNNER_BASE_URL, descendants, describe_exit
+from memserve.pool.runner_process import RUNNER_BASE_URL, descendants, describe_exit, runner_environ
 from memserve.pool.runner_transport import RunnerTransport
 from memserve.wire.events import Ready, Stats
 
@@ -52,6 +52,8 @@ _POLL_SECONDS = 0.05
 _EXIT_POLL_SECONDS = 0.05
 _READER_DRAIN_SECONDS = 5.0  # after the group is gone, how long its pipes may take to report their end
 _GPU_MEMORY = GpuProcessMemory()
+# the gateway is the only door: a server key in its environment would make the server refuse the gateway itself
+_SERVER_SECRETS = ("VLLM_API_KEY", "LLAMA_API_KEY")
 _OWN_CMDLINE = psutil.Process().cmdline()
 
 # the module in memserve.engines that computes each external runner kind's command line
@@ -196,7 +198,7 @@ class ExternalRunner:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env={**os.environ, **(self._env or {})},
+                env={**runner_environ(without=_SERVER_SECRETS), **(self._env or {})},
                 start_new_session=True,  # its own process group: stop and kill reach every process it starts
             )
         except OSError as exc:

@@ -266,7 +266,7 @@ class RunnerProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env={**_runner_environ(), "MEMSERVE_PROGRESS": "json", **(self._env or {})},
+            env={**runner_environ(), "MEMSERVE_PROGRESS": "json", **(self._env or {})},
             limit=_STDERR_LINE_LIMIT_BYTES,
             start_new_session=True,
         )
@@ -424,6 +424,7 @@ def _gpu_totals() -> dict[str, int]:
 _SECRETS = ("MEMSERVE_ADMIN_KEY", "MEMSERVE_API_KEY")
 
 
-def _runner_environ() -> dict[str, str]:
-    """The gateway's environment without its API keys: a runner runs model code and never needs them."""
-    return {name: value for name, value in os.environ.items() if name not in _SECRETS}
+def runner_environ(without: Collection[str] = ()) -> dict[str, str]:
+    """The gateway's environment without its API keys (and the names in ``without``): a runner runs model code
+    and never needs them."""
+    return {name: value for name, value in os.environ.items() if name not in _SECRETS and name not in without}
