@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ from memserve.pool.runner_transport import RunnerTransport
 from tests.engines.conftest import FAKE_GPU_TOTAL_BYTES, as_vllm
 from tests.pool.fake_runner import plan_file
 
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 
 
 def launch() -> PlanFile:
@@ -249,5 +250,29 @@ def test_a_server_that_serves_another_name_is_stopped_with_what_it_serves(fake_v
             await runner.wait_ready(60)
         assert runner.returncode == -signal.SIGKILL
         await runner.stop()
+
+    asyncio.run(scenario())
+
+
+def test_its_gpu_memory_is_what_nvml_says_its_process_tree_holds(fake_vllm: str) -> None:
+    asked: list[set[int]] = []
+
+    def nvml(pids: Collection[int]) -> dict[str, int]:  # what GpuProcessMemory answers on a GPU host
+        asked.append(set(pids))
+        return {"cuda:0": 3 * GiB}
+
+    async def scenario() -> None:
+        port = external.free_port()
+        argv = vllm.arguments("m", launch(), host="127.0.0.1", port=port, total_bytes={"cuda:0": FAKE_GPU_TOTAL_BYTES})
+        runner = ExternalRunner("m", launch(), argv, port=port, gpu_memory=nvml)
+        await runner.start()
+        try:
+            await runner.wait_ready(60)
+            sample = runner.sample_memory()
+            assert sample["cuda:0"] == 3 * GiB and sample["cpu"] > 0
+            assert runner.pid in asked[-1]
+        finally:
+            await runner.stop()
+        assert runner.sample_memory() == {}  # nothing is measured of a server that is gone
 
     asyncio.run(scenario())
