@@ -77,7 +77,7 @@ def test_data_dir_falls_back_to_home_when_xdg_is_unset_or_relative(
 
 def test_model_defaults() -> None:
     model = ModelConfig(name="m", source="models/m")
-    assert model.runner == "transformers" and model.concurrency == 4
+    assert model.runner == "auto" and model.concurrency == 4
     assert model.context_tokens is None and model.keep_alive_seconds is None and model.max_queue is None
     assert (model.pinned, model.preload, model.fallback) == (False, False, None)
     assert model.policy == PolicyConfig()

@@ -167,8 +167,10 @@ class ModelConfig(BaseModel):
         description="Where the weights are: a local directory (relative to the working directory), "
         "a Hugging Face cache id or a hub id."
     )
-    runner: Literal["transformers"] = Field(
-        default="transformers", description="The runner kind that serves this model."
+    runner: Literal["auto", "transformers", "vllm", "llama.cpp"] = Field(
+        default="auto",
+        description="The engine that serves this model: auto (vLLM on a CUDA GPU where it is installed, else "
+        "memserve's own transformers runner), transformers, vllm or llama.cpp (docs/engines.md).",
     )
     engine: Literal["continuous-batching", "generate"] = Field(
         default="continuous-batching",

@@ -54,6 +54,7 @@ ROW_KEYS = {
     "pid",
     "source",
     "rung",
+    "runner",
     "dtype",
     "quantization",
     "context_tokens",
@@ -1199,6 +1200,7 @@ def test_ps_rows_have_the_documented_keys_and_events_tell_the_story(tmp_path: Pa
                 "expires_at": None,
                 "load_seconds": row["load_seconds"],
                 "reason": None,
+                "runner": "transformers",
                 "socket": None,  # fakes have no socket
             }
             assert row["load_seconds"] is not None and row["load_seconds"] >= 0

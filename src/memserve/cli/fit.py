@@ -13,14 +13,12 @@ from rich.table import Table
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.engines import EngineStatus, engines_for, require
-from memserve.engines.vllm import with_vllm
 from memserve.memory.estimate import Engine
 from memserve.memory.fit import fit_json, fit_result
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import (
     DEFAULT_MAX_BATCH_TOKENS,
     PlanResult,
-    Policy,
     Request,
 )
 from memserve.memory.probe import probe_inventory
@@ -187,13 +185,11 @@ def fit(
         device=device,
         inventory=inventory,
         engine=cast(Engine, engine),  # one of click's choices, which are Engine's values
+        runner=runner,
     )
-    policy = Policy(allow_gpu=device != "cpu", allow_cpu=device != "cuda", allow_split=device == "auto")
-    result = with_vllm(facts, request, inventory, policy, result, runner=runner)
     engines = engines_for(has_gpu=bool(inventory.gpus), model_format=facts.format, gguf=facts.format == "gguf")
     if as_json:
         data = fit_json(facts, request, result, inventory)
-        data.setdefault("engines", [e.to_json() for e in engines])  # where fit_json does not list them yet
         click.echo(json.dumps(data, indent=2))
     else:
         _print_table(facts, request, result, inventory, engines)

@@ -14,6 +14,8 @@ from typing import Any
 
 from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
 from memserve.checkpoint.locate import read_facts
+from memserve.engines import engines_for
+from memserve.engines.vllm import with_vllm
 from memserve.errors import InvalidArgument
 from memserve.memory.estimate import CONTINUOUS_BATCHING, Engine
 from memserve.memory.inventory import Inventory
@@ -55,9 +57,12 @@ def fit_result(
     adapters: tuple[str, ...] = (),
     device: str = "auto",
     engine: Engine = CONTINUOUS_BATCHING,
+    runner: str = "auto",
     inventory: Inventory,
 ) -> tuple[CheckpointFacts, Request, PlanResult]:
-    """Facts, request and plan for one model: what ``fit`` prints and the server will reuse."""
+    """Facts, request and plan for one model: what ``fit`` prints and the server will reuse.
+
+    ``runner`` is the engine asked for (``auto``, or one by name: ``engines.vllm.with_vllm``)."""
     facts = read_facts(model)
     facts = with_adapters(facts, tuple(read_adapter_facts(Path(a)) for a in adapters))
     request = Request(
@@ -69,7 +74,11 @@ def fit_result(
         engine=engine,
     )
     policy = Policy(allow_gpu=device != "cpu", allow_cpu=device != "cuda", allow_split=device == "auto")
-    return facts, request, plan(facts, request, inventory, policy)
+    return (
+        facts,
+        request,
+        with_vllm(facts, request, inventory, policy, plan(facts, request, inventory, policy), runner=runner),
+    )
 
 
 def fit_json(facts: CheckpointFacts, request: Request, result: PlanResult, inventory: Inventory) -> dict[str, Any]:
@@ -90,6 +99,10 @@ def fit_json(facts: CheckpointFacts, request: Request, result: PlanResult, inven
             for d in inventory.devices
         },
         **result.to_json(),
+        "engines": [
+            e.to_json()
+            for e in engines_for(has_gpu=bool(inventory.gpus), model_format=facts.format, gguf=facts.format == "gguf")
+        ],
     }
 
 

@@ -111,7 +111,8 @@ class Entry:
             "expires_at": expires_at,
             "load_seconds": self.load_seconds,
             "reason": self.reason,
-            "socket": str(getattr(runner, "socket_path", "")) or None,
+            "runner": loaded.runner if loaded else None,
+            "socket": str(getattr(runner, "socket_path", "") or getattr(runner, "address", "")) or None,
         }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.config import ModelConfig
+from memserve.engines.vllm import with_vllm
 from memserve.errors import InsufficientMemory, InvalidArgument, MemoryBusy
 from memserve.memory.fit import default_context
 from memserve.memory.inventory import Inventory
@@ -177,7 +178,10 @@ class Placement:
         self, name: str, config: ModelConfig, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
     ) -> Plan:
         """The planner's plan over the whole capacity; InsufficientMemory (507) with its NoFit when none fits."""
-        result = plan(facts, request_for(config, facts, options), self._capacity(), policy)
+        request, capacity = request_for(config, facts, options), self._capacity()
+        result = with_vllm(
+            facts, request, capacity, policy, plan(facts, request, capacity, policy), runner=config.runner
+        )
         if result.plan is None:
             assert result.nofit is not None
             raise InsufficientMemory(

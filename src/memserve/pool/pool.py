@@ -100,7 +100,8 @@ class ModelPool:
         self.settings = settings
         self.inventory = inventory
         self._run_dir = new_run_dir()  # owner recorded; the folders of dead gateways go
-        self._spawn = spawner or process_spawner(self._run_dir)
+        gpu_totals = {d.name: d.total_bytes for d in inventory.gpus}  # vLLM's memory share is a fraction of these
+        self._spawn = spawner or process_spawner(self._run_dir, gpu_total_bytes=lambda: gpu_totals)
         self._clock: Clock = clock or LoopClock()
         self._read_facts = facts_reader
         self.ledger = Ledger(
