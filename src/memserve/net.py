@@ -85,3 +85,14 @@ def _holder(port: int) -> str:
     except (psutil.Error, OSError):  # a courtesy: the message stands without it
         return ""
     return ""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now, for another process (a server, an engine) to bind.
+
+    Another process could take it first: then that server fails to start and says so in its log, which the
+    load's error quotes.
+    """
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

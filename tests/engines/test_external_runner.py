@@ -18,6 +18,7 @@ import pytest
 from memserve.engines import vllm
 from memserve.errors import RunnerFailed
 from memserve.memory.fit import PlanFile
+from memserve.net import free_port
 from memserve.pool import external
 from memserve.pool.external import LOG_TAIL_BYTES, LOG_TAIL_LINES, ExternalRunner, LogTail, start_external
 from memserve.pool.runner_process import process_spawner
@@ -158,7 +159,7 @@ def test_the_whole_group_goes_when_the_leader_dies(fake_vllm: str, tmp_path: Pat
     )
 
     async def scenario() -> None:
-        runner = ExternalRunner("m", launch(), [sys.executable, str(script)], port=external.free_port())
+        runner = ExternalRunner("m", launch(), [sys.executable, str(script)], port=free_port())
         await runner.start()
         assert runner.pid is not None
         while not runner.log.lines():
@@ -180,7 +181,7 @@ def test_the_whole_group_goes_when_the_leader_dies(fake_vllm: str, tmp_path: Pat
 def test_an_exit_while_loading_says_why_with_its_log(fake_vllm: str) -> None:
     async def scenario() -> None:
         argv = [sys.executable, "-c", "import sys; print('CUDA out of memory', file=sys.stderr); sys.exit(3)"]
-        runner = ExternalRunner("m", launch(), argv, port=external.free_port())
+        runner = ExternalRunner("m", launch(), argv, port=free_port())
         await runner.start()
         with pytest.raises(RunnerFailed, match=r"ended while loading: exited with code 3.*CUDA out of memory"):
             await runner.wait_ready(60)
@@ -240,7 +241,7 @@ def test_the_transport_speaks_tcp_as_it_speaks_unix_sockets(fake_vllm: str) -> N
 
 def test_a_server_that_serves_another_name_is_stopped_with_what_it_serves(fake_vllm: str) -> None:
     async def scenario() -> None:
-        port = external.free_port()
+        port = free_port()
         argv = vllm.arguments(
             "other", launch(), host="127.0.0.1", port=port, total_bytes={"cuda:0": FAKE_GPU_TOTAL_BYTES}
         )
@@ -262,7 +263,7 @@ def test_its_gpu_memory_is_what_nvml_says_its_process_tree_holds(fake_vllm: str)
         return {"cuda:0": 3 * GiB}
 
     async def scenario() -> None:
-        port = external.free_port()
+        port = free_port()
         argv = vllm.arguments("m", launch(), host="127.0.0.1", port=port, total_bytes={"cuda:0": FAKE_GPU_TOTAL_BYTES})
         runner = ExternalRunner("m", launch(), argv, port=port, gpu_memory=nvml)
         await runner.start()

@@ -27,18 +27,16 @@ import importlib
 import inspect
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 import httpx
-import psutil
 
 from memserve.errors import RunnerFailed
 from memserve.memory.fit import PlanFile
-from memserve.memory.probe import GpuProcessMemory
-from memserve.pool.runner_process import RUNNER_BASE_URL, descendants, describe_exit, runner_environ
+from memserve.net import free_port
+from memserve.pool.runner_process import ChildRunner, describe_exit, runner_environ
 from memserve.pool.runner_transport import RunnerTransport
 from memserve.wire.events import Ready, Stats
 
@@ -51,10 +49,8 @@ _READ_CHUNK_BYTES = 1 << 16
 _POLL_SECONDS = 0.05
 _EXIT_POLL_SECONDS = 0.05
 _READER_DRAIN_SECONDS = 5.0  # after the group is gone, how long its pipes may take to report their end
-_GPU_MEMORY = GpuProcessMemory()
 # the gateway is the only door: a server key in its environment would make the server refuse the gateway itself
 _SERVER_SECRETS = ("VLLM_API_KEY", "LLAMA_API_KEY")
-_OWN_CMDLINE = psutil.Process().cmdline()
 
 # the module in memserve.engines that computes each external runner kind's command line
 ENGINE_MODULES = {"vllm": "vllm", "llama.cpp": "llamacpp"}
@@ -106,14 +102,6 @@ class LogTail:
             self._bytes -= len(self._lines.popleft())
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port free on ``host`` right now, for a server to bind (another process could take it first: then
-    that server fails to start and says so in its log, which the load's error quotes)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def engine_arguments(runner: str) -> Arguments:
     """The ``arguments`` function of the engine module for ``runner``, imported only when it is needed.
 
@@ -137,7 +125,7 @@ def engine_arguments(runner: str) -> Arguments:
     return arguments
 
 
-class ExternalRunner:
+class ExternalRunner(ChildRunner):
     """One external OpenAI-compatible server as a runner. Satisfies ``RunnerHandle``."""
 
     def __init__(
@@ -151,40 +139,16 @@ class ExternalRunner:
         env: Mapping[str, str] | None = None,
         gpu_memory: Callable[[Collection[int]], dict[str, int]] | None = None,
     ) -> None:
-        self.name, self.launch, self.argv = name, launch, list(argv)
+        super().__init__(name, launch, RunnerTransport(address=(host, port)), env=env, gpu_memory=gpu_memory)
+        self.argv = list(argv)
         self.host, self.port = host, port
-        self.phase = "spawned"
-        self._env = dict(env) if env is not None else None
-        self._proc: asyncio.subprocess.Process | None = None
         self._readers: list[asyncio.Task[None]] = []
-        self._exec_seen = False
-        self._gpu_memory = gpu_memory or _GPU_MEMORY
         self.log = LogTail()
-        self._transport = RunnerTransport(address=(host, port))
-        self._client = httpx.AsyncClient(
-            base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0), transport=self._transport
-        )
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc else None
 
     @property
     def address(self) -> str:
         """Where it listens, ``127.0.0.1:PORT`` (a RunnerProcess's ``socket_path``, for /api/ps)."""
         return f"{self.host}:{self.port}"
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        return self._client
-
-    @property
-    def transport(self) -> RunnerTransport:
-        return self._transport
 
     @property
     def last_stats(self) -> tuple[Stats, float] | None:
@@ -292,25 +256,6 @@ class ExternalRunner:
         lines = [line for line in self.log.lines() if line.strip()][-ERROR_TAIL_LINES:]
         return "".join(f"\n  {line}" for line in lines) if lines else " (none)"
 
-    def sample_memory(self) -> dict[str, int]:
-        """Bytes in use per device now: the RSS of the server's process tree on cpu, and what NVML says the
-        tree holds on each GPU, as ``RunnerProcess.sample_memory`` measures its runner."""
-        if self.pid is None or self.returncode is not None:
-            return {}
-        try:
-            root = psutil.Process(self.pid)
-            if not self._exec_seen:
-                # until the child has exec'd it is a copy of the gateway, sharing (and counting) all its pages
-                if root.cmdline() == _OWN_CMDLINE:
-                    return {}
-                self._exec_seen = True
-            tree = [root, *(psutil.Process(pid) for pid in descendants(root))]
-            sample = {"cpu": sum(p.memory_info().rss for p in tree)}
-        except psutil.Error:
-            return {}
-        sample.update(self._gpu_memory([p.pid for p in tree]))
-        return sample
-
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """SIGTERM to the server's group, SIGKILL after ``grace_seconds`` (a server that ignores SIGTERM)."""
         if self._proc is not None and self._proc.returncode is None:
@@ -323,11 +268,6 @@ class ExternalRunner:
         if self._proc is not None:
             await self.wait_exit()
         await self._client.aclose()
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
 
 
 async def start_external(

@@ -40,6 +40,7 @@ RUN_DIR_OWNER_FILE = "owner.json"
 _STDERR_LINE_LIMIT_BYTES = 1 << 20
 _GPU_MEMORY = GpuProcessMemory()  # one NVML session for every runner the gateway watches
 _HEALTH_POLL_SECONDS = 0.02
+_OWN_CMDLINE = psutil.Process().cmdline()  # a forked child is a copy of this until it execs
 _PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
 _SAME_START_SECONDS = 0.01  # start times are in clock ticks (10 ms); one process reads the same value each time
 
@@ -195,37 +196,28 @@ def describe_exit(returncode: int, last_lines: list[str]) -> str:
     return f"exited with code {returncode}" + (f": {last.strip()[:500]}" if last else "")
 
 
-class RunnerProcess:
-    """A real runner: ``python -m memserve.runner --plan P --socket S --name N`` in its own session."""
+class ChildRunner:
+    """What every runner child shares, ours or an external engine's: its process, the client that speaks to it,
+    its memory (RSS of its process tree plus NVML per process) and SIGKILL to its process group."""
 
     def __init__(
         self,
         name: str,
         launch: PlanFile,
+        transport: RunnerTransport,
         *,
-        run_dir: Path,
-        on_event: Callable[[RunnerEvent], None] | None = None,
-        env: Mapping[str, str] | None = None,
-        gpu_memory: Callable[[Collection[int]], dict[str, int]] | None = None,
+        env: Mapping[str, str] | None,
+        gpu_memory: Callable[[Collection[int]], dict[str, int]] | None,
     ) -> None:
         self.name, self.launch = name, launch
         self.phase = "spawned"
-        self.plan_path = run_dir / f"{name}.plan.json"
-        self.socket_path = run_dir / f"{name}.sock"
-        self._on_event = on_event or (lambda event: None)
         self._env = dict(env) if env is not None else None
         self._proc: asyncio.subprocess.Process | None = None
-        self._exec_seen = False  # the child has become the runner (exec'd); before that it is a copy of us
-        self._reader: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
-        self._ready_event: Ready | None = None
-        self._stats: tuple[Stats, float] | None = None
-        self._failure: str | None = None
-        self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._exec_seen = False  # the child has exec'd its program; before that it is a copy of us
         self._gpu_memory = gpu_memory or _GPU_MEMORY
-        self._transport = RunnerTransport(str(self.socket_path))
+        self._transport = transport
         self._client = httpx.AsyncClient(
-            base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0), transport=self._transport
+            base_url=RUNNER_BASE_URL, timeout=httpx.Timeout(None, connect=10.0), transport=transport
         )
 
     @property
@@ -243,6 +235,66 @@ class RunnerProcess:
     @property
     def transport(self) -> RunnerTransport:
         return self._transport
+
+    def _has_exec(self, root: psutil.Process) -> bool:
+        """Whether the child runs its own program yet (not still the fork of this process)."""
+        return root.cmdline() != _OWN_CMDLINE
+
+    def sample_memory(self) -> dict[str, int]:
+        """Bytes in use per device right now: the RSS of the child's process tree on cpu, and what NVML
+        says the tree holds on each GPU it uses (``GpuProcessMemory``).
+
+        RSS counts the mapped weights (file-backed) too: they take RAM as surely as the anonymous pages.
+        """
+        if self.pid is None or self.returncode is not None:
+            return {}
+        try:
+            root = psutil.Process(self.pid)
+            if not self._exec_seen:
+                # Between fork and exec the child is still a copy of the gateway, and its RSS counts every
+                # page it shares with it (a whole test process with torch loaded, say): nothing of the
+                # runner's own yet. Measuring that once got a runner killed "while starting" in CI.
+                if not self._has_exec(root):
+                    return {}
+                self._exec_seen = True
+            tree = [root, *(psutil.Process(pid) for pid in descendants(root))]
+            sample = {"cpu": sum(p.memory_info().rss for p in tree)}
+        except psutil.Error:
+            return {}
+        sample.update(self._gpu_memory([p.pid for p in tree]))
+        return sample
+
+    def kill(self) -> None:
+        """SIGKILL to the child's process group: it and anything it started."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+
+
+class RunnerProcess(ChildRunner):
+    """A real runner: ``python -m memserve.runner --plan P --socket S --name N`` in its own session."""
+
+    def __init__(
+        self,
+        name: str,
+        launch: PlanFile,
+        *,
+        run_dir: Path,
+        on_event: Callable[[RunnerEvent], None] | None = None,
+        env: Mapping[str, str] | None = None,
+        gpu_memory: Callable[[Collection[int]], dict[str, int]] | None = None,
+    ) -> None:
+        socket_path = run_dir / f"{name}.sock"
+        super().__init__(name, launch, RunnerTransport(str(socket_path)), env=env, gpu_memory=gpu_memory)
+        self.plan_path = run_dir / f"{name}.plan.json"
+        self.socket_path = socket_path
+        self._on_event = on_event or (lambda event: None)
+        self._reader: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self._ready_event: Ready | None = None
+        self._stats: tuple[Stats, float] | None = None
+        self._failure: str | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=40)
 
     @property
     def last_stats(self) -> tuple[Stats, float] | None:
@@ -341,29 +393,8 @@ class RunnerProcess:
             return f"exited with code {self.returncode}: {self._failure}"
         return describe_exit(self.returncode, list(self._tail))
 
-    def sample_memory(self) -> dict[str, int]:
-        """Bytes in use per device right now: the RSS of the runner's process tree on cpu, and what NVML
-        says the tree holds on each GPU it uses (``GpuProcessMemory``).
-
-        RSS counts the mapped weights (file-backed) too: they take RAM as surely as the anonymous pages.
-        """
-        if self.pid is None or self.returncode is not None:
-            return {}
-        try:
-            root = psutil.Process(self.pid)
-            if not self._exec_seen:
-                # Between fork and exec the child is still a copy of the gateway, and its RSS counts every
-                # page it shares with it (a whole test process with torch loaded, say): nothing of the
-                # runner's own yet. Measuring that once got a runner killed "while starting" in CI.
-                if not is_runner_command(root.cmdline()):
-                    return {}
-                self._exec_seen = True
-            tree = [root, *(psutil.Process(pid) for pid in descendants(root))]
-            sample = {"cpu": sum(p.memory_info().rss for p in tree)}
-        except psutil.Error:
-            return {}
-        sample.update(self._gpu_memory([p.pid for p in tree]))
-        return sample
+    def _has_exec(self, root: psutil.Process) -> bool:
+        return is_runner_command(root.cmdline())
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """SIGTERM (the runner drains and closes its engine), then SIGKILL after ``grace_seconds``."""
@@ -376,11 +407,6 @@ class RunnerProcess:
                 self.kill()
                 await self.wait_exit()
         await self._cleanup()
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)  # the runner and anything it started
 
     async def _cleanup(self) -> None:
         await self._client.aclose()
