@@ -16,8 +16,7 @@ import httpx
 import openai
 
 from tests.batch_api.helpers import batch_lines, read_jsonl, upload, wait_for
-from tests.gateway.test_gateway_process import _free_port
-from tests.serving import wait_until_healthy
+from tests.serving import free_port, wait_until_healthy
 
 # issue 15's acceptance numbers (300 requests, 10 kills) take about 10 minutes here: MEMSERVE_BATCH_KILL_FULL=1
 FULL = os.environ.get("MEMSERVE_BATCH_KILL_FULL") == "1"
@@ -39,7 +38,7 @@ def test_kill_9_of_the_gateway_mid_batch_loses_and_repeats_nothing(tmp_path: Pat
     lines = batch_lines(ids, model="demo", url="/v1/completions", max_tokens=6)
     seed = random.randrange(1 << 30)
     kill_points = sorted(random.Random(seed).sample(range(2, REQUESTS - 5), KILLS))
-    port = _free_port()
+    port = free_port()
     origin = f"http://127.0.0.1:{port}"
     process = _serve(port, tiny_model_dir, tmp_path, 0)
     try:
