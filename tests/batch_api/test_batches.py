@@ -18,7 +18,7 @@ import pytest
 
 from memserve.batch.execute import RetryPolicy
 from memserve.config import ProviderConfig
-from memserve.gateway import batches as gateway_batches
+from memserve.gateway import batch_jobs
 from memserve.gateway.app import create_app
 from memserve.pool.pool import ModelPool
 from memserve.wire.fake import FakeOpenAI, Script
@@ -164,9 +164,9 @@ def test_transient_failures_are_retried_until_they_pass(
 ) -> None:
     """A 503 while retries last; a 429 (a limit) without spending them: one retry each, and 20 tries made."""
     monkeypatch.setattr(
-        gateway_batches, "RetryPolicy", lambda: RetryPolicy(max_retries=retries, base_seconds=0.001, max_seconds=0.01)
+        batch_jobs, "RetryPolicy", lambda: RetryPolicy(max_retries=retries, base_seconds=0.001, max_seconds=0.01)
     )
-    monkeypatch.setattr(gateway_batches, "_LIMITED_BACKOFF_STEPS", 1)
+    monkeypatch.setattr(batch_jobs, "_LIMITED_BACKOFF_STEPS", 1)
     fake = FakeOpenAI(models=("m1",), script=Script(error_status=status, error_headers={"Retry-After": "0"}))
     ids = [f"q{i}" for i in range(6)]
     with serve_fake(fake), gateway(tmp_path, fake) as client:
@@ -227,7 +227,7 @@ def test_a_request_that_keeps_failing_goes_to_the_errors_file_after_its_retries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        gateway_batches, "RetryPolicy", lambda: RetryPolicy(max_retries=2, base_seconds=0.001, max_seconds=0.01)
+        batch_jobs, "RetryPolicy", lambda: RetryPolicy(max_retries=2, base_seconds=0.001, max_seconds=0.01)
     )
     fake = FakeOpenAI(models=("m1",), script=Script(error_status=500))  # a model that fails every time
     ids = ["a", "b", "c"]

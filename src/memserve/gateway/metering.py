@@ -214,7 +214,7 @@ async def answer_metered(
     """Answer one generation request with ``handler``, seen message by message by its ``RequestRecord`` (made
     here, as ``scope["state"]["record"]``, for the caller in ``scope["state"]["caller"]``): one usage row and
     one count in ``/metrics`` however it ends, a cancel (a shutdown past its grace) included. A client's
-    request (``_HotRoutes``) and a batch job's (``gateway/batches.py``) both come through here. ``what``
+    request (``_HotRoutes``) and a batch job's (``gateway/batch_jobs.py``) both come through here. ``what``
     names the request in the log when the handler has a bug."""
     state = scope["state"]
     record = state["record"] = RequestRecord(scope["path"], time.monotonic(), caller=state["caller"])
