@@ -10,6 +10,11 @@ skips what is recorded and never recomputes it. Transient failures (no answer, 4
 with backoff up to the retry policy's count; a 429 (a limit) is waited out without spending one; the rest go
 to the errors file.
 
+A cancel works as OpenAI's does: while ``cancelling`` no request starts and none is retried, the requests in
+flight finish and their results are kept, then the job is ``cancelled``. A request still running
+``request_timeout_seconds`` after the cancel is cut then (not a result: it is in neither file). Expiry, a lost
+hold and a shutdown cut the requests in flight at once.
+
 Batch work yields to interactive work: on a local model a job never holds the last free slot of its plan's
 concurrency (at most ``concurrency - 1`` batch requests in flight per model, across all jobs, and 1 when the
 plan's concurrency is 1), so an interactive request meets at most one more stream than it would without
@@ -63,7 +68,7 @@ SCAN_SECONDS = 10.0
 """How often a gateway looks for jobs nobody holds (another gateway stopped, or a hold ran out)."""
 _LIMITED_BACKOFF_STEPS = 6
 """A 429 is waited out (its Retry-After, else a backoff growing to base × 2^5) without spending a retry: a
-key's requests-per-minute limit slows a job down, it does not fail its requests. A cancel still stops it."""
+key's requests-per-minute limit slows a job down, it does not fail its requests. A cancel ends the wait."""
 Generate = Callable[[Caller, BatchRequest, str, asyncio.Event], Coroutine[Any, Any, "Answer"]]
 
 
@@ -80,12 +85,22 @@ class Answer:
 
 @dataclass
 class _Job:
-    """One job this gateway runs: its task and the event that stops it (cancel, expiry, shutdown)."""
+    """One job this gateway runs: its task, and two events. ``winding``: start no request and retry none (a
+    cancel, then the rest); ``stop``: cut the requests in flight too (expiry, a lost hold, a store failure, a
+    cancel's deadline)."""
 
     batch_id: str
     task: asyncio.Task[None] | None = None
+    winding: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    why: str | None = None  # "cancelled" or "expired" once stop is set for that reason
+    why: str | None = None  # "cancelled", "expired" or "lost": why it winds down
+    deadline: asyncio.TimerHandle | None = None  # a cancel's: when the requests still in flight are cut
+
+    def halt(self, why: str | None = None) -> None:
+        """Stop at once: no new request, and the ones in flight cut (abandoned, not recorded)."""
+        self.why = self.why or why
+        self.winding.set()
+        self.stop.set()
 
 
 class Slots:
@@ -173,10 +188,15 @@ class BatchJobs:
         job.task = asyncio.create_task(self._run(job), name=f"batch {batch_id}")
 
     def cancel(self, batch_id: str) -> None:
+        """Wind the job down as OpenAI's cancel does: no new request, the ones in flight finish (their results
+        kept), cut only if still running ``request_timeout_seconds`` from now."""
         job = self.jobs.get(batch_id)
-        if job is not None:
-            job.why = job.why or "cancelled"
-            job.stop.set()
+        if job is None or job.winding.is_set():
+            return
+        job.why = job.why or "cancelled"
+        job.winding.set()
+        bound = self.settings.request_timeout_seconds
+        job.deadline = asyncio.get_running_loop().call_later(bound, job.stop.set)
 
     async def _scan(self) -> None:
         """Take up the active jobs nobody runs: at start (a restart resumes) and every ``SCAN_SECONDS``."""
@@ -207,6 +227,8 @@ class BatchJobs:
         except Exception:
             log.exception("batch %s: internal error; it resumes on the next scan", job.batch_id)
         finally:
+            if job.deadline is not None:
+                job.deadline.cancel()
             if self.jobs.get(job.batch_id) is job:
                 del self.jobs[job.batch_id]
 
@@ -216,8 +238,7 @@ class BatchJobs:
             await asyncio.sleep(HOLD.total_seconds() / 3)
             with contextlib.suppress(StoreUnavailable):
                 if not await store.claim(job.batch_id, self.holder, HOLD):
-                    job.why = job.why or "lost"  # another gateway has it now (or it was finished)
-                    job.stop.set()
+                    job.halt("lost")  # another gateway has it now (or it was finished)
                     return
                 found = await store.get_batch(job.batch_id)
                 if found is not None and found.status == "cancelling":
@@ -290,7 +311,8 @@ class BatchJobs:
         return Caller(key=key, admin=key.admin, name=key.name)
 
     async def _execute(self, job: _Job, batch: StoredBatch, caller: Caller, store: BatchStore) -> None:
-        """Run every request not yet recorded, a model's slots at a time, until done or stopped."""
+        """Run every request not yet recorded, a model's slots at a time, until done or winding down; then wait
+        for the requests in flight (a cancel's finish; a stop's are cut)."""
         done = await store.done_ids(batch.id)
         running: set[asyncio.Task[None]] = set()
         failures: list[BaseException] = []
@@ -301,7 +323,7 @@ class BatchJobs:
             except BaseException as exc:  # a store failure: stop the job; the next scan resumes it
                 if not isinstance(exc, asyncio.CancelledError):
                     failures.append(exc)
-                    job.stop.set()
+                    job.halt()
                 raise
             finally:
                 await self.slots.give(model)
@@ -312,12 +334,11 @@ class BatchJobs:
                 if not isinstance(request, BatchRequest) or request.custom_id in done:
                     continue
                 if _now() >= batch.times["expires_at"]:  # type: ignore[operator]
-                    job.why = job.why or "expired"
-                    job.stop.set()
-                if job.stop.is_set():
+                    job.halt("expired")
+                if job.winding.is_set():
                     break
                 model = str(request.body.get("model"))
-                if not await self._take(model, job.stop):
+                if not await self._take(model, job.winding):
                     break
                 task = asyncio.create_task(one(request, model), name=f"batch {batch.id} {request.custom_id}")
                 running.add(task)
@@ -333,7 +354,7 @@ class BatchJobs:
             raise failures[0]
 
     async def _take(self, model: str, stop: asyncio.Event) -> bool:
-        """A batch slot on ``model``; False (and none held) when the job is stopped first."""
+        """A batch slot on ``model``; False (and none held) when ``stop`` is set first."""
         taking = asyncio.create_task(self.slots.take(model))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -352,7 +373,8 @@ class BatchJobs:
     async def _request(
         self, job: _Job, batch: StoredBatch, caller: Caller, request: BatchRequest, store: BatchStore
     ) -> None:
-        """One request to its result: retried while transient, then recorded once (unless the job stopped)."""
+        """One request to its result: retried while transient, then recorded once. Not recorded when it is cut
+        (the job stopped) or would be retried while the job winds down: a resume or a new job runs it again."""
         attempt = 0
         while True:
             work = asyncio.create_task(self.generate(caller, request, batch.id, job.stop))
@@ -381,8 +403,8 @@ class BatchJobs:
             if limited or (is_transient(answer.status) and attempt <= self.retry.max_retries):
                 delay = self.retry.delay_seconds(max(attempt, 1), answer.retry_after_seconds, self._rng)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(job.stop.wait(), delay)
-                if job.stop.is_set():
+                    await asyncio.wait_for(job.winding.wait(), delay)
+                if job.winding.is_set():
                     return
                 continue
             error = (answer.body or {}).get("error") if isinstance(answer.body, dict) else None
