@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from click.testing import CliRunner
 
 from memserve.checkpoint.demo import write_demo_model
 from memserve.cli import main
+from tests.serving import free_port
 
 MiB = 1 << 20
 HEADROOM_BYTES = 64 * MiB
@@ -402,12 +402,6 @@ async def _stream(
 
 
 # --- processes -------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_gateway(folder: Path, name: str, config: Path, memory_bytes: int) -> Gateway:

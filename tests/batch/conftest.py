@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from memserve.memory.fit import fit_json, fit_result
-from memserve.memory.probe import probe_inventory
+from tests.serving import runner_process
 
 RUNNER_NAME = "tiny"
 
@@ -58,52 +54,9 @@ def memserve(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> su
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runner_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real runner (``python -m memserve.runner``) on the tiny fp32 demo model, named ``tiny``; its base URL."""
-    inventory = probe_inventory(memory="cpu=4GiB")
-    facts, request, result = fit_result(str(tiny_model_dir), context=256, concurrency=16, inventory=inventory)
-    assert result.plan is not None
     folder = tmp_path_factory.mktemp("runner")
-    plan_file = folder / "plan.json"
-    plan_file.write_text(json.dumps(fit_json(facts, request, result, inventory)))
-    port = _free_port()
-    log = folder / "runner.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "memserve.runner",
-                "--plan",
-                str(plan_file),
-                "--port",
-                str(port),
-                "--name",
-                RUNNER_NAME,
-            ],
-            stderr=err,
-            stdout=subprocess.DEVNULL,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"runner exited with {proc.returncode}: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"runner not ready in 120 s: {log.read_text()[-3000:]}"
-            time.sleep(0.1)
+    with runner_process(tiny_model_dir, folder, name=RUNNER_NAME, context=256, concurrency=16) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

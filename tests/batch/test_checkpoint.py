@@ -121,3 +121,35 @@ def test_asking_who_holds_the_lock_never_takes_it(tmp_path: Path, monkeypatch: p
         monkeypatch.undo()
     assert calls == []
     assert lock_holder(out) is None
+
+
+def failure(custom_id: str, status: int | None) -> dict[str, object]:
+    """An errors-file line: an HTTP answer with ``status``, or (None) no answer at all."""
+    if status is None:
+        return {"id": "b", "custom_id": custom_id, "response": None, "error": {"code": "upstream_unavailable"}}
+    return {"id": "b", "custom_id": custom_id, "response": {"status_code": status, "body": {}}, "error": None}
+
+
+@pytest.mark.parametrize(
+    ("status", "retried"),
+    [
+        *[(status, True) for status in (None, 408, 429, 500, 502, 503)],
+        *[(status, False) for status in (400, 401, 404, 422, 501)],
+    ],
+)
+def test_a_transient_failure_is_taken_out_of_the_errors_file_to_run_again(
+    tmp_path: Path, status: int | None, retried: bool
+) -> None:
+    out = tmp_path / "out.jsonl"
+    errors = errors_path_for(out)
+    write_lines(out, "a")
+    errors.write_bytes(dumps_line(failure("b", 400)) + dumps_line(failure("c", status)) + dumps_line(failure("d", 404)))
+    with Checkpoint(out) as checkpoint:
+        assert checkpoint.retrying == int(retried)
+        assert checkpoint.finished == ({"a", "b", "d"} if retried else {"a", "b", "c", "d"})
+        assert checkpoint.failed == (2 if retried else 3)
+        if retried:
+            checkpoint.record("c", failure("c", status), failed=True)  # failed again: its one line
+    ids = [json.loads(raw)["custom_id"] for raw in errors.read_bytes().splitlines()]
+    assert ids == (["b", "d", "c"] if retried else ["b", "c", "d"])
+    assert not errors.with_name(errors.name + ".retry").exists()

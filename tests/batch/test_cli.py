@@ -20,7 +20,7 @@ from memserve.cli import main
 from memserve.cli.fit import EXIT_NO_FIT
 from memserve.wire.fake import FakeOpenAI, Script
 from tests.batch.conftest import answers, memserve, read_lines, write_input
-from tests.serving import serve_fake
+from tests.serving import nothing_listening, serve_fake
 
 
 @pytest.fixture
@@ -187,3 +187,25 @@ def test_local_restarts_a_runner_killed_mid_batch_and_finishes_every_request(
     progress = json.loads(progress_path_for(out).read_text())
     assert progress["runner_restarts"] == 1 and progress["runner_pid"] != first_runner
     assert progress["runner_peak_memory_bytes"] > 0
+
+
+def test_requests_that_failed_because_the_gateway_was_down_run_again_on_a_rerun(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """Connection refused on every try sends the requests to the errors file; that is not final: the same command
+    run again (the gateway up now) retries them, says so, and each id ends in the output once."""
+    path = write_input(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out.jsonl"
+    errors = tmp_path / "out.errors.jsonl"
+    with nothing_listening() as down:
+        code, output = invoke("run", str(path), "-o", str(out), "--url", down, "--max-retries", "0")
+    assert code == 0 and "6 failed this run" in output, output
+    assert sorted(line["custom_id"] for line in read_lines(errors)) == [f"q{i}" for i in range(6)]
+    assert all(line["error"]["code"] == "upstream_unavailable" for line in read_lines(errors))
+    assert fake.requests == []
+    code, output = invoke("run", str(path), "-o", str(out), "--url", fake.base_url)
+    assert code == 0, output
+    assert "retrying 6 requests that failed last time" in output
+    assert sorted(answers(out)) == [f"q{i}" for i in range(6)]
+    assert read_lines(errors) == [] and len(fake.requests) == 6
+    assert json.loads(progress_path_for(out).read_text())["retrying_earlier"] == 6

@@ -1,7 +1,7 @@
 """``/v1/files`` and ``/v1/batches`` through the official openai client, against a gateway whose model is the fake
-OpenAI server as a provider: a batch run to completed, bad files refused by line, a cancel mid-way, transient
-failures retried, and keys that see only their own files and jobs. The kill -9 test with a real runner is
-``test_kill.py``.
+OpenAI server as a provider: a batch run to completed, bad files refused by line, a cancel that lets the requests in
+flight finish (bounded by their timeout), transient failures retried, and keys that see only their own files and
+jobs. The kill -9 test with a real runner is ``test_kill.py``.
 """
 
 from __future__ import annotations
@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
 from memserve.batch.execute import RetryPolicy
 from memserve.config import ProviderConfig
-from memserve.gateway import batches as gateway_batches
+from memserve.gateway import batch_jobs
 from memserve.gateway.app import create_app
 from memserve.pool.pool import ModelPool
 from memserve.wire.fake import FakeOpenAI, Script
@@ -29,9 +30,9 @@ from tests.serving import serve_app, serve_fake
 
 
 @contextmanager
-def gateway(tmp_path: Path, fake: FakeOpenAI) -> Iterator[openai.OpenAI]:
+def gateway(tmp_path: Path, fake: FakeOpenAI, **settings_extra: Any) -> Iterator[openai.OpenAI]:
     settings = settings_for(
-        tmp_path, [], providers=[ProviderConfig(name="fake", base_url=fake.base_url, models=["m1"])]
+        tmp_path, [], providers=[ProviderConfig(name="fake", base_url=fake.base_url, models=["m1"])], **settings_extra
     )
     app = create_app(settings, ModelPool(settings, host(4 * GiB)))
     with (
@@ -125,17 +126,25 @@ def test_a_bad_file_is_refused_with_its_line_numbers(tmp_path: Path) -> None:
         assert failed.output_file_id is None and fake.requests == []
 
 
-def test_a_cancel_mid_way_keeps_what_finished_and_stops_the_rest(tmp_path: Path) -> None:
-    answered = 0
+def _held_after(first: int) -> tuple[FakeOpenAI, threading.Event, Callable[[], int]]:
+    """A fake whose first ``first`` answers come at once and the rest wait for the gate; and how many it got."""
+    got = 0
     gate = threading.Event()
 
-    async def sleep(seconds: float) -> None:  # the first 5 answers at once, the rest wait for the gate
-        nonlocal answered
-        answered += 1
-        while answered > 5 and not gate.is_set():
+    async def sleep(seconds: float) -> None:
+        nonlocal got
+        got += 1
+        while got > first and not gate.is_set():
             await asyncio.sleep(0.01)
 
     fake = FakeOpenAI(models=("m1",), script=Script(answer_delay_seconds=1.0), sleep=sleep)
+    return fake, gate, lambda: got
+
+
+def test_a_cancel_lets_the_requests_in_flight_finish_and_keeps_their_results(tmp_path: Path) -> None:
+    """OpenAI's cancel: ``cancelling`` while the requests in flight finish, then ``cancelled`` with their results in
+    the output; nothing new starts once it is cancelling."""
+    fake, gate, got = _held_after(5)
     ids = [f"q{i}" for i in range(30)]
     with serve_fake(fake), gateway(tmp_path, fake) as client, _opened(gate):
         uploaded = upload(client, batch_lines(ids, model="fake/m1"))
@@ -145,17 +154,41 @@ def test_a_cancel_mid_way_keeps_what_finished_and_stops_the_rest(tmp_path: Path)
         wait_for(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed == 5)
         with pytest.raises(openai.ConflictError, match="cancel it first"):
             client.files.delete(uploaded.id)  # a running batch reads it
-        cancelling = client.batches.cancel(batch.id)
-        assert cancelling.status in ("cancelling", "cancelled")
+        assert client.batches.cancel(batch.id).status == "cancelling"
+        held = wait_for(client, batch.id, lambda b: got() > 5)  # requests in flight, held by the fake
+        assert held.status == "cancelling" and held.request_counts is not None and held.request_counts.completed == 5
+        assert client.batches.cancel(batch.id).status == "cancelling"  # cancelling again changes nothing
+        gate.set()
         done = wait_for(client, batch.id, {"cancelled"})
         assert done.cancelling_at is not None and done.cancelled_at is not None
         counts = done.request_counts
-        assert counts is not None and (counts.total, counts.completed, counts.failed) == (30, 5, 0)
+        assert counts is not None and counts.total == 30 and counts.failed == 0
+        assert 5 < counts.completed == got() < 30  # each request that reached the fake finished, and no other ran
         assert done.output_file_id is not None and done.error_file_id is None
         output = read_jsonl(client.files.content(done.output_file_id).content)
-        assert len(output) == 5 and len({line["custom_id"] for line in output}) == 5
-        assert client.batches.cancel(batch.id).status == "cancelled"  # cancelling again changes nothing
-    assert answered > 5  # the fake did get more than it answered: those were cut off by the cancel
+        assert len(output) == len({line["custom_id"] for line in output}) == counts.completed
+        assert all(line["response"]["status_code"] == 200 for line in output)
+        assert client.batches.cancel(batch.id).status == "cancelled"
+
+
+def test_a_cancel_waits_no_longer_than_the_requests_own_timeout(tmp_path: Path) -> None:
+    """Requests that never answer are cut ``request_timeout_seconds`` after the cancel: the batch is ``cancelled``
+    with only what had finished, and the cut requests are in neither file."""
+    fake, gate, got = _held_after(5)
+    ids = [f"q{i}" for i in range(30)]
+    with serve_fake(fake), gateway(tmp_path, fake, request_timeout_seconds=1) as client, _opened(gate):
+        uploaded = upload(client, batch_lines(ids, model="fake/m1"))
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        wait_for(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed == 5)
+        client.batches.cancel(batch.id)
+        done = wait_for(client, batch.id, {"cancelled"})  # the gate never opened: the held requests were cut
+        assert not gate.is_set() and got() > 5
+        counts = done.request_counts
+        assert counts is not None and (counts.completed, counts.failed) == (5, 0)
+        assert done.output_file_id is not None and done.error_file_id is None
+        assert len(read_jsonl(client.files.content(done.output_file_id).content)) == 5
 
 
 @pytest.mark.parametrize(("status", "retries"), [(503, 1000), (429, 1)])
@@ -164,9 +197,9 @@ def test_transient_failures_are_retried_until_they_pass(
 ) -> None:
     """A 503 while retries last; a 429 (a limit) without spending them: one retry each, and 20 tries made."""
     monkeypatch.setattr(
-        gateway_batches, "RetryPolicy", lambda: RetryPolicy(max_retries=retries, base_seconds=0.001, max_seconds=0.01)
+        batch_jobs, "RetryPolicy", lambda: RetryPolicy(max_retries=retries, base_seconds=0.001, max_seconds=0.01)
     )
-    monkeypatch.setattr(gateway_batches, "_LIMITED_BACKOFF_STEPS", 1)
+    monkeypatch.setattr(batch_jobs, "_LIMITED_BACKOFF_STEPS", 1)
     fake = FakeOpenAI(models=("m1",), script=Script(error_status=status, error_headers={"Retry-After": "0"}))
     ids = [f"q{i}" for i in range(6)]
     with serve_fake(fake), gateway(tmp_path, fake) as client:
@@ -227,7 +260,7 @@ def test_a_request_that_keeps_failing_goes_to_the_errors_file_after_its_retries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        gateway_batches, "RetryPolicy", lambda: RetryPolicy(max_retries=2, base_seconds=0.001, max_seconds=0.01)
+        batch_jobs, "RetryPolicy", lambda: RetryPolicy(max_retries=2, base_seconds=0.001, max_seconds=0.01)
     )
     fake = FakeOpenAI(models=("m1",), script=Script(error_status=500))  # a model that fails every time
     ids = ["a", "b", "c"]

@@ -5,24 +5,26 @@ custom_id is in the output exactly once, with the text a clean (greedy) run give
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 
 from tests.batch_api.helpers import batch_lines, read_jsonl, upload, wait_for
-from tests.gateway.test_gateway_process import _free_port
-from tests.serving import wait_until_healthy
+from tests.serving import free_port, wait_until_healthy
 
 # issue 15's acceptance numbers (300 requests, 10 kills) take about 10 minutes here: MEMSERVE_BATCH_KILL_FULL=1
 FULL = os.environ.get("MEMSERVE_BATCH_KILL_FULL") == "1"
 REQUESTS = 300 if FULL else 60
 KILLS = 10 if FULL else 3
+CLEAN_IN_FLIGHT = 3  # the clean run's requests at once: the demo model's concurrency less one, as a job holds
 
 
 def _serve(port: int, tiny_model_dir: Path, tmp_path: Path, run: int) -> subprocess.Popen[bytes]:
@@ -34,12 +36,27 @@ def _serve(port: int, tiny_model_dir: Path, tmp_path: Path, run: int) -> subproc
     return process
 
 
+async def _clean_run(origin: str, bodies: list[dict[str, Any]]) -> list[str]:
+    """The same requests sent as a client would, a few at once (greedy: the text does not depend on what else
+    runs); each answer's text, in order."""
+    slots = asyncio.Semaphore(CLEAN_IN_FLIGHT)
+
+    async def one(http: httpx.AsyncClient, body: dict[str, Any]) -> str:
+        async with slots:
+            answer = await http.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["choices"][0]["text"])
+
+    async with httpx.AsyncClient(base_url=origin, timeout=120) as http:
+        return await asyncio.gather(*(one(http, body) for body in bodies))
+
+
 def test_kill_9_of_the_gateway_mid_batch_loses_and_repeats_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     ids = [f"r{i:03d}" for i in range(REQUESTS)]
     lines = batch_lines(ids, model="demo", url="/v1/completions", max_tokens=6)
     seed = random.randrange(1 << 30)
     kill_points = sorted(random.Random(seed).sample(range(2, REQUESTS - 5), KILLS))
-    port = _free_port()
+    port = free_port()
     origin = f"http://127.0.0.1:{port}"
     process = _serve(port, tiny_model_dir, tmp_path, 0)
     try:
@@ -63,11 +80,9 @@ def test_kill_9_of_the_gateway_mid_batch_loses_and_repeats_nothing(tmp_path: Pat
         output = read_jsonl(client.files.content(done.output_file_id).content)
         assert [line["custom_id"] for line in output] == ids, seed  # each exactly once, in the input's order
         texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in output}
-        with httpx.Client(base_url=origin, timeout=120) as http:  # a clean run of the same requests, one by one
-            for custom_id, line in zip(ids, lines, strict=True):
-                answer = http.post("/v1/completions", json=json.loads(line)["body"])
-                assert answer.status_code == 200, answer.text
-                assert answer.json()["choices"][0]["text"] == texts[custom_id], (seed, custom_id)
+        clean = asyncio.run(_clean_run(origin, [json.loads(line)["body"] for line in lines]))
+        for custom_id, text in zip(ids, clean, strict=True):
+            assert text == texts[custom_id], (seed, custom_id)
     finally:
         if process.poll() is None:
             process.kill()

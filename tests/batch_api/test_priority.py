@@ -11,7 +11,7 @@ import openai
 
 from memserve.config import ModelConfig, ProviderConfig
 from memserve.gateway.app import create_app
-from memserve.gateway.batches import PROVIDER_SLOTS, BatchJobs, Slots
+from memserve.gateway.batch_jobs import PROVIDER_SLOTS, BatchJobs, Slots
 from memserve.pool.pool import ModelPool
 from tests.batch_api.helpers import batch_lines, read_jsonl, upload, wait_for
 from tests.gateway.test_gateway_process import GiB, host, settings_for

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +20,8 @@ from memserve.bench.stats import Percentiles, RequestRecord, Step
 from memserve.errors import InvalidArgument
 from memserve.wire.fake import FakeOpenAI, Script
 from tests.bench.test_stats import about
-from tests.bench.virtual import StreamingASGITransport, VirtualClock
+from tests.bench.virtual import VirtualClock
+from tests.serving import StreamingASGITransport, nothing_listening
 
 F = 1 / 16  # first-token delay
 G = 1 / 64  # gap between tokens
@@ -296,9 +296,8 @@ def test_failures_are_recorded_by_kind(handler: Any, kind: str, says: str) -> No
 
 
 def test_a_refused_connection_is_a_connect_error() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
-        target = Target("A", f"http://127.0.0.1:{sock.getsockname()[1]}/v1", "m")
+    with nothing_listening() as base_url:
+        target = Target("A", base_url, "m")
 
         async def main() -> RequestRecord:
             async with httpx.AsyncClient() as client:

@@ -24,7 +24,8 @@ from memserve.bench.run import BenchConfig, BenchReport, TargetResult, run_bench
 from memserve.bench.stats import Percentiles, Step, StepKind, StepStats
 from memserve.errors import InvalidArgument
 from memserve.wire.fake import FakeOpenAI, Script
-from tests.bench.virtual import StreamingASGITransport, VirtualClock
+from tests.bench.virtual import VirtualClock
+from tests.serving import StreamingASGITransport
 
 
 def step(value: float, tokens_per_second: float, ttft: float, tpot: float, kind: StepKind = "concurrency") -> StepStats:

@@ -51,12 +51,6 @@ def envsubst(template: str, values: Mapping[str, str]) -> str:
     return rendered
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, what: str) -> None:
     """Until something accepts on 127.0.0.1:``port`` (up to 60 s); fail with the log if ``process`` exits."""
     deadline = time.monotonic() + 60

@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from memserve.config import ProviderConfig
-from tests.deploy.programs import DEPLOY, envsubst, free_port, program, stop, wait_for_port
+from tests.deploy.programs import DEPLOY, envsubst, program, stop, wait_for_port
 from tests.gateway.test_gateway_process import GiB, gateway, host, settings_for
-from tests.serving import FakeOpenAI, Script, serve_fake
+from tests.serving import FakeOpenAI, Script, free_port, serve_fake
 
 MiB = 1 << 20
 LIMIT_MIB = 1  # the test's body limit, for nginx and the gateway alike (compose sets both from one value)

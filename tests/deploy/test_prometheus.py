@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from tests.deploy.grafana import dashboard, documented_names, expressions, family, variable_queries
-from tests.deploy.programs import DEPLOY, free_port, program, stop, wait_for_port
-from tests.serving import wait_until_healthy
+from tests.deploy.programs import DEPLOY, program, stop, wait_for_port
+from tests.serving import free_port, wait_until_healthy
 
 SHIPPED = DEPLOY / "prometheus" / "prometheus.yml"
 STREAMS = 2

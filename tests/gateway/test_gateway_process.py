@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ from memserve.memory.inventory import Device, Inventory
 from memserve.pool.pool import ModelPool
 from memserve.runner.serve import TEST_EXTRA_BYTES_ENV
 from tests.fakes import LLAMA3_8B, write_sparse_checkpoint
-from tests.serving import FakeOpenAI, nothing_listening, serve_app, serve_fake, wait_until_healthy
+from tests.serving import FakeOpenAI, free_port, nothing_listening, serve_app, serve_fake, wait_until_healthy
 
 MiB, GiB = 1 << 20, 1 << 30
 CHAT = {"messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 8, "temperature": 0}
@@ -75,12 +74,6 @@ def gateway(settings: Settings, inventory: Inventory) -> Iterator[tuple[str, Mod
     with serve_app(create_app(settings, pool), lifespan=True) as origin:
         yield origin, pool
     assert not runner_pids(), "the gateway left runner processes behind"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def runner_pids() -> list[int]:
@@ -182,7 +175,7 @@ def test_two_clients_on_two_endpoints_share_one_runner(tmp_path: Path, tiny_mode
 
 
 def test_sigterm_drains_and_stops_the_runners(tmp_path: Path, tiny_model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     origin = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MEMSERVE_DATA_DIR": str(tmp_path / "data")}
     gateway_proc = subprocess.Popen(

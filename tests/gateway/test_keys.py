@@ -31,8 +31,8 @@ from memserve.gateway.auth import PUBLIC_PATHS, auth_mode
 from memserve.pool.pool import ModelPool
 from memserve.store.db import Store, database_url
 from memserve.wire.fake import FakeOpenAI, Script
-from tests.gateway.test_gateway_process import GiB, _free_port, gateway, host, local, settings_for
-from tests.serving import serve_app, serve_fake, wait_until_healthy
+from tests.gateway.test_gateway_process import GiB, gateway, host, local, settings_for
+from tests.serving import free_port, serve_app, serve_fake, wait_until_healthy
 
 ADMIN = "ms-admin-bootstrap-secret-for-tests"
 CHAT: dict[str, Any] = {
@@ -258,7 +258,7 @@ def test_a_local_models_usage_is_what_its_client_got(tmp_path: Path, tiny_model_
 
 def test_sigterm_writes_every_usage_row(tmp_path: Path) -> None:
     """Rows wait in memory for the next flush (here: far away); SIGTERM's shutdown writes them all."""
-    port = _free_port()
+    port = free_port()
     origin = f"http://127.0.0.1:{port}"
     with serve_fake(FakeOpenAI(models=("m1",))) as fake:
         env = {

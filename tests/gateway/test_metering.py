@@ -1,13 +1,22 @@
-"""The stream meter as a table: which bytes reach the client, and what it counted. Plain bytes, no server."""
+"""The stream meter as a table: which bytes reach the client, and what it counted; a whole answer metered from
+the relay's own parse. Plain bytes, no server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message
 
-from memserve.gateway.metering import metered
-from memserve.gateway.upstream import StreamUsage
+from memserve.gateway import metering
+from memserve.gateway.metering import answer_metered, metered
+from memserve.gateway.upstream import StreamUsage, WholeAnswer
+from memserve.store.usage import UsageRow
 
 
 def event(payload: dict[str, object]) -> bytes:
@@ -80,3 +89,33 @@ def test_a_stream_asks_for_usage_only_when_its_client_did_not() -> None:
     odd = {**body, "stream_options": "yes"}  # the provider judges it; nothing is added
     sent, meter = metered(odd, True)
     assert sent is odd and meter is not None and not meter.strip
+
+
+def test_a_whole_answer_is_parsed_once_its_usage_read_from_the_relays_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay parsed the upstream's answer (``WholeAnswer``); the record reads that object, not the bytes again."""
+    answer = {"id": "c1", "object": "chat.completion", "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+    raw = json.dumps(answer).encode()
+
+    def parsed_again(raw: bytes) -> dict[str, Any]:
+        raise AssertionError("the whole answer was parsed a second time")
+
+    monkeypatch.setattr(metering, "_json_object", parsed_again)
+    rows: list[UsageRow] = []
+    meters = SimpleNamespace(usage=SimpleNamespace(record=rows.append), metrics=None)
+
+    async def handler(request: Request) -> Response:
+        return WholeAnswer(raw, answer, status_code=200, headers={})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/chat/completions", "headers": [], "state": {"caller": None}}
+    asyncio.run(answer_metered(handler, scope, receive, send, meters, what="a test"))  # type: ignore[arg-type]
+    assert sent[-1]["body"] == raw  # the client gets the upstream's own bytes
+    [row] = rows
+    assert (row.prompt_tokens, row.completion_tokens, row.status) == (5, 3, 200)

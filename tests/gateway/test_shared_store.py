@@ -24,11 +24,10 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.test_gateway_process import _free_port
 from tests.gateway.test_keys import ADMIN, CHAT, admin, new_key
 from tests.postgres import PostgresServer
 from tests.postgres import postgres_server as postgres_server  # the session's throwaway server
-from tests.serving import FakeOpenAI, serve_fake, wait_until_healthy
+from tests.serving import FakeOpenAI, free_port, serve_fake, wait_until_healthy
 
 # Far above what any wait here needs on an idle machine (a flush: 1 s; a key cache: 5 s; a fetch: 2 s), so
 # that a busy 2-core CI machine does not fail them; a wait that runs out is a failure with what was seen.
@@ -62,7 +61,7 @@ def gateways(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathF
 
 
 def _start(name: str, folder: Path, database_url: str, provider_url: str) -> Gateway:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MEMSERVE_DATA_DIR": str(folder / name),

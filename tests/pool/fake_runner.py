@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from memserve.memory.fit import PlanFile
 from memserve.memory.planner import Plan
 from memserve.pool.runner_process import RUNNER_BASE_URL, describe_exit
 from memserve.wire.events import PhaseDone, Ready, RunnerEvent, Stats
+from tests.serving import StreamingASGITransport
 
 LOAD_PHASES = ("resolve", "map", "fault_in", "warm_up")
 CPU_PLAN = Plan(
@@ -216,68 +217,6 @@ class FakeRunner:
 
     def _answer(self, request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"runner": self.name, "pid": self._pid, "path": request.url.path})
-
-
-class StreamingASGITransport(httpx.AsyncBaseTransport):
-    """Answers from an ASGI app, each body message as its own chunk as soon as the app sends it (httpx's own
-    ``ASGITransport`` joins the whole body first, so a relay would see a stream as one chunk)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        body = await request.aread()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": request.method,
-            "scheme": request.url.scheme,
-            "path": request.url.path,
-            "raw_path": request.url.raw_path,
-            "query_string": request.url.query,
-            "headers": [(k.lower(), v) for k, v in request.headers.raw],
-            "server": ("runner", 80),
-            "client": ("127.0.0.1", 1),
-        }
-        sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        received = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal received
-            if not received:
-                received = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # the client never leaves on its own here
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            await sent.put(message)
-
-        task = asyncio.create_task(self.app(scope, receive, send))
-        start = await sent.get()
-
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                while True:
-                    message = await sent.get()
-                    if message.get("body"):
-                        yield message["body"]
-                    if not message.get("more_body"):
-                        return
-            finally:
-                task.cancel()
-
-        return httpx.Response(start["status"], headers=start.get("headers", []), stream=_Chunks(chunks()))
-
-
-class _Chunks(httpx.AsyncByteStream):
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
-        self.chunks = chunks
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.chunks:
-            yield chunk
 
 
 class FakeSpawner:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import httpx
 
-from tests.gateway.test_gateway_process import _free_port
-from tests.serving import wait_until_healthy
+from tests.serving import free_port, wait_until_healthy
 
 
 def test_sigterm_ends_an_open_event_stream_cleanly(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     origin = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MEMSERVE_DATA_DIR": str(tmp_path / "data")}
     command = [sys.executable, "-m", "memserve", "serve", "--port", str(port), "--log-level", "warning"]

@@ -7,6 +7,10 @@ is done: on start the last line is repaired if it was cut short (truncated back 
 requests are skipped. A request whose line never reached the disk simply runs again; one whose line did is
 never recomputed, so each id ends up in the output files once.
 
+A failure is final only when it would fail again: a line in the errors file whose failure was transient (no
+answer at all because the server was down, a 429, a 5xx but 501: ``format.is_transient``) is taken out of the
+errors file when the checkpoint opens (``take_back_transient``), so the next run tries that request again.
+
 Two runs appending to the same output would break that, so the checkpoint holds an exclusive ``flock`` on
 ``OUT.lock`` (the kernel drops it when the process dies, however it dies) and a second run refuses, naming
 the first's pid. A write that fails for want of space is undone (the file is cut back to its last whole
@@ -27,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from memserve.batch.format import dumps_line
+from memserve.batch.format import dumps_line, is_transient
 from memserve.errors import InvalidArgument, MemserveError
 
 _READ_CHUNK_BYTES = 1 << 16
@@ -96,6 +100,50 @@ def repair_tail(path: Path) -> int:
         return size - end
 
 
+def _transient(raw: bytes) -> bool:
+    """Whether an errors-file line records a failure that may pass if retried (its status, or no answer at all)."""
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return False  # not ours to judge: finished_ids says what is wrong with it
+    if not isinstance(line, dict):
+        return False
+    response = line.get("response")
+    status = response.get("status_code") if isinstance(response, dict) else None
+    return is_transient(status if isinstance(status, int) else None)
+
+
+def take_back_transient(path: Path) -> int:
+    """Remove the lines of transient failures from the errors file ``path``, so that their requests run again;
+    how many were removed.
+
+    Streamed: the kept lines are copied to a new file beside it, synced, and renamed over it (a crash leaves the
+    old file or the new, whole); nothing is rewritten when no line is transient.
+    """
+    if not path.exists():
+        return 0
+    with path.open("rb") as handle:
+        if not any(_transient(raw) for raw in handle):
+            return 0
+    fresh = path.with_name(path.name + ".retry")
+    taken = 0
+    with path.open("rb") as old, fresh.open("wb") as new:
+        for raw in old:
+            if raw.endswith(b"\n") and _transient(raw):
+                taken += 1
+            else:
+                new.write(raw)
+        new.flush()
+        os.fsync(new.fileno())
+    os.replace(fresh, path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return taken
+
+
 def finished_ids(path: Path) -> Iterator[str]:
     """The ``custom_id`` of each line of an output or errors file, streamed.
 
@@ -156,8 +204,9 @@ class _Appender:
 class Checkpoint:
     """The output and errors files of one batch run, locked, repaired and read; results appended durably.
 
-    Use it as a context manager: entering takes the lock (or raises :class:`BatchLocked`), repairs both files
-    and reads the finished ids into :attr:`finished`; leaving releases the lock.
+    Use it as a context manager: entering takes the lock (or raises :class:`BatchLocked`), repairs both files,
+    takes the transient failures out of the errors file (:attr:`retrying` counts them: they run again) and reads
+    the finished ids into :attr:`finished`; leaving releases the lock.
     """
 
     def __init__(self, output: Path, errors: Path | None = None) -> None:
@@ -168,6 +217,7 @@ class Checkpoint:
         self.succeeded = 0  # lines in the output file when opened, then appended
         self.failed = 0  # lines in the errors file
         self.repaired_bytes = 0
+        self.retrying = 0  # transient failures of an earlier run taken out of the errors file, to run again
         self._lock_fd: int | None = None
         self._out: _Appender | None = None
         self._err: _Appender | None = None
@@ -177,6 +227,7 @@ class Checkpoint:
         try:
             for path in (self.output, self.errors):
                 self.repaired_bytes += repair_tail(path)
+            self.retrying = take_back_transient(self.errors)
             for custom_id in finished_ids(self.output):
                 self.finished.add(custom_id)
                 self.succeeded += 1
@@ -324,4 +375,5 @@ __all__ = [
     "lock_path_for",
     "progress_path_for",
     "repair_tail",
+    "take_back_transient",
 ]

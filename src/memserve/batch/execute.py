@@ -61,6 +61,7 @@ class Progress:
 
     total: int
     done_before: int = 0  # finished in an earlier run (skipped now)
+    retrying_earlier: int = 0  # failed for a transient reason in an earlier run: tried again now
     succeeded: int = 0  # this run
     failed: int = 0  # this run: lines written to the errors file
     retries: int = 0
@@ -81,6 +82,7 @@ class Progress:
             "total": self.total,
             "done": self.done,
             "done_before": self.done_before,
+            "retrying_earlier": self.retrying_earlier,
             "succeeded": self.succeeded,
             "failed": self.failed,
             "retries": self.retries,
@@ -230,7 +232,7 @@ async def run_requests(
         raise ValueError("concurrency must be at least 1")
     retry = retry or RetryPolicy()
     rng = rng or random.Random()
-    progress = Progress(total=total, done_before=len(checkpoint.finished))
+    progress = Progress(total=total, done_before=len(checkpoint.finished), retrying_earlier=checkpoint.retrying)
     report = on_progress or (lambda p: None)
     slots = asyncio.Semaphore(concurrency)
     committer = _Committer(checkpoint)

@@ -116,6 +116,11 @@ async def execute(
             note(f"repaired {run.output}: cut {checkpoint.repaired_bytes} bytes of a half-written last line")
         if checkpoint.finished:
             note(f"resuming: {len(checkpoint.finished)} of {total} requests are done already")
+        if checkpoint.retrying:
+            note(
+                f"retrying {checkpoint.retrying} requests that failed last time for a reason that may pass "
+                f"(no answer, 429, 5xx): taken out of {checkpoint.errors}"
+            )
         runner: LocalRunner | None = None
         supervisor: asyncio.Task[None] | None = None
         try:

@@ -1,105 +1,41 @@
-"""OpenAI's Files and Batch API on the gateway (``/v1/files``, ``/v1/batches``), and the job runner behind it.
+"""OpenAI's Batch API on the gateway (``/v1/batches``): create, retrieve, list, cancel.
 
-The official openai client works unchanged: ``files.create(file=..., purpose="batch")``, ``batches.create``,
-``retrieve``, ``list``, ``cancel``, ``files.content``. An uploaded file is checked whole with the batch
-format (``memserve.batch.format``) before it is accepted: every bad line by number, in one 400.
-
-A job runs in the gateway that holds it (``BatchStore.claim``), one task per job:
-``validating → in_progress → finalizing → completed``, or ``failed`` (its input does not fit the job),
-``cancelling → cancelled``, ``expired`` (past its completion window). Each request goes through the gateway's
-own generation handler (``generate``), as the job's key: checked against the key's models and limits, routed
-like any request, and metered with one usage row (its end user is the job's id unless the body names one).
-Its result is recorded in the store once (``record_result``): a job resumed after a restart or a kill -9
-skips what is recorded and never recomputes it. Transient failures (no answer, 408, 5xx but 501) are
-retried with backoff up to the retry policy's count; a 429 (a limit) is waited out without spending one; the
-rest go to the errors file.
-
-Batch work yields to interactive work: on a local model a job never holds the last free slot of its plan's
-concurrency (at most ``concurrency - 1`` batch requests in flight per model, across all jobs, and 1 when the
-plan's concurrency is 1), so an interactive request meets at most one more stream than it would without
-batches. A provider model takes at most ``PROVIDER_SLOTS`` batch requests at once.
+The official openai client works unchanged (``batches.create``, ``retrieve``, ``list``, ``cancel``). These routes
+only read and change a job's row in the store; the job itself runs in ``gateway/batch_jobs.py``, and its input,
+output and errors files are the Files API's (``gateway/files.py``), registered with these.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import logging
 import os
-import random
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Message
 
-from memserve.batch.execute import RetryPolicy
-from memserve.batch.format import (
-    BatchFileInvalid,
-    BatchRequest,
-    LineProblem,
-    check_line,
-    error_line,
-    is_transient,
-    new_batch_request_id,
-    output_line,
-    validate,
-)
-from memserve.config import Settings
-from memserve.errors import InvalidArgument, MemserveError, RequestTooLarge, StoreUnavailable
+from memserve.errors import InvalidArgument, MemserveError
 from memserve.gateway import openapi
-from memserve.gateway.auth import ANONYMOUS, USER_HEADER, Caller
-from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, answer_metered
-from memserve.pool.pool import ModelPool
-from memserve.store.batches import PART_BYTES, BatchStore, StoredBatch, StoredFile, this_holder
-from memserve.wire.http import handles, json_body, parse_body
-from memserve.wire.routes import (
-    BATCH,
-    BATCH_CANCEL,
-    BATCH_CREATE,
-    BATCHES,
-    FILE,
-    FILE_CONTENT,
-    FILE_DELETE,
-    FILE_UPLOAD,
-    FILES,
+from memserve.gateway.batch_jobs import BatchJobs, make_generate
+from memserve.gateway.files import (
+    BatchConflict,
+    FileNotFound,
+    add_file_routes,
+    batch_store,
+    caller_of,
+    page,
+    visible,
+    visible_file,
 )
+from memserve.store.batches import StoredBatch
+from memserve.wire.http import handles, json_body, parse_body
+from memserve.wire.routes import BATCH, BATCH_CANCEL, BATCH_CREATE, BATCHES
 
 if TYPE_CHECKING:
     from memserve.gateway.app import Service
 
-log = logging.getLogger(__name__)
-
-MAX_UPLOAD_BYTES = 200 * (1 << 20)
-"""The largest batch input file accepted (OpenAI's limit for batch files)."""
-MAX_LIST = 10_000
-PROVIDER_SLOTS = 8
-"""Batch requests in flight at once per provider model (a provider's own limits answer 429s, retried)."""
 COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
-HOLD = timedelta(seconds=30)
-"""How long a gateway's hold on a job lasts unless renewed (every third of it while the job runs)."""
-SCAN_SECONDS = 10.0
-"""How often a gateway looks for jobs nobody holds (another gateway stopped, or a hold ran out)."""
 _METADATA_MAX = 16
-_LIMITED_BACKOFF_STEPS = 6
-"""A 429 is waited out (its Retry-After, else a backoff growing to base × 2^5) without spending a retry: a
-key's requests-per-minute limit slows a job down, it does not fail its requests. A cancel still stops it."""
-Generate = Callable[[Caller, BatchRequest, str, asyncio.Event], Coroutine[Any, Any, "Answer"]]
-
-
-class FileNotFound(MemserveError):
-    """No file with that id, or not one this key may see (the same answer: ids are not confirmed)."""
-
-    status_code = 404
-    error_type = "invalid_request_error"
-    code = "file_not_found"
 
 
 class BatchNotFound(MemserveError):
@@ -108,14 +44,6 @@ class BatchNotFound(MemserveError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "batch_not_found"
-
-
-class BatchConflict(MemserveError):
-    """The batch or file is in a state that does not allow this (cancel a finished batch, delete a file in use)."""
-
-    status_code = 409
-    error_type = "invalid_request_error"
-    code = "conflict"
 
 
 class BatchCreate(BaseModel):
@@ -129,624 +57,22 @@ class BatchCreate(BaseModel):
     output_expires_after: dict[str, Any] | None = Field(default=None, description="Accepted; outputs are kept.")
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What one request got: an HTTP status and its JSON body (None: no answer; ``status`` None: none at all)."""
-
-    status: int | None
-    body: dict[str, Any] | None
-    request_id: str
-    retry_after_seconds: float | None = None
-    message: str = ""
-
-
-@dataclass
-class _Job:
-    """One job this gateway runs: its task and the event that stops it (cancel, expiry, shutdown)."""
-
-    batch_id: str
-    task: asyncio.Task[None] | None = None
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    why: str | None = None  # "cancelled" or "expired" once stop is set for that reason
-
-
-class Slots:
-    """Batch requests in flight per model, bounded by ``limit(model)`` (read at each take: a reload with another
-    plan changes it). ``high_water`` keeps the most ever in flight per model, for tests and the docs."""
-
-    def __init__(self, limit: Callable[[str], int]) -> None:
-        self.limit = limit
-        self.in_flight: dict[str, int] = {}
-        self.high_water: dict[str, int] = {}
-        self._changed = asyncio.Condition()
-
-    async def take(self, model: str) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight.get(model, 0) < max(1, self.limit(model)))
-            self.in_flight[model] = self.in_flight.get(model, 0) + 1
-            self.high_water[model] = max(self.high_water.get(model, 0), self.in_flight[model])
-
-    async def give(self, model: str) -> None:
-        async with self._changed:
-            self.in_flight[model] -= 1
-            self._changed.notify_all()
-
-
-class BatchJobs:
-    """Runs this gateway's jobs: resumes the store's active ones at start, one task per job, stops at shutdown."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        pool: ModelPool,
-        generate: Generate,
-        *,
-        retry: RetryPolicy | None = None,
-        holder: str | None = None,
-    ) -> None:
-        self.settings = settings
-        self.pool = pool
-        self.generate = generate
-        self.retry = retry or RetryPolicy()
-        self.holder = holder or this_holder()
-        self.slots = Slots(self.model_slots)
-        self.store: BatchStore | None = None
-        self.jobs: dict[str, _Job] = {}
-        self._scanner: asyncio.Task[None] | None = None
-        self._rng = random.Random()
-
-    def model_slots(self, model: str) -> int:
-        """Batch requests ``model`` may have in flight: its plan's concurrency less one (never less than one)."""
-        if self.settings.model(model) is None:
-            return PROVIDER_SLOTS
-        entry = self.pool.entries.get(model)
-        plan = entry.plan if entry is not None else None
-        concurrency = plan.concurrency if plan is not None else self.settings.model(model).concurrency  # type: ignore[union-attr]
-        return max(1, concurrency - 1)
-
-    async def start(self, store: BatchStore) -> None:
-        self.store = store
-        self._scanner = asyncio.create_task(self._scan(), name="batch-scan")
-
-    async def stop(self) -> None:
-        """Stop every job (in-flight requests are abandoned, not recorded: a resume runs them again) and give
-        their holds back, so the next gateway on this database resumes them at once."""
-        if self._scanner is not None:
-            self._scanner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scanner
-        jobs = [job for job in self.jobs.values() if job.task is not None]
-        for job in jobs:
-            job.task.cancel()  # type: ignore[union-attr]
-        await asyncio.gather(*(job.task for job in jobs if job.task is not None), return_exceptions=True)
-        if self.store is not None:
-            for job in jobs:
-                with contextlib.suppress(StoreUnavailable):
-                    await self.store.release(job.batch_id, self.holder)
-        self.jobs.clear()
-        self.store = None
-
-    def submit(self, batch_id: str) -> None:
-        """Run a job here (if nobody else holds it); a no-op when it already runs here."""
-        if batch_id in self.jobs or self.store is None:
-            return
-        job = _Job(batch_id)
-        self.jobs[batch_id] = job
-        job.task = asyncio.create_task(self._run(job), name=f"batch {batch_id}")
-
-    def cancel(self, batch_id: str) -> None:
-        job = self.jobs.get(batch_id)
-        if job is not None:
-            job.why = job.why or "cancelled"
-            job.stop.set()
-
-    async def _scan(self) -> None:
-        """Take up the active jobs nobody runs: at start (a restart resumes) and every ``SCAN_SECONDS``."""
-        while True:
-            try:
-                assert self.store is not None
-                for batch_id in await self.store.active_batches():
-                    self.submit(batch_id)
-            except StoreUnavailable as exc:
-                log.warning("batch jobs: cannot read the store (%s); retrying in %g s", exc.message, SCAN_SECONDS)
-            await asyncio.sleep(SCAN_SECONDS)
-
-    async def _run(self, job: _Job) -> None:
-        store = self.store
-        assert store is not None
-        try:
-            if not await store.claim(job.batch_id, self.holder, HOLD):
-                return
-            keeper = asyncio.create_task(self._keep(job, store), name=f"batch {job.batch_id} hold")
-            try:
-                await self._work(job, store)
-            finally:
-                keeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeper
-        except StoreUnavailable as exc:
-            log.warning("batch %s: the store failed (%s); it resumes on the next scan", job.batch_id, exc.message)
-        except Exception:
-            log.exception("batch %s: internal error; it resumes on the next scan", job.batch_id)
-        finally:
-            if self.jobs.get(job.batch_id) is job:
-                del self.jobs[job.batch_id]
-
-    async def _keep(self, job: _Job, store: BatchStore) -> None:
-        """Renew the hold while the job runs, and hear of a cancel made through another gateway."""
-        while True:
-            await asyncio.sleep(HOLD.total_seconds() / 3)
-            with contextlib.suppress(StoreUnavailable):
-                if not await store.claim(job.batch_id, self.holder, HOLD):
-                    job.why = job.why or "lost"  # another gateway has it now (or it was finished)
-                    job.stop.set()
-                    return
-                found = await store.get_batch(job.batch_id)
-                if found is not None and found.status == "cancelling":
-                    self.cancel(job.batch_id)
-
-    async def _work(self, job: _Job, store: BatchStore) -> None:
-        batch = await store.get_batch(job.batch_id)
-        if batch is None:
-            return
-        if batch.status == "validating":
-            batch = await self._validate(batch, store)
-        if batch.status == "in_progress":
-            caller = await self._caller(batch, store)
-            if caller is None:
-                return
-            await self._execute(job, batch, caller, store)
-            batch = await store.get_batch(batch.id) or batch
-            if job.why == "expired":
-                await self._expire(batch, store)
-                return
-        if batch.status == "in_progress" and batch.completed + batch.failed >= batch.total:
-            await store.update_batch(batch.id, when=("in_progress",), status="finalizing", finalizing_at=_now())
-            batch = await store.get_batch(batch.id) or batch
-        if batch.status == "finalizing":
-            await store.finish(batch.id, status="completed", stamp="completed_at", from_status=("finalizing",))
-        elif batch.status == "cancelling":
-            await store.finish(batch.id, status="cancelled", stamp="cancelled_at", from_status=("cancelling",))
-
-    async def _validate(self, batch: StoredBatch, store: BatchStore) -> StoredBatch:
-        """Check the input again as this job reads it (every url must be the job's endpoint); count it."""
-        count, problems, first_line = 0, list[LineProblem](), dict[str, int]()
-        async for number, raw in _lines(store, batch.input_file_id):
-            checked = check_line(number, raw)
-            if checked is None:
-                continue
-            count += 1
-            if isinstance(checked, LineProblem):
-                problems.append(checked)
-            elif checked.url != batch.endpoint:
-                problems.append(LineProblem(number, f"url {checked.url} is not the batch's endpoint {batch.endpoint}"))
-            elif first_line.setdefault(checked.custom_id, number) != number:
-                problems.append(LineProblem(number, f"duplicate custom_id {checked.custom_id!r}"))
-        if count == 0 and not problems:
-            problems.append(LineProblem(1, "the input file has no request"))
-        if problems:
-            errors = [
-                {"code": "invalid_request", "message": p.message, "param": None, "line": p.line}
-                for p in problems[:1000]
-            ]
-            await store.update_batch(
-                batch.id, when=("validating",), status="failed", failed_at=_now(), errors=errors, total=count
-            )
-        else:
-            await store.update_batch(
-                batch.id, when=("validating",), status="in_progress", in_progress_at=_now(), total=count
-            )
-        return await store.get_batch(batch.id) or batch
-
-    async def _caller(self, batch: StoredBatch, store: BatchStore) -> Caller | None:
-        """The job's key as a caller; None (and the job failed) when the key was revoked or has expired."""
-        if batch.key_id is None:
-            return Caller(admin=True, name=batch.key_name) if batch.key_name else ANONYMOUS
-        key = await store.owner_key(batch.key_id)
-        why = "deleted" if key is None else key.active(_now())
-        if key is None or why is not None:
-            errors = [{"code": "key_inactive", "message": f"the key that created this batch is {why}", "line": None}]
-            await store.update_batch(batch.id, errors=errors)
-            await store.finish(batch.id, status="failed", stamp="failed_at", from_status=("in_progress",))
-            return None
-        return Caller(key=key, admin=key.admin, name=key.name)
-
-    async def _execute(self, job: _Job, batch: StoredBatch, caller: Caller, store: BatchStore) -> None:
-        """Run every request not yet recorded, a model's slots at a time, until done or stopped."""
-        done = await store.done_ids(batch.id)
-        running: set[asyncio.Task[None]] = set()
-        failures: list[BaseException] = []
-
-        async def one(request: BatchRequest, model: str) -> None:
-            try:
-                await self._request(job, batch, caller, request, store)
-            except BaseException as exc:  # a store failure: stop the job; the next scan resumes it
-                if not isinstance(exc, asyncio.CancelledError):
-                    failures.append(exc)
-                    job.stop.set()
-                raise
-            finally:
-                await self.slots.give(model)
-
-        try:
-            async for number, raw in _lines(store, batch.input_file_id):
-                request = check_line(number, raw)
-                if not isinstance(request, BatchRequest) or request.custom_id in done:
-                    continue
-                if _now() >= batch.times["expires_at"]:  # type: ignore[operator]
-                    job.why = job.why or "expired"
-                    job.stop.set()
-                if job.stop.is_set():
-                    break
-                model = str(request.body.get("model"))
-                if not await self._take(model, job.stop):
-                    break
-                task = asyncio.create_task(one(request, model), name=f"batch {batch.id} {request.custom_id}")
-                running.add(task)
-                task.add_done_callback(running.discard)
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
-        finally:
-            for task in list(running):
-                task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
-        if failures:
-            raise failures[0]
-
-    async def _take(self, model: str, stop: asyncio.Event) -> bool:
-        """A batch slot on ``model``; False (and none held) when the job is stopped first."""
-        taking = asyncio.create_task(self.slots.take(model))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not taking.done():
-            taking.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await taking
-        if taking.cancelled():
-            return False
-        if stop.is_set():
-            await self.slots.give(model)
-            return False
-        return True
-
-    async def _request(
-        self, job: _Job, batch: StoredBatch, caller: Caller, request: BatchRequest, store: BatchStore
-    ) -> None:
-        """One request to its result: retried while transient, then recorded once (unless the job stopped)."""
-        attempt = 0
-        while True:
-            work = asyncio.create_task(self.generate(caller, request, batch.id, job.stop))
-            stopping = asyncio.create_task(job.stop.wait())
-            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not work.done():  # a provider's answer is not cut by the client leaving: cut it here
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-            if work.cancelled() or (job.stop.is_set() and work.result().status in (None, CLIENT_CLOSED_REQUEST)):
-                return  # abandoned by a cancel or a shutdown: not a result, a resume runs it again
-            answer = work.result()
-            if answer.status == 200 and answer.body is not None:
-                record = output_line(
-                    request,
-                    status_code=200,
-                    body=answer.body,
-                    request_id=answer.request_id,
-                    batch_request_id=new_batch_request_id(),
-                )
-                await store.record_result(batch.id, request.custom_id, line=request.line, ok=True, record=record)
-                return
-            limited = answer.status == 429  # a limit (the key's, a queue's, a provider's): wait, never give up
-            attempt = attempt + 1 if not limited else min(attempt + 1, _LIMITED_BACKOFF_STEPS)
-            if limited or (is_transient(answer.status) and attempt <= self.retry.max_retries):
-                delay = self.retry.delay_seconds(max(attempt, 1), answer.retry_after_seconds, self._rng)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(job.stop.wait(), delay)
-                if job.stop.is_set():
-                    return
-                continue
-            error = (answer.body or {}).get("error") if isinstance(answer.body, dict) else None
-            code = str((error or {}).get("code") or (error or {}).get("type") or "request_failed")
-            message = str((error or {}).get("message") or answer.message or f"HTTP {answer.status}")
-            record = error_line(
-                request,
-                code=code,
-                message=message,
-                batch_request_id=new_batch_request_id(),
-                status_code=answer.status,
-                body=answer.body,
-                request_id=answer.request_id,
-            )
-            await store.record_result(batch.id, request.custom_id, line=request.line, ok=False, record=record)
-            return
-
-    async def _expire(self, batch: StoredBatch, store: BatchStore) -> None:
-        """Past the completion window: every request not run goes to the errors file as ``batch_expired``."""
-        done = await store.done_ids(batch.id)
-        async for number, raw in _lines(store, batch.input_file_id):
-            request = check_line(number, raw)
-            if isinstance(request, BatchRequest) and request.custom_id not in done:
-                record = error_line(
-                    request,
-                    code="batch_expired",
-                    message="this request was not run within the batch's completion window",
-                    batch_request_id=new_batch_request_id(),
-                )
-                await store.record_result(batch.id, request.custom_id, line=number, ok=False, record=record)
-        await store.finish(batch.id, status="expired", stamp="expired_at", from_status=("in_progress", "cancelling"))
-
-
-async def _lines(store: BatchStore, file_id: str) -> AsyncIterator[tuple[int, bytes]]:
-    """A stored file's lines with their 1-based numbers, a part at a time (a line may span parts)."""
-    carry = b""
-    number = 0
-    async for part in store.content(file_id):
-        pieces = (carry + part).split(b"\n")
-        carry = pieces.pop()
-        for piece in pieces:
-            number += 1
-            yield number, piece
-    if carry:
-        yield number + 1, carry
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def make_generate(routes: dict[str, Callable[[Request], Awaitable[Response]]], service: Service) -> Generate:
-    """A batch request through the gateway's own generation handler, as its job's caller: the same checks,
-    routing, limits and usage row as a client's request (what ``_HotRoutes`` does for one, without HTTP)."""
-
-    async def generate(caller: Caller, request: BatchRequest, batch_id: str, stop: asyncio.Event) -> Answer:
-        handler = routes[request.url]
-        raw = json.dumps(request.body).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-        if "user" not in request.body:
-            headers.append((USER_HEADER.encode(), batch_id.encode()))
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": request.url,
-            "raw_path": request.url.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": headers,
-            "client": ("batch", 0),
-            "server": None,
-            "state": {"caller": caller},
-        }
-        sent = False
-
-        async def receive() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            await stop.wait()  # a cancel or a shutdown: the handler sees its client leave and stops the work
-            return {"type": "http.disconnect"}
-
-        status: int | None = None
-        retry_after: str | None = None
-        chunks: list[bytes] = []
-
-        async def send(message: Message) -> None:
-            nonlocal status, retry_after
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                for name, value in message.get("headers", ()):
-                    if name.lower() == b"retry-after":
-                        retry_after = value.decode("latin-1")
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await answer_metered(
-            handler, scope, receive, send, service, what=f"batch {batch_id} request {request.custom_id}"
-        )
-        body: dict[str, Any] | None = None
-        with contextlib.suppress(ValueError):
-            parsed = json.loads(b"".join(chunks)) if chunks else None
-            body = parsed if isinstance(parsed, dict) else None
-        request_id = str((body or {}).get("id") or f"req_{os.urandom(12).hex()}")
-        return Answer(status, body, request_id, _seconds(retry_after))
-
-    return generate
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------- routes
-
-
-def _visible(caller: Caller, key_id: str | None) -> bool:
-    """A key sees its own files and jobs; an admin (and everyone with auth off) sees all."""
-    return caller.admin or (caller.key is not None and caller.key.id == key_id)
-
-
-def _caller(request: Request) -> Caller:
-    return getattr(request.state, "caller", None) or ANONYMOUS
-
-
-def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": more,
-    }
-
-
-_FILENAME = re.compile(r"[^\w.@+-]")
-
-
 def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_bytes: int) -> None:
-    """Register ``/v1/files`` and ``/v1/batches``; the store comes from ``service`` (None before it opens)."""
-
-    def store() -> BatchStore:
-        if service.store is None:
-            raise StoreUnavailable("the batch store is not open (the server is starting or stopping); retry shortly")
-        return service.store.batches
-
-    async def visible_file(request: Request, file_id: str) -> StoredFile:
-        found = await store().get_file(file_id)
-        if found is None or not _visible(_caller(request), found.key_id):
-            raise FileNotFound(f"no file {file_id!r} here (GET /v1/files lists yours)", param="file_id")
-        return found
+    """Register ``/v1/files`` (``gateway/files.py``) and ``/v1/batches``; the store comes from ``service`` (None
+    before it opens), and ``jobs`` runs what is created."""
+    add_file_routes(app, service)
 
     async def visible_batch(request: Request, batch_id: str) -> StoredBatch:
-        found = await store().get_batch(batch_id)
-        if found is None or not _visible(_caller(request), found.key_id):
+        found = await batch_store(service).get_batch(batch_id)
+        if found is None or not visible(caller_of(request), found.key_id):
             raise BatchNotFound(f"no batch {batch_id!r} here (GET /v1/batches lists yours)", param="batch_id")
         return found
 
-    upload_errors = openapi.responses(
-        None,
-        {
-            **openapi.COMMON_ERRORS,
-            400: "a bad line (each by number), no request, not multipart, or a purpose other than batch",
-            413: f"a file over {MAX_UPLOAD_BYTES} bytes",
-        },
-    )
-    upload_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file", "purpose"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary", "description": "OpenAI batch JSONL"},
-                            "purpose": {"type": "string", "enum": ["batch"]},
-                        },
-                    }
-                }
-            },
-        }
-    }
     listed = openapi.responses(None, openapi.COMMON_ERRORS)
-    missing_file = openapi.responses(None, {**openapi.COMMON_ERRORS, 404: "no such file, or not one this key may see"})
     missing_batch = openapi.responses(
         None, {**openapi.COMMON_ERRORS, 404: "no such batch, or not one this key may see"}
     )
-    in_use = {409: "the file is the input of a running batch (cancel it first)"}
     finished = {409: "the batch has finished: there is nothing to cancel"}
-
-    @handles(app, FILE_UPLOAD, responses=upload_errors, openapi_extra=upload_body)
-    async def upload(request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES + 64 * 1024:
-            raise RequestTooLarge(
-                f"the upload is {int(declared)} bytes; a batch file may have at most {MAX_UPLOAD_BYTES} bytes: "
-                "split it into several batches"
-            )
-        try:
-            form = await request.form(max_files=1, max_fields=8)
-        except MemserveError:
-            raise
-        except Exception as exc:  # starlette's parser: a malformed multipart body
-            raise InvalidArgument(
-                f"could not read the upload as multipart/form-data ({exc}); send the file as the part 'file' and "
-                "purpose=batch (the openai client's files.create does)",
-                param="file",
-            ) from exc
-        try:
-            purpose = form.get("purpose")
-            upload = form.get("file")
-            if purpose != "batch":
-                raise InvalidArgument(
-                    f"purpose {purpose!r} is not served here; memserve keeps files for batches: purpose=batch",
-                    param="purpose",
-                )
-            if not isinstance(upload, UploadFile):
-                raise InvalidArgument("missing the file: send it as the multipart part 'file'", param="file")
-            size = upload.size if upload.size is not None else 0
-            if size > MAX_UPLOAD_BYTES:
-                raise RequestTooLarge(
-                    f"the file is {size} bytes; a batch file may have at most {MAX_UPLOAD_BYTES} bytes: split it"
-                )
-            name = _FILENAME.sub("_", upload.filename or "input.jsonl")[:200] or "input.jsonl"
-            handle = upload.file
-            handle.seek(0)
-            count, problems = await asyncio.to_thread(validate, handle)
-            if problems:
-                raise BatchFileInvalid(problems, lines_total=count, name=name)
-            if count == 0:
-                raise InvalidArgument(f"{name} holds no request: one JSON object a line", param="file")
-            handle.seek(0)
-            parts = iter(lambda: handle.read(PART_BYTES), b"")
-            caller = _caller(request)
-            file_id = f"file-{os.urandom(12).hex()}"
-            stored = await store().create_file(
-                file_id, purpose="batch", filename=name, key_id=caller.key.id if caller.key else None, parts=parts
-            )
-        finally:
-            await form.close()
-        return stored.to_openai()
-
-    @handles(app, FILES, responses=listed)
-    async def list_files(
-        request: Request,
-        purpose: str | None = None,
-        limit: int = Query(default=MAX_LIST, ge=1, le=MAX_LIST),
-        order: Literal["asc", "desc"] = "desc",
-        after: str | None = None,
-    ) -> dict[str, Any]:
-        caller = _caller(request)
-        found, more = await store().list_files(
-            key_id=caller.key.id if caller.key else None,
-            everyone=caller.admin,
-            purpose=purpose,
-            limit=limit,
-            after=after,
-            newest_first=order == "desc",
-        )
-        return _page([f.to_openai() for f in found], more)
-
-    @handles(app, FILE, responses=missing_file)
-    async def get_file(request: Request, file_id: str) -> dict[str, Any]:
-        return (await visible_file(request, file_id)).to_openai()
-
-    @handles(
-        app,
-        FILE_CONTENT,
-        response_class=Response,
-        responses={
-            **missing_file,
-            200: {"description": "the file's bytes", "content": {"application/jsonl": {"schema": {"type": "string"}}}},
-        },
-    )
-    async def file_content(request: Request, file_id: str) -> Response:
-        found = await visible_file(request, file_id)
-        return StreamingResponse(
-            store().content(found.id),
-            media_type="application/jsonl",
-            headers={"Content-Length": str(found.bytes)},
-        )
-
-    @handles(app, FILE_DELETE, responses={**missing_file, **openapi.responses(None, in_use)})
-    async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
-        found = await visible_file(request, file_id)
-        readers = await store().batches_reading(found.id)
-        if readers:
-            raise BatchConflict(
-                f"file {file_id} is the input of batch {', '.join(readers)}, still running; cancel it first "
-                "(POST /v1/batches/{id}/cancel) or wait for it to finish",
-                param="file_id",
-            )
-        await store().delete_file(found.id)
-        return {"id": found.id, "object": "file", "deleted": True}
 
     batch_errors = openapi.responses(None, {**openapi.JSON_BODY_ERRORS, 404: "no such input file, or not this key's"})
 
@@ -761,7 +87,7 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
                 param="metadata",
             )
         try:
-            source = await visible_file(request, body.input_file_id)
+            source = await visible_file(service, request, body.input_file_id)
         except FileNotFound as exc:
             exc.param = "input_file_id"
             raise
@@ -771,8 +97,8 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
                 "batch",
                 param="input_file_id",
             )
-        caller = _caller(request)
-        created = await store().create_batch(
+        caller = caller_of(request)
+        created = await batch_store(service).create_batch(
             f"batch_{os.urandom(12).hex()}",
             endpoint=body.endpoint,
             input_file_id=source.id,
@@ -789,11 +115,11 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
     async def list_batches(
         request: Request, limit: int = Query(default=20, ge=1, le=100), after: str | None = None
     ) -> dict[str, Any]:
-        caller = _caller(request)
-        found, more = await store().list_batches(
+        caller = caller_of(request)
+        found, more = await batch_store(service).list_batches(
             key_id=caller.key.id if caller.key else None, everyone=caller.admin, limit=limit, after=after
         )
-        return _page([b.to_openai() for b in found], more)
+        return page([b.to_openai() for b in found], more)
 
     @handles(app, BATCH, responses=missing_batch)
     async def get_batch(request: Request, batch_id: str) -> dict[str, Any]:
@@ -802,8 +128,8 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
     @handles(app, BATCH_CANCEL, responses={**missing_batch, **openapi.responses(None, finished)})
     async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
         found = await visible_batch(request, batch_id)
-        changed = await store().update_batch(
-            found.id, when=("validating", "in_progress"), status="cancelling", cancelling_at=_now()
+        changed = await batch_store(service).update_batch(
+            found.id, when=("validating", "in_progress"), status="cancelling", cancelling_at=datetime.now(UTC)
         )
         if not changed:
             current = await visible_batch(request, batch_id)
@@ -818,16 +144,10 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
         return (await visible_batch(request, batch_id)).to_openai()
 
 
-__all__ = [
-    "MAX_UPLOAD_BYTES",
-    "PROVIDER_SLOTS",
-    "Answer",
-    "BatchConflict",
+__all__ = [  # BatchJobs and make_generate are gateway/batch_jobs.py's, named here for app.py
     "BatchCreate",
     "BatchJobs",
     "BatchNotFound",
-    "FileNotFound",
-    "Slots",
     "add_batch_routes",
     "make_generate",
 ]

@@ -26,7 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from memserve.errors import MemserveError
 from memserve.gateway.auth import Caller
 from memserve.gateway.limits import Admission, Limiter
-from memserve.gateway.upstream import StreamUsage
+from memserve.gateway.upstream import StreamUsage, WholeAnswer
 from memserve.logs import FIELDS
 from memserve.store.usage import UsageLog, UsageRow
 from memserve.tally import ITL_BUCKETS, Labels, Tally
@@ -62,6 +62,7 @@ class RequestRecord:
     complete: bool = False  # the answer's last body message went out
     stream_error: str | None = None  # the code of an error event sent in a stream (upstream, broken, timed out)
     json_body: bytes = b""
+    answer: dict[str, Any] | None = None  # a whole answer as the upstream's relay parsed it (``WholeAnswer``)
     fallback_code: str | None = None  # the error code that sent a local model's request to its fallback
     queue_seconds: float | None = None  # waited for a lease on a local model's runner
     first_text: float | None = None  # monotonic: the first and last stream chunks that carried text
@@ -112,7 +113,9 @@ class RequestRecord:
         """Log the request's line and record its usage row; count its tokens against the key's limits and the
         request in ``/metrics``."""
         duration = time.monotonic() - self.started
-        answer = _json_object(self.json_body)
+        answer: dict[str, Any] = {}
+        if self.json_body:  # the whole answer the client got: parsed by the relay already when it came from upstream
+            answer = self.answer if self.answer is not None else _json_object(self.json_body)
         usage = (self.meter.usage if self.meter is not None else None) or answer.get("usage") or {}
         prompt = _count(usage.get("prompt_tokens"))
         completion = _count(usage.get("completion_tokens"))
@@ -211,7 +214,7 @@ async def answer_metered(
     """Answer one generation request with ``handler``, seen message by message by its ``RequestRecord`` (made
     here, as ``scope["state"]["record"]``, for the caller in ``scope["state"]["caller"]``): one usage row and
     one count in ``/metrics`` however it ends, a cancel (a shutdown past its grace) included. A client's
-    request (``_HotRoutes``) and a batch job's (``gateway/batches.py``) both come through here. ``what``
+    request (``_HotRoutes``) and a batch job's (``gateway/batch_jobs.py``) both come through here. ``what``
     names the request in the log when the handler has a bug."""
     state = scope["state"]
     record = state["record"] = RequestRecord(scope["path"], time.monotonic(), caller=state["caller"])
@@ -227,6 +230,8 @@ async def answer_metered(
             if not isinstance(exc, MemserveError):
                 log.exception("internal error in %s", what)  # a bug: keep its traceback
             response = error_response(exc)
+        if isinstance(response, WholeAnswer) and isinstance(response.payload, dict):
+            record.answer = response.payload
         await response(scope, receive, recorded)
     finally:
         record.finish(meters.usage, meters.metrics)

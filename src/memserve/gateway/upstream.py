@@ -35,7 +35,7 @@ from starlette.responses import Response
 from memserve.errors import BadUpstream, MemserveError, UpstreamUnavailable, error_body
 from memserve.wire.http import SSE_DONE, SSE_MEDIA_TYPE, EventStream, error_body_response, sse_event
 
-__all__ = ["EXCERPT_CHARS", "StreamUsage", "Upstream", "forward"]
+__all__ = ["EXCERPT_CHARS", "StreamUsage", "Upstream", "WholeAnswer", "forward"]
 
 EXCERPT_CHARS = 200
 """How much of a malformed answer an error message quotes."""
@@ -65,6 +65,15 @@ class Upstream:
     client: httpx.AsyncClient
     api_key: str | None = field(default=None, repr=False)
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
+
+
+class WholeAnswer(Response):
+    """A whole JSON answer passed back as the upstream's own bytes, with the object they parse to (``payload``),
+    so that whoever meters it (``RequestRecord.finish``: its usage, its error) does not parse it again."""
+
+    def __init__(self, raw: bytes, payload: Any, *, status_code: int, headers: Mapping[str, str]) -> None:
+        super().__init__(raw, status_code=status_code, media_type="application/json", headers=headers)
+        self.payload = payload
 
 
 _USAGE_EVENT_MARKS = (b'"choices":[]', b'"choices": []')
@@ -230,7 +239,7 @@ async def _answer_whole(upstream: Upstream, answer: httpx.Response, headers: Map
         if not _is_openai_error(payload):
             error = _rewrapped_error(upstream, answer.status_code, payload, raw)
             return error_body_response(answer.status_code, error, out_headers)
-    return Response(raw, status_code=answer.status_code, media_type="application/json", headers=out_headers)
+    return WholeAnswer(raw, payload, status_code=answer.status_code, headers=out_headers)
 
 
 async def _read_all(upstream: Upstream, answer: httpx.Response) -> bytes:
