@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,11 +54,7 @@ from typing import Any
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from memserve.net import free_port
 
 
 def bodies(count: int, model: str, max_tokens: int) -> list[dict[str, Any]]:

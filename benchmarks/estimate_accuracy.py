@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from memserve.net import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from family_models import ensure_family_model, is_family
@@ -95,12 +96,6 @@ def proc_status(pid: int) -> dict[str, int]:
         if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
             values[key] = int(value.split()[0]) * 1024
     return values
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: int, stream: bool) -> int:

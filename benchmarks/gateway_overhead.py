@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,13 +36,9 @@ from typing import Any
 
 import httpx
 
+from memserve.net import free_port
+
 PROMPT = [{"role": "user", "content": "Tell me about lighthouses and the people who keep them"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,14 +39,10 @@ from typing import Any
 import httpx
 import psutil
 
+from memserve.net import free_port
+
 PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle and sails to the island"
 GiB = 1024**3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PeakRss:

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 
 from memserve.memory.fit import fit_json, fit_result
 from memserve.memory.probe import probe_inventory
+from memserve.net import free_port
 from memserve.wire.fake import UDS_ORIGIN, FakeOpenAI, ReceivedRequest, Script, serve_in_thread
 from memserve.wire.fake import serve_fake as _serve_fake
 
@@ -40,13 +41,6 @@ __all__ = [
     "serve_fake",
     "wait_until_healthy",
 ]
-
-
-def free_port() -> int:
-    """A 127.0.0.1 port free now (the caller binds it soon; a process that fails to bind it says so)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

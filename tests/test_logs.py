@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from memserve.logs import FIELDS, JsonFormatter, configure
-from tests.serving import wait_until_healthy
+from tests.serving import free_port, wait_until_healthy
 
 
 def test_a_json_line_has_time_level_logger_message_and_the_fields() -> None:
@@ -60,9 +59,7 @@ def test_configure_twice_keeps_one_handler_in_the_last_format(monkeypatch: pytes
 def test_a_gateway_with_json_logs_writes_only_json_lines_with_each_events_fields(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     origin = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MEMSERVE_DATA_DIR": str(tmp_path / "data")}
     command = [sys.executable, "-m", "memserve", "serve", "--model", f"demo={tiny_model_dir}", "--port", str(port)]

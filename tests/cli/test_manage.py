@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +36,7 @@ from memserve.cli.manage import (
 )
 from memserve.errors import BadUpstream, InvalidArgument, MemserveError, UpstreamUnavailable
 from memserve.pool.events import PoolEvent
-from tests.serving import serve_app
+from tests.serving import free_port, serve_app
 
 NOW = 1_795_000_000.0
 CPU = {
@@ -128,12 +127,6 @@ class FakeGateway:
             return JSONResponse({"model": body["model"], "unloaded": body["model"] == "demo"})
 
         return app
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

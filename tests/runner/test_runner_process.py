@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from memserve.memory.fit import fit_json, fit_result
-from memserve.memory.probe import probe_inventory
+from tests.serving import runner_process
 
 PROMPTS = [
     "hello there",
@@ -30,47 +24,15 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runner(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Start ``python -m memserve.runner`` with a plan from ``fit --json``; yield its base URL."""
-    inventory = probe_inventory(memory="cpu=4GiB")
-    facts, request, result = fit_result(str(tiny_model_dir), context=512, concurrency=8, inventory=inventory)
-    assert result.plan is not None
-    plan_file = tmp_path_factory.mktemp("plan") / "plan.json"
-    plan_file.write_text(json.dumps(fit_json(facts, request, result, inventory)))
-    port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "runner.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "tiny"],
-            stderr=err,
-            stdout=subprocess.DEVNULL,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"runner exited with {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"runner not ready in 120 s: {log.read_text()[-3000:]}")
-            time.sleep(0.2)
+    folder = tmp_path_factory.mktemp("runner")
+    with runner_process(
+        tiny_model_dir, folder, name="tiny", context=512, concurrency=8, env={"OMP_NUM_THREADS": "1"}
+    ) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    log = folder / "runner.log"
     phases = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert [p["phase"] for p in phases if p.get("event") == "phase"] == [
         "resolve",

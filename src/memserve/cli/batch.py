@@ -158,8 +158,9 @@ def _run_foreground(config: BatchRun) -> None:
     finally:
         display.stop()
     click.echo(
-        f"done: {final.done} of {final.total} requests ({final.succeeded} now, {final.done_before} before); "
-        f"{final.failed} failed this run; {final.completion_tokens} tokens out; results in {config.output}"
+        f"done: {final.done} of {final.total} requests ({final.succeeded} now, {final.done_before} before"
+        + (f", {final.retrying_earlier} retried from the last run's errors" if final.retrying_earlier else "")
+        + f"); {final.failed} failed this run; {final.completion_tokens} tokens out; results in {config.output}"
         + (f", failures in {config.errors_path}" if final.failed else ""),
         err=True,
     )

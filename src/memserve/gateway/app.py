@@ -53,7 +53,8 @@ from memserve.errors import (
 from memserve.gateway import openapi
 from memserve.gateway.accounts import add_account_routes
 from memserve.gateway.auth import ANONYMOUS, PUBLIC_PATHS, Auth, Caller, auth_mode, end_user
-from memserve.gateway.batches import BatchJobs, add_batch_routes, make_generate
+from memserve.gateway.batch_jobs import BatchJobs, make_generate
+from memserve.gateway.batches import add_batch_routes
 from memserve.gateway.door import Door
 from memserve.gateway.limits import Limiter
 from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord, answer_metered, metered

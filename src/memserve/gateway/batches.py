@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memserve.errors import InvalidArgument, MemserveError
 from memserve.gateway import openapi
-from memserve.gateway.batch_jobs import BatchJobs, make_generate
+from memserve.gateway.batch_jobs import BatchJobs
 from memserve.gateway.files import (
     BatchConflict,
     FileNotFound,
@@ -144,10 +144,4 @@ def add_batch_routes(app: FastAPI, service: Service, jobs: BatchJobs, max_body_b
         return (await visible_batch(request, batch_id)).to_openai()
 
 
-__all__ = [  # BatchJobs and make_generate are gateway/batch_jobs.py's, named here for app.py
-    "BatchCreate",
-    "BatchJobs",
-    "BatchNotFound",
-    "add_batch_routes",
-    "make_generate",
-]
+__all__ = ["BatchCreate", "BatchNotFound", "add_batch_routes"]

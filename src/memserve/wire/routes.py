@@ -103,7 +103,7 @@ BATCHES = Route("GET", "/v1/batches")
 BATCH = Route("GET", "/v1/batches/{batch_id}")
 BATCH_CANCEL = Route("POST", "/v1/batches/{batch_id}/cancel")
 BATCH_ROUTES = (FILE_UPLOAD, FILES, FILE, FILE_CONTENT, FILE_DELETE, BATCH_CREATE, BATCHES, BATCH, BATCH_CANCEL)
-"""OpenAI's Files and Batch API on the gateway (``gateway/batches.py``)."""
+"""OpenAI's Files and Batch API on the gateway (``gateway/files.py``, ``gateway/batches.py``)."""
 GATEWAY_ROUTES = (
     *OPENAI_ROUTES,
     HEALTH,
