@@ -488,7 +488,7 @@ def test_model_larger_than_the_whole_capacity_is_refused_at_once(tmp_path: Path)
                 await h.pool.acquire("big")
             message = info.value.message
             assert info.value.status_code == 507
-            assert "'big'" in message and "cpu needs 1" in message  # ~15.9 GiB for Llama-3-8B
+            assert "'big'" in message and "closest is cpu-4bit: cpu needs 7" in message  # ~7.2 GiB for Llama-3-8B
             assert f"{format_bytes(int(ONE_MODEL_GIB * GiB))} usable" in message
             assert h.spawner.spawned == []
             assert h.state("big") == "stopped" and h.events("refused", "big")[0]["code"] == "insufficient_memory"
@@ -823,7 +823,8 @@ def test_a_measured_need_above_the_capacity_is_loaded_with_all_of_it_not_refused
     estimate fits: with nothing lower, it is loaded on its rung with all that is usable."""
 
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+        only_cpu = model("a", policy={"quantization": "none"})  # no lighter CPU rung
+        async with running_pool(tmp_path, [only_cpu], inventory=cpu_host(ONE_MODEL_GIB)) as h:
             never_over_usable(h.pool.ledger)
             usable = h.pool.ledger.usable_bytes()["cpu"]
             h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": usable}))
@@ -852,7 +853,8 @@ def test_after_kills_on_the_only_rung_a_507_is_the_planners_whole_message(tmp_pa
     needed and usable and what would fit, never the skip ("closest is cpu: .", "if allowed: skipped")."""
 
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+        only_cpu = model("a", policy={"quantization": "none"})  # no lighter CPU rung
+        async with running_pool(tmp_path, [only_cpu], inventory=cpu_host(ONE_MODEL_GIB)) as h:
             for memory in (2 * GiB, 2 * GiB + 600 * MiB):  # two kills on cpu, the second past the learned figure
                 h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": memory}))
             with pytest.raises(RunnerFailed):
@@ -878,8 +880,11 @@ def test_after_kills_on_the_only_rung_a_507_is_the_planners_whole_message(tmp_pa
 
 def test_two_kills_on_the_only_rung_fail_that_load_and_the_next_request_is_still_served(tmp_path: Path) -> None:
     async def scenario() -> None:
-        models = [model("lowest"), model("strict", policy={"retry_lower": False})]
-        async with running_pool(tmp_path, models) as h:  # CPU only: nothing below the cpu rung
+        models = [
+            model("lowest", policy={"quantization": "none"}),
+            model("strict", policy={"retry_lower": False, "quantization": "none"}),
+        ]
+        async with running_pool(tmp_path, models) as h:  # CPU only, no quantization: nothing below the cpu rung
             h.spawner.script(
                 "lowest",
                 RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 3 * GiB}),
@@ -985,7 +990,8 @@ def test_a_watchdog_reason_is_not_blamed_on_the_next_runner(tmp_path: Path) -> N
 
 def test_host_below_its_floor_kills_the_loading_runner_first(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a"), model("b")], start=True) as h:
+        only_cpu = model("a", policy={"quantization": "none"})  # no lighter CPU rung
+        async with running_pool(tmp_path, [only_cpu, model("b")], start=True) as h:
             await use(h.pool, "b")
             h.spawner.script("a", GATED)
             task = asyncio.create_task(h.pool.acquire("a"))
