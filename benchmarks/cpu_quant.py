@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_quant.py                        # the small demo model (bf16, ~0.1B)
     python benchmarks/cpu_quant.py --size tiny --tokens 256 --decode-tokens 32 --rounds 3
+    python benchmarks/cpu_quant.py --skip-memory --threads 1    # quality and speed only, one thread
 
 Three measurements, each rung in the same run:
 
@@ -14,6 +15,8 @@ Three measurements, each rung in the same run:
 - **speed**: decode at batch 1, the milliseconds per token of ``--decode-tokens`` greedy steps after a short
   prefill (the model's own forward with its KV cache, in this process, no server), over ``--rounds`` rounds in
   which the rungs alternate (the order rotates each round); the median round is printed, and the ratio to bf16.
+- **kernels**: one Linear of each shape in the model's layers at one row, bf16 against int8 and 4-bit, alone
+  (what the model-level decode adds on top is attention, norms, the unquantized LM head and Python).
 - **memory**: the real runner (``python -m memserve.runner``) on each rung's plan (``memserve fit --quantization
   none|int8|4bit --device cpu --json``, at ``--context`` × 1), one at a time: its worst-case warm-up's peak
   (``VmHWM``, which the runner measures before it says it is ready) against the plan's total.
@@ -57,7 +60,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--context", type=int, default=512, help="the runner's context for the memory check")
     parser.add_argument("--skip-memory", action="store_true", help="no runner processes (quality and speed only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in this process (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     path = ensure_model(args.models, args.size)
     print(f"model {path} · torch {torch.__version__} · {torch.get_num_threads()} threads · {os.cpu_count()} cores")
@@ -97,6 +103,7 @@ def main() -> None:
         )
     print(f"load average after speed: {_load()}", flush=True)
     del models, logits
+    kernels(path, args.rounds)
 
     if args.skip_memory:
         return
@@ -114,6 +121,41 @@ def main() -> None:
             flush=True,
         )
     print(f"load average after: {_load()}")
+
+
+def kernels(path: Path, rounds: int) -> None:
+    """One Linear of each shape the model's layers have, at one row (decode): the kernels alone, alternating."""
+    from transformers import AutoConfig
+
+    from memserve.runner.quantize import Int4Linear, Int8Linear
+
+    config = AutoConfig.from_pretrained(path)
+    hidden, inner = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    print(f"\nkernels: one Linear at 1 row, ms (median of {rounds} rounds alternating), bf16 activations")
+    print(f"{'out × in':<12} {'bf16':>8} {'int8':>8} {'4-bit':>8} {'int8 vs':>8} {'4-bit vs':>9}")
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols in sorted({(hidden, hidden), (kv, hidden), (inner, hidden), (hidden, inner)}):
+        dense = torch.nn.Linear(cols, rows, bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            dense.weight.copy_(torch.randn(rows, cols, generator=generator) * 0.02)
+        layers = {"bf16": dense, "int8": Int8Linear.from_linear(dense), "4-bit": Int4Linear.from_linear(dense)}
+        x = torch.randn(1, cols, generator=generator).to(torch.bfloat16)
+        times: dict[str, list[float]] = {name: [] for name in layers}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for name, layer in layers.items():
+                    layer(x)
+                    started = time.perf_counter()
+                    for _ in range(20):
+                        layer(x)
+                    times[name].append((time.perf_counter() - started) / 20)
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        print(
+            f"{f'{rows} × {cols}':<12} {ms['bf16']:>8.3f} {ms['int8']:>8.3f} {ms['4-bit']:>8.3f} "
+            f"{ms['bf16'] / ms['int8']:>7.2f}× {ms['bf16'] / ms['4-bit']:>8.2f}×"
+        )
+    print(f"load average after kernels: {_load()}", flush=True)
 
 
 def ensure_model(models: Path, size: str) -> Path:
