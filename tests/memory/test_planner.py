@@ -92,10 +92,16 @@ LADDER = [
     ("H100 80GB: Mixtral 8x7B bf16 too big, int8 fits", H100, MIXTRAL_8X7B, Request(4096), "gpu-int8"),
     ("2x24GB: 14B bf16 across both GPUs", TWO_24, QWEN25_14B, Request(8192), "gpu"),
     ("CPU 16GB: 0.5B on CPU", CPU_16, QWEN2_05B, Request(4096, 4), "cpu"),
-    ("CPU 16GB: 8B bf16 too big", CPU_16, LLAMA3_8B, Request(4096), "nofit"),
-    ("CPU 16GB: 8B, int8 asked, no GPU", CPU_16, LLAMA3_8B, Request(4096, quantization="int8"), "nofit"),
+    ("CPU 16GB: 8B bf16 too big, int8 fits", CPU_16, LLAMA3_8B, Request(4096), "cpu-int8"),
+    ("CPU 16GB: 8B, int8 asked, no GPU", CPU_16, LLAMA3_8B, Request(4096, quantization="int8"), "cpu-int8"),
+    ("CPU 16GB: 8B, 4bit asked", CPU_16, LLAMA3_8B, Request(4096, quantization="4bit"), "cpu-4bit"),
+    ("CPU 16GB: 8B, quantization none", CPU_16, LLAMA3_8B, Request(4096, quantization="none"), "nofit"),
+    ("CPU 16GB: 14B neither bf16 nor int8 fits, 4-bit does", CPU_16, QWEN25_14B, Request(4096), "cpu-4bit"),
+    ("CPU 16GB: 14B, int8 asked", CPU_16, QWEN25_14B, Request(4096, quantization="int8"), "nofit"),
+    ("CPU 16GB: 0.5B, int8 asked", CPU_16, QWEN2_05B, Request(4096), "cpu"),
     ("8GiB container: 0.5B fits", CONTAINER_8, QWEN2_05B, Request(8192), "cpu"),
-    ("8GiB container: 8B refused", CONTAINER_8, LLAMA3_8B, Request(4096), "nofit"),
+    ("8GiB container: 8B refused, even as 4-bit", CONTAINER_8, LLAMA3_8B, Request(4096), "nofit"),
+    ("8GiB container: Mistral 7B as 4-bit", CONTAINER_8, MISTRAL_7B, Request(4096), "cpu-4bit"),
     (
         "8GiB container: 0.5B x64 long contexts needs a smaller context",
         CONTAINER_8,
@@ -113,7 +119,16 @@ def test_ladder(host: Inventory, config: dict, request_: Request, expected: str)
     result = plan(facts(config), request_, host)
     chosen = result.plan.rung if result.plan else "nofit"
     assert chosen == expected, [(r.name, r.why) for r in result.rungs]
-    assert [r.name for r in result.rungs] == ["gpu", "gpu-int8", "gpu-4bit", "gpu-cpu-split", "cpu", "smaller-context"]
+    assert [r.name for r in result.rungs] == [
+        "gpu",
+        "gpu-int8",
+        "gpu-4bit",
+        "gpu-cpu-split",
+        "cpu",
+        "cpu-int8",
+        "cpu-4bit",
+        "smaller-context",
+    ]
     if result.plan:
         assert result.nofit is None
         # never reserve more than a device can give after headroom and budget
@@ -159,6 +174,67 @@ def test_quantized_weights_are_repriced_but_embeddings_stay() -> None:
     assert int8 == pytest.approx(unquantized + f.quantizable_params, rel=0.002)
     assert nf4 == pytest.approx(unquantized + f.quantizable_params * (0.5 + 4 / 64), rel=0.002)
     assert nf4 < int8 < bf16
+
+
+@pytest.mark.parametrize(
+    ("st_dtype", "dtype", "width"), [("BF16", "bfloat16", 2), ("F32", "float32", 4), ("F16", "float16", 2)]
+)
+def test_cpu_quantized_weights_are_priced_as_torchs_kernels_store_them(st_dtype: str, dtype: str, width: int) -> None:
+    """int8: a byte per weight and a scale per row; 4-bit: half a byte and a scale and zero per 32 weights of a row;
+    scales in the compute dtype (fp16 checkpoints compute in bf16 on CPU); embeddings, head, norms as stored."""
+    f = facts(LLAMA3_8B, st_dtype, dtype=dtype)
+    result = plan(f, Request(4096), Inventory((cpu(256),)))
+    rungs = {r.name: r for r in result.rungs}
+    rows = sum(b.quantizable_rows for b in f.blocks)
+    q = f.quantizable_params
+    unquantized = (f.params - q) * width
+    assert rungs["cpu"].devices["cpu"].weights_bytes == f.weights_bytes
+    assert rungs["cpu-int8"].devices["cpu"].weights_bytes == unquantized + q + rows * width
+    assert rungs["cpu-4bit"].devices["cpu"].weights_bytes == unquantized + q // 2 + q // 32 * 2 * width
+    for name in ("cpu-int8", "cpu-4bit"):  # the rest of the plan is the cpu rung's
+        assert rungs[name].dtype == rungs["cpu"].dtype == ("bfloat16" if dtype == "float16" else dtype)
+        assert rungs[name].quantization == name.removeprefix("cpu-")
+        for part in ("kv_cache_bytes", "activation_bytes", "runtime_bytes"):
+            assert getattr(rungs[name].devices["cpu"], part) == getattr(rungs["cpu"].devices["cpu"], part)
+        assert set(rungs[name].device_map.values()) == {"cpu"}
+
+
+def test_cpu_quantized_rungs_need_no_bitsandbytes_and_honour_quantization() -> None:
+    f = facts(LLAMA3_8B)
+    assert not CPU_16.bitsandbytes
+    chosen = {
+        asked: plan(f, Request(4096, quantization=asked), Inventory((cpu(64),))).plan
+        for asked in ("auto", "none", "int8", "4bit")
+    }
+    assert {asked: p.rung if p else None for asked, p in chosen.items()} == {
+        "auto": "cpu",
+        "none": "cpu",
+        "int8": "cpu-int8",
+        "4bit": "cpu-4bit",
+    }
+    assert chosen["int8"] is not None and chosen["int8"].quantization == "int8"
+    rungs = {r.name: r for r in plan(f, Request(4096, quantization="int8"), Inventory((cpu(64),))).rungs}
+    assert "--quantization int8 asks for quantized weights" in rungs["cpu"].why
+    assert "--quantization int8 rules out 4bit" in rungs["cpu-4bit"].why
+    # a CPU-only policy never picks a GPU rung, a GPU-only one never a CPU rung
+    gpu_only = plan(f, Request(4096), L4, Policy(allow_cpu=False))
+    assert all(not r.available for r in gpu_only.rungs if r.name.startswith("cpu"))
+
+
+def test_cpu_quantized_rungs_are_blocked_where_the_kernels_cannot_do_what_is_priced() -> None:
+    moe = plan(facts(MIXTRAL_8X7B), Request(4096), Inventory((cpu(512),)), Policy().below("cpu")).rungs
+    for rung in (r for r in moe if r.name in ("cpu-int8", "cpu-4bit")):
+        assert not rung.available and "experts are fused tensors" in rung.why
+    odd = facts(QWEN2_05B, intermediate_size=4860)  # not a multiple of 32
+    rungs = {r.name: r for r in plan(odd, Request(2048), CPU_16, Policy().below("cpu")).rungs}
+    assert rungs["cpu-int8"].fits
+    assert not rungs["cpu-4bit"].available and "multiples of 32; this model has 4860" in rungs["cpu-4bit"].why
+
+
+def test_a_cpu_quantized_plan_round_trips_through_its_json() -> None:
+    chosen = plan(facts(LLAMA3_8B), Request(2048), CPU_16).plan
+    assert chosen is not None and chosen.rung == "cpu-int8"
+    assert Plan.from_json(json.loads(json.dumps(chosen.to_json()))) == chosen
 
 
 def test_split_packs_layers_in_order_and_puts_the_rest_on_cpu() -> None:
@@ -211,7 +287,7 @@ def test_prequantized_checkpoint_is_priced_as_stored_and_needs_a_gpu() -> None:
 
 def test_smaller_context_is_the_largest_that_fits_and_never_below_the_floor() -> None:
     f = facts(QWEN2_05B)
-    request = Request(32768, 64, min_context_tokens=1024)
+    request = Request(32768, 64, quantization="none", min_context_tokens=1024)
     result = plan(f, request, CONTAINER_8)
     assert result.plan is not None and result.plan.rung == "smaller-context"
     context = result.plan.context_tokens
@@ -255,7 +331,7 @@ def test_nofit_offers_lower_concurrency() -> None:
 def test_budget_and_headroom_bound_the_plan() -> None:
     host = Inventory((replace(cpu(64), budget_bytes=2 * GiB, headroom_bytes=GiB),))
     assert host.cpu.usable_bytes == GiB
-    assert plan(facts(QWEN2_05B), Request(2048), host).plan is None
+    assert plan(facts(QWEN2_05B), Request(2048, quantization="none"), host).plan is None
     roomy = Inventory((replace(cpu(64), budget_bytes=4 * GiB, headroom_bytes=GiB),))
     assert plan(facts(QWEN2_05B), Request(2048), roomy).plan is not None
 
@@ -269,7 +345,14 @@ def test_policy_can_forbid_devices() -> None:
 
 @pytest.mark.parametrize(
     ("failed", "next_rung"),
-    [("gpu", "gpu-int8"), ("gpu-int8", "gpu-4bit"), ("gpu-4bit", "gpu-cpu-split"), ("gpu-cpu-split", "cpu")],
+    [
+        ("gpu", "gpu-int8"),
+        ("gpu-int8", "gpu-4bit"),
+        ("gpu-4bit", "gpu-cpu-split"),
+        ("gpu-cpu-split", "cpu"),
+        ("cpu", "cpu-int8"),
+        ("cpu-int8", "cpu-4bit"),
+    ],
 )
 def test_retry_lower_skips_the_failed_rung_and_those_above(failed: str, next_rung: str) -> None:
     f = facts(QWEN2_05B)
@@ -279,9 +362,9 @@ def test_retry_lower_skips_the_failed_rung_and_those_above(failed: str, next_run
     assert failed in skipped and "more memory than planned" in skipped[failed]
 
 
-def test_nothing_below_cpu_without_a_smaller_context_allowed() -> None:
+def test_nothing_below_cpu_4bit_without_a_smaller_context_allowed() -> None:
     f = facts(QWEN2_05B)
-    assert plan(f, Request(2048), CPU_16, Policy().below("cpu")).plan is None
+    assert plan(f, Request(2048), CPU_16, Policy().below("cpu-4bit")).plan is None
     assert plan(f, Request(2048, min_context_tokens=512), CPU_16, Policy().below("smaller-context")).plan is None
 
 
@@ -323,7 +406,7 @@ def test_cgroup_limited_host_from_the_probe(tmp_path) -> None:  # type: ignore[n
     assert host.cpu.total_bytes == 8 * GiB
     assert host.cpu.free_bytes == 8 * GiB - (GiB - 256 * MiB)
     assert plan(facts(QWEN2_05B), Request(4096), host).plan is not None
-    refused = plan(facts(LLAMA3_8B, name="llama-3-8b"), Request(4096), host)
+    refused = plan(facts(LLAMA3_8B, name="llama-3-8b"), Request(4096, quantization="none"), host)
     assert refused.plan is None and refused.nofit is not None
     need = refused.nofit.needed["cpu"]
     assert need.total_bytes > 16 * 10**9 and need.free_bytes == 8 * GiB - (GiB - 256 * MiB) - 512 * MiB
@@ -333,25 +416,32 @@ def test_cgroup_limited_host_from_the_probe(tmp_path) -> None:  # type: ignore[n
 
 
 def test_nofit_when_the_only_rung_that_fits_is_skipped_says_so_whole() -> None:
-    """A CPU-only host whose cpu rung the watchdog ruled out: the message names the rung, its size and why."""
-    result = plan(facts(QWEN2_05B, name="demo-small"), Request(2048), CPU_16, Policy().below("cpu"))
+    """A CPU-only host whose cpu rungs the watchdog ruled out: the message names the rung, its size and why."""
+    result = plan(facts(QWEN2_05B, name="demo-small"), Request(2048), CPU_16, Policy().below("cpu-4bit"))
     assert result.plan is None and result.nofit is not None
     cpu_need = result.nofit.needed["cpu"]
     assert cpu_need.fits  # the premise: it is not too big, it is ruled out
     size = f"{format_bytes(cpu_need.total_bytes)} of {format_bytes(cpu_need.free_bytes)} usable"
+    lighter = {
+        r.name: f"{format_bytes(r.total_bytes)} of {format_bytes(r.devices['cpu'].free_bytes)}"
+        for r in result.rungs
+        if r.name in ("cpu-int8", "cpu-4bit")
+    }
     assert result.nofit.message == (
         f"demo-small has no allowed placement on this host; cpu would fit (cpu {size}) but a runner on this "
+        "rung or one above it used more memory than planned, so it is skipped. Nearest options: cpu-int8 (cpu "
+        f"{lighter['cpu-int8']} usable), cpu-4bit (cpu {lighter['cpu-4bit']} usable) would fit but a runner on this "
         "rung or one above it used more memory than planned, so it is skipped"
     )
-    assert result.nofit.closest_blocked is not None and result.nofit.alternatives == ()
+    assert result.nofit.closest_blocked is not None
 
 
 def test_nofit_for_a_model_too_big_for_every_rung_names_each_part() -> None:
-    result = plan(facts(LLAMA3_8B, name="llama-3-8b"), Request(4096), CPU_16)
+    result = plan(facts(LLAMA2_70B, name="llama-2-70b"), Request(4096), CPU_16)
     assert result.nofit is not None
     need = result.nofit.needed["cpu"]
     assert result.nofit.message == (
-        f"llama-3-8b does not fit on this host; closest is cpu: cpu needs {format_bytes(need.total_bytes)} "
+        f"llama-2-70b does not fit on this host; closest is cpu-4bit: cpu needs {format_bytes(need.total_bytes)} "
         f"(weights {format_bytes(need.weights_bytes)}, KV cache {format_bytes(need.kv_cache_bytes)}, activations "
         f"{format_bytes(need.activation_bytes)}, runtime {format_bytes(need.runtime_bytes)}) but has "
         f"{format_bytes(need.free_bytes)} usable. Free memory, raise --memory, or choose a smaller model"
@@ -359,11 +449,11 @@ def test_nofit_for_a_model_too_big_for_every_rung_names_each_part() -> None:
 
 
 def test_rungs_ruled_out_for_the_same_reason_are_offered_in_one_line() -> None:
-    result = plan(facts(QWEN2_05B, name="q"), Request(2048), L4, Policy().below("cpu"))
+    result = plan(facts(QWEN2_05B, name="q"), Request(2048), L4, Policy().below("cpu-4bit"))
     assert result.nofit is not None and result.nofit.closest_rung == "gpu"
     assert "q has no allowed placement on this host; gpu would fit (cuda:0 " in result.nofit.message
     [line] = result.nofit.alternatives
-    assert line.startswith("gpu-int8 (cuda:0 ") and "), cpu (cpu " in line
+    assert line.startswith("gpu-int8 (cuda:0 ") and "), cpu (cpu " in line and "), cpu-4bit (cpu " in line
     assert line.endswith(
         " would fit but a runner on this rung or one above it used more memory than planned, so it is skipped"
     )

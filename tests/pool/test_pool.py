@@ -489,7 +489,7 @@ def test_model_larger_than_the_whole_capacity_is_refused_at_once(tmp_path: Path)
                 await h.pool.acquire("big")
             message = info.value.message
             assert info.value.status_code == 507
-            assert "'big'" in message and "cpu needs 1" in message  # ~15.9 GiB for Llama-3-8B
+            assert "'big'" in message and "closest is cpu-4bit: cpu needs 7" in message  # ~7.2 GiB for Llama-3-8B
             assert f"{format_bytes(int(ONE_MODEL_GIB * GiB))} usable" in message
             assert h.spawner.spawned == []
             assert h.state("big") == "stopped" and h.events("refused", "big")[0]["code"] == "insufficient_memory"
@@ -824,7 +824,8 @@ def test_a_measured_need_above_the_capacity_is_loaded_with_all_of_it_not_refused
     estimate fits: with nothing lower, it is loaded on its rung with all that is usable."""
 
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+        only_cpu = model("a", policy={"quantization": "none"})  # no lighter CPU rung
+        async with running_pool(tmp_path, [only_cpu], inventory=cpu_host(ONE_MODEL_GIB)) as h:
             never_over_usable(h.pool.ledger)
             usable = h.pool.ledger.usable_bytes()["cpu"]
             h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": usable}))
@@ -853,7 +854,8 @@ def test_after_kills_on_the_only_rung_a_507_is_the_planners_whole_message(tmp_pa
     needed and usable and what would fit, never the skip ("closest is cpu: .", "if allowed: skipped")."""
 
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+        only_cpu = model("a", policy={"quantization": "none"})  # no lighter CPU rung
+        async with running_pool(tmp_path, [only_cpu], inventory=cpu_host(ONE_MODEL_GIB)) as h:
             for memory in (2 * GiB, 2 * GiB + 600 * MiB):  # two kills on cpu, the second past the learned figure
                 h.spawner.script("a", RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": memory}))
             with pytest.raises(RunnerFailed):
@@ -879,8 +881,11 @@ def test_after_kills_on_the_only_rung_a_507_is_the_planners_whole_message(tmp_pa
 
 def test_two_kills_on_the_only_rung_fail_that_load_and_the_next_request_is_still_served(tmp_path: Path) -> None:
     async def scenario() -> None:
-        models = [model("lowest"), model("strict", policy={"retry_lower": False})]
-        async with running_pool(tmp_path, models) as h:  # CPU only: nothing below the cpu rung
+        models = [
+            model("lowest", policy={"quantization": "none"}),
+            model("strict", policy={"retry_lower": False, "quantization": "none"}),
+        ]
+        async with running_pool(tmp_path, models) as h:  # CPU only, no quantization: nothing below the cpu rung
             h.spawner.script(
                 "lowest",
                 RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 3 * GiB}),
@@ -912,6 +917,77 @@ def test_two_kills_on_the_only_rung_fail_that_load_and_the_next_request_is_still
                 lease.release()
             [lifted] = h.events("retry", "lowest")[-1:]
             assert lifted["rung"] == "cpu" and "nothing below cpu fits or is allowed" in lifted["reason"]
+
+    run(scenario)
+
+
+def test_a_cpu_load_that_overruns_retries_at_int8_then_4bit_and_says_so(tmp_path: Path) -> None:
+    """CPU only, one model's room: each runner is killed past what any reservation on its rung could hold, so the
+    next load is one lighter rung down (bf16 → int8 → 4-bit), and each retry names the rung, what was measured and
+    what the failed runner had reserved."""
+
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")], inventory=cpu_host(ONE_MODEL_GIB)) as h:
+            never_over_usable(h.pool.ledger)
+            usable = h.pool.ledger.usable_bytes()["cpu"]
+            measured = usable - 64 * MiB  # within the budget, but not with the watchdog's margin on top
+            assert with_margin(measured) > usable
+            overrun = RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": measured})
+            h.spawner.script("a", overrun, overrun)
+            lease = await h.pool.acquire("a")
+            plans = [r.launch.plan for r in h.spawner.runners("a")]
+            assert [(p.rung, p.quantization) for p in plans] == [
+                ("cpu", "none"),
+                ("cpu-int8", "int8"),
+                ("cpu-4bit", "4bit"),
+            ]
+            assert [r.kill_calls for r in h.spawner.runners("a")] == [1, 1, 0]
+            estimates = [p.devices["cpu"].total_bytes for p in plans]
+            assert estimates[0] > estimates[1] > estimates[2]
+            # each retry plans from the top of the ladder again, with everything learned so far
+            assert [(e["failed_rung"], e["rung"]) for e in h.events("rung_lower", "a")] == [
+                ("cpu", "cpu-int8"),
+                ("cpu", "cpu-int8"),
+                ("cpu-int8", "cpu-4bit"),
+            ]
+            retries = h.events("retry", "a")
+            assert [e["rung"] for e in retries] == ["cpu-int8", "cpu-4bit"]
+            for retry, failed in zip(retries, estimates[:2], strict=True):
+                assert retry["measured_bytes"] == {"cpu": measured}
+                assert retry["failed_reserved_bytes"] == {"cpu": failed}  # the failed rung's estimate
+                assert "went past its plan" in retry["reason"]
+            assert retries[0]["reserved_bytes"] == {"cpu": estimates[1]}
+            assert retries[1]["reserved_bytes"] == {"cpu": estimates[2]}
+            assert [e["rung"] for e in h.events("learned", "a")] == ["cpu", "cpu-int8"]
+            assert h.pool.row(h.pool.entries["a"])["rung"] == "cpu-4bit"
+            assert h.pool.ledger.held("a") == {"cpu": estimates[2]}
+            lease.release()
+
+    run(scenario)
+
+
+def test_two_kills_on_cpu_retry_lower_at_int8_naming_the_rung_and_the_bytes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_pool(tmp_path, [model("a")]) as h:  # 8 GiB: a learned reservation still fits
+            h.spawner.script(
+                "a",
+                RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 3 * GiB}),
+                RunnerScript(ready_after_seconds=None, memory_bytes={"cpu": 4 * GiB}),
+            )
+            lease = await h.pool.acquire("a")
+            assert [r.launch.plan.rung for r in h.spawner.runners("a")] == ["cpu", "cpu", "cpu-int8"]
+            [same] = h.events("retry", "a")
+            assert same["rung"] == "cpu" and same["measured_bytes"] == {"cpu": 3 * GiB}
+            assert same["reserved_bytes"] == {"cpu": with_margin(3 * GiB)}
+            [lower] = h.events("retry_lower", "a")
+            assert (lower["failed_rung"], lower["rung"]) == ("cpu", "cpu-int8")
+            assert lower["measured_bytes"] == {"cpu": 4 * GiB}
+            assert lower["failed_reserved_bytes"] == {"cpu": with_margin(3 * GiB)}
+            int8 = h.spawner.runners("a")[2].launch
+            assert lower["reserved_bytes"] == int8.reserved_bytes == {"cpu": int8.plan.devices["cpu"].total_bytes}
+            assert "went past its plan" in lower["reason"]
+            assert h.pool.entries["a"].skip_rungs >= {"cpu"} and h.state("a") == "ready"
+            lease.release()
 
     run(scenario)
 
@@ -986,7 +1062,8 @@ def test_a_watchdog_reason_is_not_blamed_on_the_next_runner(tmp_path: Path) -> N
 
 def test_host_below_its_floor_kills_the_loading_runner_first(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_pool(tmp_path, [model("a"), model("b")], start=True) as h:
+        only_cpu = model("a", policy={"quantization": "none"})  # no lighter CPU rung
+        async with running_pool(tmp_path, [only_cpu, model("b")], start=True) as h:
             await use(h.pool, "b")
             h.spawner.script("a", GATED)
             task = asyncio.create_task(h.pool.acquire("a"))

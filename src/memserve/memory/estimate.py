@@ -8,8 +8,14 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
 
 - **weights** are the header bytes, re-priced when the plan changes dtype or quantizes: bitsandbytes
   int8 stores 1 byte per weight plus one fp32 scale per output row; nf4 stores half a byte per weight
-  plus one fp32 absmax per 64 weights. Embeddings, the LM head, norms and biases stay in the compute
-  dtype. Pre-quantized checkpoints are priced as stored. MoE experts stored one tensor per expert
+  plus one fp32 absmax per 64 weights. On CPU (``runner/quantize.py``, torch's own kernels) int8 stores
+  1 byte per weight plus one scale per output row in the compute dtype, and 4-bit half a byte per weight
+  plus a scale and a zero point in the compute dtype per ``CPU_INT4_GROUP_SIZE`` weights of a row; those
+  are anonymous memory, quantized one Linear at a time from the mapped file, whose pages are dropped as
+  each is done, so the bf16 copy is never resident whole (the transient is one slice of rows,
+  ``runner/quantize.py: SLICE_ELEMENTS``, freed before the KV cache and the first forward exist).
+  Embeddings, the LM head, norms and biases stay in the compute dtype (on CPU: mapped from the file).
+  Pre-quantized checkpoints are priced as stored. MoE experts stored one tensor per expert
   are fused by transformers at load into new tensors while the mapped file pages stay resident, so
   their bytes count twice (Mixtral: the issue's −47% at 2048 × 4 was this).
 - **KV cache**: ``2 × layers × kv_heads × head_dim × bytes`` per token, for the tokens the paged
@@ -66,6 +72,10 @@ Quantization = Literal["none", "int8", "4bit"]
 Engine = Literal["continuous-batching", "generate"]
 CONTINUOUS_BATCHING: Engine = "continuous-batching"
 GENERATE: Engine = "generate"
+
+# weights per scale and zero point of the CPU 4-bit kernel (torch's _weight_int4pack_mm_for_cpu takes 32, 64,
+# 128 or 256): the smallest, for the best quality, costs 4 bytes per 32 weights in bf16 (0.125 B per weight)
+CPU_INT4_GROUP_SIZE = 32
 
 GiB = 1024**3
 MiB = 1024**2
@@ -127,7 +137,8 @@ def block_weight_bytes(
     block: Block, facts: CheckpointFacts, dtype: str, quantization: Quantization, *, mapped: bool = True
 ) -> int:
     """One block's weights in memory for a target dtype and quantization. ``mapped``: the block is served
-    from the checkpoint's mapped files (CPU), where experts fused at load sit beside their file pages."""
+    from the checkpoint's mapped files (CPU), where experts fused at load sit beside their file pages, and
+    quantized by torch's CPU kernels rather than bitsandbytes (their scales are in the compute dtype)."""
     if facts.prequantized:
         return block.bytes
     width = DTYPE_WIDTH[dtype]
@@ -139,6 +150,10 @@ def block_weight_bytes(
         return fused + (block.bytes if dtype == facts.dtype else block.params * width)
     rest = (block.params - block.quantizable_params) * width
     q = block.quantizable_params
+    if mapped:  # runner/quantize.py: int8 per output row, 4-bit per group of a row; scale (and zero) in dtype
+        if quantization == "int8":
+            return rest + q + width * block.quantizable_rows
+        return rest + q // 2 + (q // CPU_INT4_GROUP_SIZE) * 2 * width
     if quantization == "int8":
         return rest + q + 4 * block.quantizable_rows
     return rest + q // 2 + (q // 64) * 4

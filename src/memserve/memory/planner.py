@@ -7,7 +7,9 @@
 3. ``gpu-4bit``       every GPU, bitsandbytes nf4
 4. ``gpu-cpu-split``  GPUs first, the remaining layers in host RAM (accelerate offload)
 5. ``cpu``            host RAM; bf16 and fp32 checkpoints as stored, fp16 ones in bf16
-6. ``smaller-context`` the first of those that fits with the largest context at or above
+6. ``cpu-int8``       host RAM, the layers' Linear weights int8 (torch's own CPU kernel, no bitsandbytes)
+7. ``cpu-4bit``       host RAM, the layers' Linear weights 4-bit in groups of 32 (torch's own CPU kernel)
+8. ``smaller-context`` the first of those that fits with the largest context at or above
                       ``request.min_context_tokens`` (by default the requested context: never chosen
                       unless the caller allows a smaller one)
 
@@ -28,6 +30,7 @@ from memserve.errors import InvalidArgument
 from memserve.memory.estimate import (
     CONTINUOUS_BATCHING,
     CPU_GENERATE_RUNTIME_BYTES,
+    CPU_INT4_GROUP_SIZE,
     CPU_RUNTIME_BYTES,
     GPU_HOST_RUNTIME_BYTES,
     GPU_RUNTIME_BYTES,
@@ -48,7 +51,14 @@ QuantizationRequest = Literal["auto", "none", "int8", "4bit"]
 RunnerKind = Literal["transformers", "vllm", "llama.cpp"]
 RUNNER_KINDS: tuple[str, ...] = get_args(RunnerKind)
 QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "4bit")
-RUNGS = ("gpu", "gpu-int8", "gpu-4bit", "gpu-cpu-split", "cpu", "smaller-context")
+RUNGS = ("gpu", "gpu-int8", "gpu-4bit", "gpu-cpu-split", "cpu", "cpu-int8", "cpu-4bit", "smaller-context")
+# the quantization each rung loads its weights with (rungs not named here keep them as they are)
+RUNG_QUANTIZATION: dict[str, Quantization] = {
+    "gpu-int8": "int8",
+    "gpu-4bit": "4bit",
+    "cpu-int8": "int8",
+    "cpu-4bit": "4bit",
+}
 DEFAULT_CONTEXT_TOKENS = 4096
 DEFAULT_MAX_BATCH_TOKENS = 2048
 MAX_CONCURRENCY = 4096
@@ -335,6 +345,36 @@ def _cpu_dtype(facts: CheckpointFacts) -> str:
     return "bfloat16" if facts.dtype == "float16" else facts.dtype
 
 
+def cpu_quantization_blocked(facts: CheckpointFacts, quantization: Quantization) -> str | None:
+    """Why the CPU kernels (``runner/quantize.py``) cannot quantize this model as priced, or None when they can.
+
+    The runner quantizes each ``nn.Linear`` inside the decoder layers. MoE experts are fused 3-D tensors in
+    transformers, not Linears, so their bytes would stay as stored while the price counts them quantized.
+    The 4-bit kernel needs every input width to be a whole number of groups of 32 and every output width a
+    multiple of 16; the widths of a decoder layer's Linears are the hidden size, the attention projections'
+    and the MLP's.
+    """
+    if facts.experts:
+        return (
+            f"CPU {quantization} quantizes Linear layers and this model's {facts.experts} experts are fused tensors "
+            "that it would leave as they are"
+        )
+    if quantization == "4bit":
+        widths = {
+            facts.hidden_size,
+            facts.intermediate_size,
+            facts.heads * facts.head_dim,
+            facts.kv_heads * facts.head_dim,
+        }
+        odd = sorted(w for w in widths if w % CPU_INT4_GROUP_SIZE)
+        if odd:
+            return (
+                f"CPU 4-bit needs layer widths that are multiples of {CPU_INT4_GROUP_SIZE}; this model has "
+                f"{', '.join(map(str, odd))} (use cpu-int8: --quantization int8)"
+            )
+    return None
+
+
 def _pack(
     facts: CheckpointFacts,
     devices: tuple[Device, ...],
@@ -406,8 +446,8 @@ def _price(
     gpus = inventory.gpus
     cpu = inventory.cpu
     quant_req = request.quantization
-    quantization: Quantization = "int8" if name == "gpu-int8" else "4bit" if name == "gpu-4bit" else "none"
-    on_gpu = name != "cpu"
+    quantization: Quantization = RUNG_QUANTIZATION.get(name, "none")
+    on_gpu = name.startswith("gpu")
 
     blocked: str | None = None
     if on_gpu and not gpus:
@@ -428,7 +468,7 @@ def _price(
         blocked = "GPUs are not allowed by policy"
     elif name == "gpu-cpu-split" and not (policy.allow_split and policy.allow_cpu):
         blocked = "splitting across GPU and CPU is not allowed by policy"
-    elif name == "cpu" and not policy.allow_cpu:
+    elif not on_gpu and not policy.allow_cpu:
         blocked = "CPU placement is not allowed by policy"
     elif quantization != "none" and facts.prequantized:
         blocked = (
@@ -440,14 +480,16 @@ def _price(
         blocked = f"--quantization {quant_req} rules out {quantization}"
     elif quantization == "none" and quant_req in ("int8", "4bit"):
         blocked = f"--quantization {quant_req} asks for quantized weights"
-    elif quantization != "none" and not inventory.bitsandbytes:
+    elif quantization != "none" and on_gpu and not inventory.bitsandbytes:
         blocked = "bitsandbytes is not installed (pip install 'memserve[gpu]')"
-    elif name == "cpu" and facts.prequantized:
+    elif quantization != "none" and not on_gpu:
+        blocked = cpu_quantization_blocked(facts, quantization)
+    elif not on_gpu and facts.prequantized:
         method = (facts.quantization or {}).get("quant_method", "pre-quantized")
         blocked = f"{method} checkpoints need a GPU kernel; CPU cannot run them"
 
     devices: tuple[Device, ...]
-    if name == "cpu":
+    if not on_gpu:
         dtype, devices = _cpu_dtype(facts), (cpu,)
     elif name == "gpu-cpu-split":
         dtype, devices = _gpu_dtype(facts, gpus), (*gpus, cpu)

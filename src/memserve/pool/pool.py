@@ -329,6 +329,8 @@ class ModelPool:
                     if not entry.config.policy.retry_lower or self._closing:
                         raise RunnerFailed(message) from None
                     rung = planned.rung
+                    # what the failed runner was seen to use against what it had: said with every retry
+                    seen = {"measured_bytes": dict(entry.peak_bytes), "failed_reserved_bytes": dict(need)}
                     if learned and entry.rung_kills.get(rung, 0) < _KILLS_BEFORE_LOWER:
                         try:  # the same plan with what the kill taught; one rung lower if that no longer fits
                             planned, need = self._record(entry, self._choose(entry, facts, policy, options))
@@ -340,15 +342,18 @@ class ModelPool:
                             rung=planned.rung,
                             reserved_bytes=need,
                             reason=killed or exc.message,
+                            **seen,
                         )
                         continue
                     policy = policy.below(rung)
                     if learned:  # killed again with the bigger reservation: prefer lower rungs until unload
                         entry.skip_rungs |= policy.skip_rungs
-                    self._event(PoolEventKind.RETRY_LOWER, entry, failed_rung=rung, reason=killed or exc.message)
-                    try:
-                        planned, need = self._record(entry, self._choose(entry, facts, policy, options))
+                    try:  # on CPU: bf16 → int8 → 4-bit, the lighter rungs the planner prices
+                        lower = self._choose(entry, facts, policy, options)
                     except InsufficientMemory:
+                        self._event(
+                            PoolEventKind.RETRY_LOWER, entry, failed_rung=rung, reason=killed or exc.message, **seen
+                        )
                         again = (
                             "; the next request loads it again on that rung with the reservation it measured"
                             if learned
@@ -357,6 +362,16 @@ class ModelPool:
                         raise RunnerFailed(
                             f"{message}; no lower rung on the ladder fits or is allowed{again}"
                         ) from None
+                    self._event(
+                        PoolEventKind.RETRY_LOWER,
+                        entry,
+                        failed_rung=rung,
+                        rung=lower.plan.rung,
+                        reserved_bytes=lower.reserved_bytes,
+                        reason=killed or exc.message,
+                        **seen,
+                    )
+                    planned, need = self._record(entry, lower)
         except RunnerFailed as exc:
             entry.failures += 1
             self._set_state(entry, FAILED, exc.message)
@@ -551,6 +566,10 @@ class ModelPool:
         if entry.runner is not runner:
             return  # stopped on purpose
         reason = entry.watchdog_reason or runner.exit_reason()
+        seen = {
+            "measured_bytes": dict(entry.peak_bytes),
+            "failed_reserved_bytes": dict(self.ledger.reserved(entry.name)),
+        }
         stable = entry.ready_at is not None and self._clock.now() - entry.ready_at > _STABLE_SECONDS
         entry.failures = 1 if stable else entry.failures + 1
         rung = entry.plan.rung if entry.plan is not None else None
@@ -561,7 +580,7 @@ class ModelPool:
             and entry.rung_kills.get(rung, 0) >= _KILLS_BEFORE_LOWER
         ):
             entry.skip_rungs |= Policy().below(rung).skip_rungs  # killed again with the bigger reservation
-            self._event(PoolEventKind.RETRY_LOWER, entry, failed_rung=rung, reason=reason)
+            self._event(PoolEventKind.RETRY_LOWER, entry, failed_rung=rung, reason=reason, **seen)
         entry.watchdog_reason = None
         self._set_state(entry, FAILED, f"runner {entry.name} (pid {runner.pid}) {reason}")
         self._event(PoolEventKind.CRASH, entry, pid=runner.pid, reason=reason)

@@ -102,7 +102,7 @@ def _from_pretrained_kwargs(plan: Plan) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": getattr(torch, plan.dtype)}
     placed = set(plan.device_map.values())  # where weights go (a GPU plan's cpu entry is runtime)
     gpu_devices = sorted(d for d in placed if d.startswith("cuda:"))
-    if plan.quantization != "none":
+    if plan.quantization != "none" and gpu_devices:
         if not torch.cuda.is_available():
             raise InvalidArgument(f"the plan asks for {plan.quantization} (bitsandbytes), which needs a CUDA GPU")
         from transformers import BitsAndBytesConfig
@@ -126,6 +126,13 @@ def _from_pretrained_kwargs(plan: Plan) -> dict[str, Any]:
             for d, need in plan.devices.items()
         }
     return kwargs
+
+
+def cpu_quantized(plan: Plan) -> bool:
+    """Whether the plan quantizes on CPU (``cpu-int8``, ``cpu-4bit``): torch's kernels, ``runner/quantize.py``.
+
+    The device map decides, not the rung's name: quantized weights with no GPU in the map are CPU weights."""
+    return plan.quantization != "none" and not any(d.startswith("cuda:") for d in plan.device_map.values())
 
 
 def load_model(source: str, plan: Plan, report: LoadReport, *, progress: LoadProgress | None = None) -> tuple[Any, Any]:
@@ -188,12 +195,18 @@ def _load(source: str, plan: Plan, report: LoadReport, progress: LoadProgress) -
 
     total = sum(_nbytes(p) for p in _cpu_weights(model))
     progress.phase_started("fault_in", total_bytes=total)
+    quantized = None
+    if cpu_quantized(plan):
+        from memserve.runner.quantize import quantize_linears
+
+        # reads each layer's Linear weight once, from the mapped file, and keeps only its quantized form
+        quantized = quantize_linears(model, plan.quantization, on_bytes=lambda n: progress.bytes_read("fault_in", n))
     warm_up_ids = torch.tensor([[tokenizer.eos_token_id or 0] * 8], device=model.device)
     # packing reads each bf16 Linear weight whole (those a forward calls); the rest are read below
     packing = pack_linear_weights(
         model, probe=lambda: model(input_ids=warm_up_ids), on_bytes=lambda n: progress.bytes_read("fault_in", n)
     )
-    report.linear = packing.to_json()
+    report.linear = packing.to_json() | ({"quantized": quantized.to_json()} if quantized is not None else {})
     with torch.inference_mode():
         for p in _cpu_weights(model):
             p.sum()  # reads every page of the mapped weights
