@@ -273,7 +273,8 @@ def test_a_load_that_lies_is_killed_by_the_watchdog_before_the_budget_is_crossed
 ) -> None:
     monkeypatch.setenv(TEST_EXTRA_BYTES_ENV, "liar=3GiB")  # this runner uses 3 GiB more than its plan
     budget = room_for_one(tiny_model_dir)
-    settings = settings_for(tmp_path, [local("liar", tiny_model_dir)], watchdog_tolerance_min_bytes=64 * MiB)
+    liar = local("liar", tiny_model_dir, policy={"quantization": "none"})  # no lighter CPU rung to retry on
+    settings = settings_for(tmp_path, [liar], watchdog_tolerance_min_bytes=64 * MiB)
     with gateway(settings, host(budget)) as (origin, pool):
         answer = chat(origin, "liar")
         assert answer.status_code == 502, answer.text
@@ -281,7 +282,7 @@ def test_a_load_that_lies_is_killed_by_the_watchdog_before_the_budget_is_crossed
         assert error["code"] == "runner_failed" and "watchdog" in error["message"]
         kills = [e for e in pool.events if e["event"] == "watchdog_kill"]
         # a kill is not an outage: what the first kill measured is reserved for a second try on the same rung
-        # when that still fits; a second kill there (there is no lower rung on a cpu host) ends it
+        # when that still fits; a second kill there (no lower rung: this model is never quantized) ends it
         assert 1 <= len(kills) <= 2
         if len(kills) == 2:
             assert kills[1]["limit_bytes"] > kills[0]["measured_bytes"]
@@ -304,7 +305,10 @@ def test_a_model_larger_than_the_budget_is_refused_at_once_with_bytes_and_option
         assert answer.status_code == 507
         error = answer.json()["error"]
         assert error["code"] == "insufficient_memory" and error["param"] == "model"
-        assert re.search(r"cpu needs 1[67]\.\d GiB \(weights 15\.0 GiB", error["message"]), error["message"]
+        # the lightest rung is the closest: Llama-3-8B's 15.0 GiB of bf16 weights are 6.0 GiB in 4-bit
+        assert re.search(r"closest is cpu-4bit: cpu needs 9\.\d GiB \(weights 6\.0 GiB", error["message"]), error[
+            "message"
+        ]
         assert "1.9 GiB usable" in error["message"]
         assert [e["event"] for e in pool.events] == ["refused"]  # never admitted, waited or spawned
         assert not runner_pids() and ps(origin)["models"] == []

@@ -428,6 +428,8 @@ def progress_line(record: PoolEvent, model: str, reserved: dict[str, int] | None
     if kind == PoolEventKind.WATCHDOG_KILL:
         return f"the watchdog stopped {model}: {reason}"
     if kind == PoolEventKind.RETRY_LOWER:
+        if event.get("rung"):
+            return f"retrying as {event['rung']}, one rung below {event.get('failed_rung') or '?'}"
         return f"retrying one rung below {event.get('failed_rung') or '?'}"
     if kind == PoolEventKind.LOAD_FAILED:
         return f"load failed: {reason}"

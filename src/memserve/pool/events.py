@@ -32,8 +32,11 @@ class PoolEventKind(StrEnum):
     CRASH = "crash"  # a ready runner exited on its own: pid, reason
     WATCHDOG_KILL = "watchdog_kill"  # pid, reason, measured_bytes and limit_bytes, or available_bytes
     LEARNED = "learned"  # a kill or crash taught a bigger reservation: rung, measured_bytes, next_reserved_bytes
-    RETRY = "retry"  # loading again on a rung: rung, reserved_bytes, reason
-    RETRY_LOWER = "retry_lower"  # one rung lower than failed_rung: reason
+    # loading again on a rung: rung, reserved_bytes, reason; after a kill also measured_bytes, failed_reserved_bytes
+    RETRY = "retry"
+    # one rung lower than failed_rung: reason, measured_bytes, failed_reserved_bytes; rung and reserved_bytes
+    # when a lower rung fits
+    RETRY_LOWER = "retry_lower"
     RUNG_LOWER = "rung_lower"  # planned one rung lower, the measured figure does not fit: failed_rung, rung, reason
     RESERVATION_CAPPED = "reservation_capped"  # loaded with all that is usable: rung, reserved_bytes, reason
     BACKOFF = "backoff"  # waits before loading again after failures: seconds
