@@ -90,13 +90,17 @@ def runner_process(
     name: str,
     context: int,
     concurrency: int,
+    quantization: str = "auto",
     env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """A real runner (``python -m memserve.runner``) on ``model_dir``, planned as ``fit --json`` plans it for a
     4 GiB CPU budget and served on a free port as ``name``; yield its base URL (no /v1). Its stderr (the load
-    phases as JSON lines) is ``folder / "runner.log"``; it is stopped on the way out."""
+    phases as JSON lines) is ``folder / "runner.log"``, its plan ``folder / "plan.json"``; it is stopped on the
+    way out."""
     inventory = probe_inventory(memory="cpu=4GiB")
-    facts, request, result = fit_result(str(model_dir), context=context, concurrency=concurrency, inventory=inventory)
+    facts, request, result = fit_result(
+        str(model_dir), context=context, concurrency=concurrency, quantization=quantization, inventory=inventory
+    )
     assert result.plan is not None, result
     plan_file = folder / "plan.json"
     plan_file.write_text(json.dumps(fit_json(facts, request, result, inventory)))

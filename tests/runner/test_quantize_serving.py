@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from memserve.memory.fit import fit_json, fit_result
-from memserve.memory.probe import probe_inventory
-from tests.runner.test_runner_process import PROMPTS, _decode, _free_port
+from tests.runner.test_runner_process import PROMPTS, _decode, greedy_reference
+from tests.serving import runner_process
 
 MAX_NEW_TOKENS = 16
 
@@ -24,64 +19,20 @@ MAX_NEW_TOKENS = 16
 def quantized_runner(
     request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, dict]]:
-    """``python -m memserve.runner`` on the plan ``fit --quantization Q --json`` writes; its URL and that plan."""
-    inventory = probe_inventory(memory="cpu=4GiB")
-    facts, plan_request, result = fit_result(
-        str(tiny_model_dir), context=512, concurrency=2, quantization=request.param, inventory=inventory
-    )
-    assert result.plan is not None and result.plan.rung == f"cpu-{request.param}"
-    fit = fit_json(facts, plan_request, result, inventory)
-    plan_file = tmp_path_factory.mktemp("plan") / "plan.json"
-    plan_file.write_text(json.dumps(fit))
-    port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "runner.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "tiny"],
-            stderr=err,
-            stdout=subprocess.DEVNULL,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"runner exited with {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"runner not ready in 120 s: {log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base, fit["plan"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _quantized_reference(model_dir: Path, quantization: str, prompts: list[str]) -> list[str]:
-    """Greedy text of ``model.generate`` on the same model quantized in this process."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from memserve.runner.quantize import quantize_linears
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    quantize_linears(model, quantization)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        texts.append(_decode(model_dir, out[0, ids["input_ids"].shape[1] :].tolist()))
-    return texts
+    """A real runner on the plan ``fit --quantization Q --json`` writes; its URL and that plan."""
+    folder = tmp_path_factory.mktemp(f"runner-{request.param}")
+    with runner_process(
+        tiny_model_dir,
+        folder,
+        name="tiny",
+        context=512,
+        concurrency=2,
+        quantization=request.param,
+        env={"OMP_NUM_THREADS": "1"},
+    ) as base:
+        plan = json.loads((folder / "plan.json").read_text())["plan"]
+        assert plan["rung"] == f"cpu-{request.param}"
+        yield base, plan
 
 
 def test_the_quantized_rung_serves_greedy_text_with_usage(
@@ -92,7 +43,10 @@ def test_the_quantized_rung_serves_greedy_text_with_usage(
     assert health["plan"]["rung"] == plan["rung"] and health["plan"]["quantization"] == plan["quantization"]
     quantized = health["load"]["linear"]["quantized"]
     assert quantized["quantization"] == plan["quantization"] and quantized["layers"] == 14 and quantized["kept"] == {}
-    expected = _quantized_reference(tiny_model_dir, plan["quantization"], PROMPTS[:2])
+    expected = [
+        _decode(tiny_model_dir, ids)
+        for ids in greedy_reference(tiny_model_dir, PROMPTS[:2], MAX_NEW_TOKENS, plan["quantization"])
+    ]
     for prompt, text in zip(PROMPTS[:2], expected, strict=True):
         body = {
             "model": "tiny",

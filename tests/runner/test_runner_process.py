@@ -43,11 +43,19 @@ def runner(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     ]
 
 
-def _reference(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+def greedy_reference(
+    model_dir: Path, prompts: list[str], max_new_tokens: int, quantization: str | None = None
+) -> list[list[int]]:
+    """The token ids ``model.generate`` gives greedily in this process (its Linears quantized as the runner's
+    CPU rungs quantize them, with ``quantization``): what a runner must answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if quantization:
+        from memserve.runner.quantize import quantize_linears
+
+        quantize_linears(model, quantization)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     outputs = []
     for prompt in prompts:
@@ -55,7 +63,8 @@ def _reference(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
         outputs.append(out[0, ids["input_ids"].shape[1] :].tolist())
     return outputs
 
@@ -81,7 +90,7 @@ def test_health_reports_plan_phases_and_memory(runner: str) -> None:
 def test_eight_concurrent_streams_equal_generate(runner: str, tiny_model_dir: Path) -> None:
     """Greedy fp32: each stream's text is the decoded text of model.generate, token for token."""
     max_new = 24
-    expected = [_decode(tiny_model_dir, ids) for ids in _reference(tiny_model_dir, PROMPTS, max_new)]
+    expected = [_decode(tiny_model_dir, ids) for ids in greedy_reference(tiny_model_dir, PROMPTS, max_new)]
 
     async def one(client: httpx.AsyncClient, prompt: str) -> tuple[str, dict]:
         body = {
@@ -122,7 +131,7 @@ def test_official_openai_client_chat_and_completions(runner: str, tiny_model_dir
         )
         assert chat.choices[0].finish_reason in ("stop", "length")
         assert chat.usage is not None and chat.usage.completion_tokens > 0
-        expected = _decode(tiny_model_dir, _reference(tiny_model_dir, PROMPTS[:1], 16)[0])
+        expected = _decode(tiny_model_dir, greedy_reference(tiny_model_dir, PROMPTS[:1], 16)[0])
         assert chat.choices[0].message.content == expected
         streamed = "".join(
             c.choices[0].delta.content or ""

@@ -40,7 +40,7 @@ from memserve.engines import VLLM_COMMAND_ENV, engine_command, is_installed
 from memserve.errors import InvalidArgument, RunnerFailed
 from memserve.memory.estimate import DTYPE_WIDTH, DeviceNeed, GiB, MiB, Quantization, block_weight_bytes
 from memserve.memory.inventory import Device, Inventory
-from memserve.memory.planner import NoFit, Plan, PlanResult, Policy, Request, Rung
+from memserve.memory.planner import NoFit, Plan, PlanResult, Policy, Request, Rung, fit_words
 from memserve.units import format_bytes
 
 if TYPE_CHECKING:  # memory/fit.py wires this module into fit_result, so it is not imported at run time
@@ -236,16 +236,7 @@ def price(
     runtime = CUDA_CONTEXT_BYTES + cuda_graph_bytes(facts)
     needs = {g.name: DeviceNeed(-(-weights // n), -(-kv // n), act, runtime, g.usable_bytes) for g in used}
     needs[inventory.cpu.name] = DeviceNeed(runtime_bytes=HOST_RUNTIME_BYTES, free_bytes=inventory.cpu.usable_bytes)
-    fits = all(need.fits for need in needs.values())
-    where = ", ".join(f"{d}: {format_bytes(v.total_bytes)} of {format_bytes(v.free_bytes)}" for d, v in needs.items())
-    short = "; ".join(
-        f"{d} needs {format_bytes(v.total_bytes)}, {format_bytes(v.free_bytes)} usable"
-        for d, v in needs.items()
-        if not v.fits
-    )
-    why = f"fits ({where})" if fits else short
-    if blocked:
-        why = f"not available: {blocked}; it would {'fit' if fits else 'not fit either'} ({where})"
+    fits, why = fit_words(needs, blocked)
     device_map = (
         {b.name: used[0].name for b in facts.blocks} if n == 1 else {b.name: "tensor-parallel" for b in facts.blocks}
     )

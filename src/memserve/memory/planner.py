@@ -506,23 +506,7 @@ def _price(
         cpu,
         request.engine,
     )
-    fits = all(n.fits for n in needs.values())
-    if fits:
-        where = ", ".join(
-            f"{d}: {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)}" for d, n in needs.items()
-        )
-        why = f"fits ({where})"
-        if blocked:
-            why = f"not available: {blocked}; it would fit ({where})"
-    else:
-        short = [
-            f"{d} needs {format_bytes(n.total_bytes)}, {format_bytes(n.free_bytes)} usable"
-            for d, n in needs.items()
-            if not n.fits
-        ]
-        why = "; ".join(short)
-        if blocked:
-            why = f"not available: {blocked}; it would not fit either: {why}"
+    fits, why = fit_words(needs, blocked)
     return Rung(
         name,
         fits and blocked is None,
@@ -536,6 +520,23 @@ def _price(
         device_map,
         blocked,
     )
+
+
+def fit_words(needs: Mapping[str, DeviceNeed], blocked: str | None) -> tuple[bool, str]:
+    """Whether ``needs`` fit on their devices, and a rung's ``why`` saying so: every engine prices its rungs
+    its own way and says the outcome in these words."""
+    fits = all(n.fits for n in needs.values())
+    if fits:
+        where = ", ".join(
+            f"{d}: {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)}" for d, n in needs.items()
+        )
+        return True, f"not available: {blocked}; it would fit ({where})" if blocked else f"fits ({where})"
+    short = "; ".join(
+        f"{d} needs {format_bytes(n.total_bytes)}, {format_bytes(n.free_bytes)} usable"
+        for d, n in needs.items()
+        if not n.fits
+    )
+    return False, f"not available: {blocked}; it would not fit either: {short}" if blocked else short
 
 
 def _largest_context(
