@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_a_truncated_header_is_one_line_naming_the_file(tiny_gguf: Path, tmp_pat
     with pytest.raises(CheckpointError) as caught:
         read_gguf_facts(path)
     message = caught.value.message
-    assert str(path) in message and "truncated or corrupt GGUF header" in message and "re-download" in message
+    assert str(path) in message and re.search(r"(truncated|corrupt) GGUF header", message) and "re-download" in message
     assert "\n" not in message
 
 

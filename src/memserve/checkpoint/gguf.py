@@ -1,9 +1,9 @@
 """What a GGUF model is and what it weighs, from its own header.
 
 A GGUF file (llama.cpp's format) carries its hyperparameters as ``<arch>.*`` metadata and lists every
-tensor with its ggml type and shape before the data. ``gguf.GGUFReader`` (the ``gguf`` package llama.cpp
-publishes) maps the file and parses only that header; tensor data is never read, only its byte counts,
-so a 40 GB file is priced in well under a second.
+tensor with its ggml type and shape before the data. Only that header is read, from the mapped file, with
+the ``gguf`` package's (llama.cpp's own) type table and block sizes; tensor data is never read, only its byte
+counts, so a 40 GB file is priced in well under a second.
 
 The facts are what pricing for llama.cpp needs (``engines/llamacpp.py``): the tensor bytes as stored
 (llama.cpp maps them as they are, quantized or not), grouped in blocks in load order (``embed``,
@@ -13,19 +13,18 @@ per token from the layer count, KV heads and key/value widths.
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from memserve.checkpoint.facts import Block
 from memserve.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from gguf import GGUFReader
-
 GGUF_MAGIC = b"GGUF"
-_INSTALL = "pip install gguf"
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,16 @@ class GgufFacts:
     tensors: int
     file_bytes: int
     warnings: tuple[str, ...] = ()
+
+    @property
+    def model_type(self) -> str:
+        """The architecture, named where a safetensors checkpoint names its ``model_type`` (``fit``'s table)."""
+        return self.architecture
+
+    @property
+    def shards(self) -> int:
+        """One file (split GGUF files are not read: pass a single file)."""
+        return 1
 
     @property
     def kv_heads(self) -> int:
@@ -128,45 +137,148 @@ def _block_of(name: str) -> str:
     return "embed"  # token_embd, rope_freqs and other model-wide tensors load first
 
 
-def _open(path: Path, source: str) -> GGUFReader:
-    try:
-        from gguf import GGUFReader
-    except ImportError as exc:  # pragma: no cover - gguf is a dependency
-        raise CheckpointError(f"{source}: reading GGUF files needs the gguf package ({_INSTALL})") from exc
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    kind: str  # the ggml type's name: F32, Q4_K, ...
+    elements: int
+    bytes: int
+    end: int  # where its data ends in the file
+
+
+@dataclass(frozen=True)
+class _Header:
+    meta: dict[str, Any]
+    tensors: tuple[_Tensor, ...]
+
+
+class _Truncated(Exception):
+    """The header runs past the end of the file."""
+
+
+class _UnknownType(Exception):
+    """A tensor type the gguf package does not know."""
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_KEPT_ARRAY = 4096  # numeric arrays up to this long are kept (per-layer counts); longer ones only counted
+
+
+class _Cursor:
+    """Little-endian reads over the mapped file; reading past its end raises _Truncated."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.at + size > len(self.data):
+            raise _Truncated
+        (value,) = struct.unpack_from(fmt, self.data, self.at)
+        self.at += size
+        return value
+
+    def skip(self, size: int) -> None:
+        if self.at + size > len(self.data):
+            raise _Truncated
+        self.at += size
+
+    def string(self) -> str:
+        size = self.take("<Q")
+        if self.at + size > len(self.data):
+            raise _Truncated
+        text = bytes(self.data[self.at : self.at + size]).decode("utf-8", errors="replace")
+        self.at += size
+        return text
+
+    def value(self, kind: int) -> Any:
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        item, count = self.take("<I"), self.take("<Q")
+        if item in _SCALARS and count <= _KEPT_ARRAY:
+            return [self.take(_SCALARS[item]) for _ in range(count)]
+        if item in _SCALARS:  # a long numeric array (token types, scores): its length is enough
+            self.skip(count * struct.calcsize(_SCALARS[item]))
+        elif item == _STRING:  # tokens, merges: walk the lengths only
+            for _ in range(count):
+                self.skip(self.take("<Q"))
+        else:
+            for _ in range(count):
+                self.value(item)
+        return _Count(count)
+
+
+@dataclass(frozen=True)
+class _Count:
+    """A long array's length, kept instead of its items."""
+
+    count: int
+
+
+def _parse(data: mmap.mmap) -> _Header:
+    """The GGUF header (v2/v3, little-endian): metadata, then each tensor's name, shape, type and offset.
+
+    ``gguf.GGUFReader`` builds a numpy view for every vocabulary string, seconds for a large vocabulary; this
+    walks the same layout and keeps only what pricing reads. Types and block sizes are the gguf package's.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    cursor = _Cursor(data)
+    cursor.skip(4)  # the magic, checked by the caller
+    version = cursor.take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} (expected 2 or 3; a big-endian file reads as a huge one)")
+    n_tensors, n_kv = cursor.take("<Q"), cursor.take("<Q")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        meta[key] = cursor.value(cursor.take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cursor.string()
+        dims = [cursor.take("<Q") for _ in range(cursor.take("<I"))]
+        raw, offset = cursor.take("<I"), cursor.take("<Q")
+        try:
+            kind = GGMLQuantizationType(raw)
+        except ValueError:
+            raise _UnknownType(f"tensor {name} has ggml type {raw}") from None
+        elements = math.prod(dims)
+        block, type_size = GGML_QUANT_SIZES[kind]
+        infos.append((name, kind.name, elements, elements * type_size // block, offset))
+    alignment = meta.get("general.alignment", 32)
+    start = cursor.at + (-cursor.at % alignment)
+    return _Header(
+        meta, tuple(_Tensor(name, kind, n, size, start + offset + size) for name, kind, n, size, offset in infos)
+    )
+
+
+def _read_header(path: Path, source: str) -> _Header:
     if not is_gguf_file(path):
         raise CheckpointError(
             f"{source}: {path} is not a GGUF file (it does not start with 'GGUF'); pass a .gguf model file"
         )
     try:
-        return GGUFReader(path)
-    except ValueError as exc:
-        text = str(exc)
-        if "GGMLQuantizationType" in text:
-            raise CheckpointError(
-                f"{source}: {path} has a tensor of an unknown ggml type ({text}); it was written by a newer "
-                f"llama.cpp than the gguf package knows: upgrade it (pip install -U gguf) or re-convert the model"
-            ) from exc
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse(data)
+    except _UnknownType as exc:
         raise CheckpointError(
-            f"{source}: {path} has a truncated or corrupt GGUF header ({text}); re-download or re-convert it"
-        ) from exc
-    except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as exc:
+            f"{source}: {path} has a tensor of an unknown ggml type ({exc}); it was written by a newer llama.cpp "
+            "than the gguf package knows: upgrade it (pip install -U gguf) or re-convert the model"
+        ) from None
+    except _Truncated:
         raise CheckpointError(
-            f"{source}: {path} has a truncated or corrupt GGUF header ({type(exc).__name__}: {exc}); "
-            "re-download or re-convert it"
-        ) from exc
-
-
-def _fields(reader: GGUFReader) -> dict[str, Any]:
-    """Every scalar or array field, except the large tokenizer arrays (their length is enough)."""
-    values: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-            values[key + "#count"] = len(field.data)
-            continue
-        if key in ("tokenizer.ggml.merges", "tokenizer.chat_template"):
-            continue
-        values[key] = field.contents()
-    return values
+            f"{source}: {path} has a truncated GGUF header (it ends inside the header); re-download or re-convert it"
+        ) from None
+    except (ValueError, OverflowError, MemoryError) as exc:
+        raise CheckpointError(
+            f"{source}: {path} has a corrupt GGUF header ({exc}); re-download or re-convert it"
+        ) from None
 
 
 def _positive(meta: Mapping[str, Any], key: str, source: str, path: Path) -> int:
@@ -204,8 +316,8 @@ def _file_type(meta: Mapping[str, Any], bytes_by_type: Mapping[str, int]) -> str
 def read_gguf_facts(path: Path, *, source: str | None = None) -> GgufFacts:
     """Facts of one ``.gguf`` file; CheckpointError (one line, naming the file) when it cannot be priced."""
     source = source or str(path)
-    reader = _open(path, source)
-    meta = _fields(reader)
+    header = _read_header(path, source)
+    meta = {k: (v.count if isinstance(v, _Count) else v) for k, v in header.meta.items()}
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise CheckpointError(f"{source}: {path} has no general.architecture; expected a GGUF model file")
@@ -214,21 +326,20 @@ def read_gguf_facts(path: Path, *, source: str | None = None) -> GgufFacts:
     bytes_by_type: dict[str, int] = {}
     acc: dict[str, list[int]] = {}
     end = 0
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        params_by_type[kind] = params_by_type.get(kind, 0) + int(tensor.n_elements)
-        bytes_by_type[kind] = bytes_by_type.get(kind, 0) + int(tensor.n_bytes)
+    for tensor in header.tensors:
+        params_by_type[tensor.kind] = params_by_type.get(tensor.kind, 0) + tensor.elements
+        bytes_by_type[tensor.kind] = bytes_by_type.get(tensor.kind, 0) + tensor.bytes
         entry = acc.setdefault(_block_of(tensor.name), [0, 0])
-        entry[0] += int(tensor.n_elements)
-        entry[1] += int(tensor.n_bytes)
-        end = max(end, int(tensor.data_offset) + int(tensor.n_bytes))
+        entry[0] += tensor.elements
+        entry[1] += tensor.bytes
+        end = max(end, tensor.end)
     file_bytes = path.stat().st_size
     if end > file_bytes:
         raise CheckpointError(
             f"{source}: {path} is truncated: its header describes {end} bytes but the file has {file_bytes}; "
             "re-download or re-convert it"
         )
-    if not reader.tensors:
+    if not header.tensors:
         raise CheckpointError(f"{source}: {path} lists no tensors; expected model weights")
 
     layers = _positive(meta, f"{arch}.block_count", source, path)
@@ -243,7 +354,8 @@ def read_gguf_facts(path: Path, *, source: str | None = None) -> GgufFacts:
         )
     key_length = _optional_int(meta, f"{arch}.attention.key_length") or hidden // heads
     value_length = _optional_int(meta, f"{arch}.attention.value_length") or key_length
-    vocab = _optional_int(meta, f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens#count") or 0
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = _optional_int(meta, f"{arch}.vocab_size") or (tokens if isinstance(tokens, int) else 0)
     if not vocab:
         raise CheckpointError(f"{source}: {path} has no vocabulary (tokenizer.ggml.tokens); re-convert the model")
     intermediate = meta.get(f"{arch}.feed_forward_length")
@@ -277,6 +389,6 @@ def read_gguf_facts(path: Path, *, source: str | None = None) -> GgufFacts:
         sliding_window=_optional_int(meta, f"{arch}.attention.sliding_window"),
         experts=_optional_int(meta, f"{arch}.expert_count"),
         experts_per_token=_optional_int(meta, f"{arch}.expert_used_count"),
-        tensors=len(reader.tensors),
+        tensors=len(header.tensors),
         file_bytes=file_bytes,
     )
