@@ -30,7 +30,7 @@ from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import Request
 
 MiB = 1024**2
-_BUFFER = re.compile(r"(\w[\w ]*?) +(model|KV|compute|output) buffer size = +([\d.]+) MiB")
+_BUFFER = re.compile(r"(\w+) +(model|KV|compute|output) buffer size = +([\d.]+) MiB")
 
 
 def _free_port() -> int:
@@ -68,6 +68,7 @@ def run_case(model: Path, context: int, slots: int, batch: int, threads: int) ->
     need = result.plan.devices["cpu"]
     port = _free_port()
     argv = arguments("m", PlanFile(str(model), result.plan), host="127.0.0.1", port=port, threads=threads)
+    argv += ["--log-verbosity", "4"]  # info: llama.cpp's buffer sizes
     with tempfile.NamedTemporaryFile("w+b", suffix=".log") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:

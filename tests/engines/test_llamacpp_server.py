@@ -171,3 +171,23 @@ def test_measured_peak_is_within_the_plan(server: Server) -> None:
     assert TOLERANCE[0] <= ratio <= TOLERANCE[1], (
         f"plan {planned / 2**20:.1f} MiB, llama-server peak {peak / 2**20:.1f} MiB (plan/peak {ratio:.3f})"
     )
+
+
+def test_llama_cpp_generates_what_transformers_generates(server: Server, tiny_model_dir: Path) -> None:
+    """The conversion is right (names, q/k permutation, norms, tokenizer ids): greedy ids from llama.cpp on the
+    GGUF are transformers' own on the safetensors checkpoint (fp32 both)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = [(13 * i) % 1000 + 3 for i in range(40)]
+    answer = httpx.post(
+        f"{server.url}/completion",
+        json={"prompt": prompt, "n_predict": 24, "temperature": 0, "return_tokens": True, "cache_prompt": False},
+        timeout=60,
+    ).json()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+    expected = out[0, len(prompt) :].tolist()
+    got = answer["tokens"]
+    assert len(got) >= 8 and got == expected[: len(got)]

@@ -63,7 +63,11 @@ __all__ = [
     "gpu_layers",
     "kv_cache_bytes",
     "kv_tokens",
+    "output_bytes",
     "plan",
+    "runtime_bytes",
+    "slot_tokens",
+    "work_bytes",
 ]
 
 MiB = 1024**2
@@ -77,13 +81,25 @@ INSTALL_HINT = (
 CTX_PAD_TOKENS = 256  # llama.cpp pads the context, and each slot's share of it, to this (llama-context.cpp)
 KV_CACHE_BYTES = 2  # f16 K and V, llama.cpp's default cache type
 LOGITS_BYTES = 4  # fp32 logits
-# Measured, calibrated in docs/gguf.md: the worst-case graph holds this many ``n_embd``-wide fp32 tensors per
-# token (residual stream, norms, q/k/v, attention output) and the FFN's ``n_ff``-wide ones (gate, up, act·up)
-HIDDEN_TENSORS = 6
+# The compute buffer, fitted to what llama-server reports ("CPU compute buffer size") for the tiny and small
+# demo models at 256-2,048 batch tokens and 512-4,096 cells, within 0.05 MiB: per token, four ``n_embd``-wide
+# fp32 tensors (the residual stream and what attention writes into it) beside the larger of the FFN's three
+# ``n_ff``-wide ones and the logits of one output per slot, plus its inputs (positions, output ids); and the
+# f16 attention mask over one slot's cells.
+HIDDEN_TENSORS = 4
 FFN_TENSORS = 3
-# Measured: llama-server's own resident memory beyond its buffers (code and libraries, one stack per thread,
-# the HTTP server, the vocabulary and slots), see docs/gguf.md.
-CPU_RUNTIME_BYTES = 48 * MiB
+INPUT_BYTES_PER_TOKEN = 32
+MASK_BYTES = 2
+# Measured (VmHWM after a full-context request per slot, less llama.cpp's buffers, 2 threads): the process's
+# own 17.5-18.2 MiB (code, libraries, threads, HTTP server), 205 B per vocabulary entry (the tokenizer's
+# tables), and per slot 0.34 MiB with a 1k vocabulary, 0.5 with 16k (its state and sampler).
+CPU_RUNTIME_BYTES = 18 * MiB + MiB // 2
+RUNTIME_BYTES_PER_VOCAB = 256
+SLOT_BYTES = 320 * 1024
+SLOT_BYTES_PER_VOCAB = 16
+# The CPU backend's work buffer: a batch of activations converted for the matmul of the widest input
+# (2 bytes an element, f16/bf16/q8 dot types): measured +0.9 MiB on the tiny model from 512 to 2,048 tokens.
+WORK_BYTES = 2
 
 
 # --------------------------------------------------------------------------------------------- pricing
@@ -91,9 +107,13 @@ CPU_RUNTIME_BYTES = 48 * MiB
 
 def kv_tokens(context_tokens: int, slots: int) -> int:
     """Cells llama.cpp allocates for ``slots`` sequences of ``context_tokens`` (``-c context×slots -np slots``)."""
+    return slot_tokens(context_tokens, slots) * slots
+
+
+def slot_tokens(context_tokens: int, slots: int) -> int:
+    """One slot's cells: the total padded to 256 tokens, split per slot, then padded to 256 again."""
     total = math.ceil(context_tokens * slots / CTX_PAD_TOKENS) * CTX_PAD_TOKENS
-    per_slot = math.ceil((total // slots) / CTX_PAD_TOKENS) * CTX_PAD_TOKENS
-    return per_slot * slots
+    return math.ceil((total // slots) / CTX_PAD_TOKENS) * CTX_PAD_TOKENS
 
 
 def kv_cache_bytes(facts: GgufFacts, context_tokens: int, slots: int) -> int:
@@ -101,21 +121,31 @@ def kv_cache_bytes(facts: GgufFacts, context_tokens: int, slots: int) -> int:
     return facts.kv_bytes_per_token(KV_CACHE_BYTES) * kv_tokens(context_tokens, slots)
 
 
-def compute_bytes(facts: GgufFacts, batch_tokens: int, cells: int) -> int:
-    """The worst-case graph's compute buffer: ``batch_tokens`` tokens at once, each with its logits, the
-    residual stream and the FFN, the query of every head and the f16 attention mask over ``cells``."""
-    tokens = min(batch_tokens, cells)
-    logits = facts.vocab_size * tokens * LOGITS_BYTES
-    hidden = HIDDEN_TENSORS * facts.hidden_size * tokens * 4
+def compute_bytes(facts: GgufFacts, batch_tokens: int, context_tokens: int, slots: int) -> int:
+    """llama.cpp's compute buffer: its worst-case graph of ``min(batch, cells)`` tokens (see the constants)."""
+    tokens = min(batch_tokens, kv_tokens(context_tokens, slots))
+    hidden = HIDDEN_TENSORS * facts.hidden_size * tokens * 4 + INPUT_BYTES_PER_TOKEN * tokens
     ffn = FFN_TENSORS * facts.intermediate_size * tokens * 4
-    query = facts.heads * facts.key_length * tokens * 4
-    mask = cells * tokens * 2
-    return logits + hidden + max(ffn, query + mask)
+    logits = facts.vocab_size * slots * LOGITS_BYTES
+    mask = slot_tokens(context_tokens, slots) * tokens * MASK_BYTES
+    return hidden + max(ffn, logits) + mask
 
 
 def output_bytes(facts: GgufFacts, slots: int) -> int:
     """The output buffer: one token's logits per slot (``llama_context::output_reserve``)."""
     return facts.vocab_size * slots * LOGITS_BYTES
+
+
+def work_bytes(facts: GgufFacts, batch_tokens: int, context_tokens: int, slots: int) -> int:
+    """The CPU backend's matmul work buffer for one batch (see ``WORK_BYTES``)."""
+    tokens = min(batch_tokens, kv_tokens(context_tokens, slots))
+    return tokens * (facts.hidden_size + facts.intermediate_size) * WORK_BYTES
+
+
+def runtime_bytes(facts: GgufFacts, slots: int) -> int:
+    """llama-server itself on CPU: the process, its vocabulary, its slots."""
+    per_slot = SLOT_BYTES + SLOT_BYTES_PER_VOCAB * facts.vocab_size
+    return CPU_RUNTIME_BYTES + RUNTIME_BYTES_PER_VOCAB * facts.vocab_size + slots * per_slot
 
 
 def _validate(facts: GgufFacts, request: Request) -> None:
@@ -157,10 +187,9 @@ def _needs(
     still places it there, so the rung shows how much is missing.
     """
     slots = request.concurrency
-    cells = kv_tokens(context_tokens, slots)
     batch = batch_tokens_for(context_tokens, slots, request.max_batch_tokens)
     kv_per_layer = kv_cache_bytes(facts, context_tokens, slots) // max(1, facts.layers)
-    compute = compute_bytes(facts, batch, cells)
+    compute = compute_bytes(facts, batch, context_tokens, slots)
     device_map = {b.name: cpu.name for b in facts.blocks}
     gpu_weights = gpu_kv = 0
     if gpu is not None:
@@ -176,13 +205,16 @@ def _needs(
     on_cpu = [b for b in facts.blocks if device_map[b.name] == cpu.name]
     cpu_layers = sum(1 for b in on_cpu if b.name.startswith("layer."))
     # the host computes the whole graph when it holds a layer; otherwise only the embeddings' rows
-    cpu_compute = compute if gpu is None or cpu_layers else facts.hidden_size * batch * 4
+    if gpu is None or cpu_layers:
+        cpu_compute = compute + work_bytes(facts, batch, context_tokens, slots)
+    else:
+        cpu_compute = facts.hidden_size * batch * 4
     needs = {
         cpu.name: DeviceNeed(
             sum(b.bytes for b in on_cpu),
             kv_per_layer * cpu_layers,
             cpu_compute + output_bytes(facts, slots),
-            CPU_RUNTIME_BYTES if gpu is None else GPU_HOST_RUNTIME_BYTES,
+            runtime_bytes(facts, slots) if gpu is None else GPU_HOST_RUNTIME_BYTES,
             cpu.usable_bytes,
         )
     }
