@@ -16,10 +16,10 @@ here (docs/gguf.md):
 - **KV cache**: ``n_layer × n_ctx × (n_embd_k_gqa + n_embd_v_gqa) × 2`` bytes (f16 cache, the default), where
   ``n_ctx`` is what llama.cpp really allocates: the requested ``context × slots`` padded to 256 tokens, then
   split per slot and each slot's share padded to 256 again (``llama-context.cpp``).
-- **activations**: the compute buffer of the worst-case graph (``min(n_ctx, n_ubatch)`` tokens, every one an
-  output: its logits ``n_vocab × n_ubatch × 4``, the residual stream and the FFN's tensors, the attention mask
-  over the cache), plus the output buffer (logits of one token per slot).
-- **runtime**: the ``llama-server`` process itself (code, threads, HTTP server, vocabulary), measured.
+- **activations**: the compute buffer of the worst-case graph (``min(n_ctx, n_ubatch)`` tokens; llama-server
+  asks for one output per slot), the output buffer (one token's logits per slot) and the CPU backend's work
+  buffer.
+- **runtime**: the ``llama-server`` process itself (code, threads, HTTP server, vocabulary, slots), measured.
 """
 
 from __future__ import annotations
