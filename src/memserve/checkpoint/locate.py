@@ -9,6 +9,10 @@ component exists here (``models/demo-tinyy`` when ``./models`` is a folder). Eve
 (``HF_HUB_OFFLINE=1``) or the hub does not answer one short request, the hub is asked for the config and
 the safetensors headers only, so nothing large is downloaded and an unreachable hub costs one try, not a
 storm of retries.
+
+A GGUF model (llama.cpp's single-file format) is a ``.gguf`` file, or a folder or cached snapshot that holds
+exactly one and no ``config.json`` (``find_gguf``); it is planned from its own header (``checkpoint/gguf.py``)
+and served by llama.cpp (``engines/llamacpp.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from memserve.checkpoint.facts import CheckpointFacts, facts_from_metadata, parse_config, read_local_facts
-from memserve.errors import HubUnavailable, ModelNotFound
+from memserve.errors import CheckpointError, HubUnavailable, ModelNotFound
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 HUB_PROBE_TIMEOUT_SECONDS = 3.0
@@ -130,6 +134,30 @@ def locate(spec: str, *, lookup_hub: bool = True) -> ModelSource:
             f"download it first (huggingface-cli download {repo_id}) or pass a local folder{local_hint(spec)}"
         )
     return ModelSource(spec=spec, kind="hub", repo_id=repo_id, revision=revision or None)
+
+
+def find_gguf(spec: str) -> Path | None:
+    """The ``.gguf`` file ``spec`` names, or None when it is not a GGUF source; never reaches the hub.
+
+    A GGUF source is a ``.gguf`` file, or a local folder or cached hub snapshot with no ``config.json`` that
+    holds ``.gguf`` files: exactly one, else a CheckpointError listing them. A folder with a ``config.json`` is a
+    transformers checkpoint even when a ``.gguf`` sits beside it. ModelNotFound as ``locate`` raises it.
+    """
+    source = locate(spec, lookup_hub=False)
+    if source.path is None:
+        return None
+    path = source.path
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if (path / "config.json").is_file():
+        return None
+    files = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if len(files) > 1:
+        names = ", ".join(p.name for p in files)
+        raise CheckpointError(
+            f"{spec}: holds {len(files)} GGUF files ({names}); pass the one to serve, e.g. {path / files[0].name}"
+        )
+    return files[0] if files else None
 
 
 def missing_path_message(spec: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from memserve.checkpoint.demo import ARCHS, DTYPES, SIZES, write_demo_model
+from memserve.checkpoint.demo_gguf import GGUF_TYPES, write_demo_gguf
 from memserve.errors import MemserveError
 from memserve.units import format_bytes
 
@@ -48,12 +49,40 @@ def _choices(names: Iterable[str]) -> str:
     help="0 to 2**32-1; the same seed and options give byte-identical weights.",
 )
 @click.option("--force", is_flag=True, help="Replace the checkpoint files in a non-empty PATH.")
-def demo_model(path: Path, size: str, arch: str, dtype: str | None, seed: int, force: bool) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    metavar="[safetensors|gguf]",
+    default="safetensors",
+    show_default=True,
+    help="gguf: one file for llama.cpp at PATH (ending in .gguf), the same weights.",
+)
+@click.option(
+    "--gguf-type",
+    metavar=_choices(GGUF_TYPES),
+    default=None,
+    help="The GGUF file's weight type  [default: the dtype's own]",
+)
+def demo_model(
+    path: Path, size: str, arch: str, dtype: str | None, seed: int, force: bool, fmt: str, gguf_type: str | None
+) -> None:
     """Write a random-weight checkpoint with a locally trained tokenizer and a chat template to PATH.
 
-    Nothing is downloaded; the result loads with transformers' from_pretrained like any hub model.
+    Nothing is downloaded; the result loads with transformers' from_pretrained like any hub model, or, with
+    --format gguf, with llama.cpp's llama-server.
     """
     try:
+        if fmt not in ("safetensors", "gguf"):
+            raise click.ClickException(f"unknown format {fmt!r}: expected safetensors or gguf")
+        if fmt == "gguf":
+            gguf = write_demo_gguf(path, size=size, arch=arch, dtype=dtype, gguf_type=gguf_type, seed=seed, force=force)
+            click.echo(
+                f"wrote {gguf.path}: {gguf.arch} {gguf.size} {gguf.gguf_type} GGUF, {gguf.params:,} params, "
+                f"{format_bytes(gguf.file_bytes)}"
+            )
+            return
+        if gguf_type is not None:
+            raise click.ClickException("--gguf-type applies to --format gguf only")
         info = write_demo_model(path, size=size, arch=arch, dtype=dtype, seed=seed, force=force)
     except MemserveError as exc:
         raise click.ClickException(exc.message) from exc

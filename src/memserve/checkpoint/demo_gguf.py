@@ -1,0 +1,241 @@
+"""A demo model as one GGUF file, so llama.cpp's tests and benchmarks never reach the hub.
+
+``write_demo_gguf`` writes the project's demo checkpoint (``checkpoint/demo.py``: same size, arch and
+seed give the same weights) and converts it with the ``gguf`` package's writer into what llama.cpp's
+own ``convert_hf_to_gguf.py`` would produce for it: llama.cpp's tensor names, its hyperparameter keys, a
+byte-level BPE tokenizer (``gpt2`` with the GPT-2 pre-tokenizer, which is the demo tokenizer's) with the
+ChatML special tokens as control tokens, and the chat template. Two details only a converter knows:
+
+- llama.cpp's ``llama`` architecture rotates pairs of adjacent features (original RoPE) while transformers
+  rotates the two halves of each head, so the q and k projections of a llama checkpoint are permuted
+  row-wise (``convert_hf_to_gguf.py: LlamaModel.permute``); ``qwen2`` uses the halves in both, unpermuted.
+- norms and biases stay float32 whatever the file type (llama.cpp's converter does the same).
+
+The file is written tensor by tensor (header first, then each tensor converted as it is written), so
+peak memory is one tensor, and it appears at its path only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memserve.checkpoint.demo import write_demo_model
+from memserve.errors import CheckpointError, InvalidArgument
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["GGUF_TYPES", "DemoGgufInfo", "convert_demo_checkpoint", "write_demo_gguf"]
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+_TYPE_OF_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# transformers' names → llama.cpp's, per layer (``{}`` is the layer index) and model-wide
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_MODEL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+@dataclass(frozen=True)
+class DemoGgufInfo:
+    """What ``write_demo_gguf`` wrote."""
+
+    path: Path
+    arch: str
+    size: str
+    gguf_type: str
+    params: int
+    file_bytes: int
+
+
+def write_demo_gguf(
+    path: Path,
+    *,
+    size: str = "tiny",
+    arch: str = "llama",
+    dtype: str | None = None,
+    gguf_type: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> DemoGgufInfo:
+    """Write the demo model of ``size``/``arch``/``seed`` as one GGUF file at ``path`` (``*.gguf``).
+
+    ``dtype`` is the demo checkpoint's (float32 for tiny, bfloat16 otherwise); ``gguf_type`` the file's
+    (f32, f16, bf16 or q8_0; by default the dtype's own, so the weights are the safetensors demo's exactly).
+    """
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise InvalidArgument(f"{path}: a GGUF demo model is one file; give a path ending in .gguf", param="path")
+    if path.exists() and not force:
+        raise InvalidArgument(f"{path} exists; choose a new path or pass --force (force=True)", param="path")
+    if gguf_type is not None and gguf_type not in GGUF_TYPES:
+        raise InvalidArgument(
+            f"unknown GGUF type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}", param="gguf_type"
+        )
+    target = path.absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        info = write_demo_model(staging / "checkpoint", size=size, arch=arch, dtype=dtype, seed=seed)
+        kind = gguf_type or _TYPE_OF_DTYPE[info.dtype]
+        params = convert_demo_checkpoint(staging / "checkpoint", staging / "model.gguf", gguf_type=kind)
+        os.replace(staging / "model.gguf", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return DemoGgufInfo(path, arch, size, kind, params, target.stat().st_size)
+
+
+def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """transformers' half-rotation layout → llama.cpp's adjacent pairs (``convert_hf_to_gguf.py``)."""
+    rows = weights.shape[0]
+    return weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _gguf_name(name: str) -> str:
+    if name in _MODEL_NAMES:
+        return _MODEL_NAMES[name]
+    prefix, _, rest = name.partition(".layers.")
+    index, _, leaf = rest.partition(".")
+    if prefix == "model" and index.isdigit() and leaf in _LAYER_NAMES:
+        return f"blk.{int(index)}.{_LAYER_NAMES[leaf]}"
+    raise CheckpointError(f"tensor {name} has no llama.cpp name; only the demo models' llama and qwen2 convert")
+
+
+def _tensors(folder: Path) -> Iterator[tuple[str, Any]]:
+    """(name, float32 numpy array) in file order, one at a time."""
+    import torch
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
+    for filename in files:
+        with safe_open(str(folder / filename), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has keys() but no __iter__
+                yield name, f.get_tensor(name).to(torch.float32).numpy()
+
+
+def _tokenizer(folder: Path) -> tuple[list[str], list[int], list[str]]:
+    """Tokens by id, their types (the added special tokens are control tokens) and merges, from ``tokenizer.json``."""
+    from gguf import TokenType
+
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    vocab.update(specials)
+    config = json.loads((folder / "config.json").read_text())
+    size = max(config["vocab_size"], max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [int(TokenType.UNUSED)] * size
+    for text, token_id in vocab.items():
+        tokens[token_id] = text
+        types[token_id] = int(TokenType.CONTROL if text in specials else TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, types, merges
+
+
+def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str) -> int:
+    """Convert a demo checkpoint folder (llama or qwen2) into one GGUF file; returns its parameter count."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
+    from gguf.quants import quantize
+
+    config = json.loads((folder / "config.json").read_text())
+    arch = _ARCHS.get((config.get("architectures") or ["?"])[0])
+    if arch is None:
+        raise CheckpointError(f"{folder}: only the demo models' llama and qwen2 checkpoints convert to GGUF")
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    matrix_type = {
+        "f32": GGMLQuantizationType.F32,
+        "f16": GGMLQuantizationType.F16,
+        "bf16": GGMLQuantizationType.BF16,
+        "q8_0": GGMLQuantizationType.Q8_0,
+    }[gguf_type]
+    file_type = {
+        "f32": LlamaFileType.ALL_F32,
+        "f16": LlamaFileType.MOSTLY_F16,
+        "bf16": LlamaFileType.MOSTLY_BF16,
+        "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    }[gguf_type]
+    rope = config.get("rope_parameters") or {}
+    tokens, types, merges = _tokenizer(folder)
+
+    def kind(name: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
+        return matrix_type if len(shape) == 2 else GGMLQuantizationType.F32
+
+    def convert(name: str, data: np.ndarray) -> np.ndarray:
+        if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
+            data = _permute(data, heads)
+        elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
+            data = _permute(data, kv_heads)
+        return np.ascontiguousarray(quantize(data, kind(name, data.shape)))
+
+    writer = GGUFWriter(out, arch)
+    writer.add_name(f"memserve demo {arch}")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(int(file_type))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_add_bos_token(False)
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        writer.add_chat_template(template.read_text(encoding="utf-8"))
+
+    params = 0
+    for name, data in _tensors(folder):  # first pass: names, shapes and sizes only
+        ggml_type = kind(name, data.shape)
+        block, type_size = GGML_QUANT_SIZES[ggml_type]
+        writer.add_tensor_info(
+            _gguf_name(name), data.shape, np.dtype(np.float32), data.size * type_size // block, raw_dtype=ggml_type
+        )
+        params += data.size
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, data in _tensors(folder):
+        writer.write_tensor_data(convert(name, data))
+    writer.close()
+    return params
