@@ -5,7 +5,8 @@
 # finds the binary there and only prints its path. The last line printed is the binary's path, so callers
 # can do: export MEMSERVE_LLAMA_SERVER_COMMAND="$(scripts/build-llama-server.sh | tail -n 1)"
 #
-# Needs: python3 with pip, cmake >= 3.14, a C++17 compiler, make. Takes about 10 minutes on 2 cores.
+# Needs: python3 with pip, cmake >= 3.14, a C++17 compiler, make. The first build took 50 minutes on 2 cores
+# shared with other work (nice 10, load about 5); a second run finds the binary and takes no time.
 # Environment: LLAMA_CPP_PYTHON_VERSION (default below), JOBS (default: nproc), XDG_CACHE_HOME.
 set -euo pipefail
 

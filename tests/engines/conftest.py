@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from memserve.checkpoint.demo_gguf import convert_demo_checkpoint
+from memserve.engines.llamacpp import executable
+from memserve.errors import RunnerFailed
 from memserve.memory.estimate import DeviceNeed, GiB
 from memserve.memory.fit import PlanFile
 from memserve.pool.runner_process import RunnerHandle, Spawner, process_spawner
@@ -63,3 +67,23 @@ def vllm_spawner(
         return await real(name, vllm, on_event)
 
     return spawn
+
+
+@pytest.fixture(scope="module")
+def command() -> list[str]:
+    """llama-server's command; skipped without it on a developer's machine, failed under CI."""
+    try:
+        return executable()
+    except RunnerFailed as exc:
+        message = exc.message
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must run this test (.ci/run builds it)")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo model as one f32 GGUF file."""
+    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    convert_demo_checkpoint(tiny_model_dir, path, gguf_type="f32")
+    return path

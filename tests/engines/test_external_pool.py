@@ -26,7 +26,6 @@ from memserve.config import Settings
 from memserve.gateway.app import create_app
 from memserve.memory.fit import PlanFile, fit_result
 from memserve.memory.inventory import Device, Inventory
-from memserve.pool import placement
 from memserve.pool.pool import ModelPool
 from tests.engines.conftest import vllm_spawner
 from tests.gateway.test_gateway_process import HEADROOM, chat, host, local, ps, room_for_one, settings_for
@@ -170,9 +169,6 @@ def test_the_watchdog_kills_an_external_server_past_its_plan(
         assert pid not in stand_in_pids()
 
 
-@pytest.mark.skipif(
-    not hasattr(placement, "with_vllm"), reason="vLLM's rungs are not wired into the pool's placement on this branch"
-)
 def test_on_a_gpu_host_where_vllm_is_installed_the_pool_plans_and_starts_vllm(
     tmp_path: Path, tiny_model_dir: Path, fake_vllm: str
 ) -> None:

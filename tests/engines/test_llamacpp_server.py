@@ -7,8 +7,6 @@ Skipped when llama-server cannot be found (failed under CI=true, where ``.ci/run
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,13 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from memserve.checkpoint.demo_gguf import convert_demo_checkpoint
 from memserve.checkpoint.gguf import read_gguf_facts
-from memserve.engines.llamacpp import arguments, executable
-from memserve.errors import RunnerFailed
+from memserve.engines.llamacpp import arguments
 from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import Plan, Request
+from memserve.net import free_port
 
 GiB = 1024**3
 CONTEXT_TOKENS = 512
@@ -34,24 +31,6 @@ READY_SECONDS = 120.0  # a deadline for start-up on a busy machine, not a pace: 
 TOLERANCE = (1.00, 1.10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def command() -> list[str]:
-    """llama-server's command; skipped without it on a developer's machine, failed under CI."""
-    try:
-        return executable()
-    except RunnerFailed as exc:
-        message = exc.message
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}; CI must run this test (.ci/run builds it)")
-        pytest.skip(message)
-
-
 @dataclass
 class Server:
     url: str
@@ -59,13 +38,6 @@ class Server:
     plan: Plan
     log: Path
     model: Path
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
-    convert_demo_checkpoint(tiny_model_dir, path, gguf_type="f32")
-    return path
 
 
 def _plan(model: Path) -> Plan:
@@ -81,7 +53,7 @@ def _plan(model: Path) -> Plan:
 @pytest.fixture(scope="module")
 def server(command: list[str], tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     chosen = _plan(tiny_gguf)
-    port = _free_port()
+    port = free_port()
     argv = arguments("tiny", PlanFile(str(tiny_gguf), chosen), host="127.0.0.1", port=port, threads=2)
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     with log.open("wb") as out:  # a file, never a pipe: a chatty server cannot block on it

@@ -58,6 +58,11 @@ class GgufFacts:
     warnings: tuple[str, ...] = ()
 
     @property
+    def format(self) -> str:
+        """The checkpoint format, as ``CheckpointFacts.format`` names it."""
+        return "gguf"
+
+    @property
     def model_type(self) -> str:
         """The architecture, named where a safetensors checkpoint names its ``model_type`` (``fit``'s table)."""
         return self.architecture

@@ -11,10 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memserve.checkpoint.facts import CheckpointFacts
 from memserve.engines import EngineStatus, engines_for, require
 from memserve.memory.estimate import Engine
-from memserve.memory.fit import fit_json, fit_result
+from memserve.memory.fit import ModelFacts, fit_json, fit_result
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import (
     DEFAULT_MAX_BATCH_TOKENS,
@@ -28,7 +27,7 @@ EXIT_NO_FIT = 3
 
 
 def _print_table(
-    facts: CheckpointFacts, request: Request, result: PlanResult, inventory: Inventory, engines: list[EngineStatus]
+    facts: ModelFacts, request: Request, result: PlanResult, inventory: Inventory, engines: list[EngineStatus]
 ) -> None:
     console = Console()
     console.print(

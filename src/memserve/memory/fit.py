@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
-from memserve.checkpoint.locate import read_facts
-from memserve.engines import engines_for
+from memserve.checkpoint.gguf import GgufFacts, read_gguf_facts
+from memserve.checkpoint.locate import find_gguf, read_facts
+from memserve.engines import engines_for, llamacpp
 from memserve.engines.vllm import with_vllm
 from memserve.errors import InvalidArgument
 from memserve.memory.estimate import CONTINUOUS_BATCHING, Engine
@@ -40,7 +41,38 @@ def queue_limit(max_queue: int | None, concurrency: int) -> int:
     return max_queue if max_queue is not None else QUEUE_PER_SEQUENCE * concurrency
 
 
-def default_context(facts: CheckpointFacts) -> int:
+ModelFacts = CheckpointFacts | GgufFacts  # what a model's headers say: a safetensors checkpoint's, or a GGUF file's
+
+
+def read_model_facts(source: str) -> ModelFacts:
+    """The facts of the model at ``source``: a GGUF file (or a folder holding one) is read from its own header
+    for llama.cpp; anything else is a transformers checkpoint (``read_facts``)."""
+    gguf = find_gguf(source)
+    return read_gguf_facts(gguf, source=source) if gguf is not None else read_facts(source)
+
+
+def plan_model(
+    facts: ModelFacts, request: Request, inventory: Inventory, policy: Policy, runner: str = "auto"
+) -> PlanResult:
+    """Every engine's rungs for the model, and the first that fits: the one place that knows which engine
+    reads which format. A GGUF file is llama.cpp's; a checkpoint is memserve's runner's, and vLLM's on a CUDA
+    host where it is installed (``engines.vllm.with_vllm``). ``runner`` names the engine asked for, or ``auto``."""
+    if isinstance(facts, GgufFacts):
+        if runner not in ("auto", "llama.cpp"):
+            raise InvalidArgument(
+                f"{facts.source} is a GGUF file, which only llama.cpp serves; set the model's runner to auto or "
+                f"llama.cpp (it was {runner}), or point it at the safetensors checkpoint"
+            )
+        return llamacpp.plan(facts, request, inventory, policy)
+    if runner == "llama.cpp":
+        raise InvalidArgument(
+            f"{facts.source} is not a GGUF file, and llama.cpp serves GGUF files only; set the model's runner to "
+            "auto, transformers or vllm, or point it at a .gguf file"
+        )
+    return with_vllm(facts, request, inventory, policy, plan(facts, request, inventory, policy), runner=runner)
+
+
+def default_context(facts: ModelFacts) -> int:
     """Like Ollama: a modest default context, never more than the model supports."""
     limit = facts.max_context_tokens
     return min(limit, DEFAULT_CONTEXT_TOKENS) if limit else DEFAULT_CONTEXT_TOKENS
@@ -59,12 +91,18 @@ def fit_result(
     engine: Engine = CONTINUOUS_BATCHING,
     runner: str = "auto",
     inventory: Inventory,
-) -> tuple[CheckpointFacts, Request, PlanResult]:
+) -> tuple[ModelFacts, Request, PlanResult]:
     """Facts, request and plan for one model: what ``fit`` prints and the server will reuse.
 
-    ``runner`` is the engine asked for (``auto``, or one by name: ``engines.vllm.with_vllm``)."""
-    facts = read_facts(model)
-    facts = with_adapters(facts, tuple(read_adapter_facts(Path(a)) for a in adapters))
+    ``runner`` is the engine asked for, or ``auto`` (``plan_model``)."""
+    facts = read_model_facts(model)
+    if adapters and isinstance(facts, GgufFacts):
+        raise InvalidArgument(
+            f"{model} is a GGUF model served by llama.cpp, which memserve gives no LoRA adapters yet; drop "
+            "--adapter or serve the safetensors checkpoint"
+        )
+    if isinstance(facts, CheckpointFacts):
+        facts = with_adapters(facts, tuple(read_adapter_facts(Path(a)) for a in adapters))
     request = Request(
         context_tokens=context if context is not None else default_context(facts),
         concurrency=concurrency,
@@ -74,14 +112,10 @@ def fit_result(
         engine=engine,
     )
     policy = Policy(allow_gpu=device != "cpu", allow_cpu=device != "cuda", allow_split=device == "auto")
-    return (
-        facts,
-        request,
-        with_vllm(facts, request, inventory, policy, plan(facts, request, inventory, policy), runner=runner),
-    )
+    return facts, request, plan_model(facts, request, inventory, policy, runner)
 
 
-def fit_json(facts: CheckpointFacts, request: Request, result: PlanResult, inventory: Inventory) -> dict[str, Any]:
+def fit_json(facts: ModelFacts, request: Request, result: PlanResult, inventory: Inventory) -> dict[str, Any]:
     """The public shape of ``fit --json`` (the server's /api/fit answers the same)."""
     return {
         "model": facts.summary(),

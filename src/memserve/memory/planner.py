@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.errors import InvalidArgument
@@ -44,6 +44,9 @@ from memserve.memory.estimate import (
 )
 from memserve.memory.inventory import Device, Inventory
 from memserve.units import format_bytes
+
+if TYPE_CHECKING:  # only its two fields are read here, so the module is not imported
+    from memserve.checkpoint.gguf import GgufFacts
 
 QuantizationRequest = Literal["auto", "none", "int8", "4bit"]
 # the engine a plan runs on, i.e. its runner kind: memserve's own runner (transformers) or an external
@@ -303,7 +306,7 @@ class PlanResult:
 # ------------------------------------------------------------------------------------ validation
 
 
-def validate_request(facts: CheckpointFacts, request: Request) -> None:
+def validate_request(facts: CheckpointFacts | GgufFacts, request: Request) -> None:
     """Reject what no plan could mean: one line saying what was wrong and what is accepted."""
     limit = facts.max_context_tokens
     if request.context_tokens < 1:

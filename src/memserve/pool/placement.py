@@ -10,13 +10,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from memserve.checkpoint.facts import CheckpointFacts
 from memserve.config import ModelConfig
-from memserve.engines.vllm import with_vllm
 from memserve.errors import InsufficientMemory, InvalidArgument, MemoryBusy
-from memserve.memory.fit import default_context
+from memserve.memory.fit import ModelFacts, default_context, plan_model
 from memserve.memory.inventory import Inventory
-from memserve.memory.planner import RUNGS, Plan, Policy, Request, plan
+from memserve.memory.planner import RUNGS, Plan, Policy, Request
 from memserve.pool.events import PoolEventKind, sizes
 from memserve.pool.ledger import Calibration, Ledger, calibrated, checkpoint_files, checkpoint_fingerprint, plan_key
 from memserve.units import format_bytes
@@ -34,7 +32,7 @@ class Choice:
     notes: list[Note] = field(default_factory=list)
 
 
-def request_for(config: ModelConfig, facts: CheckpointFacts, options: Mapping[str, int]) -> Request:
+def request_for(config: ModelConfig, facts: ModelFacts, options: Mapping[str, int]) -> Request:
     """What to plan for: the model's configuration, with one load's options (context, concurrency) on top."""
     context = options.get("context_tokens") or config.context_tokens or default_context(facts)
     floor = config.policy.min_context_tokens  # a load asking for less context than the floor lowers the floor
@@ -72,7 +70,7 @@ def policy_for(config: ModelConfig) -> Policy:
     )
 
 
-def fingerprint(facts: CheckpointFacts) -> str:
+def fingerprint(facts: ModelFacts) -> str:
     folder = Path(facts.source)
     return checkpoint_fingerprint(facts.source, checkpoint_files(folder) if folder.is_dir() else [])
 
@@ -89,7 +87,7 @@ class Placement:
         name: str,
         config: ModelConfig,
         skip_rungs: frozenset[str],
-        facts: CheckpointFacts,
+        facts: ModelFacts,
         options: Mapping[str, int],
     ) -> Choice:
         """The choice a load starts with.
@@ -124,7 +122,7 @@ class Placement:
         raise refusal
 
     def choose(
-        self, name: str, config: ModelConfig, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
+        self, name: str, config: ModelConfig, facts: ModelFacts, policy: Policy, options: Mapping[str, int]
     ) -> Choice:
         """The first plan on the ladder whose reservation fits the pool's capacity, and that reservation.
 
@@ -175,13 +173,11 @@ class Placement:
             notes.append((PoolEventKind.RUNG_LOWER, {"failed_rung": rung, "rung": planned.rung, "reason": why}))
 
     def plan(
-        self, name: str, config: ModelConfig, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]
+        self, name: str, config: ModelConfig, facts: ModelFacts, policy: Policy, options: Mapping[str, int]
     ) -> Plan:
         """The planner's plan over the whole capacity; InsufficientMemory (507) with its NoFit when none fits."""
         request, capacity = request_for(config, facts, options), self._capacity()
-        result = with_vllm(
-            facts, request, capacity, policy, plan(facts, request, capacity, policy), runner=config.runner
-        )
+        result = plan_model(facts, request, capacity, policy, config.runner)
         if result.plan is None:
             assert result.nofit is not None
             raise InsufficientMemory(
@@ -213,7 +209,7 @@ class Placement:
             retry_after_seconds=5.0,
         )
 
-    def reservation(self, facts: CheckpointFacts, planned: Plan) -> dict[str, int]:
+    def reservation(self, facts: ModelFacts, planned: Plan) -> dict[str, int]:
         """The bytes to reserve for ``planned``: what the calibration measured for it, else its estimate."""
         return calibrated(planned.reserved_bytes, self.calibration.get(fingerprint(facts), plan_key(planned)))
 

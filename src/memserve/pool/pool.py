@@ -39,8 +39,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from memserve.checkpoint.facts import CheckpointFacts
-from memserve.checkpoint.locate import read_facts
 from memserve.config import Settings
 from memserve.errors import (
     InsufficientMemory,
@@ -50,7 +48,7 @@ from memserve.errors import (
     Overloaded,
     RunnerFailed,
 )
-from memserve.memory.fit import PlanFile
+from memserve.memory.fit import ModelFacts, PlanFile, read_model_facts
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import Plan, Policy, validate_request
 from memserve.memory.probe import available_ram_bytes
@@ -95,7 +93,7 @@ class ModelPool:
         spawner: Spawner | None = None,
         clock: Clock | None = None,
         host_available_bytes: Callable[[], int] = available_ram_bytes,
-        facts_reader: Callable[[str], CheckpointFacts] = read_facts,
+        facts_reader: Callable[[str], ModelFacts] = read_model_facts,
     ) -> None:
         self.settings = settings
         self.inventory = inventory
@@ -392,7 +390,7 @@ class ModelPool:
             validate_request(facts, request_for(entry.config, facts, options))
         return options
 
-    def _choose(self, entry: Entry, facts: CheckpointFacts, policy: Policy, options: Mapping[str, int]) -> Choice:
+    def _choose(self, entry: Entry, facts: ModelFacts, policy: Policy, options: Mapping[str, int]) -> Choice:
         return self._placement.choose(entry.name, entry.config, facts, policy, options)
 
     def _record(self, entry: Entry, choice: Choice) -> tuple[Plan, dict[str, int]]:
@@ -437,7 +435,7 @@ class ModelPool:
                 raise self._placement.busy(entry.name, need, holders, self.settings.memory_wait_seconds)
             await self._wait_change(remaining)
 
-    async def _start_runner(self, entry: Entry, facts: CheckpointFacts, planned: Plan, need: dict[str, int]) -> None:
+    async def _start_runner(self, entry: Entry, facts: ModelFacts, planned: Plan, need: dict[str, int]) -> None:
         started = self._clock.now()
         entry.plan, entry.reason, entry.watchdog_reason = planned, None, None
         entry.peak_bytes, entry.learned = {}, False

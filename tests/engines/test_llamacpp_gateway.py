@@ -1,0 +1,65 @@
+"""A GGUF model served by the real llama-server under the pool, through the gateway: planned from its header,
+started as an external runner, streamed token by token, answered as llama.cpp answers, held to its plan.
+
+Skipped without llama-server on a developer's machine (failed under CI=true, where ``.ci/run`` builds it).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.engines.test_external_pool import until
+from tests.gateway.test_gateway_process import gateway, host, local, ps, settings_for
+
+GiB = 1024**3
+PROMPT = "The weather today is"
+NEW_TOKENS = 12
+
+
+def _streamed_text(origin: str, body: dict[str, object]) -> list[str]:
+    pieces: list[str] = []
+    with httpx.stream("POST", f"{origin}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choices = json.loads(line[len("data: ") :]).get("choices") or []
+                pieces += [c["text"] for c in choices if c.get("text")]
+    return pieces
+
+
+def test_a_gguf_model_is_served_by_llama_server_through_the_gateway(
+    tmp_path: Path, tiny_gguf: Path, command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEMSERVE_LLAMA_SERVER_COMMAND", shlex.join(command))
+    settings = settings_for(tmp_path, [local("g", tiny_gguf)])
+    with gateway(settings, host(8 * GiB)) as (origin, _):
+        body = {"model": "g", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0}
+        whole = httpx.post(f"{origin}/v1/completions", json=body, timeout=120)
+        assert whole.status_code == 200, whole.text
+        text = whole.json()["choices"][0]["text"]
+        assert text and whole.json()["usage"]["completion_tokens"] > 0
+
+        pieces = _streamed_text(origin, body)
+        assert len(pieces) > 1 and "".join(pieces) == text  # token by token, and the same greedy answer
+
+        row = next(m for m in ps(origin)["models"] if m["name"] == "g")
+        assert row["state"] == "ready" and row["runner"] == "llama.cpp" and row["rung"] == "cpu"
+        native = httpx.post(  # llama.cpp's own endpoint on the runner the pool started: the same answer
+            f"http://{row['socket']}/completion",
+            json={"prompt": PROMPT, "n_predict": NEW_TOKENS, "temperature": 0, "cache_prompt": False},
+            timeout=60,
+        ).json()
+        assert native["content"] == text
+        cpu = row["devices"]["cpu"]
+        assert 0 < cpu["measured_bytes"] <= cpu["reserved_bytes"]
+
+        def usage() -> int:  # rows are written in batches off the request path
+            groups = httpx.get(f"{origin}/api/usage", params={"group_by": "model"}, timeout=30).json()
+            return sum(g["requests"] for g in groups["rows"] if g["model"] == "g")
+
+        until(lambda: usage() == 2, "a usage row for each of the two requests")
