@@ -29,7 +29,6 @@ import os
 import shlex
 import shutil
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from memserve.checkpoint.gguf import GgufFacts
@@ -38,18 +37,17 @@ from memserve.errors import CheckpointError, InvalidArgument, RunnerFailed
 from memserve.memory.estimate import GPU_HOST_RUNTIME_BYTES, GPU_RUNTIME_BYTES, DeviceNeed
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import (
-    CONTEXT_STEP_TOKENS,
     MAX_CONCURRENCY,
-    NoFit,
-    Plan,
     PlanResult,
     Policy,
     Request,
     Rung,
     RunnerKind,
     batch_tokens_for,
+    fit_words,
+    ladder,
+    placement_blocked,
 )
-from memserve.units import format_bytes
 
 if TYPE_CHECKING:
     from memserve.memory.fit import PlanFile
@@ -247,34 +245,12 @@ def _price(
             blocked="there is no CUDA GPU on this host",
             runner=RUNNER,
         )
-    blocked: str | None = None
-    if name in policy.skip_rungs:
-        blocked = "a runner on this rung or one above it used more memory than planned, so it is skipped"
-    elif on_gpu and not policy.allow_gpu:
-        blocked = "GPUs are not allowed by policy"
-    elif name == "gpu-cpu-split" and not (policy.allow_split and policy.allow_cpu):
-        blocked = "splitting across GPU and CPU is not allowed by policy"
-    elif name == "cpu" and not policy.allow_cpu:
-        blocked = "CPU placement is not allowed by policy"
+    blocked = placement_blocked(name, policy)
     gpu = gpus[0] if on_gpu else None  # one GPU: llama.cpp's split across several is not priced
     needs, device_map = _needs(facts, request, context_tokens, inventory.cpu, gpu, split=name == "gpu-cpu-split")
-    fits = all(n.fits for n in needs.values())
-    where = ", ".join(f"{d}: {format_bytes(n.total_bytes)} of {format_bytes(n.free_bytes)}" for d, n in needs.items())
+    fits, why = fit_words(needs, blocked)
     if on_gpu:
-        where += f"; -ngl {gpu_layers(device_map)}"
-    if fits:
-        why = f"fits ({where})"
-        if blocked:
-            why = f"not available: {blocked}; it would fit ({where})"
-    else:
-        short = [
-            f"{d} needs {format_bytes(n.total_bytes)}, {format_bytes(n.free_bytes)} usable"
-            for d, n in needs.items()
-            if not n.fits
-        ]
-        why = "; ".join(short)
-        if blocked:
-            why = f"not available: {blocked}; it would not fit either: {why}"
+        why += f"; -ngl {gpu_layers(device_map)}"
     return Rung(
         name,
         fits and blocked is None,
@@ -291,127 +267,24 @@ def _price(
     )
 
 
-def _largest_context(
-    name: str, facts: GgufFacts, request: Request, inventory: Inventory, policy: Policy, floor: int
-) -> Rung | None:
-    """The rung at the largest context in [floor, requested) that fits (multiples of 256 above the floor: the
-    KV cache grows with the context, so a bisection finds it)."""
-    step = CONTEXT_STEP_TOKENS
-    candidates = [floor, *range((floor // step + 1) * step, request.context_tokens, step)]
-    best: Rung | None = None
-    low, high = 0, len(candidates) - 1
-    while low <= high:
-        mid = (low + high) // 2
-        rung = _price(name, facts, request, inventory, policy, candidates[mid])
-        if rung.fits:
-            best, low = rung, mid + 1
-        else:
-            high = mid - 1
-    return best
-
-
-def _alternatives(
-    facts: GgufFacts, request: Request, inventory: Inventory, policy: Policy, rungs: list[Rung]
-) -> list[str]:
-    """The nearest options a person can act on: a rung ruled out that would fit, a smaller context, fewer slots."""
-    options = [
-        f"{r.name} ({r.where()}) would fit but {r.blocked}"
-        for r in rungs
-        if not r.available and r.devices and all(n.fits for n in r.devices.values())
-    ]
-    placements = [r.name for r in rungs if r.available and r.devices]
-    for name in placements:
-        shorter = _largest_context(name, facts, request, inventory, policy, 1)
-        if shorter is not None and shorter.context_tokens < request.context_tokens:
-            options.append(f"fits as {shorter.name} with --context {shorter.context_tokens}")
-            break
-    if request.concurrency > 1:
-        for name in placements:
-            fewer = next(
-                (
-                    c
-                    for c in range(request.concurrency - 1, 0, -1)
-                    if _price(
-                        name, facts, replace(request, concurrency=c), inventory, policy, request.context_tokens
-                    ).fits
-                ),
-                None,
-            )
-            if fewer is not None:
-                options.append(f"fits as {name} with --concurrency {fewer}")
-                break
-    options.append(f"a smaller quantization of the model than {facts.file_type} (another GGUF file)")
-    return options
-
-
 def plan(facts: GgufFacts, request: Request, inventory: Inventory, policy: Policy | None = None) -> PlanResult:
     """Price llama.cpp's rungs for a GGUF model and choose the first that fits; otherwise a NoFit."""
     _validate(facts, request)
-    policy = policy or Policy()
-    rungs = [_price(name, facts, request, inventory, policy, request.context_tokens) for name in RUNGS[:-1]]
-    chosen = next((r for r in rungs if r.fits), None)
-    smaller: Rung | None = None
-    floor = request.min_context_tokens
-    if (
-        chosen is None
-        and floor is not None
-        and floor < request.context_tokens
-        and "smaller-context" not in policy.skip_rungs
-    ):
-        for name in RUNGS[:-1]:
-            smaller = _largest_context(name, facts, request, inventory, policy, floor)
-            if smaller is not None:
-                break
-    if smaller is not None:
-        chosen = replace(smaller, why=f"{smaller.name} with context {smaller.context_tokens}: {smaller.why}")
-        rungs.append(replace(chosen, name="smaller-context"))
-    else:
-        why = (
-            "not needed: the requested context fits"
-            if chosen is not None
-            else "no smaller context allowed (pass --min-context to allow one)"
-            if floor is None
-            else f"nothing fits even at --min-context {floor}"
-        )
-        rungs.append(
-            Rung(
-                "smaller-context",
-                False,
-                floor is not None,
-                why,
-                facts.file_type,
-                "none",
-                request.context_tokens,
-                request.concurrency,
-                runner=RUNNER,
-            )
-        )
-    if chosen is not None:
-        result = Plan(
-            rung=chosen.name if smaller is None else "smaller-context",
-            dtype=chosen.dtype,
-            quantization="none",
-            context_tokens=chosen.context_tokens,
-            concurrency=chosen.concurrency,
-            max_batch_tokens=batch_tokens_for(chosen.context_tokens, chosen.concurrency, request.max_batch_tokens),
-            devices=chosen.devices,
-            device_map=chosen.device_map,
-            engine=request.engine,
-            runner=RUNNER,
-        )
-        return PlanResult(tuple(rungs), result, None)
-    priced = [r for r in rungs if r.available and r.devices] or [r for r in rungs if r.devices]
-    closest = min(priced, key=lambda r: sum(max(0, n.total_bytes - n.free_bytes) for n in r.devices.values()))
-    closest_fits = all(n.fits for n in closest.devices.values())
-    others = [r for r in rungs[:-1] if not (closest_fits and r.name == closest.name)]
-    nofit = NoFit(
-        model=facts.source,
-        needed=closest.devices,
-        closest_rung=closest.name,
-        alternatives=tuple(_alternatives(facts, request, inventory, policy, others)),
-        closest_blocked=closest.blocked if closest_fits else None,
+    rules = policy or Policy()
+
+    def price(name: str, context_tokens: int, request: Request) -> Rung:
+        return _price(name, facts, request, inventory, rules, context_tokens)
+
+    return ladder(
+        facts.source,
+        RUNGS[:-1],
+        price,
+        request,
+        rules,
+        dtype=facts.file_type,
+        runner=RUNNER,
+        hints=(f"a smaller quantization of the model than {facts.file_type} (another GGUF file)",),
     )
-    return PlanResult(tuple(rungs), None, nofit)
 
 
 # ------------------------------------------------------------------------------------------- arguments

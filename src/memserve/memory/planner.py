@@ -21,7 +21,7 @@ device that holds layers also holds their KV cache, the activations and a runtim
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
@@ -438,6 +438,43 @@ def _pack(
     )
 
 
+def placement_blocked(name: str, policy: Policy) -> str | None:
+    """Why ``policy`` rules out the rung ``name`` (``gpu*`` rungs use GPUs, ``gpu-cpu-split`` both, the rest
+    host RAM), whatever the engine; None when it allows it."""
+    on_gpu = name.startswith("gpu")
+    if name in policy.skip_rungs:
+        return "a runner on this rung or one above it used more memory than planned, so it is skipped"
+    if on_gpu and not policy.allow_gpu:
+        return "GPUs are not allowed by policy"
+    if name == "gpu-cpu-split" and not (policy.allow_split and policy.allow_cpu):
+        return "splitting across GPU and CPU is not allowed by policy"
+    if not on_gpu and not policy.allow_cpu:
+        return "CPU placement is not allowed by policy"
+    return None
+
+
+def _weights_blocked(
+    facts: CheckpointFacts, quantization: Quantization, asked: str, on_gpu: bool, inventory: Inventory
+) -> str | None:
+    """Why the checkpoint's weights cannot be served as ``quantization`` there (what was asked for, what is
+    installed, what the checkpoint already is); None when they can."""
+    if quantization != "none" and facts.prequantized:
+        method = (facts.quantization or {}).get("quant_method")
+        return f"the checkpoint is already quantized ({method})" if method else "the checkpoint is already quantized"
+    if quantization != "none" and asked not in ("auto", quantization):
+        return f"--quantization {asked} rules out {quantization}"
+    if quantization == "none" and asked in ("int8", "4bit"):
+        return f"--quantization {asked} asks for quantized weights"
+    if quantization != "none" and on_gpu and not inventory.bitsandbytes:
+        return "bitsandbytes is not installed (pip install 'memserve[gpu]')"
+    if quantization != "none" and not on_gpu:
+        return cpu_quantization_blocked(facts, quantization)
+    if not on_gpu and facts.prequantized:
+        method = (facts.quantization or {}).get("quant_method", "pre-quantized")
+        return f"{method} checkpoints need a GPU kernel; CPU cannot run them"
+    return None
+
+
 def _price(
     name: str,
     facts: CheckpointFacts,
@@ -452,7 +489,6 @@ def _price(
     quantization: Quantization = RUNG_QUANTIZATION.get(name, "none")
     on_gpu = name.startswith("gpu")
 
-    blocked: str | None = None
     if on_gpu and not gpus:
         return Rung(
             name,
@@ -465,31 +501,7 @@ def _price(
             request.concurrency,
             blocked="there is no CUDA GPU on this host",
         )
-    if name in policy.skip_rungs:
-        blocked = "a runner on this rung or one above it used more memory than planned, so it is skipped"
-    elif on_gpu and not policy.allow_gpu:
-        blocked = "GPUs are not allowed by policy"
-    elif name == "gpu-cpu-split" and not (policy.allow_split and policy.allow_cpu):
-        blocked = "splitting across GPU and CPU is not allowed by policy"
-    elif not on_gpu and not policy.allow_cpu:
-        blocked = "CPU placement is not allowed by policy"
-    elif quantization != "none" and facts.prequantized:
-        blocked = (
-            f"the checkpoint is already quantized ({facts.quantization.get('quant_method', '?')})"
-            if facts.quantization
-            else "the checkpoint is already quantized"
-        )
-    elif quantization != "none" and quant_req not in ("auto", quantization):
-        blocked = f"--quantization {quant_req} rules out {quantization}"
-    elif quantization == "none" and quant_req in ("int8", "4bit"):
-        blocked = f"--quantization {quant_req} asks for quantized weights"
-    elif quantization != "none" and on_gpu and not inventory.bitsandbytes:
-        blocked = "bitsandbytes is not installed (pip install 'memserve[gpu]')"
-    elif quantization != "none" and not on_gpu:
-        blocked = cpu_quantization_blocked(facts, quantization)
-    elif not on_gpu and facts.prequantized:
-        method = (facts.quantization or {}).get("quant_method", "pre-quantized")
-        blocked = f"{method} checkpoints need a GPU kernel; CPU cannot run them"
+    blocked = placement_blocked(name, policy) or _weights_blocked(facts, quantization, quant_req, on_gpu, inventory)
 
     devices: tuple[Device, ...]
     if not on_gpu:
@@ -542,9 +554,10 @@ def fit_words(needs: Mapping[str, DeviceNeed], blocked: str | None) -> tuple[boo
     return False, f"not available: {blocked}; it would not fit either: {short}" if blocked else short
 
 
-def _largest_context(
-    name: str, facts: CheckpointFacts, request: Request, inventory: Inventory, policy: Policy, floor: int
-) -> Rung | None:
+Pricer = Callable[[str, int, Request], Rung]  # (rung name, context tokens, request) -> that rung priced
+
+
+def _largest_context(name: str, price: Pricer, request: Request, floor: int) -> Rung | None:
     """The rung at the largest context in [floor, requested) that fits.
 
     Candidates are the floor and the multiples of 256 tokens above it (numbers people type); the KV
@@ -556,7 +569,7 @@ def _largest_context(
     low, high = 0, len(candidates) - 1
     while low <= high:
         mid = (low + high) // 2
-        rung = _price(name, facts, request, inventory, policy, candidates[mid])
+        rung = price(name, candidates[mid], request)
         if rung.fits:
             best, low = rung, mid + 1
         else:
@@ -564,9 +577,7 @@ def _largest_context(
     return best
 
 
-def _alternatives(
-    facts: CheckpointFacts, request: Request, inventory: Inventory, policy: Policy, rungs: list[Rung]
-) -> list[str]:
+def _alternatives(price: Pricer, request: Request, rungs: list[Rung]) -> list[str]:
     """The nearest options a person can act on, best first."""
     options: list[str] = []
     ruled_out: dict[str, list[str]] = {}  # rungs that would fit, by what rules them out
@@ -577,16 +588,14 @@ def _alternatives(
     placements = [r.name for r in rungs if r.available and r.devices]
     smallest = 1 if request.min_context_tokens is None else request.min_context_tokens
     for name in placements:
-        shorter = _largest_context(name, facts, request, inventory, policy, min(smallest, CONTEXT_STEP_TOKENS))
+        shorter = _largest_context(name, price, request, min(smallest, CONTEXT_STEP_TOKENS))
         if shorter is not None and shorter.context_tokens < request.context_tokens:
             options.append(f"fits as {shorter.name} with --context {shorter.context_tokens}")
             break
     if request.concurrency > 1:
         for name in placements:
             for concurrency in range(request.concurrency - 1, 0, -1):
-                rung = _price(
-                    name, facts, replace(request, concurrency=concurrency), inventory, policy, request.context_tokens
-                )
+                rung = price(name, request.context_tokens, replace(request, concurrency=concurrency))
                 if rung.fits:
                     options.append(f"fits as {rung.name} with --concurrency {concurrency}")
                     break
@@ -599,8 +608,29 @@ def _alternatives(
 def plan(facts: CheckpointFacts, request: Request, inventory: Inventory, policy: Policy | None = None) -> PlanResult:
     """Price every rung and choose the first that fits; otherwise a NoFit with the nearest options."""
     validate_request(facts, request)
-    policy = policy or Policy()
-    rungs = [_price(name, facts, request, inventory, policy, request.context_tokens) for name in RUNGS[:-1]]
+    rules = policy or Policy()
+
+    def price(name: str, context_tokens: int, request: Request) -> Rung:
+        return _price(name, facts, request, inventory, rules, context_tokens)
+
+    return ladder(facts.source, RUNGS[:-1], price, request, rules, dtype=facts.dtype)
+
+
+def ladder(
+    model: str,
+    names: Sequence[str],
+    price: Pricer,
+    request: Request,
+    policy: Policy,
+    *,
+    dtype: str,
+    runner: RunnerKind = "transformers",
+    hints: Sequence[str] = (),
+) -> PlanResult:
+    """The ladder every engine climbs: its rungs ``names`` priced by ``price``, the first that fits chosen, else
+    the largest smaller context the request allows (``smaller-context``), else a NoFit with the nearest options
+    (and the engine's own ``hints``). ``dtype`` and ``runner`` label the smaller-context row when unused."""
+    rungs = [price(name, request.context_tokens, request) for name in names]
     chosen = next((r for r in rungs if r.fits), None)
 
     smaller: Rung | None = None
@@ -611,8 +641,8 @@ def plan(facts: CheckpointFacts, request: Request, inventory: Inventory, policy:
         and floor < request.context_tokens
         and "smaller-context" not in policy.skip_rungs
     ):
-        for name in RUNGS[:-1]:
-            smaller = _largest_context(name, facts, request, inventory, policy, floor)
+        for name in names:
+            smaller = _largest_context(name, price, request, floor)
             if smaller is not None:
                 break
     if smaller is not None:
@@ -632,10 +662,11 @@ def plan(facts: CheckpointFacts, request: Request, inventory: Inventory, policy:
                 False,
                 floor is not None,
                 why,
-                facts.dtype,
+                dtype,
                 "none",
                 request.context_tokens,
                 request.concurrency,
+                runner=runner,
             )
         )
 
@@ -659,10 +690,10 @@ def plan(facts: CheckpointFacts, request: Request, inventory: Inventory, policy:
     closest_fits = all(n.fits for n in closest.devices.values())
     others = [r for r in rungs[:-1] if not (closest_fits and r.name == closest.name)]  # said once, in the head
     nofit = NoFit(
-        model=facts.source,
+        model=model,
         needed=closest.devices,
         closest_rung=closest.name,
-        alternatives=tuple(_alternatives(facts, request, inventory, policy, others)),
+        alternatives=(*_alternatives(price, request, others), *hints),
         closest_blocked=closest.blocked if closest_fits else None,
     )
     return PlanResult(tuple(rungs), None, nofit)
