@@ -66,6 +66,6 @@ def test_the_quantized_plan_holds_the_measured_peak(quantized_runner: tuple[str,
     health = httpx.get(f"{base}/health").json()
     check = health["load"]["plan_check"]
     planned = plan["devices"]["cpu"]["total_bytes"]
-    assert check["fits"] and check["sequences"] == plan["concurrency"]
+    assert check["fits"] and check["sequences"] == plan["concurrency"], check
     assert check["peak_bytes"]["cpu"] <= planned
     assert health["memory"]["cpu"]["peak_rss_bytes"] <= planned
