@@ -54,8 +54,11 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
   FastAPI/uvicorn, the tokenizer; 115 MiB mapped shared libraries), 408 MiB for the small one (its
   12 layers' modules and 16k-token tokenizer add ~15 MiB), 422 MiB for the GPT-2 family checkpoint (fp32,
   12 layers: its worst-case warm-up peaked at 1,192.0 MiB, of which weights 656.6, KV 66.0, the forward
-  44.9 as measured alone, masks and logits 2.8). ``CPU_RUNTIME_BYTES`` is 424 MiB: it bounds all of them,
-  and keeps the tiny model, where the runtime is nearly all of the plan, within 10% of its peak. On a GPU
+  44.9 as measured alone, masks and logits 2.8). Those were measured with torch's libraries partly in the
+  page cache; on a fresh install they are wholly cached and fault-around maps ~75 MiB more of their pages
+  into the runner (tiny: 461 MiB peak where 409 was measured). ``CPU_RUNTIME_BYTES`` is 472 MiB: it bounds
+  both; with a cold cache the tiny model, where the runtime is nearly all of the plan, is over-planned by up
+  to ~15%. On a GPU
   add the CUDA context and cuBLAS workspace (~0.6 GiB on the GPU) and the CUDA libraries mapped into
   host RAM (~1 GiB); those GPU numbers are not yet calibrated on a lent GPU.
 """
