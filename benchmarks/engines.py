@@ -202,7 +202,7 @@ def bench(first: Side, second: Side, streams: int, seed: int, args: argparse.Nam
         "--vs-model", NAME, "--tokenizer", str(args.tokenizer), "--endpoint", "completions",
         "--concurrency", str(streams), "--requests", str(args.requests_per_stream * streams),
         "--prompt-tokens", str(args.prompt_tokens), "--output-tokens", str(args.output_tokens),
-        "--seed", str(seed), "--no-overhead", "--json", str(out),
+        "--seed", str(seed), "--timeout", str(args.timeout), "--no-overhead", "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -228,7 +228,8 @@ def run_pair(pair: str, checkpoint: Path, gguf: Path, args: argparse.Namespace, 
                 out = work / f"{pair}-round{round_}-{streams}streams.json"
                 report = bench(*order, streams, seed=1000 * round_ + streams, args=args, out=out)
                 for side, target in zip(order, report["targets"], strict=True):
-                    step = target["steps"][0]
+                    # a target whose warm-up or step failed entirely has no step: count it as nothing served
+                    step = target["steps"][0] if target["steps"] else {"output_tokens_per_second": 0.0}
                     side.rounds.setdefault(streams, []).append(step)
                 a, b = (s.rounds[streams][-1] for s in (memserve, llama))
                 print(
@@ -243,6 +244,11 @@ def run_pair(pair: str, checkpoint: Path, gguf: Path, args: argparse.Namespace, 
         for side in (memserve, llama):
             side.stop()
     return memserve, llama
+
+
+def ratio(b: float, a: float) -> str:
+    """``×b/a``, or a dash when ``a`` served nothing (every request of the step failed)."""
+    return f"×{b / a:.2f}" if a else "—"
 
 
 def p50(step: dict[str, Any], key: str) -> float:
@@ -266,8 +272,8 @@ def table(results: list[tuple[str, Side, Side]], args: argparse.Namespace) -> st
                 statistics.median(p50(s, "ttft_seconds") for s in ours.rounds[streams]),
                 statistics.median(p50(s, "ttft_seconds") for s in theirs.rounds[streams]),
             )
-            tokens = [sum(s["output_tokens_total"] for s in side.rounds[streams]) for side in (ours, theirs)]
-            failed = sum(s["failed_requests"] for s in [*ours.rounds[streams], *theirs.rounds[streams]])
+            tokens = [sum(s.get("output_tokens_total", 0) for s in side.rounds[streams]) for side in (ours, theirs)]
+            failed = sum(s.get("failed_requests", 0) for s in [*ours.rounds[streams], *theirs.rounds[streams]])
             spread = (
                 f"×{statistics.median(per_round):.2f} (×{min(per_round):.2f}–×{max(per_round):.2f})"
                 if len(per_round) > 1
@@ -275,7 +281,7 @@ def table(results: list[tuple[str, Side, Side]], args: argparse.Namespace) -> st
             )
             lines.append(
                 f"| {pair} | {streams} | {statistics.median(a):.2f} | {statistics.median(b):.2f} | "
-                f"**×{statistics.median(b) / statistics.median(a):.2f}** | {spread} | "
+                f"**{ratio(statistics.median(b), statistics.median(a))}** | {spread} | "
                 f"{ttft[0] * 1e3:.0f} / {ttft[1] * 1e3:.0f} ms | {tokens[0]} / {tokens[1]} | {failed} |"
             )
     by_pair = {pair: (ours, theirs) for pair, ours, theirs in results}
@@ -287,7 +293,7 @@ def table(results: list[tuple[str, Side, Side]], args: argparse.Namespace) -> st
                 [statistics.median(s["output_tokens_per_second"] for s in side.rounds[streams]) for side in pair_sides]
                 for pair_sides in (by_pair["bf16"], by_pair["8bit"])
             ]
-            lines.append(f"| {streams} | ×{speed[1][0] / speed[0][0]:.2f} | ×{speed[1][1] / speed[0][1]:.2f} |")
+            lines.append(f"| {streams} | {ratio(speed[1][0], speed[0][0])} | {ratio(speed[1][1], speed[0][1])} |")
     lines += ["", "| side | rung | plan MiB | peak (VmHWM) MiB | plan / peak |", "|---|---|---|---|---|"]
     for _pair, ours, theirs in results:
         for side in (ours, theirs):
@@ -311,6 +317,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512, help="tokens per sequence, both sides")
     parser.add_argument("--batch-tokens", type=int, default=512, help="tokens per forward (prefill chunk), both")
     parser.add_argument("--threads", type=int, default=2, help="threads of each server")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds one request may take (memserve bench)")
     parser.add_argument("--llama-server", type=Path, default=BUILT_LLAMA_SERVER, help=f"when {COMMAND_ENV} is unset")
     parser.add_argument("--json", type=Path, help="also write every step of every side here")
     args = parser.parse_args()
