@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -321,6 +322,8 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, default=BUILT_LLAMA_SERVER, help=f"when {COMMAND_ENV} is unset")
     parser.add_argument("--json", type=Path, help="also write every step of every side here")
     args = parser.parse_args()
+    # stopped by a signal (timeout, kill): leave through the finally blocks, which stop both servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.streams = [int(s) for s in args.streams.split(",")]
     pairs = [p for p in args.pairs.split(",") if p]
     if unknown := set(pairs) - set(PAIRS):
