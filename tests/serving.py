@@ -1,7 +1,6 @@
 """What tests use to serve and reach things: an ASGI app on real sockets (uvicorn in a thread) or in-process
-(``StreamingASGITransport``), the fake OpenAI server, a free port, a real runner process on a demo model.
-
-Each is said once here; benchmarks keep their own copies (they run without ``tests/``).
+(``StreamingASGITransport``), the fake OpenAI server, a free port (``memserve.net``'s, which benchmarks use
+too), a real runner process on a demo model. Each is said once here.
 """
 
 from __future__ import annotations
