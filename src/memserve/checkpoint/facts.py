@@ -112,6 +112,11 @@ class CheckpointFacts:
     adapters: tuple[AdapterFacts, ...] = field(default_factory=tuple)
 
     @property
+    def context_limit_key(self) -> str:
+        """Where ``max_context_tokens`` comes from, as an error names it."""
+        return "max_position_embeddings"
+
+    @property
     def dtype_bytes(self) -> int:
         return int(DTYPE_BYTES[TORCH_DTYPES[self.dtype]])
 

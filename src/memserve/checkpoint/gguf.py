@@ -58,6 +58,11 @@ class GgufFacts:
     warnings: tuple[str, ...] = ()
 
     @property
+    def context_limit_key(self) -> str:
+        """Where ``max_context_tokens`` comes from, as an error names it."""
+        return "context_length"
+
+    @property
     def format(self) -> str:
         """The checkpoint format, as ``CheckpointFacts.format`` names it."""
         return "gguf"

@@ -37,7 +37,6 @@ from memserve.errors import CheckpointError, InvalidArgument, RunnerFailed
 from memserve.memory.estimate import GPU_HOST_RUNTIME_BYTES, GPU_RUNTIME_BYTES, DeviceNeed
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import (
-    MAX_CONCURRENCY,
     PlanResult,
     Policy,
     Request,
@@ -47,6 +46,7 @@ from memserve.memory.planner import (
     fit_words,
     ladder,
     placement_blocked,
+    validate_request,
 )
 
 if TYPE_CHECKING:
@@ -147,17 +147,8 @@ def runtime_bytes(facts: GgufFacts, slots: int) -> int:
 
 
 def _validate(facts: GgufFacts, request: Request) -> None:
-    if request.context_tokens < 1:
-        raise InvalidArgument(f"context must be a positive number of tokens, got {request.context_tokens}")
-    limit = facts.max_context_tokens
-    if limit is not None and request.context_tokens > limit:
-        raise InvalidArgument(
-            f"context {request.context_tokens} tokens is more than {facts.source} supports "
-            f"(context_length {limit}); pass --context {limit} or less",
-            param="context",
-        )
-    if not 1 <= request.concurrency <= MAX_CONCURRENCY:
-        raise InvalidArgument(f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {request.concurrency}")
+    """The checks every plan makes, and GGUF's own: its weights are served as stored."""
+    validate_request(facts, request)
     if request.quantization not in ("auto", "none"):
         raise InvalidArgument(
             f"--quantization {request.quantization} does not apply to a GGUF model: llama.cpp serves its weights "
@@ -165,13 +156,6 @@ def _validate(facts: GgufFacts, request: Request) -> None:
             "llama-quantize)",
             param="quantization",
         )
-    if request.min_context_tokens is not None and not 1 <= request.min_context_tokens <= request.context_tokens:
-        raise InvalidArgument(
-            f"min context must be between 1 and the context ({request.context_tokens}), "
-            f"got {request.min_context_tokens}"
-        )
-    if request.max_batch_tokens < 1:
-        raise InvalidArgument(f"max batch tokens must be positive, got {request.max_batch_tokens}")
 
 
 def _needs(

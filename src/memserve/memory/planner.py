@@ -314,7 +314,7 @@ def validate_request(facts: CheckpointFacts | GgufFacts, request: Request) -> No
     if limit is not None and request.context_tokens > limit:
         raise InvalidArgument(
             f"context {request.context_tokens} tokens is more than {facts.source} supports "
-            f"(max_position_embeddings {limit}); pass --context {limit} or less",
+            f"({facts.context_limit_key} {limit}); pass --context {limit} or less",
             param="context",
         )
     if not 1 <= request.concurrency <= MAX_CONCURRENCY:
