@@ -12,7 +12,7 @@ from gguf import GGUFReader
 
 from memserve.checkpoint.demo_gguf import convert_demo_checkpoint, write_demo_gguf
 from memserve.checkpoint.gguf import GgufFacts, read_gguf_facts
-from memserve.checkpoint.locate import find_gguf
+from memserve.checkpoint.locate import check_source, find_gguf
 from memserve.cli import main
 from memserve.errors import CheckpointError, InvalidArgument, ModelNotFound
 
@@ -209,3 +209,14 @@ def test_demo_model_cli_writes_a_gguf(tmp_path: Path) -> None:
     assert read_gguf_facts(tmp_path / "t.gguf").file_type == "q8_0"
     wrong = CliRunner().invoke(main, ["demo-model", str(tmp_path / "x"), "--gguf-type", "q8_0"])
     assert wrong.exit_code != 0 and "--gguf-type applies to --format gguf only" in wrong.output
+
+
+def test_a_gguf_source_passes_the_servers_start_up_check(tiny_gguf: Path, tmp_path: Path) -> None:
+    """``memserve serve`` checks every source before it starts: a GGUF file (or a folder holding one) is read from
+    its own header, not refused as a file without config.json; a truncated one is refused there."""
+    assert check_source(str(tiny_gguf)).note == f"GGUF file {tiny_gguf}"
+    assert check_source(str(tiny_gguf.parent)).note == f"GGUF file {tiny_gguf}"
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:64])
+    with pytest.raises(CheckpointError):
+        check_source(str(cut))

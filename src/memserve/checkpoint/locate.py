@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from memserve.checkpoint.facts import CheckpointFacts, facts_from_metadata, parse_config, read_local_facts
+from memserve.checkpoint.gguf import read_gguf_facts
 from memserve.errors import CheckpointError, HubUnavailable, ModelNotFound
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -88,6 +89,10 @@ def check_source(spec: str) -> SourceCheck:
     checkpoint (ModelNotFound or CheckpointError otherwise); a hub id that is not cached is only reported."""
     source = locate(spec, lookup_hub=False)
     if source.path is not None:
+        gguf = find_gguf(spec)
+        if gguf is not None:  # llama.cpp's: its own header, read the same way
+            read_gguf_facts(gguf, source=spec)
+            return SourceCheck(source.kind, f"GGUF file {gguf}")
         read_local_facts(source.path, source=spec)  # headers only: a folder that is no checkpoint fails now
         where = "folder" if source.kind == "dir" else "in the local Hugging Face cache:"
         return SourceCheck(source.kind, f"{where} {source.path}")
