@@ -63,3 +63,11 @@ def test_a_gguf_model_is_served_by_llama_server_through_the_gateway(
             return sum(g["requests"] for g in groups["rows"] if g["model"] == "g")
 
         until(lambda: usage() == 2, "a usage row for each of the two requests")
+
+        # a prompt the gateway cannot count (it has no tokenizer) but llama-server refuses: memserve's error shape
+        too_long = {**body, "prompt": " ".join(["a"] * 4 * row["context_tokens"])}
+        refused = httpx.post(f"{origin}/v1/completions", json=too_long, timeout=120)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "context_length_exceeded")
+        assert "tokens of context each of its sequences has" in error["message"]  # llama-server said it

@@ -11,6 +11,11 @@ What can go wrong, and what the client sees::
     cannot connect, timed out, closed before answering   UpstreamUnavailable (502), names the upstream and URL
     4xx/5xx with an OpenAI error body                    that status and body; Retry-After kept
     4xx/5xx with other JSON (FastAPI, old vLLM)          that status, re-wrapped in the OpenAI error shape
+    4xx/5xx with an engine's own error object            the same, re-wrapped: llama.cpp and vLLM put an int
+      (llama.cpp's type exceed_context_size_error,       status in ``code`` and their own names in ``type``;
+      vLLM's BadRequestError, code 400)                  the type becomes OpenAI's for the status, their type
+                                                         the code (llama.cpp's context overflow: OpenAI's
+                                                         ``context_length_exceeded``, with its numbers)
     an answer that is not JSON, or a stream not SSE      BadUpstream (502), names status and the body's start
     the stream breaks off half-way                       the SSE stream ends cleanly: an error event, [DONE]
 
@@ -41,6 +46,23 @@ EXCERPT_CHARS = 200
 """How much of a malformed answer an error message quotes."""
 
 _KEPT_ERROR_HEADERS = ("retry-after",)
+_OPENAI_ERROR_TYPES = frozenset(
+    {
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "conflict_error",
+        "unprocessable_entity_error",
+        "rate_limit_error",
+        "insufficient_quota",
+        "api_error",
+        "server_error",
+    }
+)
+"""The ``type``s of OpenAI's error objects (what its client and the tools built on it know)."""
+_ENGINE_CODES = {"exceed_context_size_error": "context_length_exceeded"}
+"""An engine's error type → OpenAI's code for the same failure."""
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _DONE_ENDS = (b"[DONE]\n\n", b"[DONE]\r\n\r\n")
 _TAIL_BYTES = 16
@@ -374,24 +396,41 @@ def _not_json_message(upstream: Upstream, answer: httpx.Response, raw: bytes) ->
 
 
 def _is_openai_error(payload: Any) -> bool:
-    return isinstance(payload, dict) and isinstance(payload.get("error"), dict)
+    """OpenAI's own shape: an ``error`` object with a text message, one of OpenAI's types, a text or no code."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return (
+        isinstance(error, dict)
+        and isinstance(error.get("message"), str)
+        and error.get("type") in _OPENAI_ERROR_TYPES
+        and (error.get("code") is None or isinstance(error.get("code"), str))
+    )
 
 
 def _rewrapped_error(upstream: Upstream, status_code: int, payload: Any, raw: bytes) -> dict[str, Any]:
-    """An error body in the OpenAI shape for an upstream that used another one (e.g. old vLLM, FastAPI)."""
+    """An error body in the OpenAI shape for an upstream that used another one: FastAPI's ``detail``, old vLLM's
+    top-level fields, or an engine's error object with its own type names and an int code (llama.cpp, vLLM)."""
     fields: dict[str, Any] = payload if isinstance(payload, dict) else {}
+    if isinstance(fields.get("error"), dict):
+        fields = fields["error"]
     detail = fields.get("message") if isinstance(fields.get("message"), str) else None
-    message = (
-        f"{upstream.name} answered {status_code}: {detail}"
-        if detail is not None
-        else f"{upstream.name} answered {status_code} without an OpenAI error body: {_excerpt(raw)!r}"
-    )
-    error_type = fields.get("type") if isinstance(fields.get("type"), str) else None
+    engine_type = fields.get("type") if isinstance(fields.get("type"), str) else None
+    code = fields.get("code") if isinstance(fields.get("code"), str) else None
+    if code is None and engine_type is not None and engine_type not in _OPENAI_ERROR_TYPES:
+        code = _ENGINE_CODES.get(engine_type, engine_type)
+    prompt_tokens, context_tokens = fields.get("n_prompt_tokens"), fields.get("n_ctx")
+    if code == "context_length_exceeded" and isinstance(prompt_tokens, int) and isinstance(context_tokens, int):
+        message = (
+            f"{upstream.name}: the prompt is {prompt_tokens} tokens, more than the {context_tokens} tokens of context "
+            "each of its sequences has; shorten the prompt, or load the model with a larger context "
+            "(POST /api/load with 'context', or the model's 'context' in the config)"
+        )
+    elif detail is not None:
+        message = f"{upstream.name} answered {status_code}: {detail}"
+    else:
+        message = f"{upstream.name} answered {status_code} without an OpenAI error body: {_excerpt(raw)!r}"
     param = fields.get("param") if isinstance(fields.get("param"), str) else None
-    code = fields.get("code")
-    return error_body(
-        status_code, message, param=param, code=None if code is None else str(code), error_type=error_type
-    )
+    error_type = engine_type if engine_type in _OPENAI_ERROR_TYPES else None
+    return error_body(status_code, message, param=param, code=code, error_type=error_type)
 
 
 def _excerpt(raw: bytes) -> str:
