@@ -175,7 +175,8 @@ check_3() {
     "$PYTHON" - "$MODEL_7B" "$port" >"$WORK/vllm.json" <<'EOF' || { result 3 1 "no vLLM plan fits (see above)"; return; }
 import json, sys
 from memserve.engines.vllm import arguments, with_vllm
-from memserve.memory.fit import PlanFile, fit_result
+from memserve.engines.fit import fit_result
+from memserve.memory.fit import PlanFile
 from memserve.memory.planner import Policy
 from memserve.memory.probe import probe_inventory
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from starlette.types import ASGIApp
 
-from memserve.memory.fit import fit_json, fit_result
+from memserve.engines.fit import fit_json, fit_result
 from memserve.memory.probe import probe_inventory
 from memserve.net import free_port
 from memserve.wire.fake import UDS_ORIGIN, FakeOpenAI, ReceivedRequest, Script, serve_in_thread

@@ -23,8 +23,9 @@ import psutil
 import pytest
 
 from memserve.config import Settings
+from memserve.engines.fit import fit_result
 from memserve.gateway.app import create_app
-from memserve.memory.fit import PlanFile, fit_result
+from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
 from memserve.pool.pool import ModelPool
 from tests.engines.conftest import vllm_spawner

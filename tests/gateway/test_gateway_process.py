@@ -28,8 +28,8 @@ from click.testing import CliRunner
 
 from memserve.cli import main
 from memserve.config import ModelConfig, ProviderConfig, Settings
+from memserve.engines.fit import fit_result
 from memserve.gateway.app import FALLBACK_HEADER, FALLBACK_REASON_HEADER, create_app
-from memserve.memory.fit import fit_result
 from memserve.memory.inventory import Device, Inventory
 from memserve.pool.pool import ModelPool
 from memserve.runner.serve import TEST_EXTRA_BYTES_ENV

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from memserve.checkpoint.facts import CheckpointFacts, facts_from
+from memserve.engines.fit import fit_json
 from memserve.errors import InvalidArgument
 from memserve.memory.estimate import (
     CPU_GENERATE_RUNTIME_BYTES,
@@ -19,7 +20,7 @@ from memserve.memory.estimate import (
     kv_cache_bytes,
     paged_tokens,
 )
-from memserve.memory.fit import PlanFile, fit_json
+from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import Plan, Policy, Request, plan
 from memserve.units import format_bytes

@@ -21,7 +21,7 @@ from typing import IO
 import psutil
 import pytest
 
-from memserve.memory.fit import fit_json, fit_result
+from memserve.engines.fit import fit_json, fit_result
 from memserve.memory.probe import probe_inventory
 
 GONE_DEADLINE_SECONDS = 30.0  # polled: the runner exits within a second; a busy machine gets slack, not a fail

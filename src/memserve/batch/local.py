@@ -1,6 +1,6 @@
 """A runner the batch starts for itself (``memserve batch run --local MODEL``), restarted if it dies.
 
-The model is planned exactly as ``memserve run-model`` and ``fit`` plan it (``memory.fit.fit_result`` on the
+The model is planned exactly as ``memserve run-model`` and ``fit`` plan it (``engines.fit.fit_result`` on the
 probed inventory), so a model that cannot fit is refused with the planner's NoFit message before anything
 starts. The runner is the pool's ``RunnerProcess`` (``python -m memserve.runner`` on a Unix socket, ended
 with its parent however the parent dies); this module only adds what a batch needs: the runner as an httpx
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import httpx
 
+from memserve.engines.fit import fit_result
 from memserve.errors import InsufficientMemory, RunnerFailed
-from memserve.memory.fit import PlanFile, fit_result
+from memserve.memory.fit import PlanFile
 from memserve.memory.probe import probe_inventory
 from memserve.pool.runner_process import RUNNER_BASE_URL, RunnerProcess, new_run_dir
 

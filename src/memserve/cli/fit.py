@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from memserve.engines import EngineStatus, engines_for, require
+from memserve.engines.fit import fit_json, fit_result
 from memserve.memory.estimate import Engine
-from memserve.memory.fit import ModelFacts, fit_json, fit_result
+from memserve.memory.fit import ModelFacts
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import (
     DEFAULT_MAX_BATCH_TOKENS,

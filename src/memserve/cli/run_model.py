@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from memserve.cli.fit import EXIT_NO_FIT
-from memserve.memory.fit import fit_result
+from memserve.engines.fit import fit_result
 from memserve.memory.probe import probe_inventory
 
 

@@ -29,12 +29,12 @@ import os
 import shlex
 import shutil
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from memserve.checkpoint.gguf import GgufFacts
 from memserve.checkpoint.locate import find_gguf
 from memserve.errors import CheckpointError, InvalidArgument, RunnerFailed
 from memserve.memory.estimate import GPU_HOST_RUNTIME_BYTES, GPU_RUNTIME_BYTES, DeviceNeed
+from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import (
     PlanResult,
@@ -48,9 +48,6 @@ from memserve.memory.planner import (
     placement_blocked,
     validate_request,
 )
-
-if TYPE_CHECKING:
-    from memserve.memory.fit import PlanFile
 
 __all__ = [
     "COMMAND_ENV",

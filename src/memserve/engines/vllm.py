@@ -33,18 +33,15 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.engines import VLLM_COMMAND_ENV, engine_command, is_installed
 from memserve.errors import InvalidArgument, RunnerFailed
 from memserve.memory.estimate import DTYPE_WIDTH, DeviceNeed, GiB, MiB, Quantization, block_weight_bytes
+from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import NoFit, Plan, PlanResult, Policy, Request, Rung, fit_words
 from memserve.units import format_bytes
-
-if TYPE_CHECKING:  # memory/fit.py wires this module into fit_result, so it is not imported at run time
-    from memserve.memory.fit import PlanFile
 
 COMMAND_ENV = VLLM_COMMAND_ENV
 INSTALL = "pip install 'memserve[vllm]' on a CUDA machine"

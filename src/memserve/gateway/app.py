@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from memserve import __version__
 from memserve.checkpoint.locate import hub_offline
 from memserve.config import ProviderConfig, Settings
+from memserve.engines.fit import fit_json, fit_result
 from memserve.errors import (
     HubUnavailable,
     InsufficientMemory,
@@ -61,7 +62,6 @@ from memserve.gateway.metering import CLIENT_CLOSED_REQUEST, RequestRecord, answ
 from memserve.gateway.metrics import CONTENT_TYPE_LATEST, RequestMetrics, render, take_snapshot
 from memserve.gateway.ui import install_ui
 from memserve.gateway.upstream import Upstream, forward
-from memserve.memory.fit import fit_json, fit_result
 from memserve.memory.probe import host_memory
 from memserve.pool.pool import ModelPool
 from memserve.pool.runner_process import RUNNER_BASE_URL

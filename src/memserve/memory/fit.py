@@ -1,7 +1,7 @@
-"""Facts, request and plan for one model by name: what ``memserve fit`` prints and the gateway reuses.
+"""What a runner is started with (:class:`PlanFile`: ``memserve fit --json``'s shape, read back with ``--plan
+FILE``) and the defaults the gateway, pool and runner share (the default context, the queue per sequence).
 
-Everything here is computed from headers and config files; nothing is loaded. A runner is started with
-the same JSON (``--plan FILE``), read back as a :class:`PlanFile`.
+Choosing an engine and planning a model by name is one level up, in ``engines/fit.py`` (it knows every engine).
 """
 
 from __future__ import annotations
@@ -12,23 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
-from memserve.checkpoint.gguf import GgufFacts, read_gguf_facts
-from memserve.checkpoint.locate import find_gguf, read_facts
-from memserve.engines import engines_for, llamacpp
-from memserve.engines.vllm import with_vllm
+from memserve.checkpoint.facts import CheckpointFacts
+from memserve.checkpoint.gguf import GgufFacts
 from memserve.errors import InvalidArgument
-from memserve.memory.estimate import CONTINUOUS_BATCHING, Engine
-from memserve.memory.inventory import Inventory
-from memserve.memory.planner import (
-    DEFAULT_CONTEXT_TOKENS,
-    DEFAULT_MAX_BATCH_TOKENS,
-    Plan,
-    PlanResult,
-    Policy,
-    Request,
-    plan,
-)
+from memserve.memory.planner import DEFAULT_CONTEXT_TOKENS, Plan
 
 QUEUE_PER_SEQUENCE = 4  # requests allowed to wait per sequence generated at once, unless max_queue says otherwise
 
@@ -44,100 +31,10 @@ def queue_limit(max_queue: int | None, concurrency: int) -> int:
 ModelFacts = CheckpointFacts | GgufFacts  # what a model's headers say: a safetensors checkpoint's, or a GGUF file's
 
 
-def read_model_facts(source: str) -> ModelFacts:
-    """The facts of the model at ``source``: a GGUF file (or a folder holding one) is read from its own header
-    for llama.cpp; anything else is a transformers checkpoint (``read_facts``)."""
-    gguf = find_gguf(source)
-    return read_gguf_facts(gguf, source=source) if gguf is not None else read_facts(source)
-
-
-def plan_model(
-    facts: ModelFacts, request: Request, inventory: Inventory, policy: Policy, runner: str = "auto"
-) -> PlanResult:
-    """Every engine's rungs for the model, and the first that fits: the one place that knows which engine
-    reads which format. A GGUF file is llama.cpp's; a checkpoint is memserve's runner's, and vLLM's on a CUDA
-    host where it is installed (``engines.vllm.with_vllm``). ``runner`` names the engine asked for, or ``auto``."""
-    if isinstance(facts, GgufFacts):
-        if runner not in ("auto", "llama.cpp"):
-            raise InvalidArgument(
-                f"{facts.source} is a GGUF file, which only llama.cpp serves; set the model's runner to auto or "
-                f"llama.cpp (it was {runner}), or point it at the safetensors checkpoint"
-            )
-        return llamacpp.plan(facts, request, inventory, policy)
-    if runner == "llama.cpp":
-        raise InvalidArgument(
-            f"{facts.source} is not a GGUF file, and llama.cpp serves GGUF files only; set the model's runner to "
-            "auto, transformers or vllm, or point it at a .gguf file"
-        )
-    return with_vllm(facts, request, inventory, policy, plan(facts, request, inventory, policy), runner=runner)
-
-
 def default_context(facts: ModelFacts) -> int:
     """Like Ollama: a modest default context, never more than the model supports."""
     limit = facts.max_context_tokens
     return min(limit, DEFAULT_CONTEXT_TOKENS) if limit else DEFAULT_CONTEXT_TOKENS
-
-
-def fit_result(
-    model: str,
-    *,
-    context: int | None = None,
-    concurrency: int = 1,
-    quantization: str = "auto",
-    min_context: int | None = None,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-    adapters: tuple[str, ...] = (),
-    device: str = "auto",
-    engine: Engine = CONTINUOUS_BATCHING,
-    runner: str = "auto",
-    inventory: Inventory,
-) -> tuple[ModelFacts, Request, PlanResult]:
-    """Facts, request and plan for one model: what ``fit`` prints and the server will reuse.
-
-    ``runner`` is the engine asked for, or ``auto`` (``plan_model``)."""
-    facts = read_model_facts(model)
-    if adapters and isinstance(facts, GgufFacts):
-        raise InvalidArgument(
-            f"{model} is a GGUF model served by llama.cpp, which memserve gives no LoRA adapters yet; drop "
-            "--adapter or serve the safetensors checkpoint"
-        )
-    if isinstance(facts, CheckpointFacts):
-        facts = with_adapters(facts, tuple(read_adapter_facts(Path(a)) for a in adapters))
-    request = Request(
-        context_tokens=context if context is not None else default_context(facts),
-        concurrency=concurrency,
-        quantization=quantization,  # type: ignore[arg-type]  # validated by plan()
-        min_context_tokens=min_context,
-        max_batch_tokens=max_batch_tokens,
-        engine=engine,
-    )
-    policy = Policy(allow_gpu=device != "cpu", allow_cpu=device != "cuda", allow_split=device == "auto")
-    return facts, request, plan_model(facts, request, inventory, policy, runner)
-
-
-def fit_json(facts: ModelFacts, request: Request, result: PlanResult, inventory: Inventory) -> dict[str, Any]:
-    """The public shape of ``fit --json`` (the server's /api/fit answers the same)."""
-    return {
-        "model": facts.summary(),
-        "request": request.to_json(),
-        "devices": {
-            d.name: {
-                "kind": d.kind,
-                "description": d.description,
-                "total_bytes": d.total_bytes,
-                "free_bytes": d.free_bytes,
-                "budget_bytes": d.budget_bytes,
-                "headroom_bytes": d.headroom_bytes,
-                "usable_bytes": d.usable_bytes,
-            }
-            for d in inventory.devices
-        },
-        **result.to_json(),
-        "engines": [
-            e.to_json()
-            for e in engines_for(has_gpu=bool(inventory.gpus), model_format=facts.format, gguf=facts.format == "gguf")
-        ],
-    }
 
 
 @dataclass(frozen=True)

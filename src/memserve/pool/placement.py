@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from memserve.config import ModelConfig
+from memserve.engines.fit import plan_model
 from memserve.errors import InsufficientMemory, InvalidArgument, MemoryBusy
-from memserve.memory.fit import ModelFacts, default_context, plan_model
+from memserve.memory.fit import ModelFacts, default_context
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import RUNGS, Plan, Policy, Request
 from memserve.pool.events import PoolEventKind, sizes

@@ -40,6 +40,7 @@ from dataclasses import replace
 from typing import Any
 
 from memserve.config import Settings
+from memserve.engines.fit import read_model_facts
 from memserve.errors import (
     InsufficientMemory,
     MemoryBusy,
@@ -48,7 +49,7 @@ from memserve.errors import (
     Overloaded,
     RunnerFailed,
 )
-from memserve.memory.fit import ModelFacts, PlanFile, read_model_facts
+from memserve.memory.fit import ModelFacts, PlanFile
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import Plan, Policy, validate_request
 from memserve.memory.probe import available_ram_bytes
