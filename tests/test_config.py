@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from memserve.config import ModelConfig, PolicyConfig, ProviderConfig, Settings, load_settings
 from memserve.errors import InvalidArgument
@@ -467,3 +468,26 @@ def test_every_field_has_a_description(model: type[Any]) -> None:
 def test_config_does_not_import_torch() -> None:
     code = "import sys, memserve.config; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_adapters_are_named_like_models_and_found_by_either_name() -> None:
+    settings = Settings(models=[{"name": "base", "source": "x", "adapters": [{"name": "spam", "source": "y"}]}])
+    model, adapter = settings.adapter("spam") or (None, None)
+    assert model is not None and adapter is not None and (model.name, adapter.source) == ("base", "y")
+    assert settings.adapter("base:spam") == (model, adapter)
+    assert settings.adapter("other:spam") is None and settings.adapter("base") is None
+
+
+@pytest.mark.parametrize(
+    ("adapters", "said"),
+    [
+        ([{"name": "base", "source": "y"}], "already used by models[0]"),
+        ([{"name": "a", "source": "y"}, {"name": "a", "source": "z"}], "already used by models[0].adapters[0]"),
+        ([{"name": "a:b", "source": "y"}], "must not contain ':'"),
+    ],
+)
+def test_an_adapter_name_that_clients_could_not_tell_apart_is_refused(
+    adapters: list[dict[str, str]], said: str
+) -> None:
+    with pytest.raises(ValidationError, match=said):
+        Settings(models=[{"name": "base", "source": "x", "adapters": adapters}])

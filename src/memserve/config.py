@@ -157,6 +157,24 @@ class PolicyConfig(BaseModel):
     )
 
 
+class AdapterConfig(BaseModel):
+    """A LoRA adapter served on a local model's one copy of its weights (docs/adapters.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        description="The name clients send as \"model\" (or base:name); no '/' or ':', unique among all models."
+    )
+    source: str = Field(description="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_has_no_separator(cls, name: str) -> str:
+        if ":" in name:
+            raise ValueError(f"adapter name {name!r} must not contain ':' (clients may write base:adapter)")
+        return _check_name(name, "adapter")
+
+
 class ModelConfig(BaseModel):
     """A local model the gateway may load: the name clients send, where its weights are, and its limits."""
 
@@ -202,6 +220,11 @@ class ModelConfig(BaseModel):
         description="Requests allowed to wait beyond concurrency before 429. None: 4 × concurrency.",
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Which placements this model may use.")
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters served on this model's one copy of its weights; each is a model of its own "
+        "in /v1/models (parent: this model).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -376,6 +399,11 @@ class Settings(BaseSettings):
     usage_flush_seconds: IntervalSeconds = Field(
         default=1.0, description="How often usage rows are written to the store (a kill -9 loses at most this much)."
     )
+    image_urls: Literal["deny", "allow"] = Field(
+        default="deny",
+        description="allow: fetch http(s) image URLs in chat messages for local models; deny (default): only "
+        "data: URLs, so the server is never a way into the network it sits in. Providers get URLs unchanged.",
+    )
     models: list[ModelConfig] = Field(default_factory=list, description="Local models the gateway may load.")
     providers: list[ProviderConfig] = Field(
         default_factory=list, description="Remote OpenAI-compatible providers, addressed as provider/model."
@@ -424,6 +452,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _names_and_references(self) -> Settings:
         _check_unique([m.name for m in self.models], "models", "model")
+        _check_adapter_names(self.models)
         _check_unique([p.name for p in self.providers], "providers", "provider")
         provider_names = {p.name for p in self.providers}
         for index, model in enumerate(self.models):
@@ -440,6 +469,17 @@ class Settings(BaseSettings):
         """The local model clients call ``name``, or None."""
         return next((m for m in self.models if m.name == name), None)
 
+    def adapter(self, name: str) -> tuple[ModelConfig, AdapterConfig] | None:
+        """The configured adapter clients call ``name`` or ``base:name``, with its base model; or None."""
+        base_name, colon, adapter_name = name.partition(":")
+        for model in self.models:
+            if colon and model.name != base_name:
+                continue
+            for adapter in model.adapters:
+                if adapter.name == (adapter_name if colon else name):
+                    return model, adapter
+        return None
+
     def provider(self, name: str) -> ProviderConfig | None:
         """The provider named ``name``, or None."""
         return next((p for p in self.providers if p.name == name), None)
@@ -450,6 +490,21 @@ def _device_sizes(text: str, what: str) -> dict[str, int]:
         return parse_device_sizes(text, what=what)
     except InvalidArgument as exc:
         raise ValueError(exc.message) from None
+
+
+def _check_adapter_names(models: list[ModelConfig]) -> None:
+    """An adapter's name is a model name for clients: unique among every model and adapter."""
+    seen = {m.name: f"models[{i}]" for i, m in enumerate(models)}
+    for i, model in enumerate(models):
+        for j, adapter in enumerate(model.adapters):
+            where = f"models[{i}].adapters[{j}]"
+            if adapter.name in seen:
+                raise field_error(
+                    f"{where}.name",
+                    f"adapter name {adapter.name!r} is already used by {seen[adapter.name]}; clients name an "
+                    "adapter like a model, so give it a name of its own",
+                )
+            seen[adapter.name] = where
 
 
 def _check_unique(names: list[str], field: str, what: str) -> None:

@@ -222,6 +222,14 @@ class StoreUnavailable(MemserveError):
     code = "store_unavailable"
 
 
+class Conflict(MemserveError):
+    """The request contradicts what the server holds now: a name already taken, a model in the wrong state."""
+
+    status_code = 409
+    error_type = "conflict_error"
+    code = "conflict"
+
+
 class MemoryBusy(MemserveError):
     """The model fits on this host, but the memory it needs is held by busy models past the wait."""
 

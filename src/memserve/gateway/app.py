@@ -83,6 +83,9 @@ from memserve.wire.http import (
     until_disconnected,
 )
 from memserve.wire.routes import (
+    ADAPTER_ADD,
+    ADAPTER_REMOVE,
+    ADAPTERS,
     CHAT_COMPLETIONS,
     COMPLETIONS,
     EVENTS,
@@ -124,13 +127,20 @@ class Route:
     upstream_model: str | None = None
 
 
-def route(model: str, settings: Settings) -> Route:
-    """Resolve the ``model`` field; ModelNotFound (404) with close names when nothing matches."""
+def route(model: str, settings: Settings, adapter: Callable[[str], tuple[str, str] | None] = lambda _: None) -> Route:
+    """Resolve the ``model`` field; ModelNotFound (404) with close names when nothing matches.
+
+    ``adapter`` finds a LoRA adapter (``adapter`` or ``base:adapter``): its route is its base's runner, with the
+    adapter's own name as the model the runner knows.
+    """
     provider_name, slash, upstream_model = model.partition("/")
     if slash and settings.provider(provider_name) is not None and upstream_model:
         return Route("provider", provider_name, upstream_model)
     if settings.model(model) is not None:
         return Route("local", model)
+    on_base = adapter(model)
+    if on_base is not None:
+        return Route("local", on_base[0], on_base[1])
     known = [m.name for m in settings.models] + [f"{p.name}/{m}" for p in settings.providers for m in p.models]
     close = difflib.get_close_matches(model, known, n=3, cutoff=0.4)
     hint = f"did you mean {', '.join(close)}?" if close else f"available: {', '.join(known) or 'none configured'}"
@@ -146,6 +156,15 @@ class LoadBody(BaseModel):
     keep_alive: str | float | None = Field(default=None, description='e.g. "10m", 600, -1 (forever)')
     context: int | None = Field(default=None, ge=1, description="Context length in tokens for this load.")
     concurrency: int | None = Field(default=None, ge=1, description="Sequences generated for at once.")
+
+
+class AdapterBody(BaseModel):
+    """``POST /api/adapters``: put a LoRA adapter on a model, loaded or not, without reloading it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1, description="The base model (a configured local model).")
+    name: str = Field(min_length=1, pattern=r"^[^/:\s]+$", description="What clients will call it (no '/' or ':').")
+    source: str = Field(min_length=1, description="The PEFT adapter folder on the server's disk.")
 
 
 class UnloadBody(BaseModel):
@@ -245,13 +264,14 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         record: RequestRecord | None = getattr(request.state, "record", None)
         if record is None:  # only the hot routes check keys and meter: never serve around them
             raise InvalidArgument(f"POST /v1{path} is served by memserve's own entry point, not by FastAPI's")
-        record.model = model
+        on_base = pool.adapter(model)  # a LoRA adapter is metered and allowed under its own name
+        record.model = on_base[1] if on_base is not None else model
         record.user = end_user(body.get("user"), request.headers)
         caller = record.caller or ANONYMOUS
-        caller.check_model(model)
+        caller.check_model(record.model)
         keep_alive = body.pop("keep_alive", None)  # ours (as Ollama's): never sent upstream
         keep_alive_seconds = None if keep_alive is None else parse_seconds(keep_alive, what="keep_alive")
-        target = route(model, settings)
+        target = route(model, settings, pool.adapter)
 
         async def to_provider(name: str, upstream_model: str | None, headers: dict[str, str] | None = None) -> Response:
             """Relay to provider ``name``: its route, or a local model's fallback (``headers`` then say so)."""
@@ -271,17 +291,18 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             return await to_provider(target.name, target.upstream_model)
         if service.metrics is not None:
             service.metrics.begin(record)
-        stream = bool(await door.check(model, path, body))  # everything a runner would refuse, before any load
+        base = target.name  # the runner: the model itself, or an adapter's base
+        stream = bool(await door.check(base, path, body))  # everything a runner would refuse, before any load
         await record.admit(service.limiter, body)
         sent, record.meter = metered(body, stream, record.admission, record=record)
         receive = request.receive
         asked = time.monotonic()
         try:
-            lease = await until_disconnected(receive, pool.acquire(model, keep_alive_seconds=keep_alive_seconds))
+            lease = await until_disconnected(receive, pool.acquire(base, keep_alive_seconds=keep_alive_seconds))
             record.queue_seconds = time.monotonic() - asked
         except _FALLBACK_ON as exc:
-            fallback = settings.model(model).fallback  # type: ignore[union-attr]  # route() found it
-            if fallback is None:
+            fallback = settings.model(base).fallback  # type: ignore[union-attr]  # route() found it
+            if fallback is None or on_base is not None:  # a provider has no such adapter
                 raise
             provider_name, _, upstream_model = fallback.partition("/")
             headers = {FALLBACK_HEADER: fallback, FALLBACK_REASON_HEADER: str(exc.code), FALLBACK_MODEL_HEADER: model}
@@ -296,7 +317,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
                 raise
         if lease is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        upstream = Upstream(f"runner {model}", RUNNER_BASE_URL, lease.client, transport=lease.transport)
+        upstream = Upstream(f"runner {base}", RUNNER_BASE_URL, lease.client, transport=lease.transport)
         unchanged = keep_alive is None and sent is body  # then the client's own bytes go to the runner
         answer = forward(
             upstream, path, raw if unchanged else sent, stream=stream, on_done=lease.release, meter=record.meter
@@ -355,6 +376,19 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             }
             for m in settings.models
         ]
+        data += [  # each adapter is a model of its own, its base its parent (as vLLM lists LoRA modules)
+            {
+                "id": adapter,
+                "object": "model",
+                "created": int(started),
+                "owned_by": "memserve",
+                "root": source,
+                "parent": entry.name,
+                "memserve": {"state": entry.state, "source": source},
+            }
+            for entry in pool.entries.values()
+            for adapter, source in entry.adapters.items()
+        ]
         data += [
             {"id": f"{p.name}/{m}", "object": "model", "created": int(started), "owned_by": p.name}
             for p in settings.providers
@@ -396,6 +430,33 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
     async def unload(request: Request) -> dict[str, Any]:
         body = parse_body(UnloadBody, await json_body(request, settings.max_body_bytes))
         return {"model": body.model, "unloaded": await pool.unload(body.model)}
+
+    @handles(app, ADAPTERS, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    async def adapters() -> dict[str, Any]:
+        return {
+            "data": [
+                {"name": adapter, "model": entry.name, "source": source, "state": entry.state}
+                for entry in pool.entries.values()
+                for adapter, source in entry.adapters.items()
+            ]
+        }
+
+    @handles(
+        app,
+        ADAPTER_ADD,
+        responses=openapi.responses(None, openapi.ADAPTER_ERRORS),
+        openapi_extra=openapi.body_doc(AdapterBody),
+    )
+    async def add_adapter(request: Request) -> dict[str, Any]:
+        body = parse_body(AdapterBody, await json_body(request, settings.max_body_bytes))
+        return {"adapter": body.name, "model": await pool.add_adapter(body.model, body.name, body.source)}
+
+    @handles(app, ADAPTER_REMOVE, responses=openapi.responses(None, openapi.ADAPTER_ERRORS))
+    async def remove_adapter(name: str) -> dict[str, Any]:
+        on_base = pool.adapter(name)
+        if on_base is None:
+            raise ModelNotFound(f"no adapter {name!r} is served here (GET /api/adapters lists them)", param="name")
+        return {"adapter": on_base[1], "model": await pool.remove_adapter(*on_base), "removed": True}
 
     @handles(app, FIT, responses=openapi.responses(None, openapi.FIT_ERRORS))
     async def fit(

@@ -42,6 +42,12 @@ GENERATION_ERRORS = {
     507: "the model cannot fit on this server even with nothing else loaded (the planner's NoFit)",
 }
 LOAD_ERRORS = {**GENERATION_ERRORS, 400: "a bad field, or options the model cannot be planned with"}
+ADAPTER_ERRORS = {
+    **LOAD_ERRORS,
+    400: "a bad field, or a folder that is not a LoRA adapter for this model (another base, no weights)",
+    404: "no such model, or no such adapter",
+    409: "the name is taken, or the model is loading (add the adapter when it is ready)",
+}
 FIT_ERRORS = {
     **COMMON_ERRORS,
     404: "not a configured model, and not a hub id the server may look up",

@@ -44,13 +44,16 @@ class PlanFile:
     The file is ``memserve fit --json`` output (``model.source`` and ``plan``; the rest is not read). The pool
     writes the same shape with two more keys inside ``plan``: ``reserved_bytes``, its reservation (a
     calibrated figure may be above the estimate), and ``max_queue``, the model's queue beyond its
-    concurrency, so the runner admits what the gateway does.
+    concurrency, so the runner admits what the gateway does. ``model.adapters`` lists the LoRA adapters the
+    runner loads on the base, as ``{"name", "source"}`` (``fit --adapter DIR`` writes their facts there: an
+    adapter without a name is called by its folder's name).
     """
 
     source: str
     plan: Plan
     reserved_bytes: dict[str, int] | None = None
     max_queue: int | None = None
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, source) of each LoRA adapter on the base
 
     @property
     def reservation_bytes(self) -> dict[str, int]:
@@ -68,7 +71,10 @@ class PlanFile:
             limits["reserved_bytes"] = dict(self.reserved_bytes)
         if self.max_queue is not None:
             limits["max_queue"] = self.max_queue
-        return {"model": {"source": self.source}, "plan": {**self.plan.to_json(), **limits}}
+        model: dict[str, Any] = {"source": self.source}
+        if self.adapters:
+            model["adapters"] = [{"name": name, "source": source} for name, source in self.adapters]
+        return {"model": model, "plan": {**self.plan.to_json(), **limits}}
 
     @classmethod
     def from_json(cls, data: Any) -> PlanFile:
@@ -95,6 +101,7 @@ class PlanFile:
             Plan.from_json(plan_json),
             None if reserved is None else {str(d): int(v) for d, v in reserved.items()},
             max_queue,
+            _adapters(model.get("adapters") or [] if isinstance(model, Mapping) else []),
         )
 
     @classmethod
@@ -110,3 +117,15 @@ class PlanFile:
             return cls.from_json(data)
         except InvalidArgument as exc:
             raise InvalidArgument(f"plan file {path}: {exc.message}") from None
+
+
+def _adapters(listed: Any) -> tuple[tuple[str, str], ...]:
+    """``model.adapters`` of a plan file as (name, source) pairs. ``fit --json`` writes each adapter's facts there
+    (its folder as ``path``, no name): such an adapter is called by its folder's name."""
+    pairs = []
+    for adapter in listed if isinstance(listed, list) else [listed]:
+        source = adapter.get("source") or adapter.get("path") if isinstance(adapter, Mapping) else None
+        if not isinstance(source, str):
+            raise InvalidArgument(f"the plan's model.adapters must be a list of {{name, source}}, got {listed!r}")
+        pairs.append((str(adapter.get("name") or Path(source).name), source))
+    return tuple(pairs)

@@ -61,6 +61,7 @@ class Entry:
     peak_bytes: dict[str, int] = field(default_factory=dict)  # the current runner's highest use seen, per device
     calibration_key: tuple[str, str] | None = None  # (checkpoint fingerprint, plan key) of the current runner
     learned: bool = False  # the current runner's end taught a bigger reservation (``_learn``)
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters on this base, name → source
 
     @property
     def name(self) -> str:
@@ -98,6 +99,7 @@ class Entry:
             "state": self.state,
             "pid": runner.pid if runner else None,
             "source": self.config.source,
+            "adapters": sorted(self.adapters),
             "rung": loaded.rung if loaded else None,
             "dtype": loaded.dtype if loaded else None,
             "quantization": loaded.quantization if loaded else None,

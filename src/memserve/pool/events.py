@@ -44,6 +44,7 @@ class PoolEventKind(StrEnum):
     LOAD_FAILED = "load_failed"  # reason
     CLEARED = "cleared"  # a failed model cleared by unload: reason
     RELOAD = "reload"  # the loaded plan cannot serve what a load asks: reason
+    ADAPTER = "adapter"  # a LoRA adapter added to or removed from the model: adapter, action, weights_bytes
 
 
 @dataclass(frozen=True)

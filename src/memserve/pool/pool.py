@@ -37,17 +37,25 @@ import math
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import httpx
+
+from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
 from memserve.config import Settings
 from memserve.engines.fit import read_model_facts
 from memserve.errors import (
+    BadUpstream,
+    Conflict,
     InsufficientMemory,
+    InvalidArgument,
     MemoryBusy,
     MemserveError,
     ModelNotFound,
     Overloaded,
     RunnerFailed,
+    error_type_for,
 )
 from memserve.memory.fit import ModelFacts, PlanFile
 from memserve.memory.inventory import Inventory
@@ -64,6 +72,7 @@ from memserve.pool.runner_process import RunnerHandle, Spawner, new_run_dir, pro
 from memserve.pool.state import ModelState
 from memserve.pool.watchdog import learned_bytes, watchdog_limit_bytes
 from memserve.pool.watching import Watchdog
+from memserve.units import format_bytes
 from memserve.wire.events import PhaseDone, Ready, RunnerEvent, peak_bytes
 
 log = logging.getLogger("memserve.pool")
@@ -113,7 +122,12 @@ class ModelPool:
         self.calibration = Calibration(settings.data_dir / "calibration.json")
         self._placement = Placement(self.ledger, self.calibration, self.fit_inventory)
         self.entries: dict[str, Entry] = {
-            m.name: Entry(m, keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds)) for m in settings.models
+            m.name: Entry(
+                m,
+                keep_alive(m.keep_alive_seconds, settings.keep_alive_seconds),
+                adapters={a.name: a.source for a in m.adapters},
+            )
+            for m in settings.models
         }
         self.history = EventLog(self._clock.wall)  # the records, the last 1,000
         self.counters = PoolCounters(self.entries)  # /metrics' lifecycle counters, from the events
@@ -286,6 +300,68 @@ class ModelPool:
         """The JSON of the events after sequence number ``seq``, oldest first (``GET /api/events``)."""
         return self.history.since(seq)
 
+    # ---------------------------------------------------------------------------------------------- adapters
+
+    def adapter(self, model: str) -> tuple[str, str] | None:
+        """(base, adapter) for a request's ``model`` that names an adapter, as ``adapter`` or ``base:adapter``."""
+        base, colon, name = model.partition(":")
+        for entry in self.entries.values():
+            if (entry.name == base and name in entry.adapters) if colon else model in entry.adapters:
+                return entry.name, name if colon else model
+        return None
+
+    async def add_adapter(self, name: str, adapter: str, source: str) -> dict[str, Any]:
+        """Put LoRA adapter ``adapter`` (folder ``source``) on model ``name``. A loaded base gets it at once,
+        without a reload, when its weights fit beside what the ledger holds (the reservation grows by them);
+        a stopped one loads with it. Returns the model's /api/ps row."""
+        entry = self.entry(name)
+        taken = next((e.name for e in self.entries.values() if adapter == e.name or adapter in e.adapters), None)
+        if taken is not None:
+            raise Conflict(
+                f"the name {adapter!r} is taken (by model {taken!r} or one of its adapters); remove that adapter "
+                "first or choose another name"
+            )
+        facts = await asyncio.to_thread(read_adapter_facts, Path(source))
+        if entry.state not in (READY, STOPPED, FAILED):
+            raise Conflict(f"model {name!r} is {entry.state}; add the adapter when it is ready (or stopped)")
+        if entry.state == READY and entry.runner is not None and entry.plan is not None:
+            if entry.plan.runner != "transformers" or entry.plan.engine not in ("continuous-batching", "generate"):
+                raise InvalidArgument(
+                    f"model {name!r} is served by {entry.plan.runner} ({entry.plan.engine}), which memserve gives "
+                    "no LoRA adapters; serve the safetensors checkpoint with memserve's own runner"
+                )
+            device = next(iter(entry.plan.devices))  # the adapter's weights join the embed block's device
+            free = self.ledger.free_bytes().get(device, 0)
+            if facts.weights_bytes > free:
+                raise InsufficientMemory(
+                    f"adapter {adapter!r} needs {format_bytes(facts.weights_bytes)} on {device} beside model "
+                    f"{name!r}, and {format_bytes(free)} is free; unload a model, or add it while {name!r} is "
+                    "stopped so that it is planned with the model"
+                )
+            answer = await entry.runner.client.post("/adapters", json={"name": adapter, "source": source})
+            if answer.status_code != 200:
+                raise _runner_refused(answer, f"runner {name}")
+            reserved = self.ledger.reserved(name)
+            self.ledger.raise_reservation(name, {**reserved, device: reserved.get(device, 0) + facts.weights_bytes})
+        entry.adapters[adapter] = source
+        self._event(PoolEventKind.ADAPTER, entry, adapter=adapter, action="added", weights_bytes=facts.weights_bytes)
+        return self.row(entry)
+
+    async def remove_adapter(self, name: str, adapter: str) -> dict[str, Any]:
+        """Take adapter ``adapter`` off model ``name``: requests already running on it finish, new ones get 404.
+        Its bytes stay reserved until the runner stops (freed tensors are not always given back to the OS)."""
+        entry = self.entry(name)
+        if adapter not in entry.adapters:
+            listed = ", ".join(sorted(entry.adapters)) or "none"
+            raise ModelNotFound(f"model {name!r} has no adapter {adapter!r} (its adapters: {listed})", param="name")
+        if entry.state == READY and entry.runner is not None:
+            answer = await entry.runner.client.delete(f"/adapters/{adapter}")
+            if answer.status_code not in (200, 404):
+                raise _runner_refused(answer, f"runner {name}")
+        del entry.adapters[adapter]
+        self._event(PoolEventKind.ADAPTER, entry, adapter=adapter, action="removed")
+        return self.row(entry)
+
     # ---------------------------------------------------------------------------------------------- loading
 
     def _ensure_load(self, entry: Entry) -> asyncio.Task[None]:
@@ -312,6 +388,7 @@ class ModelPool:
         self._set_state(entry, STARTING)  # visible in ps while it plans and waits for memory
         try:
             facts = await asyncio.to_thread(self._read_facts, entry.config.source)
+            facts = await asyncio.to_thread(with_adapter_folders, facts, tuple(entry.adapters.values()))
             first = self._placement.first_choice(entry.name, entry.config, entry.skip_rungs, facts, options)
             policy, (planned, need) = first.policy, self._record(entry, first)
             while True:
@@ -450,7 +527,13 @@ class ModelPool:
             planned_bytes=dict(planned.reserved_bytes),
             **({"after_failures": entry.failures} if entry.failures else {}),  # a restart
         )
-        launch = PlanFile(facts.source, planned, reserved_bytes=dict(need), max_queue=entry.config.max_queue)
+        launch = PlanFile(
+            facts.source,
+            planned,
+            reserved_bytes=dict(need),
+            max_queue=entry.config.max_queue,
+            adapters=tuple(entry.adapters.items()),
+        )
         try:
             runner = await self._spawn(entry.name, launch, lambda ev: self._runner_event(entry, ev))
         except MemserveError:
@@ -683,3 +766,27 @@ def _both(overrides: Mapping[str, int]) -> dict[str, int | None]:
 
 
 __all__ = ["Entry", "Lease", "ModelPool", "ModelState", "backoff_seconds", "compatible", "watchdog_limit_bytes"]
+
+
+def with_adapter_folders(facts: ModelFacts, sources: tuple[str, ...]) -> ModelFacts:
+    """The base's facts with its LoRA adapters' weights on top (read from their headers), planned as one."""
+    if not sources:
+        return facts
+    if not isinstance(facts, CheckpointFacts):
+        raise InvalidArgument(
+            f"{facts.source} is a GGUF model served by llama.cpp, which memserve gives no LoRA adapters; remove its "
+            "adapters or serve the safetensors checkpoint"
+        )
+    return with_adapters(facts, tuple(read_adapter_facts(Path(s)) for s in sources))
+
+
+def _runner_refused(answer: httpx.Response, who: str) -> MemserveError:
+    """A runner's error answer as the same error from the gateway: its status, type, code, param and message."""
+    try:
+        error = answer.json()["error"]
+        refused = MemserveError(str(error["message"]), param=error.get("param"), code=error.get("code"))
+        refused.error_type = str(error.get("type") or error_type_for(answer.status_code))
+        refused.status_code = answer.status_code
+    except (ValueError, KeyError, TypeError, AttributeError):
+        refused = BadUpstream(f"{who} answered {answer.status_code} without an OpenAI error: {answer.text[:200]!r}")
+    return refused

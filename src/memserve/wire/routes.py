@@ -9,6 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "ADAPTERS",
+    "ADAPTER_ADD",
+    "ADAPTER_REMOVE",
+    "ADAPTER_ROUTES",
     "BATCH",
     "BATCHES",
     "BATCH_CANCEL",
@@ -85,6 +89,11 @@ KEY = Route("GET", "/api/keys/{name}")
 KEY_UPDATE = Route("PATCH", "/api/keys/{name}")
 KEY_REVOKE = Route("DELETE", "/api/keys/{name}")
 KEY_ROUTES = (KEYS, KEY_CREATE, KEY, KEY_UPDATE, KEY_REVOKE)
+ADAPTERS = Route("GET", "/api/adapters")
+ADAPTER_ADD = Route("POST", "/api/adapters")
+ADAPTER_REMOVE = Route("DELETE", "/api/adapters/{name}")
+ADAPTER_ROUTES = (ADAPTERS, ADAPTER_ADD, ADAPTER_REMOVE)
+"""LoRA adapters on loaded bases, added and removed without a reload (admin)."""
 EVENTS_STREAM = Route("GET", "/api/events/stream")
 UI = Route("GET", "/ui")
 UI_SCRIPT = Route("GET", "/ui/app.js")
@@ -115,6 +124,7 @@ GATEWAY_ROUTES = (
     EVENTS,
     USAGE,
     *KEY_ROUTES,
+    *ADAPTER_ROUTES,
     METRICS,
     *LIVE_ROUTES,
     *BATCH_ROUTES,
