@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from memserve import __version__
+from memserve.cli.adapters import adapters
 from memserve.cli.batch import batch
 from memserve.cli.bench import bench
 from memserve.cli.compare import compare
@@ -56,6 +57,7 @@ def main() -> None:
     """memserve: serve language models on the memory this machine really has."""
 
 
+main.add_command(adapters)
 main.add_command(batch)
 main.add_command(bench)
 main.add_command(compare)
