@@ -250,6 +250,10 @@ class RequestTimedOut(MemserveError):
     code = "request_timeout"
 
 
+EXIT_NO_FIT = 3
+"""The exit status of a command that found no plan that fits (``fit``, ``run-model``, ``batch run --local``)."""
+
+
 class InsufficientMemory(MemserveError):
     """The model cannot fit on this host with any allowed plan, even with every other model unloaded.
 

@@ -1,4 +1,6 @@
-"""The ``memserve`` command line. Each command lives in its own module and is registered here.
+"""The ``memserve`` command line. Each command lives in its own module and is registered here, imported only
+when it runs (click's lazy subcommands): ``memserve batch run`` does not pay for torch-free planning, the hub
+client and the gateway it never uses.
 
 Errors are one line on stderr (``error: what happened; what to do``) with a non-zero exit: 1 for a
 memserve error, 2 for a usage error, 3 when nothing fits (``fit``), 4 when ``serve`` cannot listen on
@@ -7,27 +9,48 @@ its address (the port is in use, say). Tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
 import click
 
 from memserve import __version__
-from memserve.cli.adapters import adapters
-from memserve.cli.batch import batch
-from memserve.cli.bench import bench
-from memserve.cli.compare import compare
-from memserve.cli.demo_model import demo_model
-from memserve.cli.fit import fit
-from memserve.cli.keys import keys, usage
-from memserve.cli.manage import load, ps, unload
-from memserve.cli.run_model import run_model
-from memserve.cli.serve import serve
 from memserve.errors import MemserveError
+
+COMMANDS = {
+    "adapters": "memserve.cli.adapters:adapters",
+    "batch": "memserve.cli.batch:batch",
+    "bench": "memserve.cli.bench:bench",
+    "compare": "memserve.cli.compare:compare",
+    "demo-model": "memserve.cli.demo_model:demo_model",
+    "fit": "memserve.cli.fit:fit",
+    "keys": "memserve.cli.keys:keys",
+    "load": "memserve.cli.manage:load",
+    "ps": "memserve.cli.manage:ps",
+    "run-model": "memserve.cli.run_model:run_model",
+    "serve": "memserve.cli.serve:serve",
+    "unload": "memserve.cli.manage:unload",
+    "usage": "memserve.cli.keys:usage",
+}
+"""Each command's name → ``module:attribute`` of its click command."""
 
 
 class _Group(click.Group):
-    """Turns memserve and click errors into one line instead of a traceback or a usage dump."""
+    """Turns memserve and click errors into one line instead of a traceback or a usage dump, and imports a
+    command's module only when that command is asked for (click's documented lazy-loading pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = COMMANDS[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{COMMANDS[cmd_name]} is not a click command")
+        return command
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -56,19 +79,5 @@ class _Group(click.Group):
 def main() -> None:
     """memserve: serve language models on the memory this machine really has."""
 
-
-main.add_command(adapters)
-main.add_command(batch)
-main.add_command(bench)
-main.add_command(compare)
-main.add_command(demo_model)
-main.add_command(fit)
-main.add_command(keys)
-main.add_command(load)
-main.add_command(ps)
-main.add_command(run_model)
-main.add_command(serve)
-main.add_command(unload)
-main.add_command(usage)
 
 __all__ = ["main"]

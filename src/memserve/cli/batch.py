@@ -39,8 +39,7 @@ from memserve.batch.jobs import (
     stop_job,
 )
 from memserve.batch.run import BatchRun, RunView, count_requests, execute
-from memserve.cli.fit import EXIT_NO_FIT
-from memserve.errors import InsufficientMemory, InvalidArgument
+from memserve.errors import EXIT_NO_FIT, InsufficientMemory, InvalidArgument
 from memserve.units import format_bytes
 
 PLAIN_REPORT_SECONDS = 5.0

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from memserve.engines import EngineStatus, engines_for, require
 from memserve.engines.fit import fit_json, fit_result
+from memserve.errors import EXIT_NO_FIT
 from memserve.memory.estimate import Engine
 from memserve.memory.fit import ModelFacts
 from memserve.memory.inventory import Inventory
@@ -23,8 +24,6 @@ from memserve.memory.planner import (
 )
 from memserve.memory.probe import probe_inventory
 from memserve.units import format_bytes
-
-EXIT_NO_FIT = 3
 
 
 def _print_table(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from memserve.cli.fit import EXIT_NO_FIT
 from memserve.engines.fit import fit_result
+from memserve.errors import EXIT_NO_FIT
 from memserve.memory.probe import probe_inventory
 
 
