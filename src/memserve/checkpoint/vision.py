@@ -8,12 +8,13 @@ or a causal LM); a CLIP or SigLIP dual encoder also nests one but generates noth
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from memserve.errors import InvalidArgument
 from memserve.wire.schema import ImageRef
 
-__all__ = ["GENERATING_SUFFIXES", "NoImages", "image_token_id", "no_images", "takes_images"]
+__all__ = ["GENERATING_SUFFIXES", "NoImages", "VisionFacts", "image_token_id", "no_images", "takes_images"]
 
 GENERATING_SUFFIXES = ("ForConditionalGeneration", "ForImageTextToText", "ForCausalLM")
 
@@ -36,6 +37,58 @@ def image_token_id(config: Mapping[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+@dataclass(frozen=True)
+class VisionFacts:
+    """The vision tower's dimensions, from ``vision_config``: what ``memory/vision.py`` prices per image.
+
+    Its weights are not here: they are in the safetensors headers with the rest (``CheckpointFacts``).
+    """
+
+    image_size: int  # pixels per side the processor resizes every image to
+    patch_size: int
+    channels: int
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    heads: int
+    image_tokens: int  # tokens one image becomes in the language model's prompt
+    text_hidden_size: int
+
+    @property
+    def patches(self) -> int:
+        """Positions one image has in the tower: its patches and a class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> VisionFacts | None:
+        """None for a checkpoint that takes no images, or whose tower is not a ViT with fixed-size inputs
+        (``image_size`` and ``patch_size``, as CLIP and SigLIP towers have)."""
+        vision = config.get("vision_config")
+        if not takes_images(config) or not isinstance(vision, Mapping):
+            return None
+        text = config.get("text_config")
+        text = text if isinstance(text, Mapping) else config
+        keys = ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        found = {key: vision.get(key) for key in (*keys, "num_attention_heads")} | {"text": text.get("hidden_size")}
+        dims: dict[str, int] = {k: v for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool)}
+        if len(dims) < len(found) or min(dims.values()) < 1:
+            return None
+        side = dims["image_size"] // dims["patch_size"]
+        tokens = config.get("image_seq_length")
+        channels = vision.get("num_channels")
+        return cls(
+            image_size=dims["image_size"],
+            patch_size=dims["patch_size"],
+            channels=channels if isinstance(channels, int) and channels > 0 else 3,
+            hidden_size=dims["hidden_size"],
+            intermediate_size=dims["intermediate_size"],
+            layers=dims["num_hidden_layers"],
+            heads=dims["num_attention_heads"],
+            image_tokens=tokens if isinstance(tokens, int) and tokens > 0 else side * side,
+            text_hidden_size=dims["text"],
+        )
 
 
 class NoImages(InvalidArgument):

@@ -57,9 +57,11 @@ INVALID_IMAGE = "invalid_image"
 class ImageLimits:
     """The server's caps on a request's images; ``allow_urls`` is the ``image_urls: allow`` setting."""
 
-    max_images: int = 8
+    max_images: int = 4  # vLLM takes one per prompt unless told more; a plan prices this many per request
     max_bytes: int = 10 * 1024 * 1024  # per image, encoded (as sent, after base64)
-    max_pixels: int = 4096 * 4096  # per image, width × height
+    # per image, width × height: OpenAI scales every image to fit 2048 × 2048 before its model reads it, and a
+    # runner holds ~7 bytes a pixel per image while its processor resizes them (memory/vision.py)
+    max_pixels: int = 2048 * 2048
     allow_urls: bool = False
     fetch_timeout_seconds: float = 10.0
 
