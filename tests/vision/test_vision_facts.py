@@ -12,7 +12,7 @@ from memserve.checkpoint.facts import read_local_facts
 from memserve.checkpoint.vision import VisionFacts, no_images, takes_images
 from memserve.memory.fit import fit_result
 from memserve.memory.probe import probe_inventory
-from memserve.memory.vision import HELD_BYTES_PER_PIXEL, WORKING_BYTES_PER_PIXEL, image_cost
+from memserve.memory.vision import BODY_COPIES, HELD_BYTES_PER_PIXEL, WORKING_BYTES_PER_PIXEL, image_cost
 from memserve.wire.images import ImageLimits
 from memserve.wire.schema import ImageRef
 
@@ -94,3 +94,16 @@ def test_the_demo_vision_model_plans_as_image_text_with_its_tower_in_the_weights
     limits = ImageLimits()
     images = image_cost(facts.vision, "float32", images=limits.max_images, max_pixels=limits.max_pixels, concurrency=2)
     assert result.plan.devices["cpu"].activation_bytes > images.total_bytes > 0
+
+
+def test_request_bodies_are_priced_for_every_sequence_that_holds_one() -> None:
+    vision = VisionFacts.from_config(LLAVA)
+    assert vision is not None
+    body = 16 * 1024 * 1024
+
+    def cost(**extra: int) -> int:
+        return image_cost(vision, "float32", images=4, max_pixels=1024, concurrency=2, **extra).body_bytes
+
+    assert cost() == 0
+    assert cost(max_body_bytes=body) == BODY_COPIES * body * 2
+    assert cost(max_body_bytes=body, sequences=10) == BODY_COPIES * body * 10  # waiting requests hold theirs too

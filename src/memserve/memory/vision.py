@@ -16,6 +16,11 @@ left grows with the images a request may carry (``wire/images.py: ImageLimits``)
   its residual stream and MLP per patch, and its attention scores (eager in the worst case).
 - **image features**: the projector's output, held through the prefill (``mm_encoder_outputs``), and its
   input and hidden in flight.
+- **request bodies**: a runner holds each request's body until its answer ends: the bytes, the parsed JSON and
+  the validated request (the runner drops that copy of each data URL once decoded). Base64 images make bodies
+  tens of MiB. Measured on the tiny demo LLaVA with 4 images of 2048² (5 MiB PNGs, 25.6 MiB bodies): 2 requests
+  at once (concurrency 1) peaked 160 MiB above the worst-case warm-up, 8 at once (concurrency 4) 431 MiB: 2–3
+  copies of each body; priced as ``BODY_COPIES ×`` the largest body for every sequence.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from dataclasses import dataclass
 from memserve.checkpoint.vision import VisionFacts
 from memserve.memory.estimate import DTYPE_WIDTH, HIDDEN_TENSORS
 
-__all__ = ["HELD_BYTES_PER_PIXEL", "WORKING_BYTES_PER_PIXEL", "ImageCost", "image_cost"]
+__all__ = ["BODY_COPIES", "HELD_BYTES_PER_PIXEL", "WORKING_BYTES_PER_PIXEL", "ImageCost", "image_cost"]
 
 HELD_BYTES_PER_PIXEL = 7  # every decoded image of the request being prepared (measured, see above)
 WORKING_BYTES_PER_PIXEL = 12  # the one image the processor is rescaling, float32 RGB
 PIXEL_VALUES_WIDTH = 4  # processors return float32
+BODY_COPIES = 3  # a request body's bytes held by a runner while it is served (measured, see above)
 
 
 @dataclass(frozen=True)
@@ -41,18 +47,31 @@ class ImageCost:
     pixel_bytes: int
     tower_bytes: int
     feature_bytes: int
+    body_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.decoded_bytes + self.pixel_bytes + self.tower_bytes + self.feature_bytes
+        return self.decoded_bytes + self.pixel_bytes + self.tower_bytes + self.feature_bytes + self.body_bytes
 
 
-def image_cost(vision: VisionFacts, dtype: str, *, images: int, max_pixels: int, concurrency: int) -> ImageCost:
-    """What ``images`` per request (the cap), each up to ``max_pixels``, cost at ``concurrency`` sequences.
+def image_cost(
+    vision: VisionFacts,
+    dtype: str,
+    *,
+    images: int,
+    max_pixels: int,
+    concurrency: int,
+    max_body_bytes: int = 0,
+    sequences: int | None = None,
+) -> ImageCost:
+    """What ``images`` per request (the cap), each up to ``max_pixels``, cost at ``concurrency`` sequences, with
+    bodies up to ``max_body_bytes`` held for ``sequences`` requests (default ``concurrency``; the runner's waiting
+    requests hold theirs too).
 
     Decoding happens one request at a time; the tensors after it are held per sequence until its call ends."""
     if images <= 0:
         return ImageCost(0, 0, 0, 0)
+    bodies = BODY_COPIES * max_body_bytes * (concurrency if sequences is None else sequences)
     width = DTYPE_WIDTH[dtype]
     decoded = max_pixels * (HELD_BYTES_PER_PIXEL * images + WORKING_BYTES_PER_PIXEL)
     in_flight = concurrency * images
@@ -62,4 +81,4 @@ def image_cost(vision: VisionFacts, dtype: str, *, images: int, max_pixels: int,
     scores = vision.heads * patches * patches * (width + 4)
     tower = in_flight * (stream + scores)
     features = in_flight * vision.image_tokens * (vision.hidden_size + 2 * vision.text_hidden_size) * width
-    return ImageCost(decoded, pixels, tower, features)
+    return ImageCost(decoded, pixels, tower, features, bodies)

@@ -89,8 +89,9 @@ class ImageTextEngine(GenerateEngine):
         images, inputs = _worst_case_images(self.processor, self.limits, tokens)
         prompt = list(inputs.pop("input_ids")[0].tolist())
         inputs.pop("attention_mask", None)
-        if len(prompt) < tokens:
-            prompt += filler_prompt(tokens - len(prompt), self._vocab_size, self._default_stop_ids)
+        if len(prompt) < tokens:  # text that is no image marker: a marker without its image fails the forward
+            avoid = (*self._default_stop_ids, *_marker_ids(self.model))
+            prompt += filler_prompt(tokens - len(prompt), self._vocab_size, avoid)
         request = ImageGenerationRequest(
             request_id=WARMUP_REQUEST.request_id, prompt_ids=tuple(prompt), max_new_tokens=1, inputs=inputs
         )
@@ -141,6 +142,13 @@ class ImageTextEngine(GenerateEngine):
             stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
             **extra,
         )
+
+
+def _marker_ids(model: Any) -> tuple[int, ...]:
+    """The ids a processor puts where image or video features go (LLaVA's ``image_token_id``, ...)."""
+    config = model.config
+    ids = (getattr(config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id"))
+    return tuple(i for i in ids if isinstance(i, int))
 
 
 def _encodes_before_prefill(model: Any) -> bool:
@@ -199,6 +207,9 @@ class ImageCompleter(_Completer):
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         refs = body.images()
         decoded: list[DecodedImage] = [decode_data_url(ref, self.limits) for ref in refs]
+        for message in body.messages:  # the request's copy of each URL is not needed again: a data URL may be MiBs
+            for _, part in message.image_urls:
+                part.url = ""
         try:
             text = self.processor.apply_chat_template(
                 body.template_messages(), add_generation_prompt=True, tokenize=False
