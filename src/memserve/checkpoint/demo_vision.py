@@ -154,6 +154,10 @@ def write_demo_vision_model(path: Path, *, seed: int = 0, force: bool = False) -
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its "Writing model shards" bar is noise for one small file
     try:
         processor.save_pretrained(staging)
         generation.save_pretrained(staging)
@@ -163,6 +167,8 @@ def write_demo_vision_model(path: Path, *, seed: int = 0, force: bool = False) -
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if bars:
+            transformers_logging.enable_progress_bar()
     params = sum(t.numel() for t in model.state_dict().values())
     vision_params = sum(
         t.numel() for n, t in model.state_dict().items() if "vision_tower" in n or "multi_modal_projector" in n
