@@ -31,10 +31,14 @@ __all__ = [
     "CompletionRequest",
     "ErrorResponse",
     "FinishReason",
+    "ImagePart",
+    "ImageRef",
+    "ImageURL",
     "ModelList",
     "ResponseShape",
     "StreamOptions",
     "TextCompletion",
+    "TextPart",
     "Usage",
 ]
 
@@ -49,28 +53,106 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class ImageURL(BaseModel):
+    """Where an image part's bytes are: a ``data:image/...;base64,...`` URL, or http(s) where allowed."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    """OpenAI's ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a request: where it sits in the body (``param``, for errors) and its URL."""
+
+    param: str  # messages[0].content[1].image_url
+    url: str
+    detail: str | None = None
+
+
+_PARTS_EXPECTED = (
+    'expected a string or a list of {"type": "text", "text": "..."} and '
+    '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} parts'
+)
+
+
 class ChatMessage(BaseModel):
-    """One message; list-of-parts content is joined with newlines (as vLLM does) before templating."""
+    """One message. Text-only list content is joined with newlines (as vLLM does) before templating; a list
+    with an image keeps its parts in order, for a vision-language model's template (``template_messages``)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: str | list[ContentPart]
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, value: Any) -> str:
+    def _parts(cls, value: Any) -> str | list[ContentPart]:
         if isinstance(value, str):
             return value
-        if isinstance(value, list) and all(_is_text_part(part) for part in value):
+        if not isinstance(value, list):
+            raise ValueError(_PARTS_EXPECTED)
+        if all(_is_text_part(part) for part in value):
             return "\n".join(part["text"] for part in value)
-        raise ValueError(
-            'expected a string or a list of {"type": "text", "text": "..."} parts (only text is supported)'
-        )
+        return [_content_part(index, part) for index, part in enumerate(value)]
+
+    @property
+    def text(self) -> str:
+        """The message's text, its text parts joined with newlines (images left out)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    @property
+    def image_urls(self) -> list[tuple[int, ImageURL]]:
+        """``(part index, image_url)`` of each image part, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [(i, part.image_url) for i, part in enumerate(self.content) if isinstance(part, ImagePart)]
 
 
 def _is_text_part(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def _content_part(index: int, part: Any) -> ContentPart:
+    """One part, or a ValueError that names it (``content[1]``) and says what a part looks like."""
+    if _is_text_part(part):
+        return TextPart(type="text", text=part["text"])
+    if isinstance(part, dict) and part.get("type") == "image_url":
+        image = part.get("image_url")
+        if isinstance(image, str):  # the older shape some clients still send: the URL itself
+            image = {"url": image}
+        if isinstance(image, dict) and isinstance(image.get("url"), str) and image["url"]:
+            detail = image.get("detail")
+            if detail is None or detail in ("auto", "low", "high"):
+                return ImagePart(type="image_url", image_url=ImageURL(url=image["url"], detail=detail))
+            raise ValueError(f"content[{index}].image_url.detail must be 'auto', 'low' or 'high', got {detail!r}")
+        raise ValueError(
+            f'content[{index}].image_url must be {{"url": "data:image/png;base64,..."}} (a non-empty string url)'
+        )
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    raise ValueError(f"content[{index}] is not a text or image_url part (got {kind!r}); {_PARTS_EXPECTED}")
 
 
 class _SamplingRequest(BaseModel):
@@ -204,7 +286,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return "messages"
 
     def prompt_text_bytes(self) -> int:
-        return sum(len(m.content.encode("utf-8", "surrogatepass")) for m in self.messages)
+        return sum(len(m.text.encode("utf-8", "surrogatepass")) for m in self.messages)
 
     def unsupported(self) -> tuple[str, str] | None:
         """Adds the chat-only fields: logprobs, tools and functions, structured output."""
@@ -227,9 +309,32 @@ class ChatCompletionRequest(_SamplingRequest):
                 return name, _unsupported(name)
         return None
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them; ``developer`` is OpenAI's newer name for ``system``."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as chat templates expect them; ``developer`` is OpenAI's newer name for ``system``. A message
+        with images has list content, each image as ``{"type": "image"}`` in its place (transformers' convention
+        for vision-language templates); the images themselves are ``images()``'s, in the same order."""
+        messages: list[dict[str, Any]] = []
+        for m in self.messages:
+            role = "system" if m.role == "developer" else m.role
+            if isinstance(m.content, str):
+                messages.append({"role": role, "content": m.content})
+                continue
+            parts = [
+                {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in m.content
+            ]
+            messages.append({"role": role, "content": parts})
+        return messages
+
+    def images(self) -> list[ImageRef]:
+        """Every image of the request, in the order a template meets them, each with its ``param`` for errors.
+
+        The one list the gateway's door (caps, decoding, a model that takes no images) and the runner both read.
+        """
+        return [
+            ImageRef(f"messages[{m}].content[{p}].image_url", image.url, image.detail)
+            for m, message in enumerate(self.messages)
+            for p, image in message.image_urls
+        ]
 
 
 class CompletionRequest(_SamplingRequest):

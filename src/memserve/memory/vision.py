@@ -1,0 +1,84 @@
+"""What images cost a vision-language runner, beyond its text plan: pure arithmetic, tested as a table.
+
+The vision tower's weights are in the checkpoint's safetensors headers with the rest, so the text plan counts
+them already; the image tokens sit in the prompt, so the KV cache for the context counts them too. What is
+left grows with the images a request may carry (``wire/images.py: ImageLimits``):
+
+- **decoded images**: the runner decodes every image of a request at its full size before the processor
+  resizes them, one request at a time on its event loop. Measured on the tiny demo LLaVA (CLIP tower,
+  transformers 5.24, Pillow 13, fp32), the worst-case warm-up's peak above the runner at rest:
+  1 image of 1024² 16.9 MiB, 1 of 2048² 67.9 MiB, 4 of 2048² 152.1 MiB, 2 of 4096² 337.2 MiB. That is
+  ~7 bytes a pixel for every image held (Pillow's 4-byte RGBX and the processor's uint8 array) and ~10–12
+  more for the one image being rescaled (float32 RGB): priced as ``pixels × (7 × images + 12)``, 1.05–1.20 ×
+  those measurements.
+- **pixels**: the processor's float32 ``pixel_values`` at the tower's size, cast to the model's dtype.
+- **the tower's forward**: all images of every row of a ``generate`` call at once (``concurrency × images``):
+  its residual stream and MLP per patch, and its attention scores (eager in the worst case).
+- **image features**: the projector's output, held through the prefill (``mm_encoder_outputs``), and its
+  input and hidden in flight.
+- **request bodies**: a runner holds each request's body until its answer ends: the bytes, the parsed JSON and
+  the validated request (the runner drops that copy of each data URL once decoded). Base64 images make bodies
+  tens of MiB. Measured on the tiny demo LLaVA with 4 images of 2048² (5 MiB PNGs, 25.6 MiB bodies): 2 requests
+  at once (concurrency 1) peaked 160 MiB above the worst-case warm-up, 8 at once (concurrency 4) 431 MiB: 2–3
+  copies of each body; priced as ``BODY_COPIES ×`` the largest body for every sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memserve.checkpoint.vision import VisionFacts
+from memserve.memory.estimate import DTYPE_WIDTH, HIDDEN_TENSORS
+
+__all__ = ["BODY_COPIES", "HELD_BYTES_PER_PIXEL", "WORKING_BYTES_PER_PIXEL", "ImageCost", "image_cost"]
+
+HELD_BYTES_PER_PIXEL = 7  # every decoded image of the request being prepared (measured, see above)
+WORKING_BYTES_PER_PIXEL = 12  # the one image the processor is rescaling, float32 RGB
+PIXEL_VALUES_WIDTH = 4  # processors return float32
+BODY_COPIES = 3  # a request body's bytes held by a runner while it is served (measured, see above)
+
+
+@dataclass(frozen=True)
+class ImageCost:
+    """Bytes images add to a vision-language runner's plan, by what holds them; ``total_bytes`` is the sum,
+    which the planner adds to the plan's activations."""
+
+    decoded_bytes: int
+    pixel_bytes: int
+    tower_bytes: int
+    feature_bytes: int
+    body_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.decoded_bytes + self.pixel_bytes + self.tower_bytes + self.feature_bytes + self.body_bytes
+
+
+def image_cost(
+    vision: VisionFacts,
+    dtype: str,
+    *,
+    images: int,
+    max_pixels: int,
+    concurrency: int,
+    max_body_bytes: int = 0,
+    sequences: int | None = None,
+) -> ImageCost:
+    """What ``images`` per request (the cap), each up to ``max_pixels``, cost at ``concurrency`` sequences, with
+    bodies up to ``max_body_bytes`` held for ``sequences`` requests (default ``concurrency``; the runner's waiting
+    requests hold theirs too).
+
+    Decoding happens one request at a time; the tensors after it are held per sequence until its call ends."""
+    if images <= 0:
+        return ImageCost(0, 0, 0, 0)
+    bodies = BODY_COPIES * max_body_bytes * (concurrency if sequences is None else sequences)
+    width = DTYPE_WIDTH[dtype]
+    decoded = max_pixels * (HELD_BYTES_PER_PIXEL * images + WORKING_BYTES_PER_PIXEL)
+    in_flight = concurrency * images
+    pixels = in_flight * vision.channels * vision.image_size**2 * (PIXEL_VALUES_WIDTH + width)
+    patches = vision.patches
+    stream = patches * (HIDDEN_TENSORS * vision.hidden_size + 2 * vision.intermediate_size) * width
+    scores = vision.heads * patches * patches * (width + 4)
+    tower = in_flight * (stream + scores)
+    features = in_flight * vision.image_tokens * (vision.hidden_size + 2 * vision.text_hidden_size) * width
+    return ImageCost(decoded, pixels, tower, features, bodies)

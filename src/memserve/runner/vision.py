@@ -1,0 +1,318 @@
+"""Serving a vision-language checkpoint (the plan's engine ``image-text``): images in chat, text out.
+
+The checkpoint's own processor turns a request into model inputs, as the model card's example does:
+the chat template places one image marker per image part, and ``processor(images=..., text=...)`` expands
+each marker to the image's tokens and turns the images into ``pixel_values``. The model is loaded with
+``AutoModelForImageTextToText`` and served by :class:`ImageTextEngine`, the ``generate`` engine
+(``runner/fallback.py``) with each row's image tensors passed along: transformers' ``generate`` encodes the
+images once before the prefill (``mm_encoder_outputs``), so the prefill is chunked by the plan's
+``max_batch_tokens`` as for text. Requests that decode alike and whose image tensors stack are batched into one
+``generate`` call (images concatenated in row order, where the model's placeholder tokens expect them);
+others wait for a call of their own.
+
+:class:`ImageCompleter` is the runner app's completer for such a model (``runner/app.py``): it decodes each
+``data:`` image (``wire/images.py``: the same caps as the gateway's door; the runner never fetches a URL,
+the gateway inlines those it may fetch) and runs the processor on the event loop's thread, as text
+prompts are tokenized there. Continuous batching is not used: transformers' paged path takes token ids only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from memserve.errors import ContextOverflow, InvalidArgument, MemserveError
+from memserve.runner.app import _Completer
+from memserve.runner.fallback import GenerateEngine
+from memserve.runner.front import WARMUP_REQUEST, Job, filler_prompt, worst_case_prompt_tokens
+from memserve.wire.events import Engine, GenerationRequest
+from memserve.wire.images import DecodedImage, ImageLimits, check_images, decode_data_url, open_rgb
+from memserve.wire.schema import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+    from memserve.memory.fit import PlanFile
+    from memserve.runner.load import LoadReport
+
+__all__ = ["IMAGE_TEXT", "ImageCompleter", "ImageGenerationRequest", "ImageTextEngine", "load_image_text"]
+
+IMAGE_TEXT = "image-text"
+_TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class ImageGenerationRequest(GenerationRequest):
+    """A generation request with the processor's image tensors (``pixel_values`` and friends) for its prompt."""
+
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, hash=False)
+
+
+class ImageTextEngine(GenerateEngine):
+    """The ``generate`` engine for a vision-language model: each row's image tensors go with its token ids.
+
+    ``processor`` stays with the engine (the app's completer reads it), and the worst-case warm-up sends the
+    most images a request may carry (``limits.max_images``), each at the largest size the caps admit.
+    """
+
+    name = IMAGE_TEXT
+
+    def __init__(
+        self, model: PreTrainedModel, processor: ProcessorMixin, *, limits: ImageLimits | None = None, **kwargs: Any
+    ) -> None:
+        self.processor = processor
+        self.limits = limits or ImageLimits()
+        super().__init__(model, **kwargs)
+
+    @staticmethod
+    def _decoding(request: GenerationRequest) -> Any:
+        """Rows batch when they decode alike and their image tensors concatenate (same shape past the first
+        dimension); a row with images never shares a call with a row without."""
+        key = GenerateEngine._decoding(request)
+        if key is None:
+            return None
+        inputs = request.inputs if isinstance(request, ImageGenerationRequest) else {}
+        shapes = tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in inputs.items()))
+        return (key, shapes)
+
+    def warm_up_worst_case(self) -> dict[str, Any]:
+        """One sequence with the most images a request may carry, filled with text to the largest prefill chunk
+        (:func:`worst_case_prompt_tokens`), generating one token: the vision tower's largest forward, the image
+        features held through the prefill, and the processor's decoded images, all at once."""
+        started = time.perf_counter()
+        tokens = worst_case_prompt_tokens(self.model, self.max_context_tokens or 2, self.max_batch_tokens)
+        images, inputs = _worst_case_images(self.processor, self.limits, tokens)
+        prompt = list(inputs.pop("input_ids")[0].tolist())
+        inputs.pop("attention_mask", None)
+        if len(prompt) < tokens:  # text that is no image marker: a marker without its image fails the forward
+            avoid = (*self._default_stop_ids, *_marker_ids(self.model))
+            prompt += filler_prompt(tokens - len(prompt), self._vocab_size, avoid)
+        request = ImageGenerationRequest(
+            request_id=WARMUP_REQUEST.request_id, prompt_ids=tuple(prompt), max_new_tokens=1, inputs=inputs
+        )
+        job = Job(request=request, key="warmup", loop=cast(Any, None), stop_ids=frozenset(), accepted_at=0.0)
+        self._generate_rows([job], post=lambda job, tokens: None)
+        return {
+            "prompt_tokens": len(prompt),
+            "images": images,
+            "measured_sequences": 1,
+            "touched_bytes": 0,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def _run(self, batch: list[Job]) -> None:
+        self._generate_rows(batch, post=lambda job, tokens: self._post(job, self._deliver, job, tokens))
+
+    @torch.no_grad()
+    def _generate_rows(self, batch: list[Job], post: Callable[[Job, list[int]], None]) -> None:
+        """The text engine's left-padded ``generate`` call (``GenerateEngine._run``), with the rows' image
+        tensors concatenated in row order."""
+        from transformers import StoppingCriteriaList
+
+        from memserve.runner.fallback import _Rows, _RowsCriteria, _RowsStreamer
+
+        first = batch[0].request
+        if first.seed is not None and first.temperature > 0:
+            torch.manual_seed(first.seed)
+        device = self.model.device
+        width = max(len(job.request.prompt_ids) for job in batch)
+        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+        for row, job in enumerate(batch):
+            prompt = job.request.prompt_ids
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+            mask[row, width - len(prompt) :] = 1
+        extra = _stacked([job.request for job in batch], device, self.model.dtype)
+        config = self._config_for(
+            first, max(job.request.max_new_tokens for job in batch), rows=len(batch), prompt_tokens=width
+        )
+        if extra and not _encodes_before_prefill(self.model):
+            config.prefill_chunk_size = None  # raw pixels cannot be cut into chunks; this model does not pre-encode
+        rows = _Rows(batch, post)
+        cast(Any, self.model).generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            streamer=_RowsStreamer(rows),
+            stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
+            **extra,
+        )
+
+
+def _marker_ids(model: Any) -> tuple[int, ...]:
+    """The ids a processor puts where image or video features go (LLaVA's ``image_token_id``, ...)."""
+    config = model.config
+    ids = (getattr(config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id"))
+    return tuple(i for i in ids if isinstance(i, int))
+
+
+def _encodes_before_prefill(model: Any) -> bool:
+    supports = getattr(model, "_supports_mm_encoder_outputs", None)
+    return bool(supports()) if callable(supports) else False
+
+
+def _stacked(requests: list[GenerationRequest], device: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The rows' image tensors, each key concatenated over the rows that have it (floats in the model's dtype)."""
+    keys = sorted({k for r in requests if isinstance(r, ImageGenerationRequest) for k in r.inputs})
+    stacked: dict[str, torch.Tensor] = {}
+    for key in keys:
+        parts = [r.inputs[key] for r in requests if isinstance(r, ImageGenerationRequest) and key in r.inputs]
+        tensor = torch.cat(parts, dim=0).to(device)
+        stacked[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return stacked
+
+
+def _worst_case_images(processor: Any, limits: ImageLimits, tokens: int) -> tuple[int, dict[str, Any]]:
+    """The processor's inputs for as many of the largest images as a request may carry and the prompt holds."""
+    from PIL import Image
+
+    marker = getattr(processor, "image_token", None)
+    side = int(limits.max_pixels**0.5)
+    count = limits.max_images
+    while count > 0:
+        images = [Image.new("RGB", (side, side), (127, 127, 127)) for _ in range(count)]
+        inputs = dict(processor(images=images, text=str(marker) * count, return_tensors="pt"))
+        if marker is None or inputs["input_ids"].shape[1] <= tokens:
+            return count, inputs
+        count -= 1
+    return 0, dict(processor(text=" ", return_tensors="pt"))
+
+
+class _PromptIds(list[int]):
+    """Token ids of a prompt that carry the processor's image tensors from ``chat_prompt`` to ``engine_request``."""
+
+    inputs: dict[str, torch.Tensor]
+
+
+class ImageCompleter(_Completer):
+    """The runner app's completer for a vision-language model: images are decoded, checked and processed with
+    the text; the rest (context checks, streaming) is the text completer's."""
+
+    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, *args: Any) -> None:
+        super().__init__(engine, tokenizer, *args)
+        image_engine = cast(ImageTextEngine, engine)
+        self.processor = image_engine.processor
+        self.limits = image_engine.limits
+
+    def check_images(self, body: ChatCompletionRequest) -> None:
+        """This model takes images: the count cap and the URL policy (a runner fetches none: the gateway inlines
+        what it may fetch), before any bytes are decoded."""
+        check_images(body.images(), self.limits)
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        refs = body.images()
+        decoded: list[DecodedImage] = [decode_data_url(ref, self.limits) for ref in refs]
+        for message in body.messages:  # the request's copy of each URL is not needed again: a data URL may be MiBs
+            for _, part in message.image_urls:
+                part.url = ""
+        try:
+            text = self.processor.apply_chat_template(
+                body.template_messages(), add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # a template's raise_exception, or a processor without a template
+            raise InvalidArgument(f"the chat template rejected these messages: {exc}", param="messages") from exc
+        if not isinstance(text, str):
+            raise MemserveError(f"internal error: apply_chat_template returned {type(text).__name__}, not text")
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            raise ContextOverflow(
+                f"the prompt is {size} bytes, more than this model's context of {self.context_tokens} tokens can "
+                f"hold (at most {self.max_prompt_bytes} bytes even in its longest tokens); shorten the prompt",
+                param=body.prompt_param,
+            )
+        images = [open_rgb(image) for image in decoded]
+        try:
+            if images:
+                inputs = dict(self.processor(images=images, text=text, return_tensors="pt"))
+            else:
+                inputs = dict(self.processor(text=text, return_tensors="pt"))
+        except Exception as exc:  # what the processor cannot take (an image marker count that does not match)
+            raise InvalidArgument(f"the processor rejected this request: {exc}", param="messages") from exc
+        finally:
+            for image in images:
+                image.close()
+        prompt = _PromptIds(inputs.pop("input_ids")[0].tolist())
+        inputs.pop("attention_mask", None)
+        prompt.inputs = inputs
+        return prompt
+
+    def engine_request(
+        self, request_id: str, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]
+    ) -> GenerationRequest:
+        request = super().engine_request(request_id, body, prompt_ids)
+        inputs = prompt_ids.inputs if isinstance(prompt_ids, _PromptIds) else {}
+        if not inputs:
+            return request
+        fields = {name: getattr(request, name) for name in GenerationRequest.__dataclass_fields__}
+        return ImageGenerationRequest(**fields, inputs=inputs)
+
+
+def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits | None = None) -> tuple[Any, Any, Any]:
+    """Model, tokenizer and engine for a vision-language plan: loaded, faulted in, warmed up and measured at its
+    worst case (``runner/serve.py: fit_to_reservation``, which admits fewer sequences when it runs over), each
+    phase reported as a text model's are."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from memserve.checkpoint.locate import locate
+    from memserve.runner.load import _cpu_weights, _from_pretrained_kwargs, _nbytes, record_phase
+    from memserve.runner.progress import LoadProgress
+
+    plan = launch.plan
+    progress = LoadProgress.for_stderr()
+    with progress:
+        report.state = "loading"
+        t = time.perf_counter()
+        progress.phase_started("resolve")
+        located = locate(launch.source)
+        if located.path is None:
+            raise InvalidArgument(f"{launch.source} is not available locally; download it first (hf download)")
+        record_phase(report, progress, "resolve", t, path=str(located.path))
+
+        t = time.perf_counter()
+        progress.phase_started("map")
+        model = AutoModelForImageTextToText.from_pretrained(located.path, **_from_pretrained_kwargs(plan))
+        model.eval()
+        processor = AutoProcessor.from_pretrained(located.path)
+        record_phase(report, progress, "map", t, dtype=plan.dtype, quantization=plan.quantization)
+
+        t = time.perf_counter()
+        weights = _cpu_weights(model)
+        progress.phase_started("fault_in", total_bytes=sum(_nbytes(p) for p in weights))
+        with torch.inference_mode():
+            for p in weights:
+                p.sum()  # reads every page of the mapped weights
+                progress.bytes_read("fault_in", _nbytes(p))
+        record_phase(report, progress, "fault_in", t)
+
+        report.state = "warming"
+        t = time.perf_counter()
+        progress.phase_started("warm_up")
+
+        def build(sequences: int) -> ImageTextEngine:
+            return ImageTextEngine(
+                model,
+                processor,
+                limits=limits,
+                max_sequences=sequences,
+                max_queue=launch.queue + plan.concurrency - sequences,
+                max_context_tokens=plan.context_tokens,
+                max_batch_tokens=plan.max_batch_tokens,
+            )
+
+        current = [build(plan.concurrency)]
+        record_phase(report, progress, "warm_up", t)
+
+    def rebuild(sequences: int) -> ImageTextEngine:
+        """Fewer sequences at once (the worst case ran over): what the text engines do, as ``serve.py`` does."""
+        asyncio.run(current[0].close())
+        current[0] = build(sequences)
+        return current[0]
+
+    from memserve.runner.serve import fit_to_reservation
+
+    return model, processor.tokenizer, fit_to_reservation(current[0], launch, report, rebuild)

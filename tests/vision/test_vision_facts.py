@@ -1,0 +1,109 @@
+"""Which checkpoints read images, what their towers are, and what images cost a plan: pure tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memserve.checkpoint.facts import read_local_facts
+from memserve.checkpoint.vision import VisionFacts, no_images, takes_images
+from memserve.memory.fit import fit_result
+from memserve.memory.probe import probe_inventory
+from memserve.memory.vision import BODY_COPIES, HELD_BYTES_PER_PIXEL, WORKING_BYTES_PER_PIXEL, image_cost
+from memserve.wire.images import ImageLimits
+from memserve.wire.schema import ImageRef
+
+CLIP = {"image_size": 336, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+        "num_hidden_layers": 24, "num_attention_heads": 16}  # fmt: skip
+LLAVA = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "vision_config": CLIP,
+    "text_config": {"hidden_size": 4096},
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (LLAVA, True),
+        ({"architectures": ["Idefics3ForConditionalGeneration"], "vision_config": {}}, True),
+        ({"architectures": ["Qwen2VLForConditionalGeneration"], "vision_config": {"depth": 32}}, True),
+        ({"architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {}, "text_config": {}}, True),
+        ({"vision_config": {}, "text_config": {}}, True),  # an old config that names no class: LLaVA-like
+        ({"architectures": ["CLIPModel"], "vision_config": {}, "text_config": {}}, False),  # encodes, writes nothing
+        ({"architectures": ["LlamaForCausalLM"]}, False),
+        ({"architectures": ["T5ForConditionalGeneration"]}, False),
+        ({"architectures": ["LlavaForConditionalGeneration"], "vision_config": "clip"}, False),
+    ],
+)
+def test_takes_images(config: dict[str, Any], expected: bool) -> None:
+    assert takes_images(config) is expected
+
+
+def test_vision_facts_of_llava_1_5() -> None:
+    facts = VisionFacts.from_config({**LLAVA, "image_seq_length": 576})
+    assert facts is not None
+    assert (facts.patches, facts.image_tokens, facts.text_hidden_size) == (24 * 24 + 1, 576, 4096)
+    assert VisionFacts.from_config({**LLAVA, "vision_config": {"depth": 32}}) is None  # no fixed size: not priced
+    assert VisionFacts.from_config({"architectures": ["LlamaForCausalLM"]}) is None
+
+
+def test_a_text_model_refuses_images_naming_itself_and_the_part() -> None:
+    assert no_images("tiny", []) is None
+    refused = no_images("tiny", [ImageRef("messages[0].content[1].image_url", "data:"), ImageRef("x", "y")])
+    assert refused is not None and refused.status_code == 400 and refused.code == "model_takes_no_images"
+    assert refused.param == "messages[0].content[1].image_url"
+    assert "the model 'tiny' takes no images" in refused.message and "2 images" in refused.message
+
+
+@pytest.mark.parametrize(
+    ("images", "max_pixels", "concurrency", "decoded"),
+    [
+        (0, 2048 * 2048, 1, 0),
+        (1, 2048 * 2048, 1, 2048 * 2048 * (HELD_BYTES_PER_PIXEL + WORKING_BYTES_PER_PIXEL)),
+        (4, 2048 * 2048, 1, 2048 * 2048 * (4 * HELD_BYTES_PER_PIXEL + WORKING_BYTES_PER_PIXEL)),
+        (4, 2048 * 2048, 8, 2048 * 2048 * (4 * HELD_BYTES_PER_PIXEL + WORKING_BYTES_PER_PIXEL)),  # one at a time
+    ],
+)
+def test_image_cost(images: int, max_pixels: int, concurrency: int, decoded: int) -> None:
+    vision = VisionFacts.from_config(LLAVA)
+    assert vision is not None
+    cost = image_cost(vision, "bfloat16", images=images, max_pixels=max_pixels, concurrency=concurrency)
+    assert cost.decoded_bytes == decoded
+    in_flight = images * concurrency
+    assert cost.pixel_bytes == in_flight * 3 * 336 * 336 * (4 + 2)
+    assert cost.feature_bytes == in_flight * 576 * (1024 + 2 * 4096) * 2
+    patches = 577
+    assert cost.tower_bytes == in_flight * (patches * (6 * 1024 + 2 * 4096) * 2 + 16 * patches * patches * 6)
+    assert cost.total_bytes == cost.decoded_bytes + cost.pixel_bytes + cost.tower_bytes + cost.feature_bytes
+
+
+def test_the_demo_vision_model_plans_as_image_text_with_its_tower_in_the_weights(tiny_vision_dir: Path) -> None:
+    config = json.loads((tiny_vision_dir / "config.json").read_text())
+    assert takes_images(config)
+    facts = read_local_facts(tiny_vision_dir)
+    assert facts.vision is not None and facts.vision.image_tokens == 16
+    assert facts.params == 247_744  # tower, projector and language model, from the header
+    _, request, result = fit_result(
+        str(tiny_vision_dir), context=512, concurrency=2, inventory=probe_inventory(memory="cpu=4GiB")
+    )
+    assert request.engine == "image-text" and result.plan is not None and result.plan.engine == "image-text"
+    limits = ImageLimits()
+    images = image_cost(facts.vision, "float32", images=limits.max_images, max_pixels=limits.max_pixels, concurrency=2)
+    assert result.plan.devices["cpu"].activation_bytes > images.total_bytes > 0
+
+
+def test_request_bodies_are_priced_for_every_sequence_that_holds_one() -> None:
+    vision = VisionFacts.from_config(LLAVA)
+    assert vision is not None
+    body = 16 * 1024 * 1024
+
+    def cost(**extra: int) -> int:
+        return image_cost(vision, "float32", images=4, max_pixels=1024, concurrency=2, **extra).body_bytes
+
+    assert cost() == 0
+    assert cost(max_body_bytes=body) == BODY_COPIES * body * 2
+    assert cost(max_body_bytes=body, sequences=10) == BODY_COPIES * body * 10  # waiting requests hold theirs too

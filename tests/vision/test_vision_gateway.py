@@ -1,0 +1,73 @@
+"""Images through the gateway: relayed unchanged to a provider, refused for a text-only model before any load,
+served by a vision-language runner, and http(s) image URLs fetched by the gateway only with ``image_urls: allow``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from memserve.config import ProviderConfig
+from tests.gateway.test_gateway_process import GiB, gateway, host, local, ps, settings_for
+from tests.serving import FakeOpenAI, serve_app, serve_fake
+from tests.vision.helpers import data_url, image_message, png
+
+RED = png(50, 40, (200, 10, 30))
+
+
+def ask(origin: str, model: str, *messages: dict[str, Any]) -> httpx.Response:
+    body = {"model": model, "messages": list(messages), "max_tokens": 6, "temperature": 0}
+    return httpx.post(f"{origin}/v1/chat/completions", json=body, timeout=120)
+
+
+def picture_server() -> Starlette:
+    async def picture(request: Request) -> Response:
+        return Response(RED, media_type="image/png")
+
+    return Starlette(routes=[Route("/red.png", picture)])
+
+
+def test_images_through_the_gateway(tmp_path: Path, tiny_model_dir: Path, tiny_vision_dir: Path) -> None:
+    message = image_message(data_url(RED), text="what is this?")
+    with serve_fake(FakeOpenAI(models=("m1",))) as fake, serve_app(picture_server()) as pictures:
+        settings = settings_for(
+            tmp_path,
+            [local("tiny", tiny_model_dir), local("vis", tiny_vision_dir)],
+            providers=[ProviderConfig(name="fake", base_url=fake.base_url, api_key_env="FAKE_KEY", models=["m1"])],
+        )
+        os.environ["FAKE_KEY"] = "sekrit"
+        with gateway(settings, host(4 * GiB)) as (origin, _):
+            relayed = ask(origin, "fake/m1", message)
+            assert relayed.status_code == 200, relayed.text
+            sent = fake.requests[-1].body
+            assert sent is not None and sent["messages"] == [message]  # the image part as the client sent it
+
+            refused = ask(origin, "tiny", message)
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert "the model 'tiny' takes no images" in error["message"]
+            assert error["param"] == "messages[0].content[0].image_url"
+            bad = ask(origin, "vis", image_message("data:image/png;base64,!!!!"))
+            assert bad.status_code == 400 and "base64 is corrupt" in bad.text
+            url = ask(origin, "vis", image_message(f"{pictures}/red.png"))
+            assert url.status_code == 400 and "does not fetch http(s) image URLs" in url.text
+            assert not ps(origin)["models"], "bad input loaded a model"
+
+            served = ask(origin, "vis", message)
+            assert served.status_code == 200, served.text
+            answer = served.json()["choices"][0]["message"]["content"]
+            assert served.json()["usage"]["prompt_tokens"] > 16  # the image's 16 tokens and the text
+
+        allowed = settings_for(tmp_path, [local("vis", tiny_vision_dir)], image_urls="allow")
+        with gateway(allowed, host(4 * GiB)) as (origin, _):
+            fetched = ask(origin, "vis", image_message(f"{pictures}/red.png", text="what is this?"))
+            assert fetched.status_code == 200, fetched.text
+            assert fetched.json()["choices"][0]["message"]["content"] == answer  # the same image, fetched
+            missing = ask(origin, "vis", image_message(f"{pictures}/nothing.png"))
+            assert missing.status_code == 400 and "HTTP 404" in missing.text

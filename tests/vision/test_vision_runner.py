@@ -1,0 +1,133 @@
+"""A real runner process on the tiny fp32 LLaVA: greedy answers equal the model's own generate on the processor's
+inputs (images, several at once, and text alone), bad images are 400s naming the part while the runner keeps
+serving, and the worst case with the most and largest images a request may carry stays within the plan."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serving import runner_process
+from tests.vision.helpers import data_url, image_message, png, png_header_only
+
+MAX_NEW = 12
+RED, GREEN, BLUE = png(50, 40, (200, 10, 30)), png(64, 64, (10, 200, 30)), png(31, 77, (10, 30, 200))
+CASES: list[tuple[list[bytes], str]] = [
+    ([RED], "what is this?"),
+    ([GREEN], "what is this?"),
+    ([BLUE, RED], "which is brighter?"),  # two images in one message
+    ([], "no picture here"),  # text alone, on the same runner
+]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_vision_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("vision-runner")
+    with runner_process(
+        tiny_vision_dir, folder, name="vis", context=512, concurrency=4, env={"OMP_NUM_THREADS": "1"}
+    ) as base:
+        yield base
+
+
+def messages(images: list[bytes], text: str) -> list[dict[str, Any]]:
+    if not images:
+        return [{"role": "user", "content": text}]
+    return [image_message(*(data_url(i) for i in images), text=text)]
+
+
+def reference(model_dir: Path) -> list[str]:
+    """What ``model.generate`` answers greedily on the processor's own inputs, decoded as the runner decodes."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    answers = []
+    for images, text in CASES:
+        content: Any = [*({"type": "image"} for _ in images), {"type": "text", "text": text}] if images else text
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        pictures = [Image.open(io.BytesIO(i)).convert("RGB") for i in images]
+        inputs = processor(images=pictures or None, text=prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+        ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+        answers.append(str(processor.tokenizer.decode(ids, skip_special_tokens=True)))
+    return answers
+
+
+def test_concurrent_image_requests_equal_generate(runner: str, tiny_vision_dir: Path) -> None:
+    expected = reference(tiny_vision_dir)
+    assert len(set(expected[:2])) == 2, "two images should give two answers, or the test proves nothing"
+
+    async def one(client: httpx.AsyncClient, images: list[bytes], text: str) -> tuple[str, dict[str, int]]:
+        body = {
+            "model": "vis",
+            "messages": messages(images, text),
+            "max_tokens": MAX_NEW,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        answer, usage = "", {}
+        async with client.stream("POST", f"{runner}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    answer += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+        return answer, usage
+
+    async def all_at_once() -> list[tuple[str, dict[str, int]]]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, images, text) for images, text in CASES))
+
+    results = asyncio.run(all_at_once())
+    assert [answer for answer, _ in results] == expected
+    # each image is 16 tokens of the prompt
+    assert results[2][1]["prompt_tokens"] - results[0][1]["prompt_tokens"] >= 16
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("data:image/png;base64,!!!!", "base64 is corrupt"),
+        (data_url(b"just some text, not a picture"), "not an image this server reads"),
+        (data_url(png_header_only(20_000, 20_000)), "too large to decode"),
+        ("http://127.0.0.1:9/cat.png", "does not fetch http(s) image URLs"),
+    ],
+)
+def test_bad_images_are_400s_naming_the_part_and_the_runner_keeps_serving(runner: str, url: str, words: str) -> None:
+    body = {"model": "vis", "max_tokens": 2, "messages": [image_message(data_url(RED), url)]}
+    response = httpx.post(f"{runner}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[1].image_url" and words in error["message"]
+    good = {"model": "vis", "max_tokens": 2, "messages": [image_message(data_url(RED))]}
+    assert httpx.post(f"{runner}/v1/chat/completions", json=good, timeout=60).status_code == 200
+
+
+def test_too_many_images_is_a_400(runner: str) -> None:
+    body = {"model": "vis", "max_tokens": 2, "messages": [image_message(*[data_url(RED)] * 5)]}
+    response = httpx.post(f"{runner}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400 and "5 images, more than this server's limit of 4" in response.text
+
+
+def test_the_worst_case_with_the_largest_images_stays_within_the_plan(runner: str) -> None:
+    health = httpx.get(f"{runner}/health").json()
+    assert health["engine"] == "image-text" and health["plan"]["engine"] == "image-text"
+    check = health["load"]["plan_check"]
+    assert check["tries"][0]["images"] == 4, check  # the cap's images, each at the pixel cap, all in one request
+    assert check["fits"] and check["sequences"] == 4, check
+    reserved, peak = check["reserved_bytes"]["cpu"], health["memory"]["cpu"]["peak_rss_bytes"]
+    assert peak <= reserved, f"the runner peaked at {peak} bytes, over its plan's {reserved}"
