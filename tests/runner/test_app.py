@@ -29,6 +29,7 @@ CONTEXT_TOKENS = 64
 TEXT = "Hello world! héllo 日本 🎉"  # multi-byte characters split over several byte-level tokens
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}]}
 COMPLETION = {"model": MODEL, "prompt": "once upon a time"}
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 
 T = TypeVar("T")
 
@@ -309,7 +310,12 @@ def test_prompt_longer_than_the_context_is_a_400_with_both_numbers(
         (
             {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[0].content",
-            "only text",
+            "content[0].image_url must be",
+        ),
+        (  # a text-only model: the gateway's door says the same before any load
+            {"model": MODEL, "messages": [{"role": "user", "content": [IMAGE_PART, {"type": "text", "text": "hi"}]}]},
+            "messages[0].content[0].image_url",
+            f"the model '{MODEL}' takes no images",
         ),
         ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "'user'"),
         ({**CHAT, "logprobs": True}, "logprobs", "unsupported"),

@@ -10,7 +10,7 @@ import pytest
 
 from memserve.checkpoint.facts import read_local_facts
 from memserve.checkpoint.vision import VisionFacts, no_images, takes_images
-from memserve.memory.fit import fit_result
+from memserve.engines.fit import fit_result
 from memserve.memory.probe import probe_inventory
 from memserve.memory.vision import BODY_COPIES, HELD_BYTES_PER_PIXEL, WORKING_BYTES_PER_PIXEL, image_cost
 from memserve.wire.images import ImageLimits

@@ -22,6 +22,7 @@ from huggingface_hub import get_local_safetensors_metadata
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 from huggingface_hub.utils import SafetensorsRepoMetadata
 
+from memserve.checkpoint.vision import VisionFacts
 from memserve.errors import CheckpointError, ModelNotFound
 
 # bytes per element of the safetensors dtypes (sub-byte types are packed and priced as stored)
@@ -110,6 +111,8 @@ class CheckpointFacts:
     # ``tokens × intermediate`` tensors the MLP holds at once (see ``mlp_tensors``)
     mlp_tensors: int = 3
     adapters: tuple[AdapterFacts, ...] = field(default_factory=tuple)
+    # a vision-language checkpoint's tower (its weights are counted with the rest): what images cost per request
+    vision: VisionFacts | None = None
 
     @property
     def context_limit_key(self) -> str:
@@ -173,6 +176,7 @@ class CheckpointFacts:
             "mlp_tensors": self.mlp_tensors,
             "kv_bytes_per_token": self.kv_bytes_per_token(),
             "adapters": [a.__dict__ | {"target_modules": list(a.target_modules)} for a in self.adapters],
+            "vision": dict(self.vision.__dict__) if self.vision is not None else None,
             "warnings": list(self.warnings),
         }
 
@@ -407,6 +411,7 @@ def facts_from(
         eager_attention=_first(cfg, "attn_logit_softcapping") is not None,
         split_expert_bytes=sum(b.split_expert_bytes for b in blocks),
         mlp_tensors=mlp_tensors(cfg, tensors),
+        vision=VisionFacts.from_config(config),
     )
 
 

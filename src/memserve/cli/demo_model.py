@@ -30,10 +30,10 @@ def _choices(names: Iterable[str]) -> str:
 )
 @click.option(
     "--arch",
-    metavar=_choices(ARCHS),
+    metavar=_choices((*ARCHS, "llava")),
     default="llama",
     show_default=True,
-    help="Model family; qwen2 ties embeddings and has attention biases.",
+    help="Model family; qwen2 ties embeddings and has attention biases; llava reads images (tiny, fp32 only).",
 )
 @click.option(
     "--dtype",
@@ -83,6 +83,15 @@ def demo_model(
             return
         if gguf_type is not None:
             raise click.ClickException("--gguf-type applies to --format gguf only")
+        if arch == "llava":
+            from memserve.checkpoint.demo_vision import write_demo_vision_model
+
+            vision = write_demo_vision_model(path, seed=seed, force=force)
+            click.echo(
+                f"wrote {vision.path}: llava tiny float32, {vision.params:,} params ({vision.vision_params:,} in the "
+                f"vision tower and projector), {vision.image_tokens} tokens per image, {vision.seconds:.1f} s"
+            )
+            return
         info = write_demo_model(path, size=size, arch=arch, dtype=dtype, seed=seed, force=force)
     except MemserveError as exc:
         raise click.ClickException(exc.message) from exc

@@ -7,6 +7,7 @@ is started with the same JSON (``--plan FILE``), read back as ``memory/fit.py``'
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from memserve.checkpoint.locate import find_gguf, read_facts
 from memserve.engines import engines_for, llamacpp
 from memserve.engines.vllm import with_vllm
 from memserve.errors import InvalidArgument
-from memserve.memory.estimate import CONTINUOUS_BATCHING, Engine
+from memserve.memory.estimate import CONTINUOUS_BATCHING, IMAGE_TEXT, Engine
 from memserve.memory.fit import ModelFacts, default_context
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import DEFAULT_MAX_BATCH_TOKENS, PlanResult, Policy, Request, plan
@@ -49,6 +50,8 @@ def plan_model(
             f"{facts.source} is not a GGUF file, and llama.cpp serves GGUF files only; set the model's runner to "
             "auto, transformers or vllm, or point it at a .gguf file"
         )
+    if isinstance(facts, CheckpointFacts) and facts.vision is not None and request.engine != IMAGE_TEXT:
+        request = replace(request, engine=IMAGE_TEXT)  # images need the processor and generate (runner/vision.py)
     return with_vllm(facts, request, inventory, policy, plan(facts, request, inventory, policy), runner=runner)
 
 
@@ -77,6 +80,8 @@ def fit_result(
         )
     if isinstance(facts, CheckpointFacts):
         facts = with_adapters(facts, tuple(read_adapter_facts(Path(a)) for a in adapters))
+        if facts.vision is not None:
+            engine = IMAGE_TEXT  # as plan_model would: the request fit prints says so
     request = Request(
         context_tokens=context if context is not None else default_context(facts),
         concurrency=concurrency,

@@ -292,6 +292,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         if service.metrics is not None:
             service.metrics.begin(record)
         base = target.name  # the runner: the model itself, or an adapter's base
+        messages = body.get("messages")
         stream = bool(await door.check(base, path, body))  # everything a runner would refuse, before any load
         await record.admit(service.limiter, body)
         sent, record.meter = metered(body, stream, record.admission, record=record)
@@ -318,7 +319,8 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         if lease is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         upstream = Upstream(f"runner {base}", RUNNER_BASE_URL, lease.client, transport=lease.transport)
-        unchanged = keep_alive is None and sent is body  # then the client's own bytes go to the runner
+        # then the client's own bytes go to the runner (a door that inlined fetched images put new messages in body)
+        unchanged = keep_alive is None and sent is body and body.get("messages") is messages
         answer = forward(
             upstream, path, raw if unchanged else sent, stream=stream, on_done=lease.release, meter=record.meter
         )

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import copy
+import re
 from pathlib import Path
 from typing import Any
 
+from memserve.checkpoint.facts import read_config
 from memserve.checkpoint.locate import read_facts
 from memserve.checkpoint.tokens import tokenizer_file_longest_token_bytes
+from memserve.checkpoint.vision import no_images, takes_images
 from memserve.config import Settings
 from memserve.errors import MemserveError, UnsupportedParameter
 from memserve.memory.fit import default_context
 from memserve.pool.pool import ModelPool
 from memserve.wire.http import parse_body
+from memserve.wire.images import ImageLimits, load_images
 from memserve.wire.schema import ChatCompletionRequest, CompletionRequest
 
 
@@ -31,6 +37,8 @@ class Door:
         self.settings = settings
         self.pool = pool
         self._facts: dict[str, tuple[int | None, int | None]] = {}  # name → (default context, longest token)
+        self._takes_images: dict[str, bool] = {}
+        self.image_limits = ImageLimits(allow_urls=settings.image_urls == "allow")
 
     async def check(self, model: str, path: str, body: dict[str, Any]) -> bool | None:
         """Validate ``body`` for local ``model``; its ``stream`` flag when it passes, InvalidArgument if not."""
@@ -39,6 +47,8 @@ class Door:
         unsupported = request.unsupported()
         if unsupported is not None:
             raise UnsupportedParameter(unsupported[1], param=unsupported[0])
+        if isinstance(request, ChatCompletionRequest) and request.images():
+            await self._check_images(model, request, body)
         context, longest = await self._limits(model)
         if context is not None:
             ids = request.prompt if isinstance(request, CompletionRequest) else None
@@ -46,6 +56,28 @@ class Door:
                 context, prompt_tokens=len(ids) if isinstance(ids, list) else None, longest_token_bytes=longest
             )
         return request.stream
+
+    async def _check_images(self, model: str, request: ChatCompletionRequest, body: dict[str, Any]) -> None:
+        """A text-only model takes none (400 naming it); else every image within the caps, decoded as far as its
+        header. An http(s) image (``image_urls: allow``) is fetched here and put in ``body`` as a data URL, so a
+        runner never reaches the network."""
+        images = request.images()
+        if model not in self._takes_images:
+            config = self.settings.model(model)
+            assert config is not None  # route() found it
+            self._takes_images[model] = await asyncio.to_thread(_local_takes_images, config.source)
+        if not self._takes_images[model]:
+            refused = no_images(model, images)
+            assert refused is not None
+            raise refused
+        decoded = await load_images(images, self.image_limits)
+        fetched = [(ref, image) for ref, image in zip(images, decoded, strict=True) if ref.url[:5].lower() != "data:"]
+        if fetched:
+            body["messages"] = messages = copy.deepcopy(body["messages"])  # new messages: the app relays body
+            for ref, image in fetched:
+                m, p = (int(i) for i in re.findall(r"\[(\d+)\]", ref.param))
+                url = f"data:image/{image.format.lower()};base64,{base64.b64encode(image.data).decode()}"
+                messages[m]["content"][p]["image_url"] = {"url": url}
 
     async def _limits(self, model: str) -> tuple[int | None, int | None]:
         """(context, longest token bytes): the running plan's context, else the configured or default one."""
@@ -58,6 +90,17 @@ class Door:
         if entry is not None and entry.runner is not None and entry.plan is not None:
             return entry.plan.context_tokens, longest
         return config.context_tokens or default_context, longest
+
+
+def _local_takes_images(source: str) -> bool:
+    """Whether a local checkpoint folder reads images; a source that is not a folder is left to its load."""
+    folder = Path(source).expanduser()
+    if not (folder / "config.json").is_file():
+        return True
+    try:
+        return takes_images(read_config(folder, source=source))
+    except MemserveError:
+        return True  # the load will say what is wrong with it
 
 
 def _local_limits(source: str) -> tuple[int | None, int | None]:

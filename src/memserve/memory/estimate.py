@@ -72,9 +72,10 @@ from typing import Any, Literal
 from memserve.checkpoint.facts import Block, CheckpointFacts
 
 Quantization = Literal["none", "int8", "4bit"]
-Engine = Literal["continuous-batching", "generate"]
+Engine = Literal["continuous-batching", "generate", "image-text"]
 CONTINUOUS_BATCHING: Engine = "continuous-batching"
 GENERATE: Engine = "generate"
+IMAGE_TEXT: Engine = "image-text"  # a vision-language checkpoint: the generate engine with images (runner/vision.py)
 
 # weights per scale and zero point of the CPU 4-bit kernel (torch's _weight_int4pack_mm_for_cpu takes 32, 64,
 # 128 or 256): the smallest, for the best quality, costs 4 bytes per 32 weights in bf16 (0.125 B per weight)
@@ -262,7 +263,7 @@ def activation_bytes(
     hidden = batch_tokens * HIDDEN_TENSORS * facts.hidden_size * width
     logits = concurrency * facts.vocab_size * (LOGITS_WIDTH + width)
     serving = concurrency * SERVING_BYTES_PER_SEQUENCE
-    if engine == GENERATE:
+    if engine in (GENERATE, IMAGE_TEXT):
         attention = generate_attention_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)
         return hidden + max(mlp, attention) + logits + serving
     attention = attention_bytes(facts, dtype, batch_tokens, concurrency, context_tokens)

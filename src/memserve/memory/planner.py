@@ -34,6 +34,7 @@ from memserve.memory.estimate import (
     CPU_RUNTIME_BYTES,
     GPU_HOST_RUNTIME_BYTES,
     GPU_RUNTIME_BYTES,
+    IMAGE_TEXT,
     DeviceNeed,
     Engine,
     Quantization,
@@ -43,7 +44,9 @@ from memserve.memory.estimate import (
     kv_cache_bytes,
 )
 from memserve.memory.inventory import Device, Inventory
+from memserve.memory.vision import image_cost
 from memserve.units import format_bytes
+from memserve.wire.images import ImageLimits
 
 if TYPE_CHECKING:  # only its two fields are read here, so the module is not imported
     from memserve.checkpoint.gguf import GgufFacts
@@ -378,6 +381,11 @@ def cpu_quantization_blocked(facts: CheckpointFacts, quantization: Quantization)
     return None
 
 
+IMAGE_BODY_BYTES = 16 * 1024 * 1024
+"""The largest request body an image-text runner is priced for: the gateway's default ``max_body_bytes`` (base64
+images are 4/3 of their bytes, so 4 images of 10 MiB could not pass it anyway)."""
+
+
 def _pack(
     facts: CheckpointFacts,
     devices: tuple[Device, ...],
@@ -398,6 +406,16 @@ def _pack(
     kv_per_layer = kv_total // max(1, layer_blocks)
     batch_tokens = batch_tokens_for(context_tokens, concurrency, max_batch_tokens)
     act = activation_bytes(facts, dtype, batch_tokens, concurrency, context_tokens, engine)
+    if engine == IMAGE_TEXT and facts.vision is not None:
+        limits = ImageLimits()  # what the runner admits per request (wire/images.py)
+        act += image_cost(
+            facts.vision,
+            dtype,
+            images=limits.max_images,
+            max_pixels=limits.max_pixels,
+            concurrency=concurrency,
+            max_body_bytes=IMAGE_BODY_BYTES,
+        ).total_bytes
     cpu_runtime = CPU_GENERATE_RUNTIME_BYTES if engine != CONTINUOUS_BATCHING else CPU_RUNTIME_BYTES
     needs: dict[str, dict[str, int]] = {}
     device_map: dict[str, str] = {}

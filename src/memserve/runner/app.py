@@ -15,8 +15,9 @@ Status codes, chosen to match what OpenAI answers and what the ``openai`` client
 Unsupported, refused with a 400 naming the field because ignoring them would change the answer:
 ``n`` > 1, several prompts in one request, ``logprobs``/``top_logprobs``, ``tools``/``functions``
 (``tool_choice`` other than none/auto), ``response_format`` other than text, ``logit_bias``, non-zero
-``frequency_penalty``/``presence_penalty``, ``echo``, ``suffix``, ``best_of`` > 1, non-text content
-parts. Unknown fields are ignored. Defaults: ``temperature`` 1.0 (OpenAI's), ``max_tokens`` all the
+``frequency_penalty``/``presence_penalty``, ``echo``, ``suffix``, ``best_of`` > 1. Image parts sent to a
+text-only model are a 400 naming the model (a vision-language model's completer is ``runner/vision.py``'s).
+Unknown fields are ignored. Defaults: ``temperature`` 1.0 (OpenAI's), ``max_tokens`` all the
 room the context leaves (not the legacy completions' 16). A prompt plus ``max_tokens`` past the context
 is a 400 naming both numbers (as OpenAI and vLLM answer), and a prompt whose bytes alone prove it too long
 is refused before it is tokenized.
@@ -45,6 +46,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from memserve.checkpoint.tokens import longest_token_bytes, max_prompt_bytes
+from memserve.checkpoint.vision import no_images
 from memserve.errors import (
     ContextOverflow,
     InvalidArgument,
@@ -88,6 +90,7 @@ def create_app(
     context_tokens: int,
     health: Callable[[], dict[str, Any]],
     stop_token_ids: tuple[int, ...] | None = None,
+    completer_type: type[_Completer] | None = None,
 ) -> FastAPI:
     """The runner's FastAPI app.
 
@@ -98,7 +101,7 @@ def create_app(
     if context_tokens < 1:
         raise InvalidArgument(f"context_tokens must be at least 1, got {context_tokens}")
     eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
-    completer = _Completer(
+    completer = (completer_type or _Completer)(
         engine, tokenizer, model_name, context_tokens, tuple(dict.fromkeys([*eos, *(stop_token_ids or ())]))
     )
     created = int(time.time())
@@ -206,6 +209,15 @@ class _Completer:
                 "send that name, or ask the gateway for the other model",
                 param="model",
             )
+        if isinstance(body, ChatCompletionRequest):
+            self.check_images(body)
+
+    def check_images(self, body: ChatCompletionRequest) -> None:
+        """A text-only model takes no images (the gateway's door refuses the same before any load);
+        a vision-language model's completer (``runner/vision.py``) checks them instead."""
+        refused = no_images(self.model_name, body.images())
+        if refused is not None:
+            raise refused
 
     def engine_request(
         self, request_id: str, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]

@@ -107,7 +107,7 @@ def fit_to_reservation(
         peaks = _peaks()
         unmeasured = (
             {d: (sequences - int(warm["measured_sequences"])) * kv.get(d, 0) // planned for d in reserved}
-            if engine.name == "generate"
+            if engine.name in ("generate", "image-text")
             else {}
         )
         worst = {d: peaks.get(d, 0) + unmeasured.get(d, 0) for d in reserved}
@@ -200,6 +200,10 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
         from memserve.runner.kernels import tune_allocator
 
         tune_allocator()
+        if plan.engine == "image-text":  # a vision-language checkpoint: its processor and generate, images included
+            from memserve.runner.vision import load_image_text
+
+            return (*load_image_text(launch, report), None)
         model, tokenizer = load_model(source, plan, report)
         engine, fallback_reason = make_engine(
             model,
@@ -258,9 +262,19 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
         context_tokens=plan.context_tokens,
         health=health,
         stop_token_ids=stop_ids or None,
+        completer_type=_completer_type(engine),
     )
     emit(Ready(served_name, engine.name, process_memory(), report.plan_check))
     return app, engine
+
+
+def _completer_type(engine: Any) -> Any:
+    """The app's completer: a vision-language model's processes its images with the text."""
+    if engine.name != "image-text":
+        return None
+    from memserve.runner.vision import ImageCompleter
+
+    return ImageCompleter
 
 
 def serve(launch: PlanFile, *, name: str | None = None, port: int | None = None, socket: Path | None = None) -> None:
