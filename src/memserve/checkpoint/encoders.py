@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from memserve.errors import CheckpointError
+from memserve.errors import CheckpointError, MemserveError
 
 __all__ = [
     "ENCODER_MODEL_TYPES",
@@ -37,6 +37,7 @@ __all__ = [
     "PoolingMode",
     "Task",
     "encoder_task",
+    "local_encoder_facts",
     "read_encoder_facts",
     "read_folder_encoder_facts",
     "read_pooling",
@@ -237,3 +238,15 @@ def read_folder_encoder_facts(folder: Path) -> EncoderFacts | None:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}/config.json cannot be read ({exc})") from exc
     return read_encoder_facts(config, folder) if isinstance(config, dict) else None
+
+
+def local_encoder_facts(source: str) -> EncoderFacts | None:
+    """``read_folder_encoder_facts`` of a model given as a local folder (or in the local hub cache); None for
+    anything else, a hub model not downloaded included (it is planned once it is local)."""
+    from memserve.checkpoint.locate import locate
+
+    try:
+        folder = locate(source).path
+    except MemserveError:
+        return None
+    return read_folder_encoder_facts(folder) if folder is not None and (folder / "config.json").is_file() else None
