@@ -18,6 +18,7 @@ import json
 import shutil
 import time
 import uuid
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ __all__ = [
     "TASKS",
     "DemoEncoderInfo",
     "write_demo_encoder",
+    "write_demo_encoder_adapter",
 ]
 
 ENCODER_ARCHS = ("bert", "electra")
@@ -298,3 +300,33 @@ def _write_sentence_transformers(path: Path, dims: dict[str, int], *, pooling: s
     (path / "1_Pooling" / "config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     st_config = {"max_seq_length": dims["max_position_embeddings"], "do_lower_case": False}
     (path / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2) + "\n", encoding="utf-8")
+
+
+def write_demo_encoder_adapter(base: Path, path: Path, *, rank: int = 4, seed: int = 0) -> Path:
+    """A random LoRA adapter for the demo classifier at ``base``, as a fine-tuned spam filter is saved with PEFT:
+    LoRA on the attention's query and value, the classifier head trained whole (``modules_to_save``). Both are
+    drawn from ``seed`` (PEFT's default init leaves LoRA a no-op and the head a copy), so the adapter changes the
+    answer. Needs PEFT."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base)
+    config = LoraConfig(
+        task_type="SEQ_CLS",
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        init_lora_weights=False,
+    )
+    with warnings.catch_warnings():  # PEFT 0.21 asks transformers 5 a deprecated question; not ours to answer
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    peft_model.save_pretrained(path)
+    return path
