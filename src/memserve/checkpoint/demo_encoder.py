@@ -328,5 +328,5 @@ def write_demo_encoder_adapter(base: Path, path: Path, *, rank: int = 4, seed: i
         for name, parameter in peft_model.named_parameters():
             if "modules_to_save" in name:
                 parameter.add_(torch.randn_like(parameter) * 0.5)
-    peft_model.save_pretrained(path)
+    peft_model.save_pretrained(str(path))
     return path

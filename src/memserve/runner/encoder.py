@@ -82,13 +82,31 @@ class EncoderModel:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
         self.vocab_size = len(tokenizer)
+        self.mixed_batches = bool(self.adapters) and mixed_batches_supported(model)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def forward(self, rows: list[list[int]], adapters: list[str | None]) -> list[np.ndarray]:
-        """Pooled vectors (embed, full size, not normalized) or class probabilities (classify), fp32."""
+        """Pooled vectors (embed, full size, not normalized) or class probabilities (classify), fp32.
+
+        With adapters, one forward where PEFT mixes them per row (``adapter_names``), else one forward per
+        adapter among the rows (the base with PEFT's adapters disabled)."""
+        if not self.adapters or self.mixed_batches or len(set(adapters)) == 1:
+            return self._forward(rows, adapters)
+        results: list[Any] = [None] * len(rows)
+        for adapter in dict.fromkeys(adapters):
+            picked = [i for i, a in enumerate(adapters) if a == adapter]
+            for i, result in zip(
+                picked, self._forward([rows[i] for i in picked], [adapter] * len(picked)), strict=True
+            ):
+                results[i] = result
+        return results
+
+    def _forward(self, rows: list[list[int]], adapters: list[str | None]) -> list[np.ndarray]:
+        import contextlib
+
         import torch
 
         longest = max(len(r) for r in rows)
@@ -99,15 +117,31 @@ class EncoderModel:
             mask[i, : len(row)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         kwargs: dict[str, Any] = {}
-        if self.adapters:
+        scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.mixed_batches:
             kwargs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
-        with torch.inference_mode():
+        elif self.adapters and adapters[0] is None:
+            scope = self.model.disable_adapter()
+        elif self.adapters:
+            self.model.set_adapter(adapters[0])  # only the worker thread runs forwards
+        with torch.inference_mode(), scope:
             out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
             if self.facts.task == "classify":
                 logits = out.logits.float()
                 probs = torch.sigmoid(logits) if self.facts.multi_label else torch.softmax(logits, dim=-1)
                 return list(probs.cpu().numpy())
             return list(pool(out.last_hidden_state.float(), mask, self.facts).cpu().numpy())
+
+
+def mixed_batches_supported(model: Any) -> bool:
+    """Whether PEFT can mix adapters per row in ``model``: its ``adapter_names`` path takes Linear, Embedding
+    and Conv modules only, so a head saved whole that is another module (ELECTRA's two-layer
+    ``ElectraClassificationHead``) rules it out, and rows are grouped per adapter instead."""
+    import torch
+    from peft.utils.other import ModulesToSaveWrapper
+
+    supported = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return all(isinstance(m.original_module, supported) for m in model.modules() if isinstance(m, ModulesToSaveWrapper))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, facts: EncoderFacts) -> torch.Tensor:
