@@ -8,11 +8,12 @@ import pytest
 
 from memserve.checkpoint.encoders import read_folder_encoder_facts
 from memserve.checkpoint.facts import read_local_facts
-from memserve.memory.encoders import encoder_batch_shape, encoder_need, encoder_plan
+from memserve.memory.encoders import RESULT_BYTES_PER_VALUE, encoder_batch_shape, encoder_need, encoder_plan
 from memserve.memory.estimate import CPU_GENERATE_RUNTIME_BYTES, FORWARD_BYTES_PER_TOKEN, SERVING_BYTES_PER_SEQUENCE
 from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
 from memserve.memory.planner import Plan, Policy, Request
+from memserve.wire.encoders import MAX_INPUTS
 
 GiB, MiB = 1024**3, 1024**2
 CPU = Device("cpu", "cpu", 16 * GiB, 15 * GiB, headroom_bytes=512 * MiB)
@@ -34,7 +35,8 @@ def test_need_of_the_tiny_bert(bert_embed_dir: Path) -> None:
     assert need.weights_bytes == facts.weights_bytes
     assert need.runtime_bytes == CPU_GENERATE_RUNTIME_BYTES
     # hidden 64 × 2048 tokens is tiny beside the measured floor per forward token
-    assert need.activation_bytes == 2048 * FORWARD_BYTES_PER_TOKEN + 4 * SERVING_BYTES_PER_SEQUENCE
+    answers = MAX_INPUTS * 64 * RESULT_BYTES_PER_VALUE  # one request of the most inputs, 64 values each
+    assert need.activation_bytes == 2048 * FORWARD_BYTES_PER_TOKEN + 4 * SERVING_BYTES_PER_SEQUENCE + answers
     bigger = encoder_need(facts, encoder, dtype="float32", max_batch_tokens=8192, concurrency=4)
     assert bigger.activation_bytes > need.activation_bytes and (bigger.rows, bigger.length) == (64, 128)
 
@@ -73,3 +75,21 @@ def test_plan_file_round_trip(bert_embed_dir: Path) -> None:
     assert plan is not None
     launch = PlanFile(str(bert_embed_dir), plan)
     assert PlanFile.from_json(launch.to_json()).plan.engine == "encoder"
+
+
+def test_scores_are_priced_only_where_attention_materialises_them(bert_embed_dir: Path) -> None:
+    from dataclasses import replace
+
+    facts, encoder = read_local_facts(bert_embed_dir), read_folder_encoder_facts(bert_embed_dir)
+    assert encoder is not None
+    facts = replace(facts, heads=64)  # enough heads for the scores to outweigh the per-token floor
+    sdpa = encoder_need(facts, encoder, dtype="float32", max_batch_tokens=8192, concurrency=1)
+    eager = encoder_need(
+        replace(facts, eager_attention=True), encoder, dtype="float32", max_batch_tokens=8192, concurrency=1
+    )
+    rows, length = 64, 128
+    hidden = rows * length * 6 * 64 * 4
+    mask = rows * length * length * 4
+    scores = 2 * rows * 64 * length * length * 4  # the scores and their softmax, per head
+    floor = rows * length * 16 * 1024  # what sdpa is priced at here: the per-token floor
+    assert eager.activation_bytes - sdpa.activation_bytes == hidden + mask + scores - floor

@@ -10,9 +10,12 @@ An encoder runner (``runner/encoder.py``) holds no KV cache: each batch is one f
   longest inputs cost most for a given budget): the residual stream (``HIDDEN_TENSORS`` of ``tokens ×
   hidden``), the MLP's ``mlp_tensors`` of ``tokens × intermediate`` (attention and MLP run one after the
   other), the attention mask transformers expands to ``rows × length × length``, and the scores per head
-  where attention materialises them (``ENCODER_SCORES``: sdpa on CPU with a padding mask runs its math
-  path, measured); never less than ``FORWARD_BYTES_PER_TOKEN`` per token; plus, per request admitted at
-  once (the plan's concurrency), ``SERVING_BYTES_PER_SEQUENCE``;
+  only where attention materialises them (eager attention; sdpa's CPU kernel takes the padding mask
+  without them: the small BERT's 4 × 512 warm-up peaked 42 MiB above its rest, its hidden states and MLP
+  being 44 MiB and its scores would have been 100 MB more); never less than ``FORWARD_BYTES_PER_TOKEN``
+  per token; plus ``SERVING_BYTES_PER_SEQUENCE`` per request admitted at once (the plan's concurrency), and
+  one request of ``MAX_INPUTS`` inputs' answers as Python floats and JSON text, ``RESULT_BYTES_PER_VALUE``
+  per value (measured: 2,048 inputs of the small BERT's 384 dimensions raised its peak by 42 MiB);
 - **runtime**: the generation runner's process without its continuous-batching manager
   (``CPU_GENERATE_RUNTIME_BYTES``), and on a GPU its CUDA context as the planner prices it.
 
@@ -39,13 +42,17 @@ from memserve.memory.estimate import (
 )
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import PlanResult, Policy, Request, Rung, fit_words, ladder, placement_blocked
+from memserve.wire.encoders import MAX_INPUTS
 
 __all__ = ["ENCODER", "ENCODER_RUNGS", "EncoderNeed", "encoder_batch_shape", "encoder_need", "encoder_plan"]
 
 ENCODER: Engine = "encoder"  # Plan.engine of an encoder runner
 ENCODER_RUNGS = ("gpu", "cpu")
 ENCODER_SCORES = 2
-"""Score tensors per head alive at once (the scores and their softmax) on the math path of sdpa."""
+"""Score tensors per head alive at once (the scores and their softmax) where attention is eager."""
+RESULT_BYTES_PER_VALUE = 56
+"""One value of an answer while it is built: a Python float (24 B) and its list slot (8 B), ~20 B of JSON text
+and the fp32 row it came from (4 B)."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,10 @@ def encoder_need(
     hidden = tokens * HIDDEN_TENSORS * facts.hidden_size * width
     mlp = tokens * facts.mlp_tensors * facts.intermediate_size * width
     mask = rows * length * length * width
-    scores = ENCODER_SCORES * rows * facts.heads * length * length * width
+    scores = ENCODER_SCORES * rows * facts.heads * length * length * width if facts.eager_attention else 0
     forward = max(hidden + max(mlp, mask + scores), tokens * FORWARD_BYTES_PER_TOKEN)
-    serving = concurrency * SERVING_BYTES_PER_SEQUENCE
+    values = encoder.dimensions if encoder.task == "embed" else len(encoder.labels)
+    serving = concurrency * SERVING_BYTES_PER_SEQUENCE + MAX_INPUTS * values * RESULT_BYTES_PER_VALUE
     weights = facts.weights_bytes * width // max(1, facts.dtype_bytes)
     runtime = GPU_RUNTIME_BYTES if gpu else CPU_GENERATE_RUNTIME_BYTES
     return EncoderNeed(weights, forward + serving, runtime, rows, length)
