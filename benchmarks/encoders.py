@@ -11,7 +11,8 @@ classify``, fp32) is planned by the encoder plan (``memory/encoders.py``) and se
 - **concurrent**: ``--clients`` clients (32) send the same ``--requests`` requests at once.
 
 Each request holds one input of about ``--words`` words (distinct texts, so nothing is answered from a cache).
-Printed: inputs per second each way and their ratio (the goal is ≥ 3×: the runner's dynamic batching by token
+Rounds (``--rounds``) alternate which way goes first, each with new texts. Printed: the medians of inputs per
+second each way and their ratio (the goal is ≥ 3×: the runner's dynamic batching by token
 budget is what turns concurrency into throughput), the batches the runner ran (``/stats``), and its peak RSS
 (``VmHWM`` after all the traffic, which includes the worst-case warm-up) against the plan's total.
 """
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,8 +144,20 @@ def measure(task: str, model: Path, folder: Path, args: argparse.Namespace) -> d
     try:
         asyncio.run(one_at_a_time(base, route, texts(8, args.words, 10_000)))  # warm the path
         before = httpx.get(f"{base}/stats", timeout=10).json()
-        single = asyncio.run(one_at_a_time(base, route, texts(args.requests, args.words, 0)))
-        many = asyncio.run(concurrent(base, route, texts(args.requests, args.words, 1000), args.clients))
+        singles, manys = [], []
+        for r in range(args.rounds):  # alternate which goes first, so a busy minute falls on both
+            offset = 100_000 * (r + 1)
+            single_texts, many_texts = (
+                texts(args.requests, args.words, offset),
+                texts(args.requests, args.words, -offset),
+            )
+            if r % 2:
+                manys.append(asyncio.run(concurrent(base, route, many_texts, args.clients)))
+                singles.append(asyncio.run(one_at_a_time(base, route, single_texts)))
+            else:
+                singles.append(asyncio.run(one_at_a_time(base, route, single_texts)))
+                manys.append(asyncio.run(concurrent(base, route, many_texts, args.clients)))
+        single, many = statistics.median(singles), statistics.median(manys)
         after = httpx.get(f"{base}/stats", timeout=10).json()
         health = httpx.get(f"{base}/health", timeout=10).json()
     finally:
@@ -158,7 +172,8 @@ def measure(task: str, model: Path, folder: Path, args: argparse.Namespace) -> d
         "one_at_a_time_per_second": round(single, 1),
         "concurrent_per_second": round(many, 1),
         "ratio": round(many / single, 2),
-        "inputs": 2 * args.requests,
+        "round_ratios": [round(m / s, 2) for s, m in zip(singles, manys, strict=True)],
+        "inputs": 2 * args.requests * args.rounds,
         "batches": batches,
         "largest_batch_inputs": after["extra"]["largest_batch_inputs"],
         "peak_rss_mib": round(peak / MiB, 1),
@@ -174,6 +189,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=512, help="requests each way (one input each)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--words", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, alternating which way goes first")
     parser.add_argument("--json", action="store_true", help="print one JSON object per task instead of a table")
     args = parser.parse_args()
     rows = []
@@ -187,14 +203,17 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row))
         return
-    print(f"cpu cores: {os.cpu_count()}, {args.requests} requests each way, {args.clients} concurrent clients")
+    print(
+        f"cpu cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; {args.rounds} rounds of {args.requests} "
+        f"requests each way, {args.clients} concurrent clients (medians of the rounds)"
+    )
     print(f"{'task':<9} {'model':<22} {'1-at-a-time/s':>13} {'concurrent/s':>12} {'ratio':>6} {'batches':>8} "
           f"{'largest':>7} {'peak MiB':>9} {'plan MiB':>9} {'plan/peak':>9}")  # fmt: skip
     for r in rows:
         print(
             f"{r['task']:<9} {r['model']:<22} {r['one_at_a_time_per_second']:>13} {r['concurrent_per_second']:>12} "
             f"{r['ratio']:>6} {r['batches']:>8} {r['largest_batch_inputs']:>7} {r['peak_rss_mib']:>9} "
-            f"{r['plan_mib']:>9} {r['plan_over_peak']:>9}"
+            f"{r['plan_mib']:>9} {r['plan_over_peak']:>9}   rounds {r['round_ratios']}"
         )
 
 
