@@ -47,6 +47,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
         (["--arch", "bert", "--task", "rank"], "unknown task 'rank'"),
         (["--arch", "bert", "--matryoshka", "999"], "between 1 and 64"),
         (["--arch", "bert", "--dtype", "bfloat16"], "float32 safetensors only"),
+        (["--arch", "t5"], "unknown arch 't5': expected one of llama, qwen2, bert, electra"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], words: str) -> None:

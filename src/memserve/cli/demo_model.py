@@ -102,6 +102,8 @@ def demo_model(
     --format gguf, with llama.cpp's llama-server.
     """
     try:
+        if arch not in (*ARCHS, *ENCODER_ARCHS):
+            raise click.ClickException(f"unknown arch {arch!r}: expected one of {', '.join((*ARCHS, *ENCODER_ARCHS))}")
         if arch in ENCODER_ARCHS:
             _encoder(path, arch, task, size, labels, pooling, normalize, matryoshka, dtype, seed, force, fmt)
             return
