@@ -75,7 +75,9 @@ def texts(count: int, words: int, offset: int) -> list[str]:
     ]
 
 
-def start_runner(model: Path, folder: Path, *, concurrency: int) -> tuple[subprocess.Popen[bytes], str, PlanFile]:
+def start_runner(
+    model: Path, folder: Path, *, concurrency: int, threads: int | None
+) -> tuple[subprocess.Popen[bytes], str, PlanFile]:
     facts, encoder = read_local_facts(model), read_folder_encoder_facts(model)
     assert encoder is not None
     inventory = probe_inventory(memory="cpu=8GiB")
@@ -94,6 +96,7 @@ def start_runner(model: Path, folder: Path, *, concurrency: int) -> tuple[subpro
         stderr=log,
         stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})},
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -140,7 +143,7 @@ async def concurrent(base: str, route: str, inputs: list[str], clients: int) -> 
 
 def measure(task: str, model: Path, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     route = TASKS[task][1]
-    process, base, launch = start_runner(model, folder, concurrency=args.clients)
+    process, base, launch = start_runner(model, folder, concurrency=args.clients, threads=args.threads)
     try:
         asyncio.run(one_at_a_time(base, route, texts(8, args.words, 10_000)))  # warm the path
         before = httpx.get(f"{base}/stats", timeout=10).json()
@@ -190,6 +193,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--words", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3, help="rounds, alternating which way goes first")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="the runner's torch threads (OMP_NUM_THREADS; default torch's: one per core). On a machine busier than "
+        "its cores, 1 avoids OpenMP threads waiting for each other at every op (tiny BERT: 6 ms a forward, not 270)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per task instead of a table")
     args = parser.parse_args()
     rows = []
@@ -204,7 +214,8 @@ def main() -> None:
             print(json.dumps(row))
         return
     print(
-        f"cpu cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; {args.rounds} rounds of {args.requests} "
+        f"cpu cores: {os.cpu_count()}, runner threads {args.threads or 'default'}, load average "
+        f"{os.getloadavg()[0]:.2f}; {args.rounds} rounds of {args.requests} "
         f"requests each way, {args.clients} concurrent clients (medians of the rounds)"
     )
     print(f"{'task':<9} {'model':<22} {'1-at-a-time/s':>13} {'concurrent/s':>12} {'ratio':>6} {'batches':>8} "
