@@ -100,3 +100,15 @@ def test_classify_answer_is_vllms_shape() -> None:
     assert answer["object"] == "list" and answer["id"].startswith("classify-")
     assert answer["data"] == [{"index": 0, "label": "ham", "probs": [0.25, 0.75], "num_classes": 2}]
     assert answer["usage"] == {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": 0}
+
+
+def test_what_the_gateway_calls_imports_neither_torch_nor_the_runner() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, memserve.wire.encoders, memserve.checkpoint.encoders, memserve.memory.encoders; "
+        "bad = [m for m in sys.modules if m in ('torch', 'transformers') or m.startswith('memserve.runner')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
