@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from tests.serving import runner_process
 
@@ -34,3 +35,28 @@ def test_runner_batches_concurrent_requests_within_its_plan(tmp_path: Path, bert
         refused = httpx.post(f"{base}/v1/embeddings", json={"model": "emb", "input": ""}, timeout=10)
         assert refused.status_code == 400
         assert httpx.post(f"{base}/v1/embeddings", json={"model": "emb", "input": "x"}, timeout=10).status_code == 200
+
+
+def test_classifier_runner_serves_its_adapter_beside_the_base(
+    tmp_path: Path, electra_classify_dir: Path, spam_adapter_dir: Path
+) -> None:
+    env = {"MEMSERVE_ENCODER_ADAPTERS": f"filter={spam_adapter_dir}"}
+    with runner_process(electra_classify_dir, tmp_path, name="spam", context=128, concurrency=2, env=env) as base:
+        models = httpx.get(f"{base}/v1/models", timeout=10).json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [("spam", None), ("filter", "spam")]
+
+        def classify(model: str) -> list[float]:
+            body = {"model": model, "input": "win a free cruise now"}
+            response = httpx.post(f"{base}/v1/classify", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            row = response.json()["data"][0]
+            assert row["label"] in ("spam", "ham") and row["num_classes"] == 2
+            return list(row["probs"])
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(classify, ["spam", "filter", "spam:filter", "spam"]))
+        # batch sizes may differ between the calls, so equal within float rounding, not bit for bit
+        assert np.allclose(answers[0], answers[3], atol=1e-6) and np.allclose(answers[1], answers[2], atol=1e-6)
+        assert not np.allclose(answers[0], answers[1], atol=1e-3)  # the adapter changes the answer
+        wrong = httpx.post(f"{base}/v1/embeddings", json={"model": "spam", "input": "x"}, timeout=10)
+        assert wrong.status_code == 400 and "/v1/classify" in wrong.json()["error"]["message"]
