@@ -24,7 +24,7 @@ class Recorder:
     def __call__(self, rows: list[list[int]], adapters: list[str | None]) -> list[int]:
         self.batches.append(rows)
         self.started.set()
-        self.release.wait(10)
+        self.release.wait(60)
         if any(r and r[0] == -1 for r in rows):
             raise RuntimeError("boom")
         return [len(r) for r in rows]
