@@ -246,7 +246,7 @@ def local_encoder_facts(source: str) -> EncoderFacts | None:
     from memserve.checkpoint.locate import locate
 
     try:
-        folder = locate(source).path
+        folder = locate(source, lookup_hub=False).path
     except MemserveError:
         return None
     return read_folder_encoder_facts(folder) if folder is not None and (folder / "config.json").is_file() else None
