@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from memserve.checkpoint.demo import ARCHS, DTYPES, SIZES, write_demo_model
+from memserve.checkpoint.demo_encoder import ENCODER_ARCHS, POOLINGS, TASKS, write_demo_encoder
 from memserve.checkpoint.demo_gguf import GGUF_TYPES, write_demo_gguf
 from memserve.errors import MemserveError
 from memserve.units import format_bytes
@@ -30,10 +31,28 @@ def _choices(names: Iterable[str]) -> str:
 )
 @click.option(
     "--arch",
-    metavar=_choices((*ARCHS, "llava")),
+    metavar=_choices((*ARCHS, *ENCODER_ARCHS, "llava")),
     default="llama",
     show_default=True,
-    help="Model family; qwen2 ties embeddings and has attention biases; llava reads images (tiny, fp32 only).",
+    help="Model family; qwen2 ties embeddings and has attention biases; bert and electra are encoders (--task); "
+    "llava reads images (tiny, fp32 only).",
+)
+@click.option(
+    "--task",
+    metavar=_choices(TASKS),
+    default=None,
+    help="Encoders only: embed (sentence-transformers files, /v1/embeddings) or classify (/v1/classify)  "
+    "[default: embed]",
+)
+@click.option("--labels", default=None, help="classify: the class names in id order, comma-separated (spam,ham).")
+@click.option(
+    "--pooling", metavar=_choices(POOLINGS), default="mean", show_default=True, help="embed: the declared pooling."
+)
+@click.option("--normalize/--no-normalize", default=True, show_default=True, help="embed: unit-length vectors.")
+@click.option(
+    "--matryoshka",
+    default=None,
+    help="embed: the sizes the model allows as `dimensions`, comma-separated (16,32).",
 )
 @click.option(
     "--dtype",
@@ -64,7 +83,19 @@ def _choices(names: Iterable[str]) -> str:
     help="The GGUF file's weight type  [default: the dtype's own]",
 )
 def demo_model(
-    path: Path, size: str, arch: str, dtype: str | None, seed: int, force: bool, fmt: str, gguf_type: str | None
+    path: Path,
+    size: str,
+    arch: str,
+    task: str | None,
+    labels: str | None,
+    pooling: str,
+    normalize: bool,
+    matryoshka: str | None,
+    dtype: str | None,
+    seed: int,
+    force: bool,
+    fmt: str,
+    gguf_type: str | None,
 ) -> None:
     """Write a random-weight checkpoint with a locally trained tokenizer and a chat template to PATH.
 
@@ -72,6 +103,14 @@ def demo_model(
     --format gguf, with llama.cpp's llama-server.
     """
     try:
+        known = (*ARCHS, *ENCODER_ARCHS, "llava")
+        if arch not in known:
+            raise click.ClickException(f"unknown arch {arch!r}: expected one of {', '.join(known)}")
+        if arch in ENCODER_ARCHS:
+            _encoder(path, arch, task, size, labels, pooling, normalize, matryoshka, dtype, seed, force, fmt)
+            return
+        if task is not None or labels is not None or matryoshka is not None:
+            raise click.ClickException("--task, --labels and --matryoshka apply to the encoders (--arch bert|electra)")
         if fmt not in ("safetensors", "gguf"):
             raise click.ClickException(f"unknown format {fmt!r}: expected safetensors or gguf")
         if fmt == "gguf":
@@ -101,4 +140,47 @@ def demo_model(
         f"wrote {info.path}: {info.arch} {info.size} {info.dtype}, {info.params:,} params, "
         f"{format_bytes(info.weights_bytes)} in {info.shards} shard{'s' if info.shards != 1 else ''}, "
         f"{info.seconds:.1f} s"
+    )
+
+
+def _encoder(
+    path: Path,
+    arch: str,
+    task: str | None,
+    size: str,
+    labels: str | None,
+    pooling: str,
+    normalize: bool,
+    matryoshka: str | None,
+    dtype: str | None,
+    seed: int,
+    force: bool,
+    fmt: str,
+) -> None:
+    if fmt != "safetensors" or dtype not in (None, "float32"):
+        raise click.ClickException("the demo encoders are float32 safetensors only; drop --format and --dtype")
+    try:
+        sizes = tuple(int(d) for d in matryoshka.split(",")) if matryoshka else ()
+    except ValueError as exc:
+        raise click.ClickException(f"--matryoshka takes sizes like 16,32, got {matryoshka!r}") from exc
+    info = write_demo_encoder(
+        path,
+        arch=arch,
+        task=task or "embed",
+        size=size,
+        labels=labels.split(",") if labels is not None else None,
+        pooling=pooling,
+        normalize=normalize,
+        matryoshka=sizes,
+        seed=seed,
+        force=force,
+    )
+    what = (
+        f"labels {','.join(info.labels)}"
+        if info.task == "classify"
+        else f"{info.pooling} pooling" + (", normalized" if info.normalize else "")
+    )
+    click.echo(
+        f"wrote {info.path}: {info.arch} {info.size} {info.task} encoder ({what}), {info.params:,} params, "
+        f"{format_bytes(info.weights_bytes)}, {info.seconds:.1f} s"
     )

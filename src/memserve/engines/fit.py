@@ -11,12 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from memserve.checkpoint.encoders import local_encoder_facts
 from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
 from memserve.checkpoint.gguf import GgufFacts, read_gguf_facts
 from memserve.checkpoint.locate import find_gguf, read_facts
 from memserve.engines import engines_for, llamacpp
 from memserve.engines.vllm import with_vllm
 from memserve.errors import InvalidArgument
+from memserve.memory.encoders import encoder_plan
 from memserve.memory.estimate import CONTINUOUS_BATCHING, IMAGE_TEXT, Engine
 from memserve.memory.fit import ModelFacts, default_context
 from memserve.memory.inventory import Inventory
@@ -50,6 +52,9 @@ def plan_model(
             f"{facts.source} is not a GGUF file, and llama.cpp serves GGUF files only; set the model's runner to "
             "auto, transformers or vllm, or point it at a .gguf file"
         )
+    encoder = local_encoder_facts(facts.source)
+    if encoder is not None:  # embeddings and classification: memserve's encoder runner (memory/encoders.py)
+        return encoder_plan(facts, encoder, request, inventory, policy)
     if isinstance(facts, CheckpointFacts) and facts.vision is not None and request.engine != IMAGE_TEXT:
         request = replace(request, engine=IMAGE_TEXT)  # images need the processor and generate (runner/vision.py)
     return with_vllm(facts, request, inventory, policy, plan(facts, request, inventory, policy), runner=runner)

@@ -72,7 +72,7 @@ from typing import Any, Literal
 from memserve.checkpoint.facts import Block, CheckpointFacts
 
 Quantization = Literal["none", "int8", "4bit"]
-Engine = Literal["continuous-batching", "generate", "image-text"]
+Engine = Literal["continuous-batching", "generate", "image-text", "encoder"]  # encoder: runner/encoder.py
 CONTINUOUS_BATCHING: Engine = "continuous-batching"
 GENERATE: Engine = "generate"
 IMAGE_TEXT: Engine = "image-text"  # a vision-language checkpoint: the generate engine with images (runner/vision.py)

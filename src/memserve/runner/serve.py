@@ -195,6 +195,10 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
 
     for variable, value in ONEDNN_CACHE_ENV.items():  # read once, when torch first runs a oneDNN kernel
         os.environ.setdefault(variable, value)
+    if plan.engine == "encoder":  # embeddings and classification: no KV cache, batched by token budget
+        from memserve.runner.encoder import build_encoder
+
+        return build_encoder(launch, name=name)
 
     def load() -> tuple[Any, Any, Any, str | None]:
         from memserve.runner.kernels import tune_allocator
