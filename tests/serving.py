@@ -91,14 +91,21 @@ def runner_process(
     concurrency: int,
     quantization: str = "auto",
     env: dict[str, str] | None = None,
+    adapters: tuple[Path, ...] = (),
 ) -> Iterator[str]:
     """A real runner (``python -m memserve.runner``) on ``model_dir``, planned as ``fit --json`` plans it for a
     4 GiB CPU budget and served on a free port as ``name``; yield its base URL (no /v1). Its stderr (the load
     phases as JSON lines) is ``folder / "runner.log"``, its plan ``folder / "plan.json"``; it is stopped on the
-    way out."""
+    way out. ``adapters`` are LoRA folders planned as ``fit --adapter`` plans them and loaded at start, each
+    named by its folder."""
     inventory = probe_inventory(memory="cpu=4GiB")
     facts, request, result = fit_result(
-        str(model_dir), context=context, concurrency=concurrency, quantization=quantization, inventory=inventory
+        str(model_dir),
+        context=context,
+        concurrency=concurrency,
+        quantization=quantization,
+        adapters=tuple(str(a) for a in adapters),
+        inventory=inventory,
     )
     assert result.plan is not None, result
     plan_file = folder / "plan.json"

@@ -40,10 +40,12 @@ def test_runner_batches_concurrent_requests_within_its_plan(tmp_path: Path, bert
 def test_classifier_runner_serves_its_adapter_beside_the_base(
     tmp_path: Path, electra_classify_dir: Path, spam_adapter_dir: Path
 ) -> None:
-    env = {"MEMSERVE_ENCODER_ADAPTERS": f"filter={spam_adapter_dir}"}
-    with runner_process(electra_classify_dir, tmp_path, name="spam", context=128, concurrency=2, env=env) as base:
+    adapter = spam_adapter_dir.name  # named by its folder, as fit --adapter names it
+    with runner_process(
+        electra_classify_dir, tmp_path, name="spam", context=128, concurrency=2, adapters=(spam_adapter_dir,)
+    ) as base:
         models = httpx.get(f"{base}/v1/models", timeout=10).json()["data"]
-        assert [(m["id"], m["parent"]) for m in models] == [("spam", None), ("filter", "spam")]
+        assert [(m["id"], m["parent"]) for m in models] == [("spam", None), (adapter, "spam")]
 
         def classify(model: str) -> list[float]:
             body = {"model": model, "input": "win a free cruise now"}
@@ -54,7 +56,7 @@ def test_classifier_runner_serves_its_adapter_beside_the_base(
             return list(row["probs"])
 
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(classify, ["spam", "filter", "spam:filter", "spam"]))
+            answers = list(pool.map(classify, ["spam", adapter, f"spam:{adapter}", "spam"]))
         # batch sizes may differ between the calls, so equal within float rounding, not bit for bit
         assert np.allclose(answers[0], answers[3], atol=1e-6) and np.allclose(answers[1], answers[2], atol=1e-6)
         assert not np.allclose(answers[0], answers[1], atol=1e-3)  # the adapter changes the answer

@@ -87,7 +87,9 @@ from memserve.wire.routes import (
     ADAPTER_REMOVE,
     ADAPTERS,
     CHAT_COMPLETIONS,
+    CLASSIFY,
     COMPLETIONS,
+    EMBEDDINGS,
     EVENTS,
     FIT,
     GATEWAY_ROUTES,
@@ -356,11 +358,33 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
     async def completions(request: Request) -> Response:
         return await completion(request, "/completions")
 
+    @handles(
+        app,
+        EMBEDDINGS,
+        response_model=None,
+        summary="Embeddings (OpenAI-compatible) from an embedding model (docs/encoders.md)",
+        responses=openapi.responses(None, openapi.GENERATION_ERRORS),
+    )
+    async def embeddings(request: Request) -> Response:
+        return await completion(request, "/embeddings")
+
+    @handles(
+        app,
+        CLASSIFY,
+        response_model=None,
+        summary="Classification (vLLM's /v1/classify) by a sequence-classification model (docs/encoders.md)",
+        responses=openapi.responses(None, openapi.GENERATION_ERRORS),
+    )
+    async def classify(request: Request) -> Response:
+        return await completion(request, "/classify")
+
     served = [m.name for m in settings.models] + [f"{p.name}/{m}" for p in settings.providers for m in p.models]
     app.openapi = lambda: openapi.document(app, served)  # type: ignore[method-assign]
     hot_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
         CHAT_COMPLETIONS.path: chat_completions,
         COMPLETIONS.path: completions,
+        EMBEDDINGS.path: embeddings,
+        CLASSIFY.path: classify,
     }
     jobs = BatchJobs(settings, pool, make_generate(hot_routes, service))
 

@@ -9,17 +9,28 @@ import re
 from pathlib import Path
 from typing import Any
 
+from memserve.checkpoint.encoders import EncoderFacts, local_encoder_facts
 from memserve.checkpoint.facts import read_config
 from memserve.checkpoint.locate import read_facts
-from memserve.checkpoint.tokens import tokenizer_file_longest_token_bytes
+from memserve.checkpoint.tokens import max_prompt_bytes, tokenizer_file_longest_token_bytes
 from memserve.checkpoint.vision import no_images, takes_images
 from memserve.config import Settings
-from memserve.errors import MemserveError, UnsupportedParameter
+from memserve.errors import InvalidArgument, MemserveError, UnsupportedParameter
 from memserve.memory.fit import default_context
 from memserve.pool.pool import ModelPool
+from memserve.wire.encoders import (
+    ClassifyRequest,
+    EmbeddingRequest,
+    EncoderRequest,
+    check_encoder_request,
+    encoder_route,
+)
 from memserve.wire.http import parse_body
 from memserve.wire.images import ImageLimits, load_images
+from memserve.wire.routes import ENCODER_ROUTES
 from memserve.wire.schema import ChatCompletionRequest, CompletionRequest
+
+ENCODER_PATHS = frozenset(route.path.removeprefix("/v1") for route in ENCODER_ROUTES)
 
 
 class Door:
@@ -38,10 +49,15 @@ class Door:
         self.pool = pool
         self._facts: dict[str, tuple[int | None, int | None]] = {}  # name → (default context, longest token)
         self._takes_images: dict[str, bool] = {}
+        self._encoders: dict[str, EncoderFacts | None] = {}
         self.image_limits = ImageLimits(allow_urls=settings.image_urls == "allow")
 
     async def check(self, model: str, path: str, body: dict[str, Any]) -> bool | None:
         """Validate ``body`` for local ``model``; its ``stream`` flag when it passes, InvalidArgument if not."""
+        encoder = await self._encoder(model)
+        if path in ENCODER_PATHS or encoder is not None:
+            await self._check_encoder(model, path, body, encoder)
+            return False
         schema = ChatCompletionRequest if path == "/chat/completions" else CompletionRequest
         request = parse_body(schema, body)
         unsupported = request.unsupported()
@@ -56,6 +72,35 @@ class Door:
                 context, prompt_tokens=len(ids) if isinstance(ids, list) else None, longest_token_bytes=longest
             )
         return request.stream
+
+    async def _encoder(self, model: str) -> EncoderFacts | None:
+        """The model's encoder facts (an embedding model or a classifier), None for a generating model."""
+        if model not in self._encoders:
+            config = self.settings.model(model)
+            assert config is not None  # route() found it
+            self._encoders[model] = await asyncio.to_thread(local_encoder_facts, config.source)
+        return self._encoders[model]
+
+    async def _check_encoder(self, model: str, path: str, body: dict[str, Any], facts: EncoderFacts | None) -> None:
+        """An encoder takes only its own route; a generating model takes neither encoder route."""
+        if facts is None:
+            raise InvalidArgument(
+                f"the model '{model}' generates text: it answers /v1/chat/completions and /v1/completions, not "
+                f"/v1{path}; send it to an embedding model or a classifier",
+                param="model",
+            )
+        if path not in ENCODER_PATHS:
+            raise InvalidArgument(
+                f"the model '{model}' is {'an embedding model' if facts.task == 'embed' else 'a classifier'}: "
+                f"send its requests to {encoder_route(facts.task)}, not POST /v1{path}",
+                param="model",
+            )
+        request: EncoderRequest = (
+            parse_body(EmbeddingRequest, body) if path == "/embeddings" else parse_body(ClassifyRequest, body)
+        )
+        _, longest = await self._limits(model)
+        limit = max_prompt_bytes(facts.max_tokens, longest) if longest else None
+        check_encoder_request(request, facts, model=model, max_text_bytes=limit)
 
     async def _check_images(self, model: str, request: ChatCompletionRequest, body: dict[str, Any]) -> None:
         """A text-only model takes none (400 naming it); else every image within the caps, decoded as far as its

@@ -278,7 +278,9 @@ def _prompt_estimate(body: dict[str, Any]) -> int:
     """The prompt's tokens before anyone tokenized it: exact for token ids, else its text's characters / 4 (the
     usual rule for English; the answer's own count corrects it). Only text counts: an image's base64 is not
     its tokens."""
-    prompt = body.get("prompt")
+    prompt = body.get("prompt", body.get("input"))  # completions' prompt, or an encoder's input
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):  # lists of token ids
+        return sum(len(p) for p in prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return len(prompt)
     if isinstance(prompt, str):

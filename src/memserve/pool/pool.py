@@ -325,10 +325,15 @@ class ModelPool:
         if entry.state not in (READY, STOPPED, FAILED):
             raise Conflict(f"model {name!r} is {entry.state}; add the adapter when it is ready (or stopped)")
         if entry.state == READY and entry.runner is not None and entry.plan is not None:
-            if entry.plan.runner != "transformers" or entry.plan.engine not in ("continuous-batching", "generate"):
+            if entry.plan.runner != "transformers":
                 raise InvalidArgument(
-                    f"model {name!r} is served by {entry.plan.runner} ({entry.plan.engine}), which memserve gives "
-                    "no LoRA adapters; serve the safetensors checkpoint with memserve's own runner"
+                    f"model {name!r} is served by {entry.plan.runner}, which memserve gives no LoRA adapters; serve "
+                    "the safetensors checkpoint with memserve's own runner"
+                )
+            if entry.plan.engine not in ("continuous-batching", "generate"):
+                raise Conflict(
+                    f"model {name!r} is loaded as {entry.plan.engine}, which takes adapters only when it loads; "
+                    f"unload it (POST /api/unload) and add the adapter, it loads with the model"
                 )
             device = next(iter(entry.plan.devices))  # the adapter's weights join the embed block's device
             free = self.ledger.free_bytes().get(device, 0)

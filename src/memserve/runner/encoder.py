@@ -24,7 +24,6 @@ loop thread (a fast tokenizer used from two threads at once fails with "Already 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -66,8 +65,6 @@ if TYPE_CHECKING:
 __all__ = ["BASE_ADAPTER", "EncoderModel", "build_encoder", "create_encoder_app", "load_encoder"]
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
-ADAPTERS_ENV = "MEMSERVE_ENCODER_ADAPTERS"
-"""``name=DIR,name=DIR``: adapters for a runner started by hand (the gateway will pass its own)."""
 CLIENT_CLOSED_REQUEST = 499
 
 
@@ -407,18 +404,6 @@ def create_encoder_app(
     return app
 
 
-def adapters_from_env(value: str | None = None) -> dict[str, Path]:
-    """``MEMSERVE_ENCODER_ADAPTERS=name=DIR,name=DIR`` as a mapping (empty when unset)."""
-    text = os.environ.get(ADAPTERS_ENV, "") if value is None else value
-    adapters: dict[str, Path] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, folder = part.partition("=")
-        if not sep or not name or not folder:
-            raise InvalidArgument(f"{ADAPTERS_ENV} takes name=DIR pairs separated by commas, got {part!r}")
-        adapters[name] = Path(folder)
-    return adapters
-
-
 def build_encoder(
     launch: PlanFile, *, name: str | None = None, adapters: Mapping[str, Path] | None = None
 ) -> tuple[FastAPI, EncoderBatcher]:
@@ -433,7 +418,7 @@ def build_encoder(
     started = time.time()
     report = LoadReport()
     plan = launch.plan
-    chosen = dict(adapters) if adapters is not None else adapters_from_env()
+    chosen = dict(adapters) if adapters is not None else {name: Path(source) for name, source in launch.adapters}
 
     def load() -> tuple[EncoderModel, EncoderEngine]:
         tune_allocator()

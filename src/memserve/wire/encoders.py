@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memserve.errors import ContextOverflow, InvalidArgument, UnsupportedParameter
-from memserve.wire.routes import Route
+from memserve.wire.routes import CLASSIFY, EMBEDDINGS, ENCODER_ROUTES, Route
 
 if TYPE_CHECKING:
     from memserve.checkpoint.encoders import EncoderFacts, Task
@@ -54,9 +54,6 @@ __all__ = [
     "input_too_long",
 ]
 
-EMBEDDINGS = Route("POST", "/v1/embeddings")
-CLASSIFY = Route("POST", "/v1/classify")
-ENCODER_ROUTES = (EMBEDDINGS, CLASSIFY)
 
 MAX_INPUTS = 2048
 """Inputs in one request: OpenAI's cap for embeddings, and ours for classification too. Larger lists are

@@ -19,7 +19,10 @@ __all__ = [
     "BATCH_CREATE",
     "BATCH_ROUTES",
     "CHAT_COMPLETIONS",
+    "CLASSIFY",
     "COMPLETIONS",
+    "EMBEDDINGS",
+    "ENCODER_ROUTES",
     "EVENTS",
     "EVENTS_STREAM",
     "FILE",
@@ -72,6 +75,11 @@ HEALTH = Route("GET", "/health")
 OPENAI_ROUTES = (CHAT_COMPLETIONS, COMPLETIONS, MODELS)
 """What an OpenAI-compatible server answers (the runner, the gateway, providers, the fake)."""
 
+EMBEDDINGS = Route("POST", "/v1/embeddings")
+CLASSIFY = Route("POST", "/v1/classify")
+ENCODER_ROUTES = (EMBEDDINGS, CLASSIFY)
+"""OpenAI's embeddings and vLLM's classify: what an encoder runner answers (``wire/encoders.py``)."""
+
 STATS = Route("GET", "/stats")
 RUNNER_ROUTES = (*OPENAI_ROUTES, HEALTH, STATS)
 
@@ -115,6 +123,7 @@ BATCH_ROUTES = (FILE_UPLOAD, FILES, FILE, FILE_CONTENT, FILE_DELETE, BATCH_CREAT
 """OpenAI's Files and Batch API on the gateway (``gateway/files.py``, ``gateway/batches.py``)."""
 GATEWAY_ROUTES = (
     *OPENAI_ROUTES,
+    *ENCODER_ROUTES,
     HEALTH,
     PS,
     LOAD,
