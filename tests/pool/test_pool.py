@@ -53,6 +53,7 @@ ROW_KEYS = {
     "state",
     "pid",
     "source",
+    "adapters",
     "rung",
     "runner",
     "dtype",
