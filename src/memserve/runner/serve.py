@@ -196,11 +196,15 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
     for variable, value in ONEDNN_CACHE_ENV.items():  # read once, when torch first runs a oneDNN kernel
         os.environ.setdefault(variable, value)
 
-    def load() -> tuple[Any, Any, Any, str | None]:
+    def load() -> tuple[Any, Any, Any, str | None, Any]:
         from memserve.runner.kernels import tune_allocator
+        from memserve.runner.lora import LoraBank
 
         tune_allocator()
         model, tokenizer = load_model(source, plan, report)
+        bank = LoraBank(model)  # before the engine: the warm-up then faults the adapters' weights in too
+        for adapter, adapter_source in launch.adapters:
+            bank.add(adapter, adapter_source)
         engine, fallback_reason = make_engine(
             model,
             prefer=os.environ.get(ENGINE_ENV) or plan.engine,
@@ -227,9 +231,10 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
             return smaller
 
         engine = fit_to_reservation(engine, launch, report, rebuild)
-        return model, tokenizer, engine, fallback_reason
+        engine.attach_lora(bank)
+        return model, tokenizer, engine, fallback_reason, bank
 
-    model, tokenizer, engine, fallback_reason = on_fresh_thread(
+    model, tokenizer, engine, fallback_reason, bank = on_fresh_thread(
         load, name="memserve-load"
     )  # see runner/threads.py for why
     if fallback_reason:
@@ -248,6 +253,7 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
             "load": report.to_json(),
             "engine_fallback_reason": fallback_reason,
             "memory": process_memory(),
+            "adapters": [info.to_json() for info in bank.info()],
             "uptime_seconds": round(time.time() - started, 3),
         }
 
@@ -258,8 +264,9 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
         context_tokens=plan.context_tokens,
         health=health,
         stop_token_ids=stop_ids or None,
+        adapters=bank,
     )
-    emit(Ready(served_name, engine.name, process_memory(), report.plan_check))
+    emit(Ready(served_name, engine.name, process_memory(), report.plan_check, tuple(bank.names())))
     return app, engine
 
 
