@@ -1,4 +1,4 @@
-"""LoRA adapters in-process: the per-token wrapper against PEFT's merged model, the bank's checks and lifecycle,
+"""LoRA adapters in-process: the per-token wrapper against PEFT's model, the bank's checks and lifecycle,
 and the demo adapter itself."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from memserve.checkpoint.facts import read_adapter_facts
 from memserve.cli.demo_adapter import demo_adapter
 from memserve.errors import CheckpointError, InvalidArgument, ModelNotFound
 from memserve.runner.lora import NO_ADAPTER, LoraBank, LoraLinear, token_slots
-from tests.adapters.conftest import merged_greedy
+from tests.adapters.conftest import peft_greedy
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [40, 41, 42], [100, 200, 300, 400, 500, 600, 700, 800, 900]]
 
@@ -43,14 +43,14 @@ def test_rows_of_different_adapters_in_one_forward_equal_each_merged_model(
     tiny_model_dir: Path, adapter_dirs: dict[str, Path]
 ) -> None:
     """One batched ``generate`` with a row per adapter and one for the base: every row's greedy tokens are what
-    PEFT's merged model gives that adapter alone, and the base row is the base's."""
+    PEFT's model gives that adapter alone, and the base row is the base's."""
     model = _base(tiny_model_dir)
     bank = LoraBank(model)
     names = ["ad1", "ad2", "ad3"]
     slots = [bank.add(name, adapter_dirs[name]) and bank.acquire(name) for name in names]
     prompt = PROMPTS[0]
-    expected = [merged_greedy(tiny_model_dir, adapter_dirs[n], [prompt], 12)[0] for n in names]
-    base_expected = merged_greedy(tiny_model_dir, None, [prompt], 12)[0]
+    expected = [peft_greedy(tiny_model_dir, adapter_dirs[n], [prompt], 12, merge=True)[0] for n in names]
+    base_expected = peft_greedy(tiny_model_dir, None, [prompt], 12)[0]
     assert len({tuple(e) for e in [*expected, base_expected]}) == 4  # every adapter changes the answer
 
     rows = torch.tensor([prompt] * 4)
