@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from memserve.errors import InvalidArgument
 from memserve.memory.fit import PlanFile
 from memserve.runner.load import (
     WORST_CASE_PHASE,
@@ -231,7 +232,12 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
             return smaller
 
         engine = fit_to_reservation(engine, launch, report, rebuild)
-        engine.attach_lora(bank)
+        attach = getattr(engine, "attach_lora", None)  # memserve's engines (runner/front.py); not every Engine
+        if attach is None:
+            if launch.adapters:
+                raise InvalidArgument(f"the {engine.name} engine takes no LoRA adapters; drop the plan's adapters")
+            return model, tokenizer, engine, fallback_reason, None
+        attach(bank)
         return model, tokenizer, engine, fallback_reason, bank
 
     model, tokenizer, engine, fallback_reason, bank = on_fresh_thread(
@@ -253,7 +259,7 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
             "load": report.to_json(),
             "engine_fallback_reason": fallback_reason,
             "memory": process_memory(),
-            "adapters": [info.to_json() for info in bank.info()],
+            "adapters": [info.to_json() for info in bank.info()] if bank is not None else [],
             "uptime_seconds": round(time.time() - started, 3),
         }
 
@@ -266,7 +272,8 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
         stop_token_ids=stop_ids or None,
         adapters=bank,
     )
-    emit(Ready(served_name, engine.name, process_memory(), report.plan_check, tuple(bank.names())))
+    adapters = tuple(bank.names()) if bank is not None else ()
+    emit(Ready(served_name, engine.name, process_memory(), report.plan_check, adapters))
     return app, engine
 
 
