@@ -94,19 +94,35 @@ class Routing:
     """Which adapter slot each token of the current forward uses; set by the engine's thread before a forward.
 
     ``slots`` broadcasts against the activations' leading dims: ``[1, tokens]`` for continuous batching's
-    packed row, ``[rows, 1]`` for ``generate``'s padded rows; None when every token is the base's.
+    packed row, ``[rows, 1]`` for ``generate``'s padded rows; None when every token is the base's. The rows of
+    each adapter are found once per activation shape and shared by every wrapped layer of the forward.
     """
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
         self.present: tuple[int, ...] = ()
+        self._rows: dict[tuple[int, ...], tuple[bool, dict[int, torch.Tensor]]] = {}
 
     def set(self, slots: torch.Tensor | None) -> None:
+        self._rows = {}
         if slots is None:
             self.slots, self.present = None, ()
             return
         present = tuple(int(s) for s in torch.unique(slots).tolist() if s != NO_ADAPTER)
         self.slots, self.present = (slots, present) if present else (None, ())
+
+    def rows(self, leading: torch.Size) -> tuple[bool, dict[int, torch.Tensor]]:
+        """For activations whose leading dims are ``leading``: whether one adapter has every token, and the
+        flat token indices of each adapter present."""
+        key = tuple(leading)
+        found = self._rows.get(key)
+        if found is None:
+            assert self.slots is not None
+            per_token = self.slots.expand(leading).reshape(-1)
+            rows = {slot: (per_token == slot).nonzero().squeeze(1) for slot in self.present}
+            uniform = len(self.present) == 1 and rows[self.present[0]].numel() == per_token.numel()
+            found = self._rows[key] = (uniform, rows)
+        return found
 
 
 class LoraLinear(nn.Module):
@@ -121,24 +137,23 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        slots, present, pairs = self.routing.slots, self.routing.present, self.pairs
-        if slots is None or not pairs:
+        routing, pairs = self.routing, self.pairs  # each read once: the event loop may replace them meanwhile
+        if routing.slots is None or not pairs:
             return y
-        used = [s for s in present if s in pairs]
+        used = [s for s in routing.present if s in pairs]
         if not used:
             return y
-        flat_x = x.reshape(-1, x.shape[-1])
-        flat_y = y.reshape(-1, y.shape[-1])
-        per_token = slots.expand(x.shape[:-1]).reshape(-1)
-        if len(used) == 1 and len(present) == 1 and bool((per_token == used[0]).all()):
+        uniform, rows = routing.rows(x.shape[:-1])
+        if uniform and len(used) == 1:
             a, b, scale = pairs[used[0]]
-            return y + ((flat_x @ a.T) @ b.T * scale).reshape(y.shape)
-        out = flat_y.clone()
+            return y + (x @ a.T) @ b.T * scale
+        flat_x = x.reshape(-1, x.shape[-1])
+        out = y.reshape(-1, y.shape[-1]).clone()
         for slot in used:
             a, b, scale = pairs[slot]
-            rows = (per_token == slot).nonzero().squeeze(1)
-            if rows.numel():
-                out.index_add_(0, rows, (flat_x.index_select(0, rows) @ a.T) @ b.T, alpha=scale)
+            index = rows[slot]
+            if index.numel():
+                out.index_add_(0, index, (flat_x.index_select(0, index) @ a.T) @ b.T, alpha=scale)
         return out.reshape(y.shape)
 
     def extra_repr(self) -> str:
