@@ -148,13 +148,13 @@ class LoraLinear(nn.Module):
             a, b, scale = pairs[used[0]]
             return y + (x @ a.T) @ b.T * scale
         flat_x = x.reshape(-1, x.shape[-1])
-        out = y.reshape(-1, y.shape[-1]).clone()
+        out = y.reshape(-1, y.shape[-1])  # y is the base's fresh output: added to in place, no copy
         for slot in used:
             a, b, scale = pairs[slot]
             index = rows[slot]
             if index.numel():
                 out.index_add_(0, index, (flat_x.index_select(0, index) @ a.T) @ b.T, alpha=scale)
-        return out.reshape(y.shape)
+        return out.view(y.shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={len(self.pairs)}"
