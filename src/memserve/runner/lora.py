@@ -19,6 +19,7 @@ feature, rather than served wrongly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import threading
@@ -101,7 +102,7 @@ class Routing:
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
         self.present: tuple[int, ...] = ()
-        self._rows: dict[tuple[int, ...], tuple[bool, dict[int, torch.Tensor]]] = {}
+        self._rows: dict[tuple[tuple[int, ...], torch.device], tuple[bool, dict[int, torch.Tensor]]] = {}
 
     def set(self, slots: torch.Tensor | None) -> None:
         self._rows = {}
@@ -111,14 +112,14 @@ class Routing:
         present = tuple(int(s) for s in torch.unique(slots).tolist() if s != NO_ADAPTER)
         self.slots, self.present = (slots, present) if present else (None, ())
 
-    def rows(self, leading: torch.Size) -> tuple[bool, dict[int, torch.Tensor]]:
-        """For activations whose leading dims are ``leading``: whether one adapter has every token, and the
-        flat token indices of each adapter present."""
-        key = tuple(leading)
+    def rows(self, leading: torch.Size, device: torch.device) -> tuple[bool, dict[int, torch.Tensor]]:
+        """For activations whose leading dims are ``leading``, on ``device`` (a split plan's layers are on several):
+        whether one adapter has every token, and the flat token indices of each adapter present."""
+        key = (tuple(leading), device)
         found = self._rows.get(key)
         if found is None:
             assert self.slots is not None
-            per_token = self.slots.expand(leading).reshape(-1)
+            per_token = self.slots.to(device).expand(leading).reshape(-1)
             rows = {slot: (per_token == slot).nonzero().squeeze(1) for slot in self.present}
             uniform = len(self.present) == 1 and rows[self.present[0]].numel() == per_token.numel()
             found = self._rows[key] = (uniform, rows)
@@ -143,7 +144,7 @@ class LoraLinear(nn.Module):
         used = [s for s in routing.present if s in pairs]
         if not used:
             return y
-        uniform, rows = routing.rows(x.shape[:-1])
+        uniform, rows = routing.rows(x.shape[:-1], x.device)
         if uniform and len(used) == 1:
             a, b, scale = pairs[used[0]]
             return y + (x @ a.T) @ b.T * scale
@@ -259,7 +260,6 @@ def read_adapter(name: str, source: str | Path, model: nn.Module, dtype: torch.d
         raise CheckpointError(f"adapter {source}: {ADAPTER_WEIGHTS} holds no LoRA weights; regenerate it")
     _check_targets(config, modules, source)
     target_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     ranks: set[int] = set()
     for module_path, pair in sorted(pairs.items()):
@@ -302,6 +302,7 @@ def read_adapter(name: str, source: str | Path, model: nn.Module, dtype: torch.d
             )
         alpha = float(config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), short), config.lora_alpha))
         scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        device = next(itertools.chain(module.parameters(), module.buffers()), a).device  # split plans: its own
         layers[module_path] = (
             a.to(device=device, dtype=target_dtype).contiguous(),
             b.to(device=device, dtype=target_dtype).contiguous(),
