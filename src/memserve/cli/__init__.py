@@ -23,6 +23,7 @@ COMMANDS = {
     "batch": "memserve.cli.batch:batch",
     "bench": "memserve.cli.bench:bench",
     "compare": "memserve.cli.compare:compare",
+    "demo-adapter": "memserve.cli.demo_adapter:demo_adapter",
     "demo-model": "memserve.cli.demo_model:demo_model",
     "fit": "memserve.cli.fit:fit",
     "keys": "memserve.cli.keys:keys",

@@ -74,6 +74,7 @@ from memserve.pool.watchdog import learned_bytes, watchdog_limit_bytes
 from memserve.pool.watching import Watchdog
 from memserve.units import format_bytes
 from memserve.wire.events import PhaseDone, Ready, RunnerEvent, peak_bytes
+from memserve.wire.routes import RUNNER_ADAPTER_ADD, RUNNER_ADAPTER_REMOVE
 
 log = logging.getLogger("memserve.pool")
 
@@ -343,7 +344,9 @@ class ModelPool:
                     f"{name!r}, and {format_bytes(free)} is free; unload a model, or add it while {name!r} is "
                     "stopped so that it is planned with the model"
                 )
-            answer = await entry.runner.client.post("/adapters", json={"name": adapter, "source": source})
+            answer = await entry.runner.client.post(
+                f"http://runner{RUNNER_ADAPTER_ADD.path}", json={"name": adapter, "source": source}
+            )
             if answer.status_code != 200:
                 raise _runner_refused(answer, f"runner {name}")
             reserved = self.ledger.reserved(name)
@@ -360,7 +363,7 @@ class ModelPool:
             listed = ", ".join(sorted(entry.adapters)) or "none"
             raise ModelNotFound(f"model {name!r} has no adapter {adapter!r} (its adapters: {listed})", param="name")
         if entry.state == READY and entry.runner is not None:
-            answer = await entry.runner.client.delete(f"/adapters/{adapter}")
+            answer = await entry.runner.client.delete(f"http://runner{RUNNER_ADAPTER_REMOVE.path.format(name=adapter)}")
             if answer.status_code not in (200, 404):
                 raise _runner_refused(answer, f"runner {name}")
         del entry.adapters[adapter]

@@ -1,7 +1,13 @@
 """The runner's OpenAI-compatible HTTP app: one loaded model, its engine, and the OpenAI wire format.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as SSE or not),
-``GET /v1/models``, ``GET /health`` and ``GET /stats``.
+``GET /v1/models``, ``GET /health``, ``GET /stats``, and the LoRA adapters on the base: ``POST /adapters``
+(``{"name", "source"}``: read, check and install one; 200 with the adapter as ``/v1/models`` lists it) and
+``DELETE /adapters/{name}`` (new requests on it get 404 at once; those in flight finish).
+
+A request's ``model`` is the base's name, an adapter's name, or ``base:adapter``; the response names the
+model as the request did. ``/v1/models`` lists the base, then each adapter with ``parent`` set to the base and
+``root`` to its folder, as vLLM lists its LoRA modules.
 
 Status codes, chosen to match what OpenAI answers and what the ``openai`` client expects:
 
@@ -56,7 +62,7 @@ from memserve.errors import (
     UnsupportedParameter,
 )
 from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
-from memserve.wire.events import Engine, GenerationRequest, QueueFull, TokenEvent
+from memserve.wire.events import AdapterSpec, Engine, GenerationRequest, QueueFull, TokenEvent
 from memserve.wire.http import (
     SSE_DONE,
     EventStream,
@@ -66,11 +72,23 @@ from memserve.wire.http import (
     sse_event,
     until_disconnected,
 )
-from memserve.wire.routes import CHAT_COMPLETIONS, COMPLETIONS, HEALTH, MODELS, RUNNER_ROUTES, STATS, describe
+from memserve.wire.routes import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    HEALTH,
+    MODELS,
+    RUNNER_ADAPTER_ADD,
+    RUNNER_ADAPTER_REMOVE,
+    RUNNER_ROUTES,
+    STATS,
+    describe,
+)
 from memserve.wire.schema import ChatCompletionRequest, CompletionRequest, FinishReason, ResponseShape, Usage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from memserve.runner.lora import LoraBank
 
 __all__ = ["ContextOverflow", "Overloaded", "UnsupportedParameter", "create_app"]
 
@@ -91,18 +109,25 @@ def create_app(
     health: Callable[[], dict[str, Any]],
     stop_token_ids: tuple[int, ...] | None = None,
     completer_type: type[_Completer] | None = None,
+    adapters: LoraBank | None = None,
 ) -> FastAPI:
     """The runner's FastAPI app.
 
     ``stop_token_ids`` adds to the tokenizer's eos (pass the generation config's eos ids); the engine
-    ends a sequence after emitting one. ``health`` is called on every ``GET /health``. The app's
+    ends a sequence after emitting one. ``health`` is called on every ``GET /health``. ``adapters`` is the
+    engine's LoRA bank (``engine.attach_lora``), whose adapters the app lists, adds and removes. The app's
     lifespan shutdown awaits ``engine.close()``.
     """
     if context_tokens < 1:
         raise InvalidArgument(f"context_tokens must be at least 1, got {context_tokens}")
     eos = [tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else []
     completer = (completer_type or _Completer)(
-        engine, tokenizer, model_name, context_tokens, tuple(dict.fromkeys([*eos, *(stop_token_ids or ())]))
+        engine,
+        tokenizer,
+        model_name,
+        context_tokens,
+        tuple(dict.fromkeys([*eos, *(stop_token_ids or ())])),
+        adapters,
     )
     created = int(time.time())
 
@@ -124,6 +149,18 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await completer.complete(request, body)
 
+    def adapter_model(info: Any) -> dict[str, Any]:
+        return {
+            "id": info.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "memserve",
+            "parent": model_name,
+            "root": info.source,
+            "context_tokens": context_tokens,
+            "adapter": info.to_json(),
+        }
+
     @handles(app, MODELS)
     async def models() -> dict[str, Any]:
         model = {
@@ -131,9 +168,30 @@ def create_app(
             "object": "model",
             "created": created,
             "owned_by": "memserve",
+            "parent": None,
             "context_tokens": context_tokens,
         }
-        return {"object": "list", "data": [model]}
+        listed = [adapter_model(info) for info in adapters.info()] if adapters is not None else []
+        return {"object": "list", "data": [model, *listed]}
+
+    @handles(app, RUNNER_ADAPTER_ADD)
+    async def add_adapter(body: AdapterSpec) -> dict[str, Any]:
+        if adapters is None:
+            raise InvalidArgument("this runner's engine takes no LoRA adapters", param="name")
+        if body.name == model_name:
+            raise InvalidArgument(
+                f"an adapter cannot be named {body.name}, the base model's own name; pick another", param="name"
+            )
+        # read from disk and checked off the loop, so streams in flight keep flowing
+        info = await anyio.to_thread.run_sync(adapters.add, body.name, body.source)
+        return adapter_model(info)
+
+    @handles(app, RUNNER_ADAPTER_REMOVE)
+    async def remove_adapter(name: str) -> dict[str, Any]:
+        if adapters is None:
+            raise ModelNotFound(f"this runner has no LoRA adapters, so none named {name}", param="name")
+        info = adapters.remove(name)
+        return {"id": info.name, "object": "model", "parent": model_name, "deleted": True}
 
     @handles(app, HEALTH)
     async def health_route() -> dict[str, Any]:
@@ -156,8 +214,10 @@ class _Completer:
         model_name: str,
         context_tokens: int,
         stop_token_ids: tuple[int, ...],
+        adapters: LoraBank | None = None,
     ) -> None:
         self.engine = engine
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_tokens = context_tokens
@@ -198,19 +258,29 @@ class _Completer:
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}", param="prompt")
         return body.prompt
 
-    def check(self, body: ChatCompletionRequest | CompletionRequest) -> None:
-        """Refuse what this runner cannot answer faithfully, before any tokenizing."""
+    def check(self, body: ChatCompletionRequest | CompletionRequest) -> str | None:
+        """Refuse what this runner cannot answer faithfully, before any tokenizing; the request's adapter
+        (None: the base), from ``model``: the base's name, an adapter's, or ``base:adapter``."""
         unsupported = body.unsupported()
         if unsupported is not None:
             raise UnsupportedParameter(unsupported[1], param=unsupported[0])
-        if body.model != self.model_name:
-            raise ModelNotFound(
-                f"this runner serves the model '{self.model_name}', not '{body.model}'; "
-                "send that name, or ask the gateway for the other model",
-                param="model",
-            )
         if isinstance(body, ChatCompletionRequest):
             self.check_images(body)
+        if body.model == self.model_name:
+            return None
+        base, colon, adapter = body.model.rpartition(":")
+        if not colon:
+            base, adapter = self.model_name, body.model
+        names = self.adapters.names() if self.adapters is not None else []
+        if base == self.model_name and adapter in names:
+            return adapter
+        served = ", ".join([f"'{self.model_name}'", *(f"'{n}'" for n in names)])
+        raise ModelNotFound(
+            f"this runner serves the model '{self.model_name}'"
+            + (f" and its adapters ({', '.join(names)}, also as '{self.model_name}:NAME')" if names else "")
+            + f", not '{body.model}'; send one of {served}, or ask the gateway for the other model",
+            param="model",
+        )
 
     def check_images(self, body: ChatCompletionRequest) -> None:
         """A text-only model takes no images (the gateway's door refuses the same before any load);
@@ -220,7 +290,11 @@ class _Completer:
             raise refused
 
     def engine_request(
-        self, request_id: str, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]
+        self,
+        request_id: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        prompt_ids: list[int],
+        adapter: str | None = None,
     ) -> GenerationRequest:
         """The request in the engine's terms; a prompt and ``max_tokens`` that overflow the context are a 400."""
         if not prompt_ids:
@@ -239,15 +313,16 @@ class _Completer:
             top_p=top_p,
             seed=body.seed,
             stop_token_ids=self.stop_token_ids,
+            adapter=adapter,
         )
 
     async def complete(self, request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
-        self.check(body)
+        adapter = self.check(body)
         if isinstance(body, ChatCompletionRequest):
-            prompt_ids, shape = self.chat_prompt(body), ResponseShape(chat=True, model=self.model_name)
+            prompt_ids, shape = self.chat_prompt(body), ResponseShape(chat=True, model=body.model)
         else:
-            prompt_ids, shape = self.text_prompt(body), ResponseShape(chat=False, model=self.model_name)
-        generation = self.engine_request(shape.id, body, prompt_ids)
+            prompt_ids, shape = self.text_prompt(body), ResponseShape(chat=False, model=body.model)
+        generation = self.engine_request(shape.id, body, prompt_ids, adapter)
         if not body.stream:
             answer = await until_disconnected(request.receive, self._collect(generation, body.stop))
             if answer is None:

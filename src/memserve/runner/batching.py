@@ -28,6 +28,10 @@ The library's continuous batching has no public API for what this engine needs, 
 - ``ContinuousBatchingLogitsProcessor``/``ContinuousBatchingLogitsProcessorList`` from
   ``continuous_batching.cb_logits_processors`` (subclassed in ``runner/sampling.py``), with ``tensors_required``,
   ``supported_kwargs`` and the request state's ``logit_processor_kwargs``.
+- ``manager.batch_processor.inputs_and_outputs.requests_in_batch`` (each ``FutureRequestState``'s
+  ``state.request_id`` and ``query_length``, in the order their tokens are packed), read by a forward pre-hook
+  on the model to give each token its request's LoRA adapter (``runner/lora.py``); the async IOs of a GPU keep
+  it per IO pair (``io_pairs[current_pair].host_io``).
 - ``GenerationConfig.prefill_chunk_size`` (undocumented; an unknown key would be kept and ignored silently):
   the ``generate`` fallback's chunked prefill, ``runner/fallback.py``.
 """
@@ -55,6 +59,7 @@ from memserve.runner.front import (
     filler_prompt,
     worst_case_prompt_tokens,
 )
+from memserve.runner.lora import NO_ADAPTER, token_slots
 from memserve.runner.sampling import SamplingProcessors
 from memserve.runner.threads import on_fresh_thread
 from memserve.wire.events import GenerationRequest
@@ -215,8 +220,32 @@ class ContinuousBatchingEngine(EngineBase):
         except BaseException:
             self._stop_manager()
             raise
+        self._adapter_hook = model.register_forward_pre_hook(self._route_adapters, with_kwargs=True)
         self._watcher = threading.Thread(target=self._watch, name="memserve-cb-watch", daemon=True)
         self._watcher.start()
+
+    def _route_adapters(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook, on the generation thread: each packed token's LoRA slot, from its request's job.
+
+        The library packs the step's requests in ``requests_in_batch`` order, ``query_length`` tokens each,
+        then pads to the input's length; padding and requests of no job (warm-ups) are the base's."""
+        if self.lora is None:
+            return
+        routing = self.lora.routing
+        processor = self._manager.batch_processor
+        io: Any = getattr(processor, "inputs_and_outputs", None)
+        if hasattr(io, "io_pairs"):  # async batching (GPU): the pair being launched
+            io = io.io_pairs[io.current_pair].host_io
+        requests = getattr(io, "requests_in_batch", None)
+        input_ids = kwargs.get("input_ids")
+        if not requests or input_ids is None:
+            routing.set(None)
+            return
+        with self._jobs_lock:
+            jobs = [self._jobs.get(future.state.request_id) for future in requests]
+        slots = [job.slot if job is not None else NO_ADAPTER for job in jobs]
+        counts = [int(future.query_length) for future in requests]
+        routing.set(token_slots(counts, slots, int(input_ids.shape[-1]), device=input_ids.device))
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -394,6 +423,9 @@ class ContinuousBatchingEngine(EngineBase):
         return f"{type(error).__name__}: {error}" if error is not None else "no error recorded"
 
     def _stop_manager(self) -> None:
+        hook = getattr(self, "_adapter_hook", None)
+        if hook is not None:
+            hook.remove()  # the model outlives this engine (a rebuild, the fallback)
         manager = self._manager
         if manager.is_running():
             manager.stop(block=True, timeout=STOP_TIMEOUT_SECONDS, hard_stop=True)

@@ -105,7 +105,10 @@ class GenerateEngine(EngineBase):
     a request that arrives meanwhile waits for the next call (static batching, unlike continuous
     batching). Each row stops on its own stop tokens and its own ``max_new_tokens``; the call ends
     when every row has. A request with a ``seed`` that samples runs alone, after seeding torch's
-    global generator, so that the seed alone decides its draws.
+    global generator, so that the seed alone decides its draws. Rows of different LoRA adapters share a
+    call: each row's adapter slot is set in the bank's routing for the call (``runner/lora.py``), one code
+    path with continuous batching, rather than PEFT's ``adapter_names``, which would need a PeftModel
+    around the base and a second way to load adapters.
     """
 
     name = "generate"
@@ -284,12 +287,19 @@ class GenerateEngine(EngineBase):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
             mask[row, width - len(prompt) :] = 1
         rows = _Rows(batch, lambda job, tokens: self._post(job, self._deliver, job, tokens))
-        cast(Any, self.model).generate(  # PreTrainedModel's stubs leave out GenerationMixin
-            input_ids=ids,
-            attention_mask=mask,
-            generation_config=self._config_for(
-                first, max(job.request.max_new_tokens for job in batch), rows=len(batch), prompt_tokens=width
-            ),
-            streamer=_RowsStreamer(rows),
-            stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
-        )
+        routing = self.lora.routing if self.lora is not None else None
+        if routing is not None:  # one adapter per row (LoraLinear broadcasts it over the row's tokens)
+            routing.set(torch.tensor([[job.slot] for job in batch], dtype=torch.long, device=device))
+        try:
+            cast(Any, self.model).generate(  # PreTrainedModel's stubs leave out GenerationMixin
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=self._config_for(
+                    first, max(job.request.max_new_tokens for job in batch), rows=len(batch), prompt_tokens=width
+                ),
+                streamer=_RowsStreamer(rows),
+                stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
+            )
+        finally:
+            if routing is not None:
+                routing.set(None)

@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import GenerationConfig
 
-from memserve.errors import GenerationFailed, InvalidArgument
+from memserve.errors import GenerationFailed, InvalidArgument, ModelNotFound
 from memserve.wire.events import EngineStats, FinishReason, GenerationRequest, QueueFull, TokenEvent
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from memserve.runner.lora import LoraBank
 
 __all__ = [
     "STOP_TIMEOUT_SECONDS",
@@ -108,6 +110,7 @@ class Job:
     holds_slot: bool = False
     done: bool = False  # the engine delivered its last chunk
     received: int = 0  # tokens already taken from the library's cumulative outputs
+    slot: int = -1  # its LoRA adapter's slot in the engine's LoraBank (runner/lora.py); -1: the base alone
 
 
 class EngineBase:
@@ -152,6 +155,11 @@ class EngineBase:
         self._generation_tokens_total = 0
         self._requests_total = 0
         self._rejected_total = 0
+        self.lora: LoraBank | None = None
+
+    def attach_lora(self, bank: LoraBank) -> None:
+        """Serve the adapters of ``bank`` (wrapped into this engine's model) beside the base."""
+        self.lora = bank
 
     # -- the protocol ----------------------------------------------------------------------------------
 
@@ -174,10 +182,17 @@ class EngineBase:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Yield the request's tokens as they are produced; the last event carries ``finish_reason``.
 
-        Raises InvalidArgument or QueueFull before yielding anything. Leaving early (``aclose``, a
-        cancelled task) cancels the sequence at once and frees its slot and cache pages.
+        Raises InvalidArgument, ModelNotFound (an adapter that is not loaded) or QueueFull before yielding
+        anything. Leaving early (``aclose``, a cancelled task) cancels the sequence at once and frees its slot
+        and cache pages. A request on an adapter holds it until its sequence ends, so an adapter removed
+        meanwhile keeps its weights until then.
         """
         self._validate(request)
+        if request.adapter is not None and self.lora is None:
+            raise ModelNotFound(
+                f"this runner has no LoRA adapters, so none named {request.adapter}; ask for the base model",
+                param="model",
+            )
         if self._closed:
             raise GenerationFailed("the engine is closed", code="engine_closed")
         if self._failure is not None:
@@ -185,12 +200,14 @@ class EngineBase:
         if self._running + len(self._waiters) >= self.max_sequences + self.max_queue:
             self._rejected_total += 1
             raise QueueFull(self._running, len(self._waiters))
+        slot = self.lora.acquire(request.adapter) if self.lora is not None and request.adapter is not None else -1
         job = Job(
             request=request,
             key=f"{request.request_id}#{next(self._keys)}",
             loop=asyncio.get_running_loop(),
             stop_ids=frozenset(t for t in request.stop_token_ids or self._default_stop_ids if t >= 0),
             accepted_at=time.perf_counter(),
+            slot=slot,
         )
         self._requests_total += 1
         try:
@@ -221,6 +238,8 @@ class EngineBase:
                 if job.holds_slot:
                     self._cancel(job)
                 self._release_slot(job)
+            if slot != -1 and self.lora is not None:
+                self.lora.release(slot)
 
     async def close(self) -> None:
         """Stop the generation thread; sequences still in flight or waiting fail with GenerationFailed."""

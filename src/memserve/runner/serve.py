@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from memserve.errors import InvalidArgument
 from memserve.memory.fit import PlanFile
 from memserve.runner.load import (
     WORST_CASE_PHASE,
@@ -200,15 +201,24 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
 
         return build_encoder(launch, name=name)
 
-    def load() -> tuple[Any, Any, Any, str | None]:
+    def load() -> tuple[Any, Any, Any, str | None, Any]:
         from memserve.runner.kernels import tune_allocator
+        from memserve.runner.lora import LoraBank
 
         tune_allocator()
         if plan.engine == "image-text":  # a vision-language checkpoint: its processor and generate, images included
             from memserve.runner.vision import load_image_text
 
-            return (*load_image_text(launch, report), None)
+            if launch.adapters:
+                raise InvalidArgument(
+                    f"{source} is a vision-language model, which memserve serves without LoRA adapters yet; "
+                    "remove its adapters"
+                )
+            return (*load_image_text(launch, report), None, None)
         model, tokenizer = load_model(source, plan, report)
+        bank = LoraBank(model)  # before the engine: the warm-up then faults the adapters' weights in too
+        for adapter, adapter_source in launch.adapters:
+            bank.add(adapter, adapter_source)
         engine, fallback_reason = make_engine(
             model,
             prefer=os.environ.get(ENGINE_ENV) or plan.engine,
@@ -235,9 +245,15 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
             return smaller
 
         engine = fit_to_reservation(engine, launch, report, rebuild)
-        return model, tokenizer, engine, fallback_reason
+        attach = getattr(engine, "attach_lora", None)  # memserve's engines (runner/front.py); not every Engine
+        if attach is None:
+            if launch.adapters:
+                raise InvalidArgument(f"the {engine.name} engine takes no LoRA adapters; drop the plan's adapters")
+            return model, tokenizer, engine, fallback_reason, None
+        attach(bank)
+        return model, tokenizer, engine, fallback_reason, bank
 
-    model, tokenizer, engine, fallback_reason = on_fresh_thread(
+    model, tokenizer, engine, fallback_reason, bank = on_fresh_thread(
         load, name="memserve-load"
     )  # see runner/threads.py for why
     if fallback_reason:
@@ -256,6 +272,7 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
             "load": report.to_json(),
             "engine_fallback_reason": fallback_reason,
             "memory": process_memory(),
+            "adapters": [info.to_json() for info in bank.info()] if bank is not None else [],
             "uptime_seconds": round(time.time() - started, 3),
         }
 
@@ -267,8 +284,10 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
         health=health,
         stop_token_ids=stop_ids or None,
         completer_type=_completer_type(engine),
+        adapters=bank,
     )
-    emit(Ready(served_name, engine.name, process_memory(), report.plan_check))
+    adapters = tuple(bank.names()) if bank is not None else ()
+    emit(Ready(served_name, engine.name, process_memory(), report.plan_check, adapters))
     return app, engine
 
 

@@ -242,9 +242,13 @@ class ImageCompleter(_Completer):
         return prompt
 
     def engine_request(
-        self, request_id: str, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]
+        self,
+        request_id: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        prompt_ids: list[int],
+        adapter: str | None = None,
     ) -> GenerationRequest:
-        request = super().engine_request(request_id, body, prompt_ids)
+        request = super().engine_request(request_id, body, prompt_ids, adapter)
         inputs = prompt_ids.inputs if isinstance(prompt_ids, _PromptIds) else {}
         if not inputs:
             return request

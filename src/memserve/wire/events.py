@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from memserve.wire.schema import FinishReason
 
 
@@ -28,6 +30,17 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # eos and friends: generation ends *after* emitting one
+    adapter: str | None = None  # a LoRA adapter loaded on the base (runner/lora.py); None: the base alone
+
+
+class AdapterSpec(BaseModel):
+    """One LoRA adapter on a base: the body of the runner's ``POST /adapters``, and each entry of a plan file's
+    ``model.adapters``. ``source`` is a folder PEFT's ``save_pretrained`` wrote."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^:/\s]+$")
+    source: str = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,7 @@ class Ready:
     engine: str
     memory: Memory = field(default_factory=dict)
     plan_check: dict[str, Any] = field(default_factory=dict)
+    adapters: tuple[str, ...] = ()  # the LoRA adapters loaded on the base at start
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -184,6 +198,7 @@ class Ready:
             "engine": self.engine,
             "memory": self.memory,
             "plan_check": self.plan_check,
+            "adapters": list(self.adapters),
         }
 
     @classmethod
@@ -191,7 +206,12 @@ class Ready:
         check = data.get("plan_check") or {}
         if not isinstance(check, Mapping):
             raise ValueError(f"'plan_check' must be an object, got {check!r}")
-        return cls(_text(data, "model"), _text(data, "engine"), _memory(data.get("memory")), dict(check))
+        adapters = data.get("adapters") or []
+        if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+            raise ValueError(f"'adapters' must be a list of names, got {adapters!r}")
+        return cls(
+            _text(data, "model"), _text(data, "engine"), _memory(data.get("memory")), dict(check), tuple(adapters)
+        )
 
 
 @dataclass(frozen=True)

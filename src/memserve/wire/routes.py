@@ -46,6 +46,8 @@ __all__ = [
     "MODELS",
     "OPENAI_ROUTES",
     "PS",
+    "RUNNER_ADAPTER_ADD",
+    "RUNNER_ADAPTER_REMOVE",
     "RUNNER_ROUTES",
     "STATS",
     "UI",
@@ -81,7 +83,11 @@ ENCODER_ROUTES = (EMBEDDINGS, CLASSIFY)
 """OpenAI's embeddings and vLLM's classify: what an encoder runner answers (``wire/encoders.py``)."""
 
 STATS = Route("GET", "/stats")
-RUNNER_ROUTES = (*OPENAI_ROUTES, HEALTH, STATS)
+RUNNER_ADAPTER_ADD = Route("POST", "/adapters")
+RUNNER_ADAPTER_REMOVE = Route("DELETE", "/adapters/{name}")
+RUNNER_ROUTES = (*OPENAI_ROUTES, HEALTH, STATS, RUNNER_ADAPTER_ADD, RUNNER_ADAPTER_REMOVE)
+"""A runner's: OpenAI's, its health and figures, and the LoRA adapters on its base (``runner/lora.py``); the pool
+calls the adapter routes for ``POST``/``DELETE /api/adapters``."""
 
 PS = Route("GET", "/api/ps")
 LOAD = Route("POST", "/api/load")

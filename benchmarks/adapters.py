@@ -1,0 +1,233 @@
+"""LoRA adapters on one shared base, against the base alone and against one runner per adapter.
+
+- **Throughput**: one runner (``python -m memserve.runner``) holding the base and four adapters (``demo-adapter``,
+  seeds 1–4) serves ``--streams`` concurrent streams spread round-robin over the four adapters, and the same
+  number on the base alone; the two alternate for ``--rounds`` rounds (A B, B A, ...) and each figure is the
+  median. Goal: adapters ≥ 0.8 × base.
+- **Memory**: that runner's peak RSS against one runner per adapter. The four single-adapter runners would be
+  alike, so one runner with the base and one adapter, planned for its share of the streams, is started after
+  the first is stopped, served that share, and its peak counted four times (the machine need not hold all
+  four). Goal: ÷ 4 or better (the runtime and the base counted once instead of four times; the four adapters'
+  own bytes keep the ratio a hair under 4).
+- **Plan**: the shared runner's peak against its plan (``fit --adapter`` × 4, which prices each adapter from
+  its header) and against its reservation.
+
+    python benchmarks/adapters.py --model models/demo-small-fp32      # builds it (small, float32) if missing
+    python benchmarks/adapters.py --model models/demo-tiny --rounds 1 --max-tokens 16
+
+Greedy, one prompt per stream; tokens are counted from each answer's ``usage``. Peak memory is the largest RSS
+of the runner seen by a 20 Hz sampler while it served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from memserve.memory.fit import fit_json, fit_result
+from memserve.memory.probe import probe_inventory
+from memserve.net import free_port
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a map in a bottle",
+    "Explain how a steam engine works, step by step",
+    "List the planets and say one thing about each",
+    "Describe a walk through a market in the morning",
+]
+MiB = 1024**2
+
+
+class PeakRss:
+    """Samples a process's RSS at 20 Hz in a thread; ``peak_bytes`` is the largest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_bytes, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_bytes = max(self.peak_bytes, psutil.Process(self.pid).memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Runner:
+    """One runner process on a plan with ``adapters`` (folders, named by their folder), and its RSS sampler."""
+
+    def __init__(self, model: Path, adapters: list[Path], work: Path, tag: str, context: int, streams: int) -> None:
+        inventory = probe_inventory()
+        facts, request, result = fit_result(
+            str(model),
+            context=context,
+            concurrency=streams,
+            adapters=tuple(str(a) for a in adapters),
+            inventory=inventory,
+        )
+        if result.plan is None:
+            raise SystemExit(f"{model} with {len(adapters)} adapters does not fit here: {result}")
+        self.planned_bytes = result.plan.reserved_bytes["cpu"]
+        plan = work / f"plan-{tag}.json"
+        plan.write_text(json.dumps(fit_json(facts, request, result, inventory)))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = work / f"runner-{tag}.log"
+        command = [sys.executable, "-m", "memserve.runner", "--plan", str(plan), "--port", str(port), "--name", "base"]
+        with self.log.open("wb") as sink:
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink, env=dict(os.environ))
+        deadline = time.monotonic() + 900
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"runner {tag} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"runner {tag} not ready in 900 s")
+            time.sleep(0.5)
+        self.sampler = PeakRss(self.proc.pid)
+
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/health", timeout=30).json())
+
+    def stop(self) -> None:
+        self.sampler.stop()
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> int:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    response = await client.post(f"{url}/v1/completions", json=body)
+    response.raise_for_status()
+    return int(response.json()["usage"]["completion_tokens"])
+
+
+async def burst(url: str, models: list[str], max_tokens: int) -> dict[str, float]:
+    """Every stream at once, stream i on ``models[i]``; aggregate tokens/s over the wall time of the burst."""
+    async with httpx.AsyncClient(timeout=1800) as client:
+        started = time.perf_counter()
+        tokens = await asyncio.gather(
+            *(one(client, url, m, PROMPTS[i % len(PROMPTS)], max_tokens) for i, m in enumerate(models))
+        )
+        wall = time.perf_counter() - started
+    return {"tokens": sum(tokens), "seconds": wall, "tokens_per_second": sum(tokens) / wall}
+
+
+def ensure_model(path: Path, size: str) -> None:
+    if (path / "config.json").is_file():
+        return
+    subprocess.run(
+        [sys.executable, "-m", "memserve", "demo-model", str(path), "--size", size, "--dtype", "float32"], check=True
+    )
+
+
+def ensure_adapters(model: Path, work: Path, rank: int, targets: str) -> list[Path]:
+    from memserve.checkpoint.demo_adapter import write_demo_adapter
+
+    folders = []
+    for seed in range(1, 5):
+        folder = work / f"adapter{seed}"
+        if not (folder / "adapter_model.safetensors").is_file():
+            write_demo_adapter(model, folder, rank=rank, targets=tuple(targets.split(",")), seed=seed)
+        folders.append(folder)
+    return folders
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/demo-small-fp32"))
+    parser.add_argument("--size", default="small", help="demo size to build (float32) when --model is missing")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/memserve-adapters"))
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args()
+
+    ensure_model(args.model, args.size)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    adapters = ensure_adapters(args.model, args.work_dir, args.rank, args.targets)
+    names = [a.name for a in adapters]
+    print(
+        f"{args.model}: 4 adapters r={args.rank} on {args.targets}; {args.streams} streams × {args.max_tokens} tokens"
+    )
+
+    shared = Runner(args.model, adapters, args.work_dir, "shared", args.context, args.streams)
+    rounds: dict[str, list[dict[str, float]]] = {"adapters": [], "base": []}
+    try:
+        asyncio.run(burst(shared.url, ["base", *names], 4))  # warm-up, not counted
+        spread = [names[i % len(names)] for i in range(args.streams)]
+        setups = {"adapters": spread, "base": ["base"] * args.streams}
+        for index in range(args.rounds):
+            for setup in setups if index % 2 == 0 else list(reversed(setups)):
+                rounds[setup].append(asyncio.run(burst(shared.url, setups[setup], args.max_tokens)))
+        shared_peak = shared.sampler.peak_bytes
+        check = shared.health()["load"]["plan_check"]
+    finally:
+        shared.stop()
+
+    share = max(1, args.streams // len(names))  # each adapter's own runner serves its share of the streams
+    single = Runner(args.model, adapters[:1], args.work_dir, "single", args.context, share)
+    try:
+        asyncio.run(burst(single.url, ["base", names[0]], 4))
+        for _ in range(args.rounds):
+            asyncio.run(burst(single.url, [names[0]] * share, args.max_tokens))
+        single_peak = single.sampler.peak_bytes
+    finally:
+        single.stop()
+
+    tps = {k: statistics.median(r["tokens_per_second"] for r in v) for k, v in rounds.items()}
+    figures = {
+        "tokens_per_second": tps,
+        "rounds_tokens_per_second": {k: [r["tokens_per_second"] for r in v] for k, v in rounds.items()},
+        "throughput_ratio": tps["adapters"] / tps["base"],
+        "shared_peak_bytes": shared_peak,
+        "single_peak_bytes": single_peak,
+        "memory_ratio": 4 * single_peak / shared_peak,
+        "shared_planned_bytes": shared.planned_bytes,
+        "shared_reserved_bytes": check["reserved_bytes"]["cpu"],
+        "shared_warm_up_peak_bytes": check["peak_bytes"]["cpu"],
+        "plan_over_peak": shared.planned_bytes / shared_peak,
+    }
+    for setup, value in tps.items():
+        spread_text = ", ".join(f"{r:.1f}" for r in figures["rounds_tokens_per_second"][setup])
+        print(f"  {setup:<9} {value:8.1f} tok/s  (rounds {spread_text})")
+    print(f"  adapters / base: ×{figures['throughput_ratio']:.2f} (goal ≥ 0.8)")
+    print(
+        f"  memory: shared runner peak {shared_peak / MiB:.0f} MiB; one runner per adapter "
+        f"4 × {single_peak / MiB:.0f} = {4 * single_peak / MiB:.0f} MiB: ÷{figures['memory_ratio']:.2f} (goal ≥ 4)"
+    )
+    print(
+        f"  plan: {shared.planned_bytes / MiB:.0f} MiB planned for the shared runner, peak {shared_peak / MiB:.0f} "
+        f"MiB (plan/peak {figures['plan_over_peak']:.3f})"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Adapters through the real gateway: configured ones served by their base's one runner under their own names,
+one added to the loaded base without a reload (its weights reserved), one removed; bad adapters are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from memserve.checkpoint.facts import read_adapter_facts
+from memserve.config import AdapterConfig
+from tests.gateway.test_gateway_process import gateway, host, local, ps, settings_for
+
+GiB = 1 << 30
+PROMPT = {"prompt": "once upon a time", "max_tokens": 12, "temperature": 0}
+
+
+def test_adapters_on_one_base_through_the_gateway(
+    tmp_path: Path, tiny_model_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    (first, first_dir), (second, second_dir) = list(adapter_dirs.items())[:2]
+    base = local("demo", tiny_model_dir, adapters=[AdapterConfig(name=first, source=str(first_dir))])
+    with gateway(settings_for(tmp_path, [base]), host(8 * GiB)) as (origin, _):
+
+        def text(model: str) -> str:
+            answer = httpx.post(f"{origin}/v1/completions", json={**PROMPT, "model": model}, timeout=120)
+            assert answer.status_code == 200, answer.text
+            return str(answer.json()["choices"][0]["text"])
+
+        plain, adapted = text("demo"), text(first)
+        assert text(f"demo:{first}") == adapted and adapted != plain  # the adapter changes the greedy answer
+        listed = {m["id"]: m.get("parent") for m in httpx.get(f"{origin}/v1/models").json()["data"]}
+        assert listed == {"demo": None, first: "demo"}
+        [row] = ps(origin)["models"]
+        assert row["adapters"] == [first]
+        before = row["devices"]["cpu"]["reserved_bytes"]
+
+        added = httpx.post(
+            f"{origin}/api/adapters", json={"model": "demo", "name": second, "source": str(second_dir)}, timeout=120
+        )
+        assert added.status_code == 200, added.text
+        [row] = ps(origin)["models"]
+        assert row["pid"] == added.json()["model"]["pid"] and row["adapters"] == sorted([first, second])  # no reload
+        weights = read_adapter_facts(second_dir).weights_bytes
+        assert row["devices"]["cpu"]["reserved_bytes"] == before + weights
+        assert text(second) not in (plain, adapted)
+
+        taken = httpx.post(f"{origin}/api/adapters", json={"model": "demo", "name": first, "source": str(second_dir)})
+        not_adapter = httpx.post(
+            f"{origin}/api/adapters", json={"model": "demo", "name": "x", "source": str(tiny_model_dir)}
+        )
+        assert (taken.status_code, not_adapter.status_code) == (409, 400), (taken.text, not_adapter.text)
+
+        removed = httpx.delete(f"{origin}/api/adapters/{second}", timeout=60)
+        assert removed.status_code == 200, removed.text
+        gone = httpx.post(f"{origin}/v1/completions", json={**PROMPT, "model": second}, timeout=60)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+        assert text(first) == adapted and ps(origin)["models"][0]["pid"] == row["pid"]
