@@ -1265,6 +1265,7 @@ def test_ps_rows_have_the_documented_keys_and_events_tell_the_story(tmp_path: Pa
                 "state": "ready",
                 "pid": runner.pid,
                 "source": "mem://a",
+                "adapters": [],
                 "rung": "cpu",
                 "dtype": "bfloat16",
                 "quantization": "none",
