@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import psutil
 
-from memserve.memory.fit import fit_json, fit_result
+from memserve.engines.fit import fit_json, fit_result
 from memserve.memory.probe import probe_inventory
 from memserve.net import free_port
 
