@@ -131,14 +131,7 @@ def create_app(
     )
     created = int(time.time())
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await engine.close()
-
-    app = FastAPI(title=f"memserve runner: {model_name}", lifespan=lifespan)
+    app = FastAPI(title=f"memserve runner: {model_name}", lifespan=closing_lifespan(engine))
     install_error_handlers(app, serves=f"this runner serves {describe(RUNNER_ROUTES)}")
 
     @handles(app, CHAT_COMPLETIONS)
@@ -204,6 +197,31 @@ def create_app(
     return app
 
 
+def closing_lifespan(engine: Any) -> Callable[[FastAPI], Any]:
+    """An app lifespan that awaits ``engine.close()`` at shutdown (every runner app owns its engine)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await engine.close()
+
+    return lifespan
+
+
+def chat_text(template_owner: Any, body: ChatCompletionRequest) -> str:
+    """The request's messages through the chat template of a tokenizer or processor, as text; a template that
+    refuses them is a 400."""
+    try:
+        text = template_owner.apply_chat_template(body.template_messages(), add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template's raise_exception, or a tokenizer without a template
+        raise InvalidArgument(f"the chat template rejected these messages: {exc}", param="messages") from exc
+    if not isinstance(text, str):
+        raise MemserveError(f"internal error: apply_chat_template returned {type(text).__name__}, not text")
+    return text
+
+
 class _Completer:
     """Turns a validated request into prompt ids, an engine request, and an HTTP response."""
 
@@ -239,15 +257,7 @@ class _Completer:
     # Tokenizer calls stay on the event loop thread: a fast tokenizer used from two threads at once
     # can fail with "Already borrowed", and even long prompts encode in milliseconds.
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(
-                body.template_messages(), add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:  # a template's raise_exception, or a tokenizer without a template
-            raise InvalidArgument(f"the chat template rejected these messages: {exc}", param="messages") from exc
-        if not isinstance(text, str):
-            raise MemserveError(f"internal error: apply_chat_template returned {type(text).__name__}, not text")
-        return self.encode(text, body, special=False)
+        return self.encode(chat_text(self.tokenizer, body), body, special=False)
 
     def text_prompt(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, str):

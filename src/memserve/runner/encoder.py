@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from fastapi.responses import JSONResponse
 from memserve.checkpoint.encoders import EncoderFacts, read_folder_encoder_facts
 from memserve.checkpoint.tokens import longest_token_bytes, max_prompt_bytes
 from memserve.errors import CheckpointError, InvalidArgument, MemserveError, ModelNotFound, Overloaded
+from memserve.runner.app import closing_lifespan
 from memserve.runner.encoder_batch import EncoderBatcher
 from memserve.runner.load import LoadReport, process_memory, record_phase
 from memserve.runner.progress import LoadProgress
@@ -362,14 +362,7 @@ def create_encoder_app(
     answerer = _Encoder(engine, encoder, model_name)
     created = int(time.time())
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await engine.close()
-
-    app = FastAPI(title=f"memserve encoder: {model_name}", lifespan=lifespan)
+    app = FastAPI(title=f"memserve encoder: {model_name}", lifespan=closing_lifespan(engine))
     install_error_handlers(app, serves=f"this runner serves {describe((*ENCODER_ROUTES, MODELS, HEALTH, STATS))}")
 
     @handles(app, EMBEDDINGS)

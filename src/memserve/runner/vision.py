@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from memserve.errors import ContextOverflow, InvalidArgument, MemserveError
-from memserve.runner.app import _Completer
+from memserve.errors import ContextOverflow, InvalidArgument
+from memserve.runner.app import _Completer, chat_text
 from memserve.runner.fallback import GenerateEngine
 from memserve.runner.front import WARMUP_REQUEST, Job, filler_prompt, worst_case_prompt_tokens
 from memserve.wire.events import Engine, GenerationRequest
@@ -210,14 +210,7 @@ class ImageCompleter(_Completer):
         for message in body.messages:  # the request's copy of each URL is not needed again: a data URL may be MiBs
             for _, part in message.image_urls:
                 part.url = ""
-        try:
-            text = self.processor.apply_chat_template(
-                body.template_messages(), add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:  # a template's raise_exception, or a processor without a template
-            raise InvalidArgument(f"the chat template rejected these messages: {exc}", param="messages") from exc
-        if not isinstance(text, str):
-            raise MemserveError(f"internal error: apply_chat_template returned {type(text).__name__}, not text")
+        text = chat_text(self.processor, body)
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > self.max_prompt_bytes:
             raise ContextOverflow(
