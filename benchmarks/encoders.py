@@ -24,14 +24,13 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from common import runner
 
 from memserve.checkpoint.demo_encoder import write_demo_encoder
 from memserve.checkpoint.encoders import read_folder_encoder_facts
@@ -40,7 +39,6 @@ from memserve.memory.encoders import encoder_plan
 from memserve.memory.fit import PlanFile
 from memserve.memory.planner import Policy, Request
 from memserve.memory.probe import probe_inventory
-from memserve.net import free_port
 
 MiB = 1024**2
 WORDS = [
@@ -75,9 +73,8 @@ def texts(count: int, words: int, offset: int) -> list[str]:
     ]
 
 
-def start_runner(
-    model: Path, folder: Path, *, concurrency: int, threads: int | None
-) -> tuple[subprocess.Popen[bytes], str, PlanFile]:
+def encoder_launch(model: Path, concurrency: int) -> PlanFile:
+    """The encoder plan of ``model`` (``memory/encoders.py``) for ``concurrency`` clients, on an 8 GiB CPU budget."""
     facts, encoder = read_local_facts(model), read_folder_encoder_facts(model)
     assert encoder is not None
     inventory = probe_inventory(memory="cpu=8GiB")
@@ -86,32 +83,7 @@ def start_runner(
     )
     if result.plan is None:
         raise SystemExit(result.nofit.message if result.nofit else "no plan")
-    launch = PlanFile(str(model), result.plan)
-    plan_file = folder / f"{model.name}.plan.json"
-    plan_file.write_text(json.dumps(launch.to_json()))
-    port = free_port()
-    log = (folder / f"{model.name}.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", "m"],
-        stderr=log,
-        stdout=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})},
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"the runner exited: {(folder / f'{model.name}.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return process, base, launch
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.terminate()
-            raise SystemExit("the runner was not ready in 600 s")
-        time.sleep(0.2)
+    return PlanFile(str(model), result.plan)
 
 
 async def one_at_a_time(base: str, route: str, inputs: list[str]) -> float:
@@ -143,8 +115,8 @@ async def concurrent(base: str, route: str, inputs: list[str], clients: int) -> 
 
 def measure(task: str, model: Path, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     route = TASKS[task][1]
-    process, base, launch = start_runner(model, folder, concurrency=args.clients, threads=args.threads)
-    try:
+    launch = encoder_launch(model, args.clients)
+    with runner(launch, folder, name=model.name, threads=args.threads) as (_, base):
         asyncio.run(one_at_a_time(base, route, texts(8, args.words, 10_000)))  # warm the path
         before = httpx.get(f"{base}/stats", timeout=10).json()
         singles, manys = [], []
@@ -163,9 +135,6 @@ def measure(task: str, model: Path, folder: Path, args: argparse.Namespace) -> d
         single, many = statistics.median(singles), statistics.median(manys)
         after = httpx.get(f"{base}/stats", timeout=10).json()
         health = httpx.get(f"{base}/health", timeout=10).json()
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
     batches = after["extra"]["batches_total"] - before["extra"]["batches_total"]
     peak = health["memory"]["cpu"]["peak_rss_bytes"]
     planned = launch.plan.devices["cpu"].total_bytes

@@ -12,7 +12,13 @@ from memserve.checkpoint.facts import read_local_facts
 from memserve.checkpoint.vision import VisionFacts, no_images, takes_images
 from memserve.engines.fit import fit_result
 from memserve.memory.probe import probe_inventory
-from memserve.memory.vision import BODY_COPIES, HELD_BYTES_PER_PIXEL, WORKING_BYTES_PER_PIXEL, image_cost
+from memserve.memory.vision import (
+    BODY_COPIES,
+    HELD_BYTES_PER_PIXEL,
+    WORKING_BYTES_PER_PIXEL,
+    ImageCost,
+    image_cost,
+)
 from memserve.wire.images import ImageLimits
 from memserve.wire.schema import ImageRef
 
@@ -96,14 +102,19 @@ def test_the_demo_vision_model_plans_as_image_text_with_its_tower_in_the_weights
     assert result.plan.devices["cpu"].activation_bytes > images.total_bytes > 0
 
 
-def test_request_bodies_are_priced_for_every_sequence_that_holds_one() -> None:
+def test_one_body_is_priced_and_waiting_requests_add_their_pixel_values() -> None:
     vision = VisionFacts.from_config(LLAVA)
     assert vision is not None
     body = 16 * 1024 * 1024
 
-    def cost(**extra: int) -> int:
-        return image_cost(vision, "float32", images=4, max_pixels=1024, concurrency=2, **extra).body_bytes
+    def cost(**extra: int) -> ImageCost:
+        return image_cost(vision, "float32", images=4, max_pixels=1024, concurrency=2, **extra)
 
-    assert cost() == 0
-    assert cost(max_body_bytes=body) == BODY_COPIES * body * 2
-    assert cost(max_body_bytes=body, sequences=10) == BODY_COPIES * body * 10  # waiting requests hold theirs too
+    assert cost().body_bytes == 0
+    # the runner prepares one body at a time (ImageCompleter.preparing), at any concurrency and queue
+    assert (
+        cost(max_body_bytes=body).body_bytes == cost(max_body_bytes=body, waiting=10).body_bytes == BODY_COPIES * body
+    )
+    # a waiting request holds its float32 pixel_values, not the model-dtype copy nor the tower's work
+    added = cost(waiting=10).total_bytes - cost().total_bytes
+    assert added == cost(waiting=10).pixel_bytes - cost().pixel_bytes == 10 * 4 * 3 * 336 * 336 * 4

@@ -131,3 +131,35 @@ def test_the_worst_case_with_the_largest_images_stays_within_the_plan(runner: st
     assert check["fits"] and check["sequences"] == 4, check
     reserved, peak = check["reserved_bytes"]["cpu"], health["memory"]["cpu"]["peak_rss_bytes"]
     assert peak <= reserved, f"the runner peaked at {peak} bytes, over its plan's {reserved}"
+
+
+def noisy_png(seed: int, side: int = 2048) -> bytes:
+    """A PNG at the pixel cap that does not shrink (random levels): 5 MiB, the body of 4 of them 25.6 MiB."""
+    import numpy as np
+    from PIL import Image
+
+    levels = np.random.default_rng(seed).integers(0, 4, (side, side, 3), dtype=np.uint8) * 60
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def test_a_burst_of_the_largest_bodies_beyond_concurrency_stays_within_the_plan(runner: str) -> None:
+    """Twice the runner's concurrency of requests at once, each with 4 images at the pixel cap: the waiting ones
+    hold their pixel values but not their bodies (one body is read and prepared at a time), so the peak stays in
+    the plan. Before bodies were let go, this burst took a concurrency-4 runner 121 MiB past its plan."""
+    urls = [data_url(noisy_png(seed)) for seed in range(4)]
+    body = {"model": "vis", "max_tokens": 4, "temperature": 0, "messages": [image_message(*urls)]}
+    health = httpx.get(f"{runner}/health").json()
+    concurrency = health["load"]["plan_check"]["sequences"]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            calls = (client.post(f"{runner}/v1/chat/completions", json=body) for _ in range(2 * concurrency))
+            return list(await asyncio.gather(*calls))
+
+    assert [r.status_code for r in asyncio.run(burst())] == [200] * 2 * concurrency
+    health = httpx.get(f"{runner}/health").json()
+    reserved = health["load"]["plan_check"]["reserved_bytes"]["cpu"]
+    peak = health["memory"]["cpu"]["peak_rss_bytes"]
+    assert peak <= reserved, f"the runner peaked at {peak} bytes under the burst, over its plan's {reserved}"

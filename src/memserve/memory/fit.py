@@ -15,9 +15,7 @@ from typing import Any
 from memserve.checkpoint.facts import CheckpointFacts
 from memserve.checkpoint.gguf import GgufFacts
 from memserve.errors import InvalidArgument
-from memserve.memory.planner import DEFAULT_CONTEXT_TOKENS, Plan
-
-QUEUE_PER_SEQUENCE = 4  # requests allowed to wait per sequence generated at once, unless max_queue says otherwise
+from memserve.memory.planner import DEFAULT_CONTEXT_TOKENS, QUEUE_PER_SEQUENCE, Plan
 
 
 def queue_limit(max_queue: int | None, concurrency: int) -> int:

@@ -16,11 +16,14 @@ left grows with the images a request may carry (``wire/images.py: ImageLimits``)
   its residual stream and MLP per patch, and its attention scores (eager in the worst case).
 - **image features**: the projector's output, held through the prefill (``mm_encoder_outputs``), and its
   input and hidden in flight.
-- **request bodies**: a runner holds each request's body until its answer ends: the bytes, the parsed JSON and
-  the validated request (the runner drops that copy of each data URL once decoded). Base64 images make bodies
-  tens of MiB. Measured on the tiny demo LLaVA with 4 images of 2048² (5 MiB PNGs, 25.6 MiB bodies): 2 requests
-  at once (concurrency 1) peaked 160 MiB above the worst-case warm-up, 8 at once (concurrency 4) 431 MiB: 2–3
-  copies of each body; priced as ``BODY_COPIES ×`` the largest body for every sequence.
+- **request bodies**: the runner reads, parses and validates a request's body and builds its prompt one
+  request at a time (``ImageCompleter.preparing``), then lets the body go: base64 images make bodies tens of
+  MiB, and a burst read at once would hold them all. Measured on the tiny demo LLaVA with 4 images of 2048²
+  (5 MiB PNGs, 25.6 MiB bodies) before that lock, 2 requests at once (concurrency 1) peaked 160 MiB above the
+  worst-case warm-up, 8 at once (concurrency 4) 431 MiB: 2–3 copies of each body (the chunks, the joined
+  bytes, the parsed JSON); priced as ``BODY_COPIES ×`` the largest body, once.
+- **waiting requests**: a request in the runner's queue holds its prompt and its ``pixel_values`` (float32),
+  so ``waiting`` requests add those, not their bodies.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ __all__ = ["BODY_COPIES", "HELD_BYTES_PER_PIXEL", "WORKING_BYTES_PER_PIXEL", "Im
 HELD_BYTES_PER_PIXEL = 7  # every decoded image of the request being prepared (measured, see above)
 WORKING_BYTES_PER_PIXEL = 12  # the one image the processor is rescaling, float32 RGB
 PIXEL_VALUES_WIDTH = 4  # processors return float32
-BODY_COPIES = 3  # a request body's bytes held by a runner while it is served (measured, see above)
+BODY_COPIES = 3  # copies of a request body a runner holds while it prepares it (measured, see above)
 
 
 @dataclass(frozen=True)
@@ -62,20 +65,21 @@ def image_cost(
     max_pixels: int,
     concurrency: int,
     max_body_bytes: int = 0,
-    sequences: int | None = None,
+    waiting: int = 0,
 ) -> ImageCost:
-    """What ``images`` per request (the cap), each up to ``max_pixels``, cost at ``concurrency`` sequences, with
-    bodies up to ``max_body_bytes`` held for ``sequences`` requests (default ``concurrency``; the runner's waiting
-    requests hold theirs too).
+    """What ``images`` per request (the cap), each up to ``max_pixels``, cost at ``concurrency`` sequences with
+    ``waiting`` more requests queued, bodies being up to ``max_body_bytes``.
 
-    Decoding happens one request at a time; the tensors after it are held per sequence until its call ends."""
+    Reading a body and decoding its images happen one request at a time; the tensors after that are held by
+    every accepted request, and the tower's work by each sequence until its call ends."""
     if images <= 0:
         return ImageCost(0, 0, 0, 0)
-    bodies = BODY_COPIES * max_body_bytes * (concurrency if sequences is None else sequences)
+    bodies = BODY_COPIES * max_body_bytes
     width = DTYPE_WIDTH[dtype]
     decoded = max_pixels * (HELD_BYTES_PER_PIXEL * images + WORKING_BYTES_PER_PIXEL)
     in_flight = concurrency * images
-    pixels = in_flight * vision.channels * vision.image_size**2 * (PIXEL_VALUES_WIDTH + width)
+    image_values = vision.channels * vision.image_size**2
+    pixels = (in_flight + waiting * images) * image_values * PIXEL_VALUES_WIDTH + in_flight * image_values * width
     patches = vision.patches
     stream = patches * (HIDDEN_TENSORS * vision.hidden_size + 2 * vision.intermediate_size) * width
     scores = vision.heads * patches * patches * (width + 4)

@@ -44,7 +44,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -59,16 +59,22 @@ from memserve.errors import (
     MemserveError,
     ModelNotFound,
     Overloaded,
+    UnsupportedMediaType,
     UnsupportedParameter,
 )
 from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
 from memserve.wire.events import AdapterSpec, Engine, GenerationRequest, QueueFull, TokenEvent
+from memserve.wire.format import NOT_A_JSON_OBJECT
 from memserve.wire.http import (
     SSE_DONE,
     EventStream,
+    check_json_content_type,
     error_json,
     handles,
     install_error_handlers,
+    json_object,
+    parse_body,
+    read_body,
     sse_event,
     until_disconnected,
 )
@@ -98,6 +104,9 @@ T = TypeVar("T")
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when a request does not say
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
+# A runner takes what its gateway let through (the gateway's max_body_bytes, 16 MiB by default); this only bounds
+# what a client talking to the runner directly can make it hold.
+MAX_BODY_BYTES = 1 << 30
 
 
 def create_app(
@@ -135,12 +144,12 @@ def create_app(
     install_error_handlers(app, serves=f"this runner serves {describe(RUNNER_ROUTES)}")
 
     @handles(app, CHAT_COMPLETIONS)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await completer.complete(request, body)
+    async def chat_completions(request: Request) -> Response:
+        return await completer.complete(request, ChatCompletionRequest)
 
     @handles(app, COMPLETIONS)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await completer.complete(request, body)
+    async def completions(request: Request) -> Response:
+        return await completer.complete(request, CompletionRequest)
 
     def adapter_model(info: Any) -> dict[str, Any]:
         return {
@@ -223,7 +232,12 @@ def chat_text(template_owner: Any, body: ChatCompletionRequest) -> str:
 
 
 class _Completer:
-    """Turns a validated request into prompt ids, an engine request, and an HTTP response."""
+    """Turns a request's body into prompt ids, an engine request, and an HTTP response.
+
+    ``preparing`` is held from reading a body to its engine request: a no-op here, a lock for a completer whose
+    bodies are large (``runner/vision.py``: images), so that one such body at a time is in memory."""
+
+    preparing: AbstractAsyncContextManager[Any] = nullcontext()
 
     def __init__(
         self,
@@ -326,13 +340,17 @@ class _Completer:
             adapter=adapter,
         )
 
-    async def complete(self, request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
-        adapter = self.check(body)
-        if isinstance(body, ChatCompletionRequest):
-            prompt_ids, shape = self.chat_prompt(body), ResponseShape(chat=True, model=body.model)
-        else:
-            prompt_ids, shape = self.text_prompt(body), ResponseShape(chat=False, model=body.model)
-        generation = self.engine_request(shape.id, body, prompt_ids, adapter)
+    async def complete(self, request: Request, kind: type[ChatCompletionRequest | CompletionRequest]) -> Response:
+        async with self.preparing:
+            # the body's bytes and parsed JSON are let go as soon as it is validated, and what it still holds
+            # that the answer does not need (an image's data URL) once the prompt is built
+            body = parse_body(kind, await _json_request(request))
+            adapter = self.check(body)
+            if isinstance(body, ChatCompletionRequest):
+                prompt_ids, shape = self.chat_prompt(body), ResponseShape(chat=True, model=body.model)
+            else:
+                prompt_ids, shape = self.text_prompt(body), ResponseShape(chat=False, model=body.model)
+            generation = self.engine_request(shape.id, body, prompt_ids, adapter)
         if not body.stream:
             answer = await until_disconnected(request.receive, self._collect(generation, body.stop))
             if answer is None:
@@ -393,6 +411,19 @@ class _Sequence:
             return
         self._closed = True
         await _aclose(self._events)
+
+
+async def _json_request(request: Request) -> Any:
+    """The body parsed as JSON, as FastAPI reads a body parameter (without a Content-Type too; another media type
+    is a 400), read without the copy ``request.body()`` keeps on the request."""
+    declared = request.headers.get("content-type")
+    raw = await read_body(request, MAX_BODY_BYTES)
+    if declared is not None:
+        try:
+            check_json_content_type(declared)
+        except UnsupportedMediaType:
+            raise InvalidArgument(NOT_A_JSON_OBJECT) from None
+    return json_object(raw)
 
 
 async def _aclose(events: AsyncIterator[TokenEvent]) -> None:

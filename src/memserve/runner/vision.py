@@ -198,6 +198,9 @@ class ImageCompleter(_Completer):
         image_engine = cast(ImageTextEngine, engine)
         self.processor = image_engine.processor
         self.limits = image_engine.limits
+        # one body at a time from its bytes to its prompt: base64 images make bodies tens of MiB, and a burst of
+        # them read at once would hold every one (memory/vision.py prices one body, and the inputs of each sequence)
+        self.preparing = asyncio.Lock()
 
     def check_images(self, body: ChatCompletionRequest) -> None:
         """This model takes images: the count cap and the URL policy (a runner fetches none: the gateway inlines

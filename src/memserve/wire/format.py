@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from memserve.errors import InvalidArgument, MemserveError, error_body
 
 __all__ = [
+    "NOT_A_JSON_OBJECT",
     "SSE_DONE",
     "SSE_MEDIA_TYPE",
     "error_json",
@@ -32,6 +33,9 @@ M = TypeVar("M", bound=BaseModel)
 
 SSE_MEDIA_TYPE = "text/event-stream"
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+NOT_A_JSON_OBJECT = "the request body must be a JSON object, sent with Content-Type: application/json"
 
 
 def sse_event(payload: Mapping[str, Any]) -> bytes:
@@ -67,7 +71,7 @@ def _message(error: Mapping[str, Any], param: str | None) -> str:
         reason = error.get("ctx", {}).get("error", "malformed")
         return f"the request body is not valid JSON ({reason}); send one JSON object"
     if param is None or kind == "model_attributes_type":
-        return "the request body must be a JSON object, sent with Content-Type: application/json"
+        return NOT_A_JSON_OBJECT
     if kind == "missing":
         return f"missing required parameter '{param}'"
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")

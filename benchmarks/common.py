@@ -1,0 +1,60 @@
+"""What several benchmarks share: a real runner process on a plan, started on a free port and stopped after.
+
+Scripts in this folder run as ``python benchmarks/NAME.py``, so this module is imported as ``common``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from memserve.memory.fit import PlanFile
+from memserve.net import free_port
+
+READY_SECONDS = 600
+
+
+@contextmanager
+def runner(
+    launch: PlanFile, folder: Path, *, name: str = "m", threads: int | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``python -m memserve.runner`` on ``launch`` (written to ``folder/NAME.plan.json``, its stderr to
+    ``folder/NAME.log``), ready on a free port: yield the process and its base URL (no ``/v1``); stopped on the
+    way out. ``threads`` sets ``OMP_NUM_THREADS``."""
+    plan_file, log = folder / f"{name}.plan.json", folder / f"{name}.log"
+    plan_file.write_text(json.dumps(launch.to_json()))
+    port = free_port()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    command = [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", name]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stderr=stderr, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_SECONDS
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"the runner exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the runner was not ready in {READY_SECONDS} s; its log: {log}")
+            time.sleep(0.2)
+        yield process, base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
