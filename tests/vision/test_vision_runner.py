@@ -117,6 +117,21 @@ def test_bad_images_are_400s_naming_the_part_and_the_runner_keeps_serving(runner
     assert httpx.post(f"{runner}/v1/chat/completions", json=good, timeout=60).status_code == 200
 
 
+@pytest.mark.parametrize("prompt", ["hello <image> world", "TOKEN_IDS"])
+def test_a_completion_holding_the_image_marker_is_a_400_and_the_runner_keeps_serving(
+    runner: str, tiny_vision_dir: Path, prompt: str
+) -> None:
+    marker = json.loads((tiny_vision_dir / "config.json").read_text())["image_token_index"]
+    body = {"model": "vis", "max_tokens": 2, "prompt": [1, marker, 3] if prompt == "TOKEN_IDS" else prompt}
+    response = httpx.post(f"{runner}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and f"<image> (id {marker})" in error["message"], error
+    assert "chat message" in error["message"]
+    body = {"model": "vis", "max_tokens": 2, "prompt": "hello world"}
+    assert httpx.post(f"{runner}/v1/completions", json=body, timeout=60).status_code == 200
+
+
 def test_too_many_images_is_a_400(runner: str) -> None:
     body = {"model": "vis", "max_tokens": 2, "messages": [image_message(*[data_url(RED)] * 5)]}
     response = httpx.post(f"{runner}/v1/chat/completions", json=body, timeout=60)

@@ -201,6 +201,22 @@ class ImageCompleter(_Completer):
         # one body at a time from its bytes to its prompt: base64 images make bodies tens of MiB, and a burst of
         # them read at once would hold every one (memory/vision.py prices one body, and the inputs of each sequence)
         self.preparing = asyncio.Lock()
+        self.markers = frozenset(_marker_ids(image_engine.model))
+
+    def text_prompt(self, body: CompletionRequest) -> list[int]:
+        """A completion takes no images, so its prompt may not hold the marker the model fills with an image's
+        features (the model would read a placeholder with nothing behind it)."""
+        prompt = super().text_prompt(body)
+        held = sorted(self.markers.intersection(prompt))
+        if held:
+            names = ", ".join(f"{self.tokenizer.convert_ids_to_tokens(i)} (id {i})" for i in held)
+            raise InvalidArgument(
+                f"the prompt holds this model's image marker {names}, which stands for an image's features; "
+                "/v1/completions takes no images: send images as image_url parts of a chat message, or leave the "
+                "marker out",
+                param="prompt",
+            )
+        return prompt
 
     def check_images(self, body: ChatCompletionRequest) -> None:
         """This model takes images: the count cap and the URL policy (a runner fetches none: the gateway inlines
