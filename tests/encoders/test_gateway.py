@@ -1,8 +1,10 @@
 """Encoders through the real gateway: the openai client's embeddings, vLLM's classify with an adapter named as a
-model, metered like any request; a request on the wrong route is refused at the door, before any load."""
+model, metered like any request; a request on the wrong route is refused at the door, before any load; a batch
+file of embeddings through OpenAI's Batch API answers as direct calls do."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -71,3 +73,26 @@ def test_embeddings_and_classify_through_the_gateway(
         expected = {"emb": (6, 4), "spam": (1, 0), "filter": (2, 0)}
         until(lambda: all(counts(m)[0] >= n for m, (n, _) in expected.items()), "a usage row for each request")
         assert {m: counts(m) for m in expected} == expected
+
+        # a batch file of embeddings through OpenAI's Batch API: each line answered as a direct call is, metered
+        lines = [
+            {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "emb", "input": text}}
+            for i, text in enumerate(["the cat sat", "a spam offer"])
+        ]
+        uploaded = client.files.create(
+            file=("embed.jsonl", "\n".join(json.dumps(line) for line in lines).encode()), purpose="batch"
+        )
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        until(lambda: client.batches.retrieve(batch.id).status in ("completed", "failed"), "the batch to end")
+        done = client.batches.retrieve(batch.id)
+        assert done.status == "completed" and done.request_counts is not None, done
+        assert (done.request_counts.completed, done.request_counts.failed) == (2, 0)
+        assert done.output_file_id is not None
+        output = client.files.content(done.output_file_id).text
+        answers = {row["custom_id"]: row for row in map(json.loads, output.splitlines())}
+        for index, vector in enumerate(vectors):
+            response = answers[f"e{index}"]["response"]
+            assert response["status_code"] == 200 and response["body"]["usage"]["prompt_tokens"] > 0
+            assert np.allclose(response["body"]["data"][0]["embedding"], vector, atol=1e-6)
+        until(lambda: counts("emb")[0] >= 8, "a usage row for each batch request")
+        assert counts("emb") == (8, 4)

@@ -32,7 +32,7 @@ from typing import Any
 
 from memserve.errors import InvalidArgument
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/completions")
+BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")  # those of OpenAI's Batch API we serve
 MAX_PROBLEMS_SHOWN = 20
 
 
@@ -117,6 +117,9 @@ def check_line(number: int, raw: bytes | str, *, model: str | None = None) -> Ba
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return LineProblem(number, "body.messages is missing or empty (a chat completion needs messages)")
+    elif url == "/v1/embeddings":
+        if "input" not in body:
+            return LineProblem(number, "body.input is missing (an embedding needs its input)")
     elif "prompt" not in body:
         return LineProblem(number, "body.prompt is missing (a completion needs a prompt)")
     if model is not None:

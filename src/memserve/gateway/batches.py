@@ -51,7 +51,7 @@ class BatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     input_file_id: str = Field(min_length=1)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = None
     output_expires_after: dict[str, Any] | None = Field(default=None, description="Accepted; outputs are kept.")
