@@ -13,7 +13,7 @@ from urllib.parse import quote
 import click
 from rich.table import Table
 
-from memserve.cli.manage import GatewayClient, _echo_json, _server_options, _stdout_console
+from memserve.cli.manage import GatewayClient, echo_json, server_options, stdout_console
 
 _TIMEOUT_SECONDS = 120.0  # reading an adapter's weights into a loaded runner
 api_key_option = click.option(
@@ -31,7 +31,7 @@ def adapters() -> None:
 @click.argument("name")
 @click.argument("source", type=click.Path(path_type=Path, file_okay=False))
 @api_key_option
-@_server_options
+@server_options
 def add(model: str, name: str, source: Path, api_key: str | None, url: str, as_json: bool) -> None:
     """Serve the PEFT adapter folder SOURCE as NAME on MODEL (loaded now if MODEL is, else with it).
 
@@ -41,7 +41,7 @@ def add(model: str, name: str, source: Path, api_key: str | None, url: str, as_j
     with GatewayClient(url, api_key=api_key) as client:
         data = client.request("POST", "/api/adapters", body, timeout_seconds=_TIMEOUT_SECONDS)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     state = data.get("model", {}).get("state", "?")
     click.echo(f"{name} is served on {model} ({state}); clients send model {name!r} or '{model}:{name}'")
@@ -50,28 +50,28 @@ def add(model: str, name: str, source: Path, api_key: str | None, url: str, as_j
 @adapters.command("rm")
 @click.argument("name")
 @api_key_option
-@_server_options
+@server_options
 def rm(name: str, api_key: str | None, url: str, as_json: bool) -> None:
     """Stop serving adapter NAME (requests already running on it finish; new ones get 404)."""
     with GatewayClient(url, api_key=api_key) as client:
         data = client.request("DELETE", f"/api/adapters/{quote(name, safe='')}", timeout_seconds=_TIMEOUT_SECONDS)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     click.echo(f"{data.get('adapter', name)} removed from {data.get('model', {}).get('name', '?')}")
 
 
 @adapters.command("ls")
 @api_key_option
-@_server_options
+@server_options
 def ls(api_key: str | None, url: str, as_json: bool) -> None:
     """The adapters the gateway serves, with their base model and its state."""
     with GatewayClient(url, api_key=api_key) as client:
         data = client.request("GET", "/api/adapters", timeout_seconds=_TIMEOUT_SECONDS)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     table = Table("adapter", "model", "state", "source")
     for row in data.get("data", []):
         table.add_row(str(row.get("name")), str(row.get("model")), str(row.get("state")), str(row.get("source")))
-    _stdout_console().print(table)
+    stdout_console().print(table)

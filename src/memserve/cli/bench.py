@@ -145,7 +145,7 @@ def _targets(url: str, model: str, options: dict[str, Any]) -> tuple[Target, ...
     return a, b
 
 
-def _stdout_console() -> Console:
+def stdout_console() -> Console:
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPED_WIDTH
@@ -252,7 +252,7 @@ def bench(
     )
     prompts = _prompts(options, model)
     report = _run(config, prompts, json_path)
-    _print_summary(report, _stdout_console())
+    _print_summary(report, stdout_console())
     if plot_path is not None:
         write_plot(plot_path, report.results)
         click.echo(f"wrote {plot_path}", err=True)

@@ -509,7 +509,7 @@ class LoadProgress:
 # --- the commands -------------------------------------------------------------------------------------------
 
 
-def _server_options(command: Callable[..., None]) -> Callable[..., None]:
+def server_options(command: Callable[..., None]) -> Callable[..., None]:
     command = click.option("--json", "as_json", is_flag=True, help="Print the server's JSON as-is.")(command)
     return click.option(
         "--url",
@@ -521,11 +521,11 @@ def _server_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
-def _echo_json(data: dict[str, Any]) -> None:
+def echo_json(data: dict[str, Any]) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def _stdout_console() -> Console:
+def stdout_console() -> Console:
     """Rich's console, but piped output is not wrapped at 80 columns, so ``memserve ps | grep`` sees whole rows."""
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -534,15 +534,15 @@ def _stdout_console() -> Console:
 
 
 @click.command("ps")
-@_server_options
+@server_options
 def ps(url: str, as_json: bool) -> None:
     """Show the models a running memserve server holds, and each device's memory."""
     with GatewayClient(url) as client:
         data = client.ps()
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
-    render_ps(parse_reply(PsReply, data, "GET /api/ps"), _stdout_console(), now_seconds=time.time())
+    render_ps(parse_reply(PsReply, data, "GET /api/ps"), stdout_console(), now_seconds=time.time())
 
 
 @click.command("load")
@@ -552,7 +552,7 @@ def ps(url: str, as_json: bool) -> None:
     default=None,
     help="How long to keep NAME loaded once idle, e.g. 10m, 1h, or -1 for ever (server default if unset).",
 )
-@_server_options
+@server_options
 def load(name: str, keep_alive: str | None, url: str, as_json: bool) -> None:
     """Load model NAME on a running memserve server and wait until it is ready (can take minutes).
 
@@ -561,7 +561,7 @@ def load(name: str, keep_alive: str | None, url: str, as_json: bool) -> None:
     with GatewayClient(url) as client, GatewayClient(url) as poller, LoadProgress(poller, name, Console(stderr=True)):
         data = client.load(name, keep_alive=keep_alive)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     row = parse_reply(LoadReply, data, "POST /api/load").model
     if row.state == ModelState.FAILED:
@@ -571,13 +571,13 @@ def load(name: str, keep_alive: str | None, url: str, as_json: bool) -> None:
 
 @click.command("unload")
 @click.argument("name")
-@_server_options
+@server_options
 def unload(name: str, url: str, as_json: bool) -> None:
     """Unload model NAME from a running memserve server, once its in-flight requests finish."""
     with GatewayClient(url) as client:
         data = client.unload(name)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     reply = parse_reply(UnloadReply, data, "POST /api/unload")
     click.echo(f"unloaded {reply.model}" if reply.unloaded else f"{reply.model} was not loaded")

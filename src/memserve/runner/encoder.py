@@ -185,7 +185,7 @@ def load_encoder(
     from transformers import AutoTokenizer
 
     from memserve.checkpoint.locate import locate
-    from memserve.runner.load import _from_pretrained_kwargs
+    from memserve.runner.load import from_pretrained_kwargs
 
     progress = progress if progress is not None else LoadProgress.for_stderr()
     with progress:
@@ -205,7 +205,7 @@ def load_encoder(
 
         t = time.perf_counter()
         progress.phase_started("map")
-        model = _model_class(facts).from_pretrained(located.path, **_from_pretrained_kwargs(plan))
+        model = _model_class(facts).from_pretrained(located.path, **from_pretrained_kwargs(plan))
         names = tuple((adapters or {}).keys())
         if adapters:
             model = _with_adapters(model, adapters)

@@ -96,7 +96,7 @@ def process_memory() -> dict[str, dict[str, int]]:
     return memory
 
 
-def _from_pretrained_kwargs(plan: Plan) -> dict[str, Any]:
+def from_pretrained_kwargs(plan: Plan) -> dict[str, Any]:
     import torch
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, plan.dtype)}
@@ -182,7 +182,7 @@ def _load(source: str, plan: Plan, report: LoadReport, progress: LoadProgress) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = _from_pretrained_kwargs(plan)
+    kwargs = from_pretrained_kwargs(plan)
     with _library_progress_bars(enabled=not progress.display):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
@@ -193,8 +193,7 @@ def _load(source: str, plan: Plan, report: LoadReport, progress: LoadProgress) -
     from memserve.runner.kernels import ENV_SWITCH as PACK_SWITCH
     from memserve.runner.kernels import pack_linear_weights
 
-    total = sum(_nbytes(p) for p in _cpu_weights(model))
-    progress.phase_started("fault_in", total_bytes=total)
+    progress.phase_started("fault_in", total_bytes=weight_bytes(model))
     quantized = None
     if cpu_quantized(plan):
         from memserve.runner.quantize import quantize_linears
@@ -207,10 +206,7 @@ def _load(source: str, plan: Plan, report: LoadReport, progress: LoadProgress) -
         model, probe=lambda: model(input_ids=warm_up_ids), on_bytes=lambda n: progress.bytes_read("fault_in", n)
     )
     report.linear = packing.to_json() | ({"quantized": quantized.to_json()} if quantized is not None else {})
-    with torch.inference_mode():
-        for p in _cpu_weights(model):
-            p.sum()  # reads every page of the mapped weights
-            progress.bytes_read("fault_in", _nbytes(p))
+    read_weights(model, progress)
     phase("fault_in", t, linear=report.linear)
 
     report.state = "warming"
@@ -231,6 +227,21 @@ def _load(source: str, plan: Plan, report: LoadReport, progress: LoadProgress) -
     phase("warm_up", t)
     report.state = "ready"
     return model, tokenizer
+
+
+def weight_bytes(model: Any) -> int:
+    """The bytes of the model's floating-point weights on the CPU: what ``read_weights`` reads."""
+    return sum(_nbytes(p) for p in _cpu_weights(model))
+
+
+def read_weights(model: Any, progress: LoadProgress) -> None:
+    """Read every page of the model's mapped CPU weights (the ``fault_in`` phase), each tensor's bytes reported."""
+    import torch
+
+    with torch.inference_mode():
+        for p in _cpu_weights(model):
+            p.sum()
+            progress.bytes_read("fault_in", _nbytes(p))
 
 
 def _cpu_weights(model: Any) -> list[Any]:

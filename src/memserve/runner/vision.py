@@ -275,7 +275,7 @@ def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from memserve.checkpoint.locate import locate
-    from memserve.runner.load import _cpu_weights, _from_pretrained_kwargs, _nbytes, record_phase
+    from memserve.runner.load import from_pretrained_kwargs, read_weights, record_phase, weight_bytes
     from memserve.runner.progress import LoadProgress
 
     plan = launch.plan
@@ -291,18 +291,14 @@ def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits
 
         t = time.perf_counter()
         progress.phase_started("map")
-        model = AutoModelForImageTextToText.from_pretrained(located.path, **_from_pretrained_kwargs(plan))
+        model = AutoModelForImageTextToText.from_pretrained(located.path, **from_pretrained_kwargs(plan))
         model.eval()
         processor = AutoProcessor.from_pretrained(located.path)
         record_phase(report, progress, "map", t, dtype=plan.dtype, quantization=plan.quantization)
 
         t = time.perf_counter()
-        weights = _cpu_weights(model)
-        progress.phase_started("fault_in", total_bytes=sum(_nbytes(p) for p in weights))
-        with torch.inference_mode():
-            for p in weights:
-                p.sum()  # reads every page of the mapped weights
-                progress.bytes_read("fault_in", _nbytes(p))
+        progress.phase_started("fault_in", total_bytes=weight_bytes(model))
+        read_weights(model, progress)
         record_phase(report, progress, "fault_in", t)
 
         report.state = "warming"
