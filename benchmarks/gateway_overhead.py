@@ -3,6 +3,7 @@
     python benchmarks/gateway_overhead.py                       # tiny demo model (worst case: overhead is visible)
     python benchmarks/gateway_overhead.py --model /tmp/mb/demo-small --requests 100
     python benchmarks/gateway_overhead.py --auth      # keys on: every request checked and counted against limits
+    python benchmarks/gateway_overhead.py --floor     # also what uvicorn alone adds (benchmarks/floor_relay.py)
 
 One gateway is started with one model; once it is loaded, the benchmark talks to *that same runner*
 two ways, alternating so both see the same machine state:
@@ -62,7 +63,9 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tupl
     return time.perf_counter() - start, tokens
 
 
-async def measure(gateway: str, sock: str, args: argparse.Namespace, key: str | None = None) -> dict[str, Any]:
+async def measure(
+    gateway: str, sock: str, args: argparse.Namespace, key: str | None = None, floor: str | None = None
+) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key else None
     targets = {
         "direct": (
@@ -71,7 +74,9 @@ async def measure(gateway: str, sock: str, args: argparse.Namespace, key: str | 
         ),
         "gateway": (httpx.AsyncClient(timeout=600, headers=headers), f"{gateway}/v1/chat/completions"),
     }
-    latency: dict[str, list[float]] = {"direct": [], "gateway": []}
+    if floor is not None:
+        targets["floor"] = (httpx.AsyncClient(timeout=600), f"{floor}/v1/chat/completions")
+    latency: dict[str, list[float]] = {name: [] for name in targets}
     throughput: dict[str, list[float]] = {"direct": [], "gateway": []}
     short = {"model": "m", "messages": PROMPT, "max_tokens": 1, "temperature": 0}
     long = {
@@ -86,8 +91,9 @@ async def measure(gateway: str, sock: str, args: argparse.Namespace, key: str | 
         for client, url in targets.values():  # warm both paths (connections, first-request costs)
             for _ in range(5):
                 await one(client, url, short)
+        names = list(targets)
         for i in range(args.requests):
-            order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
+            order = names[i % len(names) :] + names[: i % len(names)]  # each goes first in turn
             for name in order:
                 client, url = targets[name]
                 latency[name].append((await one(client, url, short))[0])
@@ -103,6 +109,14 @@ async def measure(gateway: str, sock: str, args: argparse.Namespace, key: str | 
     return {"latency_seconds": latency, "tokens_per_second": throughput}
 
 
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.TransportError:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("/tmp/memserve-bench/demo-tiny"))
@@ -113,6 +127,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="throughput rounds (each runs both setups)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--auth", action="store_true", help="keys on, and a key with limits on every request")
+    parser.add_argument(
+        "--floor", action="store_true", help="also time benchmarks/floor_relay.py: uvicorn alone relaying to the runner"
+    )
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         from memserve.checkpoint.demo import write_demo_model
@@ -167,7 +184,26 @@ def main() -> None:
             f"socket {row['socket']}",
             flush=True,
         )
-        result = asyncio.run(measure(gateway, row["socket"], args, key))
+        relay, floor = None, None
+        if args.floor:
+            floor_port = free_port()
+            floor = f"http://127.0.0.1:{floor_port}"
+            script = Path(__file__).with_name("floor_relay.py")
+            relay = subprocess.Popen(
+                [sys.executable, str(script), "--socket", row["socket"], "--port", str(floor_port)],
+                stdout=subprocess.DEVNULL,
+            )
+            until = time.monotonic() + 60
+            while not _answers(f"{floor}/"):
+                if relay.poll() is not None or time.monotonic() > until:
+                    raise SystemExit("benchmarks/floor_relay.py did not start")
+                time.sleep(0.1)
+        try:
+            result = asyncio.run(measure(gateway, row["socket"], args, key, floor))
+        finally:
+            if relay is not None:
+                relay.terminate()
+                relay.wait(timeout=30)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -177,7 +213,11 @@ def main() -> None:
     print(f"\nlatency, {args.requests} sequential requests each way (max_tokens 1, not streamed):")
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         d, g = percentile(lat["direct"], q), percentile(lat["gateway"], q)
-        print(f"  {label}: direct {d * ms:.2f} ms, gateway {g * ms:.2f} ms, added {(g - d) * ms:+.2f} ms")
+        line = f"  {label}: direct {d * ms:.2f} ms, gateway {g * ms:.2f} ms, added {(g - d) * ms:+.2f} ms"
+        if "floor" in lat:
+            f = percentile(lat["floor"], q)
+            line += f"; the floor (uvicorn alone) {f * ms:.2f} ms, added {(f - d) * ms:+.2f} ms"
+        print(line)
     d_tps, g_tps = statistics.median(tps["direct"]), statistics.median(tps["gateway"])
     ratios = [g / d for d, g in zip(tps["direct"], tps["gateway"], strict=True)]
     print(
