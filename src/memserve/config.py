@@ -51,6 +51,7 @@ from pydantic_settings.sources import DefaultSettingsSource
 from memserve.config_errors import Origin, field_error, one_line, problem
 from memserve.errors import InvalidArgument
 from memserve.units import parse_bytes, parse_device_sizes, parse_seconds
+from memserve.wire.images import ImageLimits
 
 __all__ = [
     "ModelConfig",
@@ -128,6 +129,29 @@ def _check_name(name: str, what: str) -> str:
 
 
 # ---- the models ----------------------------------------------------------------------------------------------
+
+
+class ImageCapsConfig(BaseModel):
+    """Caps on the images of one request to a vision-language model (docs/images.md): the gateway's door refuses a
+    request past them, the runner checks them again, and the plan prices this many images of this size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_images: int = Field(default=4, ge=1, description="Images in one request (vLLM's limit_mm_per_prompt).")
+    max_image_bytes: Bytes = Field(default=10 * _MiB, description="Bytes of one image as sent (e.g. 10MiB).")
+    max_image_pixels: int = Field(
+        default=2048 * 2048,
+        ge=1,
+        description="Width × height of one image; the runner holds ~7 bytes a pixel for each while it resizes them.",
+    )
+
+    def limits(self, *, allow_urls: bool = False) -> ImageLimits:
+        return ImageLimits(
+            max_images=self.max_images,
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            allow_urls=allow_urls,
+        )
 
 
 class PolicyConfig(BaseModel):
@@ -220,6 +244,10 @@ class ModelConfig(BaseModel):
         description="Requests allowed to wait beyond concurrency before 429. None: 4 × concurrency.",
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Which placements this model may use.")
+    images: ImageCapsConfig = Field(
+        default_factory=ImageCapsConfig,
+        description="Caps on one request's images, for a vision-language model (the plan prices them).",
+    )
     adapters: list[AdapterConfig] = Field(
         default_factory=list,
         description="LoRA adapters served on this model's one copy of its weights; each is a model of its own "

@@ -11,6 +11,7 @@ import pytest
 from memserve.checkpoint.facts import read_local_facts
 from memserve.checkpoint.vision import VisionFacts, no_images, takes_images
 from memserve.engines.fit import fit_result
+from memserve.memory.planner import Plan
 from memserve.memory.probe import probe_inventory
 from memserve.memory.vision import (
     BODY_COPIES,
@@ -118,3 +119,27 @@ def test_one_body_is_priced_and_waiting_requests_add_their_pixel_values() -> Non
     # a waiting request holds its float32 pixel_values, not the model-dtype copy nor the tower's work
     added = cost(waiting=10).total_bytes - cost().total_bytes
     assert added == cost(waiting=10).pixel_bytes - cost().pixel_bytes == 10 * 4 * 3 * 336 * 336 * 4
+
+
+def test_an_image_text_plan_prices_the_caps_it_is_given_and_carries_them_to_its_runner(tiny_vision_dir: Path) -> None:
+    def plan_for(images: ImageLimits) -> Plan:
+        _, request, result = fit_result(
+            str(tiny_vision_dir),
+            context=512,
+            concurrency=2,
+            images=images,
+            inventory=probe_inventory(memory="cpu=4GiB"),
+        )
+        assert result.plan is not None and request.to_json()["images"]["max_images"] == images.max_images
+        return result.plan
+
+    small, default, large = (
+        plan_for(ImageLimits(max_images=1, max_pixels=64 * 64)),
+        plan_for(ImageLimits()),
+        plan_for(ImageLimits(max_images=8, max_pixels=4096 * 4096)),
+    )
+    totals = [p.devices["cpu"].activation_bytes for p in (small, default, large)]
+    assert totals == sorted(totals) and len(set(totals)) == 3, totals
+    assert default.images == ImageLimits()
+    assert Plan.from_json(large.to_json()).images == ImageLimits(max_images=8, max_pixels=4096 * 4096)
+    assert Plan.from_json(large.to_json()) == large

@@ -1,5 +1,6 @@
 """Images through the gateway: relayed unchanged to a provider, refused for a text-only model before any load,
-served by a vision-language runner, and http(s) image URLs fetched by the gateway only with ``image_urls: allow``."""
+served by a vision-language runner, http(s) image URLs fetched by the gateway only with ``image_urls: allow``, and a
+model's own caps on images refused at the door and planned for its runner."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from memserve.config import ProviderConfig
+from memserve.config import ImageCapsConfig, ProviderConfig
 from tests.gateway.test_gateway_process import GiB, gateway, host, local, ps, settings_for
 from tests.serving import FakeOpenAI, serve_app, serve_fake
 from tests.vision.helpers import data_url, image_message, png
@@ -64,10 +65,21 @@ def test_images_through_the_gateway(tmp_path: Path, tiny_model_dir: Path, tiny_v
             answer = served.json()["choices"][0]["message"]["content"]
             assert served.json()["usage"]["prompt_tokens"] > 16  # the image's 16 tokens and the text
 
-        allowed = settings_for(tmp_path, [local("vis", tiny_vision_dir)], image_urls="allow")
+        # a model's own caps: the door refuses past them, and the runner is planned and warmed up for them
+        caps = ImageCapsConfig(max_images=1, max_image_pixels=64 * 64)
+        allowed = settings_for(tmp_path, [local("vis", tiny_vision_dir, images=caps)], image_urls="allow")
         with gateway(allowed, host(4 * GiB)) as (origin, _):
+            two = ask(origin, "vis", image_message(data_url(RED), data_url(RED)))
+            assert two.status_code == 400 and "limit of 1 per request (the model's images.max_images)" in two.text
+            wide = ask(origin, "vis", image_message(data_url(png(100, 50))))
+            assert wide.status_code == 400 and "limit of 4096 pixels" in wide.text, wide.text
+            assert not ps(origin)["models"], "bad input loaded a model"
             fetched = ask(origin, "vis", image_message(f"{pictures}/red.png", text="what is this?"))
             assert fetched.status_code == 200, fetched.text
             assert fetched.json()["choices"][0]["message"]["content"] == answer  # the same image, fetched
             missing = ask(origin, "vis", image_message(f"{pictures}/nothing.png"))
             assert missing.status_code == 400 and "HTTP 404" in missing.text
+            with httpx.Client(transport=httpx.HTTPTransport(uds=ps(origin)["models"][0]["socket"])) as runner:
+                health = runner.get("http://runner/health").json()
+            assert health["plan"]["images"] == {"max_images": 1, "max_bytes": 10 << 20, "max_pixels": 4096}
+            assert health["load"]["plan_check"]["tries"][0]["images"] == 1  # the worst case it was warmed up with

@@ -24,6 +24,7 @@ from memserve.memory.planner import (
 )
 from memserve.memory.probe import probe_inventory
 from memserve.units import format_bytes
+from memserve.wire.images import ImageLimits
 
 
 def _print_table(
@@ -149,6 +150,16 @@ def _print_table(
     show_default=True,
     help="The engine that serves it: auto picks among the installed ones; a missing one named here is an error.",
 )
+@click.option(
+    "--max-images", type=int, default=4, show_default=True, help="Images in one request (a vision-language model)."
+)
+@click.option(
+    "--max-image-pixels",
+    type=int,
+    default=2048 * 2048,
+    show_default=True,
+    help="Width × height of one image (a vision-language model).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def fit(
     model: str,
@@ -163,6 +174,8 @@ def fit(
     device: str,
     engine: str,
     runner: str,
+    max_images: int,
+    max_image_pixels: int,
     as_json: bool,
 ) -> None:
     """Say whether MODEL fits on this machine and how, from its headers alone.
@@ -185,6 +198,7 @@ def fit(
         inventory=inventory,
         engine=cast(Engine, engine),  # one of click's choices, which are Engine's values
         runner=runner,
+        images=ImageLimits(max_images=max_images, max_pixels=max_image_pixels),
     )
     engines = engines_for(has_gpu=bool(inventory.gpus), model_format=facts.format, gguf=facts.format == "gguf")
     if as_json:

@@ -23,6 +23,7 @@ from memserve.memory.estimate import CONTINUOUS_BATCHING, IMAGE_TEXT, Engine
 from memserve.memory.fit import ModelFacts, default_context
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import DEFAULT_MAX_BATCH_TOKENS, PlanResult, Policy, Request, plan
+from memserve.wire.images import ImageLimits
 
 __all__ = ["fit_json", "fit_result", "plan_model", "read_model_facts"]
 
@@ -72,6 +73,7 @@ def fit_result(
     device: str = "auto",
     engine: Engine = CONTINUOUS_BATCHING,
     runner: str = "auto",
+    images: ImageLimits | None = None,
     inventory: Inventory,
 ) -> tuple[ModelFacts, Request, PlanResult]:
     """Facts, request and plan for one model: what ``fit`` prints and the server will reuse.
@@ -94,6 +96,7 @@ def fit_result(
         min_context_tokens=min_context,
         max_batch_tokens=max_batch_tokens,
         engine=engine,
+        images=images or ImageLimits(),
     )
     policy = Policy(allow_gpu=device != "cpu", allow_cpu=device != "cuda", allow_split=device == "auto")
     return facts, request, plan_model(facts, request, inventory, policy, runner)

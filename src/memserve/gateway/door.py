@@ -26,7 +26,7 @@ from memserve.wire.encoders import (
     encoder_route,
 )
 from memserve.wire.http import parse_body
-from memserve.wire.images import ImageLimits, load_images
+from memserve.wire.images import load_images
 from memserve.wire.routes import ENCODER_ROUTES
 from memserve.wire.schema import ChatCompletionRequest, CompletionRequest
 
@@ -50,7 +50,6 @@ class Door:
         self._facts: dict[str, tuple[int | None, int | None]] = {}  # name → (default context, longest token)
         self._takes_images: dict[str, bool] = {}
         self._encoders: dict[str, EncoderFacts | None] = {}
-        self.image_limits = ImageLimits(allow_urls=settings.image_urls == "allow")
 
     async def check(self, model: str, path: str, body: dict[str, Any]) -> bool | None:
         """Validate ``body`` for local ``model``; its ``stream`` flag when it passes, InvalidArgument if not."""
@@ -115,7 +114,9 @@ class Door:
             refused = no_images(model, images)
             assert refused is not None
             raise refused
-        decoded = await load_images(images, self.image_limits)
+        config = self.settings.model(model)
+        assert config is not None
+        decoded = await load_images(images, config.images.limits(allow_urls=self.settings.image_urls == "allow"))
         fetched = [(ref, image) for ref, image in zip(images, decoded, strict=True) if ref.url[:5].lower() != "data:"]
         if fetched:
             body["messages"] = messages = copy.deepcopy(body["messages"])  # new messages: the app relays body

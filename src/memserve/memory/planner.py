@@ -84,6 +84,8 @@ class Request:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     # how the runner generates: each engine holds its cache and activations its own way (memory/estimate.py)
     engine: Engine = CONTINUOUS_BATCHING
+    # what one request may carry to a vision-language model, priced by an image-text plan (memory/vision.py)
+    images: ImageLimits = field(default_factory=ImageLimits)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,7 +95,12 @@ class Request:
             "min_context_tokens": self.min_context_tokens,
             "max_batch_tokens": self.max_batch_tokens,
             "engine": self.engine,
-        }
+        } | ({"images": image_caps_json(self.images)} if self.engine == IMAGE_TEXT else {})
+
+
+def image_caps_json(limits: ImageLimits) -> dict[str, int]:
+    """The caps an image-text plan is priced for, as a plan file carries them to its runner."""
+    return {"max_images": limits.max_images, "max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels}
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,7 @@ class Plan:
     device_map: dict[str, str]
     engine: Engine = CONTINUOUS_BATCHING  # how memserve's own runner batches (estimate.py)
     runner: RunnerKind = "transformers"  # the engine (runner kind) that serves the plan
+    images: ImageLimits | None = None  # an image-text plan's caps on one request's images, which it priced
 
     @property
     def reserved_bytes(self) -> dict[str, int]:
@@ -185,7 +193,7 @@ class Plan:
             "device_map": self.device_map,
             "engine": self.engine,
             "runner": self.runner,
-        }
+        } | ({"images": image_caps_json(self.images)} if self.images is not None else {})
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Plan:
@@ -218,7 +226,19 @@ class Plan:
             device_map={str(block): str(device) for block, device in device_map.items()},
             engine=engine,
             runner=runner,
+            images=_image_caps(data.get("images")),
         )
+
+
+def _image_caps(data: Any) -> ImageLimits | None:
+    """The caps ``image_caps_json`` wrote, or None (not an image-text plan)."""
+    if data is None:
+        return None
+    return ImageLimits(
+        max_images=_field(data, "max_images", int),
+        max_bytes=_field(data, "max_bytes", int),
+        max_pixels=_field(data, "max_pixels", int),
+    )
 
 
 _T = TypeVar("_T")
@@ -397,6 +417,7 @@ def _pack(
     max_batch_tokens: int,
     host: Device,
     engine: Engine = CONTINUOUS_BATCHING,
+    images: ImageLimits | None = None,
 ) -> tuple[dict[str, DeviceNeed], dict[str, str]]:
     """Place blocks in order across ``devices``; whatever does not fit lands on the last one.
 
@@ -408,7 +429,7 @@ def _pack(
     batch_tokens = batch_tokens_for(context_tokens, concurrency, max_batch_tokens)
     act = activation_bytes(facts, dtype, batch_tokens, concurrency, context_tokens, engine)
     if engine == IMAGE_TEXT and facts.vision is not None:
-        limits = ImageLimits()  # what the runner admits per request (wire/images.py)
+        limits = images or ImageLimits()  # what the runner admits per request (wire/images.py)
         act += image_cost(
             facts.vision,
             dtype,
@@ -540,6 +561,7 @@ def _price(
         request.max_batch_tokens,
         cpu,
         request.engine,
+        request.images,
     )
     fits, why = fit_words(needs, blocked)
     return Rung(
@@ -702,6 +724,7 @@ def ladder(
             device_map=chosen.device_map,
             engine=request.engine,
             runner=chosen.runner,
+            images=request.images if request.engine == IMAGE_TEXT else None,
         )
         return PlanResult(tuple(rungs), result, None)
 

@@ -43,6 +43,7 @@ def request_for(config: ModelConfig, facts: ModelFacts, options: Mapping[str, in
         quantization=config.policy.quantization,
         min_context_tokens=None if floor is None else min(floor, context),
         engine=config.engine,
+        images=config.images.limits(),
     )
 
 

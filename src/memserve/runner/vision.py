@@ -279,6 +279,7 @@ def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits
     from memserve.runner.progress import LoadProgress
 
     plan = launch.plan
+    limits = limits or plan.images  # the caps the plan priced (the model's images: setting)
     progress = LoadProgress.for_stderr()
     with progress:
         report.state = "loading"

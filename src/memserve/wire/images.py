@@ -86,7 +86,7 @@ def check_images(refs: Sequence[ImageRef], limits: ImageLimits) -> None:
     if len(refs) > limits.max_images:
         raise InvalidArgument(
             f"this request has {len(refs)} images, more than this server's limit of {limits.max_images} per "
-            "request; send fewer images, or split the request",
+            "request (the model's images.max_images); send fewer images, or split the request",
             param=refs[limits.max_images].param,
             code=INVALID_IMAGE,
         )
@@ -125,8 +125,8 @@ def decode_data_url(ref: ImageRef, limits: ImageLimits) -> DecodedImage:
 
 def _too_many_bytes(size: int, limits: ImageLimits) -> str:
     return (
-        f"the image is {size} bytes, more than this server's limit of {limits.max_bytes} bytes per image; "
-        "send a smaller image"
+        f"the image is {size} bytes, more than this server's limit of {limits.max_bytes} bytes per image "
+        "(images.max_image_bytes); send a smaller image"
     )
 
 
@@ -153,7 +153,7 @@ def _checked(ref: ImageRef, data: bytes, limits: ImageLimits) -> DecodedImage:
         raise _refuse(
             ref,
             f"the image is {width} × {height} = {width * height} pixels, more than this server's limit of "
-            f"{limits.max_pixels} pixels; scale it down (the model resizes it to far fewer anyway)",
+            f"{limits.max_pixels} pixels (images.max_image_pixels); scale it down (the model resizes it to far fewer anyway)",
         )
     return DecodedImage(ref.param, data, kind, width, height)
 
