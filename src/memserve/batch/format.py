@@ -180,11 +180,12 @@ def _stream(lines: Iterable[bytes | str], model: str | None) -> Iterator[BatchRe
             raise BatchFileInvalid([checked], lines_total=number)
 
 
-def read_requests_file(path: Path, *, model: str | None = None) -> Iterator[BatchRequest]:
-    """:func:`read_requests` over a file on disk, checked whole first; the file is closed when the stream ends."""
+def read_requests_file(path: Path, *, model: str | None = None, checked: bool = False) -> Iterator[BatchRequest]:
+    """:func:`read_requests` over a file on disk, checked whole first (unless the caller just did: ``checked``;
+    each line is still checked as it streams); the file is closed when the stream ends."""
     handle = path.open("rb")
     try:
-        requests = read_requests(handle, model=model, name=str(path))
+        requests = _stream(handle, model) if checked else read_requests(handle, model=model, name=str(path))
     except BaseException:
         handle.close()
         raise

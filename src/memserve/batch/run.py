@@ -81,20 +81,19 @@ async def execute(
     on_note: Callable[[str], None] | None = None,
 ) -> Progress:
     """Run the batch to its end (or until cancelled / a fatal error); every result is on disk as it finishes."""
-    from memserve.batch.local import LocalRunner, plan_local, served_name
-
     note = on_note or (lambda text: None)
     if (run.url is None) == (run.local is None):
         raise InvalidArgument("give either --url (a server to send to) or --local (a model to start), not both")
-    model = served_name(run.local, run.model) if run.local is not None else run.model
+    model, launch = run.model, None
+    if run.local is not None:  # the planner and the runner's supervisor: imported only for a local model
+        from memserve.batch.local import LocalRunner, plan_local, served_name
+
+        model = served_name(run.local, run.model)
     total = count_requests(run.input, model=model)
-    launch = (
-        plan_local(
+    if run.local is not None:
+        launch = plan_local(
             run.local, concurrency=run.concurrency, context=run.context, memory=run.memory, headroom=run.headroom
         )
-        if run.local is not None
-        else None
-    )
     view = RunView()
     state = "running"
     progress = Progress(total=total)
@@ -150,7 +149,7 @@ async def execute(
             async with client:
                 work = asyncio.create_task(
                     run_requests(
-                        read_requests_file(run.input, model=model),
+                        read_requests_file(run.input, model=model, checked=True),  # by count_requests
                         checkpoint,
                         client,
                         total=total,

@@ -42,6 +42,7 @@ from memserve.batch.run import BatchRun, RunView, count_requests, execute
 from memserve.errors import EXIT_NO_FIT, InsufficientMemory, InvalidArgument
 from memserve.units import format_bytes
 
+LIVE_UPDATE_SECONDS = 0.1  # rich's default refresh: 10 times a second
 PLAIN_REPORT_SECONDS = 5.0
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -274,6 +275,7 @@ class LiveDisplay:
             transient=False,
         )
         self.task: TaskID | None = None
+        self._last = 0.0
 
     def start(self) -> None:
         self.bar.start()
@@ -285,8 +287,12 @@ class LiveDisplay:
         self.bar.console.print(text, highlight=False)
 
     def update(self, progress: Progress, view: RunView) -> None:
+        now = time.monotonic()
         if self.task is None:
             self.task = self.bar.add_task("batch", total=progress.total, completed=progress.done, info="")
+        elif now - self._last < LIVE_UPDATE_SECONDS and progress.done < progress.total:
+            return  # the bar redraws 10 times a second: a request finishing sooner would only cost CPU
+        self._last = now
         self.bar.update(self.task, completed=progress.done, info=_rates(progress, view))
 
 

@@ -153,7 +153,8 @@ def _checked(ref: ImageRef, data: bytes, limits: ImageLimits) -> DecodedImage:
         raise _refuse(
             ref,
             f"the image is {width} × {height} = {width * height} pixels, more than this server's limit of "
-            f"{limits.max_pixels} pixels (images.max_image_pixels); scale it down (the model resizes it to far fewer anyway)",
+            f"{limits.max_pixels} pixels (images.max_image_pixels); scale it down (the model resizes it to far "
+            "fewer anyway)",
         )
     return DecodedImage(ref.param, data, kind, width, height)
 
