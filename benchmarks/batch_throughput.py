@@ -5,6 +5,7 @@ request's TTFT on the gateway while a ``/v1/batches`` job saturates its model.
     python benchmarks/batch_throughput.py --measure throughput --model /tmp/mb/demo-small --max-tokens 32
     python benchmarks/batch_throughput.py --measure throughput --url http://127.0.0.1:8000 --model-name NAME
     python benchmarks/batch_throughput.py --measure ttft --ttft-concurrency 4 --samples 15
+    python benchmarks/batch_throughput.py --measure cpu --requests 2000 --rounds 2
 
 **Throughput** (``--measure throughput``).
 
@@ -32,6 +33,11 @@ timed to its first text event, ``--samples`` times, under each load:
   the whole concurrency (the request must queue);
 - ``batch``: a ``/v1/batches`` job of 400 such requests, saturating what the model gives batches.
 
+**CPU per request** (``--measure cpu``). What each client itself costs, with no model to share the cores
+with: the fake OpenAI server (``memserve.wire.fake``, answering at once) in a child process, then, for each of
+``--rounds`` rounds, ``memserve batch run --url`` and the plain client (each a child process, start-up
+included) send it the ``--requests``; CPU from ``getrusage`` of the children, user and system apart.
+
 The goal (issue 15): the ``batch`` median at most the ``1 stream`` median. The load average is printed beside
 each row: on a shared 2-core machine the numbers are only as quiet as the machine was.
 """
@@ -43,6 +49,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -113,6 +120,66 @@ def batch(url: str, folder: Path, round_index: int, concurrency: int) -> dict[st
         "run_seconds": in_run,
         "run_tokens_per_second": tokens / in_run,
     }
+
+
+PLAIN_CHILD = """
+import asyncio, sys
+sys.path.insert(0, {here!r})
+from batch_throughput import bodies, plain
+asyncio.run(plain({url!r}, bodies({count}, "fake-model", {max_tokens}), {concurrency}))
+"""
+
+
+def cpu_per_request(args: argparse.Namespace, folder: Path) -> list[dict[str, float]]:
+    """Each round: the batch CLI's and the plain client's CPU per request against the fake (see the docstring)."""
+    port = free_port()
+    serve = "import uvicorn; from memserve.wire.fake import FakeOpenAI; "
+    serve += f"uvicorn.run(FakeOpenAI(), host='127.0.0.1', port={port}, log_level='warning')"
+    fake = subprocess.Popen([sys.executable, "-c", serve])
+    url = f"http://127.0.0.1:{port}/v1"
+    rows = []
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"{url}/models"):
+            if fake.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the fake OpenAI server did not start")
+            time.sleep(0.1)
+        write_input(folder / "in.jsonl", bodies(args.requests, "fake-model", args.max_tokens))
+        code = PLAIN_CHILD.format(
+            here=str(Path(__file__).parent), url=url, count=args.requests, max_tokens=args.max_tokens,
+            concurrency=args.concurrency,
+        )  # fmt: skip
+        for index in range(args.rounds):
+            row: dict[str, float] = {}
+            for name, command in (
+                ("batch", [sys.executable, "-m", "memserve", "batch", "run", str(folder / "in.jsonl"), "--output",
+                           str(folder / f"cpu-{index}.jsonl"), "--url", url, "--concurrency", str(args.concurrency)]),
+                ("plain", [sys.executable, "-c", code]),
+            ):  # fmt: skip
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                row[f"{name}_user_ms"] = 1000 * (after.ru_utime - before.ru_utime) / args.requests
+                row[f"{name}_system_ms"] = 1000 * (after.ru_stime - before.ru_stime) / args.requests
+            rows.append(row)
+            print(
+                f"round {index + 1}: CPU per request, start-up included: batch CLI "
+                f"{row['batch_user_ms'] + row['batch_system_ms']:.2f} ms (system {row['batch_system_ms']:.2f}) · "
+                f"plain client {row['plain_user_ms'] + row['plain_system_ms']:.2f} ms "
+                f"(system {row['plain_system_ms']:.2f})",
+                flush=True,
+            )
+    finally:
+        fake.terminate()
+        fake.wait(timeout=30)
+    return rows
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def start_runner(model: str, name: str, concurrency: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -291,7 +358,7 @@ async def ttft_rows(origin: str, name: str, concurrency: int, samples: int) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--measure", choices=("throughput", "ttft", "both"), default="both")
+    parser.add_argument("--measure", choices=("throughput", "ttft", "both", "cpu"), default="both")
     parser.add_argument("--model", help="A model folder [default: the tiny demo model, written to a temp folder].")
     parser.add_argument("--url", help="Throughput only: a server already running (--model-name names its model).")
     parser.add_argument("--model-name", default="bench", help="The model name the requests carry.")
@@ -313,6 +380,8 @@ def main() -> None:
 
         model = str(write_demo_model(folder / "tiny", size="tiny").path)
     report: dict[str, Any] = {"args": vars(args) | {"json": str(args.json)}, "cores": os.cpu_count()}
+    if args.measure == "cpu":
+        report |= {"cpu": cpu_per_request(args, folder)}
     if args.measure in ("throughput", "both"):
         report |= throughput(args, model, folder)
     if args.measure in ("ttft", "both"):
