@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import uuid
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from memserve.checkpoint.demo_tokenizer import (
     special_token_id,
     train_tokenizer,
 )
+from memserve.checkpoint.staging import check_target, staging_beside, tensor_seed
 from memserve.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -133,13 +132,9 @@ def write_demo_model(
     started = time.perf_counter()
     dtype = _check_args(size, arch, dtype, seed)
     path = Path(path)
-    _check_target(path, force=force)
+    check_target(path, force=force, replaces="replace the checkpoint files in it")
 
-    target = path.absolute()  # so that "." has a parent and a name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()  # not mkdtemp: that makes it 0700, and it becomes the checkpoint directory
-    try:
+    with staging_beside(path) as staging:
         dims = SIZES[size]
         tokenizer = train_tokenizer(dims["vocab_size"])
         vocab_size = save_tokenizer(tokenizer, staging, model_max_length=dims["max_position_embeddings"])
@@ -153,9 +148,7 @@ def write_demo_model(
         )
         params, shards = _write_weights(staging, config, size=size, dtype=dtype, seed=seed)
         _write_configs(staging, config)
-        _move_into(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _move_into(staging, path.absolute())
     return DemoModelInfo(
         path=path,
         arch=arch,
@@ -179,17 +172,6 @@ def _check_args(size: str, arch: str, dtype: str | None, seed: int) -> str:
     if not 0 <= seed < 2**32:
         raise InvalidArgument(f"seed must be between 0 and {2**32 - 1}, got {seed}", param="seed")
     return dtype
-
-
-def _check_target(path: Path, *, force: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise InvalidArgument(f"{path} exists and is not a directory; choose a directory path", param="path")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise InvalidArgument(
-            f"{path} is not empty; choose an empty or new directory, or pass --force (force=True) to "
-            "replace the checkpoint files in it",
-            param="path",
-        )
 
 
 def _make_config(size: str, arch: str, dtype: str, *, vocab_size: int, pad_id: int, eos_id: int) -> PretrainedConfig:
@@ -274,10 +256,6 @@ def _plan_shards(specs: list[_TensorSpec], itemsize: int, limit_bytes: int) -> l
     return shards
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    return seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))
-
-
 def _make_tensor(spec: _TensorSpec, *, std: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Biases are zeros and norm weights ones (as transformers initialises them); the rest N(0, std)."""
     import torch
@@ -286,7 +264,7 @@ def _make_tensor(spec: _TensorSpec, *, std: float, seed: int, dtype: torch.dtype
         return torch.zeros(spec.shape, dtype=dtype)
     if spec.name.endswith("norm.weight"):
         return torch.ones(spec.shape, dtype=dtype)
-    generator = torch.Generator().manual_seed(_tensor_seed(seed, spec.name))
+    generator = torch.Generator().manual_seed(tensor_seed(seed, spec.name))
     values = torch.empty(spec.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
     return values if dtype == torch.float32 else values.to(dtype)
 

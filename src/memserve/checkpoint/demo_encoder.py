@@ -15,17 +15,15 @@ bytes. LayerNorm weights are ones and biases zeros, as transformers initialises 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-import uuid
 import warnings
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memserve.checkpoint.demo_tokenizer import ENDOFTEXT, special_token_id, train_tokenizer
+from memserve.checkpoint.staging import check_target, replace_with, staging_beside, tensor_seed
 from memserve.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -110,17 +108,8 @@ def write_demo_encoder(
     started = time.perf_counter()
     labels = _check_args(arch, task, size, labels, pooling, matryoshka, seed)
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InvalidArgument(f"{path} exists and is not a directory; choose a directory path", param="path")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise InvalidArgument(
-            f"{path} is not empty; choose an empty or new directory, or pass --force to replace it", param="path"
-        )
-    target = path.absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
+    check_target(path, force=force)
+    with staging_beside(path) as staging:
         dims = ENCODER_SIZES[size]
         vocab_size, pad_id = _write_tokenizer(staging, dims)
         config = _make_config(arch, task, size, vocab_size=vocab_size, pad_id=pad_id, labels=labels)
@@ -130,11 +119,7 @@ def write_demo_encoder(
         if task == "embed":
             _write_sentence_transformers(staging, dims, pooling=pooling, normalize=normalize)
         config.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        replace_with(staging, path)
     return DemoEncoderInfo(
         path=path,
         arch=arch,
@@ -247,10 +232,6 @@ def _make_config(
     return ElectraConfig(**common, embedding_size=dims["embedding_size"], architectures=[f"Electra{suffix}"])
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    return seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))
-
-
 def _write_weights(path: Path, config: PretrainedConfig, *, task: str, std: float, seed: int) -> int:
     """One ``model.safetensors`` with every tensor the installed transformers builds; returns the parameters."""
     import torch
@@ -269,7 +250,7 @@ def _write_weights(path: Path, config: PretrainedConfig, *, task: str, std: floa
         elif "LayerNorm" in name or "layer_norm" in name:
             tensors[name] = torch.ones(meta.shape)
         else:
-            generator = torch.Generator().manual_seed(_tensor_seed(seed, name))
+            generator = torch.Generator().manual_seed(tensor_seed(seed, name))
             tensors[name] = torch.empty(meta.shape).normal_(0.0, std, generator=generator)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "model.safetensors").chmod((path / "tokenizer.json").stat().st_mode & 0o777)

@@ -16,14 +16,12 @@ demo models' large std (a random model at std 0.02 answers one token whatever th
 
 from __future__ import annotations
 
-import shutil
 import time
-import uuid
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from memserve.checkpoint.demo_tokenizer import ENDOFTEXT, IM_END, IM_START, train_tokenizer
+from memserve.checkpoint.staging import check_target, replace_with, staging_beside, tensor_seed
 from memserve.errors import InvalidArgument
 
 __all__ = ["IMAGE_TOKEN", "VISION_CHAT_TEMPLATE", "DemoVisionInfo", "image_tokens_per_image", "write_demo_vision_model"]
@@ -87,11 +85,7 @@ def write_demo_vision_model(path: Path, *, seed: int = 0, force: bool = False) -
     if not 0 <= seed < 2**32:
         raise InvalidArgument(f"seed must be between 0 and {2**32 - 1}, got {seed}", param="seed")
     path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not force)):
-        raise InvalidArgument(
-            f"{path} is not an empty directory; choose a new one, or pass --force (force=True) to replace it",
-            param="path",
-        )
+    check_target(path, force=force)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=train_tokenizer(_VOCAB_SIZE),
         eos_token=IM_END,
@@ -150,23 +144,17 @@ def write_demo_vision_model(path: Path, *, seed: int = 0, force: bool = False) -
     )
     generation = GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False)
 
-    target = path.absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
     from transformers.utils import logging as transformers_logging
 
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # its "Writing model shards" bar is noise for one small file
     try:
-        processor.save_pretrained(staging)
-        generation.save_pretrained(staging)
-        model.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        with staging_beside(path) as staging:
+            processor.save_pretrained(staging)
+            generation.save_pretrained(staging)
+            model.save_pretrained(staging)
+            replace_with(staging, path)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if bars:
             transformers_logging.enable_progress_bar()
     params = sum(t.numel() for t in model.state_dict().values())
@@ -184,5 +172,5 @@ def _draw(name: str, shape: tuple[int, ...], seed: int) -> object:
         return torch.zeros(shape)
     if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm" in name:
         return torch.ones(shape)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode("utf-8")))
+    generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     return torch.empty(shape).normal_(0.0, _INIT_STD, generator=generator)
