@@ -273,7 +273,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         caller.check_model(record.model)
         keep_alive = body.pop("keep_alive", None)  # ours (as Ollama's): never sent upstream
         keep_alive_seconds = None if keep_alive is None else parse_seconds(keep_alive, what="keep_alive")
-        target = route(model, settings, pool.adapter)
+        target = route(model, settings, lambda _: on_base)  # the adapter lookup above, not a second one
 
         async def to_provider(name: str, upstream_model: str | None, headers: dict[str, str] | None = None) -> Response:
             """Relay to provider ``name``: its route, or a local model's fallback (``headers`` then say so)."""
