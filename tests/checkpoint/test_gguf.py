@@ -161,6 +161,36 @@ def test_a_folder_with_several_gguf_files_lists_them(tiny_gguf: Path, tmp_path: 
         find_gguf(str(tmp_path))
 
 
+def test_a_split_model_is_read_whole_from_its_first_file(tiny_model_dir: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "split"
+    folder.mkdir()
+    convert_demo_checkpoint(tiny_model_dir, folder / "tiny.gguf", gguf_type="f32", split_tensors=8)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [f"tiny-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]  # 21 tensors, 8 a file
+    first = folder / names[0]
+    whole, split = read_gguf_facts(tiny_gguf), read_gguf_facts(first)
+    assert split.shards == 3 and split.summary()["shards"] == 3 and whole.shards == 1
+    assert split.splits == tuple(str(folder / n) for n in names)
+    assert (split.params, split.weights_bytes, split.tensors, split.blocks, split.kv_bytes_per_token()) == (
+        whole.params,
+        whole.weights_bytes,
+        whole.tensors,
+        whole.blocks,
+        whole.kv_bytes_per_token(),
+    )
+    assert split.file_bytes == sum((folder / n).stat().st_size for n in names)
+    assert find_gguf(str(folder)) == first  # a folder of one model's splits: llama.cpp takes the first
+
+    with pytest.raises(CheckpointError, match=r"is split 2 of 3 of a model; pass the first file, tiny-00001-of-00003"):
+        read_gguf_facts(folder / names[1])
+    (folder / names[2]).unlink()
+    with pytest.raises(CheckpointError, match=r"split into 3 files and tiny-00003-of-00003\.gguf is missing beside"):
+        read_gguf_facts(first)
+    shutil.copyfile(folder / names[1], folder / names[2])  # a split in the wrong place
+    with pytest.raises(CheckpointError, match=r"is not split 3 of 3 of tiny-00001-of-00003\.gguf"):
+        read_gguf_facts(first)
+
+
 def test_a_missing_gguf_path_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="no such folder"):
         find_gguf(str(tmp_path / "nope.gguf"))
@@ -208,7 +238,13 @@ def test_demo_model_cli_writes_a_gguf(tmp_path: Path) -> None:
     assert "llama tiny q8_0 GGUF, 217,408 params" in result.output
     assert read_gguf_facts(tmp_path / "t.gguf").file_type == "q8_0"
     wrong = CliRunner().invoke(main, ["demo-model", str(tmp_path / "x"), "--gguf-type", "q8_0"])
-    assert wrong.exit_code != 0 and "--gguf-type applies to --format gguf only" in wrong.output
+    assert wrong.exit_code != 0 and "--gguf-type and --gguf-split-tensors apply to --format gguf only" in wrong.output
+    split = CliRunner().invoke(
+        main, ["demo-model", str(tmp_path / "s" / "t.gguf"), "--format", "gguf", "--gguf-split-tensors", "8"]
+    )
+    assert split.exit_code == 0, split.output
+    assert f"wrote {tmp_path / 's' / 't-00001-of-00003.gguf'}" in split.output
+    assert read_gguf_facts(tmp_path / "s" / "t-00001-of-00003.gguf").shards == 3
 
 
 def test_a_gguf_source_passes_the_servers_start_up_check(tiny_gguf: Path, tmp_path: Path) -> None:

@@ -10,13 +10,16 @@ import asyncio
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from memserve.checkpoint.demo_gguf import convert_demo_checkpoint
 from memserve.checkpoint.gguf import read_gguf_facts
+from memserve.checkpoint.locate import find_gguf
 from memserve.engines.llamacpp import arguments
 from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
@@ -50,12 +53,16 @@ def _plan(model: Path) -> Plan:
     return result.plan
 
 
-@pytest.fixture(scope="module")
-def server(command: list[str], tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    chosen = _plan(tiny_gguf)
+@contextmanager
+def serving(source: Path, folder: Path) -> Iterator[Server]:
+    """llama-server on the GGUF model ``source`` (a file, or a folder holding one model), planned as ``_plan``
+    plans it and started with ``arguments()``; its log in ``folder``."""
+    model = find_gguf(str(source))
+    assert model is not None
+    chosen = _plan(model)
     port = free_port()
-    argv = arguments("tiny", PlanFile(str(tiny_gguf), chosen), host="127.0.0.1", port=port, threads=2)
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    argv = arguments("tiny", PlanFile(str(source), chosen), host="127.0.0.1", port=port, threads=2)
+    log = folder / "server.log"
     with log.open("wb") as out:  # a file, never a pipe: a chatty server cannot block on it
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -72,7 +79,7 @@ def server(command: list[str], tiny_gguf: Path, tmp_path_factory: pytest.TempPat
             if time.monotonic() > deadline:
                 pytest.fail(f"llama-server not ready after {READY_SECONDS:.0f} s: {log.read_text()[-2000:]}")
             time.sleep(0.1)
-        yield Server(url, process, chosen, log, tiny_gguf)
+        yield Server(url, process, chosen, log, model)
     finally:
         process.terminate()
         try:
@@ -80,6 +87,12 @@ def server(command: list[str], tiny_gguf: Path, tmp_path_factory: pytest.TempPat
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(command: list[str], tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving(tiny_gguf, tmp_path_factory.mktemp("llama-server")) as running:
+        yield running
 
 
 def test_every_flag_memserve_passes_is_one_llama_server_knows(command: list[str], tiny_gguf: Path) -> None:
@@ -109,6 +122,21 @@ def test_greedy_output_equals_llama_cpp_native_completion(server: Server) -> Non
     ).json()
     assert native["tokens_predicted"] == 24 or native["stop_type"] == "eos"
     assert openai["choices"][0]["text"] == native["content"] and native["content"]
+
+
+def test_a_model_split_in_three_files_answers_as_its_single_file_does(
+    server: Server, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "split"
+    folder.mkdir()
+    convert_demo_checkpoint(tiny_model_dir, folder / "tiny.gguf", gguf_type="f32", split_tensors=8)
+    body = {"model": "tiny", "prompt": "The weather today is", "max_tokens": 24, "temperature": 0}
+    whole = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    with serving(folder, tmp_path) as split:  # the folder: llama-server gets the first split and reads the rest
+        assert split.model.name == "tiny-00001-of-00003.gguf"
+        assert split.plan.devices == server.plan.devices  # the same bytes, read from three headers
+        answer = httpx.post(f"{split.url}/v1/completions", json=body, timeout=60).json()
+    assert answer["choices"][0]["text"] == whole["choices"][0]["text"] and answer["choices"][0]["text"]
 
 
 def _vm_hwm_bytes(pid: int) -> int:

@@ -80,11 +80,14 @@ def write_demo_gguf(
     gguf_type: str | None = None,
     seed: int = 0,
     force: bool = False,
+    split_tensors: int = 0,
 ) -> DemoGgufInfo:
     """Write the demo model of ``size``/``arch``/``seed`` as one GGUF file at ``path`` (``*.gguf``).
 
     ``dtype`` is the demo checkpoint's (float32 for tiny, bfloat16 otherwise); ``gguf_type`` the file's
     (f32, f16, bf16 or q8_0; by default the dtype's own, so the weights are the safetensors demo's exactly).
+    ``split_tensors`` > 0 splits the model into files of at most that many tensors, named as llama.cpp's
+    ``gguf-split`` names them (``STEM-00001-of-0000N.gguf`` beside ``path``); ``path`` in the answer is the first.
     """
     path = Path(path)
     if path.suffix != ".gguf":
@@ -101,11 +104,21 @@ def write_demo_gguf(
     try:
         info = write_demo_model(staging / "checkpoint", size=size, arch=arch, dtype=dtype, seed=seed)
         kind = gguf_type or _TYPE_OF_DTYPE[info.dtype]
-        params = convert_demo_checkpoint(staging / "checkpoint", staging / "model.gguf", gguf_type=kind)
-        os.replace(staging / "model.gguf", target)
+        params = convert_demo_checkpoint(
+            staging / "checkpoint", staging / "model.gguf", gguf_type=kind, split_tensors=split_tensors
+        )
+        written = sorted(staging.glob("model*.gguf"))
+        if len(written) == 1:
+            os.replace(written[0], target)
+            files = [target]
+        else:
+            files = [target.with_name(target.stem + f.name.removeprefix("model")) for f in written]
+            for made, final in zip(written, files, strict=True):
+                os.replace(made, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return DemoGgufInfo(path, arch, size, kind, params, target.stat().st_size)
+    first = path if len(files) == 1 else path.with_name(files[0].name)
+    return DemoGgufInfo(first, arch, size, kind, params, sum(f.stat().st_size for f in files))
 
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -159,8 +172,9 @@ def _tokenizer(folder: Path) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str) -> int:
-    """Convert a demo checkpoint folder (llama or qwen2) into one GGUF file; returns its parameter count."""
+def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str, split_tensors: int = 0) -> int:
+    """Convert a demo checkpoint folder (llama or qwen2) into one GGUF file (into splits of at most
+    ``split_tensors`` tensors each when it is > 0, named by the gguf package's writer); returns its parameter count."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
     from gguf.quants import quantize
@@ -196,7 +210,7 @@ def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str) -> int:
             data = _permute(data, kv_heads)
         return np.ascontiguousarray(quantize(data, kind(name, data.shape)))
 
-    writer = GGUFWriter(out, arch)
+    writer = GGUFWriter(out, arch, split_max_tensors=split_tensors)
     writer.add_name(f"memserve demo {arch}")
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])

@@ -9,12 +9,18 @@ The facts are what pricing for llama.cpp needs (``engines/llamacpp.py``): the te
 (llama.cpp maps them as they are, quantized or not), grouped in blocks in load order (``embed``,
 ``layer.0`` … ``layer.N-1``, ``head``) so a GPU rung can offload whole layers (``-ngl``), and the KV cache
 per token from the layer count, KV heads and key/value widths.
+
+A model split into several files (llama.cpp's ``gguf-split``, or the gguf package's writer with a split limit:
+``NAME-00001-of-00003.gguf`` ...) is named by its first file, as llama-server takes it: the first holds the
+model's metadata and ``split.count``; every split's header is read for its tensors, and a missing or foreign
+split is an error naming it.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,8 +60,9 @@ class GgufFacts:
     experts: int | None
     experts_per_token: int | None
     tensors: int
-    file_bytes: int
+    file_bytes: int  # every file's bytes: the splits' together
     warnings: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ()  # a split model's files, the first (``path``) included; () for one file
 
     @property
     def context_limit_key(self) -> str:
@@ -74,8 +81,8 @@ class GgufFacts:
 
     @property
     def shards(self) -> int:
-        """One file (split GGUF files are not read: pass a single file)."""
-        return 1
+        """The files the model is in: one, or its splits (``NAME-00001-of-00003.gguf`` ...)."""
+        return max(1, len(self.splits))
 
     @property
     def kv_heads(self) -> int:
@@ -109,7 +116,7 @@ class GgufFacts:
             "weights_bytes": self.weights_bytes,
             "params_by_dtype": self.params_by_type,
             "bytes_by_dtype": self.bytes_by_type,
-            "shards": 1,
+            "shards": self.shards,
             "layers": self.layers,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -323,33 +330,89 @@ def _file_type(meta: Mapping[str, Any], bytes_by_type: Mapping[str, int]) -> str
     return max(bytes_by_type, key=lambda t: bytes_by_type[t]).lower() if bytes_by_type else "unknown"
 
 
-def read_gguf_facts(path: Path, *, source: str | None = None) -> GgufFacts:
-    """Facts of one ``.gguf`` file; CheckpointError (one line, naming the file) when it cannot be priced."""
-    source = source or str(path)
-    header = _read_header(path, source)
-    meta = {k: (v.count if isinstance(v, _Count) else v) for k, v in header.meta.items()}
-    arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
-        raise CheckpointError(f"{source}: {path} has no general.architecture; expected a GGUF model file")
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+"""A split's file name, as llama.cpp's ``llama_split_path`` and the gguf package's writer make it."""
 
-    params_by_type: dict[str, int] = {}
-    bytes_by_type: dict[str, int] = {}
-    acc: dict[str, list[int]] = {}
-    end = 0
-    for tensor in header.tensors:
-        params_by_type[tensor.kind] = params_by_type.get(tensor.kind, 0) + tensor.elements
-        bytes_by_type[tensor.kind] = bytes_by_type.get(tensor.kind, 0) + tensor.bytes
-        entry = acc.setdefault(_block_of(tensor.name), [0, 0])
-        entry[0] += tensor.elements
-        entry[1] += tensor.bytes
-        end = max(end, tensor.end)
+
+def split_files(path: Path, count: int, source: str) -> tuple[Path, ...]:
+    """The ``count`` files of the split model whose first file is ``path``; CheckpointError naming what is off."""
+    match = SPLIT_NAME.match(path.name)
+    if match is None or int(match["no"]) != 1 or int(match["count"]) != count:
+        raise CheckpointError(
+            f"{source}: {path} is the first of {count} splits, but its name is not NAME-00001-of-{count:05d}.gguf; "
+            "keep the names gguf-split gave the files"
+        )
+    files = tuple(path.with_name(f"{match['stem']}-{no:05d}-of-{count:05d}.gguf") for no in range(1, count + 1))
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{source}: {path} is split into {count} files and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing beside it; download every split"
+        )
+    return files
+
+
+def _check_end(path: Path, tensors: tuple[_Tensor, ...], source: str) -> int:
+    """The file's size, or CheckpointError when its header describes more bytes than it has."""
+    end = max((t.end for t in tensors), default=0)
     file_bytes = path.stat().st_size
     if end > file_bytes:
         raise CheckpointError(
             f"{source}: {path} is truncated: its header describes {end} bytes but the file has {file_bytes}; "
             "re-download or re-convert it"
         )
-    if not header.tensors:
+    return file_bytes
+
+
+def read_gguf_facts(path: Path, *, source: str | None = None) -> GgufFacts:
+    """Facts of one ``.gguf`` model (a file, or the first of its splits); CheckpointError (one line, naming the
+    file) when it cannot be priced."""
+    source = source or str(path)
+    header = _read_header(path, source)
+    meta = {k: (v.count if isinstance(v, _Count) else v) for k, v in header.meta.items()}
+    split_no, split_count = meta.get("split.no", 0), meta.get("split.count", 1)
+    if isinstance(split_no, int) and split_no > 0:
+        first = SPLIT_NAME.match(path.name)
+        first_file = f"{first['stem']}-00001-of-{first['count']}.gguf" if first else "its first split (-00001-of-)"
+        raise CheckpointError(
+            f"{source}: {path} is split {split_no + 1} of {split_count} of a model; pass the first file, {first_file}"
+        )
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise CheckpointError(f"{source}: {path} has no general.architecture; expected a GGUF model file")
+
+    tensors = header.tensors
+    file_bytes = _check_end(path, tensors, source)
+    files: tuple[Path, ...] = ()
+    if isinstance(split_count, int) and split_count > 1:
+        files = split_files(path, split_count, source)
+        for number, other in enumerate(files[1:], start=1):
+            part = _read_header(other, source)
+            if part.meta.get("split.no") != number or part.meta.get("split.count") != split_count:
+                raise CheckpointError(
+                    f"{source}: {other} is not split {number + 1} of {split_count} of {path.name} (its split.no is "
+                    f"{part.meta.get('split.no')!r}, split.count {part.meta.get('split.count')!r}); download the "
+                    "model's own splits again"
+                )
+            file_bytes += _check_end(other, part.tensors, source)
+            tensors += part.tensors
+        expected = meta.get("split.tensors.count")
+        if isinstance(expected, int) and expected != len(tensors):
+            raise CheckpointError(
+                f"{source}: {path}'s splits list {len(tensors)} tensors, not the {expected} its split.tensors.count "
+                "says; download every split again"
+            )
+
+    params_by_type: dict[str, int] = {}
+    bytes_by_type: dict[str, int] = {}
+    acc: dict[str, list[int]] = {}
+    for tensor in tensors:
+        params_by_type[tensor.kind] = params_by_type.get(tensor.kind, 0) + tensor.elements
+        bytes_by_type[tensor.kind] = bytes_by_type.get(tensor.kind, 0) + tensor.bytes
+        entry = acc.setdefault(_block_of(tensor.name), [0, 0])
+        entry[0] += tensor.elements
+        entry[1] += tensor.bytes
+    if not tensors:
         raise CheckpointError(f"{source}: {path} lists no tensors; expected model weights")
 
     layers = _positive(meta, f"{arch}.block_count", source, path)
@@ -399,6 +462,7 @@ def read_gguf_facts(path: Path, *, source: str | None = None) -> GgufFacts:
         sliding_window=_optional_int(meta, f"{arch}.attention.sliding_window"),
         experts=_optional_int(meta, f"{arch}.expert_count"),
         experts_per_token=_optional_int(meta, f"{arch}.expert_used_count"),
-        tensors=len(header.tensors),
+        tensors=len(tensors),
         file_bytes=file_bytes,
+        splits=tuple(str(f) for f in files),
     )

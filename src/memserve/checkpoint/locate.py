@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from memserve.checkpoint.facts import CheckpointFacts, facts_from_metadata, parse_config, read_local_facts
-from memserve.checkpoint.gguf import read_gguf_facts
+from memserve.checkpoint.gguf import SPLIT_NAME, read_gguf_facts
 from memserve.errors import CheckpointError, HubUnavailable, ModelNotFound
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -145,7 +145,8 @@ def find_gguf(spec: str) -> Path | None:
     """The ``.gguf`` file ``spec`` names, or None when it is not a GGUF source; never reaches the hub.
 
     A GGUF source is a ``.gguf`` file, or a local folder or cached hub snapshot with no ``config.json`` that
-    holds ``.gguf`` files: exactly one, else a CheckpointError listing them. A folder with a ``config.json`` is a
+    holds ``.gguf`` files: exactly one (or the splits of one model: its first file), else a CheckpointError listing
+    them. A folder with a ``config.json`` is a
     transformers checkpoint even when a ``.gguf`` sits beside it. ModelNotFound as ``locate`` raises it.
     """
     source = locate(spec, lookup_hub=False)
@@ -157,12 +158,23 @@ def find_gguf(spec: str) -> Path | None:
     if (path / "config.json").is_file():
         return None
     files = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    firsts = [p for p in files if (m := SPLIT_NAME.match(p.name)) is not None and int(m["no"]) == 1]
+    if len(firsts) == 1 and all(_split_of(p, firsts[0]) for p in files):
+        return firsts[0]  # one model in splits: llama.cpp takes the first and reads the rest beside it
     if len(files) > 1:
         names = ", ".join(p.name for p in files)
         raise CheckpointError(
             f"{spec}: holds {len(files)} GGUF files ({names}); pass the one to serve, e.g. {path / files[0].name}"
         )
     return files[0] if files else None
+
+
+def _split_of(path: Path, first: Path) -> bool:
+    """Whether ``path`` is one of the splits of the model whose first file is ``first``."""
+    mine, theirs = SPLIT_NAME.match(path.name), SPLIT_NAME.match(first.name)
+    return (
+        mine is not None and theirs is not None and (mine["stem"], mine["count"]) == (theirs["stem"], theirs["count"])
+    )
 
 
 def missing_path_message(spec: str) -> str:

@@ -82,6 +82,12 @@ def _choices(names: Iterable[str]) -> str:
     default=None,
     help="The GGUF file's weight type  [default: the dtype's own]",
 )
+@click.option(
+    "--gguf-split-tensors",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Split the GGUF model into files of at most this many tensors (NAME-00001-of-0000N.gguf, as gguf-split).",
+)
 def demo_model(
     path: Path,
     size: str,
@@ -96,6 +102,7 @@ def demo_model(
     force: bool,
     fmt: str,
     gguf_type: str | None,
+    gguf_split_tensors: int | None,
 ) -> None:
     """Write a random-weight checkpoint with a locally trained tokenizer and a chat template to PATH.
 
@@ -114,14 +121,23 @@ def demo_model(
         if fmt not in ("safetensors", "gguf"):
             raise click.ClickException(f"unknown format {fmt!r}: expected safetensors or gguf")
         if fmt == "gguf":
-            gguf = write_demo_gguf(path, size=size, arch=arch, dtype=dtype, gguf_type=gguf_type, seed=seed, force=force)
+            gguf = write_demo_gguf(
+                path,
+                size=size,
+                arch=arch,
+                dtype=dtype,
+                gguf_type=gguf_type,
+                seed=seed,
+                force=force,
+                split_tensors=gguf_split_tensors or 0,
+            )
             click.echo(
                 f"wrote {gguf.path}: {gguf.arch} {gguf.size} {gguf.gguf_type} GGUF, {gguf.params:,} params, "
                 f"{format_bytes(gguf.file_bytes)}"
             )
             return
-        if gguf_type is not None:
-            raise click.ClickException("--gguf-type applies to --format gguf only")
+        if gguf_type is not None or gguf_split_tensors is not None:
+            raise click.ClickException("--gguf-type and --gguf-split-tensors apply to --format gguf only")
         if arch == "llava":
             from memserve.checkpoint.demo_vision import write_demo_vision_model
 
