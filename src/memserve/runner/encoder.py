@@ -181,11 +181,10 @@ def load_encoder(
 ) -> EncoderModel:
     """The encoder at ``source`` with its adapters, loaded, its weights read and one forward run; each phase
     timed into ``report`` (``resolve``, ``map``, ``fault_in``, ``warm_up``, as the generation runner's)."""
-    import torch
     from transformers import AutoTokenizer
 
     from memserve.checkpoint.locate import locate
-    from memserve.runner.load import from_pretrained_kwargs
+    from memserve.runner.load import from_pretrained_kwargs, read_weights, weight_bytes
 
     progress = progress if progress is not None else LoadProgress.for_stderr()
     with progress:
@@ -214,12 +213,8 @@ def load_encoder(
         record_phase(report, progress, "map", t, dtype=plan.dtype, adapters=list(names))
 
         t = time.perf_counter()
-        weights = [p for p in model.parameters() if p.device.type == "cpu" and p.is_floating_point()]
-        progress.phase_started("fault_in", total_bytes=sum(p.numel() * p.element_size() for p in weights))
-        with torch.inference_mode():
-            for p in weights:
-                p.sum()  # reads every page of the mapped weights
-                progress.bytes_read("fault_in", p.numel() * p.element_size())
+        progress.phase_started("fault_in", total_bytes=weight_bytes(model))
+        read_weights(model, progress)
         record_phase(report, progress, "fault_in", t)
 
         encoder = EncoderModel(model, tokenizer, facts, adapters=names)
