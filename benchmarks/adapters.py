@@ -27,21 +27,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+from common import runner
 
-from memserve.engines.fit import fit_json, fit_result
+from memserve.engines.fit import fit_result
+from memserve.memory.fit import PlanFile
 from memserve.memory.probe import probe_inventory
-from memserve.net import free_port
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a map in a bottle",
@@ -74,11 +75,12 @@ class PeakRss:
 
 
 class Runner:
-    """One runner process on a plan with ``adapters`` (folders, named by their folder), and its RSS sampler."""
+    """One runner process (``common.runner``) on a plan with ``adapters`` (folders, named by their folder), and its
+    RSS sampler; in ``work/tag``."""
 
     def __init__(self, model: Path, adapters: list[Path], work: Path, tag: str, context: int, streams: int) -> None:
         inventory = probe_inventory()
-        facts, request, result = fit_result(
+        _, _, result = fit_result(
             str(model),
             context=context,
             concurrency=streams,
@@ -88,35 +90,19 @@ class Runner:
         if result.plan is None:
             raise SystemExit(f"{model} with {len(adapters)} adapters does not fit here: {result}")
         self.planned_bytes = result.plan.reserved_bytes["cpu"]
-        plan = work / f"plan-{tag}.json"
-        plan.write_text(json.dumps(fit_json(facts, request, result, inventory)))
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = work / f"runner-{tag}.log"
-        command = [sys.executable, "-m", "memserve.runner", "--plan", str(plan), "--port", str(port), "--name", "base"]
-        with self.log.open("wb") as sink:
-            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink, env=dict(os.environ))
-        deadline = time.monotonic() + 900
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"runner {tag} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"runner {tag} not ready in 900 s")
-            time.sleep(0.5)
-        self.sampler = PeakRss(self.proc.pid)
+        launch = PlanFile(str(model), result.plan, adapters=tuple((a.name, str(a)) for a in adapters))
+        folder = work / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        self._stack = ExitStack()
+        process, self.url = self._stack.enter_context(runner(launch, folder, name="base"))
+        self.sampler = PeakRss(process.pid)
+        self._stack.callback(self.sampler.stop)
 
     def health(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.url}/health", timeout=30).json())
 
     def stop(self) -> None:
-        self.sampler.stop()
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        self._stack.close()
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> int:
