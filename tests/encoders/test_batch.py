@@ -127,3 +127,37 @@ def test_close_fails_what_still_waits() -> None:
         assert await first == [1]
 
     asyncio.run(scenario())
+
+
+def test_work_on_the_worker_runs_between_forwards_before_waiting_inputs() -> None:
+    async def scenario() -> None:
+        forward = Recorder()
+        engine = EncoderBatcher(forward, max_batch_tokens=64, max_requests=64)
+        first = asyncio.create_task(engine.run([[1]]))
+        await asyncio.to_thread(forward.started.wait, 10)  # a forward is running
+        waiting = asyncio.create_task(engine.run([[2, 2]]))
+        while engine.stats().waiting < 1:
+            await asyncio.sleep(0.01)
+        seen: list[tuple[str, int]] = []
+
+        def change() -> str:
+            seen.append((threading.current_thread().name, len(forward.batches)))
+            return "changed"
+
+        changing = asyncio.create_task(engine.on_worker(change))
+        await asyncio.sleep(0.05)
+        assert not changing.done()  # never beside a forward
+        forward.release.set()
+        assert await changing == "changed" and await first == [1] and await waiting == [2]
+        # on the model's thread, after the running forward and before the input that waited
+        assert seen == [("memserve-encoder", 1)] and len(forward.batches) == 2
+
+        def fail() -> None:
+            raise ValueError("bad adapter")
+
+        with pytest.raises(ValueError, match="bad adapter"):
+            await engine.on_worker(fail)
+        assert await engine.run([[3]]) == [1]  # the worker serves on
+        await engine.close()
+
+    asyncio.run(scenario())

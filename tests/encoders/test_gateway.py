@@ -65,12 +65,28 @@ def test_embeddings_and_classify_through_the_gateway(
         loaded = {row["name"] for row in ps(origin)["models"]}
         assert loaded == {"emb", "spam"}  # one runner for the base and its adapter; the chat model never loaded
 
+        # an adapter added to the loaded classifier at run time: no reload, the same answers as the configured one
+        pid = next(row["pid"] for row in ps(origin)["models"] if row["name"] == "spam")
+        body = {"model": "spam", "name": "filter2", "source": str(spam_adapter_dir)}
+        added = httpx.post(f"{origin}/api/adapters", json=body, timeout=120)
+        assert added.status_code == 200, added.text
+        assert next(row["pid"] for row in ps(origin)["models"] if row["name"] == "spam") == pid
+        assert np.allclose(probs("filter2"), adapter, atol=1e-6)
+        assert httpx.delete(f"{origin}/api/adapters/filter2", timeout=60).status_code == 200
+        gone = httpx.post(f"{origin}/v1/classify", json={"model": "filter2", "input": "x"}, timeout=60)
+        assert gone.status_code == 404, gone.text
+
         def counts(model: str) -> tuple[int, int]:
             groups = httpx.get(f"{origin}/api/usage", params={"group_by": "model"}, timeout=30).json()["rows"]
             return next(((g["requests"], g["errors"]) for g in groups if g["model"] == model), (0, 0))
 
         # an adapter's requests are metered under its own name; the four refused at the door are rows too
-        expected = {"emb": (6, 4), "spam": (1, 0), "filter": (2, 0)}
+        expected = {
+            "emb": (6, 4),
+            "spam": (1, 0),
+            "filter": (2, 0),
+            "filter2": (2, 1),
+        }  # the 404 after its removal is a row
         until(lambda: all(counts(m)[0] >= n for m, (n, _) in expected.items()), "a usage row for each request")
         assert {m: counts(m) for m in expected} == expected
 

@@ -62,3 +62,32 @@ def test_classifier_runner_serves_its_adapter_beside_the_base(
         assert not np.allclose(answers[0], answers[1], atol=1e-3)  # the adapter changes the answer
         wrong = httpx.post(f"{base}/v1/embeddings", json={"model": "spam", "input": "x"}, timeout=10)
         assert wrong.status_code == 400 and "/v1/classify" in wrong.json()["error"]["message"]
+
+        # adapters added and removed at run time, between two forwards, without a reload
+        added = httpx.post(f"{base}/adapters", json={"name": "again", "source": str(spam_adapter_dir)}, timeout=60)
+        assert added.status_code == 200, added.text
+        assert np.allclose(classify("again"), answers[1], atol=1e-6)  # the same weights under another name
+        taken = httpx.post(f"{base}/adapters", json={"name": "again", "source": str(spam_adapter_dir)}, timeout=60)
+        assert taken.status_code == 400 and "taken" in taken.text
+        not_adapter = httpx.post(f"{base}/adapters", json={"name": "x", "source": str(tmp_path)}, timeout=60)
+        assert not_adapter.status_code == 400 and "adapter_config.json" in not_adapter.text
+
+        def status(model: str) -> int:
+            body = {"model": model, "input": "win a free cruise now"}
+            return httpx.post(f"{base}/v1/classify", json=body, timeout=60).status_code
+
+        with ThreadPoolExecutor(8) as pool:  # removed while requests use it: they end with an answer or a 404
+            calls = [pool.submit(status, adapter) for _ in range(16)]
+            removed = httpx.delete(f"{base}/adapters/{adapter}", timeout=60)
+            statuses = [c.result() for c in calls]
+        assert removed.status_code == 200, removed.text
+        assert set(statuses) <= {200, 404} and status(adapter) == 404
+        assert np.allclose(classify("spam"), answers[0], atol=1e-6) and np.allclose(
+            classify("again"), answers[1], atol=1e-6
+        )
+        assert httpx.delete(f"{base}/adapters/again", timeout=60).status_code == 200  # the last: kept by PEFT, unserved
+        assert np.allclose(classify("spam"), answers[0], atol=1e-6)
+        listed = [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=10).json()["data"]]
+        assert listed == ["spam"]
+        again = httpx.post(f"{base}/adapters", json={"name": "again", "source": str(spam_adapter_dir)}, timeout=60)
+        assert again.status_code == 200 and np.allclose(classify("spam:again"), answers[1], atol=1e-6)

@@ -331,7 +331,7 @@ class ModelPool:
                     f"model {name!r} is served by {entry.plan.runner}, which memserve gives no LoRA adapters; serve "
                     "the safetensors checkpoint with memserve's own runner"
                 )
-            if entry.plan.engine not in ("continuous-batching", "generate"):
+            if entry.plan.engine not in ("continuous-batching", "generate", "encoder"):
                 raise Conflict(
                     f"model {name!r} is loaded as {entry.plan.engine}, which takes adapters only when it loads; "
                     f"unload it (POST /api/unload) and add the adapter, it loads with the model"

@@ -14,6 +14,10 @@ generation runner there is no KV cache and no decode loop: each batch is one for
   ``modules_to_save`` is the classifier head): loaded once on the base with PEFT; each row of a batch runs
   its own adapter through PEFT's ``adapter_names`` (``__base__`` for the base), so requests for different
   adapters and the base share forwards. A request names an adapter by its name or ``base:adapter``.
+  ``POST /adapters`` (``{"name", "source"}``) adds one at run time and ``DELETE /adapters/{name}`` removes one,
+  as the generation runner's routes do: the change runs on the engine's thread between two forwards, the
+  base is never reloaded, and an adapter removed while requests use it goes when the last of them ends (new
+  ones get 404 at once).
 
 Routes: ``POST /v1/embeddings``, ``POST /v1/classify`` (the one the model does not do answers a 400 naming
 the right one), ``GET /v1/models`` (the base, and each adapter with the base as ``parent``, as vLLM lists
@@ -23,6 +27,8 @@ loop thread (a fast tokenizer used from two threads at once fails with "Already 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,9 +57,9 @@ from memserve.wire.encoders import (
     embedding_response,
     input_too_long,
 )
-from memserve.wire.events import QueueFull
+from memserve.wire.events import AdapterSpec, QueueFull
 from memserve.wire.http import handles, install_error_handlers, until_disconnected
-from memserve.wire.routes import HEALTH, MODELS, STATS, describe
+from memserve.wire.routes import HEALTH, MODELS, RUNNER_ADAPTER_ADD, RUNNER_ADAPTER_REMOVE, STATS, describe
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = ["BASE_ADAPTER", "EncoderModel", "build_encoder", "create_encoder_app", "load_encoder"]
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
+GHOST_SWAP = "__memserve_swap__"  # a moment's name for an adapter replacing a removed one of the same name
 CLIENT_CLOSED_REQUEST = 499
 
 
@@ -76,6 +83,7 @@ class EncoderModel:
         self.tokenizer = tokenizer
         self.facts = facts
         self.adapters = tuple(adapters)
+        self.ghost: str | None = None  # the last adapter removed, kept in PEFT's wrapper (``remove_adapter``)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
         self.vocab_size = len(tokenizer)
@@ -84,6 +92,38 @@ class EncoderModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        """Load adapter ``name`` beside the others (on the engine's thread: ``EncoderBatcher.on_worker``); the base
+        is wrapped by PEFT with its first adapter. A bad folder is a CheckpointError and changes nothing."""
+        if hasattr(self.model, "peft_config"):  # wrapped already
+            if self.ghost == name:  # the last one removed, kept under this very name: make way for the new one
+                _load_adapter(self.model, GHOST_SWAP, folder)
+                self.model.delete_adapter(name)
+                self.ghost = GHOST_SWAP
+            _load_adapter(self.model, name, folder)
+            if self.ghost is not None:  # the last one removed, kept until now (``remove_adapter``)
+                self.model.delete_adapter(self.ghost)
+                self.ghost = None
+            self.model.set_adapter(name)
+        else:
+            self.model = _with_adapters(self.model, {name: folder})
+        self.model.eval()
+        self.adapters = (*self.adapters, name)
+        self.mixed_batches = mixed_batches_supported(self.model)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``'s weights (on the engine's thread, once no request uses it). PEFT cannot hold no
+        adapter at all (its ``disable_adapter`` and ``load_adapter`` then fail) nor ``unload`` a classifier without
+        putting the adapter's copy of its head in place of the base's, so the last one is kept, unserved, until
+        the next one is added."""
+        self.adapters = tuple(a for a in self.adapters if a != name)
+        self.mixed_batches = bool(self.adapters) and mixed_batches_supported(self.model)
+        if self.adapters:
+            self.model.delete_adapter(name)
+        else:
+            self.ghost = name
+            self.model.set_adapter(name)  # PEFT's active adapter must be one it holds
 
     def forward(self, rows: list[list[int]], adapters: list[str | None]) -> list[np.ndarray]:
         """Pooled vectors (embed, full size, not normalized) or class probabilities (classify), fp32.
@@ -115,11 +155,12 @@ class EncoderModel:
         ids, mask = ids.to(self.device), mask.to(self.device)
         kwargs: dict[str, Any] = {}
         scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        wrapped = hasattr(self.model, "peft_config")  # by PEFT, even with every adapter removed
         if self.mixed_batches:
             kwargs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
-        elif self.adapters and adapters[0] is None:
+        elif wrapped and adapters[0] is None:
             scope = self.model.disable_adapter()
-        elif self.adapters:
+        elif wrapped:
             self.model.set_adapter(adapters[0])  # only the worker thread runs forwards
         with torch.inference_mode(), scope:
             out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
@@ -235,17 +276,30 @@ def _with_adapters(model: Any, adapters: Mapping[str, Path]) -> Any:
         raise MemserveError("LoRA adapters need PEFT: pip install peft") from exc
     wrapped: Any = None
     for name, folder in adapters.items():
-        try:
-            if wrapped is None:
+        if wrapped is None:
+            try:
                 wrapped = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-            else:
-                wrapped.load_adapter(str(folder), adapter_name=name)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise CheckpointError(
-                f"the adapter '{name}' at {folder} does not load on this base ({type(exc).__name__}: {exc}); "
-                "check that it was trained for this model"
-            ) from exc
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise _does_not_load(name, folder, exc) from exc
+        else:
+            _load_adapter(wrapped, name, folder)
     return wrapped
+
+
+def _load_adapter(wrapped: Any, name: str, folder: Path) -> None:
+    try:
+        wrapped.load_adapter(str(folder), adapter_name=name)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        with contextlib.suppress(Exception):  # what PEFT began to install for it
+            wrapped.delete_adapter(name)
+        raise _does_not_load(name, folder, exc) from exc
+
+
+def _does_not_load(name: str, folder: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"the adapter '{name}' at {folder} does not load on this base ({type(exc).__name__}: {exc}); "
+        "check that it was trained for this model"
+    )
 
 
 def filler(tokens: int, encoder: EncoderModel) -> list[int]:
@@ -285,16 +339,57 @@ class _Encoder:
         self.max_text_bytes = max_prompt_bytes(
             self.facts.max_tokens, longest_token_bytes(encoder.tokenizer.get_vocab())
         )
+        self.sources: dict[str, str] = {}  # adapters added at run time: their folders
+        self.in_flight: dict[str, int] = {}  # requests answering on each adapter (event loop only)
+        self.leaving: set[str] = set()  # removed while in flight: their weights go with the last request
+        self.changing = asyncio.Lock()  # one add or remove at a time
+
+    async def add_adapter(self, spec: AdapterSpec) -> dict[str, Any]:
+        """Adapter ``spec.name`` from ``spec.source``, loaded between two forwards; the base is never reloaded."""
+        async with self.changing:
+            if spec.name == self.model_name or spec.name in self.encoder.adapters or spec.name in self.leaving:
+                raise InvalidArgument(
+                    f"the name {spec.name} is taken on this runner; remove that adapter first or pick another",
+                    param="name",
+                    code="adapter_exists",
+                )
+            folder = Path(spec.source).expanduser()
+            if not (folder / "adapter_config.json").is_file():
+                raise InvalidArgument(
+                    f"{spec.source} is not a LoRA adapter folder (no adapter_config.json); give the folder PEFT's "
+                    "save_pretrained wrote",
+                    param="source",
+                )
+            await self.engine.on_worker(lambda: self.encoder.add_adapter(spec.name, folder))
+            self.sources[spec.name] = str(folder)
+        return {"id": spec.name, "object": "model", "parent": self.model_name, "root": str(folder)}
+
+    async def remove_adapter(self, name: str) -> dict[str, Any]:
+        """New requests on ``name`` get 404 at once; its weights go when its last request in flight ends."""
+        async with self.changing:
+            if name not in self.encoder.adapters or name in self.leaving:
+                served = ", ".join(a for a in self.encoder.adapters if a not in self.leaving) or "none"
+                raise ModelNotFound(f"no adapter named {name} is on this runner (its adapters: {served})", param="name")
+            self.leaving.add(name)
+            if not self.in_flight.get(name):
+                await self._drop(name)
+        return {"id": name, "object": "model", "parent": self.model_name, "deleted": True}
+
+    async def _drop(self, name: str) -> None:
+        await self.engine.on_worker(lambda: self.encoder.remove_adapter(name))
+        self.leaving.discard(name)
+        self.sources.pop(name, None)
 
     def adapter_of(self, model: str) -> str | None:
         base, sep, adapter = model.partition(":")
-        if sep and base == self.model_name and adapter in self.encoder.adapters:
+        served_adapters = [a for a in self.encoder.adapters if a not in self.leaving]
+        if sep and base == self.model_name and adapter in served_adapters:
             return adapter
         if model == self.model_name:
             return None
-        if model in self.encoder.adapters:
+        if model in served_adapters:
             return model
-        served = ", ".join([self.model_name, *self.encoder.adapters])
+        served = ", ".join([self.model_name, *served_adapters])
         raise ModelNotFound(
             f"this runner serves {served}, not '{model}'; send one of those names, or ask the gateway for the other "
             "model",
@@ -331,6 +426,8 @@ class _Encoder:
         adapter = self.adapter_of(body.model)
         check_encoder_request(body, self.facts, model=body.model, max_text_bytes=self.max_text_bytes)
         rows = self.token_ids(body)
+        if adapter is not None:
+            self.in_flight[adapter] = self.in_flight.get(adapter, 0) + 1
         try:
             results = await until_disconnected(request.receive, self.engine.run(rows, adapter))
         except QueueFull as exc:
@@ -339,6 +436,11 @@ class _Encoder:
                 f"retry in {exc.retry_after_seconds:g} s",
                 retry_after_seconds=exc.retry_after_seconds,
             ) from exc
+        finally:
+            if adapter is not None:
+                self.in_flight[adapter] -= 1
+                if not self.in_flight[adapter] and adapter in self.leaving:
+                    await self._drop(adapter)  # removed while this request used it: its weights go now
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         tokens = sum(len(r) for r in rows)
@@ -358,7 +460,8 @@ def create_encoder_app(
     created = int(time.time())
 
     app = FastAPI(title=f"memserve encoder: {model_name}", lifespan=closing_lifespan(engine))
-    install_error_handlers(app, serves=f"this runner serves {describe((*ENCODER_ROUTES, MODELS, HEALTH, STATS))}")
+    routes = (*ENCODER_ROUTES, MODELS, HEALTH, STATS, RUNNER_ADAPTER_ADD, RUNNER_ADAPTER_REMOVE)
+    install_error_handlers(app, serves=f"this runner serves {describe(routes)}")
 
     @handles(app, EMBEDDINGS)
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
@@ -378,8 +481,21 @@ def create_encoder_app(
             "task": encoder.facts.task,
             "parent": None,
         }
-        adapters = [{"id": name, **card, "task": encoder.facts.task, "parent": model_name} for name in encoder.adapters]
+        adapters = [
+            {"id": name, **card, "task": encoder.facts.task, "parent": model_name}
+            | ({"root": answerer.sources[name]} if name in answerer.sources else {})
+            for name in encoder.adapters
+            if name not in answerer.leaving
+        ]
         return {"object": "list", "data": [base, *adapters]}
+
+    @handles(app, RUNNER_ADAPTER_ADD)
+    async def add_adapter(body: AdapterSpec) -> dict[str, Any]:
+        return await answerer.add_adapter(body)
+
+    @handles(app, RUNNER_ADAPTER_REMOVE)
+    async def remove_adapter(name: str) -> dict[str, Any]:
+        return await answerer.remove_adapter(name)
 
     @handles(app, HEALTH)
     async def health_route() -> dict[str, Any]:

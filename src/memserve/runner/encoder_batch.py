@@ -11,7 +11,9 @@ activations by it: ``memory/encoders.py``). An input longer than the budget (nev
 is at least the model's input limit) runs alone.
 
 The event loop and the worker meet at a lock-guarded deque; results come back through
-``loop.call_soon_threadsafe``. An input whose request went away (its future cancelled) is skipped, not run.
+``loop.call_soon_threadsafe``. Work that changes the model (adding or removing a LoRA adapter) runs on the
+worker too, between two forwards (``on_worker``). An input whose request went away (its future cancelled) is
+skipped, not run.
 Torch-free: the forward is a function given to it (``runner/encoder.py``), so tests drive it with a fake.
 """
 
@@ -23,7 +25,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from memserve.errors import GenerationFailed, InvalidArgument
 from memserve.wire.events import EngineStats, QueueFull
@@ -34,6 +36,7 @@ Forward = Callable[[list[list[int]], list[str | None]], Sequence[Any]]
 """(token-id rows, the adapter of each row or None for the base) → one result per row, in order."""
 
 STOP_TIMEOUT_SECONDS = 30.0
+T = TypeVar("T")
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
@@ -63,6 +66,7 @@ class EncoderBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_requests = max_requests
         self._pending: deque[_Item] = deque()
+        self._control: deque[Callable[[], None]] = deque()  # work for the model's thread, before the next batch
         self._wake = threading.Condition()
         self._closed = False
         self._requests = 0  # admitted and not yet answered: touched on the event loop only
@@ -95,12 +99,36 @@ class EncoderBatcher:
             for item in items:  # a request that went away: its inputs are skipped, not run
                 item.future.cancel()
 
-    def _take(self) -> list[_Item]:
-        """The next batch, in arrival order, within the budget; waits for inputs. Empty: closed."""
+    async def on_worker(self, work: Callable[[], T]) -> T:
+        """``work()`` on the worker thread between two forwards (what changes the model, as adding an adapter
+        does, must not run beside a forward); its result, or its exception raised here."""
+        if self._closed:
+            raise GenerationFailed("the encoder is shutting down; retry on another runner")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                outcome: Any = work()
+            except Exception as exc:  # handed to the caller, as a forward's failure is to its requests
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for it
+                loop.call_soon_threadsafe(_deliver, future, outcome)
+
+        with self._wake:
+            self._control.append(run)
+            self._wake.notify()
+        return await future
+
+    def _take(self) -> list[_Item] | Callable[[], None]:
+        """The next batch, in arrival order, within the budget, or work for this thread (first); waits for
+        either. Empty: closed."""
         with self._wake:
             while True:
                 while self._pending and self._pending[0].future.done():
                     self._pending.popleft()  # cancelled while waiting
+                if self._control:
+                    return self._control.popleft()
                 if self._pending or self._closed:
                     break
                 self._wake.wait()
@@ -121,6 +149,9 @@ class EncoderBatcher:
     def _work(self) -> None:
         while True:
             batch = self._take()
+            if callable(batch):
+                batch()
+                continue
             if not batch:
                 return
             self._running = len(batch)
