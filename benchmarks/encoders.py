@@ -116,7 +116,9 @@ async def concurrent(base: str, route: str, inputs: list[str], clients: int) -> 
 def measure(task: str, model: Path, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     route = TASKS[task][1]
     launch = encoder_launch(model, args.clients)
-    with runner(launch, folder, name=model.name, threads=args.threads) as (_, base):
+    files = folder / model.name  # the plan and the log; the runner serves the model as "m"
+    files.mkdir(parents=True, exist_ok=True)
+    with runner(launch, files, name="m", threads=args.threads) as (_, base):
         asyncio.run(one_at_a_time(base, route, texts(8, args.words, 10_000)))  # warm the path
         before = httpx.get(f"{base}/stats", timeout=10).json()
         singles, manys = [], []
