@@ -59,18 +59,22 @@ from memserve.errors import (
     MemserveError,
     ModelNotFound,
     Overloaded,
+    UnsupportedMediaType,
     UnsupportedParameter,
 )
 from memserve.runner.text import IncrementalDetokenizer, StopStrings, TextPiece, text_pieces
 from memserve.wire.events import AdapterSpec, Engine, GenerationRequest, QueueFull, TokenEvent
+from memserve.wire.format import NOT_A_JSON_OBJECT
 from memserve.wire.http import (
     SSE_DONE,
     EventStream,
+    check_json_content_type,
     error_json,
     handles,
     install_error_handlers,
+    json_object,
     parse_body,
-    runner_json,
+    read_body,
     sse_event,
     until_disconnected,
 )
@@ -146,8 +150,6 @@ def create_app(
     @handles(app, COMPLETIONS)
     async def completions(request: Request) -> Response:
         return await completer.complete(request, CompletionRequest)
-
-    app.state.hot_routes = {CHAT_COMPLETIONS.path: chat_completions, COMPLETIONS.path: completions}
 
     def adapter_model(info: Any) -> dict[str, Any]:
         return {
@@ -342,7 +344,7 @@ class _Completer:
         async with self.preparing:
             # the body's bytes and parsed JSON are let go as soon as it is validated, and what it still holds
             # that the answer does not need (an image's data URL) once the prompt is built
-            body = parse_body(kind, await runner_json(request, MAX_BODY_BYTES))
+            body = parse_body(kind, await _json_request(request))
             adapter = self.check(body)
             if isinstance(body, ChatCompletionRequest):
                 prompt_ids, shape = self.chat_prompt(body), ResponseShape(chat=True, model=body.model)
@@ -409,6 +411,19 @@ class _Sequence:
             return
         self._closed = True
         await _aclose(self._events)
+
+
+async def _json_request(request: Request) -> Any:
+    """The body parsed as JSON, as FastAPI reads a body parameter (without a Content-Type too; another media type
+    is a 400), read without the copy ``request.body()`` keeps on the request."""
+    declared = request.headers.get("content-type")
+    raw = await read_body(request, MAX_BODY_BYTES)
+    if declared is not None:
+        try:
+            check_json_content_type(declared)
+        except UnsupportedMediaType:
+            raise InvalidArgument(NOT_A_JSON_OBJECT) from None
+    return json_object(raw)
 
 
 async def _aclose(events: AsyncIterator[TokenEvent]) -> None:

@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse
 from memserve.checkpoint.encoders import EncoderFacts, read_folder_encoder_facts
 from memserve.checkpoint.tokens import longest_token_bytes, max_prompt_bytes
 from memserve.errors import CheckpointError, InvalidArgument, MemserveError, ModelNotFound, Overloaded
-from memserve.runner.app import MAX_BODY_BYTES, closing_lifespan
+from memserve.runner.app import closing_lifespan
 from memserve.runner.encoder_batch import EncoderBatcher
 from memserve.runner.load import LoadReport, process_memory, record_phase
 from memserve.runner.progress import LoadProgress
@@ -58,7 +58,7 @@ from memserve.wire.encoders import (
     input_too_long,
 )
 from memserve.wire.events import AdapterSpec, QueueFull
-from memserve.wire.http import handles, install_error_handlers, parse_body, runner_json, until_disconnected
+from memserve.wire.http import handles, install_error_handlers, until_disconnected
 from memserve.wire.routes import HEALTH, MODELS, RUNNER_ADAPTER_ADD, RUNNER_ADAPTER_REMOVE, STATS, describe
 
 if TYPE_CHECKING:
@@ -464,14 +464,12 @@ def create_encoder_app(
     install_error_handlers(app, serves=f"this runner serves {describe(routes)}")
 
     @handles(app, EMBEDDINGS)
-    async def embeddings(request: Request) -> Response:
-        return await answerer.answer(request, parse_body(EmbeddingRequest, await runner_json(request, MAX_BODY_BYTES)))
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await answerer.answer(request, body)
 
     @handles(app, CLASSIFY)
-    async def classify(request: Request) -> Response:
-        return await answerer.answer(request, parse_body(ClassifyRequest, await runner_json(request, MAX_BODY_BYTES)))
-
-    app.state.hot_routes = {EMBEDDINGS.path: embeddings, CLASSIFY.path: classify}
+    async def classify(body: ClassifyRequest, request: Request) -> Response:
+        return await answerer.answer(request, body)
 
     @handles(app, MODELS)
     async def models() -> dict[str, Any]:

@@ -304,10 +304,7 @@ def serve(launch: PlanFile, *, name: str | None = None, port: int | None = None,
     """Load, then listen on a Unix socket or 127.0.0.1:port until stopped."""
     import uvicorn
 
-    from memserve.wire.http import HotRoutes
-
-    built, engine = _build(launch, name=name)
-    app = HotRoutes(built, built.state.hot_routes)  # the generation (or encoder) POSTs past FastAPI's middleware
+    app, engine = _build(launch, name=name)
     if socket is not None:
         config = uvicorn.Config(
             app,

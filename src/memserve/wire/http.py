@@ -30,7 +30,6 @@ from memserve.errors import (
     error_body,
 )
 from memserve.wire.format import (
-    NOT_A_JSON_OBJECT,
     SSE_DONE,
     SSE_MEDIA_TYPE,
     error_json,
@@ -46,7 +45,6 @@ __all__ = [
     "SSE_DONE",
     "SSE_MEDIA_TYPE",
     "EventStream",
-    "HotRoutes",
     "check_json_content_type",
     "check_origin",
     "error_body_response",
@@ -61,7 +59,6 @@ __all__ = [
     "parse_body",
     "read_body",
     "retry_after",
-    "runner_json",
     "sse_event",
     "until_disconnected",
 ]
@@ -262,47 +259,6 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise RequestTooLarge(_too_large(size, max_bytes))
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def runner_json(request: Request, max_bytes: int) -> Any:
-    """The body parsed as JSON, as FastAPI reads a body parameter (without a Content-Type too; another media type
-    is a 400, not a 415: a runner answers its gateway, which checked it), read without the copy
-    ``request.body()`` keeps on the request."""
-    declared = request.headers.get("content-type")
-    raw = await read_body(request, max_bytes)
-    if declared is not None:
-        try:
-            check_json_content_type(declared)
-        except UnsupportedMediaType:
-            raise InvalidArgument(NOT_A_JSON_OBJECT) from None
-    return json_object(raw)
-
-
-class HotRoutes:
-    """ASGI for a runner: a POST to one of ``routes`` goes straight to its handler, everything else (the lifespan
-    too) to ``app``, the FastAPI app that also serves those routes and documents them.
-
-    FastAPI's middleware stack (error, telemetry, body-limit, exception and exit-stack layers, a wrapped ``send``
-    for each) is paid per request and per streamed chunk; the gateway skips it the same way for its generation
-    routes (``gateway/app.py``). A handler's error is answered as the app's handlers answer it
-    (``install_error_handlers``): in the OpenAI shape, a 500 logged with its traceback."""
-
-    def __init__(self, app: FastAPI, routes: Mapping[str, Callable[[Request], Awaitable[Any]]]) -> None:
-        self.app = app
-        self.routes = dict(routes)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if handler is None:
-            await self.app(scope, receive, send)
-            return
-        try:
-            response = await handler(Request(scope, receive))
-        except Exception as exc:
-            if not isinstance(exc, MemserveError):
-                log.exception("internal error in POST %s", scope["path"])
-            response = error_response(exc)
-        await response(scope, receive, send)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
