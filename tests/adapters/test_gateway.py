@@ -1,5 +1,6 @@
 """Adapters through the real gateway: configured ones served by their base's one runner under their own names,
-one added to the loaded base without a reload (its weights reserved), one removed; bad adapters are refused."""
+one added to the loaded base without a reload (its weights reserved), one removed; bad adapters are refused; an
+adapter added at run time is served again after a restart, and one removed is not."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_adapters_on_one_base_through_the_gateway(
         assert row["pid"] == added.json()["model"]["pid"] and row["adapters"] == sorted([first, second])  # no reload
         weights = read_adapter_facts(second_dir).weights_bytes
         assert row["devices"]["cpu"]["reserved_bytes"] == before + weights
-        assert text(second) not in (plain, adapted)
+        second_text = text(second)
+        assert second_text not in (plain, adapted)
 
         taken = httpx.post(f"{origin}/api/adapters", json={"model": "demo", "name": first, "source": str(second_dir)})
         not_adapter = httpx.post(
@@ -56,3 +58,22 @@ def test_adapters_on_one_base_through_the_gateway(
         gone = httpx.post(f"{origin}/v1/completions", json={**PROMPT, "model": second}, timeout=60)
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
         assert text(first) == adapted and ps(origin)["models"][0]["pid"] == row["pid"]
+
+        restored = httpx.post(
+            f"{origin}/api/adapters", json={"model": "demo", "name": second, "source": str(second_dir)}, timeout=120
+        )
+        assert restored.status_code == 200, restored.text
+
+    # a restart on the same data folder serves the adapter added at run time again (the store kept it)
+    with gateway(settings_for(tmp_path, [base]), host(8 * GiB)) as (origin, _):
+        listed = {m["id"]: m.get("parent") for m in httpx.get(f"{origin}/v1/models").json()["data"]}
+        assert listed == {"demo": None, first: "demo", second: "demo"}
+        answer = httpx.post(f"{origin}/v1/completions", json={**PROMPT, "model": second}, timeout=120)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == second_text
+        assert sorted(ps(origin)["models"][0]["adapters"]) == sorted([first, second])  # loaded with its base
+        assert httpx.delete(f"{origin}/api/adapters/{second}", timeout=60).status_code == 200
+
+    # removed at run time: a restart does not bring it back
+    with gateway(settings_for(tmp_path, [base]), host(8 * GiB)) as (origin, _):
+        listed = {m["id"]: m.get("parent") for m in httpx.get(f"{origin}/v1/models").json()["data"]}
+        assert listed == {"demo": None, first: "demo"}

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from memserve.store import Store, UsageRow
 from memserve.store import migrate as migrations
+from memserve.store.batches import BatchStore
 from memserve.store.faults import Target
 from memserve.store.keys import KeyStore
 from memserve.store.schema import metadata
@@ -23,11 +24,11 @@ from memserve.store.schema import metadata
 
 def test_revisions_are_one_line_oldest_first_and_named_by_their_id() -> None:
     scripts = list(reversed(list(migrations.scripts().walk_revisions())))
-    assert [s.revision for s in scripts] == ["0001", "0002", "0003", "0004"]
-    assert [s.down_revision for s in scripts] == [None, "0001", "0002", "0003"]
+    assert [s.revision for s in scripts] == ["0001", "0002", "0003", "0004", "0005"]
+    assert [s.down_revision for s in scripts] == [None, "0001", "0002", "0003", "0004"]
     for script in scripts:
         assert re.fullmatch(rf"{script.revision}_[a-z_]+\.py", script.path.rsplit("/", 1)[-1])
-    assert migrations.head() == "0004"
+    assert migrations.head() == "0005"
 
 
 def _differences(connection: sa.Connection) -> list[Any]:
@@ -47,7 +48,16 @@ def test_upgrade_from_empty_gives_exactly_the_tables_the_queries_use(db_url: str
 
     diffs, tables = asyncio.run(upgraded())
     assert diffs == []
-    assert tables == {"alembic_version", "api_keys", "usage", "files", "file_parts", "batches", "batch_results"}
+    assert tables == {
+        "alembic_version",
+        "api_keys",
+        "usage",
+        "files",
+        "file_parts",
+        "batches",
+        "batch_results",
+        "adapters",
+    }
 
 
 def test_upgrade_from_0001_keeps_the_keys_and_they_still_work(db_url: str) -> None:
@@ -186,3 +196,36 @@ def test_upgrade_from_0003_keeps_keys_and_usage_and_adds_the_batch_tables(db_url
             await store.close()
 
     assert asyncio.run(after_upgrade()) == ("before-batches", "a\nb\n", True, False, 1)
+
+
+def test_upgrade_from_0004_keeps_the_batches_and_adds_the_adapters(db_url: str) -> None:
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        Path(str(url.database)).parent.mkdir(parents=True)
+
+    async def at_0004() -> None:
+        engine = create_async_engine(db_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(migrations.upgrade, "0004")
+                assert "adapters" not in set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+            batches = BatchStore(engine, Target.of(url, 5.0), clock=lambda: datetime.now(UTC))
+            await batches.create_file("file-1", purpose="batch", filename="in.jsonl", key_id=None, parts=[b"a\n"])
+        finally:
+            await engine.dispose()
+
+    asyncio.run(at_0004())
+
+    async def after_upgrade() -> tuple[str, list[tuple[str, str, str]]]:
+        store = await Store.open(db_url)
+        try:
+            content = b"".join([part async for part in store.batches.content("file-1")])
+            await store.adapters.put("support", "tiny", "/lora/support")
+            await store.adapters.put("legal", "tiny", "/lora/legal")
+            await store.adapters.put("support", "tiny", "/lora/support-v2")  # the same name again: replaced
+            await store.adapters.remove("legal")
+            return content.decode(), [(a.name, a.model, a.source) for a in await store.adapters.list()]
+        finally:
+            await store.close()
+
+    assert asyncio.run(after_upgrade()) == ("a\n", [("support", "tiny", "/lora/support-v2")])

@@ -1,8 +1,9 @@
 """``memserve adapters add|rm|ls``: LoRA adapters on a running gateway's models, without reloading them.
 
 They call the gateway's admin API (``/api/adapters``; with keys on, an admin key from ``--api-key``,
-``$MEMSERVE_API_KEY`` or ``$MEMSERVE_ADMIN_KEY``). An adapter added at run time lives as long as the gateway
-process; to keep one across restarts, list it under its model's ``adapters:`` in memserve.yaml.
+``$MEMSERVE_API_KEY`` or ``$MEMSERVE_ADMIN_KEY``). An adapter added at run time is kept in the gateway's store
+(its folder's absolute path), so a restarted gateway serves it again; one removed at run time is not brought back
+(unless memserve.yaml lists it under its model's ``adapters:``).
 """
 
 from __future__ import annotations

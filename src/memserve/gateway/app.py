@@ -233,6 +233,12 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         service.store = opened
         service.auth = Auth(opened.keys if service.keys_on else None, public_paths=public_paths)
         service.usage, service.limiter = opened.usage, Limiter(opened.usage)
+        for stored in await opened.adapters.list():  # added at run time before a restart: served again
+            why = pool.restore_adapter(stored.model, stored.name, stored.source)
+            if why is not None:
+                log.warning(
+                    "adapter %s on %s (%s) is not served again: %s", stored.name, stored.model, stored.source, why
+                )
         await pool.start()
         await jobs.start(opened.batches)
         try:
@@ -475,14 +481,20 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
     )
     async def add_adapter(request: Request) -> dict[str, Any]:
         body = parse_body(AdapterBody, await json_body(request, settings.max_body_bytes))
-        return {"adapter": body.name, "model": await pool.add_adapter(body.model, body.name, body.source)}
+        row = await pool.add_adapter(body.model, body.name, body.source)
+        if service.store is not None:  # so that a restarted gateway serves it again
+            await service.store.adapters.put(body.name, body.model, str(Path(body.source).expanduser().resolve()))
+        return {"adapter": body.name, "model": row}
 
     @handles(app, ADAPTER_REMOVE, responses=openapi.responses(None, openapi.ADAPTER_ERRORS))
     async def remove_adapter(name: str) -> dict[str, Any]:
         on_base = pool.adapter(name)
         if on_base is None:
             raise ModelNotFound(f"no adapter {name!r} is served here (GET /api/adapters lists them)", param="name")
-        return {"adapter": on_base[1], "model": await pool.remove_adapter(*on_base), "removed": True}
+        row = await pool.remove_adapter(*on_base)
+        if service.store is not None:  # a restart does not bring it back (one in the config file comes back)
+            await service.store.adapters.remove(on_base[1])
+        return {"adapter": on_base[1], "model": row, "removed": True}
 
     @handles(app, FIT, responses=openapi.responses(None, openapi.FIT_ERRORS))
     async def fit(

@@ -311,6 +311,20 @@ class ModelPool:
                 return entry.name, name if colon else model
         return None
 
+    def restore_adapter(self, name: str, adapter: str, source: str) -> str | None:
+        """Put back adapter ``adapter`` (folder ``source``) on model ``name``, as one added at run time before a
+        restart: before the pool starts, so the model's next load takes it. Why it cannot be, or None."""
+        entry = self.entries.get(name)
+        if entry is None:
+            return f"the model {name!r} is not configured any more"
+        taken = next((e.name for e in self.entries.values() if adapter == e.name or adapter in e.adapters), None)
+        if taken is not None:
+            return f"the name is taken by model {taken!r} or one of its configured adapters"
+        if not (Path(source) / "adapter_config.json").is_file():
+            return f"{source} holds no adapter_config.json any more"
+        entry.adapters[adapter] = source
+        return None
+
     async def add_adapter(self, name: str, adapter: str, source: str) -> dict[str, Any]:
         """Put LoRA adapter ``adapter`` (folder ``source``) on model ``name``. A loaded base gets it at once,
         without a reload, when its weights fit beside what the ledger holds (the reservation grows by them);

@@ -22,6 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from memserve.errors import StoreUnavailable
 from memserve.store import migrate
+from memserve.store.adapters import AdapterStore
 from memserve.store.batches import BatchStore
 from memserve.store.faults import Target, corrupt_message, translated
 from memserve.store.keys import KeyStore
@@ -62,6 +63,7 @@ class Store:
         self.keys = keys
         self.usage = usage
         self.batches = batches or BatchStore(engine, target, clock=utcnow)
+        self.adapters = AdapterStore(engine, target, clock=utcnow)
 
     @classmethod
     async def open(

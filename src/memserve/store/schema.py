@@ -158,3 +158,14 @@ batch_results = sa.Table(
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Index("ix_batch_results_batch_id_line", "batch_id", "line"),
 )
+
+adapters = sa.Table(
+    "adapters",
+    metadata,
+    # LoRA adapters added at run time (POST /api/adapters), so a restarted gateway serves them again; those in
+    # the config file are not here (the file is their record)
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
