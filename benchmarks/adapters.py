@@ -17,6 +17,7 @@
 
     python benchmarks/adapters.py --model models/demo-small-fp32      # builds it (small, float32) if missing
     python benchmarks/adapters.py --model models/demo-tiny --rounds 1 --max-tokens 16
+    python benchmarks/adapters.py --model models/demo-small-fp32 --in-process    # the engine alone, no HTTP
 
 Greedy, one prompt per stream; tokens are counted from each answer's ``usage``. Peak memory is the largest RSS
 of the runner seen by a 20 Hz sampler while it served.
@@ -123,6 +124,64 @@ async def burst(url: str, models: list[str], max_tokens: int) -> dict[str, float
     return {"tokens": sum(tokens), "seconds": wall, "tokens_per_second": sum(tokens) / wall}
 
 
+def in_process(args: argparse.Namespace, adapters: list[Path]) -> None:
+    """The continuous-batching engine alone, in this process, with the four adapters on its base (``LoraBank``):
+    ``--streams`` greedy requests of ``--max-tokens`` tokens at once, on the base, all on one adapter, and spread
+    over the four (every step mixes them); rounds alternate the order; medians of tokens/s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from memserve.runner.engine import ContinuousBatchingEngine
+    from memserve.runner.lora import LoraBank
+    from memserve.wire.events import GenerationRequest
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    bank = LoraBank(model)
+    for folder in adapters:
+        bank.add(folder.name, folder)
+    engine = ContinuousBatchingEngine(
+        model,
+        max_sequences=args.streams,
+        max_queue=args.streams,
+        max_context_tokens=args.context,
+        max_batch_tokens=2048,
+    )
+    engine.attach_lora(bank)
+    names = [a.name for a in adapters]
+    setups = {
+        "base": [None] * args.streams,
+        "one adapter": [names[0]] * args.streams,
+        "four mixed": [names[i % len(names)] for i in range(args.streams)],
+    }
+
+    async def one(index: int, adapter: str | None) -> int:
+        request = GenerationRequest(
+            f"r{index}",
+            tuple(range(10 + index, 30 + index)),
+            max_new_tokens=args.max_tokens,
+            stop_token_ids=(-1,),
+            adapter=adapter,
+        )
+        return sum([1 async for _ in engine.generate(request)])
+
+    async def run() -> dict[str, list[float]]:
+        results: dict[str, list[float]] = {name: [] for name in setups}
+        for index in range(args.rounds):
+            for name in setups if index % 2 == 0 else list(reversed(setups)):
+                started = time.perf_counter()
+                tokens = sum(await asyncio.gather(*(one(i, a) for i, a in enumerate(setups[name]))))
+                results[name].append(tokens / (time.perf_counter() - started))
+        await engine.close()
+        return results
+
+    results = asyncio.run(run())
+    base = statistics.median(results["base"])
+    for name, values in results.items():
+        median = statistics.median(values)
+        rounds = ", ".join(f"{v:.1f}" for v in values)
+        print(f"  {name:<12} {median:7.1f} tok/s  ×{median / base:.2f} of the base  (rounds {rounds})")
+
+
 def ensure_model(path: Path, size: str) -> None:
     if (path / "config.json").is_file():
         return
@@ -155,12 +214,18 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--in-process", action="store_true", help="only the engine, no HTTP: base, one adapter, four mixed per step"
+    )
     args = parser.parse_args()
 
     ensure_model(args.model, args.size)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     adapters = ensure_adapters(args.model, args.work_dir, args.rank, args.targets)
     names = [a.name for a in adapters]
+    if args.in_process:
+        in_process(args, adapters)
+        return
     print(
         f"{args.model}: 4 adapters r={args.rank} on {args.targets}; {args.streams} streams × {args.max_tokens} tokens"
     )
