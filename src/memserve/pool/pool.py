@@ -311,13 +311,17 @@ class ModelPool:
                 return entry.name, name if colon else model
         return None
 
+    def _name_owner(self, name: str) -> str | None:
+        """The model that already answers to ``name``, as itself or as one of its adapters; None if none does."""
+        return next((e.name for e in self.entries.values() if name == e.name or name in e.adapters), None)
+
     def restore_adapter(self, name: str, adapter: str, source: str) -> str | None:
         """Put back adapter ``adapter`` (folder ``source``) on model ``name``, as one added at run time before a
         restart: before the pool starts, so the model's next load takes it. Why it cannot be, or None."""
         entry = self.entries.get(name)
         if entry is None:
             return f"the model {name!r} is not configured any more"
-        taken = next((e.name for e in self.entries.values() if adapter == e.name or adapter in e.adapters), None)
+        taken = self._name_owner(adapter)
         if taken is not None:
             return f"the name is taken by model {taken!r} or one of its configured adapters"
         if not (Path(source) / "adapter_config.json").is_file():
@@ -330,7 +334,7 @@ class ModelPool:
         without a reload, when its weights fit beside what the ledger holds (the reservation grows by them);
         a stopped one loads with it. Returns the model's /api/ps row."""
         entry = self.entry(name)
-        taken = next((e.name for e in self.entries.values() if adapter == e.name or adapter in e.adapters), None)
+        taken = self._name_owner(adapter)
         if taken is not None:
             raise Conflict(
                 f"the name {adapter!r} is taken (by model {taken!r} or one of its adapters); remove that adapter "
