@@ -92,12 +92,13 @@ def runner_process(
     quantization: str = "auto",
     env: dict[str, str] | None = None,
     adapters: tuple[Path, ...] = (),
+    max_queue: int | None = None,
 ) -> Iterator[str]:
     """A real runner (``python -m memserve.runner``) on ``model_dir``, planned as ``fit --json`` plans it for a
     4 GiB CPU budget and served on a free port as ``name``; yield its base URL (no /v1). Its stderr (the load
     phases as JSON lines) is ``folder / "runner.log"``, its plan ``folder / "plan.json"``; it is stopped on the
     way out. ``adapters`` are LoRA folders planned as ``fit --adapter`` plans them and loaded at start, each
-    named by its folder."""
+    named by its folder. ``max_queue`` is the runner's ``--max-queue`` (the pool passes a model's own)."""
     inventory = probe_inventory(memory="cpu=4GiB")
     facts, request, result = fit_result(
         str(model_dir),
@@ -113,6 +114,8 @@ def runner_process(
     port = free_port()
     log = folder / "runner.log"
     command = [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", name]
+    if max_queue is not None:
+        command += ["--max-queue", str(max_queue)]
     with log.open("w") as err:
         process = subprocess.Popen(
             command, stderr=err, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}

@@ -178,3 +178,31 @@ def test_a_burst_of_the_largest_bodies_beyond_concurrency_stays_within_the_plan(
     reserved = health["load"]["plan_check"]["reserved_bytes"]["cpu"]
     peak = health["memory"]["cpu"]["peak_rss_bytes"]
     assert peak <= reserved, f"the runner peaked at {peak} bytes under the burst, over its plan's {reserved}"
+
+
+def test_a_queue_longer_than_the_plan_priced_waits_unprepared(tiny_vision_dir: Path, tmp_path: Path) -> None:
+    """``max_queue`` beyond the default queue: the plan prices the pixel values of ``image_requests_held``
+    requests (one sequence and its default queue of 4 here), so the runner prepares no more than those at once;
+    the rest wait unread, and every request is still answered."""
+    from memserve.memory.planner import image_requests_held
+
+    held = image_requests_held(1)
+    with runner_process(tiny_vision_dir, tmp_path, name="vis", context=512, concurrency=1, max_queue=3 * held) as base:
+        body = {"model": "vis", "max_tokens": 24, "temperature": 0, "messages": messages([RED], "what is this?")}
+        seen: list[int] = []
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=300) as client:
+                url = f"{base}/v1/chat/completions"
+                calls = asyncio.gather(*(client.post(url, json=body) for _ in range(3 * held)))
+                while not calls.done():
+                    stats = (await client.get(f"{base}/stats")).json()
+                    seen.append(stats["running"] + stats["waiting"])
+                    await asyncio.sleep(0.01)
+                return list(await calls)
+
+        answers = asyncio.run(burst())
+    assert [r.status_code for r in answers] == [200] * 3 * held
+    assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1  # greedy: one answer
+    assert max(seen) <= held, f"the runner held {max(seen)} prepared requests, more than the {held} its plan priced"
+    assert max(seen) >= 2, f"the burst never queued behind the running sequence ({seen}): the check saw nothing"

@@ -402,6 +402,15 @@ def cpu_quantization_blocked(facts: CheckpointFacts, quantization: Quantization)
 
 
 QUEUE_PER_SEQUENCE = 4  # requests allowed to wait per sequence generated at once, unless max_queue says otherwise
+
+
+def image_requests_held(concurrency: int) -> int:
+    """Prepared requests an image-text plan prices the pixel values of: ``concurrency`` sequences and the default
+    queue behind them, whatever ``max_queue`` says. The runner prepares no more than this at once
+    (``ImageCompleter.held``); a longer queue waits unprepared, holding nothing in the runner."""
+    return concurrency * (1 + QUEUE_PER_SEQUENCE)
+
+
 IMAGE_BODY_BYTES = 16 * 1024 * 1024
 """The largest request body an image-text runner is priced for: the gateway's default ``max_body_bytes`` (base64
 images are 4/3 of their bytes, so 4 images of 10 MiB could not pass it anyway)."""
@@ -437,7 +446,7 @@ def _pack(
             max_pixels=limits.max_pixels,
             concurrency=concurrency,
             max_body_bytes=IMAGE_BODY_BYTES,
-            waiting=QUEUE_PER_SEQUENCE * concurrency,
+            waiting=image_requests_held(concurrency) - concurrency,
         ).total_bytes
     cpu_runtime = CPU_GENERATE_RUNTIME_BYTES if engine != CONTINUOUS_BATCHING else CPU_RUNTIME_BYTES
     needs: dict[str, dict[str, int]] = {}

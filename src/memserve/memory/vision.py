@@ -23,7 +23,8 @@ left grows with the images a request may carry (``wire/images.py: ImageLimits``)
   worst-case warm-up, 8 at once (concurrency 4) 431 MiB: 2–3 copies of each body (the chunks, the joined
   bytes, the parsed JSON); priced as ``BODY_COPIES ×`` the largest body, once.
 - **waiting requests**: a request in the runner's queue holds its prompt and its ``pixel_values`` (float32),
-  so ``waiting`` requests add those, not their bodies.
+  so ``waiting`` requests add those, not their bodies. The planner prices the default queue
+  (``planner.image_requests_held``); the runner prepares no more requests than that, whatever ``max_queue`` says.
 """
 
 from __future__ import annotations

@@ -31,10 +31,12 @@ from memserve.runner.app import _Completer, chat_text
 from memserve.runner.fallback import GenerateEngine
 from memserve.runner.front import WARMUP_REQUEST, Job, filler_prompt, worst_case_prompt_tokens
 from memserve.wire.events import Engine, GenerationRequest
+from memserve.wire.http import EventStream
 from memserve.wire.images import DecodedImage, ImageLimits, check_images, decode_data_url, open_rgb
 from memserve.wire.schema import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
+    from fastapi import Request, Response
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
     from memserve.memory.fit import PlanFile
@@ -58,16 +60,25 @@ class ImageTextEngine(GenerateEngine):
 
     ``processor`` stays with the engine (the app's completer reads it), and the worst-case warm-up sends the
     most images a request may carry (``limits.max_images``), each at the largest size the caps admit.
+    ``held_requests`` is how many prepared requests (their pixel values) the plan priced: the completer
+    prepares no more than that at once.
     """
 
     name = IMAGE_TEXT
 
     def __init__(
-        self, model: PreTrainedModel, processor: ProcessorMixin, *, limits: ImageLimits | None = None, **kwargs: Any
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        *,
+        limits: ImageLimits | None = None,
+        held_requests: int | None = None,
+        **kwargs: Any,
     ) -> None:
         self.processor = processor
         self.limits = limits or ImageLimits()
         super().__init__(model, **kwargs)
+        self.held_requests = held_requests or self.max_sequences + self.max_queue
 
     @staticmethod
     def _decoding(request: GenerationRequest) -> Any:
@@ -201,7 +212,28 @@ class ImageCompleter(_Completer):
         # one body at a time from its bytes to its prompt: base64 images make bodies tens of MiB, and a burst of
         # them read at once would hold every one (memory/vision.py prices one body, and the inputs of each sequence)
         self.preparing = asyncio.Lock()
+        # prepared requests hold their pixel values until they finish: no more of them than the plan priced, so
+        # a max_queue beyond the default queue waits here, unread, instead of past the plan
+        self.held = asyncio.Semaphore(image_engine.held_requests)
         self.markers = frozenset(_marker_ids(image_engine.model))
+
+    async def complete(self, request: Request, kind: type[ChatCompletionRequest | CompletionRequest]) -> Response:
+        """The text completer's answer, prepared only once fewer than ``held`` requests hold their inputs; the
+        slot is given back when the answer ends (a stream's when it closes)."""
+        await self.held.acquire()
+        try:
+            response = await super().complete(request, kind)
+        except BaseException:
+            self.held.release()
+            raise
+        if isinstance(response, EventStream):
+            response.after_close(self._release)
+        else:
+            self.held.release()
+        return response
+
+    async def _release(self) -> None:
+        self.held.release()
 
     def text_prompt(self, body: CompletionRequest) -> list[int]:
         """A completion takes no images, so its prompt may not hold the marker the model fills with an image's
@@ -275,6 +307,7 @@ def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from memserve.checkpoint.locate import locate
+    from memserve.memory.planner import image_requests_held
     from memserve.runner.load import from_pretrained_kwargs, read_weights, record_phase, weight_bytes
     from memserve.runner.progress import LoadProgress
 
@@ -311,6 +344,7 @@ def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits
                 model,
                 processor,
                 limits=limits,
+                held_requests=image_requests_held(plan.concurrency),
                 max_sequences=sequences,
                 max_queue=launch.queue + plan.concurrency - sequences,
                 max_context_tokens=plan.context_tokens,

@@ -228,6 +228,19 @@ class EventStream(StreamingResponse):
         self._body = body
         self._on_close = on_close
 
+    def after_close(self, then: Callable[[], Awaitable[None]]) -> None:
+        """Run ``then`` after ``on_close`` (and however that ended), when the response ends."""
+        first = self._on_close
+
+        async def both() -> None:
+            try:
+                if first is not None:
+                    await first()
+            finally:
+                await then()
+
+        self._on_close = both
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
