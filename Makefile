@@ -6,6 +6,8 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= models/demo-tiny
+# test workers (pytest-xdist, one file per worker at a time; each worker's torch takes one thread): 2 fit CI's 2 cores
+WORKERS ?= 2
 
 .PHONY: venv test lint serve fit demo clean
 
@@ -24,7 +26,7 @@ test: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

@@ -24,7 +24,9 @@ from tests.serving import nothing_listening, serve_app, serve_fake
 
 
 def bench(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main, ["bench", *args], env=env)
+    """``memserve bench`` as a user runs it at a terminal 200 columns wide: its tables honour ``COLUMNS`` when it is
+    set (pytest-xdist's workers set it to 80, which cuts them)."""
+    return CliRunner().invoke(main, ["bench", *args], env={"COLUMNS": "200", **(env or {})})
 
 
 @contextmanager
