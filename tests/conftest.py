@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # before torch is imported, here or in a runner a test starts
-    # the suite runs in two workers (README: `pytest -n 2`) on a 2-core machine: each worker's torch, and every
+    # `make test` runs the suite in two workers (`pytest -n 2`) on a 2-core machine: each worker's torch, and every
     # runner it starts, takes one thread, or the two would oversubscribe the cores and slow each other ×3–×5
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
