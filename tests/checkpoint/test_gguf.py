@@ -70,6 +70,21 @@ def test_header_facts_of_the_tiny_demo(
     assert summary["format"] == "gguf" and summary["dtype"] == file_type and summary["kv_bytes_per_token"] == 256
 
 
+def test_the_mixture_of_experts_demo_is_read_with_its_experts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Each MLP (3 × 64 × 160 = 30,720 params) as 4 stacked experts behind a 4 × 64 router, as llama.cpp's
+    Mixtral: 3 more copies of it and a router per layer."""
+    path = tmp_path / "tiny-moe.gguf"
+    assert convert_demo_checkpoint(tiny_model_dir, path, gguf_type="f32", experts=4) == 217_408 + 2 * (3 * 30_720 + 256)
+    facts = read_gguf_facts(path)
+    assert (facts.architecture, facts.experts, facts.experts_per_token, facts.intermediate_size) == ("llama", 4, 2, 160)
+    assert facts.tensors == 3 + 2 * 10 and facts.weights_bytes == facts.params * 4
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in GGUFReader(path).tensors}
+    assert shapes["blk.0.ffn_gate_exps.weight"] == (64, 160, 4)  # GGUF lists dimensions innermost first
+    assert shapes["blk.1.ffn_down_exps.weight"] == (160, 64, 4) and shapes["blk.1.ffn_gate_inp.weight"] == (64, 4)
+    with pytest.raises(InvalidArgument, match="llama model with 1 to 4 experts"):
+        convert_demo_checkpoint(tiny_model_dir, tmp_path / "bad.gguf", gguf_type="f32", experts=4, experts_used=5)
+
+
 def test_qwen2_ties_its_head_to_the_embeddings(tiny_qwen_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "qwen.gguf"
     convert_demo_checkpoint(tiny_qwen_dir, path, gguf_type="f32")
@@ -238,7 +253,17 @@ def test_demo_model_cli_writes_a_gguf(tmp_path: Path) -> None:
     assert "llama tiny q8_0 GGUF, 217,408 params" in result.output
     assert read_gguf_facts(tmp_path / "t.gguf").file_type == "q8_0"
     wrong = CliRunner().invoke(main, ["demo-model", str(tmp_path / "x"), "--gguf-type", "q8_0"])
-    assert wrong.exit_code != 0 and "--gguf-type and --gguf-split-tensors apply to --format gguf only" in wrong.output
+    assert (
+        wrong.exit_code != 0
+        and "--gguf-type, --gguf-split-tensors and --gguf-experts apply to --format gguf only"
+        in (" ".join(wrong.output.split()))
+    )
+    moe = CliRunner().invoke(main, ["demo-model", str(tmp_path / "m.gguf"), "--format", "gguf", "--gguf-experts", "4"])
+    assert moe.exit_code == 0, moe.output
+    assert (read_gguf_facts(tmp_path / "m.gguf").experts, read_gguf_facts(tmp_path / "m.gguf").experts_per_token) == (
+        4,
+        2,
+    )
     split = CliRunner().invoke(
         main, ["demo-model", str(tmp_path / "s" / "t.gguf"), "--format", "gguf", "--gguf-split-tensors", "8"]
     )

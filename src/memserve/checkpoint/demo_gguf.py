@@ -13,6 +13,12 @@ ChatML special tokens as control tokens, and the chat template. Two details only
 
 The file is written tensor by tensor (header first, then each tensor converted as it is written), so
 peak memory is one tensor, and it appears at its path only once complete.
+
+``experts`` > 0 writes a mixture-of-experts variant of a llama demo, shaped as llama.cpp's converter writes
+Mixtral (``llama`` architecture, ``expert_count`` and ``expert_used_count``): each layer's MLP becomes that many
+experts stacked in 3-D tensors (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``; expert ``e`` is the dense
+MLP scaled by ``1 + e/100``) behind a seeded random router (``ffn_gate_inp``). It has no transformers twin: it
+is for measuring what llama.cpp holds for an MoE model, not for comparing outputs.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.experts.gate_proj": "ffn_gate_exps.weight",  # the MoE variant's (``_with_experts``)
+    "mlp.experts.up_proj": "ffn_up_exps.weight",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "mlp.router.weight": "ffn_gate_inp.weight",
 }
 _MODEL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -81,6 +91,8 @@ def write_demo_gguf(
     seed: int = 0,
     force: bool = False,
     split_tensors: int = 0,
+    experts: int = 0,
+    experts_used: int = 2,
 ) -> DemoGgufInfo:
     """Write the demo model of ``size``/``arch``/``seed`` as one GGUF file at ``path`` (``*.gguf``).
 
@@ -88,6 +100,7 @@ def write_demo_gguf(
     (f32, f16, bf16 or q8_0; by default the dtype's own, so the weights are the safetensors demo's exactly).
     ``split_tensors`` > 0 splits the model into files of at most that many tensors, named as llama.cpp's
     ``gguf-split`` names them (``STEM-00001-of-0000N.gguf`` beside ``path``); ``path`` in the answer is the first.
+    ``experts`` > 0 (llama only) writes the mixture-of-experts variant, ``experts_used`` of them per token.
     """
     path = Path(path)
     if path.suffix != ".gguf":
@@ -105,7 +118,12 @@ def write_demo_gguf(
         info = write_demo_model(staging / "checkpoint", size=size, arch=arch, dtype=dtype, seed=seed)
         kind = gguf_type or _TYPE_OF_DTYPE[info.dtype]
         params = convert_demo_checkpoint(
-            staging / "checkpoint", staging / "model.gguf", gguf_type=kind, split_tensors=split_tensors
+            staging / "checkpoint",
+            staging / "model.gguf",
+            gguf_type=kind,
+            split_tensors=split_tensors,
+            experts=experts,
+            experts_used=experts_used,
         )
         written = sorted(staging.glob("model*.gguf"))
         if len(written) == 1:
@@ -135,6 +153,24 @@ def _gguf_name(name: str) -> str:
     if prefix == "model" and index.isdigit() and leaf in _LAYER_NAMES:
         return f"blk.{int(index)}.{_LAYER_NAMES[leaf]}"
     raise CheckpointError(f"tensor {name} has no llama.cpp name; only the demo models' llama and qwen2 convert")
+
+
+def _with_experts(tensors: Iterator[tuple[str, Any]], experts: int) -> Iterator[tuple[str, Any]]:
+    """The dense MLP's three matrices of each layer as ``experts`` stacked copies (expert ``e`` scaled by
+    ``1 + e/100``), and a router before them, random from a seed of the layer's index; the rest unchanged."""
+    import numpy as np
+
+    for name, data in tensors:
+        prefix, dot, leaf = name.rpartition(".mlp.")
+        if not dot or leaf not in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+            yield name, data
+            continue
+        if leaf == "gate_proj.weight":
+            layer = int(prefix.rpartition(".")[2])
+            rng = np.random.default_rng(layer)
+            yield f"{prefix}.mlp.router.weight", rng.standard_normal((experts, data.shape[1]), dtype=np.float32)
+        scales = (1 + np.arange(experts, dtype=np.float32) / 100).reshape(experts, 1, 1)
+        yield f"{prefix}.mlp.experts.{leaf.removesuffix('.weight')}", data[np.newaxis] * scales
 
 
 def _tensors(folder: Path) -> Iterator[tuple[str, Any]]:
@@ -172,9 +208,12 @@ def _tokenizer(folder: Path) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str, split_tensors: int = 0) -> int:
+def convert_demo_checkpoint(
+    folder: Path, out: Path, *, gguf_type: str, split_tensors: int = 0, experts: int = 0, experts_used: int = 2
+) -> int:
     """Convert a demo checkpoint folder (llama or qwen2) into one GGUF file (into splits of at most
-    ``split_tensors`` tensors each when it is > 0, named by the gguf package's writer); returns its parameter count."""
+    ``split_tensors`` tensors each when it is > 0, named by the gguf package's writer); returns its parameter count.
+    ``experts`` > 0 (llama only): the mixture-of-experts variant (see the module's docstring)."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
     from gguf.quants import quantize
@@ -183,6 +222,12 @@ def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str, split_te
     arch = _ARCHS.get((config.get("architectures") or ["?"])[0])
     if arch is None:
         raise CheckpointError(f"{folder}: only the demo models' llama and qwen2 checkpoints convert to GGUF")
+    if experts and (arch != "llama" or not 0 < experts_used <= experts):
+        raise InvalidArgument(
+            f"the mixture-of-experts demo is a llama model with 1 to {experts} experts used per token; got {arch} "
+            f"with {experts_used}",
+            param="experts",
+        )
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     matrix_type = {
@@ -201,7 +246,8 @@ def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str, split_te
     tokens, types, merges = _tokenizer(folder)
 
     def kind(name: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
-        return matrix_type if len(shape) == 2 else GGMLQuantizationType.F32
+        router = name.endswith("mlp.router.weight")  # llama.cpp's converter keeps Mixtral's router unquantized too
+        return matrix_type if len(shape) >= 2 and not router else GGMLQuantizationType.F32
 
     def convert(name: str, data: np.ndarray) -> np.ndarray:
         if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
@@ -223,6 +269,9 @@ def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str, split_te
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(experts_used)
     writer.add_vocab_size(len(tokens))
     writer.add_file_type(int(file_type))
     writer.add_tokenizer_model("gpt2")
@@ -238,8 +287,11 @@ def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str, split_te
     if template.is_file():
         writer.add_chat_template(template.read_text(encoding="utf-8"))
 
+    def tensors() -> Iterator[tuple[str, Any]]:
+        return _with_experts(_tensors(folder), experts) if experts else _tensors(folder)
+
     params = 0
-    for name, data in _tensors(folder):  # first pass: names, shapes and sizes only
+    for name, data in tensors():  # first pass: names, shapes and sizes only
         ggml_type = kind(name, data.shape)
         block, type_size = GGML_QUANT_SIZES[ggml_type]
         writer.add_tensor_info(
@@ -249,7 +301,7 @@ def convert_demo_checkpoint(folder: Path, out: Path, *, gguf_type: str, split_te
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, data in _tensors(folder):
+    for name, data in tensors():
         writer.write_tensor_data(convert(name, data))
     writer.close()
     return params

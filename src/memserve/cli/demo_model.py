@@ -88,6 +88,12 @@ def _choices(names: Iterable[str]) -> str:
     default=None,
     help="Split the GGUF model into files of at most this many tensors (NAME-00001-of-0000N.gguf, as gguf-split).",
 )
+@click.option(
+    "--gguf-experts",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Write a mixture-of-experts GGUF (llama only): each MLP as this many experts, 2 used per token.",
+)
 def demo_model(
     path: Path,
     size: str,
@@ -103,6 +109,7 @@ def demo_model(
     fmt: str,
     gguf_type: str | None,
     gguf_split_tensors: int | None,
+    gguf_experts: int | None,
 ) -> None:
     """Write a random-weight checkpoint with a locally trained tokenizer and a chat template to PATH.
 
@@ -130,14 +137,17 @@ def demo_model(
                 seed=seed,
                 force=force,
                 split_tensors=gguf_split_tensors or 0,
+                experts=gguf_experts or 0,
             )
             click.echo(
                 f"wrote {gguf.path}: {gguf.arch} {gguf.size} {gguf.gguf_type} GGUF, {gguf.params:,} params, "
                 f"{format_bytes(gguf.file_bytes)}"
             )
             return
-        if gguf_type is not None or gguf_split_tensors is not None:
-            raise click.ClickException("--gguf-type and --gguf-split-tensors apply to --format gguf only")
+        if gguf_type is not None or gguf_split_tensors is not None or gguf_experts is not None:
+            raise click.ClickException(
+                "--gguf-type, --gguf-split-tensors and --gguf-experts apply to --format gguf only"
+            )
         if arch == "llava":
             from memserve.checkpoint.demo_vision import write_demo_vision_model
 

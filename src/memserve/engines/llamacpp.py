@@ -120,7 +120,8 @@ def compute_bytes(facts: GgufFacts, batch_tokens: int, context_tokens: int, slot
     """llama.cpp's compute buffer: its worst-case graph of ``min(batch, cells)`` tokens (see the constants)."""
     tokens = min(batch_tokens, kv_tokens(context_tokens, slots))
     hidden = HIDDEN_TENSORS * facts.hidden_size * tokens * 4 + INPUT_BYTES_PER_TOKEN * tokens
-    ffn = FFN_TENSORS * facts.intermediate_size * tokens * 4
+    # a mixture of experts computes the FFN of each expert a token is routed to, side by side
+    ffn = FFN_TENSORS * facts.intermediate_size * (facts.experts_per_token or 1) * tokens * 4
     logits = facts.vocab_size * slots * LOGITS_BYTES
     mask = slot_tokens(context_tokens, slots) * tokens * MASK_BYTES
     return hidden + max(ffn, logits) + mask
