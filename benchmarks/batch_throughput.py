@@ -31,7 +31,10 @@ timed to its first text event, ``--samples`` times, under each load:
   one more interactive stream instead of the batch;
 - ``C-1 streams`` and ``C streams``: as many as the batch may hold (a job never takes a model's last slot), and
   the whole concurrency (the request must queue);
-- ``batch``: a ``/v1/batches`` job of 400 such requests, saturating what the model gives batches.
+- ``batch``: a ``/v1/batches`` job of 400 such requests, saturating what the model gives batches (one slot
+  while interactive requests come: ``gateway/batch_jobs.py``);
+- ``batch, quiet``: the same, each probe sent after ``INTERACTIVE_SECONDS`` + 1 s without interactive requests,
+  when the batch has taken back ``C-1`` slots (at most 10 samples: each waits that long).
 
 **CPU per request** (``--measure cpu``). What each client itself costs, with no model to share the cores
 with: the fake OpenAI server (``memserve.wire.fake``, answering at once) in a child process, then, for each of
@@ -61,6 +64,7 @@ from typing import Any
 
 import httpx
 
+from memserve.gateway.batch_jobs import INTERACTIVE_SECONDS
 from memserve.net import free_port
 
 
@@ -264,13 +268,16 @@ async def leases(client: httpx.AsyncClient, name: str) -> int:
     return sum(int(row.get("leases") or 0) for row in rows if row["name"] == name)
 
 
-async def probe(client: httpx.AsyncClient, name: str, samples: int) -> tuple[list[float], list[int]]:
-    """``samples`` TTFTs, one request at a time, and the model's leases seen just before each."""
+async def probe(
+    client: httpx.AsyncClient, name: str, samples: int, *, pause: float = 0.05
+) -> tuple[list[float], list[int]]:
+    """``samples`` TTFTs, one request at a time ``pause`` seconds apart, and the model's leases seen just before
+    each."""
     seconds, held = [], []
     for _ in range(samples):
+        await asyncio.sleep(pause)
         held.append(await leases(client, name))
         seconds.append(await ttft_once(client, name))
-        await asyncio.sleep(0.05)
     return seconds, held
 
 
@@ -328,9 +335,9 @@ async def ttft_rows(origin: str, name: str, concurrency: int, samples: int) -> l
     async with httpx.AsyncClient(base_url=origin, timeout=600, limits=limits) as client:
         await probe(client, name, 2)  # warm-up, not counted
 
-        async def row(label: str, load: Any) -> None:
+        async def row(label: str, load: Any, *, count: int = samples, pause: float = 0.05) -> None:
             async with load:
-                seconds, held = await probe(client, name, samples)
+                seconds, held = await probe(client, name, count, pause=pause)
             found = {
                 "load": label,
                 "median_ms": 1000 * statistics.median(seconds),
@@ -353,6 +360,9 @@ async def ttft_rows(origin: str, name: str, concurrency: int, samples: int) -> l
         await row(f"{concurrency - 1} streams", streams(client, name, concurrency - 1))
         await row(f"{concurrency} streams", streams(client, name, concurrency))
         await row("batch", saturating_batch(client, name))
+        # each probe after the interactive traffic has been quiet long enough for the batch to take its slots back
+        quiet = INTERACTIVE_SECONDS + 1.0
+        await row("batch, quiet", saturating_batch(client, name), count=min(samples, 10), pause=quiet)
     return rows
 
 

@@ -1,9 +1,11 @@
-"""Batch work yields to interactive work: a job never holds a local model's last slot."""
+"""Batch work yields to interactive work: a job never holds a local model's last slot, and keeps to one slot while
+interactive requests come."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -11,7 +13,7 @@ import openai
 
 from memserve.config import ModelConfig, ProviderConfig
 from memserve.gateway.app import create_app
-from memserve.gateway.batch_jobs import PROVIDER_SLOTS, BatchJobs, Slots
+from memserve.gateway.batch_jobs import INTERACTIVE_SECONDS, PROVIDER_SLOTS, BatchJobs, Slots
 from memserve.pool.pool import ModelPool
 from tests.batch_api.helpers import batch_lines, read_jsonl, upload, wait_for
 from tests.gateway.test_gateway_process import GiB, host, settings_for
@@ -47,6 +49,10 @@ def test_a_model_keeps_one_slot_for_interactive_requests(tmp_path: Path, tiny_mo
     )
     jobs = BatchJobs(settings, ModelPool(settings, host(4 * GiB)), generate=None)  # type: ignore[arg-type]
     assert [jobs.model_slots(m) for m in ("one", "three", "fake/m1")] == [1, 2, PROVIDER_SLOTS]
+    jobs.interactive("three")  # interactive traffic: its batches keep to one slot
+    assert [jobs.model_slots(m) for m in ("one", "three", "fake/m1")] == [1, 1, PROVIDER_SLOTS]
+    jobs.interactive_at["three"] = time.monotonic() - INTERACTIVE_SECONDS - 1  # quiet long enough: two again
+    assert jobs.model_slots("three") == 2
 
 
 def test_a_saturating_batch_leaves_the_last_slot_and_an_interactive_request_gets_it(
@@ -55,13 +61,17 @@ def test_a_saturating_batch_leaves_the_last_slot_and_an_interactive_request_gets
     settings = settings_for(tmp_path, [_model("demo", tiny_model_dir, 3)])
     pool = ModelPool(settings, host(4 * GiB))
     app = create_app(settings, pool)
-    ids = [f"q{i}" for i in range(16)]
+    ids = [f"q{i}" for i in range(48)]  # work left for the batch after the interactive request
     samples: list[tuple[int, bool]] = []  # (the runner's leases, an interactive request in flight)
+    batch_in_flight: list[tuple[int, float]] = []  # (batch requests in flight, read before this monotonic time)
     sampling, interactive_in_flight = threading.Event(), threading.Event()
 
     def sample() -> None:
         while not sampling.is_set():
             samples.append((pool.entries["demo"].leases, interactive_in_flight.is_set()))
+            jobs = getattr(app.app.state, "batch_jobs", None)  # type: ignore[attr-defined]
+            if jobs is not None:
+                batch_in_flight.append((jobs.slots.in_flight.get("demo", 0), time.monotonic()))
             sampling.wait(0.005)
 
     with serve_app(app, lifespan=True) as origin, openai.OpenAI(base_url=f"{origin}/v1", api_key="-") as client:
@@ -89,3 +99,9 @@ def test_a_saturating_batch_leaves_the_last_slot_and_an_interactive_request_gets
     assert jobs.slots.high_water == {"demo": 2}  # saturated: two batch requests at once, never the third slot
     assert {leases for leases, interactive in samples if not interactive} <= {0, 1, 2}  # the batch's alone
     assert 2 in {leases for leases, _ in samples}
+    # once the interactive request started, the batch took no second slot for INTERACTIVE_SECONDS: the two it held
+    # ran out, and from then on it held at most one (it still had work: it did hold one)
+    started = jobs.interactive_at["demo"]
+    window = [n for n, t in batch_in_flight if started <= t < started + INTERACTIVE_SECONDS]
+    after = window[next(i for i, n in enumerate(window) if n <= 1) :]
+    assert after and max(after) <= 1 and 1 in after, window

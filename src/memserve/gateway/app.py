@@ -54,7 +54,7 @@ from memserve.errors import (
 from memserve.gateway import openapi
 from memserve.gateway.accounts import add_account_routes
 from memserve.gateway.auth import ANONYMOUS, PUBLIC_PATHS, Auth, Caller, auth_mode, end_user
-from memserve.gateway.batch_jobs import BatchJobs, make_generate
+from memserve.gateway.batch_jobs import BATCH_CLIENT, BatchJobs, make_generate
 from memserve.gateway.batches import add_batch_routes
 from memserve.gateway.door import Door
 from memserve.gateway.limits import Limiter
@@ -305,6 +305,8 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         await record.admit(service.limiter, body)
         sent, record.meter = metered(body, stream, record.admission, record=record)
         receive = request.receive
+        if request.scope.get("client") != BATCH_CLIENT:
+            jobs.interactive(base)  # batches on this model keep to one slot for a while
         asked = time.monotonic()
         try:
             lease = await until_disconnected(receive, pool.acquire(base, keep_alive_seconds=keep_alive_seconds))

@@ -15,10 +15,17 @@ flight finish and their results are kept, then the job is ``cancelled``. A reque
 ``request_timeout_seconds`` after the cancel is cut then (not a result: it is in neither file). Expiry, a lost
 hold and a shutdown cut the requests in flight at once.
 
-Batch work yields to interactive work: on a local model a job never holds the last free slot of its plan's
-concurrency (at most ``concurrency - 1`` batch requests in flight per model, across all jobs, and 1 when the
-plan's concurrency is 1), so an interactive request meets at most one more stream than it would without
-batches. A provider model takes at most ``PROVIDER_SLOTS`` batch requests at once.
+Batch work yields to interactive work, per local model, across all jobs:
+
+- a job never holds the last free slot of its plan's concurrency (at most ``concurrency - 1`` batch requests
+  in flight, and 1 when the plan's concurrency is 1), so an interactive request never queues behind a batch;
+- while interactive requests come (one started in the last ``INTERACTIVE_SECONDS``), batches hold one slot:
+  every sequence in a step slows the others' steps (on CPU about 1 ms more to an interactive first token per
+  running sequence, docs/batch.md), so an interactive request meets at most one more stream than it would
+  without batches. The batch's requests already running finish; it takes no new slot above one until the
+  interactive traffic has been quiet that long.
+
+A provider model takes at most ``PROVIDER_SLOTS`` batch requests at once.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -61,6 +70,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROVIDER_SLOTS = 8
+INTERACTIVE_SECONDS = 5.0  # batches keep to one slot of a model until its interactive traffic is this quiet
+BATCH_CLIENT = ("batch", 0)  # the ASGI scope's client of a batch request (make_generate): not interactive
 """Batch requests in flight at once per provider model (a provider's own limits answer 429s, retried)."""
 HOLD = timedelta(seconds=30)
 """How long a gateway's hold on a job lasts unless renewed (every third of it while the job runs)."""
@@ -104,18 +115,22 @@ class _Job:
 
 
 class Slots:
-    """Batch requests in flight per model, bounded by ``limit(model)`` (read at each take: a reload with another
-    plan changes it). ``high_water`` keeps the most ever in flight per model, for tests and the docs."""
+    """Batch requests in flight per model, bounded by ``limit(model)``, read at each take and again every
+    ``recheck_seconds`` while one waits (a reload with another plan, or interactive traffic going quiet, changes
+    it). ``high_water`` keeps the most ever in flight per model, for tests and the docs."""
 
-    def __init__(self, limit: Callable[[str], int]) -> None:
+    def __init__(self, limit: Callable[[str], int], *, recheck_seconds: float = 0.5) -> None:
         self.limit = limit
+        self.recheck_seconds = recheck_seconds
         self.in_flight: dict[str, int] = {}
         self.high_water: dict[str, int] = {}
         self._changed = asyncio.Condition()
 
     async def take(self, model: str) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight.get(model, 0) < max(1, self.limit(model)))
+            while self.in_flight.get(model, 0) >= max(1, self.limit(model)):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self.recheck_seconds)
             self.in_flight[model] = self.in_flight.get(model, 0) + 1
             self.high_water[model] = max(self.high_water.get(model, 0), self.in_flight[model])
 
@@ -143,15 +158,23 @@ class BatchJobs:
         self.retry = retry or RetryPolicy()
         self.holder = holder or this_holder()
         self.slots = Slots(self.model_slots)
+        self.interactive_at: dict[str, float] = {}  # per model: when its last interactive request started
         self.store: BatchStore | None = None
         self.jobs: dict[str, _Job] = {}
         self._scanner: asyncio.Task[None] | None = None
         self._rng = random.Random()
 
+    def interactive(self, model: str) -> None:
+        """An interactive request for ``model`` starts: its batches keep to one slot for a while."""
+        self.interactive_at[model] = time.monotonic()
+
     def model_slots(self, model: str) -> int:
-        """Batch requests ``model`` may have in flight: its plan's concurrency less one (never less than one)."""
+        """Batch requests ``model`` may have in flight: one while interactive requests come, else its plan's
+        concurrency less one (never less than one)."""
         if self.settings.model(model) is None:
             return PROVIDER_SLOTS
+        if time.monotonic() - self.interactive_at.get(model, -math.inf) < INTERACTIVE_SECONDS:
+            return 1
         entry = self.pool.entries.get(model)
         plan = entry.plan if entry is not None else None
         concurrency = plan.concurrency if plan is not None else self.settings.model(model).concurrency  # type: ignore[union-attr]
@@ -477,7 +500,7 @@ def make_generate(routes: dict[str, Callable[[Request], Awaitable[Response]]], s
             "root_path": "",
             "query_string": b"",
             "headers": headers,
-            "client": ("batch", 0),
+            "client": BATCH_CLIENT,
             "server": None,
             "state": {"caller": caller},
         }
@@ -527,4 +550,15 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
-__all__ = ["HOLD", "PROVIDER_SLOTS", "SCAN_SECONDS", "Answer", "BatchJobs", "Generate", "Slots", "make_generate"]
+__all__ = [
+    "BATCH_CLIENT",
+    "HOLD",
+    "INTERACTIVE_SECONDS",
+    "PROVIDER_SLOTS",
+    "SCAN_SECONDS",
+    "Answer",
+    "BatchJobs",
+    "Generate",
+    "Slots",
+    "make_generate",
+]
