@@ -14,7 +14,7 @@ from rich.table import Table
 from memserve.engines import EngineStatus, engines_for, require
 from memserve.engines.fit import fit_json, fit_result
 from memserve.errors import EXIT_NO_FIT
-from memserve.memory.estimate import Engine
+from memserve.memory.estimate import CONTINUOUS_BATCHING, GENERATE, Engine
 from memserve.memory.fit import ModelFacts
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import (
@@ -138,8 +138,8 @@ def _print_table(
 )
 @click.option(
     "--engine",
-    type=click.Choice(["continuous-batching", "generate"]),
-    default="continuous-batching",
+    type=click.Choice([CONTINUOUS_BATCHING, GENERATE]),
+    default=CONTINUOUS_BATCHING,
     show_default=True,
     help="The runner's engine: each holds its KV cache and activations its own way.",
 )

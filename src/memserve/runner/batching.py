@@ -50,7 +50,7 @@ import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from memserve.errors import GenerationFailed, InvalidArgument
-from memserve.memory.estimate import KV_PAGE_TOKENS
+from memserve.memory.estimate import CONTINUOUS_BATCHING, KV_PAGE_TOKENS
 from memserve.runner.front import (
     STOP_TIMEOUT_SECONDS,
     EngineBase,
@@ -157,7 +157,7 @@ class ContinuousBatchingEngine(EngineBase):
       the batch): ``seed`` is ignored.
     """
 
-    name = "continuous-batching"
+    name: str = CONTINUOUS_BATCHING
 
     def __init__(
         self,

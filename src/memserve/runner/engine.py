@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from transformers import GenerationConfig
 
 from memserve.errors import GenerationFailed, InvalidArgument
+from memserve.memory.estimate import CONTINUOUS_BATCHING, GENERATE
 from memserve.runner.batching import (
     DEFAULT_PAGE_SIZE,
     ContinuousBatchingEngine,
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 def make_engine(
     model: PreTrainedModel,
     *,
-    prefer: str = "continuous-batching",
+    prefer: str = CONTINUOUS_BATCHING,
     max_sequences: int,
     max_queue: int,
     max_context_tokens: int,
@@ -73,10 +74,12 @@ def make_engine(
     (an attention implementation or layer type it cannot page, a failed warm-up) falls back to
     :class:`GenerateEngine` with the error as the reason. Bad sizes are the caller's error and raise.
     """
-    if prefer not in ("continuous-batching", "generate"):
-        raise InvalidArgument(f"unknown engine {prefer!r}; choose 'continuous-batching' or 'generate'", param="prefer")
+    if prefer not in (CONTINUOUS_BATCHING, GENERATE):
+        raise InvalidArgument(
+            f"unknown engine {prefer!r}; choose {CONTINUOUS_BATCHING!r} or {GENERATE!r}", param="prefer"
+        )
     reason: str | None = None
-    if prefer == "continuous-batching":
+    if prefer == CONTINUOUS_BATCHING:
         original_attn = model.config._attn_implementation
         try:
             engine = ContinuousBatchingEngine(

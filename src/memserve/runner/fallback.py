@@ -21,6 +21,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from memserve.memory.estimate import GENERATE
 from memserve.runner.front import (
     STOP_TIMEOUT_SECONDS,
     WARMUP_REQUEST,
@@ -111,7 +112,7 @@ class GenerateEngine(EngineBase):
     around the base and a second way to load adapters.
     """
 
-    name = "generate"
+    name: str = GENERATE
 
     def __init__(
         self,

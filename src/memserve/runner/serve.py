@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memserve.errors import InvalidArgument
+from memserve.memory.estimate import GENERATE, IMAGE_TEXT
 from memserve.memory.fit import PlanFile
 from memserve.runner.load import (
     WORST_CASE_PHASE,
@@ -108,7 +109,7 @@ def fit_to_reservation(
         peaks = _peaks()
         unmeasured = (
             {d: (sequences - int(warm["measured_sequences"])) * kv.get(d, 0) // planned for d in reserved}
-            if engine.name in ("generate", "image-text")
+            if engine.name in (GENERATE, IMAGE_TEXT)
             else {}
         )
         worst = {d: peaks.get(d, 0) + unmeasured.get(d, 0) for d in reserved}
@@ -206,7 +207,7 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
         from memserve.runner.lora import LoraBank
 
         tune_allocator()
-        if plan.engine == "image-text":  # a vision-language checkpoint: its processor and generate, images included
+        if plan.engine == IMAGE_TEXT:  # a vision-language checkpoint: its processor and generate, images included
             from memserve.runner.vision import load_image_text
 
             if launch.adapters:
@@ -293,7 +294,7 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
 
 def _completer_type(engine: Any) -> Any:
     """The app's completer: a vision-language model's processes its images with the text."""
-    if engine.name != "image-text":
+    if engine.name != IMAGE_TEXT:
         return None
     from memserve.runner.vision import ImageCompleter
 

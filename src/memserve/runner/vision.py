@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from memserve.errors import ContextOverflow, InvalidArgument
+from memserve.memory.estimate import IMAGE_TEXT
 from memserve.runner.app import _Completer, chat_text
 from memserve.runner.fallback import GenerateEngine
 from memserve.runner.front import WARMUP_REQUEST, Job, filler_prompt, worst_case_prompt_tokens
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 __all__ = ["IMAGE_TEXT", "ImageCompleter", "ImageGenerationRequest", "ImageTextEngine", "load_image_text"]
 
-IMAGE_TEXT = "image-text"
 _TEXT_KEYS = ("input_ids", "attention_mask")
 
 
@@ -64,7 +64,7 @@ class ImageTextEngine(GenerateEngine):
     prepares no more than that at once.
     """
 
-    name = IMAGE_TEXT
+    name: str = IMAGE_TEXT
 
     def __init__(
         self,
