@@ -6,7 +6,22 @@ import errno
 import ipaddress
 import socket
 
+import httpx
 import psutil
+
+from memserve.errors import InvalidArgument
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:8123`` and ``http://host:8123/v1/`` both become ``http://host:8123/v1``."""
+    try:
+        parsed = httpx.URL(url.strip())
+    except httpx.InvalidURL as exc:
+        raise InvalidArgument(f"{url!r} is not a URL ({exc}); expected e.g. http://127.0.0.1:8000") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidArgument(f"{url!r} is not an http(s) URL; expected e.g. http://127.0.0.1:8000")
+    base = str(parsed).rstrip("/")
+    return base if base.endswith("/v1") else f"{base}/v1"
 
 
 def is_loopback(host: str) -> bool:

@@ -192,7 +192,7 @@ async def execute(
 
 
 def _base_url(url: str) -> str:
-    from memserve.bench.load import normalize_base_url
+    from memserve.net import normalize_base_url
 
     return normalize_base_url(url)
 

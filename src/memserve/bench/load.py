@@ -33,8 +33,7 @@ import httpx
 
 from memserve.bench.prompts import Prompt
 from memserve.bench.stats import RequestRecord
-from memserve.errors import InvalidArgument
-from memserve.net import is_loopback
+from memserve.net import is_loopback, normalize_base_url
 
 __all__ = [
     "Clock",
@@ -76,18 +75,6 @@ class Target:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "base_url": self.base_url, "model": self.model, "endpoint": self.path}
-
-
-def normalize_base_url(url: str) -> str:
-    """``http://host:8123`` and ``http://host:8123/v1/`` both become ``http://host:8123/v1``."""
-    try:
-        parsed = httpx.URL(url.strip())
-    except httpx.InvalidURL as exc:
-        raise InvalidArgument(f"{url!r} is not a URL ({exc}); expected e.g. http://127.0.0.1:8000") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise InvalidArgument(f"{url!r} is not an http(s) URL; expected e.g. http://127.0.0.1:8000")
-    base = str(parsed).rstrip("/")
-    return base if base.endswith("/v1") else f"{base}/v1"
 
 
 def make_client(
