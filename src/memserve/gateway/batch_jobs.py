@@ -70,9 +70,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROVIDER_SLOTS = 8
-INTERACTIVE_SECONDS = 5.0  # batches keep to one slot of a model until its interactive traffic is this quiet
-BATCH_CLIENT = ("batch", 0)  # the ASGI scope's client of a batch request (make_generate): not interactive
 """Batch requests in flight at once per provider model (a provider's own limits answer 429s, retried)."""
+INTERACTIVE_SECONDS = 5.0
+"""Batches keep to one slot of a local model until its interactive requests have been quiet this long."""
+BATCH_CLIENT = ("batch", 0)
+"""The ASGI scope's ``client`` of a batch request (``make_generate``): what tells it from an interactive one."""
 HOLD = timedelta(seconds=30)
 """How long a gateway's hold on a job lasts unless renewed (every third of it while the job runs)."""
 SCAN_SECONDS = 10.0
