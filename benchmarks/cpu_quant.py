@@ -44,10 +44,17 @@ import httpx
 import torch
 
 from memserve.checkpoint.demo import write_demo_model
-from memserve.runner.quantize import quantize_linears
+from memserve.runner.kernels import pack_linear_weights
+from memserve.runner.quantize import INT8_KERNEL_ENV, int8_kernel, quantize_linears
 
 MiB = 1024**2
-RUNGS = {"cpu": "none", "cpu-int8": "int8", "cpu-4bit": "4bit"}
+# rung → (quantization, int8 kernel): the int8 rung once with this machine's kernel and once weight-only
+RUNGS = {
+    "cpu": ("none", "auto"),
+    "cpu-int8": ("int8", "auto"),
+    "cpu-int8 w/o": ("int8", "weight-only"),
+    "cpu-4bit": ("4bit", "auto"),
+}
 READY_TIMEOUT_SECONDS = 1800.0
 
 
@@ -57,6 +64,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "memserve-bench-models")
     parser.add_argument("--tokens", type=int, default=512, help="teacher-forced tokens scored for quality")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps timed per round")
+    parser.add_argument("--prefill-tokens", type=int, default=128, help="prompt tokens of the timed prefill")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--context", type=int, default=512, help="the runner's context for the memory check")
     parser.add_argument("--skip-memory", action="store_true", help="no runner processes (quality and speed only)")
@@ -68,7 +76,8 @@ def main() -> None:
     path = ensure_model(args.models, args.size)
     print(f"model {path} · torch {torch.__version__} · {torch.get_num_threads()} threads · {os.cpu_count()} cores")
     print(f"load average before: {_load()}", flush=True)
-    models = {rung: load(path, quantization) for rung, quantization in RUNGS.items()}
+    print(f"int8 kernel on this machine: {int8_kernel()}")
+    models = {rung: load(path, quantization, kernel=kernel) for rung, (quantization, kernel) in RUNGS.items()}
 
     print(f"\nquality: teacher forcing on {args.tokens} tokens of the demo corpus, against the cpu rung (as stored)")
     ids = corpus_ids(path, args.tokens)
@@ -79,27 +88,32 @@ def main() -> None:
         # how fragile the argmax is on this model: the same weights, only computed in fp32
         with torch.inference_mode():
             logits["fp32 (noise)"] = load(path, "none", torch.float32)(input_ids=ids).logits[0].float()
-    print(f"{'rung':<12} {'top-1 agreement':>16} {'mean KL (nats)':>15}")
+    print(f"{'rung':<13} {'top-1 agreement':>16} {'mean KL (nats)':>15}")
     for rung, rung_logits in logits.items():
         agreement = (rung_logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
         kl = torch.nn.functional.kl_div(
             rung_logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean"
         ).item()
-        print(f"{rung:<12} {agreement:>15.1%} {kl:>15.5f}")
+        print(f"{rung:<13} {agreement:>15.1%} {kl:>15.5f}")
 
-    print(f"\nspeed: decode at batch 1, ms per token over {args.decode_tokens} steps, {args.rounds} rounds alternating")
-    times: dict[str, list[float]] = {rung: [] for rung in models}
+    print(
+        f"\nspeed: decode at batch 1 (ms per token over {args.decode_tokens} steps) and prefill of "
+        f"{args.prefill_tokens} tokens (ms), {args.rounds} rounds alternating"
+    )
+    decode: dict[str, list[float]] = {rung: [] for rung in models}
+    prefill: dict[str, list[float]] = {rung: [] for rung in models}
     order = list(models)
     for round_ in range(args.rounds):
         for rung in order[round_ % len(order) :] + order[: round_ % len(order)]:
-            times[rung].append(decode_seconds_per_token(models[rung], ids[:, :16], args.decode_tokens))
-    bf16 = statistics.median(times["cpu"])
-    print(f"{'rung':<10} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'vs cpu':>8}")
-    for rung, seconds in times.items():
-        median = statistics.median(seconds)
+            decode[rung].append(decode_seconds_per_token(models[rung], ids[:, :16], args.decode_tokens))
+            prefill[rung].append(prefill_seconds(models[rung], ids[:, : args.prefill_tokens]))
+    print(f"{'rung':<13} {'decode ms':>10} {'min':>7} {'max':>7} {'vs cpu':>7} {'prefill ms':>11} {'vs cpu':>7}")
+    for rung in models:
+        median, filled = statistics.median(decode[rung]), statistics.median(prefill[rung])
         print(
-            f"{rung:<10} {median * 1e3:>10.2f} {min(seconds) * 1e3:>8.2f} {max(seconds) * 1e3:>8.2f} "
-            f"{bf16 / median:>7.2f}×"
+            f"{rung:<13} {median * 1e3:>10.2f} {min(decode[rung]) * 1e3:>7.2f} {max(decode[rung]) * 1e3:>7.2f} "
+            f"{statistics.median(decode['cpu']) / median:>6.2f}× {filled * 1e3:>11.1f} "
+            f"{statistics.median(prefill['cpu']) / filled:>6.2f}×"
         )
     print(f"load average after speed: {_load()}", flush=True)
     del models, logits
@@ -108,15 +122,15 @@ def main() -> None:
     if args.skip_memory:
         return
     print(f"\nmemory: the real runner's worst-case warm-up peak against its plan ({args.context} × 1)")
-    print(f"{'rung':<10} {'weights MiB':>12} {'plan MiB':>9} {'peak MiB':>9} {'plan/peak':>10} {'load s':>7}")
-    for rung, quantization in RUNGS.items():
-        plan, health, seconds = run_runner(path, quantization, args.context)
+    print(f"{'rung':<13} {'weights MiB':>12} {'plan MiB':>9} {'peak MiB':>9} {'plan/peak':>10} {'load s':>7}")
+    for rung, (quantization, kernel) in RUNGS.items():
+        plan, health, seconds = run_runner(path, quantization, args.context, kernel)
         planned = plan["devices"]["cpu"]["total_bytes"]
         peak = health["load"]["plan_check"]["peak_bytes"]["cpu"]
         weights = plan["devices"]["cpu"]["weights_bytes"]
-        assert plan["rung"] == rung, plan["rung"]
+        assert rung.startswith(plan["rung"]), plan["rung"]
         print(
-            f"{rung:<10} {weights / MiB:>12.1f} {planned / MiB:>9.1f} {peak / MiB:>9.1f} {planned / peak:>10.3f} "
+            f"{rung:<13} {weights / MiB:>12.1f} {planned / MiB:>9.1f} {peak / MiB:>9.1f} {planned / peak:>10.3f} "
             f"{seconds:>7.1f}",
             flush=True,
         )
@@ -166,13 +180,19 @@ def ensure_model(models: Path, size: str) -> Path:
     return path
 
 
-def load(path: Path, quantization: str, dtype: torch.dtype | str = "auto") -> Any:
-    """The model as the runner loads it on CPU: mapped in its stored dtype, then the layers' Linears quantized."""
+def load(path: Path, quantization: str, dtype: torch.dtype | str = "auto", *, kernel: str = "auto") -> Any:
+    """The model as the runner loads it on CPU: mapped in its stored dtype, the layers' Linears quantized, then
+    the bf16 Linears left packed for oneDNN where this CPU has native bf16 (``runner/load.py``'s order)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if quantization != "none":
-        quantize_linears(model, quantization)
+        os.environ[INT8_KERNEL_ENV] = kernel
+        report = quantize_linears(model, quantization)
+        print(f"quantized {quantization}: {report.kernel} ({report.kernel_reason})")
+    probe = torch.zeros(1, 8, dtype=torch.long)
+    packing = pack_linear_weights(model, probe=lambda: model(input_ids=probe))
+    print(f"loaded {quantization} ({dtype}): linear {packing.to_json()}", flush=True)
     return model
 
 
@@ -198,7 +218,17 @@ def decode_seconds_per_token(model: Any, prompt: torch.Tensor, steps: int) -> fl
         return (time.perf_counter() - started) / steps
 
 
-def run_runner(path: Path, quantization: str, context: int) -> tuple[dict[str, Any], dict[str, Any], float]:
+def prefill_seconds(model: Any, prompt: torch.Tensor) -> float:
+    """Seconds of one forward over the whole prompt (a prefill at batch 1)."""
+    with torch.inference_mode():
+        started = time.perf_counter()
+        model(input_ids=prompt, use_cache=True)
+        return time.perf_counter() - started
+
+
+def run_runner(
+    path: Path, quantization: str, context: int, kernel: str
+) -> tuple[dict[str, Any], dict[str, Any], float]:
     """Plan with ``memserve fit``, start the real runner on it, and return the plan, its /health and load time."""
     command = [sys.executable, "-m", "memserve", "fit", str(path), "--context", str(context), "--concurrency", "1"]
     fit = subprocess.run(
@@ -218,6 +248,7 @@ def run_runner(path: Path, quantization: str, context: int) -> tuple[dict[str, A
                 [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port)],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
+                env={**os.environ, INT8_KERNEL_ENV: kernel},
             )
         try:
             health = wait_ready(f"http://127.0.0.1:{port}", proc, log)

@@ -181,8 +181,9 @@ def test_quantized_weights_are_repriced_but_embeddings_stay() -> None:
     ("st_dtype", "dtype", "width"), [("BF16", "bfloat16", 2), ("F32", "float32", 4), ("F16", "float16", 2)]
 )
 def test_cpu_quantized_weights_are_priced_as_torchs_kernels_store_them(st_dtype: str, dtype: str, width: int) -> None:
-    """int8: a byte per weight and a scale per row; 4-bit: half a byte and a scale and zero per 32 weights of a row;
-    scales in the compute dtype (fp16 checkpoints compute in bf16 on CPU); embeddings, head, norms as stored."""
+    """int8: a byte per weight and an fp32 scale per row (oneDNN's kernel; the weight-only one's are no wider);
+    4-bit: half a byte and a scale and zero per 32 weights of a row, in the compute dtype (fp16 checkpoints
+    compute in bf16 on CPU); embeddings, head, norms as stored."""
     f = facts(LLAMA3_8B, st_dtype, dtype=dtype)
     result = plan(f, Request(4096), Inventory((cpu(256),)))
     rungs = {r.name: r for r in result.rungs}
@@ -190,7 +191,7 @@ def test_cpu_quantized_weights_are_priced_as_torchs_kernels_store_them(st_dtype:
     q = f.quantizable_params
     unquantized = (f.params - q) * width
     assert rungs["cpu"].devices["cpu"].weights_bytes == f.weights_bytes
-    assert rungs["cpu-int8"].devices["cpu"].weights_bytes == unquantized + q + rows * width
+    assert rungs["cpu-int8"].devices["cpu"].weights_bytes == unquantized + q + rows * 4
     assert rungs["cpu-4bit"].devices["cpu"].weights_bytes == unquantized + q // 2 + q // 32 * 2 * width
     for name in ("cpu-int8", "cpu-4bit"):  # the rest of the plan is the cpu rung's
         assert rungs[name].dtype == rungs["cpu"].dtype == ("bfloat16" if dtype == "float16" else dtype)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,18 @@ from torch import nn
 from memserve.checkpoint.locate import read_facts
 from memserve.errors import InvalidArgument
 from memserve.runner import quantize
-from memserve.runner.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_linears
+from memserve.runner.quantize import (
+    DynamicInt8Linear,
+    Int4Linear,
+    Int8Linear,
+    int8_kernel,
+    quantize_int4,
+    quantize_int8,
+    quantize_linears,
+)
+
+W8A8 = int8_kernel({})[0] == "onednn-w8a8"
+needs_w8a8 = pytest.mark.skipif(not W8A8, reason=f"oneDNN's int8 kernel is not used here: {int8_kernel({})[1]}")
 
 
 def _linear(rows: int, cols: int, dtype: torch.dtype, *, bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -55,6 +70,59 @@ def test_int8_linear_is_the_float_matmul_within_its_rounding(dtype: torch.dtype,
     bound = (x.float().abs() @ (quantized.scales.float()[:, None] / 2).expand(96, 64).t()) + tolerance
     assert ((got - expected).abs() <= bound + 1e-3).all()
     assert (got - expected).abs().max() > 0  # it is quantized: not bit-identical
+
+
+@needs_w8a8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 64)], ids=["2d", "3d"])
+def test_w8a8_linear_is_the_product_of_its_int8_inputs_and_weights(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    linear = _linear(96, 64, dtype)
+    x = _inputs(shape, dtype) * 4
+    before = x.clone()
+    layer = DynamicInt8Linear.from_linear(linear)
+    got = layer(x)
+    assert got.shape == (*shape[:-1], 96) and got.dtype == dtype and torch.equal(x, before)  # x is not written
+    # the exact product of the per-row int8 inputs and the int8 weights (int32 sums), scaled back
+    rows = x.reshape(-1, 64).float()
+    row_scales = rows.abs().amax(1, keepdim=True) / 127
+    weight, scales = quantize_int8(linear.weight.detach())
+    exact = (torch.round(rows / row_scales) @ weight.float().t()) * row_scales * scales.float() + linear.bias.float()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float().reshape(-1, 96), exact, atol=tolerance, rtol=tolerance)
+    # and within a few percent of the float product: both sides are rounded to 8 bits
+    expected = linear(x).detach().float()
+    assert 0 < float((got.float() - expected).norm() / expected.norm()) < 0.03
+
+
+@needs_w8a8
+def test_w8a8_rows_do_not_depend_on_each_other() -> None:
+    """Each row is quantized by its own scale: a row's result is the same alone as beside a row 1000× larger."""
+    layer = DynamicInt8Linear.from_linear(_linear(96, 64, torch.bfloat16))
+    x = _inputs((2, 64), torch.bfloat16)
+    x[1] *= 1000
+    assert torch.equal(layer(x)[0], layer(x[:1])[0])
+
+
+def test_the_w8a8_check_catches_a_kernel_that_saturates() -> None:
+    """oneDNN without VNNI sums u8 × s8 pairs in int16, which saturates: its self-check must refuse it."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("ONEDNN_MAX_CPU_ISA=AVX2 is an x86 setting")
+    code = "from memserve.runner.quantize import _self_check_w8a8; print(_self_check_w8a8())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "('weight-only', 'the oneDNN int8 linear is off by" in done.stdout
+
+
+def test_the_int8_kernel_can_be_chosen_by_the_environment() -> None:
+    assert int8_kernel({"MEMSERVE_CPU_INT8_KERNEL": "weight-only"}) == (
+        "weight-only",
+        "asked by MEMSERVE_CPU_INT8_KERNEL",
+    )
+    assert int8_kernel({"MEMSERVE_CPU_INT8_KERNEL": "auto"}) == int8_kernel({})
+    with pytest.raises(InvalidArgument, match="MEMSERVE_CPU_INT8_KERNEL must be auto, onednn-w8a8 or weight-only"):
+        int8_kernel({"MEMSERVE_CPU_INT8_KERNEL": "fast"})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -107,7 +175,8 @@ def test_quantizing_a_model_touches_exactly_what_the_planner_prices(tiny_model_d
     # embeddings, norms and the LM head are untouched; the layers' Linear weights are gone (biases stay)
     assert all(torch.equal(left[name], before[name]) for name in left)
     assert {n for n in before if n not in left} == {n for n in before if ".layers." in n and n.endswith("_proj.weight")}
-    expected = Int8Linear if quantization == "int8" else Int4Linear
+    expected = (DynamicInt8Linear if W8A8 else Int8Linear) if quantization == "int8" else Int4Linear
+    assert report.kernel == ("onednn-w8a8" if W8A8 else "weight-only") if quantization == "int8" else True
     assert sum(isinstance(m, expected) for m in model.modules()) == report.layers
     with torch.inference_mode():
         assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from memserve.runner.quantize import int8_kernel
 from tests.runner.test_runner_process import PROMPTS, _decode, greedy_reference
 from tests.serving import runner_process
 
@@ -43,6 +44,8 @@ def test_the_quantized_rung_serves_greedy_text_with_usage(
     assert health["plan"]["rung"] == plan["rung"] and health["plan"]["quantization"] == plan["quantization"]
     quantized = health["load"]["linear"]["quantized"]
     assert quantized["quantization"] == plan["quantization"] and quantized["layers"] == 14 and quantized["kept"] == {}
+    if plan["quantization"] == "int8":  # the kernel this machine's check chose, and why
+        assert (quantized["kernel"], quantized["kernel_reason"]) == int8_kernel({})
     expected = [
         _decode(tiny_model_dir, ids)
         for ids in greedy_reference(tiny_model_dir, PROMPTS[:2], MAX_NEW_TOKENS, plan["quantization"])

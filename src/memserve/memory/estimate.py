@@ -9,7 +9,8 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
 - **weights** are the header bytes, re-priced when the plan changes dtype or quantizes: bitsandbytes
   int8 stores 1 byte per weight plus one fp32 scale per output row; nf4 stores half a byte per weight
   plus one fp32 absmax per 64 weights. On CPU (``runner/quantize.py``, torch's own kernels) int8 stores
-  1 byte per weight plus one scale per output row in the compute dtype, and 4-bit half a byte per weight
+  1 byte per weight plus one fp32 scale per output row (oneDNN's kernel; the weight-only kernel's scales are in
+  the compute dtype, priced at the same 4 bytes), and 4-bit half a byte per weight
   plus a scale and a zero point in the compute dtype per ``CPU_INT4_GROUP_SIZE`` weights of a row; those
   are anonymous memory, quantized one Linear at a time from the mapped file, whose pages are dropped as
   each is done, so the bf16 copy is never resident whole (the transient is one slice of rows,
@@ -145,7 +146,7 @@ def block_weight_bytes(
 ) -> int:
     """One block's weights in memory for a target dtype and quantization. ``mapped``: the block is served
     from the checkpoint's mapped files (CPU), where experts fused at load sit beside their file pages, and
-    quantized by torch's CPU kernels rather than bitsandbytes (their scales are in the compute dtype)."""
+    quantized by torch's CPU kernels rather than bitsandbytes (``runner/quantize.py``)."""
     if facts.prequantized:
         return block.bytes
     width = DTYPE_WIDTH[dtype]
@@ -157,9 +158,9 @@ def block_weight_bytes(
         return fused + (block.bytes if dtype == facts.dtype else block.params * width)
     rest = (block.params - block.quantizable_params) * width
     q = block.quantizable_params
-    if mapped:  # runner/quantize.py: int8 per output row, 4-bit per group of a row; scale (and zero) in dtype
-        if quantization == "int8":
-            return rest + q + width * block.quantizable_rows
+    if mapped:  # runner/quantize.py: int8 per output row, 4-bit per group of a row; 4-bit scale and zero in dtype
+        if quantization == "int8":  # oneDNN's int8 kernel holds fp32 row scales (the weight-only one, the dtype's)
+            return rest + q + 4 * block.quantizable_rows
         return rest + q // 2 + (q // CPU_INT4_GROUP_SIZE) * 2 * width
     if quantization == "int8":
         return rest + q + 4 * block.quantizable_rows

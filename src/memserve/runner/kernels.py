@@ -254,8 +254,8 @@ def _kept_ranges(model: nn.Module, packing: set[int]) -> list[tuple[int, int]]:
     return [
         _byte_span(t)
         for _, t in _all_tensors(model)
-        if id(t) not in packing and t.device.type == "cpu" and t.numel() > 0
-    ]
+        if id(t) not in packing and t.device.type == "cpu" and t.numel() > 0 and not t.is_mkldnn
+    ]  # a oneDNN-packed tensor (an int8 rung's weight) has no pointer into a file: nothing of it to keep
 
 
 def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:

@@ -1,10 +1,20 @@
-"""Weight-only int8 and 4-bit Linear layers on CPU, with torch's own kernels (no bitsandbytes, no GPU).
+"""int8 and 4-bit Linear layers on CPU, with torch's own kernels (no bitsandbytes, no GPU).
 
 The CPU rungs ``cpu-int8`` and ``cpu-4bit`` (``memory/planner.py``) are served by these, as gpt-fast's
 ``quantize.py`` does it:
 
-- int8: each output row of a weight is scaled into [-127, 127] by its largest magnitude (one scale per row, in
-  the compute dtype), and ``torch.ops.aten._weight_int8pack_mm(x, int8 weight, scales)`` multiplies.
+- int8: each output row of a weight is scaled into [-127, 127] by its largest magnitude (one scale per row).
+  Two kernels multiply, chosen once per process by :func:`int8_kernel`:
+
+  - ``onednn-w8a8`` (:class:`DynamicInt8Linear`), where the CPU has int8 dot products (VNNI or AMX): the
+    weight is prepacked for oneDNN (``torch.ops.onednn.qlinear_prepack``, what inductor's x86 int8 path
+    uses) and each call quantizes its input per token, one scale per row (``max|row| / 127``), so a row's
+    result depends on that row alone, as in a batch of one. oneDNN multiplies uint8 × int8 into int32 and
+    the row and column scales are applied after. This is the W8A8-dynamic scheme of torchao, IPEX's
+    ``lowp_mode=INT8`` and vLLM's CPU int8 path; measured in ``docs/cpu-quantization.md``: ×1.5 packed bf16
+    at 1 to 64 rows, where the weight-only kernel is ×0.9 at 1 row and ×0.4 at 64.
+  - ``weight-only`` (:class:`Int8Linear`) everywhere else: ``torch.ops.aten._weight_int8pack_mm(x, int8
+    weight, scales)`` with the scales in the compute dtype; activations stay as they are.
 - 4-bit: each row is cut into groups of ``CPU_INT4_GROUP_SIZE`` (32) weights, each group mapped onto 0..15
   between its minimum and maximum (asymmetric: a scale and a zero point per group, in the compute dtype);
   ``_convert_weight_to_int4pack_for_cpu`` packs two per byte in the kernel's layout, and
@@ -23,6 +33,8 @@ plus the unquantized ones plus one slice.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +51,10 @@ from memserve.runner.kernels import _FileMappings, _kept_ranges, trim_heap
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
 SLICE_ELEMENTS = 1 << 20  # weights quantized at once: bounds the fp32 transient to ~4 MiB per tensor held
 INT4_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+INT8_KERNEL_ENV = "MEMSERVE_CPU_INT8_KERNEL"  # auto (default), onednn-w8a8, weight-only
+INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # /proc/cpuinfo: u8 × s8 sums into int32 without saturating
+ACTIVATION_ZERO_POINT = 128
+W8A8_CHECK_TOLERANCE = 0.05  # the check's rows quantize exactly or nearly: saturation is off by far more
 INT4_SLICE_ROWS = 64  # slices of rows pack the same as the whole weight (checked in tests/runner/test_quantize.py)
 
 
@@ -73,6 +89,97 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
+
+
+class DynamicInt8Linear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` as int8 rows prepacked for oneDNN and ``x`` quantized per row at each call."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", torch.ops.onednn.qlinear_prepack(weight, None), persistent=False)
+        self.register_buffer("scales", scales.float(), persistent=False)
+        self.register_buffer("zero_points", torch.zeros(1, dtype=torch.int32), persistent=False)  # symmetric
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
+        weight, scales = quantize_int8(linear.weight.detach())
+        return cls(weight, scales, None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        # uint8 around 128 (oneDNN's u8 × s8), one scale per row: [-127, 127] + 128
+        row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        quantized = (flat / row_scales).round_().add_(ACTIVATION_ZERO_POINT).to(torch.uint8)  # x is not written
+        y = torch.ops.onednn.qlinear_pointwise(
+            quantized, 1.0, ACTIVATION_ZERO_POINT, self.weight, self.scales, self.zero_points,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        y = y.mul_(row_scales).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def packed_bytes(self) -> int:
+        return int(torch.ops.mkldnn._nbytes(self.weight)) + self.scales.numel() * 4
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row, int8 inputs per row"
+
+
+def int8_kernel(env: dict[str, str] | None = None) -> tuple[str, str]:
+    """``(kernel, why)`` for the int8 rung on this machine: ``onednn-w8a8`` or ``weight-only``, and the reason."""
+    env = dict(os.environ) if env is None else env
+    asked = env.get(INT8_KERNEL_ENV, "").strip().lower()
+    if asked in ("weight-only", "weight_only"):
+        return "weight-only", f"asked by {INT8_KERNEL_ENV}"
+    if asked not in ("", "auto", "onednn-w8a8"):
+        raise InvalidArgument(f"{INT8_KERNEL_ENV} must be auto, onednn-w8a8 or weight-only, got {asked!r}")
+    return _onednn_w8a8_usable()
+
+
+@functools.cache
+def _onednn_w8a8_usable() -> tuple[str, str]:
+    if not (hasattr(torch.ops.onednn, "qlinear_prepack") and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return "weight-only", "this torch build has no oneDNN int8 linear"
+    flags = _cpu_flags()
+    if not flags & INT8_DOT_FLAGS:
+        return "weight-only", "this CPU has no int8 dot-product instructions (VNNI or AMX)"
+    return _self_check_w8a8()
+
+
+def _self_check_w8a8() -> tuple[str, str]:
+    """Run the oneDNN kernel where an int16 intermediate would saturate, against the float product."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 256, generator=generator).sign() * 0.5  # every weight at ±127 once quantized
+    x = torch.cat([weight[:2].clone(), torch.randn(3, 256, generator=generator)])  # rows aligned with the weight
+    try:
+        with torch.inference_mode():
+            layer = DynamicInt8Linear(*quantize_int8(weight), None)
+            got = layer(x)
+    except RuntimeError as exc:
+        return "weight-only", f"the oneDNN int8 linear failed its check ({exc})"
+    expected = x @ weight.t()
+    error = float((got - expected).norm() / expected.norm())
+    if not error < W8A8_CHECK_TOLERANCE:
+        return "weight-only", f"the oneDNN int8 linear is off by {error:.1%} on this CPU"
+    return "onednn-w8a8", "int8 dot products with int8 inputs per token (oneDNN)"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 class Int4Linear(nn.Module):
@@ -166,6 +273,8 @@ class QuantizeReport:
     """What quantizing did: layers and bytes, file-mapped bytes handed back, Linears left as they were and why."""
 
     quantization: str
+    kernel: str = ""
+    kernel_reason: str = ""
     layers: int = 0
     params: int = 0
     quantized_bytes: int = 0
@@ -175,7 +284,8 @@ class QuantizeReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "quantization": self.quantization,
-            "kernel": "aten._weight_int8pack_mm" if self.quantization == "int8" else "aten._weight_int4pack_mm_for_cpu",
+            "kernel": self.kernel,
+            "kernel_reason": self.kernel_reason,
             "layers": self.layers,
             "params": self.params,
             "quantized_bytes": self.quantized_bytes,
@@ -198,7 +308,7 @@ def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.
 def quantize_linears(
     model: nn.Module, quantization: str, *, on_bytes: Callable[[int], None] | None = None
 ) -> QuantizeReport:
-    """Replace the decoder layers' Linears of a CPU ``model`` with :class:`Int8Linear` or :class:`Int4Linear`.
+    """Replace the decoder layers' Linears of a CPU ``model`` with int8 (:func:`int8_kernel`'s) or 4-bit ones.
 
     One weight at a time: quantize it, swap the module, and drop the weight's file pages (when no other tensor
     reads them), so the peak holds one full-width weight at most. ``on_bytes`` is told each weight's full-width
@@ -206,7 +316,14 @@ def quantize_linears(
     """
     if quantization not in ("int8", "4bit"):
         raise InvalidArgument(f"CPU quantization must be int8 or 4bit, got {quantization!r}")
-    report = QuantizeReport(quantization, kept={})
+    if quantization == "int8":
+        kernel, reason = int8_kernel()
+        make: Callable[[nn.Linear], nn.Module] = (
+            DynamicInt8Linear.from_linear if kernel == "onednn-w8a8" else Int8Linear.from_linear
+        )
+    else:
+        kernel, reason, make = "aten._weight_int4pack_mm_for_cpu", "the one 4-bit CPU kernel", Int4Linear.from_linear
+    report = QuantizeReport(quantization, kernel, reason, kept={})
     uses: dict[int, int] = {}
     for _, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         uses[id(tensor)] = uses.get(id(tensor), 0) + 1
@@ -221,14 +338,14 @@ def quantize_linears(
     mappings = _FileMappings.of_this_process()
     for parent, attr in targets:
         linear = getattr(parent, attr)
-        module: nn.Module = Int8Linear.from_linear(linear) if quantization == "int8" else Int4Linear.from_linear(linear)
+        module = make(linear)
         setattr(parent, attr, module)
         weight = linear.weight
         del linear  # nothing but ``weight`` holds the old layer now
         nbytes = weight.numel() * weight.element_size()
         report.layers += 1
         report.params += weight.numel()
-        report.quantized_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
+        report.quantized_bytes += quantized_bytes(module)
         if weight.is_contiguous():
             report.released_file_bytes += mappings.release(weight.data_ptr(), nbytes, keep)
         del weight  # an anonymous weight is freed here: one full-width weight at a time
@@ -236,6 +353,13 @@ def quantize_linears(
             on_bytes(nbytes)
     trim_heap()
     return report
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """The bytes a quantized Linear holds (a packed oneDNN weight counts what oneDNN allocated)."""
+    if isinstance(module, DynamicInt8Linear):
+        return module.packed_bytes()
+    return sum(t.numel() * t.element_size() for t in module.buffers())
 
 
 def _why_kept(linear: nn.Linear, quantization: str, *, shared: bool) -> str | None:
