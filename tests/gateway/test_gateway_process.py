@@ -62,10 +62,10 @@ def local(name: str, source: Path, **extra: Any) -> ModelConfig:
     return ModelConfig(name=name, source=str(source), context_tokens=256, concurrency=2, **extra)
 
 
-def room_for_one(*sources: Path) -> int:
+def room_for_one(*sources: Path, times: float = 1.5) -> int:
     """A budget that holds the largest of these models' plans (as ``local`` configures them) once, never twice."""
     plans = [fit_result(str(s), context=256, concurrency=2, inventory=host(8 * GiB))[2].plan for s in sources]
-    return int(1.5 * max(p.reserved_bytes["cpu"] for p in plans if p is not None)) + HEADROOM
+    return int(times * max(p.reserved_bytes["cpu"] for p in plans if p is not None)) + HEADROOM
 
 
 @contextmanager
@@ -201,7 +201,9 @@ def test_sigterm_drains_and_stops_the_runners(tmp_path: Path, tiny_model_dir: Pa
 def test_budget_for_one_model_swaps_them_and_idle_models_expire(
     tmp_path: Path, tiny_model_dir: Path, tiny_qwen_dir: Path
 ) -> None:
-    budget = room_for_one(tiny_model_dir, tiny_qwen_dir)
+    # 1.2 ×, not 1.5: a tiny model's plan is nearly all runtime, and its runner can measure 0.76 of it when
+    # torch's libraries are partly out of the page cache; two such measured needs must still not fit
+    budget = room_for_one(tiny_model_dir, tiny_qwen_dir, times=1.2)
     settings = settings_for(
         tmp_path,
         [local("llama", tiny_model_dir, keep_alive_seconds=60), local("qwen", tiny_qwen_dir, keep_alive_seconds=60)],

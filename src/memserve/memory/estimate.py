@@ -57,9 +57,10 @@ warm-up (``runner/serve.py: fit_to_reservation``) and admits fewer sequences if 
   12 layers: its worst-case warm-up peaked at 1,192.0 MiB, of which weights 656.6, KV 66.0, the forward
   44.9 as measured alone, masks and logits 2.8). Those were measured with torch's libraries partly in the
   page cache; on a fresh install they are wholly cached and fault-around maps ~75 MiB more of their pages
-  into the runner (tiny: 461 MiB peak where 409 was measured). ``CPU_RUNTIME_BYTES`` is 472 MiB: it bounds
-  both; with a cold cache the tiny model, where the runtime is nearly all of the plan, is over-planned by up
-  to ~15%. On a GPU
+  into the runner (tiny: 461 MiB peak where 409 was measured). On a CPU with AVX-512 and native bf16 the
+  same runners measure 490–500 MiB (torch's AVX-512 code paths and oneDNN's bf16 kernels).
+  ``CPU_RUNTIME_BYTES`` is 500 MiB: it bounds all of these; the tiny model, where the runtime is nearly all
+  of the plan, is over-planned by 11% with a warm cache and up to ~20% with a cold one. On a GPU
   add the CUDA context and cuBLAS workspace (~0.6 GiB on the GPU) and the CUDA libraries mapped into
   host RAM (~1 GiB); those GPU numbers are not yet calibrated on a lent GPU.
 """
@@ -88,8 +89,12 @@ DTYPE_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # measured: 394–422 MiB in the runners of the models measured (see above), with torch's libraries partly in the
 # page cache. A fresh install has them wholly cached, and fault-around then maps ~75 MiB more of their pages into
-# the runner (file-backed RSS 186 against 112 MiB on the tiny model, 2026-11-30): 461 MiB where 409 was measured
-CPU_RUNTIME_BYTES = 472 * MiB
+# the runner (file-backed RSS 186 against 112 MiB on the tiny model, 2026-11-30): 461 MiB where 409 was measured.
+# On a CPU with AVX-512 and native bf16 (2026-12-01), where bf16 matmuls run oneDNN's kernels and torch takes its
+# AVX-512 code paths, the runner's peak less its planned weights, KV cache and activations was 490–500 MiB with
+# the libraries cached (small 512 × 1: 491, 1024 × 1: 490; 1b 1024 × 1: 499.5; benchmarks/estimate_accuracy.py)
+# and 460 with them partly cached (libtorch_cpu alone 137 against ~70 MiB resident): 500 MiB bounds both machines
+CPU_RUNTIME_BYTES = 500 * MiB
 # The generate engine's runner has no continuous-batching manager, scheduler thread or paged-cache tables:
 # measured 10 MiB below at the same shape (tiny 512 × 1: 388.5 against 398.9 MiB; small 1024 × 2: 655.8
 # against 660.2 MiB).
