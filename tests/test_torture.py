@@ -721,9 +721,8 @@ def torture(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny
     seed7 = write_demo_model(folder / "tiny-llama-seed7", size="tiny", arch="llama", seed=7).path
     sources = {"a": tiny_model_dir, "b": tiny_qwen_dir, "c": seed7}  # three distinct checkpoints
     record = Record(plans_bytes={name: planned_bytes(path) for name, path in sources.items()})
-    # one plan fits (with room for a measured peak above the estimate), two never do, not even as measured: a
-    # tiny runner can measure 0.76 of its plan when torch's libraries are partly out of the page cache
-    record.usable_bytes = int(1.2 * max(record.plans_bytes.values()))
+    # one plan fits (with room for a measured peak above the estimate), two never do
+    record.usable_bytes = int(1.5 * max(record.plans_bytes.values()))
     assert record.usable_bytes < 2 * min(record.plans_bytes.values())
     memory_bytes = record.usable_bytes + HEADROOM_BYTES
 
