@@ -77,11 +77,13 @@ class Int8Linear(nn.Module):
         return cls(weight, scales, None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        y = self._multiply(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _multiply(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
 
     def dequantized(self) -> torch.Tensor:
         """The weight these bytes stand for, in fp32 (for tests and quality checks)."""
@@ -91,28 +93,18 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
 
 
-class DynamicInt8Linear(nn.Module):
-    """``y = x Wᵀ + b`` with ``W`` as int8 rows prepacked for oneDNN and ``x`` quantized per row at each call."""
+class DynamicInt8Linear(Int8Linear):
+    """:class:`Int8Linear` with ``W`` prepacked for oneDNN and ``x`` quantized per row at each call."""
 
-    weight: torch.Tensor
-    scales: torch.Tensor
     zero_points: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", torch.ops.onednn.qlinear_prepack(weight, None), persistent=False)
-        self.register_buffer("scales", scales.float(), persistent=False)
+        super().__init__(torch.ops.onednn.qlinear_prepack(weight, None), scales.float(), bias)
+        self.out_features, self.in_features = weight.shape  # the packed weight is laid out [in, out]
         self.register_buffer("zero_points", torch.zeros(1, dtype=torch.int32), persistent=False)  # symmetric
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
-        weight, scales = quantize_int8(linear.weight.detach())
-        return cls(weight, scales, None if linear.bias is None else linear.bias.detach())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
+    def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.float()
         # uint8 around 128 (oneDNN's u8 × s8), one scale per row: [-127, 127] + 128
         row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
         quantized = (flat / row_scales).round_().add_(ACTIVATION_ZERO_POINT).to(torch.uint8)  # x is not written
@@ -120,13 +112,13 @@ class DynamicInt8Linear(nn.Module):
             quantized, 1.0, ACTIVATION_ZERO_POINT, self.weight, self.scales, self.zero_points,
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
-        y = y.mul_(row_scales).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.mul_(row_scales).to(rows.dtype)
 
     def packed_bytes(self) -> int:
         return int(torch.ops.mkldnn._nbytes(self.weight)) + self.scales.numel() * 4
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError("oneDNN's packed layout is not read back; quantize_int8 gives the int8 rows")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row, int8 inputs per row"
