@@ -2,10 +2,11 @@
 
     python benchmarks/images.py                      # tiny demo LLaVA: 512 × 1, 512 × 4, 2048 × 2; a few minutes
     python benchmarks/images.py --cases 512x4 --burst 3
+    python benchmarks/images.py --arch idefics3      # the tiling tower (SmolVLM v1's shape): 17 tiles an image
 
-For each ``CONTEXTxCONCURRENCY`` case the demo vision-language model (``memserve demo-model --arch llava``,
-fp32) is planned as ``fit`` plans it on a 4 GiB CPU budget (engine ``image-text``: ``memory/vision.py`` prices
-the images) and served by a real runner process (``python -m memserve.runner --plan``). Its load ends with the
+For each ``CONTEXTxCONCURRENCY`` case the demo vision-language model (``memserve demo-model --arch llava`` or
+``idefics3``, fp32) is planned as ``fit`` plans it on a 4 GiB CPU budget (engine ``image-text``:
+``memory/vision.py`` prices the images) and served by a real runner process (``python -m memserve.runner --plan``). Its load ends with the
 worst-case warm-up (one request with the most images at the pixel cap). Then, straight to the runner (no
 gateway body cap), bursts of requests at once, each with 4 PNGs of 2048 × 2048 whose random levels do not
 compress (5.0 MiB each, 25.6 MiB bodies): ``concurrency`` requests, then ``--burst`` × ``concurrency`` (the
@@ -28,7 +29,7 @@ import numpy as np
 from common import runner
 from PIL import Image
 
-from memserve.checkpoint.demo_vision import write_demo_vision_model
+from memserve.checkpoint.demo_vision import VISION_ARCHS, write_demo_vision_model
 from memserve.engines.fit import fit_result
 from memserve.memory.fit import PlanFile
 from memserve.memory.probe import probe_inventory
@@ -83,11 +84,12 @@ def main() -> None:
     parser.add_argument("--cases", default="512x1,512x4,2048x2", help="CONTEXTxCONCURRENCY, comma-separated")
     parser.add_argument("--burst", type=int, default=2, help="the second burst, in multiples of concurrency")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--arch", choices=VISION_ARCHS, default="llava", help="the demo's tower")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="memserve-images-") as tmp:
         work = Path(tmp)
-        model = work / "demo-llava"
-        write_demo_vision_model(model)
+        model = work / f"demo-{args.arch}"
+        write_demo_vision_model(model, arch=args.arch)
         urls = [noisy_png_url(seed) for seed in range(IMAGES)]
         content = [*({"type": "image_url", "image_url": {"url": u}} for u in urls), {"type": "text", "text": "what?"}]
         body = {

@@ -8,14 +8,16 @@ from typing import Any
 
 import pytest
 
+from memserve.checkpoint.demo_vision import image_tokens_per_image
 from memserve.checkpoint.facts import read_local_facts
-from memserve.checkpoint.vision import VisionFacts, no_images, takes_images
+from memserve.checkpoint.vision import VisionFacts, image_processor_config, no_images, takes_images
 from memserve.engines.fit import fit_result
 from memserve.memory.planner import Plan
 from memserve.memory.probe import probe_inventory
 from memserve.memory.vision import (
     BODY_COPIES,
     HELD_BYTES_PER_PIXEL,
+    RESIZED_BYTES_PER_PIXEL,
     WORKING_BYTES_PER_PIXEL,
     ImageCost,
     image_cost,
@@ -58,12 +60,89 @@ def test_vision_facts_of_llava_1_5() -> None:
     assert VisionFacts.from_config({"architectures": ["LlamaForCausalLM"]}) is None
 
 
+# SmolVLM-256M-Instruct (model_type idefics3): a SigLIP tower on 512-pixel tiles, pixel shuffle by 4, a 576-wide
+# SmolLM; its processor resizes to a longest edge of 2048 and tiles by 512 (64 tokens a tile)
+SIGLIP = {"image_size": 512, "patch_size": 16, "hidden_size": 768, "intermediate_size": 3072,
+          "num_hidden_layers": 12, "num_attention_heads": 12}  # fmt: skip
+SMOLVLM = {
+    "architectures": ["Idefics3ForConditionalGeneration"],
+    "model_type": "idefics3",
+    "scale_factor": 4,
+    "vision_config": SIGLIP,
+    "text_config": {"hidden_size": 576},
+}
+SMOLVLM_PROCESSOR = {
+    "do_image_splitting": True,
+    "size": {"longest_edge": 2048},
+    "max_image_size": {"longest_edge": 512},
+}
+
+
+@pytest.mark.parametrize(
+    ("processor", "tiles", "tokens", "resized"),
+    [
+        (SMOLVLM_PROCESSOR, 17, 17 * 64, 2048 * 2048),
+        ({}, 17, 17 * 64, 2048 * 2048),  # no saved settings: the image processor's default, 4 tiles a side
+        ({"size": {"longest_edge": 1536}, "max_image_size": {"longest_edge": 512}}, 10, 10 * 64, 1536 * 1536),
+        (SMOLVLM_PROCESSOR | {"do_image_splitting": False}, 1, 64, 512 * 512),
+    ],
+)
+def test_vision_facts_of_a_tiling_tower(processor: dict[str, Any], tiles: int, tokens: int, resized: int) -> None:
+    facts = VisionFacts.from_config(SMOLVLM, processor)
+    assert facts is not None
+    assert (facts.tiles, facts.image_tokens, facts.resized_pixels) == (tiles, tokens, resized)
+    assert (facts.image_size, facts.text_hidden_size) == (512, 576)
+
+
+def test_a_tiling_tower_prices_every_tile_its_mask_and_the_resize() -> None:
+    facts = VisionFacts.from_config(SMOLVLM, SMOLVLM_PROCESSOR)
+    one_tile = VisionFacts.from_config(SMOLVLM, SMOLVLM_PROCESSOR | {"do_image_splitting": False})
+    assert facts is not None and one_tile is not None
+    cost = image_cost(facts, "bfloat16", images=2, max_pixels=1024 * 1024, concurrency=3, waiting=1)
+    single = image_cost(one_tile, "bfloat16", images=2, max_pixels=1024 * 1024, concurrency=3, waiting=1)
+    assert cost.tower_bytes == 17 * single.tower_bytes
+    in_flight, held = 3 * 2, 4 * 2
+    values, mask = 17 * 3 * 512 * 512, 17 * 512 * 512  # float32 pixel values; the mask as one byte a pixel
+    assert cost.pixel_bytes == held * (values * 4 + mask) + in_flight * (values * 2 + mask)
+    resize = 2 * 2048 * 2048 * RESIZED_BYTES_PER_PIXEL  # the processor's work at 2048², every image at once
+    assert cost.decoded_bytes == 1024 * 1024 * (2 * HELD_BYTES_PER_PIXEL + WORKING_BYTES_PER_PIXEL) + resize
+    assert cost.feature_bytes == in_flight * 17 * 64 * (768 + 2 * 576) * 2
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"preprocessor_config.json": SMOLVLM_PROCESSOR}, SMOLVLM_PROCESSOR),
+        ({"processor_config.json": {"image_processor": SMOLVLM_PROCESSOR, "image_seq_len": 64}}, SMOLVLM_PROCESSOR),
+        ({"processor_config.json": {"image_seq_len": 64}}, {}),
+        ({"preprocessor_config.json": "not json"}, {}),
+        ({}, {}),
+    ],
+)
+def test_image_processor_config(tmp_path: Path, files: dict[str, Any], expected: dict[str, Any]) -> None:
+    for name, content in files.items():
+        (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    assert image_processor_config(tmp_path) == expected
+
+
+def test_the_demo_idefics3_plans_its_tiles_from_its_processor(tiny_idefics3_dir: Path) -> None:
+    facts = read_local_facts(tiny_idefics3_dir)
+    assert facts.vision is not None
+    assert (facts.vision.tiles, facts.vision.image_tokens) == (17, image_tokens_per_image("idefics3")) == (17, 68)
+
+
 def test_a_text_model_refuses_images_naming_itself_and_the_part() -> None:
     assert no_images("tiny", []) is None
     refused = no_images("tiny", [ImageRef("messages[0].content[1].image_url", "data:"), ImageRef("x", "y")])
     assert refused is not None and refused.status_code == 400 and refused.code == "model_takes_no_images"
     assert refused.param == "messages[0].content[1].image_url"
     assert "the model 'tiny' takes no images" in refused.message and "2 images" in refused.message
+    qwen2_vl = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "vision_config": {}}
+    unread = no_images("qvl", [ImageRef("messages[0].content[0].image_url", "data:")], qwen2_vl)
+    assert unread is not None and unread.code == "model_takes_no_images"
+    assert "'qvl' is a vision-language model (qwen2_vl), but memserve does not read images" in unread.message
+    refused_as_text = no_images("tiny", [ImageRef("x", "y")], {"architectures": ["LlamaForCausalLM"]})
+    assert refused_as_text is not None and "text-only model" in refused_as_text.message
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ model's own caps on images refused at the door and planned for its runner."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,16 @@ def picture_server() -> Starlette:
 
 def test_images_through_the_gateway(tmp_path: Path, tiny_model_dir: Path, tiny_vision_dir: Path) -> None:
     message = image_message(data_url(RED), text="what is this?")
+    # a vision-language checkpoint whose tower has no fixed image size (Qwen2-VL): served as text; the door refuses
+    # its images before any load, so its config is all it needs here
+    qwen2_vl = tmp_path / "qwen2-vl"
+    qwen2_vl.mkdir()
+    config = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl"}
+    (qwen2_vl / "config.json").write_text(json.dumps(config | {"vision_config": {"depth": 2, "embed_dim": 32}}))
     with serve_fake(FakeOpenAI(models=("m1",))) as fake, serve_app(picture_server()) as pictures:
         settings = settings_for(
             tmp_path,
-            [local("tiny", tiny_model_dir), local("vis", tiny_vision_dir)],
+            [local("tiny", tiny_model_dir), local("vis", tiny_vision_dir), local("qvl", qwen2_vl)],
             providers=[ProviderConfig(name="fake", base_url=fake.base_url, api_key_env="FAKE_KEY", models=["m1"])],
         )
         os.environ["FAKE_KEY"] = "sekrit"
@@ -54,6 +61,10 @@ def test_images_through_the_gateway(tmp_path: Path, tiny_model_dir: Path, tiny_v
             error = refused.json()["error"]
             assert "the model 'tiny' takes no images" in error["message"]
             assert error["param"] == "messages[0].content[0].image_url"
+            unread = ask(origin, "qvl", message)
+            assert unread.status_code == 400, unread.text
+            words = "the model 'qvl' is a vision-language model (qwen2_vl), but memserve does not read images"
+            assert words in unread.json()["error"]["message"] and "runner: vllm" in unread.json()["error"]["message"]
             bad = ask(origin, "vis", image_message("data:image/png;base64,!!!!"))
             assert bad.status_code == 400 and "base64 is corrupt" in bad.text
             url = ask(origin, "vis", image_message(f"{pictures}/red.png"))

@@ -22,7 +22,7 @@ from huggingface_hub import get_local_safetensors_metadata
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 from huggingface_hub.utils import SafetensorsRepoMetadata
 
-from memserve.checkpoint.vision import VisionFacts
+from memserve.checkpoint.vision import VisionFacts, image_processor_config, takes_images
 from memserve.errors import CheckpointError, ModelNotFound
 
 # bytes per element of the safetensors dtypes (sub-byte types are packed and priced as stored)
@@ -340,8 +340,10 @@ def facts_from(
     format: Literal["safetensors", "bin"] = "safetensors",
     shards: int = 1,
     warnings: tuple[str, ...] = (),
+    processor: Mapping[str, Any] | None = None,
 ) -> CheckpointFacts:
-    """Combine a config and a tensor listing ``{name: (safetensors dtype, shape)}`` into facts."""
+    """Combine a config and a tensor listing ``{name: (safetensors dtype, shape)}`` into facts; ``processor`` is the
+    image processor's saved settings, for a vision-language checkpoint (``image_processor_config``)."""
     cfg = _text_config(config)
     layers = _require_int(cfg, "number of layers", "num_hidden_layers", "n_layer", "num_layers", source=source)
     hidden = _require_int(cfg, "hidden size", "hidden_size", "n_embd", "d_model", source=source)
@@ -411,19 +413,25 @@ def facts_from(
         eager_attention=_first(cfg, "attn_logit_softcapping") is not None,
         split_expert_bytes=sum(b.split_expert_bytes for b in blocks),
         mlp_tensors=mlp_tensors(cfg, tensors),
-        vision=VisionFacts.from_config(config),
+        vision=VisionFacts.from_config(config, processor),
     )
 
 
-def facts_from_metadata(config: dict[str, Any], meta: SafetensorsRepoMetadata, *, source: str) -> CheckpointFacts:
+def facts_from_metadata(
+    config: dict[str, Any],
+    meta: SafetensorsRepoMetadata,
+    *,
+    source: str,
+    processor: Mapping[str, Any] | None = None,
+) -> CheckpointFacts:
     tensors = _tensors_from_metadata(meta, source)
-    return facts_from(config, tensors, source=source, shards=len(meta.files_metadata))
+    return facts_from(config, tensors, source=source, shards=len(meta.files_metadata), processor=processor)
 
 
 # ------------------------------------------------------------------------------- local folders
 
 
-def _bin_facts(folder: Path, config: dict[str, Any], source: str) -> CheckpointFacts:
+def _bin_facts(folder: Path, config: dict[str, Any], source: str, processor: Mapping[str, Any]) -> CheckpointFacts:
     """Only pickled ``.bin`` weights: price them from file sizes, spread evenly over the layers."""
     files = sorted(folder.glob("*.bin"))
     total = sum(f.stat().st_size for f in files)
@@ -445,7 +453,9 @@ def _bin_facts(folder: Path, config: dict[str, Any], source: str) -> CheckpointF
         "only pickled .bin weights: estimated from file sizes; loading them is slower (no memory map, "
         "a full copy in RAM while loading) and unsafe (pickle can run code) - convert to safetensors"
     )
-    return facts_from(config, tensors, source=source, format="bin", shards=len(files), warnings=(warning,))
+    return facts_from(
+        config, tensors, source=source, format="bin", shards=len(files), warnings=(warning,), processor=processor
+    )
 
 
 def read_adapter_facts(folder: Path) -> AdapterFacts:
@@ -507,11 +517,12 @@ def read_local_facts(folder: Path, *, source: str | None = None) -> CheckpointFa
             f"pass the base model and add the adapter with --adapter {source}"
         )
     config = read_config(folder, source=source)
+    processor = image_processor_config(folder) if takes_images(config) else {}
     try:
         meta = get_local_safetensors_metadata(folder)
     except NotASafetensorsRepoError:
         if any(folder.glob("*.bin")):
-            return _bin_facts(folder, config, source)
+            return _bin_facts(folder, config, source, processor)
         if any(folder.glob("*.safetensors")):
             files = sorted(folder.glob("*.safetensors"))
             if len(files) > 1:
@@ -527,7 +538,7 @@ def read_local_facts(folder: Path, *, source: str | None = None) -> CheckpointFa
     except (SafetensorsParsingError, json.JSONDecodeError, FileNotFoundError):
         meta = _local_metadata(folder, source)  # re-raises with a clear message
     _check_not_truncated(folder, meta, source)
-    return facts_from_metadata(config, meta, source=source)
+    return facts_from_metadata(config, meta, source=source, processor=processor)
 
 
 def with_adapters(facts: CheckpointFacts, adapters: tuple[AdapterFacts, ...]) -> CheckpointFacts:

@@ -10,6 +10,7 @@ import click
 from memserve.checkpoint.demo import ARCHS, DTYPES, SIZES, write_demo_model
 from memserve.checkpoint.demo_encoder import ENCODER_ARCHS, POOLINGS, TASKS, write_demo_encoder
 from memserve.checkpoint.demo_gguf import GGUF_TYPES, write_demo_gguf
+from memserve.checkpoint.demo_vision import VISION_ARCHS
 from memserve.errors import MemserveError
 from memserve.units import format_bytes
 
@@ -31,11 +32,11 @@ def _choices(names: Iterable[str]) -> str:
 )
 @click.option(
     "--arch",
-    metavar=_choices((*ARCHS, *ENCODER_ARCHS, "llava")),
+    metavar=_choices((*ARCHS, *ENCODER_ARCHS, *VISION_ARCHS)),
     default="llama",
     show_default=True,
     help="Model family; qwen2 ties embeddings and has attention biases; bert and electra are encoders (--task); "
-    "llava reads images (tiny, fp32 only).",
+    "llava and idefics3 read images (tiny, fp32 only; idefics3 cuts them into tiles, as SmolVLM does).",
 )
 @click.option(
     "--task",
@@ -117,7 +118,7 @@ def demo_model(
     --format gguf, with llama.cpp's llama-server.
     """
     try:
-        known = (*ARCHS, *ENCODER_ARCHS, "llava")
+        known = (*ARCHS, *ENCODER_ARCHS, *VISION_ARCHS)
         if arch not in known:
             raise click.ClickException(f"unknown arch {arch!r}: expected one of {', '.join(known)}")
         if arch in ENCODER_ARCHS:
@@ -148,13 +149,14 @@ def demo_model(
             raise click.ClickException(
                 "--gguf-type, --gguf-split-tensors and --gguf-experts apply to --format gguf only"
             )
-        if arch == "llava":
+        if arch in VISION_ARCHS:
             from memserve.checkpoint.demo_vision import write_demo_vision_model
 
-            vision = write_demo_vision_model(path, seed=seed, force=force)
+            vision = write_demo_vision_model(path, arch=arch, seed=seed, force=force)
             click.echo(
-                f"wrote {vision.path}: llava tiny float32, {vision.params:,} params ({vision.vision_params:,} in the "
-                f"vision tower and projector), {vision.image_tokens} tokens per image, {vision.seconds:.1f} s"
+                f"wrote {vision.path}: {vision.arch} tiny float32, {vision.params:,} params "
+                f"({vision.vision_params:,} in the vision tower and projector), {vision.image_tokens} tokens per "
+                f"image, {vision.seconds:.1f} s"
             )
             return
         info = write_demo_model(path, size=size, arch=arch, dtype=dtype, seed=seed, force=force)

@@ -13,7 +13,7 @@ from memserve.checkpoint.encoders import EncoderFacts, local_encoder_facts
 from memserve.checkpoint.facts import read_config
 from memserve.checkpoint.locate import read_facts
 from memserve.checkpoint.tokens import max_prompt_bytes, tokenizer_file_longest_token_bytes
-from memserve.checkpoint.vision import no_images, takes_images
+from memserve.checkpoint.vision import VisionFacts, no_images
 from memserve.config import Settings
 from memserve.errors import InvalidArgument, MemserveError, UnsupportedParameter
 from memserve.memory.fit import default_context
@@ -48,7 +48,8 @@ class Door:
         self.settings = settings
         self.pool = pool
         self._facts: dict[str, tuple[int | None, int | None]] = {}  # name → (default context, longest token)
-        self._takes_images: dict[str, bool] = {}
+        # name → None when memserve reads its images, else its config.json ({} for a source that is not a folder)
+        self._no_images: dict[str, dict[str, Any] | None] = {}
         self._encoders: dict[str, EncoderFacts | None] = {}
 
     async def check(self, model: str, path: str, body: dict[str, Any]) -> bool | None:
@@ -106,16 +107,16 @@ class Door:
         header. An http(s) image (``image_urls: allow``) is fetched here and put in ``body`` as a data URL, so a
         runner never reaches the network."""
         images = request.images()
-        if model not in self._takes_images:
-            config = self.settings.model(model)
-            assert config is not None  # route() found it
-            self._takes_images[model] = await asyncio.to_thread(_local_takes_images, config.source)
-        if not self._takes_images[model]:
-            refused = no_images(model, images)
+        config = self.settings.model(model)
+        assert config is not None  # route() found it
+        if model not in self._no_images:
+            text_only = await asyncio.to_thread(_local_text_only, config.source)
+            self._no_images[model] = None if config.runner == "vllm" else text_only  # vLLM reads its own towers
+        refused_for = self._no_images[model]
+        if refused_for is not None:
+            refused = no_images(model, images, refused_for)
             assert refused is not None
             raise refused
-        config = self.settings.model(model)
-        assert config is not None
         decoded = await load_images(images, config.images.limits(allow_urls=self.settings.image_urls == "allow"))
         fetched = [(ref, image) for ref, image in zip(images, decoded, strict=True) if ref.url[:5].lower() != "data:"]
         if fetched:
@@ -138,15 +139,18 @@ class Door:
         return config.context_tokens or default_context, longest
 
 
-def _local_takes_images(source: str) -> bool:
-    """Whether a local checkpoint folder reads images; a source that is not a folder is left to its load."""
+def _local_text_only(source: str) -> dict[str, Any] | None:
+    """The ``config.json`` of a local checkpoint folder memserve serves as text (a text-only model, or a
+    vision-language one whose tower it does not price: ``VisionFacts``), None for one whose images it reads; a
+    source that is not a folder is left to its load."""
     folder = Path(source).expanduser()
     if not (folder / "config.json").is_file():
-        return True
+        return None
     try:
-        return takes_images(read_config(folder, source=source))
+        config = read_config(folder, source=source)
     except MemserveError:
-        return True  # the load will say what is wrong with it
+        return None  # the load will say what is wrong with it
+    return None if VisionFacts.from_config(config) is not None else config
 
 
 def _local_limits(source: str) -> tuple[int | None, int | None]:

@@ -11,9 +11,19 @@ left grows with the images a request may carry (``wire/images.py: ImageLimits``)
   ~7 bytes a pixel for every image held (Pillow's 4-byte RGBX and the processor's uint8 array) and ~10–12
   more for the one image being rescaled (float32 RGB): priced as ``pixels × (7 × images + 12)``, 1.05–1.20 ×
   those measurements.
-- **pixels**: the processor's float32 ``pixel_values`` at the tower's size, cast to the model's dtype.
-- **the tower's forward**: all images of every row of a ``generate`` call at once (``concurrency × images``):
-  its residual stream and MLP per patch, and its attention scores (eager in the worst case).
+- **resized images** (a tiling tower, Idefics3/SmolVLM v1): that processor resizes every image so its longest
+  edge is ``size.longest_edge`` (2048 px for SmolVLM, small images too) before it cuts the tiles, and holds
+  every image of the request in float32 at that size, its tiles, and its outputs (``pixel_values`` and an int64
+  ``pixel_attention_mask``) at once. Measured on the processor alone (transformers 5.24's
+  ``Idefics3ImageProcessorPil``, a thread sampling RSS every 0.5 ms, noisy 2048² PNGs): 2048/512 tiles, 1 image
+  233 MiB above the decoded images, 4 images 971 MiB; 1456/364, 2 images 198 MiB. That is 49–61 bytes per
+  resized pixel per image: priced as ``RESIZED_BYTES_PER_PIXEL`` (62) ×  images × ``resized_pixels``.
+- **pixels**: the processor's float32 ``pixel_values`` at the tower's size (every tile of a tiling tower), cast
+  to the model's dtype, and a tiling tower's ``pixel_attention_mask``, which the runner keeps as one byte a pixel
+  (``runner/vision.py``; the processor's is int64).
+- **the tower's forward**: all images (all tiles) of every row of a ``generate`` call at once
+  (``concurrency × images × tiles``): its residual stream and MLP per patch, and its attention scores (eager in
+  the worst case).
 - **image features**: the projector's output, held through the prefill (``mm_encoder_outputs``), and its
   input and hidden in flight.
 - **request bodies**: the runner reads, parses and validates a request's body and builds its prompt one
@@ -34,11 +44,20 @@ from dataclasses import dataclass
 from memserve.checkpoint.vision import VisionFacts
 from memserve.memory.estimate import DTYPE_WIDTH, HIDDEN_TENSORS
 
-__all__ = ["BODY_COPIES", "HELD_BYTES_PER_PIXEL", "WORKING_BYTES_PER_PIXEL", "ImageCost", "image_cost"]
+__all__ = [
+    "BODY_COPIES",
+    "HELD_BYTES_PER_PIXEL",
+    "RESIZED_BYTES_PER_PIXEL",
+    "WORKING_BYTES_PER_PIXEL",
+    "ImageCost",
+    "image_cost",
+]
 
 HELD_BYTES_PER_PIXEL = 7  # every decoded image of the request being prepared (measured, see above)
 WORKING_BYTES_PER_PIXEL = 12  # the one image the processor is rescaling, float32 RGB
+RESIZED_BYTES_PER_PIXEL = 62  # a tiling processor's work per image at its resize target (measured, see above)
 PIXEL_VALUES_WIDTH = 4  # processors return float32
+MASK_WIDTH = 1  # a tiling tower's pixel_attention_mask, as the runner keeps it (bool)
 BODY_COPIES = 3  # copies of a request body a runner holds while it prepares it (measured, see above)
 
 
@@ -78,12 +97,16 @@ def image_cost(
     bodies = BODY_COPIES * max_body_bytes
     width = DTYPE_WIDTH[dtype]
     decoded = max_pixels * (HELD_BYTES_PER_PIXEL * images + WORKING_BYTES_PER_PIXEL)
+    decoded += images * vision.resized_pixels * RESIZED_BYTES_PER_PIXEL
     in_flight = concurrency * images
-    image_values = vision.channels * vision.image_size**2
-    pixels = (in_flight + waiting * images) * image_values * PIXEL_VALUES_WIDTH + in_flight * image_values * width
+    tile_pixels = vision.image_size**2
+    image_values = vision.tiles * vision.channels * tile_pixels
+    mask = vision.tiles * tile_pixels * MASK_WIDTH if vision.resized_pixels else 0
+    held = (in_flight + waiting * images) * (image_values * PIXEL_VALUES_WIDTH + mask)
+    pixels = held + in_flight * (image_values * width + mask)
     patches = vision.patches
     stream = patches * (HIDDEN_TENSORS * vision.hidden_size + 2 * vision.intermediate_size) * width
     scores = vision.heads * patches * patches * (width + 4)
-    tower = in_flight * (stream + scores)
+    tower = in_flight * vision.tiles * (stream + scores)
     features = in_flight * vision.image_tokens * (vision.hidden_size + 2 * vision.text_hidden_size) * width
     return ImageCost(decoded, pixels, tower, features, bodies)

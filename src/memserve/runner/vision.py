@@ -187,11 +187,17 @@ def _worst_case_images(processor: Any, limits: ImageLimits, tokens: int) -> tupl
     count = limits.max_images
     while count > 0:
         images = [Image.new("RGB", (side, side), (127, 127, 127)) for _ in range(count)]
-        inputs = dict(processor(images=images, text=str(marker) * count, return_tensors="pt"))
+        inputs = _held(processor(images=images, text=str(marker) * count, return_tensors="pt"))
         if marker is None or inputs["input_ids"].shape[1] <= tokens:
             return count, inputs
         count -= 1
     return 0, dict(processor(text=" ", return_tensors="pt"))
+
+
+def _held(inputs: Any) -> dict[str, Any]:
+    """The processor's tensors as a prepared request holds them: a tiling processor's ``pixel_attention_mask``
+    (Idefics3's, int64) as bool, 8 times smaller while the request waits; the model reads it as a mask alike."""
+    return {k: v.bool() if k == "pixel_attention_mask" else v for k, v in dict(inputs).items()}
 
 
 class _PromptIds(list[int]):
@@ -272,9 +278,9 @@ class ImageCompleter(_Completer):
         images = [open_rgb(image) for image in decoded]
         try:
             if images:
-                inputs = dict(self.processor(images=images, text=text, return_tensors="pt"))
+                inputs = _held(self.processor(images=images, text=text, return_tensors="pt"))
             else:
-                inputs = dict(self.processor(text=text, return_tensors="pt"))
+                inputs = _held(self.processor(text=text, return_tensors="pt"))
         except Exception as exc:  # what the processor cannot take (an image marker count that does not match)
             raise InvalidArgument(f"the processor rejected this request: {exc}", param="messages") from exc
         finally:
