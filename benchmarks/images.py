@@ -6,12 +6,12 @@
 
 For each ``CONTEXTxCONCURRENCY`` case the demo vision-language model (``memserve demo-model --arch llava`` or
 ``idefics3``, fp32) is planned as ``fit`` plans it on a 4 GiB CPU budget (engine ``image-text``:
-``memory/vision.py`` prices the images) and served by a real runner process (``python -m memserve.runner
---plan``). Its load ends with the worst-case warm-up (one request with the most images at the pixel cap). Then, straight to the runner (no
-gateway body cap), bursts of requests at once, each with 4 PNGs of 2048 × 2048 whose random levels do not
-compress (5.0 MiB each, 25.6 MiB bodies): ``concurrency`` requests, then ``--burst`` × ``concurrency`` (the
-extra ones wait in the runner's queue). Printed per case: the plan's total, the warm-up's peak RSS, the peak
-RSS (``VmHWM``) after each burst, and plan ÷ the highest peak (≥ 1 means the plan held).
+``memory/vision.py`` prices the images) and served by a real runner process (``python -m memserve.runner --plan``).
+Its load ends with the worst-case warm-up (one request with the most images at the pixel cap). Then, straight to
+the runner (no gateway body cap), bursts of requests at once, each with 4 PNGs of 2048 × 2048 whose random levels
+do not compress (5.0 MiB each, 25.6 MiB bodies): ``concurrency`` requests, then ``--burst`` × ``concurrency`` (the
+extra ones wait in the runner's queue). Printed per case: the plan's total, the warm-up's peak RSS, the peak RSS
+(``VmHWM``) after each burst, and plan ÷ the highest peak (≥ 1 means the plan held).
 """
 
 from __future__ import annotations
