@@ -289,8 +289,9 @@ def test_a_load_that_lies_is_killed_by_the_watchdog_before_the_budget_is_crossed
         if len(kills) == 2:
             assert kills[1]["limit_bytes"] > kills[0]["measured_bytes"]
         for kill in kills:
-            # stopped within one 20 ms sample of passing plan + tolerance (the balloon grows 8 MiB per 10 ms) ...
-            assert kill["limit_bytes"] < kill["measured_bytes"] <= kill["limit_bytes"] + 64 * MiB
+            # stopped at the first sample past plan + tolerance: the one before was within it (how far the balloon
+            # grew between the two depends on how late the sample came on a busy host, so no bound on the step) ...
+            assert kill["previous_bytes"] <= kill["limit_bytes"] < kill["measured_bytes"]
             # ... which is below the budget: it was never crossed at all
             assert kill["measured_bytes"] < budget
         assert ps(origin)["models"][0]["state"] == "failed"

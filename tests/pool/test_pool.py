@@ -671,6 +671,7 @@ def test_watchdog_kills_a_ready_runner_past_its_plan_and_the_tolerance(tmp_path:
             assert "stopped by the watchdog" in str(entry.reason) and "went past its plan" in str(entry.reason)
             [kill] = h.events("watchdog_kill", "a")
             assert kill["measured_bytes"] == limit + 1 and kill["limit_bytes"] == limit
+            assert kill["previous_bytes"] == limit  # the sample before the breach, still within it
             assert "went past its plan" in h.events("crash", "a")[0]["reason"]
             assert h.pool.ledger.names() == []
 

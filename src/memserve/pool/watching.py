@@ -45,8 +45,12 @@ class Watchdog:
         return s.watchdog_loading_interval_seconds if loading else s.watchdog_interval_seconds
 
     async def watch_runner(self, entry: Entry, runner: RunnerHandle) -> None:
-        """Sample one runner's memory; kill it when it goes past its reservation by more than the tolerance."""
+        """Sample one runner's memory; kill it at the first sample past its reservation by more than the tolerance.
+
+        The kill's event carries that sample and the one before it (``previous_bytes``, 0 for none), so it shows
+        how far the runner grew between two samples: on a busy host the samples come late and the step is larger."""
         s = self.settings
+        previous: dict[str, int] = {}
         while entry.runner is runner and runner.returncode is None:
             sample = runner.sample_memory()
             if sample:
@@ -67,8 +71,10 @@ class Watchdog:
                         device=breach.device,
                         measured_bytes=breach.measured_bytes,
                         limit_bytes=breach.limit_bytes,
+                        previous_bytes=previous.get(breach.device, 0),
                     )
                     return
+                previous = sample
             await self.clock.sleep(self.interval(entry.state.loading))
 
     async def watch_host(self) -> None:
