@@ -7,6 +7,7 @@
     │   ├── ContextOverflow            400                         prompt longer than the planned context
     │   ├── UnsupportedParameter       400                         n > 1, tools, ...
     │   ├── RequestTooLarge            413                         a body past the server's max_body_bytes
+    │   ├── BodyTooSlow                408                         a body that did not arrive in time (image runner)
     │   └── UnsupportedMediaType       415                         a JSON route sent something not JSON
     ├── OriginNotAllowed               403 permission_error        a browser page from an origin not in cors_origins
     ├── CheckpointError                400 invalid_request_error   not a model, corrupt header, bad config
@@ -137,6 +138,14 @@ class UnsupportedMediaType(InvalidArgument):
 
     status_code = 415
     code = "unsupported_media_type"
+
+
+class BodyTooSlow(InvalidArgument):
+    """A request body that did not finish arriving in time, where a slow body would hold others up (an image
+    runner reads one body at a time)."""
+
+    status_code = 408
+    code = "request_body_timeout"
 
 
 class OriginNotAllowed(MemserveError):

@@ -225,3 +225,33 @@ def test_a_queue_longer_than_the_plan_priced_waits_unprepared(tiny_vision_dir: P
     assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1  # greedy: one answer
     assert max(seen) <= held, f"the runner held {max(seen)} prepared requests, more than the {held} its plan priced"
     assert max(seen) >= 2, f"the burst never queued behind the running sequence ({seen}): the check saw nothing"
+
+
+def test_a_slow_body_is_a_408_and_holds_the_others_up_no_longer(tiny_vision_dir: Path, tmp_path: Path) -> None:
+    """The runner reads one body at a time (the plan prices one); a client that sends half a body and stalls gets a
+    408 once ``MEMSERVE_IMAGE_BODY_SECONDS`` pass, and a whole request sent after it is answered. Before the
+    deadline, the stalled client held every other request for as long as it kept its connection open."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from memserve.runner.vision import BODY_SECONDS_ENV
+
+    env = {BODY_SECONDS_ENV: "1", "OMP_NUM_THREADS": "1"}
+    with runner_process(tiny_vision_dir, tmp_path, name="vis", context=512, concurrency=1, env=env) as base:
+        url = urlsplit(base)
+        body = json.dumps({"model": "vis", "max_tokens": 2, "messages": messages([RED], "what is this?")}).encode()
+        with socket.create_connection((url.hostname, url.port), timeout=120) as slow:
+            head = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            slow.sendall(head.encode() + body[: len(body) // 2])  # and nothing more
+            time.sleep(0.5)  # let it take the lock first (were the order to flip, the 200 below would prove less)
+            whole = {"model": "vis", "max_tokens": 2, "messages": messages([GREEN], "what is this?")}
+            answer = httpx.post(f"{base}/v1/chat/completions", json=whole, timeout=120)
+            assert answer.status_code == 200, answer.text
+            reply = slow.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        error = json.loads(reply.split("\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_body_timeout" and "did not arrive within 1 s" in error["message"]

@@ -40,6 +40,7 @@ with GenerationFailed, so their responses end with an error instead of hanging.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -54,6 +55,7 @@ from fastapi.responses import JSONResponse
 from memserve.checkpoint.tokens import longest_token_bytes, max_prompt_bytes
 from memserve.checkpoint.vision import no_images
 from memserve.errors import (
+    BodyTooSlow,
     ContextOverflow,
     InvalidArgument,
     MemserveError,
@@ -235,9 +237,12 @@ class _Completer:
     """Turns a request's body into prompt ids, an engine request, and an HTTP response.
 
     ``preparing`` is held from reading a body to its engine request: a no-op here, a lock for a completer whose
-    bodies are large (``runner/vision.py``: images), so that one such body at a time is in memory."""
+    bodies are large (``runner/vision.py``: images), so that one such body at a time is in memory. Such a
+    completer sets ``body_seconds``: a body that has not arrived by then is a 408, so a slow client holds the
+    others up no longer than that."""
 
     preparing: AbstractAsyncContextManager[Any] = nullcontext()
+    body_seconds: float | None = None
 
     def __init__(
         self,
@@ -344,7 +349,7 @@ class _Completer:
         async with self.preparing:
             # the body's bytes and parsed JSON are let go as soon as it is validated, and what it still holds
             # that the answer does not need (an image's data URL) once the prompt is built
-            body = parse_body(kind, await _json_request(request))
+            body = parse_body(kind, await _json_request(request, self.body_seconds))
             adapter = self.check(body)
             if isinstance(body, ChatCompletionRequest):
                 prompt_ids, shape = self.chat_prompt(body), ResponseShape(chat=True, model=body.model)
@@ -413,11 +418,20 @@ class _Sequence:
         await _aclose(self._events)
 
 
-async def _json_request(request: Request) -> Any:
+async def _json_request(request: Request, seconds: float | None = None) -> Any:
     """The body parsed as JSON, as FastAPI reads a body parameter (without a Content-Type too; another media type
-    is a 400), read without the copy ``request.body()`` keeps on the request."""
+    is a 400), read without the copy ``request.body()`` keeps on the request; a body not in within ``seconds``
+    is a 408 (``BodyTooSlow``)."""
     declared = request.headers.get("content-type")
-    raw = await read_body(request, MAX_BODY_BYTES)
+    try:
+        async with asyncio.timeout(seconds):
+            raw = await read_body(request, MAX_BODY_BYTES)
+    except TimeoutError:
+        raise BodyTooSlow(
+            f"the request body did not arrive within {seconds:g} s; this runner reads one large body at a time, so "
+            "a slow one would hold the others up: send the whole body at once, or go through the gateway, which "
+            "reads bodies before it relays them"
+        ) from None
     if declared is not None:
         try:
             check_json_content_type(declared)

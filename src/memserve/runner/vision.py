@@ -19,6 +19,7 @@ prompts are tokenized there. Continuous batching is not used: transformers' page
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,11 @@ if TYPE_CHECKING:
 
 __all__ = ["IMAGE_TEXT", "ImageCompleter", "ImageGenerationRequest", "ImageTextEngine", "load_image_text"]
 
-_TEXT_KEYS = ("input_ids", "attention_mask")
+BODY_SECONDS_ENV = "MEMSERVE_IMAGE_BODY_SECONDS"
+BODY_SECONDS = 30.0
+"""How long an image runner waits for one request's body (``BODY_SECONDS_ENV`` sets another): it reads one body
+at a time, so a client that sends slowly holds the others up, at most this long. 25.6 MiB (4 images at the caps)
+takes 2 s at 100 Mbit/s; the gateway reads a body whole before it relays it, so through it a body arrives at once."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,7 @@ class ImageCompleter(_Completer):
         # one body at a time from its bytes to its prompt: base64 images make bodies tens of MiB, and a burst of
         # them read at once would hold every one (memory/vision.py prices one body, and the inputs of each sequence)
         self.preparing = asyncio.Lock()
+        self.body_seconds = float(os.environ.get(BODY_SECONDS_ENV) or BODY_SECONDS)
         # prepared requests hold their pixel values until they finish: no more of them than the plan priced, so
         # a max_queue beyond the default queue waits here, unread, instead of past the plan
         self.held = asyncio.Semaphore(image_engine.held_requests)
