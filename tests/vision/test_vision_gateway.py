@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from memserve.checkpoint.demo_adapter import write_demo_adapter
 from memserve.config import ImageCapsConfig, ProviderConfig
 from tests.gateway.test_gateway_process import GiB, gateway, host, local, ps, settings_for
 from tests.serving import FakeOpenAI, serve_app, serve_fake
@@ -75,6 +76,18 @@ def test_images_through_the_gateway(tmp_path: Path, tiny_model_dir: Path, tiny_v
             assert served.status_code == 200, served.text
             answer = served.json()["choices"][0]["message"]["content"]
             assert served.json()["usage"]["prompt_tokens"] > 16  # the image's 16 tokens and the text
+
+            # an adapter added to the loaded vision model at run time: served by the same runner, under its name
+            adapter = write_demo_adapter(tiny_vision_dir, tmp_path / "vad", seed=1).path
+            body = {"model": "vis", "name": "vad", "source": str(adapter)}
+            added = httpx.post(f"{origin}/api/adapters", json=body, timeout=120)
+            assert added.status_code == 200, added.text
+            models = {m["id"]: m.get("parent") for m in httpx.get(f"{origin}/v1/models").json()["data"]}
+            assert models["vad"] == "vis"
+            adapted = ask(origin, "vad", message)
+            assert adapted.status_code == 200, adapted.text
+            assert adapted.json()["choices"][0]["message"]["content"] != answer  # the adapter changes it
+            assert len(ps(origin)["models"]) == 1  # one runner: the base is loaded once
 
         # a model's own caps: the door refuses past them, and the runner is planned and warmed up for them
         caps = ImageCapsConfig(max_images=1, max_image_pixels=64 * 64)

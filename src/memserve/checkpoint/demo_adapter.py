@@ -1,5 +1,8 @@
 """A deterministic random LoRA adapter for a demo model, written with PEFT, for tests and benchmarks.
 
+On a vision-language base (``memserve demo-model --arch llava|idefics3``) the targets are matched in its
+language model only, by a regex (``target_modules``), as an adapter memserve serves there must be.
+
 PEFT initialises ``lora_B`` to zeros (a fresh adapter changes nothing); here both A and B are drawn
 from a generator seeded with ``seed``, so the adapter changes the model's answers, and the same base,
 options and seed give byte-identical weights. torch, transformers and PEFT are imported when called:
@@ -49,7 +52,11 @@ def write_demo_adapter(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from memserve.checkpoint.facts import read_config
+    from memserve.checkpoint.vision import takes_images
+    from memserve.runner.lora import language_model_regex, language_model_scope
 
     started = time.perf_counter()
     if rank < 1:
@@ -62,9 +69,13 @@ def write_demo_adapter(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgument(f"{out} exists and is not an empty folder; pick a new path", param="out")
     base = str(Path(base).absolute()) if Path(base).is_dir() else str(base)  # the config names the base it was made on
-    model = AutoModelForCausalLM.from_pretrained(base)
+    vision = Path(base).is_dir() and takes_images(read_config(Path(base), source=base))
+    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(base)
+    scope = language_model_scope(model) if vision else ()
+    # a vision-language base: the targets in its language model only (memserve's LoraBank serves no others)
+    target_modules: list[str] | str = language_model_regex(scope, targets) if scope else list(targets)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=list(targets), lora_dropout=0.0
+        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=target_modules, lora_dropout=0.0
     )
     try:
         with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5.24 deprecates

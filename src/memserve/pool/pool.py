@@ -57,8 +57,6 @@ from memserve.errors import (
     RunnerFailed,
     error_type_for,
 )
-from memserve.memory.encoders import ENCODER
-from memserve.memory.estimate import CONTINUOUS_BATCHING, GENERATE, Engine
 from memserve.memory.fit import ModelFacts, PlanFile
 from memserve.memory.inventory import Inventory
 from memserve.memory.planner import Plan, Policy, validate_request
@@ -91,8 +89,6 @@ STOPPED, STARTING, LOADING, WARMING, READY, DRAINING, FAILED = (
 )
 _PHASE_STATES = {"resolve": LOADING, "map": LOADING, "fault_in": WARMING, "warm_up": WARMING}
 _DRAIN_TIMEOUT_SECONDS = 30.0
-# the engines whose runner adds and removes LoRA adapters while it serves (image-text loads them only at start)
-RUNTIME_ADAPTER_ENGINES: frozenset[Engine] = frozenset({CONTINUOUS_BATCHING, GENERATE, ENCODER})
 _STABLE_SECONDS = 60.0  # a runner ready this long before it crashed starts the failure count again
 _KILLS_BEFORE_LOWER = 2  # kills on one rung (each with the bigger reservation the last one taught) before going lower
 
@@ -352,11 +348,6 @@ class ModelPool:
                 raise InvalidArgument(
                     f"model {name!r} is served by {entry.plan.runner}, which memserve gives no LoRA adapters; serve "
                     "the safetensors checkpoint with memserve's own runner"
-                )
-            if entry.plan.engine not in RUNTIME_ADAPTER_ENGINES:
-                raise Conflict(
-                    f"model {name!r} is loaded as {entry.plan.engine}, which takes adapters only when it loads; "
-                    f"unload it (POST /api/unload) and add the adapter, it loads with the model"
                 )
             device = next(iter(entry.plan.devices))  # the adapter's weights join the embed block's device
             free = self.ledger.free_bytes().get(device, 0)

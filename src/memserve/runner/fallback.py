@@ -274,8 +274,17 @@ class GenerateEngine(EngineBase):
                 self._post(job, self._deliver, job, [], True, job_error)
             self._current = []
 
-    @torch.no_grad()
     def _run(self, batch: list[Job]) -> None:
+        self._generate_rows(batch, post=lambda job, tokens: self._post(job, self._deliver, job, tokens))
+
+    def _model_inputs(self, batch: list[Job], config: GenerationConfig) -> dict[str, torch.Tensor]:
+        """What ``generate`` takes beside the rows' token ids, and the call's ``config`` adjusted for it: nothing
+        for text (``runner/vision.py`` passes the rows' image tensors)."""
+        return {}
+
+    @torch.no_grad()
+    def _generate_rows(self, batch: list[Job], post: Callable[[Job, list[int]], None]) -> None:
+        """One left-padded ``generate`` call for ``batch``; ``post`` gets each row's new tokens."""
         first = batch[0].request
         if first.seed is not None and first.temperature > 0:
             torch.manual_seed(first.seed)
@@ -287,7 +296,11 @@ class GenerateEngine(EngineBase):
             prompt = job.request.prompt_ids
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
             mask[row, width - len(prompt) :] = 1
-        rows = _Rows(batch, lambda job, tokens: self._post(job, self._deliver, job, tokens))
+        config = self._config_for(
+            first, max(job.request.max_new_tokens for job in batch), rows=len(batch), prompt_tokens=width
+        )
+        extra = self._model_inputs(batch, config)
+        rows = _Rows(batch, post)
         routing = self.lora.routing if self.lora is not None else None
         if routing is not None:  # one adapter per row (LoraLinear broadcasts it over the row's tokens)
             routing.set(torch.tensor([[job.slot] for job in batch], dtype=torch.long, device=device))
@@ -295,11 +308,10 @@ class GenerateEngine(EngineBase):
             cast(Any, self.model).generate(  # PreTrainedModel's stubs leave out GenerationMixin
                 input_ids=ids,
                 attention_mask=mask,
-                generation_config=self._config_for(
-                    first, max(job.request.max_new_tokens for job in batch), rows=len(batch), prompt_tokens=width
-                ),
+                generation_config=config,
                 streamer=_RowsStreamer(rows),
                 stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
+                **extra,
             )
         finally:
             if routing is not None:

@@ -210,12 +210,9 @@ def _build(launch: PlanFile, *, name: str | None) -> tuple[Any, Any]:
         if plan.engine == IMAGE_TEXT:  # a vision-language checkpoint: its processor and generate, images included
             from memserve.runner.vision import load_image_text
 
-            if launch.adapters:
-                raise InvalidArgument(
-                    f"{source} is a vision-language model, which memserve serves without LoRA adapters yet; "
-                    "remove its adapters"
-                )
-            return (*load_image_text(launch, report), None, None)
+            model, tokenizer, engine, bank = load_image_text(launch, report)
+            engine.attach_lora(bank)
+            return model, tokenizer, engine, None, bank
         model, tokenizer = load_model(source, plan, report)
         bank = LoraBank(model)  # before the engine: the warm-up then faults the adapters' weights in too
         for adapter, adapter_source in launch.adapters:

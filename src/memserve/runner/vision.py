@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
 
     from memserve.memory.fit import PlanFile
     from memserve.runner.load import LoadReport
+    from memserve.runner.lora import LoraBank
 
 __all__ = ["IMAGE_TEXT", "ImageCompleter", "ImageGenerationRequest", "ImageTextEngine", "load_image_text"]
 
@@ -121,43 +121,13 @@ class ImageTextEngine(GenerateEngine):
             "seconds": round(time.perf_counter() - started, 3),
         }
 
-    def _run(self, batch: list[Job]) -> None:
-        self._generate_rows(batch, post=lambda job, tokens: self._post(job, self._deliver, job, tokens))
-
-    @torch.no_grad()
-    def _generate_rows(self, batch: list[Job], post: Callable[[Job, list[int]], None]) -> None:
-        """The text engine's left-padded ``generate`` call (``GenerateEngine._run``), with the rows' image
-        tensors concatenated in row order."""
-        from transformers import StoppingCriteriaList
-
-        from memserve.runner.fallback import _Rows, _RowsCriteria, _RowsStreamer
-
-        first = batch[0].request
-        if first.seed is not None and first.temperature > 0:
-            torch.manual_seed(first.seed)
-        device = self.model.device
-        width = max(len(job.request.prompt_ids) for job in batch)
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-        for row, job in enumerate(batch):
-            prompt = job.request.prompt_ids
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
-            mask[row, width - len(prompt) :] = 1
-        extra = _stacked([job.request for job in batch], device, self.model.dtype)
-        config = self._config_for(
-            first, max(job.request.max_new_tokens for job in batch), rows=len(batch), prompt_tokens=width
-        )
+    def _model_inputs(self, batch: list[Job], config: Any) -> dict[str, torch.Tensor]:
+        """The rows' image tensors, concatenated in row order (where their placeholder tokens expect them); a
+        model that does not encode images before the prefill gets no prefill chunks (raw pixels cannot be cut)."""
+        extra = _stacked([job.request for job in batch], self.model.device, self.model.dtype)
         if extra and not _encodes_before_prefill(self.model):
-            config.prefill_chunk_size = None  # raw pixels cannot be cut into chunks; this model does not pre-encode
-        rows = _Rows(batch, post)
-        cast(Any, self.model).generate(
-            input_ids=ids,
-            attention_mask=mask,
-            generation_config=config,
-            streamer=_RowsStreamer(rows),
-            stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows)]),
-            **extra,
-        )
+            config.prefill_chunk_size = None
+        return extra
 
 
 def _marker_ids(model: Any) -> tuple[int, ...]:
@@ -312,15 +282,19 @@ class ImageCompleter(_Completer):
         return ImageGenerationRequest(**fields, inputs=inputs)
 
 
-def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits | None = None) -> tuple[Any, Any, Any]:
-    """Model, tokenizer and engine for a vision-language plan: loaded, faulted in, warmed up and measured at its
-    worst case (``runner/serve.py: fit_to_reservation``, which admits fewer sequences when it runs over), each
-    phase reported as a text model's are."""
+def load_image_text(
+    launch: PlanFile, report: LoadReport, *, limits: ImageLimits | None = None
+) -> tuple[Any, Any, Any, LoraBank]:
+    """Model, tokenizer, engine and LoRA bank for a vision-language plan: loaded, faulted in, the plan's adapters
+    put on its language model (``language_model_scope``), warmed up and measured at its worst case
+    (``runner/serve.py: fit_to_reservation``, which admits fewer sequences when it runs over), each phase
+    reported as a text model's are. The caller attaches the bank to the engine once it is chosen."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from memserve.checkpoint.locate import locate
     from memserve.memory.planner import image_requests_held
     from memserve.runner.load import from_pretrained_kwargs, read_weights, record_phase, weight_bytes
+    from memserve.runner.lora import LoraBank, language_model_scope
     from memserve.runner.progress import LoadProgress
 
     plan = launch.plan
@@ -346,6 +320,9 @@ def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits
         progress.phase_started("fault_in", total_bytes=weight_bytes(model))
         read_weights(model, progress)
         record_phase(report, progress, "fault_in", t)
+        bank = LoraBank(model, scope=language_model_scope(model))  # before the warm-up, which faults them in too
+        for adapter, adapter_source in launch.adapters:
+            bank.add(adapter, adapter_source)
 
         report.state = "warming"
         t = time.perf_counter()
@@ -374,4 +351,4 @@ def load_image_text(launch: PlanFile, report: LoadReport, *, limits: ImageLimits
 
     from memserve.runner.serve import fit_to_reservation
 
-    return model, processor.tokenizer, fit_to_reservation(current[0], launch, report, rebuild)
+    return model, processor.tokenizer, fit_to_reservation(current[0], launch, report, rebuild), bank
