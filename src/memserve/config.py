@@ -189,7 +189,10 @@ class AdapterConfig(BaseModel):
     name: str = Field(
         description="The name clients send as \"model\" (or base:name); no '/' or ':', unique among all models."
     )
-    source: str = Field(description="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).")
+    source: str = Field(
+        description="A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors); for a GGUF model "
+        "(llama.cpp), a GGUF LoRA file (convert_lora_to_gguf.py)."
+    )
 
     @field_validator("name")
     @classmethod

@@ -71,3 +71,59 @@ def test_a_gguf_model_is_served_by_llama_server_through_the_gateway(
         error = refused.json()["error"]
         assert (error["type"], error["code"]) == ("invalid_request_error", "context_length_exceeded")
         assert "tokens of context each of its sequences has" in error["message"]  # llama-server said it
+
+
+def test_gguf_lora_adapters_through_the_gateway(
+    tmp_path: Path, tiny_gguf: Path, tiny_model_dir: Path, command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GGUF model with two GGUF LoRA adapters in its config: one llama-server holds the base once with both
+    (``--lora``); requests on the base, on each adapter by its name and as ``base:adapter``, at once, each answer
+    as llama-server answers with that adapter's scale alone (the gateway sets ``lora`` by id); the adapters are
+    models with the base as parent; adding or removing one while it runs is a 409 (llama-server loads them at
+    start), and the runner stays within its plan."""
+    import asyncio
+
+    from memserve.checkpoint.demo_adapter import write_demo_adapter
+    from memserve.config import AdapterConfig
+
+    monkeypatch.setenv("MEMSERVE_LLAMA_SERVER_COMMAND", shlex.join(command))
+    files = {f"ad{s}": write_demo_adapter(tiny_model_dir, tmp_path / f"ad{s}.gguf", seed=s).path for s in (1, 2)}
+    adapters = [AdapterConfig(name=name, source=str(path)) for name, path in files.items()]
+    settings = settings_for(tmp_path, [local("g", tiny_gguf, adapters=adapters)])
+    names = ["g", "ad1", "g:ad2", "ad1", "g"]
+    with gateway(settings, host(8 * GiB)) as (origin, _):
+
+        async def all_at_once() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                calls = (
+                    client.post(
+                        f"{origin}/v1/completions",
+                        json={"model": m, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0},
+                    )
+                    for m in names
+                )
+                return list(await asyncio.gather(*calls))
+
+        answers = asyncio.run(all_at_once())
+        assert [a.status_code for a in answers] == [200] * len(names), [a.text for a in answers]
+        row = next(m for m in ps(origin)["models"] if m["name"] == "g")
+        assert row["runner"] == "llama.cpp" and len(ps(origin)["models"]) == 1  # one runner: the base once
+
+        def native(scales: tuple[float, float]) -> str:
+            lora = [{"id": i, "scale": s} for i, s in enumerate(scales)]
+            body = {"prompt": PROMPT, "n_predict": NEW_TOKENS, "temperature": 0, "cache_prompt": False, "lora": lora}
+            return str(httpx.post(f"http://{row['socket']}/completion", json=body, timeout=60).json()["content"])
+
+        by_name = {"g": native((0.0, 0.0)), "ad1": native((1.0, 0.0)), "g:ad2": native((0.0, 1.0))}
+        assert len(set(by_name.values())) == 3, "each adapter should change the answer, or the test proves nothing"
+        assert [a.json()["choices"][0]["text"] for a in answers] == [by_name[m] for m in names]
+
+        models = {m["id"]: m.get("parent") for m in httpx.get(f"{origin}/v1/models").json()["data"]}
+        assert (models["ad1"], models["ad2"]) == ("g", "g")
+        body = {"model": "g", "name": "ad3", "source": str(files["ad1"])}
+        added = httpx.post(f"{origin}/api/adapters", json=body, timeout=60)
+        assert added.status_code == 409 and "loads adapters only when it starts" in added.text, added.text
+        removed = httpx.delete(f"{origin}/api/adapters/ad2", timeout=60)
+        assert removed.status_code == 409, removed.text
+        cpu = next(m for m in ps(origin)["models"] if m["name"] == "g")["devices"]["cpu"]
+        assert 0 < cpu["measured_bytes"] <= cpu["reserved_bytes"]

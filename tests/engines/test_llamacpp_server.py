@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ import httpx
 import pytest
 
 from memserve.checkpoint.demo_gguf import convert_demo_checkpoint
-from memserve.checkpoint.gguf import read_gguf_facts
-from memserve.checkpoint.locate import find_gguf
+from memserve.checkpoint.gguf import GgufFacts, read_gguf_facts
+from memserve.checkpoint.locate import find_gguf, with_adapter_sources
 from memserve.engines.llamacpp import arguments
 from memserve.memory.fit import PlanFile
 from memserve.memory.inventory import Device, Inventory
@@ -43,26 +44,36 @@ class Server:
     model: Path
 
 
-def _plan(model: Path, context: int = CONTEXT_TOKENS, slots: int = SLOTS) -> Plan:
+def _plan(model: Path, context: int = CONTEXT_TOKENS, slots: int = SLOTS, adapters: tuple[str, ...] = ()) -> Plan:
     inventory = Inventory((Device("cpu", "cpu", 16 * GiB, 16 * GiB),))
     from memserve.engines.llamacpp import plan
 
     request = Request(context_tokens=context, concurrency=slots, max_batch_tokens=context)
-    result = plan(read_gguf_facts(model), request, inventory)
+    facts = with_adapter_sources(read_gguf_facts(model), adapters)
+    assert isinstance(facts, GgufFacts)
+    result = plan(facts, request, inventory)
     assert result.plan is not None
     return result.plan
 
 
 @contextmanager
-def serving(source: Path, folder: Path, *, context: int = CONTEXT_TOKENS, slots: int = SLOTS) -> Iterator[Server]:
-    """llama-server on the GGUF model ``source`` (a file, or a folder holding one model), planned as ``_plan``
-    plans it (``slots`` sequences of ``context`` tokens, prefilled in one batch) and started with ``arguments()``;
-    its log in ``folder``."""
+def serving(
+    source: Path,
+    folder: Path,
+    *,
+    context: int = CONTEXT_TOKENS,
+    slots: int = SLOTS,
+    adapters: tuple[tuple[str, Path], ...] = (),
+) -> Iterator[Server]:
+    """llama-server on the GGUF model ``source`` (a file, or a folder holding one model) with GGUF LoRA
+    ``adapters`` (name, file), planned as ``_plan`` plans it (``slots`` sequences of ``context`` tokens, prefilled
+    in one batch) and started with ``arguments()``; its log in ``folder``."""
     model = find_gguf(str(source))
     assert model is not None
-    chosen = _plan(model, context, slots)
+    chosen = _plan(model, context, slots, tuple(str(p) for _, p in adapters))
     port = free_port()
-    argv = arguments("tiny", PlanFile(str(source), chosen), host="127.0.0.1", port=port, threads=2)
+    launch = PlanFile(str(source), chosen, adapters=tuple((name, str(path)) for name, path in adapters))
+    argv = arguments("tiny", launch, host="127.0.0.1", port=port, threads=2)
     log = folder / "server.log"
     with log.open("wb") as out:  # a file, never a pipe: a chatty server cannot block on it
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -209,3 +220,50 @@ def test_llama_cpp_generates_what_transformers_generates(server: Server, tiny_mo
     expected = out[0, len(prompt) :].tolist()
     got = answer["tokens"]
     assert len(got) >= 8 and got == expected[: len(got)]
+
+
+def test_gguf_lora_adapters_generate_what_peft_generates(
+    command: list[str], tiny_gguf: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two demo adapters converted to GGUF LoRA files (``demo-adapter OUT.gguf``) on the tiny GGUF, as memserve
+    starts llama-server (``--lora`` each) and sets each request's scales: each adapter's greedy ids are PEFT's on
+    the safetensors checkpoint (unmerged, as llama.cpp applies them), and all scales at 0 give the base's own."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from memserve.checkpoint.demo_adapter import write_demo_adapter
+
+    targets = ("q_proj", "k_proj", "v_proj", "down_proj")  # q and k: the rows llama.cpp's rope permutes
+    files = [write_demo_adapter(tiny_model_dir, tmp_path / f"ad{s}.gguf", seed=s, targets=targets).path for s in (1, 2)]
+    prompt = [(13 * i) % 1000 + 3 for i in range(40)]
+
+    def greedy(model: object) -> list[int]:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)  # type: ignore[attr-defined]
+        return list(out[0, len(prompt) :].tolist())
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    expected = [greedy(base)]
+    for seed in (1, 2):
+        peft_dir = tmp_path / f"peft{seed}"
+        write_demo_adapter(tiny_model_dir, peft_dir, seed=seed, targets=targets)
+        with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5.24 deprecates
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(peft_dir))
+        expected.append(greedy(adapted))
+    assert len({tuple(e) for e in expected}) == 3, "each adapter should change the answer, or the test proves nothing"
+
+    adapters = (("ad1", files[0]), ("ad2", files[1]))
+    with serving(tiny_gguf, tmp_path, adapters=adapters) as server:
+        got = []
+        for scales in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)):
+            lora = [{"id": i, "scale": s} for i, s in enumerate(scales)]
+            body = {"prompt": prompt, "n_predict": 16, "temperature": 0, "return_tokens": True, "cache_prompt": False}
+            answer = httpx.post(f"{server.url}/completion", json={**body, "lora": lora}, timeout=60).json()
+            got.append(answer["tokens"])
+        listed = httpx.get(f"{server.url}/lora-adapters", timeout=30).json()
+    assert [a["path"] for a in listed] == [str(f.resolve()) for f in files]  # ids in the plan's order
+    for tokens, reference in zip(got, expected, strict=True):
+        assert len(tokens) >= 8 and tokens == reference[: len(tokens)]

@@ -11,9 +11,11 @@ this module sits in checkpoint/, which the gateway may import.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memserve.errors import CheckpointError, InvalidArgument
@@ -45,7 +47,9 @@ def write_demo_adapter(
     seed: int = 0,
     alpha: int | None = None,
 ) -> DemoAdapterInfo:
-    """Write a LoRA adapter for the model at ``base`` into ``out`` (PEFT's ``save_pretrained`` layout).
+    """Write a LoRA adapter for the model at ``base`` into ``out`` (PEFT's ``save_pretrained`` layout), or, when
+    ``out`` ends in ``.gguf``, that adapter converted into one GGUF LoRA file for llama.cpp
+    (``demo_gguf.convert_demo_adapter``: the base must be a demo llama or qwen2 checkpoint).
 
     ``alpha`` defaults to ``2 × rank`` (scale 2). A target no module of the base has is refused by PEFT's
     own check, reworded; ``out`` must be empty or absent.
@@ -68,6 +72,16 @@ def write_demo_adapter(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgument(f"{out} exists and is not an empty folder; pick a new path", param="out")
+    if out.suffix == ".gguf":
+        from memserve.checkpoint.demo_gguf import convert_demo_adapter
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="memserve-adapter-", dir=out.parent.absolute()) as staging:
+            made = write_demo_adapter(base, Path(staging) / "peft", rank=rank, targets=targets, seed=seed, alpha=alpha)
+            partial = Path(staging) / out.name
+            convert_demo_adapter(made.path, Path(base), partial)
+            os.replace(partial, out)  # whole or not at all
+        return replace(made, path=out, weights_bytes=out.stat().st_size, seconds=time.perf_counter() - started)
     base = str(Path(base).absolute()) if Path(base).is_dir() else str(base)  # the config names the base it was made on
     vision = Path(base).is_dir() and takes_images(read_config(Path(base), source=base))
     model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(base)

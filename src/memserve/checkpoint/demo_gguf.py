@@ -38,7 +38,7 @@ from memserve.errors import CheckpointError, InvalidArgument
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["GGUF_TYPES", "DemoGgufInfo", "convert_demo_checkpoint", "write_demo_gguf"]
+__all__ = ["GGUF_TYPES", "DemoGgufInfo", "convert_demo_adapter", "convert_demo_checkpoint", "write_demo_gguf"]
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 _TYPE_OF_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
@@ -303,5 +303,44 @@ def convert_demo_checkpoint(
     writer.write_ti_data_to_file()
     for name, data in tensors():
         writer.write_tensor_data(convert(name, data))
+    writer.close()
+    return params
+
+
+def convert_demo_adapter(adapter: Path, base: Path, out: Path) -> int:
+    """Convert a PEFT LoRA adapter of a demo checkpoint (``base``, llama or qwen2) into a GGUF LoRA file at ``out``,
+    as llama.cpp's ``convert_lora_to_gguf.py`` would: ``general.type`` adapter, ``adapter.type`` lora,
+    ``adapter.lora.alpha``; each module's A and B under its llama.cpp name (``blk.N.attn_q.weight.lora_a``), A as
+    PEFT stores it ([rank, in]) and B ([out, rank]) with a llama q or k projection's rows permuted as its weight's
+    are. llama.cpp scales by ``alpha / rank``, as PEFT does without rsLoRA. Returns the parameter count."""
+    import numpy as np
+    from gguf import GGUFWriter
+    from safetensors.numpy import load_file
+
+    config = json.loads((base / "config.json").read_text())
+    arch = _ARCHS.get((config.get("architectures") or ["?"])[0])
+    lora = json.loads((adapter / "adapter_config.json").read_text())
+    if arch is None or lora.get("use_rslora") or lora.get("rank_pattern") or lora.get("alpha_pattern"):
+        raise CheckpointError(
+            f"{adapter}: only a plain LoRA (one rank and alpha, no rsLoRA) of a demo llama or qwen2 checkpoint converts"
+        )
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    writer = GGUFWriter(out, arch)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(lora["lora_alpha"]))
+    params = 0
+    for key, data in sorted(load_file(str(adapter / "adapter_model.safetensors")).items()):
+        module, _, part = key.removeprefix("base_model.model.").partition(".lora_")
+        side = part.split(".")[0]  # A or B
+        data = data.astype(np.float32)
+        leaf = module.rpartition(".")[2]
+        if side == "B" and arch == "llama" and leaf in heads:
+            data = _permute(data, heads[leaf])
+        writer.add_tensor(f"{_gguf_name(module + '.weight')}.lora_{side.lower()}", np.ascontiguousarray(data))
+        params += data.size
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
     writer.close()
     return params

@@ -23,11 +23,11 @@ import mmap
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from memserve.checkpoint.facts import Block
+from memserve.checkpoint.facts import AdapterFacts, Block
 from memserve.errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
@@ -63,6 +63,7 @@ class GgufFacts:
     file_bytes: int  # every file's bytes: the splits' together
     warnings: tuple[str, ...] = ()
     splits: tuple[str, ...] = ()  # a split model's files, the first (``path``) included; () for one file
+    adapters: tuple[AdapterFacts, ...] = ()  # GGUF LoRA adapters llama-server loads beside it (``--lora``)
 
     @property
     def context_limit_key(self) -> str:
@@ -131,6 +132,7 @@ class GgufFacts:
             "kv_bytes_per_token": self.kv_bytes_per_token(),
             "tensors": self.tensors,
             "file_bytes": self.file_bytes,
+            "adapters": [dict(a.__dict__, target_modules=list(a.target_modules)) for a in self.adapters],
             "warnings": list(self.warnings),
         }
 
@@ -161,6 +163,7 @@ class _Tensor:
     elements: int
     bytes: int
     end: int  # where its data ends in the file
+    dims: tuple[int, ...] = ()  # ggml's order: the row length first
 
 
 @dataclass(frozen=True)
@@ -267,11 +270,12 @@ def _parse(data: mmap.mmap) -> _Header:
             raise _UnknownType(f"tensor {name} has ggml type {raw}") from None
         elements = math.prod(dims)
         block, type_size = GGML_QUANT_SIZES[kind]
-        infos.append((name, kind.name, elements, elements * type_size // block, offset))
+        infos.append((name, kind.name, elements, elements * type_size // block, offset, tuple(dims)))
     alignment = meta.get("general.alignment", 32)
     start = cursor.at + (-cursor.at % alignment)
     return _Header(
-        meta, tuple(_Tensor(name, kind, n, size, start + offset + size) for name, kind, n, size, offset in infos)
+        meta,
+        tuple(_Tensor(name, kind, n, size, start + offset + size, dims) for name, kind, n, size, offset, dims in infos),
     )
 
 
@@ -466,3 +470,96 @@ def read_gguf_facts(path: Path, *, source: str | None = None) -> GgufFacts:
         file_bytes=file_bytes,
         splits=tuple(str(f) for f in files),
     )
+
+
+# ------------------------------------------------------------------------------------------------ LoRA adapters
+
+LORA_A, LORA_B = ".lora_a", ".lora_b"
+
+
+def is_gguf_adapter(path: Path) -> bool:
+    """Whether ``path`` is a ``.gguf`` file: what a GGUF model's adapter is (a PEFT adapter is a folder)."""
+    return path.suffix == ".gguf" and path.is_file()
+
+
+def with_gguf_adapters(facts: GgufFacts, adapters: tuple[AdapterFacts, ...]) -> GgufFacts:
+    """The model's facts with its adapters' tensors on top: llama.cpp allocates them beside the mapped weights
+    (in the embed block here, held on the host: a split over a GPU prices them there, over rather than under)."""
+    if not adapters:
+        return facts
+    extra, params = sum(a.weights_bytes for a in adapters), sum(a.params for a in adapters)
+    blocks = list(facts.blocks)
+    blocks[0] = replace(blocks[0], bytes=blocks[0].bytes + extra, params=blocks[0].params + params)
+    return replace(
+        facts,
+        adapters=facts.adapters + adapters,
+        weights_bytes=facts.weights_bytes + extra,
+        params=facts.params + params,
+        blocks=tuple(blocks),
+    )
+
+
+def read_gguf_adapter(path: Path, base: GgufFacts | None = None) -> AdapterFacts:
+    """Facts of a GGUF LoRA adapter (``general.type`` adapter, ``adapter.type`` lora: what llama.cpp's
+    ``convert_lora_to_gguf.py`` writes), checked against ``base`` as llama.cpp checks it when it loads one
+    (``llama-adapter.cpp``): the same architecture, and for each A/B pair a base tensor of that name whose row
+    length is A's and whose rows are B's. Every mismatch is a CheckpointError naming both files."""
+    source = str(path)
+    header = _read_header(path, source)
+    meta = header.meta
+    kind, lora = meta.get("general.type"), meta.get("adapter.type")
+    if kind != "adapter" or lora != "lora":
+        raise CheckpointError(
+            f"{source} is not a GGUF LoRA adapter (general.type {kind!r}, adapter.type {lora!r}); a GGUF model takes "
+            "LoRA adapters converted with llama.cpp's convert_lora_to_gguf.py"
+        )
+    pairs: dict[str, dict[str, _Tensor]] = {}
+    for tensor in header.tensors:
+        suffix = LORA_A if tensor.name.endswith(LORA_A) else LORA_B if tensor.name.endswith(LORA_B) else None
+        if suffix is None:
+            raise CheckpointError(f"{source}: tensor {tensor.name} is neither a LoRA A nor B; re-convert the adapter")
+        pairs.setdefault(tensor.name.removesuffix(suffix), {})[suffix] = tensor
+    broken = sorted(
+        name for name, pair in pairs.items() if len(pair) != 2 or any(len(t.dims) != 2 for t in pair.values())
+    )
+    if not pairs or broken:
+        raise CheckpointError(f"{source}: {broken[0] if broken else 'no tensor'} lacks its A/B pair; re-convert it")
+    uneven = sorted(n for n, pair in pairs.items() if pair[LORA_A].dims[1] != pair[LORA_B].dims[0])
+    if uneven:
+        raise CheckpointError(f"{source}: {uneven[0]} has A and B of different ranks; re-convert the adapter")
+    ranks = {pair[LORA_A].dims[1] for pair in pairs.values()}
+    alpha = meta.get("adapter.lora.alpha")
+    if base is not None:
+        _check_adapter_base(source, meta.get("general.architecture"), pairs, base)
+    return AdapterFacts(
+        path=source,
+        base_model=next((meta[k] for k in ("general.base_model.0.name", "general.basename") if k in meta), None),
+        rank=max(ranks),
+        alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
+        target_modules=tuple(sorted({name.split(".")[-2] for name in pairs})),
+        params=sum(t.elements for pair in pairs.values() for t in pair.values()),
+        weights_bytes=sum(t.bytes for pair in pairs.values() for t in pair.values()),
+    )
+
+
+def _check_adapter_base(source: str, arch: Any, pairs: Mapping[str, Mapping[str, _Tensor]], base: GgufFacts) -> None:
+    if arch != base.architecture:
+        raise CheckpointError(
+            f"adapter {source} is for a {arch} model, and {base.path} is a {base.architecture} model; load it on "
+            "its own base"
+        )
+    files = [Path(f) for f in base.splits] or [Path(base.path)]
+    shapes = {t.name: t.dims for f in files for t in _read_header(f, base.source).tensors}
+    for name, pair in sorted(pairs.items()):
+        dims = shapes.get(name)
+        a, b = pair[LORA_A].dims, pair[LORA_B].dims
+        if dims is None:
+            raise CheckpointError(
+                f"adapter {source} adapts {name}, which {base.path} does not have: it was made for another "
+                "architecture; load it on its own base"
+            )
+        if (a[0], b[1]) != (dims[0], dims[1]):
+            raise CheckpointError(
+                f"adapter {source} was made for another base: {name} takes {a[0]} inputs and gives {b[1]} outputs "
+                f"in the adapter, but {dims[0]} and {dims[1]} in {base.path}; load it on its own base"
+            )

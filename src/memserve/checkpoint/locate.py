@@ -27,8 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from memserve.checkpoint.facts import CheckpointFacts, facts_from_metadata, parse_config, read_local_facts
-from memserve.checkpoint.gguf import SPLIT_NAME, read_gguf_facts
+from memserve.checkpoint.facts import (
+    CheckpointFacts,
+    facts_from_metadata,
+    parse_config,
+    read_adapter_facts,
+    read_local_facts,
+    with_adapters,
+)
+from memserve.checkpoint.gguf import (
+    SPLIT_NAME,
+    GgufFacts,
+    is_gguf_adapter,
+    read_gguf_adapter,
+    read_gguf_facts,
+    with_gguf_adapters,
+)
 from memserve.errors import CheckpointError, HubUnavailable, ModelNotFound
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -307,3 +321,29 @@ def _hub_facts(source: ModelSource) -> CheckpointFacts:
         ) from exc
     config = parse_config(Path(str(config_path)).read_bytes(), source=source.spec)
     return facts_from_metadata(config, meta, source=source.spec)
+
+
+def with_adapter_sources(facts: CheckpointFacts | GgufFacts, sources: tuple[str, ...]) -> CheckpointFacts | GgufFacts:
+    """The base's facts with its LoRA adapters on top, planned as one: PEFT folders on a safetensors checkpoint
+    (memserve's runner), GGUF LoRA files on a GGUF model (llama-server's ``--lora``), each checked against the
+    base as its runner would check it; an adapter of the other kind is an error that says what to pass."""
+    paths = tuple(Path(s).expanduser() for s in sources)
+    if isinstance(facts, GgufFacts):
+        folder = next((p for p in paths if not is_gguf_adapter(p)), None)
+        if folder is not None:
+            raise CheckpointError(
+                f"adapter {folder} is not a .gguf file, and {facts.source} is a GGUF model, which llama.cpp serves "
+                "with GGUF LoRA adapters only: convert a PEFT adapter with llama.cpp's convert_lora_to_gguf.py "
+                "(--base the model's safetensors folder)"
+            )
+        comma = next((p for p in paths if "," in str(p)), None)
+        if comma is not None:  # llama-server takes its adapters as one comma-separated --lora list
+            raise CheckpointError(f"adapter {comma}: llama-server cannot load a file whose path has a comma; rename it")
+        return with_gguf_adapters(facts, tuple(read_gguf_adapter(p, facts) for p in paths))
+    gguf = next((p for p in paths if is_gguf_adapter(p)), None)
+    if gguf is not None:
+        raise CheckpointError(
+            f"adapter {gguf} is a GGUF file, for a GGUF model served by llama.cpp; {facts.source} is served by "
+            "memserve's runner, which takes PEFT adapter folders (adapter_config.json + adapter_model.safetensors)"
+        )
+    return with_adapters(facts, tuple(read_adapter_facts(p) for p in paths))

@@ -26,7 +26,10 @@ from memserve.units import format_bytes
 )
 def demo_adapter(base: Path, out: Path, rank: int, targets: str, seed: int) -> None:
     """Write a random LoRA adapter for the model at BASE into OUT, with PEFT (both A and B random, so it changes
-    the answers). Nothing is downloaded; serve it on its base (a model's adapters) or price it with fit --adapter."""
+    the answers). Nothing is downloaded; serve it on its base (a model's adapters) or price it with fit --adapter.
+
+    OUT ending in .gguf writes it as a GGUF LoRA file for llama.cpp instead, for the GGUF of BASE (memserve
+    demo-model X.gguf --format gguf with BASE's size, arch and seed)."""
     names = tuple(t.strip() for t in targets.split(",") if t.strip())
     try:
         info = write_demo_adapter(base, out, rank=rank, targets=names, seed=seed)

@@ -8,13 +8,12 @@ is started with the same JSON (``--plan FILE``), read back as ``memory/fit.py``'
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from memserve.checkpoint.encoders import local_encoder_facts
-from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
+from memserve.checkpoint.facts import CheckpointFacts
 from memserve.checkpoint.gguf import GgufFacts, read_gguf_facts
-from memserve.checkpoint.locate import find_gguf, read_facts
+from memserve.checkpoint.locate import find_gguf, read_facts, with_adapter_sources
 from memserve.engines import engines_for, llamacpp
 from memserve.engines.vllm import with_vllm
 from memserve.errors import InvalidArgument
@@ -79,16 +78,9 @@ def fit_result(
     """Facts, request and plan for one model: what ``fit`` prints and the server will reuse.
 
     ``runner`` is the engine asked for, or ``auto`` (``plan_model``)."""
-    facts = read_model_facts(model)
-    if adapters and isinstance(facts, GgufFacts):
-        raise InvalidArgument(
-            f"{model} is a GGUF model served by llama.cpp, which memserve gives no LoRA adapters yet; drop "
-            "--adapter or serve the safetensors checkpoint"
-        )
-    if isinstance(facts, CheckpointFacts):
-        facts = with_adapters(facts, tuple(read_adapter_facts(Path(a)) for a in adapters))
-        if facts.vision is not None:
-            engine = IMAGE_TEXT  # as plan_model would: the request fit prints says so
+    facts = with_adapter_sources(read_model_facts(model), adapters)
+    if isinstance(facts, CheckpointFacts) and facts.vision is not None:
+        engine = IMAGE_TEXT  # as plan_model would: the request fit prints says so
     request = Request(
         context_tokens=context if context is not None else default_context(facts),
         concurrency=concurrency,

@@ -42,14 +42,13 @@ from typing import Any
 
 import httpx
 
-from memserve.checkpoint.facts import CheckpointFacts, read_adapter_facts, with_adapters
+from memserve.checkpoint.locate import with_adapter_sources
 from memserve.config import Settings
 from memserve.engines.fit import read_model_facts
 from memserve.errors import (
     BadUpstream,
     Conflict,
     InsufficientMemory,
-    InvalidArgument,
     MemoryBusy,
     MemserveError,
     ModelNotFound,
@@ -311,6 +310,16 @@ class ModelPool:
                 return entry.name, name if colon else model
         return None
 
+    def lora_scales(self, base: str, adapter: str | None) -> list[dict[str, float | int]] | None:
+        """llama-server's per-request ``lora`` list for a request on ``base`` (its ``adapter``, or the base alone):
+        every adapter the runner started with, by id, at scale 1 for the one asked for and 0 for the rest (a
+        request that names none gets each at its start scale, 1: llama-server 0.3.36 applies
+        ``--lora-init-without-apply`` to nothing). None for a model not served by llama.cpp or without adapters."""
+        entry = self.entries.get(base)
+        if entry is None or entry.plan is None or entry.plan.runner != "llama.cpp" or not entry.launched_adapters:
+            return None
+        return [{"id": i, "scale": 1.0 if name == adapter else 0.0} for i, name in enumerate(entry.launched_adapters)]
+
     def _name_owner(self, name: str) -> str | None:
         """The model that already answers to ``name``, as itself or as one of its adapters; None if none does."""
         return next((e.name for e in self.entries.values() if name == e.name or name in e.adapters), None)
@@ -340,14 +349,15 @@ class ModelPool:
                 f"the name {adapter!r} is taken (by model {taken!r} or one of its adapters); remove that adapter "
                 "first or choose another name"
             )
-        facts = await asyncio.to_thread(read_adapter_facts, Path(source))
+        base = await asyncio.to_thread(self._read_facts, entry.config.source)
+        facts = (await asyncio.to_thread(with_adapter_sources, base, (source,))).adapters[-1]  # checked on its base
         if entry.state not in (READY, STOPPED, FAILED):
             raise Conflict(f"model {name!r} is {entry.state}; add the adapter when it is ready (or stopped)")
         if entry.state == READY and entry.runner is not None and entry.plan is not None:
             if entry.plan.runner != "transformers":
-                raise InvalidArgument(
-                    f"model {name!r} is served by {entry.plan.runner}, which memserve gives no LoRA adapters; serve "
-                    "the safetensors checkpoint with memserve's own runner"
+                raise Conflict(
+                    f"model {name!r} is served by {entry.plan.runner}, which loads adapters only when it starts; "
+                    "unload it (POST /api/unload) and add the adapter: it loads with the model"
                 )
             device = next(iter(entry.plan.devices))  # the adapter's weights join the embed block's device
             free = self.ledger.free_bytes().get(device, 0)
@@ -376,6 +386,11 @@ class ModelPool:
             listed = ", ".join(sorted(entry.adapters)) or "none"
             raise ModelNotFound(f"model {name!r} has no adapter {adapter!r} (its adapters: {listed})", param="name")
         if entry.state == READY and entry.runner is not None:
+            if entry.plan is not None and entry.plan.runner != "transformers":  # llama-server's ids: fixed at start
+                raise Conflict(
+                    f"model {name!r} is served by {entry.plan.runner}, which loads adapters only when it starts; "
+                    "unload it (POST /api/unload) and remove the adapter"
+                )
             answer = await entry.runner.client.delete(f"http://runner{RUNNER_ADAPTER_REMOVE.path.format(name=adapter)}")
             if answer.status_code not in (200, 404):
                 raise _runner_refused(answer, f"runner {name}")
@@ -409,7 +424,7 @@ class ModelPool:
         self._set_state(entry, STARTING)  # visible in ps while it plans and waits for memory
         try:
             facts = await asyncio.to_thread(self._read_facts, entry.config.source)
-            facts = await asyncio.to_thread(with_adapter_folders, facts, tuple(entry.adapters.values()))
+            facts = await asyncio.to_thread(with_adapter_sources, facts, tuple(entry.adapters.values()))
             first = self._placement.first_choice(entry.name, entry.config, entry.skip_rungs, facts, options)
             policy, (planned, need) = first.policy, self._record(entry, first)
             while True:
@@ -555,6 +570,7 @@ class ModelPool:
             max_queue=entry.config.max_queue,
             adapters=tuple(entry.adapters.items()),
         )
+        entry.launched_adapters = tuple(entry.adapters)
         try:
             runner = await self._spawn(entry.name, launch, lambda ev: self._runner_event(entry, ev))
         except MemserveError:
@@ -787,18 +803,6 @@ def _both(overrides: Mapping[str, int]) -> dict[str, int | None]:
 
 
 __all__ = ["Entry", "Lease", "ModelPool", "ModelState", "backoff_seconds", "compatible", "watchdog_limit_bytes"]
-
-
-def with_adapter_folders(facts: ModelFacts, sources: tuple[str, ...]) -> ModelFacts:
-    """The base's facts with its LoRA adapters' weights on top (read from their headers), planned as one."""
-    if not sources:
-        return facts
-    if not isinstance(facts, CheckpointFacts):
-        raise InvalidArgument(
-            f"{facts.source} is a GGUF model served by llama.cpp, which memserve gives no LoRA adapters; remove its "
-            "adapters or serve the safetensors checkpoint"
-        )
-    return with_adapters(facts, tuple(read_adapter_facts(Path(s)) for s in sources))
 
 
 def _runner_refused(answer: httpx.Response, who: str) -> MemserveError:
