@@ -19,20 +19,25 @@ import httpx
 from memserve.memory.fit import PlanFile
 from memserve.net import free_port
 
-READY_SECONDS = 600
+READY_SECONDS = 1800  # a deadline, not a pace: a 1b model quantized at load on a slow, busy CPU
 
 
 @contextmanager
 def runner(
-    launch: PlanFile, folder: Path, *, name: str = "m", threads: int | None = None
+    launch: PlanFile,
+    folder: Path,
+    *,
+    name: str = "m",
+    threads: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``python -m memserve.runner`` on ``launch`` (written to ``folder/NAME.plan.json``, its stderr to
     ``folder/NAME.log``), ready on a free port: yield the process and its base URL (no ``/v1``); stopped on the
-    way out. ``threads`` sets ``OMP_NUM_THREADS``."""
+    way out. ``threads`` sets ``OMP_NUM_THREADS``; ``env`` adds to the environment."""
     plan_file, log = folder / f"{name}.plan.json", folder / f"{name}.log"
     plan_file.write_text(json.dumps(launch.to_json()))
     port = free_port()
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
     command = [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port), "--name", name]
     with log.open("w") as stderr:
         process = subprocess.Popen(command, stderr=stderr, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,8 +40,10 @@ from typing import Any
 
 import httpx
 import torch
+from common import runner
 
 from memserve.checkpoint.demo import write_demo_model
+from memserve.memory.fit import PlanFile
 from memserve.runner.kernels import pack_linear_weights
 from memserve.runner.quantize import INT8_KERNEL_ENV, int8_kernel, quantize_linears
 
@@ -55,7 +55,6 @@ RUNGS = {
     "cpu-int8 w/o": ("int8", "weight-only"),
     "cpu-4bit": ("4bit", "auto"),
 }
-READY_TIMEOUT_SECONDS = 1800.0
 
 
 def main() -> None:
@@ -238,47 +237,14 @@ def run_runner(
         text=True,
     )
     with tempfile.TemporaryDirectory() as folder:
-        plan_file = Path(folder) / "plan.json"
-        plan_file.write_text(fit.stdout)
-        port = free_port()
         started = time.monotonic()
-        log = Path(folder) / "runner.log"
-        with log.open("w") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "memserve.runner", "--plan", str(plan_file), "--port", str(port)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env={**os.environ, INT8_KERNEL_ENV: kernel},
-            )
-        try:
-            health = wait_ready(f"http://127.0.0.1:{port}", proc, log)
+        with runner(PlanFile.from_json(json.loads(fit.stdout)), Path(folder), env={INT8_KERNEL_ENV: kernel}) as (
+            _,
+            base,
+        ):
             seconds = time.monotonic() - started
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            health: dict[str, Any] = httpx.get(f"{base}/health", timeout=30).json()
     return json.loads(fit.stdout)["plan"], health, seconds
-
-
-def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"runner exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            response = httpx.get(f"{base}/health", timeout=2)
-            if response.status_code == 200:
-                health: dict[str, Any] = response.json()
-                return health
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"runner not ready in {READY_TIMEOUT_SECONDS:.0f} s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _load() -> str:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,15 +33,15 @@ from typing import Any
 
 import httpx
 
-from memserve.net import free_port
+from memserve.memory.fit import PlanFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import runner
 from family_models import ensure_family_model, is_family
 
 GiB = 1024**3
 MiB = 1024**2
 DEFAULT_CASES = "tiny:512x1,tiny:2048x8,small:512x1,small:1024x1,small:2048x8,small:4096x4,1b:1024x1,1b:2048x2"
-READY_TIMEOUT_SECONDS = 1800.0
 
 
 def ensure_model(models: Path, name: str) -> Path:
@@ -158,6 +156,15 @@ async def traffic(
     return steps
 
 
+def _event(line: str) -> dict[str, Any]:
+    """One of the runner's JSON log lines (``{"event": ...}``), or {} for any other line."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
 def run_case(
     model: str,
     context: int,
@@ -175,50 +182,20 @@ def run_case(
     plan = write_plan(path, context, concurrency, plan_path, engine)
     config = json.loads((path / "config.json").read_text())
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
-    port = free_port()
-    log_path = work / f"{model}-{context}x{concurrency}-{engine}.runner.log"  # a file, never a pipe nobody drains
-    with log_path.open("w") as log:
-        runner = subprocess.Popen(
-            [sys.executable, "-m", "memserve.runner", "--plan", str(plan_path), "--port", str(port), "--name", "m"],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            env={**os.environ, "MEMSERVE_PROGRESS": "0"},
-        )
-    ready: dict[str, Any] = {}
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        listening = False
-        while not listening:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{model} not ready after {READY_TIMEOUT_SECONDS:.0f} s")
-            if runner.poll() is not None:
-                raise RuntimeError(f"{model}'s runner exited ({runner.returncode}); see {log_path}")
-            time.sleep(1.0)
-            for line in log_path.read_text().splitlines():
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == "ready":
-                    ready = event
-                if event.get("event") == "failed":
-                    raise RuntimeError(f"{model} failed to load: {event.get('error')}")
-                listening = listening or event.get("event") == "listening"
+    folder = work / f"{model}-{context}x{concurrency}-{engine}"  # its plan and log: folder / "m.log"
+    folder.mkdir(parents=True, exist_ok=True)
+    with runner(PlanFile.read(plan_path), folder, env={"MEMSERVE_PROGRESS": "0"}) as (process, base):
+        events = [_event(line) for line in (folder / "m.log").read_text().splitlines()]
+        ready = next((e for e in events if e.get("event") == "ready"), {})
         time.sleep(0.5)
-        loaded = proc_status(runner.pid)
+        loaded = proc_status(process.pid)
+        port = int(base.rsplit(":", 1)[1])
         steps = (
-            asyncio.run(traffic(port, runner.pid, vocab, context, concurrency, new_tokens, streams, engine))
+            asyncio.run(traffic(port, process.pid, vocab, context, concurrency, new_tokens, streams, engine))
             if traffic_on
             else []
         )
-        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
-    finally:
-        runner.send_signal(signal.SIGTERM)
-        try:
-            runner.wait(60)
-        except subprocess.TimeoutExpired:
-            runner.kill()
-            runner.wait()
+        health = httpx.get(f"{base}/health", timeout=30).json()
     reserved = int(plan["devices"]["cpu"]["total_bytes"])
     peak = max([loaded["VmHWM"], *(s["VmHWM"] for s in steps)])
     check = (health.get("load") or {}).get("plan_check") or {}
