@@ -47,7 +47,13 @@ def test_images_through_the_gateway(tmp_path: Path, tiny_model_dir: Path, tiny_v
     with serve_fake(FakeOpenAI(models=("m1",))) as fake, serve_app(picture_server()) as pictures:
         settings = settings_for(
             tmp_path,
-            [local("tiny", tiny_model_dir), local("vis", tiny_vision_dir), local("qvl", qwen2_vl)],
+            [
+                local("tiny", tiny_model_dir),
+                local("vis", tiny_vision_dir),
+                local("qvl", qwen2_vl),
+                local("qvl-vllm", qwen2_vl, runner="vllm"),  # vLLM reads its own towers: the door lets images by
+                local("tiny-vllm", tiny_model_dir, runner="vllm"),  # a text-only model is one on vLLM too
+            ],
             providers=[ProviderConfig(name="fake", base_url=fake.base_url, api_key_env="FAKE_KEY", models=["m1"])],
         )
         os.environ["FAKE_KEY"] = "sekrit"
@@ -66,11 +72,15 @@ def test_images_through_the_gateway(tmp_path: Path, tiny_model_dir: Path, tiny_v
             assert unread.status_code == 400, unread.text
             words = "the model 'qvl' is a vision-language model (qwen2_vl), but memserve does not read images"
             assert words in unread.json()["error"]["message"] and "runner: vllm" in unread.json()["error"]["message"]
+            text_on_vllm = ask(origin, "tiny-vllm", message)
+            assert text_on_vllm.status_code == 400 and "text-only model" in text_on_vllm.text, text_on_vllm.text
             bad = ask(origin, "vis", image_message("data:image/png;base64,!!!!"))
             assert bad.status_code == 400 and "base64 is corrupt" in bad.text
             url = ask(origin, "vis", image_message(f"{pictures}/red.png"))
             assert url.status_code == 400 and "does not fetch http(s) image URLs" in url.text
             assert not ps(origin)["models"], "bad input loaded a model"
+            on_vllm = ask(origin, "qvl-vllm", message)  # no vLLM here: it fails later, but not at the image door
+            assert on_vllm.status_code != 200 and on_vllm.json()["error"]["code"] != "model_takes_no_images"
 
             served = ask(origin, "vis", message)
             assert served.status_code == 200, served.text

@@ -13,7 +13,7 @@ from memserve.checkpoint.encoders import EncoderFacts, local_encoder_facts
 from memserve.checkpoint.facts import read_config
 from memserve.checkpoint.locate import read_facts
 from memserve.checkpoint.tokens import max_prompt_bytes, tokenizer_file_longest_token_bytes
-from memserve.checkpoint.vision import VisionFacts, no_images
+from memserve.checkpoint.vision import VisionFacts, no_images, takes_images
 from memserve.config import Settings
 from memserve.errors import InvalidArgument, MemserveError, UnsupportedParameter
 from memserve.memory.fit import default_context
@@ -111,7 +111,8 @@ class Door:
         assert config is not None  # route() found it
         if model not in self._no_images:
             text_only = await asyncio.to_thread(_local_text_only, config.source)
-            self._no_images[model] = None if config.runner == "vllm" else text_only  # vLLM reads its own towers
+            vllm_reads = config.runner == "vllm" and text_only is not None and takes_images(text_only)
+            self._no_images[model] = None if vllm_reads else text_only  # vLLM reads the towers memserve does not
         refused_for = self._no_images[model]
         if refused_for is not None:
             refused = no_images(model, images, refused_for)
