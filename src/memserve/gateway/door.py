@@ -48,7 +48,8 @@ class Door:
         self.settings = settings
         self.pool = pool
         self._facts: dict[str, tuple[int | None, int | None]] = {}  # name → (default context, longest token)
-        # name → None when memserve reads its images, else its config.json ({} for a source that is not a folder)
+        # name → None when its images go on (memserve reads them, vLLM does, or the source is no local folder: its
+        # load decides), else its config.json, which the 400 names the model by
         self._no_images: dict[str, dict[str, Any] | None] = {}
         self._encoders: dict[str, EncoderFacts | None] = {}
 
