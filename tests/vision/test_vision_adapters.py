@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +148,10 @@ def test_an_adapter_on_the_vision_tower_is_refused_naming_the_module(
     message = refused.json()["error"]["message"]
     assert "outside this vision-language model's language model" in message
     assert ".self_attn.q_proj" in message and ("vision_tower" in message or "vision_model" in message)
+    language_model = (
+        "model.text_model" if "Idefics3" in (base_dir / "config.json").read_text() else "model.language_model"
+    )
+    assert f"a regex such as '^{re.escape(language_model)}" in message  # the regex to train with, for this model
     [served] = ask_all(base, [("ad1", [RED], "what is this?")])
     assert served.status_code == 200
 

@@ -59,8 +59,7 @@ def write_demo_adapter(
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from memserve.checkpoint.facts import read_config
-    from memserve.checkpoint.vision import takes_images
-    from memserve.runner.lora import language_model_regex, language_model_scope
+    from memserve.checkpoint.vision import language_model_regex, language_model_scope, takes_images
 
     started = time.perf_counter()
     if rank < 1:

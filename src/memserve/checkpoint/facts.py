@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from huggingface_hub import get_local_safetensors_metadata
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
@@ -24,6 +24,9 @@ from huggingface_hub.utils import SafetensorsRepoMetadata
 
 from memserve.checkpoint.vision import VisionFacts, image_processor_config, takes_images
 from memserve.errors import CheckpointError, ModelNotFound
+
+if TYPE_CHECKING:
+    from memserve.checkpoint.gguf import GgufFacts
 
 # bytes per element of the safetensors dtypes (sub-byte types are packed and priced as stored)
 DTYPE_BYTES: dict[str, float] = {
@@ -58,6 +61,9 @@ class Block:
     quantizable_rows: int = 0
     # experts stored one tensor each, which transformers fuses into new tensors at load (see CheckpointFacts)
     split_expert_bytes: int = 0
+
+
+_Facts = TypeVar("_Facts", "CheckpointFacts", "GgufFacts")  # the two kinds of model facts adapters go on
 
 
 @dataclass(frozen=True)
@@ -541,8 +547,10 @@ def read_local_facts(folder: Path, *, source: str | None = None) -> CheckpointFa
     return facts_from_metadata(config, meta, source=source, processor=processor)
 
 
-def with_adapters(facts: CheckpointFacts, adapters: tuple[AdapterFacts, ...]) -> CheckpointFacts:
-    """Facts of the base model with LoRA adapters loaded on top (their weights join the embed block)."""
+def with_adapters(facts: _Facts, adapters: tuple[AdapterFacts, ...]) -> _Facts:
+    """Facts of the base model with LoRA adapters loaded on top: their weights join the embed block (memserve's
+    runner puts them there; llama.cpp allocates a GGUF adapter's beside the mapped weights, priced here on the
+    host, so a split over a GPU prices them there: over rather than under)."""
     if not adapters:
         return facts
     extra = sum(a.weights_bytes for a in adapters)

@@ -23,7 +23,7 @@ import mmap
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -482,28 +482,23 @@ def is_gguf_adapter(path: Path) -> bool:
     return path.suffix == ".gguf" and path.is_file()
 
 
-def with_gguf_adapters(facts: GgufFacts, adapters: tuple[AdapterFacts, ...]) -> GgufFacts:
-    """The model's facts with its adapters' tensors on top: llama.cpp allocates them beside the mapped weights
-    (in the embed block here, held on the host: a split over a GPU prices them there, over rather than under)."""
-    if not adapters:
-        return facts
-    extra, params = sum(a.weights_bytes for a in adapters), sum(a.params for a in adapters)
-    blocks = list(facts.blocks)
-    blocks[0] = replace(blocks[0], bytes=blocks[0].bytes + extra, params=blocks[0].params + params)
-    return replace(
-        facts,
-        adapters=facts.adapters + adapters,
-        weights_bytes=facts.weights_bytes + extra,
-        params=facts.params + params,
-        blocks=tuple(blocks),
-    )
+def read_gguf_adapters(paths: tuple[Path, ...], base: GgufFacts) -> tuple[AdapterFacts, ...]:
+    """``read_gguf_adapter`` for each of ``paths`` on ``base``, whose header is read once for all of them."""
+    if not paths:
+        return ()
+    files = [Path(f) for f in base.splits] or [Path(base.path)]
+    shapes = {t.name: t.dims for f in files for t in _read_header(f, base.source).tensors}
+    return tuple(read_gguf_adapter(p, base, shapes) for p in paths)
 
 
-def read_gguf_adapter(path: Path, base: GgufFacts | None = None) -> AdapterFacts:
+def read_gguf_adapter(
+    path: Path, base: GgufFacts | None = None, shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> AdapterFacts:
     """Facts of a GGUF LoRA adapter (``general.type`` adapter, ``adapter.type`` lora: what llama.cpp's
     ``convert_lora_to_gguf.py`` writes), checked against ``base`` as llama.cpp checks it when it loads one
     (``llama-adapter.cpp``): the same architecture, and for each A/B pair a base tensor of that name whose row
-    length is A's and whose rows are B's. Every mismatch is a CheckpointError naming both files."""
+    length is A's and whose rows are B's (``shapes``: the base's tensors, read from its header when not given).
+    Every mismatch is a CheckpointError naming both files."""
     source = str(path)
     header = _read_header(path, source)
     meta = header.meta
@@ -530,7 +525,7 @@ def read_gguf_adapter(path: Path, base: GgufFacts | None = None) -> AdapterFacts
     ranks = {pair[LORA_A].dims[1] for pair in pairs.values()}
     alpha = meta.get("adapter.lora.alpha")
     if base is not None:
-        _check_adapter_base(source, meta.get("general.architecture"), pairs, base)
+        _check_adapter_base(source, meta.get("general.architecture"), pairs, base, shapes)
     return AdapterFacts(
         path=source,
         base_model=next((meta[k] for k in ("general.base_model.0.name", "general.basename") if k in meta), None),
@@ -542,14 +537,21 @@ def read_gguf_adapter(path: Path, base: GgufFacts | None = None) -> AdapterFacts
     )
 
 
-def _check_adapter_base(source: str, arch: Any, pairs: Mapping[str, Mapping[str, _Tensor]], base: GgufFacts) -> None:
+def _check_adapter_base(
+    source: str,
+    arch: Any,
+    pairs: Mapping[str, Mapping[str, _Tensor]],
+    base: GgufFacts,
+    shapes: Mapping[str, tuple[int, ...]] | None,
+) -> None:
     if arch != base.architecture:
         raise CheckpointError(
             f"adapter {source} is for a {arch} model, and {base.path} is a {base.architecture} model; load it on "
             "its own base"
         )
-    files = [Path(f) for f in base.splits] or [Path(base.path)]
-    shapes = {t.name: t.dims for f in files for t in _read_header(f, base.source).tensors}
+    if shapes is None:
+        files = [Path(f) for f in base.splits] or [Path(base.path)]
+        shapes = {t.name: t.dims for f in files for t in _read_header(f, base.source).tensors}
     for name, pair in sorted(pairs.items()):
         dims = shapes.get(name)
         a, b = pair[LORA_A].dims, pair[LORA_B].dims

@@ -39,9 +39,8 @@ from memserve.checkpoint.gguf import (
     SPLIT_NAME,
     GgufFacts,
     is_gguf_adapter,
-    read_gguf_adapter,
+    read_gguf_adapters,
     read_gguf_facts,
-    with_gguf_adapters,
 )
 from memserve.errors import CheckpointError, HubUnavailable, ModelNotFound
 
@@ -339,7 +338,7 @@ def with_adapter_sources(facts: CheckpointFacts | GgufFacts, sources: tuple[str,
         comma = next((p for p in paths if "," in str(p)), None)
         if comma is not None:  # llama-server takes its adapters as one comma-separated --lora list
             raise CheckpointError(f"adapter {comma}: llama-server cannot load a file whose path has a comma; rename it")
-        return with_gguf_adapters(facts, tuple(read_gguf_adapter(p, facts) for p in paths))
+        return with_adapters(facts, read_gguf_adapters(paths, facts))
     gguf = next((p for p in paths if is_gguf_adapter(p)), None)
     if gguf is not None:
         raise CheckpointError(

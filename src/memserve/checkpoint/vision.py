@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ __all__ = [
     "VisionFacts",
     "image_processor_config",
     "image_token_id",
+    "language_model_regex",
+    "language_model_scope",
     "no_images",
     "takes_images",
 ]
@@ -145,6 +148,26 @@ class VisionFacts:
             tiles=tiles,
             resized_pixels=resized,
         )
+
+
+def language_model_scope(model: Any) -> tuple[str, ...]:
+    """The module paths of a loaded vision-language model's language model (its decoder, ``get_decoder``, and the
+    LM head), as ``LoraBank.scope`` prefixes: where memserve puts LoRA adapters on such a model (the tower's batch
+    is its images, not the rows an adapter is routed by); () when the model names no decoder apart from itself."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or decoder is model:
+        return ()
+    paths = [name for name, module in model.named_modules() if module is decoder]
+    if not paths:
+        return ()
+    return (f"{paths[0]}.", "lm_head")
+
+
+def language_model_regex(scope: tuple[str, ...], targets: Iterable[str]) -> str:
+    """PEFT's ``target_modules`` as a regex that matches ``targets`` in the language model of ``scope`` only."""
+    names = "|".join(re.escape(t) for t in targets)
+    return f"^{re.escape(scope[0])}.*\\.({names})$"
 
 
 class NoImages(InvalidArgument):

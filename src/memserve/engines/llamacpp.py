@@ -93,7 +93,7 @@ CPU_RUNTIME_BYTES = 18 * MiB + MiB // 2
 RUNTIME_BYTES_PER_VOCAB = 256
 SLOT_BYTES = 320 * 1024
 SLOT_BYTES_PER_VOCAB = 16
-# A GGUF LoRA adapter: its tensors (priced as weights, ``with_gguf_adapters``) and what loading and serving it
+# A GGUF LoRA adapter: its tensors (priced as weights, ``facts.with_adapters``) and what loading and serving it
 # adds beyond them. Measured (VmHWM after a request on each adapter, against the base alone, tiny demo, 1
 # thread): 29 KiB adapters +0.81 MiB for one, +1.9 for two, +3.6 for four; a 562 KiB one (rank 64 on every
 # Linear) +1.34 MiB; a 4.4 MiB one (rank 512) +5.8 MiB, two of them +11.8: ~1 MiB each and a third more of

@@ -62,8 +62,6 @@ class Entry:
     calibration_key: tuple[str, str] | None = None  # (checkpoint fingerprint, plan key) of the current runner
     learned: bool = False  # the current runner's end taught a bigger reservation (``_learn``)
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters on this base, name → source
-    # the adapters the current runner was started with, in order: llama-server's ids (``ModelPool.lora_scales``)
-    launched_adapters: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

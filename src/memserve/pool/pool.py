@@ -314,11 +314,14 @@ class ModelPool:
         """llama-server's per-request ``lora`` list for a request on ``base`` (its ``adapter``, or the base alone):
         every adapter the runner started with, by id, at scale 1 for the one asked for and 0 for the rest (a
         request that names none gets each at its start scale, 1: llama-server 0.3.36 applies
-        ``--lora-init-without-apply`` to nothing). None for a model not served by llama.cpp or without adapters."""
+        ``--lora-init-without-apply`` to nothing). None for a model not served by llama.cpp or without adapters.
+
+        The ids are the order of ``entry.adapters``, which the runner was started with: a llama.cpp model's
+        adapters change only while no runner serves it (``add_adapter`` and ``remove_adapter`` refuse a ready one)."""
         entry = self.entries.get(base)
-        if entry is None or entry.plan is None or entry.plan.runner != "llama.cpp" or not entry.launched_adapters:
+        if entry is None or entry.plan is None or entry.plan.runner != "llama.cpp" or not entry.adapters:
             return None
-        return [{"id": i, "scale": 1.0 if name == adapter else 0.0} for i, name in enumerate(entry.launched_adapters)]
+        return [{"id": i, "scale": 1.0 if name == adapter else 0.0} for i, name in enumerate(entry.adapters)]
 
     def _name_owner(self, name: str) -> str | None:
         """The model that already answers to ``name``, as itself or as one of its adapters; None if none does."""
@@ -570,7 +573,6 @@ class ModelPool:
             max_queue=entry.config.max_queue,
             adapters=tuple(entry.adapters.items()),
         )
-        entry.launched_adapters = tuple(entry.adapters)
         try:
             runner = await self._spawn(entry.name, launch, lambda ev: self._runner_event(entry, ev))
         except MemserveError:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memserve.checkpoint.vision import language_model_regex
 from memserve.errors import CheckpointError, InvalidArgument, ModelNotFound
 
 __all__ = [
@@ -42,8 +42,6 @@ __all__ = [
     "LoraBank",
     "LoraLinear",
     "Routing",
-    "language_model_regex",
-    "language_model_scope",
     "read_adapter",
     "token_slots",
 ]
@@ -338,25 +336,6 @@ def _check_targets(config: Any, modules: dict[str, nn.Module], source: str) -> N
         )
 
 
-def language_model_scope(model: nn.Module) -> tuple[str, ...]:
-    """The module paths of a vision-language model's language model (its decoder, ``get_decoder``, and the LM
-    head), as ``LoraBank.scope`` prefixes; () when the model names no decoder apart from itself."""
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    if decoder is None or decoder is model:
-        return ()
-    paths = [name for name, module in model.named_modules() if module is decoder]
-    if not paths:
-        return ()
-    return (f"{paths[0]}.", "lm_head")
-
-
-def language_model_regex(scope: tuple[str, ...], targets: Iterable[str]) -> str:
-    """PEFT's ``target_modules`` as a regex that matches ``targets`` in the language model of ``scope`` only."""
-    names = "|".join(re.escape(t) for t in targets)
-    return f"^{re.escape(scope[0])}.*\\.({names})$"
-
-
 def _base_label(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
@@ -423,7 +402,8 @@ class LoraBank:
                 f"adapter {weights.source} targets {outside[0]}{more}, outside this vision-language model's language "
                 f"model ({', '.join(p.rstrip('.') for p in self.scope)}); memserve puts adapters on the language "
                 "model only, as vLLM does: train it with target_modules limited to the language model (a regex such "
-                r"as '.*language_model.*\.(q_proj|v_proj)'), or merge it and serve the merged model"
+                f"as '{language_model_regex(self.scope, ('q_proj', 'v_proj'))}'), or merge it and serve the merged "
+                "model"
             )
         with self._lock:
             if name in self._loaded:

@@ -292,9 +292,10 @@ def load_image_text(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from memserve.checkpoint.locate import locate
+    from memserve.checkpoint.vision import language_model_scope
     from memserve.memory.planner import image_requests_held
     from memserve.runner.load import from_pretrained_kwargs, read_weights, record_phase, weight_bytes
-    from memserve.runner.lora import LoraBank, language_model_scope
+    from memserve.runner.lora import LoraBank
     from memserve.runner.progress import LoadProgress
 
     plan = launch.plan
