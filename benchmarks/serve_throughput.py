@@ -40,6 +40,7 @@ import httpx
 import psutil
 
 from memserve.net import free_port
+from memserve.pool.runner_process import forked_not_exec
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle and sails to the island"
 GiB = 1024**3
@@ -57,7 +58,8 @@ class PeakRss:
         while not self._stop.is_set():
             try:
                 root = psutil.Process(self.pid)
-                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                tree = [root, *root.children(recursive=True)]  # a forked copy not yet exec'd holds its parent's pages
+                total = sum(p.memory_info().rss for p in tree if p is root or not forked_not_exec(p.pid))
                 self.peak_bytes = max(self.peak_bytes, total)
             except psutil.Error:
                 pass

@@ -5,7 +5,8 @@ Run as ``python tests/engines/fake_vllm.py serve SOURCE --host H --port P --serv
 parsed with argparse and an unknown flag is an error, as in vLLM, so a flag the plan → argv table emits and
 vLLM lacks fails here too. It serves ``GET /health``, ``GET /v1/models`` and the completions routes (streamed
 and not) through ``memserve.wire.fake.FakeOpenAI``, and writes its parsed arguments as JSON to
-``FAKE_VLLM_ARGS_FILE`` when that is set (with the names of its environment variables under ``environ``).
+``FAKE_VLLM_ARGS_FILE`` when that is set (with the names of its environment variables under ``environ``, and
+``VLLM_WORKER_MULTIPROC_METHOD`` under ``multiproc``).
 
 Faults, by environment variable:
 
@@ -113,7 +114,8 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     env = os.environ
     if env.get("FAKE_VLLM_ARGS_FILE"):
-        Path(env["FAKE_VLLM_ARGS_FILE"]).write_text(json.dumps({**vars(args), "environ": sorted(env)}))
+        seen = {"environ": sorted(env), "multiproc": env.get("VLLM_WORKER_MULTIPROC_METHOD")}
+        Path(env["FAKE_VLLM_ARGS_FILE"]).write_text(json.dumps({**vars(args), **seen}))
     if env.get("FAKE_VLLM_IGNORE_SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:

@@ -76,6 +76,7 @@ def test_ready_once_health_and_models_answer_then_serves_and_stops(
     assert args["max_model_len"] == 2048 and args["max_num_seqs"] == 2 and args["dtype"] == "bfloat16"
     assert "MEMSERVE_ADMIN_KEY" not in args["environ"] and "VLLM_API_KEY" not in args["environ"]
     assert "PATH" in args["environ"]
+    assert args["multiproc"] == "spawn"  # its workers exec, so the watchdog counts their memory
 
 
 def test_never_ready_is_killed_after_the_load_timeout_with_its_last_log_lines(
@@ -203,7 +204,7 @@ def test_an_engine_module_that_is_not_there_is_named_with_its_install_command(
 ) -> None:
     monkeypatch.setitem(external.ENGINE_MODULES, "llama.cpp", "not_written_yet")
     with pytest.raises(RunnerFailed, match=r"no llama.cpp engine .*llama-server on PATH"):
-        external.engine_arguments("llama.cpp")
+        external.engine_module("llama.cpp")
 
 
 def test_log_tail_keeps_the_last_lines_within_its_bounds() -> None:

@@ -48,7 +48,6 @@ def test_sample_memory_is_the_trees_rss_plus_its_gpu_memory(tmp_path: Path) -> N
         runner._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", child_code, start_new_session=True
         )  # as start() does
-        runner._exec_seen = True  # the stand-in is not started as memserve.runner; count it as exec'd
         try:
             for _ in range(100):
                 sample = runner.sample_memory()
@@ -121,20 +120,50 @@ def test_owner_alive_judges_records() -> None:
     assert owner_alive({"pid": "x"}) is None and owner_alive({}) is None
 
 
-def test_a_child_not_yet_the_runner_is_not_measured(tmp_path: Path) -> None:
-    """Between fork and exec the child is a copy of the gateway: its RSS is the gateway's, not the runner's."""
-    from memserve.pool.runner_process import RunnerProcess, is_runner_command
+def test_a_process_that_has_not_exec_yet_is_not_measured(tmp_path: Path) -> None:
+    """A forked copy shares its parent's pages until it execs: its RSS would count them twice. A runner that
+    vforked ``ldconfig`` read as twice its size for a moment and was killed while starting (CI, under load)."""
+    pids = tmp_path / "pids.json"
+    # the stand-in runner holds 128 MiB, then forks a copy that never execs and starts a child that does
+    stand_in = (
+        "import json, os, pathlib, subprocess, sys, time\n"
+        "held = b'x' * (128 << 20)\n"
+        "forked = os.fork()\n"
+        "if forked == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "execd = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"pathlib.Path({str(pids)!r}).write_text(json.dumps([forked, execd.pid]))\n"
+        "time.sleep(60)\n"
+    )
 
-    assert is_runner_command(["/usr/bin/python3", "-m", "memserve.runner", "--plan", "p.json"])
-    assert not is_runner_command(["/usr/bin/python3", "-m", "pytest", "-q"])
-    runner = RunnerProcess("demo", plan_file("src"), run_dir=tmp_path)
+    async def scenario() -> None:
+        runner = RunnerProcess("m", plan_file("/models/m"), run_dir=tmp_path, gpu_memory=lambda pids: {})
+        runner._proc = await asyncio.create_subprocess_exec(sys.executable, "-c", stand_in, start_new_session=True)
+        try:
+            while not pids.exists():  # written after the fork, and after the exec'd child's exec
+                assert runner._proc.returncode is None, "the stand-in ended before it was up"
+                await asyncio.sleep(0.02)
+            forked, execd = json.loads(pids.read_text())
+            assert runner_process.forked_not_exec(forked)
+            assert not runner_process.forked_not_exec(execd) and not runner_process.forked_not_exec(runner._proc.pid)
+            root_rss = psutil.Process(runner._proc.pid).memory_info().rss
+            forked_rss = psutil.Process(forked).memory_info().rss
+            assert forked_rss > 128 << 20  # the copy's RSS shows the parent's pages
+            sample = runner.sample_memory()
+            assert root_rss < sample["cpu"] < root_rss + forked_rss  # the root and the exec'd child, not the copy
 
-    class _Proc:  # a stand-in handle for this very process, which is not a runner
-        pid = os.getpid()
-        returncode = None
+            class _Proc:  # the copy as the runner's own process: a child of the gateway that has not exec'd
+                pid = forked
+                returncode = None
 
-    runner._proc = _Proc()  # type: ignore[assignment]
-    assert runner.sample_memory() == {}
+            runner._proc, stand_in_proc = _Proc(), runner._proc  # type: ignore[assignment]
+            assert runner.sample_memory() == {}  # nothing of it is the runner's until it runs the runner
+            runner._proc = stand_in_proc
+        finally:
+            runner.kill()
+            await runner._proc.wait()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("proc_children", [True, False], ids=["proc-children-files", "psutil-walk"])

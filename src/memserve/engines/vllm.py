@@ -55,6 +55,9 @@ HOST_RUNTIME_BYTES = 4 * GiB  # host RAM of the API server and engine-core proce
 SAMPLER_COPIES = 3  # fp32 logits, their softmax and the sampler's sort, for max_num_seqs rows
 PREQUANTIZED_METHODS = ("awq", "gptq", "awq_marlin", "gptq_marlin", "compressed-tensors", "fp8", "bitsandbytes")
 _VLLM_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+# its engine-core and worker processes start with exec (spawn), not as forked copies of the API server: the
+# watchdog leaves a process that has not exec'd out of a runner's memory (its pages are its parent's until then)
+ENVIRON = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
 # ---------------------------------------------------------------------------------------------- command

@@ -29,6 +29,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Collection, Mapping
+from types import ModuleType
 from typing import Protocol
 
 import httpx
@@ -102,8 +103,9 @@ class LogTail:
             self._bytes -= len(self._lines.popleft())
 
 
-def engine_arguments(runner: str) -> Arguments:
-    """The ``arguments`` function of the engine module for ``runner``, imported only when it is needed.
+def engine_module(runner: str) -> ModuleType:
+    """The engine module for ``runner`` (its ``arguments`` function, and the ``ENVIRON`` it may ask for),
+    imported only when it is needed.
 
     RunnerFailed names the install command when the module is not there (a memserve without that engine).
     """
@@ -113,7 +115,7 @@ def engine_arguments(runner: str) -> Arguments:
             f"runner kind {runner!r} is not an external engine; expected one of {', '.join(ENGINE_MODULES)}"
         )
     try:
-        module = importlib.import_module(f"memserve.engines.{module_name}")
+        return importlib.import_module(f"memserve.engines.{module_name}")
     except ModuleNotFoundError as exc:
         if exc.name is None or not f"memserve.engines.{module_name}".startswith(exc.name):
             raise
@@ -121,8 +123,6 @@ def engine_arguments(runner: str) -> Arguments:
             f"this memserve has no {runner} engine (memserve.engines.{module_name} is missing); "
             f"upgrade memserve, and {INSTALL_HINTS[runner]}"
         ) from None
-    arguments: Arguments = module.arguments
-    return arguments
 
 
 class ExternalRunner(ChildRunner):
@@ -283,7 +283,11 @@ async def start_external(
     ``gpu_total_bytes`` gives each GPU's total (vLLM's ``--gpu-memory-utilization`` is a fraction of it); it is
     passed to the engine's ``arguments`` only when that accepts it.
     """
-    arguments = engine_arguments(launch.plan.runner)
+    module = engine_module(launch.plan.runner)
+    arguments: Arguments = module.arguments
+    # the engine's own settings (vLLM: spawn its workers), unless the gateway's environment sets them itself
+    own = {key: value for key, value in getattr(module, "ENVIRON", {}).items() if key not in os.environ}
+    env = {**own, **(env or {})}
     port = free_port()
     if gpu_total_bytes is not None and "total_bytes" in inspect.signature(arguments).parameters:
         argv = arguments(name, launch, host=LOOPBACK, port=port, total_bytes=dict(gpu_total_bytes()))  # type: ignore[call-arg]

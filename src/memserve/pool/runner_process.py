@@ -40,7 +40,7 @@ RUN_DIR_OWNER_FILE = "owner.json"
 _STDERR_LINE_LIMIT_BYTES = 1 << 20
 _GPU_MEMORY = GpuProcessMemory()  # one NVML session for every runner the gateway watches
 _HEALTH_POLL_SECONDS = 0.02
-_OWN_CMDLINE = psutil.Process().cmdline()  # a forked child is a copy of this until it execs
+_PF_FORKNOEXEC = 0x40  # the kernel's task flag "forked but didn't exec" (include/linux/sched.h)
 _PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
 _SAME_START_SECONDS = 0.01  # start times are in clock ticks (10 ms); one process reads the same value each time
 
@@ -110,9 +110,21 @@ class RunnerHandle(Protocol):
 Spawner = Callable[[str, PlanFile, Callable[[RunnerEvent], None]], Awaitable[RunnerHandle]]
 
 
-def is_runner_command(cmdline: list[str]) -> bool:
-    """Whether a process's command line is a runner's (``python -m memserve.runner ...``)."""
-    return any(cmdline[i : i + 2] == ["-m", "memserve.runner"] for i in range(len(cmdline)))
+def forked_not_exec(pid: int) -> bool:
+    """Whether ``pid`` is still a forked copy of its parent, not yet running a program of its own: the kernel's
+    PF_FORKNOEXEC flag (field 9 of ``/proc/PID/stat``), cleared by exec.
+
+    Until then its resident pages are its parent's: the same pages after vfork (one address space), shared
+    copy-on-write after fork. Its RSS counts them a second time: a runner's ``find_library`` once ran
+    ``ldconfig -p`` through vfork and the sample in that window read twice the runner's 354 MiB, which got the
+    runner killed while starting. False where ``/proc`` cannot tell (the process is then counted).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            line = stat.read()
+        return bool(int(line[line.rindex(b")") + 2 :].split()[6]) & _PF_FORKNOEXEC)
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def new_run_dir(base: Path | None = None) -> Path:
@@ -213,7 +225,6 @@ class ChildRunner:
         self.phase = "spawned"
         self._env = dict(env) if env is not None else None
         self._proc: asyncio.subprocess.Process | None = None
-        self._exec_seen = False  # the child has exec'd its program; before that it is a copy of us
         self._gpu_memory = gpu_memory or _GPU_MEMORY
         self._transport = transport
         self._client = httpx.AsyncClient(
@@ -236,29 +247,22 @@ class ChildRunner:
     def transport(self) -> RunnerTransport:
         return self._transport
 
-    def _has_exec(self, root: psutil.Process) -> bool:
-        """Whether the child runs its own program yet (not still the fork of this process)."""
-        return root.cmdline() != _OWN_CMDLINE
-
     def sample_memory(self) -> dict[str, int]:
         """Bytes in use per device right now: the RSS of the child's process tree on cpu, and what NVML
         says the tree holds on each GPU it uses (``GpuProcessMemory``).
 
-        RSS counts the mapped weights (file-backed) too: they take RAM as surely as the anonymous pages.
+        RSS counts the mapped weights (file-backed) too: they take RAM as surely as the anonymous pages. A
+        process of the tree that has forked but not exec'd yet is left out of the cpu sum (``forked_not_exec``):
+        its pages are its parent's. For the child itself that parent is the gateway (a whole test process with
+        torch loaded, say), so nothing is measured until it runs the runner's program. A worker that forks and
+        never execs is left out too: runners start theirs with exec (vLLM is told to spawn).
         """
-        if self.pid is None or self.returncode is not None:
+        if self.pid is None or self.returncode is not None or forked_not_exec(self.pid):
             return {}
         try:
             root = psutil.Process(self.pid)
-            if not self._exec_seen:
-                # Between fork and exec the child is still a copy of the gateway, and its RSS counts every
-                # page it shares with it (a whole test process with torch loaded, say): nothing of the
-                # runner's own yet. Measuring that once got a runner killed "while starting" in CI.
-                if not self._has_exec(root):
-                    return {}
-                self._exec_seen = True
             tree = [root, *(psutil.Process(pid) for pid in descendants(root))]
-            sample = {"cpu": sum(p.memory_info().rss for p in tree)}
+            sample = {"cpu": sum(p.memory_info().rss for p in tree if p is root or not forked_not_exec(p.pid))}
         except psutil.Error:
             return {}
         sample.update(self._gpu_memory([p.pid for p in tree]))
@@ -392,9 +396,6 @@ class RunnerProcess(ChildRunner):
         if self.returncode > 0 and self._failure:
             return f"exited with code {self.returncode}: {self._failure}"
         return describe_exit(self.returncode, list(self._tail))
-
-    def _has_exec(self, root: psutil.Process) -> bool:
-        return is_runner_command(root.cmdline())
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """SIGTERM (the runner drains and closes its engine), then SIGKILL after ``grace_seconds``."""

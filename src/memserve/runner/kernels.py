@@ -30,7 +30,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import mmap
 import os
@@ -199,7 +198,9 @@ def _trim_heap() -> None:
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    """The process's own C library (dlopen of NULL sees the symbols already loaded). ``find_library("c")``
+    would run ``ldconfig -p`` in a child: a vfork of the whole runner, counted twice by an RSS sample."""
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
