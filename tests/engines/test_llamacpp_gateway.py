@@ -21,15 +21,18 @@ PROMPT = "The weather today is"
 NEW_TOKENS = 12
 
 
-def _streamed_text(origin: str, body: dict[str, object]) -> list[str]:
+def _streamed(origin: str, body: dict[str, object]) -> tuple[list[str], set[str]]:
+    """A streamed completion's text pieces, and the ``model`` its chunks name."""
     pieces: list[str] = []
+    models: set[str] = set()
     with httpx.stream("POST", f"{origin}/v1/completions", json={**body, "stream": True}, timeout=120) as response:
         assert response.status_code == 200, response.read()
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                choices = json.loads(line[len("data: ") :]).get("choices") or []
-                pieces += [c["text"] for c in choices if c.get("text")]
-    return pieces
+                chunk = json.loads(line[len("data: ") :])
+                pieces += [c["text"] for c in chunk.get("choices") or [] if c.get("text")]
+                models.add(chunk.get("model"))
+    return pieces, models
 
 
 def test_a_gguf_model_is_served_by_llama_server_through_the_gateway(
@@ -44,8 +47,9 @@ def test_a_gguf_model_is_served_by_llama_server_through_the_gateway(
         text = whole.json()["choices"][0]["text"]
         assert text and whole.json()["usage"]["completion_tokens"] > 0
 
-        pieces = _streamed_text(origin, body)
+        pieces, models = _streamed(origin, body)
         assert len(pieces) > 1 and "".join(pieces) == text  # token by token, and the same greedy answer
+        assert models == {"g"} and whole.json()["model"] == "g"
 
         row = next(m for m in ps(origin)["models"] if m["name"] == "g")
         assert row["state"] == "ready" and row["runner"] == "llama.cpp" and row["rung"] == "cpu"
@@ -117,6 +121,11 @@ def test_gguf_lora_adapters_through_the_gateway(
         by_name = {"g": native((0.0, 0.0)), "ad1": native((1.0, 0.0)), "g:ad2": native((0.0, 1.0))}
         assert len(set(by_name.values())) == 3, "each adapter should change the answer, or the test proves nothing"
         assert [a.json()["choices"][0]["text"] for a in answers] == [by_name[m] for m in names]
+        # llama-server answers its alias (the base) whatever was asked: the answer names the model as asked
+        assert [a.json()["model"] for a in answers] == names
+        body = {"model": "g:ad2", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0}
+        pieces, streamed_models = _streamed(origin, body)
+        assert "".join(pieces) == by_name["g:ad2"] and streamed_models == {"g:ad2"}
 
         models = {m["id"]: m.get("parent") for m in httpx.get(f"{origin}/v1/models").json()["data"]}
         assert (models["ad1"], models["ad2"]) == ("g", "g")

@@ -78,6 +78,28 @@ def test_what_the_client_gets_and_what_is_counted(
     assert meter.text_events == sum(heard) == texts
 
 
+def test_a_renamed_stream_names_the_model_as_asked_wherever_its_chunks_split() -> None:
+    """llama-server answers its alias (the base) for an adapter request: the meter renames each event's model,
+    whole events only, so a split ``"model":"g"`` is renamed too; a text that quotes it (escaped) is not."""
+
+    def named(payload: dict[str, object]) -> bytes:
+        return event({**payload, "model": "g"})
+
+    quoted = {"choices": [{"index": 0, "delta": {"content": '{"model":"g"}'}}]}
+    stream = named(quoted) + named({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    stream += named({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}) + DONE
+    want = stream.replace(b'"model":"g"', b'"model":"g:ad2"')
+    for split in range(1, len(stream)):
+        meter = StreamUsage(strip=False)
+        meter.rename = (b'"model":"g"', b'"model":"g:ad2"')
+        got = meter.feed(stream[:split]) + meter.feed(stream[split:]) + meter.rest()
+        assert got == want, split
+        chunks = [json.loads(line[6:]) for line in got.split(b"\n\n") if line.startswith(b"data: {")]
+        assert [c["model"] for c in chunks] == ["g:ad2"] * 3 and chunks[0]["choices"][0]["delta"]["content"] == (
+            '{"model":"g"}'
+        )
+
+
 def test_a_stream_asks_for_usage_only_when_its_client_did_not() -> None:
     body = {"model": "m", "stream": True}
     sent, meter = metered(body, True)

@@ -330,12 +330,20 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         upstream = Upstream(f"runner {base}", RUNNER_BASE_URL, lease.client, transport=lease.transport)
         lora = pool.lora_scales(base, on_base[1] if on_base is not None else None)
+        rename = None
         if lora is not None:  # llama-server: the adapter by its id, in the body (it knows no adapter names)
             sent = {**sent, "model": base, "lora": lora}
+            rename = (base, model) if model != base else None  # it answers its alias, the base's name
         # then the client's own bytes go to the runner (a door that inlined fetched images put new messages in body)
         unchanged = keep_alive is None and sent is body and body.get("messages") is messages
         answer = forward(
-            upstream, path, raw if unchanged else sent, stream=stream, on_done=lease.release, meter=record.meter
+            upstream,
+            path,
+            raw if unchanged else sent,
+            stream=stream,
+            on_done=lease.release,
+            meter=record.meter,
+            model=rename,
         )
         timeout = settings.request_timeout_seconds
         if stream:

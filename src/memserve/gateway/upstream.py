@@ -113,10 +113,11 @@ class StreamUsage:
     end, which upstreams rarely make it do), so that a usage event is found and cut out whole whichever
     delimiter (``\\n\\n``, ``\\r\\n\\r\\n``) the upstream uses; chunks that carry no usage event are passed unparsed.
     ``text_events`` counts the events that carry text, which is what a stream cut short is metered by
-    (memserve's runner sends one per token that adds text).
+    (memserve's runner sends one per token that adds text). ``rename`` (the upstream's ``"model":`` member and
+    the client's) is applied to the events it passes, whole until the usage event (the last with a model).
     """
 
-    __slots__ = ("_held", "on_text", "strip", "text_events", "usage")
+    __slots__ = ("_held", "on_text", "rename", "strip", "text_events", "usage")
 
     def __init__(self, *, strip: bool, on_text: Callable[[int], None] | None = None) -> None:
         """``on_text`` hears of each chunk's text events as it passes (a key's limits count them as they stream)."""
@@ -124,10 +125,15 @@ class StreamUsage:
         self.on_text = on_text
         self.usage: dict[str, Any] | None = None
         self.text_events = 0
+        self.rename: tuple[bytes, bytes] | None = None
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
         """What of ``chunk`` (and of what was held) the client should get now."""
+        passed = self._feed(chunk)
+        return passed.replace(*self.rename) if self.rename is not None else passed
+
+    def _feed(self, chunk: bytes) -> bytes:
         texts = sum(chunk.count(m) for m in _TEXT_MARKS) - sum(chunk.count(m) for m in _EMPTY_TEXT_MARKS)
         if texts > 0:
             self.text_events += texts
@@ -155,7 +161,7 @@ class StreamUsage:
     def rest(self) -> bytes:
         """What is held when the stream ends: an unfinished event, passed on as it came."""
         held, self._held = self._held, b""
-        return held
+        return held.replace(*self.rename) if self.rename is not None else held
 
 
 def _usage_of(event: bytes) -> dict[str, Any] | None:
@@ -178,23 +184,29 @@ async def forward(
     on_done: Callable[[], None] | None = None,
     headers: Mapping[str, str] | None = None,
     meter: StreamUsage | None = None,
+    model: tuple[str, str] | None = None,
 ) -> Response:
     """POST ``body`` (a JSON object, or the bytes of one) to ``upstream.base_url + path`` and return the
     answer for our client.
 
     ``headers`` are added to our response (e.g. ``x-memserve-fallback``); ``meter`` sees a stream's chunks
-    (``StreamUsage``). Raises ``UpstreamUnavailable``
+    (``StreamUsage``). ``model`` (the upstream's name, the client's) renames the answer's ``model`` for an
+    upstream that answers its own name whatever was asked (llama-server, its alias); a stream is renamed by its
+    meter. Raises ``UpstreamUnavailable``
     or ``BadUpstream`` before any byte is sent to the client; after that, failures travel in the stream.
     """
     done = _Once(on_done)
     relaying = False
+    rename = None if model is None else (_model_member(model[0]), _model_member(model[1]))
+    if meter is not None:
+        meter.rename = rename
     try:
         answer = await _open(upstream, path, body, stream=stream)
         if stream and answer.status_code == 200:
             relay = await _start_relay(upstream, answer, done, headers, meter)
             relaying = True
             return relay
-        return await _answer_whole(upstream, answer, headers)
+        return await _answer_whole(upstream, answer, headers, rename)
     finally:
         if not relaying:
             done()
@@ -248,9 +260,22 @@ async def _open(upstream: Upstream, path: str, body: dict[str, Any] | bytes, *, 
         raise UpstreamUnavailable(_unreachable_message(upstream, exc)) from exc
 
 
-async def _answer_whole(upstream: Upstream, answer: httpx.Response, headers: Mapping[str, str] | None) -> Response:
-    """A whole JSON answer, passed back as the upstream's bytes with its status."""
+def _model_member(name: str) -> bytes:
+    """``"model":"NAME"`` as a compact JSON writer (llama-server's) puts it. Inside a JSON string every quote is
+    escaped, so these bytes occur only as the member itself."""
+    return b'"model":' + json.dumps(name, ensure_ascii=False).encode()
+
+
+async def _answer_whole(
+    upstream: Upstream,
+    answer: httpx.Response,
+    headers: Mapping[str, str] | None,
+    rename: tuple[bytes, bytes] | None = None,
+) -> Response:
+    """A whole JSON answer, passed back as the upstream's bytes (``rename``d) with its status."""
     raw = await _read_all(upstream, answer)
+    if rename is not None:
+        raw = raw.replace(*rename)
     try:
         payload = json.loads(raw)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
