@@ -31,15 +31,13 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
-from common import runner
+from common import PeakRss, runner
 
 from memserve.engines.fit import fit_result
 from memserve.memory.fit import PlanFile
@@ -52,27 +50,6 @@ PROMPTS = [
     "Describe a walk through a market in the morning",
 ]
 MiB = 1024**2
-
-
-class PeakRss:
-    """Samples a process's RSS at 20 Hz in a thread; ``peak_bytes`` is the largest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak_bytes, self._stop = pid, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak_bytes = max(self.peak_bytes, psutil.Process(self.pid).memory_info().rss)
-            except psutil.NoSuchProcess:
-                return
-            self._stop.wait(0.05)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class Runner:

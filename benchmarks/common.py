@@ -1,4 +1,5 @@
-"""What several benchmarks share: a real runner process on a plan, started on a free port and stopped after.
+"""What several benchmarks share: a real runner process on a plan, started on a free port and stopped after, and
+a sampler of a process tree's peak RSS.
 
 Scripts in this folder run as ``python benchmarks/NAME.py``, so this module is imported as ``common``.
 """
@@ -9,15 +10,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 from memserve.memory.fit import PlanFile
 from memserve.net import free_port
+from memserve.pool.runner_process import forked_not_exec
 
 READY_SECONDS = 1800  # a deadline, not a pace: a 1b model quantized at load on a slow, busy CPU
 
@@ -63,3 +67,31 @@ def runner(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class PeakRss:
+    """Samples a process tree's RSS at 20 Hz in a thread, as the gateway's watchdog counts it (a forked copy
+    that has not exec'd yet is left out: its pages are its parent's); ``peak_bytes`` is the largest sum seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_bytes, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                tree = [root, *root.children(recursive=True)]
+                total = sum(p.memory_info().rss for p in tree if p is root or not forked_not_exec(p.pid))
+                self.peak_bytes = max(self.peak_bytes, total)
+            except psutil.NoSuchProcess:
+                return
+            except psutil.Error:
+                pass
+            self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_bytes

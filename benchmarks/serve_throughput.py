@@ -31,44 +31,17 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
+from common import PeakRss
 
 from memserve.net import free_port
-from memserve.pool.runner_process import forked_not_exec
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle and sails to the island"
 GiB = 1024**3
-
-
-class PeakRss:
-    """Samples a process tree's RSS in a thread; ``peak_bytes`` is the largest sum seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak_bytes, self._stop = pid, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                root = psutil.Process(self.pid)
-                tree = [root, *root.children(recursive=True)]  # a forked copy not yet exec'd holds its parent's pages
-                total = sum(p.memory_info().rss for p in tree if p is root or not forked_not_exec(p.pid))
-                self.peak_bytes = max(self.peak_bytes, total)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak_bytes
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> dict[str, Any]:
