@@ -8,7 +8,9 @@ each marker to the image's tokens and turns the images into ``pixel_values``. Th
 images once before the prefill (``mm_encoder_outputs``), so the prefill is chunked by the plan's
 ``max_batch_tokens`` as for text. Requests that decode alike and whose image tensors stack are batched into one
 ``generate`` call (images concatenated in row order, where the model's placeholder tokens expect them);
-others wait for a call of their own.
+others wait for a call of their own. A tiling processor's tensors (Idefics3/SmolVLM: ``pixel_values`` of
+``(rows, tiles, 3, H, W)`` with a ``pixel_attention_mask``) stack whatever the rows' tile counts: they are padded
+with empty tiles as the processor pads a batch, and the model drops those before its tower.
 
 :class:`ImageCompleter` is the runner app's completer for such a model (``runner/app.py``): it decodes each
 ``data:`` image (``wire/images.py``: the same caps as the gateway's door; the runner never fetches a URL,
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
 
 __all__ = ["IMAGE_TEXT", "ImageCompleter", "ImageGenerationRequest", "ImageTextEngine", "load_image_text"]
 
+PADDED_BATCH_KEY = "pixel_attention_mask"
+"""Inputs with this key come from a processor that pads its images to one shape per batch (Idefics3's, Idefics2's):
+zero pixels and a False mask, which the model reads as padding (an all-zero tile is dropped before its tower)."""
 BODY_SECONDS_ENV = "MEMSERVE_IMAGE_BODY_SECONDS"
 BODY_SECONDS = 30.0
 """How long an image runner waits for one request's body (``BODY_SECONDS_ENV`` sets another): it reads one body
@@ -87,13 +92,15 @@ class ImageTextEngine(GenerateEngine):
 
     @staticmethod
     def _decoding(request: GenerationRequest) -> Any:
-        """Rows batch when they decode alike and their image tensors concatenate (same shape past the first
-        dimension); a row with images never shares a call with a row without."""
+        """Rows batch when they decode alike and their image tensors concatenate: the same shape past the first
+        dimension, or for a padding processor's (``PADDED_BATCH_KEY``) the same number of dimensions, as it pads
+        them to the largest; a row with images never shares a call with a row without."""
         key = GenerateEngine._decoding(request)
         if key is None:
             return None
         inputs = request.inputs if isinstance(request, ImageGenerationRequest) else {}
-        shapes = tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in inputs.items()))
+        padded = PADDED_BATCH_KEY in inputs
+        shapes = tuple(sorted((k, v.dim() if padded else tuple(v.shape[1:]), str(v.dtype)) for k, v in inputs.items()))
         return (key, shapes)
 
     def warm_up_worst_case(self) -> dict[str, Any]:
@@ -143,14 +150,29 @@ def _encodes_before_prefill(model: Any) -> bool:
 
 
 def _stacked(requests: list[GenerationRequest], device: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The rows' image tensors, each key concatenated over the rows that have it (floats in the model's dtype)."""
+    """The rows' image tensors, each key concatenated over the rows that have it (floats in the model's dtype);
+    parts of different shapes (a padding processor's, ``_decoding``) padded at the end of each dimension with
+    zeros (False), as the processor pads a batch."""
     keys = sorted({k for r in requests if isinstance(r, ImageGenerationRequest) for k in r.inputs})
     stacked: dict[str, torch.Tensor] = {}
     for key in keys:
         parts = [r.inputs[key] for r in requests if isinstance(r, ImageGenerationRequest) and key in r.inputs]
-        tensor = torch.cat(parts, dim=0).to(device)
+        tensor = _concatenated(parts).to(device)
         stacked[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return stacked
+
+
+def _concatenated(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` concatenated on their first dimension, each padded with zeros to the largest in the others."""
+    if len({part.shape[1:] for part in parts}) == 1:
+        return torch.cat(parts, dim=0)
+    size = [max(part.shape[d] for part in parts) for d in range(1, parts[0].dim())]
+    out = parts[0].new_zeros((sum(part.shape[0] for part in parts), *size))
+    row = 0
+    for part in parts:
+        out[(slice(row, row + part.shape[0]), *(slice(0, n) for n in part.shape[1:]))] = part
+        row += part.shape[0]
+    return out
 
 
 def _worst_case_images(processor: Any, limits: ImageLimits, tokens: int) -> tuple[int, dict[str, Any]]:
