@@ -85,6 +85,9 @@ WORDS = (
 
 BAD_KINDS = (
     "invalid_json",
+    "json_too_deep",
+    "json_integer_too_long",
+    "lone_surrogate",
     "temperature_hot",
     "max_tokens_negative",
     "stream_string",
@@ -108,6 +111,9 @@ runner's schema ignores fields it does not know (clients send many), so only a 5
 
 EXPECTED_STATUS: dict[str, set[int]] = {
     "invalid_json": {400},
+    "json_too_deep": {400},
+    "json_integer_too_long": {400},
+    "lone_surrogate": {400},
     "temperature_hot": {400},
     "max_tokens_negative": {400},
     "stream_string": {400},
@@ -309,6 +315,20 @@ def bad_request(kind: str, model: str) -> dict[str, Any]:
     post = {"method": "POST", "url": "/v1/chat/completions"}
     if kind == "invalid_json":
         return {**post, "content": b'{"model": "' + model.encode() + b'", "messages": [', "headers": _json}
+    if kind == "json_too_deep":  # past the ~1,000 levels Python's json reads, in a field nobody reads
+        deep = json.dumps({**chat, "extra": 0}).encode().replace(b"0}", b"[" * 5000 + b"]" * 5000 + b"}")
+        return {**post, "content": deep, "headers": _json}
+    if kind == "json_integer_too_long":
+        long = (
+            json.dumps({**chat, "max_tokens": 0}).encode().replace(b'"max_tokens": 0', b'"max_tokens": ' + b"9" * 5000)
+        )
+        return {**post, "content": long, "headers": _json}
+    if kind == "lone_surrogate":  # JSON's grammar allows the escape; it is no Unicode text
+        return {
+            **post,
+            "content": json.dumps({**chat, "messages": [{"role": "user", "content": "hi \ud800"}]}).encode(),
+            "headers": _json,
+        }
     if kind == "temperature_hot":
         return {**post, "json": {**chat, "temperature": "hot"}}
     if kind == "max_tokens_negative":
@@ -529,7 +549,7 @@ def mix(rng: random.Random) -> list[tuple[str, str]]:
     hangups = set(indices[REQUESTS // 10 : REQUESTS // 5])
     kinds = list(BAD_KINDS)
     rng.shuffle(kinds)
-    bad_kinds = iter(kinds * 2)  # 20 bad inputs: every kind at least once
+    bad_kinds = iter(kinds * 2)  # 20 bad inputs of the 21 kinds (the door check sends every kind once)
     out = []
     for i in range(REQUESTS):
         block_model = BLOCKS[i * len(BLOCKS) // REQUESTS]

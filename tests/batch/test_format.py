@@ -41,6 +41,8 @@ GOOD = chat("q1")
     [
         ("{not json", "not valid JSON"),
         (b"\xff\xfe", "not UTF-8 text"),
+        (GOOD.replace('"custom_id": "q1"', '"custom_id": "q\\ud800"'), "lone UTF-16 surrogate"),
+        ('{"custom_id": "q", "deep": ' + "[" * 5000 + "]" * 5000 + "}", "deeper than this server reads"),
         ("[1, 2]", "expected a JSON object, got list"),
         (json.dumps({"method": "POST", "url": "/v1/completions", "body": {}}), "custom_id is missing"),
         (chat(""), "custom_id is missing"),

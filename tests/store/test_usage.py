@@ -211,6 +211,40 @@ def test_a_commit_waits_for_running_readers_and_readers_wait_for_a_commit() -> N
     ]
 
 
+def test_a_row_the_database_refuses_is_dropped_alone_and_never_holds_the_others_back(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Text that is not UTF-8 (a lone surrogate from a client's JSON escape), or on Postgres a number past an
+    INTEGER column: the database refuses the row whatever is retried. Before, such a row was put back at the
+    front of the buffer each time, and every row behind it was kept until shutdown, then lost."""
+    bad = [row(model="\ud800"), row(end_user="x\udfff")]
+    if not db_url.startswith("sqlite"):
+        bad.append(row(prompt_tokens=2**40))  # SQLite's INTEGER holds it
+    good = [row(time=T0 + timedelta(seconds=i), model=f"m{i}") for i in range(97)]
+    rows = good[:3] + bad[:1] + good[3:50] + bad[1:] + good[50:]
+
+    async def work(store: Store) -> tuple[int, int, dict[str, Any], int]:
+        for r in rows:
+            store.usage.record(r)
+        written = await store.usage.flush()
+        health = store.usage.health()
+        store.usage.record(row(model="after"))
+        after = await store.usage.flush()
+        return written, store.usage.lost_rows, health, after
+
+    with caplog.at_level(logging.ERROR, logger="memserve.store"):
+        written, lost, health, after = on_store(db_url, work)
+    assert (written, lost, after) == (len(good), len(bad), 1)
+    assert health == {"pending_rows": 0, "lost_rows": len(bad), "last_error": None}
+    refused = [r.getMessage() for r in caplog.records if "refused by the database" in r.getMessage()]
+    assert len(refused) == len(bad), refused
+
+    async def models(store: Store) -> set[str]:
+        return {g["model"] for g in await store.usage.summary("model", None, None)}
+
+    assert on_store(db_url, models) == {r.model for r in good} | {"after"}
+
+
 def test_close_writes_every_buffered_row(db_url: str) -> None:
     async def fill(store: Store) -> None:
         store.usage.start(flush_seconds=3600)  # only close will write

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from memserve.wire.http import until_disconnected
+from memserve.errors import InvalidArgument
+from memserve.wire.http import client_json, json_object, until_disconnected
 
 
 class Client:
@@ -119,3 +120,31 @@ def test_work_that_swallows_the_cancel_leaves_no_cancel_pending() -> None:
         await leaving
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "deeper than this server reads"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "more than 4,300 digits"),
+        (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "string at messages[0].content holds a lone"),
+        (b'{"model": "\\uDFFF"}', "string at model holds a lone UTF-16 surrogate"),
+        (b'{"x\\ud800": 1}', "string at body (a key) holds a lone"),
+        (b'{"a": "\\ud83d\\ud83d"}', "lone UTF-16 surrogate"),  # two highs are no pair
+        (b'{"model": "m", "messages": [', "is not valid JSON"),
+        (b'{"model": "\xff"}', "is not valid JSON"),
+    ],
+)
+def test_what_json_cannot_read_is_a_400_saying_why(raw: bytes, words: str) -> None:
+    """Each was a 500 (RecursionError, ValueError) or, for the surrogate, text that broke the runner's tokenizer
+    and the usage log downstream."""
+    with pytest.raises(InvalidArgument, match="request body") as caught:
+        json_object(raw)
+    assert words in caught.value.message
+
+
+def test_escaped_pairs_and_other_escapes_read_as_ever() -> None:
+    assert client_json(b'{"e": "\\ud83d\\ude00", "s": "a\\/b\\n"}') == {"e": "\U0001f600", "s": "a/b\n"}
+    assert client_json('{"e": "\\uD83D\\uDE00"}') == {"e": "\U0001f600"}  # text, as a batch line is read
+    with pytest.raises(ValueError, match="lone UTF-16 surrogate"):
+        client_json('{"e": ["ok", {"deep": "\\udc00"}]}')

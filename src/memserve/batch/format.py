@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from memserve.errors import InvalidArgument
+from memserve.wire.http import client_json
 
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")  # those of OpenAI's Batch API we serve
 MAX_PROBLEMS_SHOWN = 20
@@ -92,9 +93,11 @@ def check_line(number: int, raw: bytes | str, *, model: str | None = None) -> Ba
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        obj = client_json(text)
     except json.JSONDecodeError as exc:
         return LineProblem(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+    except ValueError as exc:
+        return LineProblem(number, f"not JSON this server reads: {exc}")
     if not isinstance(obj, dict):
         return LineProblem(number, f"expected a JSON object, got {type(obj).__name__}")
     custom_id = obj.get("custom_id")

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 
 from memserve.errors import StoreUnavailable
 
@@ -76,6 +76,21 @@ def explain(exc: BaseException, target: Target) -> str:
     if "authentication" in low or "password" in low:
         return f"Postgres at {path} refused the login: {said}. Fix the user or password in database_url."
     return f"The database {path} failed (Postgres: {said})."
+
+
+def refused_rows(exc: BaseException) -> bool:
+    """Whether a write failed for what its rows hold (a value the database cannot store: text that is not
+    UTF-8, a number out of the column's range), not for the database itself: the same rows would fail again.
+    Read through ``translated``'s StoreUnavailable (``__cause__``) and SQLAlchemy's wrapper (``.orig``)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of wrappers, never a long one
+        if seen is None:
+            return False
+        if isinstance(seen, DataError | IntegrityError | UnicodeError | OverflowError):
+            return True
+        orig = getattr(seen, "orig", None)
+        seen = orig if isinstance(orig, BaseException) else seen.__cause__
+    return False
 
 
 def corrupt_message(path: str) -> str:

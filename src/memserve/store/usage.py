@@ -3,7 +3,9 @@
 ``record`` appends to a list and returns: it never waits for the database. A background task writes the
 buffer every ``flush_seconds`` (or as soon as ``batch_rows`` are waiting) as one multi-row INSERT in one
 transaction. A failed write keeps its rows for the next try, up to ``max_pending_rows``; past that the
-oldest are dropped and counted in ``lost_rows`` (``health()`` shows both, for ``/health``). ``close``
+oldest are dropped and counted in ``lost_rows`` (``health()`` shows both, for ``/health``). A row the
+database refuses for what it holds is found by halves and dropped alone (counted and logged): one bad row
+never holds the others back. ``close``
 writes everything left, so a SIGTERM loses nothing; a SIGKILL loses what was waiting, at most one flush
 interval of rows.
 
@@ -28,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from memserve.errors import InvalidArgument, StoreUnavailable
-from memserve.store.faults import Target, translated
+from memserve.store.faults import Target, refused_rows, translated
 from memserve.store.schema import usage
 
 log = logging.getLogger("memserve.store")
@@ -172,9 +174,9 @@ class UsageLog:
                 await asyncio.sleep(self.flush_seconds)
 
     async def flush(self) -> int:
-        """Write every buffered row now, in one transaction. Returns the rows written.
+        """Write every buffered row now, in one transaction (``_write_buffer``). Returns the rows written.
 
-        On failure the rows go back to the front of the buffer and StoreUnavailable is raised.
+        When the database is away the rows go back to the front of the buffer and StoreUnavailable is raised.
         """
         async with self._flush_lock:
             written = await self._write_buffer()
@@ -186,42 +188,67 @@ class UsageLog:
             return written
 
     async def _write_buffer(self) -> int:
+        """Write the buffer. A part the database refuses for what it holds (``refused_rows``: a value out of
+        range, text it cannot encode) is written again in halves, so that only a row refused alone is lost
+        (counted, and logged with the reason); it never holds back the rows behind it. Any other failure (the
+        database away, locked, full) keeps every row not yet written for the next try."""
         if not self._buffer:
             return 0
-        rows = list(self._buffer)
+        pending = [list(self._buffer)]
         self._buffer.clear()
-        self._inflight = rows
-        try:
-            with translated(self._target):
-                async with self._engine.connect() as conn:
-                    # In slices of at most batch_rows (and SQLite's bound on parameters), so a backlog is
-                    # several short statements rather than one long pause of the event loop.
-                    sqlite = conn.dialect.name == "sqlite"
-                    size = min(self.batch_rows, _SQLITE_ROWS_PER_STATEMENT) if sqlite else self.batch_rows
-                    for start in range(0, len(rows), size):
-                        part = rows[start : start + size]
-                        if sqlite:
-                            await conn.exec_driver_sql(_sqlite_insert(len(part)), _sqlite_params(part))
-                        else:
-                            await conn.execute(usage.insert(), [vars(r) for r in part])
-                    async with self._gate.committing():
-                        await conn.commit()
-                        self._inflight = []
-        except BaseException as exc:
-            self._inflight = []
-            self._put_back(rows)
-            if isinstance(exc, StoreUnavailable):
-                self._failed(exc)
-            elif isinstance(exc, Exception):  # a driver's own error (a value out of range): said, not silent
-                failure = StoreUnavailable(
-                    f"writing {len(rows)} usage rows failed ({type(exc).__name__}: {exc}); they are kept for the "
-                    "next write; if this repeats, report it with the server's log"
+        written = 0
+        while pending:
+            part = pending.pop(0)
+            rest = [row for later in pending for row in later]
+            try:
+                await self._insert(part, rest)
+                written += len(part)
+            except BaseException as exc:
+                self._inflight = []
+                if not refused_rows(exc):
+                    self._put_back(part + rest)
+                    if isinstance(exc, StoreUnavailable):
+                        self._failed(exc)
+                    elif isinstance(exc, Exception):  # a driver's own error: said, not silent
+                        failure = StoreUnavailable(
+                            f"writing {len(part)} usage rows failed ({type(exc).__name__}: {exc}); they are kept "
+                            "for the next write; if this repeats, report it with the server's log"
+                        )
+                        self._failed(failure)
+                        raise failure from exc
+                    raise
+                if len(part) > 1:
+                    pending[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
+                    continue
+                self._lost_rows += 1
+                log.error(
+                    "a usage row was refused by the database and is dropped (%s: %s); if this repeats, report it "
+                    "with the server's log: %r",
+                    type(exc).__name__,
+                    exc,
+                    part[0],
                 )
-                self._failed(failure)
-                raise failure from exc
-            raise
-        self._succeeded(len(rows))
-        return len(rows)
+        self._succeeded(written)
+        return written
+
+    async def _insert(self, rows: list[UsageRow], rest: list[UsageRow]) -> None:
+        """Insert ``rows`` in one transaction; ``rest`` (rows still to write) is what stays in flight after it."""
+        self._inflight = rows + rest
+        with translated(self._target):
+            async with self._engine.connect() as conn:
+                # In slices of at most batch_rows (and SQLite's bound on parameters), so a backlog is
+                # several short statements rather than one long pause of the event loop.
+                sqlite = conn.dialect.name == "sqlite"
+                size = min(self.batch_rows, _SQLITE_ROWS_PER_STATEMENT) if sqlite else self.batch_rows
+                for start in range(0, len(rows), size):
+                    part = rows[start : start + size]
+                    if sqlite:
+                        await conn.exec_driver_sql(_sqlite_insert(len(part)), _sqlite_params(part))
+                    else:
+                        await conn.execute(usage.insert(), [vars(r) for r in part])
+                async with self._gate.committing():
+                    await conn.commit()
+                    self._inflight = rest
 
     def _put_back(self, rows: list[UsageRow]) -> None:
         room = self.max_pending_rows - len(self._buffer)

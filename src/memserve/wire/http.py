@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -274,13 +275,91 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(_SURROGATE_ESCAPE.pattern.encode())
+
+
+def client_json(raw: bytes | str) -> Any:
+    """``json.loads`` for what a client sent (bytes, or text read from them): ValueError for all it cannot read,
+    with a message that says why.
+
+    Beyond malformed JSON and bytes that are not UTF-8 (``JSONDecodeError``, ``UnicodeDecodeError``), that is
+    nesting deeper than Python's recursion limit (``json`` raises RecursionError past ~1,000 levels), an integer
+    of more than 4,300 digits (ValueError), and a string holding a lone UTF-16 surrogate (an escape such as
+    ``\\ud800`` without its pair). JSON's grammar allows that escape, but it is not Unicode text: nothing after
+    could write it as UTF-8 (the runner's tokenizer, a usage row, a log line). Escaped pairs (an emoji as
+    ``\\ud83d\\ude00``) are one character and read as ever; only bodies holding such an escape are walked.
+    """
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ValueError("it nests arrays or objects deeper than this server reads (about 1,000 levels)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:  # Python's bound on int(str), which json.loads applies to numbers
+        raise ValueError("it holds an integer of more than 4,300 digits, longer than this server reads") from None
+    if isinstance(raw, bytes):  # a backslash first: memchr, 4x faster than the pattern over a 20 MB image body
+        escape = b"\\" in raw and _SURROGATE_ESCAPE_BYTES.search(raw) is not None
+    else:
+        escape = "\\" in raw and _SURROGATE_ESCAPE.search(raw) is not None
+    if escape and not _all_text(value):
+        raise ValueError(
+            f"the string at {_lone_surrogate_at(value)} holds a lone UTF-16 surrogate (an escape such as \\ud800 "
+            "without its pair), which is not Unicode text; send the character itself, or both halves of its pair"
+        )
+    return value
+
+
+def _all_text(value: Any) -> bool:
+    """Whether every string (and key) in ``value`` is Unicode text; a walk with a stack, as deep as JSON reads."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return False
+        elif isinstance(item, dict):
+            if not all(_is_text(key) for key in item):
+                return False
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _lone_surrogate_at(value: Any) -> str:
+    """Where the first string that is not Unicode text is, as ``messages[0].content`` (``body`` for the whole)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str) and not _is_text(item):
+            return path or "body"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not _is_text(key):
+                    return f"{path or 'body'} (a key)"
+                stack.append((f"{path}.{key}" if path else key, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+    return "body"
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     """``raw`` parsed as one JSON object, or InvalidArgument saying what is wrong with it."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = client_json(raw)
+    except ValueError as exc:
+        what = "is not valid JSON" if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError) else "cannot be read"
         raise InvalidArgument(
-            f"the request body is not valid JSON ({exc}); send one JSON object with Content-Type: application/json"
+            f"the request body {what} ({exc}); send one JSON object with Content-Type: application/json"
         ) from None
     if not isinstance(body, dict):
         raise InvalidArgument(
