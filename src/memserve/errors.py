@@ -93,6 +93,14 @@ class CheckpointError(MemserveError):
     code = "invalid_checkpoint"
 
 
+def shown(text: str, limit: int = 120) -> str:
+    """``repr(text)`` for a message, cut to ``limit`` characters and saying how long it was: a client's 1 MB model
+    name is not echoed whole into the answer and the log."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 class ModelNotFound(MemserveError):
     """No model at the given path, in the local Hugging Face cache, or on the hub."""
 

@@ -32,6 +32,7 @@ def test_adapters_on_one_base_through_the_gateway(
         assert text(f"demo:{first}") == adapted and adapted != plain  # the adapter changes the greedy answer
         listed = {m["id"]: m.get("parent") for m in httpx.get(f"{origin}/v1/models").json()["data"]}
         assert listed == {"demo": None, first: "demo"}
+        assert httpx.get(f"{origin}/v1/models/{first}").json()["parent"] == "demo"  # retrieve, as listed
         [row] = ps(origin)["models"]
         assert row["adapters"] == [first]
         before = row["devices"]["cpu"]["reserved_bytes"]

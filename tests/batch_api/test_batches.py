@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -111,6 +112,10 @@ def test_a_bad_file_is_refused_with_its_line_numbers(tmp_path: Path) -> None:
             client.files.create(file=("x.jsonl", b"".join(good)), purpose="fine-tune")
         with pytest.raises(openai.BadRequestError, match="no request"):
             upload(client, [b"\n"])
+        as_json = httpx.post(  # a JSON body is no upload: it says how to send one
+            f"{client.base_url}files", json={"purpose": "batch"}, headers={"authorization": f"Bearer {client.api_key}"}
+        )
+        assert as_json.status_code == 415 and "multipart/form-data" in as_json.json()["error"]["message"]
         assert client.files.list().data == []
         with pytest.raises(openai.NotFoundError):
             client.batches.create(input_file_id="file-none", endpoint="/v1/chat/completions", completion_window="24h")

@@ -18,6 +18,7 @@ from memserve.wire.schema import (
     ChatCompletion,
     ChatCompletionChunk,
     ErrorResponse,
+    ModelCard,
     ModelList,
     TextCompletion,
     TextCompletionChunk,
@@ -183,6 +184,10 @@ def test_answers_match_the_documented_schemas(door: Any) -> None:
         ).json()
     )
     ModelList.model_validate(httpx.get(f"{origin}/v1/models", timeout=10).json())
+    assert ModelCard.model_validate(httpx.get(f"{origin}/v1/models/demo", timeout=10).json()).id == "demo"
+    missing = httpx.get(f"{origin}/v1/models/{'x' * 5000}", timeout=10)
+    assert missing.status_code == 404 and "(5,000 characters)" in missing.json()["error"]["message"]
+    assert len(missing.content) < 1000  # a long name is not echoed whole
     for path, chunk, body in (
         ("/v1/chat/completions", ChatCompletionChunk, chat_body()),
         ("/v1/completions", TextCompletionChunk, {"model": "demo", "prompt": "a", "max_tokens": 3}),

@@ -135,6 +135,9 @@ def test_the_openai_client_works_with_a_key_and_fails_cleanly_without(
         answer = client.chat.completions.create(**CHAT)
         assert answer.usage is not None and answer.usage.completion_tokens == 5
         assert [m.id for m in client.models.list()] == ["fake/m1"]  # only what the key may use
+        assert client.models.retrieve("fake/m1").id == "fake/m1"  # OpenAI's retrieve: GET /v1/models/{model}
+        with pytest.raises(openai.NotFoundError, match="not served here"):
+            client.models.retrieve("fake/m2")  # hidden as the list hides it
         with pytest.raises(openai.PermissionDeniedError, match="may not use model 'fake/m2'"):
             client.chat.completions.create(**{**CHAT, "model": "fake/m2"})
         with pytest.raises(openai.AuthenticationError, match=r"invalid_api_key|API key"):

@@ -528,6 +528,7 @@ def test_overloaded_when_leases_and_waiting_reach_concurrency_plus_queue(tmp_pat
                 await h.pool.acquire("a")
             assert info.value.status_code == 429 and info.value.retry_after_seconds > 0
             assert "max_queue" in info.value.message
+            assert "0 requests in flight and 2 waiting, its limit of 2 (concurrency 1 + queue 1)" in info.value.message
             h.spawner.spawned[0].make_ready()
             first, second = await asyncio.gather(*waiting)
             with pytest.raises(Overloaded):

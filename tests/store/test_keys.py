@@ -147,7 +147,7 @@ def test_a_missing_key_is_an_invalid_argument_on_key_that_never_echoes_a_secret(
 
     with pytest.raises(InvalidArgument, match="No API key is named or prefixed 'carol'") as caught:
         on_store(sqlite_url, (lookup("carol")))
-    assert caught.value.param == "key" and caught.value.status_code == 400
+    assert caught.value.param == "key" and caught.value.status_code == 404  # as a file or batch not there
     secret = "ms-" + "A" * 43
     with pytest.raises(InvalidArgument, match="never the secret") as caught:
         on_store(sqlite_url, (lookup(secret)))

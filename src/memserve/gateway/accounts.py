@@ -107,6 +107,11 @@ def add_account_routes(
         return log
 
     errors = openapi.responses(None, {**openapi.JSON_BODY_ERRORS, 400: "a bad field, or a key name already used"})
+    no_key = {404: "no key has that name or prefix"}
+    one_key = openapi.responses(None, {**openapi.COMMON_ERRORS, **no_key})
+    key_changed = openapi.responses(
+        None, {**openapi.JSON_BODY_ERRORS, 400: "a bad field, or a key name already used", **no_key}
+    )
 
     @handles(app, KEYS, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def list_keys() -> dict[str, Any]:
@@ -119,17 +124,17 @@ def add_account_routes(
         key, secret = await key_store().create(body.name, **fields)
         return {"key": key.to_json(), "secret": secret}
 
-    @handles(app, KEY, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(app, KEY, responses=one_key)
     async def show_key(name: str) -> dict[str, Any]:
         return {"key": (await key_store().get(name)).to_json()}
 
-    @handles(app, KEY_UPDATE, responses=errors, openapi_extra=openapi.body_doc(KeyLimits))
+    @handles(app, KEY_UPDATE, responses=key_changed, openapi_extra=openapi.body_doc(KeyLimits))
     async def update_key(name: str, request: Request) -> dict[str, Any]:
         body = parse_body(KeyLimits, await json_body(request, max_body_bytes))
         fields = key_changes(body.model_dump(include=body.model_fields_set), datetime.now(UTC))
         return {"key": (await key_store().update(name, **fields)).to_json()}
 
-    @handles(app, KEY_REVOKE, responses=openapi.responses(None, openapi.COMMON_ERRORS))
+    @handles(app, KEY_REVOKE, responses=one_key)
     async def revoke_key(name: str) -> dict[str, Any]:
         return {"key": (await key_store().revoke(name)).to_json()}
 

@@ -50,6 +50,7 @@ from memserve.errors import (
     Overloaded,
     RequestTimedOut,
     StoreUnavailable,
+    shown,
 )
 from memserve.gateway import openapi
 from memserve.gateway.accounts import add_account_routes
@@ -97,6 +98,7 @@ from memserve.wire.routes import (
     LOAD,
     MEMORY,
     METRICS,
+    MODEL,
     MODELS,
     PS,
     UNLOAD,
@@ -105,6 +107,7 @@ from memserve.wire.routes import (
 from memserve.wire.schema import (
     ChatCompletion,
     ChatCompletionChunk,
+    ModelCard,
     ModelList,
     TextCompletion,
     TextCompletionChunk,
@@ -116,6 +119,7 @@ FALLBACK_HEADER = "x-memserve-fallback"
 FALLBACK_REASON_HEADER = "x-memserve-fallback-reason"
 FALLBACK_MODEL_HEADER = "x-memserve-fallback-for"
 _FALLBACK_ON = (InsufficientMemory, MemoryBusy, Overloaded)
+_NAME_CHARS = 256  # of a model name kept in a usage row and a log line (as of an end user's), or matched by difflib
 HUB_FIT_SECONDS = 15.0
 """How long ``GET /api/fit`` waits for the hub about a model that is not configured."""
 
@@ -144,9 +148,10 @@ def route(model: str, settings: Settings, adapter: Callable[[str], tuple[str, st
     if on_base is not None:
         return Route("local", on_base[0], on_base[1])
     known = [m.name for m in settings.models] + [f"{p.name}/{m}" for p in settings.providers for m in p.models]
-    close = difflib.get_close_matches(model, known, n=3, cutoff=0.4)
+    # difflib is quadratic: a name far longer than any served one is close to none of them anyway
+    close = difflib.get_close_matches(model, known, n=3, cutoff=0.4) if len(model) <= _NAME_CHARS else []
     hint = f"did you mean {', '.join(close)}?" if close else f"available: {', '.join(known) or 'none configured'}"
-    raise ModelNotFound(f"model {model!r} is not served here; {hint} (GET /v1/models lists them)", param="model")
+    raise ModelNotFound(f"model {shown(model)} is not served here; {hint} (GET /v1/models lists them)", param="model")
 
 
 class LoadBody(BaseModel):
@@ -266,14 +271,13 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
         body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidArgument(
-                "missing required parameter 'model' (a string naming a model; GET /v1/models lists them)", param="model"
-            )
+            what = "missing required parameter 'model'" if model is None else f"'model' is {json.dumps(model)[:40]}"
+            raise InvalidArgument(f"{what}; send a string naming a model (GET /v1/models lists them)", param="model")
         record: RequestRecord | None = getattr(request.state, "record", None)
         if record is None:  # only the hot routes check keys and meter: never serve around them
             raise InvalidArgument(f"POST /v1{path} is served by memserve's own entry point, not by FastAPI's")
         on_base = pool.adapter(model)  # a LoRA adapter is metered and allowed under its own name
-        record.model = on_base[1] if on_base is not None else model
+        record.model = on_base[1] if on_base is not None else model[:_NAME_CHARS]  # a usage row and a log line
         record.user = end_user(body.get("user"), request.headers)
         caller = record.caller or ANONYMOUS
         caller.check_model(record.model)
@@ -410,6 +414,25 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
     @handles(app, MODELS, response_model=ModelList, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def models(request: Request) -> dict[str, Any]:
         caller: Caller = getattr(request.state, "caller", None) or ANONYMOUS
+        return {"object": "list", "data": [m for m in model_list() if caller.allows(m["id"])]}
+
+    @handles(
+        app,
+        MODEL,
+        response_model=ModelCard,
+        responses=openapi.responses(None, {**openapi.COMMON_ERRORS, 404: "no such model, or one the key may not use"}),
+    )
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        """One model as ``/v1/models`` lists it (OpenAI's retrieve); a 404 for one the caller may not use, as
+        the list hides it."""
+        caller: Caller = getattr(request.state, "caller", None) or ANONYMOUS
+        found = next((m for m in model_list() if m["id"] == model and caller.allows(model)), None)
+        if found is None:
+            raise ModelNotFound(f"model {shown(model)} is not served here; GET /v1/models lists the models")
+        return found
+
+    def model_list() -> list[dict[str, Any]]:
+        """Every model this gateway serves: its own, their adapters and the providers'."""
         states = {e.name: e.state for e in pool.entries.values()}
         data: list[dict[str, Any]] = [
             {
@@ -439,7 +462,7 @@ def create_app(settings: Settings, pool: ModelPool, *, store: Store | None = Non
             for p in settings.providers
             for m in p.models
         ]
-        return {"object": "list", "data": [m for m in data if caller.allows(m["id"])]}
+        return data
 
     @handles(app, HEALTH, responses=openapi.responses(None, openapi.COMMON_ERRORS))
     async def health() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import Response, StreamingResponse
 
 from memserve.batch.format import BatchFileInvalid, validate
-from memserve.errors import InvalidArgument, MemserveError, RequestTooLarge, StoreUnavailable
+from memserve.errors import InvalidArgument, MemserveError, RequestTooLarge, StoreUnavailable, UnsupportedMediaType
 from memserve.gateway import openapi
 from memserve.gateway.auth import ANONYMOUS, Caller
 from memserve.store.batches import PART_BYTES, BatchStore, StoredFile
@@ -93,8 +93,9 @@ def add_file_routes(app: FastAPI, service: Service) -> None:
         None,
         {
             **openapi.COMMON_ERRORS,
-            400: "a bad line (each by number), no request, not multipart, or a purpose other than batch",
+            400: "a bad line (each by number), no request, a malformed upload, or a purpose other than batch",
             413: f"a file over {MAX_UPLOAD_BYTES} bytes",
+            415: "the body is not declared multipart/form-data",
         },
     )
     upload_body = {
@@ -125,6 +126,13 @@ def add_file_routes(app: FastAPI, service: Service) -> None:
             raise RequestTooLarge(
                 f"the upload is {int(declared)} bytes; a batch file may have at most {MAX_UPLOAD_BYTES} bytes: "
                 "split it into several batches"
+            )
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            raise UnsupportedMediaType(
+                f"an upload is multipart/form-data, not {kind or 'a body without a Content-Type'}: send the file as "
+                "the part 'file' and purpose=batch (curl -F purpose=batch -F file=@batch.jsonl; the openai "
+                "client's files.create does)"
             )
         try:
             form = await request.form(max_files=1, max_fields=8)

@@ -154,8 +154,9 @@ class ModelPool:
         if entry.leases + entry.waiting >= entry.max_in_flight:
             self.counters.refused(name, Overloaded.code)  # no event: under overload it would flush the log
             raise Overloaded(
-                f"model {name!r} has {entry.leases} requests in flight and {entry.waiting} waiting, its limit "
-                f"(concurrency {entry.config.concurrency} + queue); retry after a few seconds or raise max_queue",
+                f"model {name!r} has {entry.leases} requests in flight and {entry.waiting} waiting, its limit of "
+                f"{entry.max_in_flight} (concurrency {entry.config.concurrency} + queue "
+                f"{entry.max_in_flight - entry.config.concurrency}); retry after a few seconds or raise max_queue",
                 retry_after_seconds=2.0,
             )
         if keep_alive_seconds is not None:

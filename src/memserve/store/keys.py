@@ -121,6 +121,13 @@ def hash_secret(secret: str) -> str:
 _COLUMNS = [c for c in api_keys.c if c.name != "hash"]
 
 
+class KeyNotFound(InvalidArgument):
+    """No key with that name or prefix: a 404, as for a file or batch that is not there."""
+
+    status_code = 404
+    code = "key_not_found"
+
+
 class KeyStore:
     """Create, list, change, revoke and verify keys. ``verify`` is the hot path; the rest are admin work.
 
@@ -214,7 +221,7 @@ class KeyStore:
         shown = "that secret" if _SECRET_RE.fullmatch(name_or_prefix) else repr(name_or_prefix)
         if not rows:
             hint = " Pass the name or the 12-character prefix, never the secret." if shown == "that secret" else ""
-            raise InvalidArgument(
+            raise KeyNotFound(
                 f"No API key is named or prefixed {shown}.{hint} See them with `memserve keys list`.", param="key"
             )
         raise InvalidArgument(

@@ -43,6 +43,7 @@ __all__ = [
     "LOAD",
     "MEMORY",
     "METRICS",
+    "MODEL",
     "MODELS",
     "OPENAI_ROUTES",
     "PS",
@@ -127,8 +128,12 @@ BATCH = Route("GET", "/v1/batches/{batch_id}")
 BATCH_CANCEL = Route("POST", "/v1/batches/{batch_id}/cancel")
 BATCH_ROUTES = (FILE_UPLOAD, FILES, FILE, FILE_CONTENT, FILE_DELETE, BATCH_CREATE, BATCHES, BATCH, BATCH_CANCEL)
 """OpenAI's Files and Batch API on the gateway (``gateway/files.py``, ``gateway/batches.py``)."""
+MODEL = Route("GET", "/v1/models/{model:path}")
+"""OpenAI's "retrieve model": one entry of ``/v1/models`` (the gateway's; a runner serves one model); a path, as a
+provider's models are ``provider/model``."""
 GATEWAY_ROUTES = (
     *OPENAI_ROUTES,
+    MODEL,
     *ENCODER_ROUTES,
     HEALTH,
     PS,

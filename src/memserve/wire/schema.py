@@ -48,7 +48,7 @@ FinishReason = Literal["stop", "length"]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     include_usage: bool | None = None
 
@@ -56,14 +56,14 @@ class StreamOptions(BaseModel):
 class ImageURL(BaseModel):
     """Where an image part's bytes are: a ``data:image/...;base64,...`` URL, or http(s) where allowed."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     type: Literal["text"]
     text: str
@@ -72,7 +72,7 @@ class TextPart(BaseModel):
 class ImagePart(BaseModel):
     """OpenAI's ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}``."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     type: Literal["image_url"]
     image_url: ImageURL
@@ -100,7 +100,7 @@ class ChatMessage(BaseModel):
     """One message. Text-only list content is joined with newlines (as vLLM does) before templating; a list
     with an image keeps its parts in order, for a vision-language model's template (``template_messages``)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
@@ -158,7 +158,7 @@ def _content_part(index: int, part: Any) -> ContentPart:
 class _SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
