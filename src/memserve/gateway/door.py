@@ -12,7 +12,12 @@ from typing import Any
 from memserve.checkpoint.encoders import EncoderFacts, local_encoder_facts
 from memserve.checkpoint.facts import read_config
 from memserve.checkpoint.locate import read_facts
-from memserve.checkpoint.tokens import max_prompt_bytes, tokenizer_file_longest_token_bytes
+from memserve.checkpoint.tokens import (
+    max_prompt_bytes,
+    prompt_tokens_at_least,
+    tokenizer_file,
+    tokenizer_file_longest_token_bytes,
+)
 from memserve.checkpoint.vision import VisionFacts, no_images, takes_images
 from memserve.config import Settings
 from memserve.errors import InvalidArgument, MemserveError, UnsupportedParameter
@@ -39,7 +44,10 @@ class Door:
     The body is validated with the runner's own request models (``memserve.wire.schema``), so bad input
     never waits for memory, never evicts a model and never gets a 5xx. The prompt is also measured
     against the model's context: in tokens when they are given, else in bytes against the vocabulary's
-    longest piece (``checkpoint.tokens``), which proves a 1 MiB prompt too long without a tokenizer. The
+    longest piece (``checkpoint.tokens``), which proves a 1 MiB prompt too long without a tokenizer. A prompt
+    those bytes do not prove too long, but long enough that it may be, is counted with the checkpoint's
+    ``tokenizer.json`` when the model has no runner (its load would be for nothing, and might evict another):
+    a bound from below (``prompt_tokens_at_least``), so only a prompt sure to overflow is refused. The
     context is the loaded plan's, else the configured one, else the checkpoint's default; the runner
     checks again in tokens, exactly.
     """
@@ -52,6 +60,7 @@ class Door:
         # load decides), else its config.json, which the 400 names the model by
         self._no_images: dict[str, dict[str, Any] | None] = {}
         self._encoders: dict[str, EncoderFacts | None] = {}
+        self._tokenizers: dict[str, Any | None] = {}  # name → its tokenizer.json, loaded the first time one counts
 
     async def check(self, model: str, path: str, body: dict[str, Any]) -> bool | None:
         """Validate ``body`` for local ``model``; its ``stream`` flag when it passes, InvalidArgument if not."""
@@ -69,10 +78,28 @@ class Door:
         context, longest = await self._limits(model)
         if context is not None:
             ids = request.prompt if isinstance(request, CompletionRequest) else None
-            request.check_fits(
-                context, prompt_tokens=len(ids) if isinstance(ids, list) else None, longest_token_bytes=longest
-            )
+            prompt_tokens = len(ids) if isinstance(ids, list) else None
+            request.check_fits(context, prompt_tokens=prompt_tokens, longest_token_bytes=longest)
+            if prompt_tokens is None and request.prompt_text_bytes() + (request.max_new_tokens or 1) >= context:
+                counted = await self._count(model, request.prompt_texts())
+                request.check_fits(context, longest_token_bytes=longest, counted_at_least=counted)
         return request.stream
+
+    async def _count(self, model: str, texts: list[str]) -> int | None:
+        """At least how many tokens ``texts`` take (``prompt_tokens_at_least``), counted only for a model with no
+        runner and a local ``tokenizer.json``: a runner counts exactly, and quickly."""
+        entry = self.pool.entries.get(model)
+        if entry is not None and entry.runner is not None:
+            return None
+        if model not in self._tokenizers:
+            config = self.settings.model(model)
+            assert config is not None  # route() found it
+            folder = Path(config.source).expanduser()
+            self._tokenizers[model] = await asyncio.to_thread(tokenizer_file, folder) if folder.is_dir() else None
+        tokenizer = self._tokenizers[model]
+        if tokenizer is None:
+            return None
+        return await asyncio.to_thread(prompt_tokens_at_least, tokenizer, texts)
 
     async def _encoder(self, model: str) -> EncoderFacts | None:
         """The model's encoder facts (an embedding model or a classifier), None for a generating model."""

@@ -198,30 +198,42 @@ class _SamplingRequest(BaseModel):
     def prompt_param(self) -> str:
         return "prompt"
 
+    def prompt_texts(self) -> list[str]:
+        """The prompt's texts, each as a tokenizer would be given it (token ids are none)."""
+        return []
+
     def prompt_text_bytes(self) -> int:
         """UTF-8 bytes of the prompt's text (token ids count as none): what a tokenizer would be given."""
-        return 0
+        return sum(len(text.encode("utf-8", "surrogatepass")) for text in self.prompt_texts())
 
     def check_fits(
-        self, context_tokens: int, *, prompt_tokens: int | None = None, longest_token_bytes: int | None = None
+        self,
+        context_tokens: int,
+        *,
+        prompt_tokens: int | None = None,
+        longest_token_bytes: int | None = None,
+        counted_at_least: int | None = None,
     ) -> None:
         """ContextOverflow (400) when the prompt and ``max_tokens`` cannot fit in ``context_tokens``.
 
         As OpenAI and vLLM answer: ``max_tokens`` is not clipped, it is refused with both numbers. Without
-        ``prompt_tokens`` (the gateway, before any tokenizer), the prompt counts as at least one token,
-        or as ``bytes / longest_token_bytes`` tokens when the vocabulary's longest piece is known.
+        ``prompt_tokens`` (the gateway, before any runner), the prompt counts as at least one token, as
+        ``bytes / longest_token_bytes`` tokens when the vocabulary's longest piece is known, or as
+        ``counted_at_least`` (``checkpoint.tokens.prompt_tokens_at_least``) when that is more.
         """
         known = prompt_tokens is not None
+        size = ""
         if prompt_tokens is None:
             prompt_tokens = 1
             if longest_token_bytes:
                 prompt_tokens = max(1, -(-self.prompt_text_bytes() // longest_token_bytes))
+                size = f"{self.prompt_text_bytes()} bytes, so at least {prompt_tokens} tokens"
+            if counted_at_least is not None and counted_at_least > prompt_tokens:
+                prompt_tokens = counted_at_least
+                size = f"at least {prompt_tokens} tokens (counted with the model's tokenizer)"
+            size = size or f"at least {prompt_tokens} tokens"
         if prompt_tokens >= context_tokens:
-            size = (
-                f"{prompt_tokens} tokens"
-                if known
-                else f"{self.prompt_text_bytes()} bytes, so at least {prompt_tokens} tokens"
-            )
+            size = f"{prompt_tokens} tokens" if known else size
             raise ContextOverflow(
                 f"the prompt is {size} but this model's context is {context_tokens} tokens, "
                 f"which leaves no room for a completion; shorten the prompt to at most "
@@ -285,8 +297,8 @@ class ChatCompletionRequest(_SamplingRequest):
     def prompt_param(self) -> str:
         return "messages"
 
-    def prompt_text_bytes(self) -> int:
-        return sum(len(m.text.encode("utf-8", "surrogatepass")) for m in self.messages)
+    def prompt_texts(self) -> list[str]:
+        return [m.text for m in self.messages]
 
     def unsupported(self) -> tuple[str, str] | None:
         """Adds the chat-only fields: logprobs, tools and functions, structured output."""
@@ -362,8 +374,8 @@ class CompletionRequest(_SamplingRequest):
             return value
         raise ValueError("expected a string, a list of one string, or a list of token ids")
 
-    def prompt_text_bytes(self) -> int:
-        return len(self.prompt.encode("utf-8", "surrogatepass")) if isinstance(self.prompt, str) else 0
+    def prompt_texts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else []
 
     def unsupported(self) -> tuple[str, str] | None:
         """Adds the legacy-completions fields: echo, suffix, logprobs, best_of."""
