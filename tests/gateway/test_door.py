@@ -35,6 +35,9 @@ def chat_body(**extra: Any) -> dict[str, Any]:
 BAD: list[tuple[str, dict[str, str], bytes, int, str | None, str]] = [
     # (name, headers, body, status, param, words in the message)
     ("temperature hot", JSON, json.dumps(chat_body(temperature="hot")).encode(), 400, "temperature", "number"),
+    ("temperature NaN", JSON, json.dumps(chat_body(temperature=float("nan"))).encode(), 400, "temperature", "finite"),
+    ("user 5", JSON, json.dumps(chat_body(user=5)).encode(), 400, "user", "string"),
+    ("model 5", JSON, json.dumps(chat_body(model=5)).encode(), 400, "model", "'model' is 5; send a string"),
     ("max_tokens -5", JSON, json.dumps(chat_body(max_tokens=-5)).encode(), 400, "max_tokens", "greater than"),
     ("stream 'true'", JSON, json.dumps(chat_body(stream="true")).encode(), 400, "stream", "boolean"),
     ("stream 1", JSON, json.dumps(chat_body(stream=1)).encode(), 400, "stream", "boolean"),

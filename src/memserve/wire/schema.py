@@ -172,6 +172,7 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    user: str | None = None  # the end user, for usage (``gateway/auth.py: end_user``); OpenAI's is a string
 
     @field_validator("stop", mode="before")
     @classmethod
