@@ -302,33 +302,18 @@ def client_json(raw: bytes | str) -> Any:
         escape = b"\\" in raw and _SURROGATE_ESCAPE_BYTES.search(raw) is not None
     else:
         escape = "\\" in raw and _SURROGATE_ESCAPE.search(raw) is not None
-    if escape and not _all_text(value):
+    where = _not_text_at(value) if escape else None
+    if where is not None:
         raise ValueError(
-            f"the string at {_lone_surrogate_at(value)} holds a lone UTF-16 surrogate (an escape such as \\ud800 "
-            "without its pair), which is not Unicode text; send the character itself, or both halves of its pair"
+            f"the string at {where} holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair), "
+            "which is not Unicode text; send the character itself, or both halves of its pair"
         )
     return value
 
 
-def _all_text(value: Any) -> bool:
-    """Whether every string (and key) in ``value`` is Unicode text; a walk with a stack, as deep as JSON reads."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if not _is_text(item):
-                return False
-        elif isinstance(item, dict):
-            if not all(_is_text(key) for key in item):
-                return False
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return True
-
-
-def _lone_surrogate_at(value: Any) -> str:
-    """Where the first string that is not Unicode text is, as ``messages[0].content`` (``body`` for the whole)."""
+def _not_text_at(value: Any) -> str | None:
+    """Where the first string (or key) in ``value`` that is not Unicode text is, as ``messages[0].content``
+    (``body`` for the whole); None when all are. A walk with a stack, as deep as JSON reads."""
     stack: list[tuple[str, Any]] = [("", value)]
     while stack:
         path, item = stack.pop()
@@ -341,7 +326,7 @@ def _lone_surrogate_at(value: Any) -> str:
                 stack.append((f"{path}.{key}" if path else key, child))
         elif isinstance(item, list):
             stack.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
-    return "body"
+    return None
 
 
 def _is_text(text: str) -> bool:
