@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -149,11 +148,15 @@ class Door:
         decoded = await load_images(images, config.images.limits(allow_urls=self.settings.image_urls == "allow"))
         fetched = [(ref, image) for ref, image in zip(images, decoded, strict=True) if ref.url[:5].lower() != "data:"]
         if fetched:
-            body["messages"] = messages = copy.deepcopy(body["messages"])  # new messages: the app relays body
+            # new messages, parts and image_urls where they change (the app relays body): the client's are left as
+            # they came, and nothing else is copied (a deep copy also recursed into whatever else a message held)
+            body["messages"] = messages = list(body["messages"])
             for ref, image in fetched:
                 m, p = (int(i) for i in re.findall(r"\[(\d+)\]", ref.param))
                 url = f"data:image/{image.format.lower()};base64,{base64.b64encode(image.data).decode()}"
-                messages[m]["content"][p]["image_url"] = {"url": url}
+                content = list(messages[m]["content"])
+                content[p] = {**content[p], "image_url": {"url": url}}
+                messages[m] = {**messages[m], "content": content}
 
     async def _limits(self, model: str) -> tuple[int | None, int | None]:
         """(context, longest token bytes): the running plan's context, else the configured or default one."""
