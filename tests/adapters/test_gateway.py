@@ -78,3 +78,23 @@ def test_adapters_on_one_base_through_the_gateway(
     with gateway(settings_for(tmp_path, [base]), host(8 * GiB)) as (origin, _):
         listed = {m["id"]: m.get("parent") for m in httpx.get(f"{origin}/v1/models").json()["data"]}
         assert listed == {"demo": None, first: "demo"}
+
+
+def test_an_adapter_for_another_base_is_refused_while_its_base_is_stopped(
+    tmp_path: Path, tiny_model_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    """Before, it was stored and listed, and every load of the base then failed on it (a 502 for the base and each
+    of its adapters, after a restart too); now the add is refused from the headers, as on a loaded base."""
+    from tests.adapters.test_lora import _other_base
+
+    other = _other_base(tmp_path)
+    with gateway(settings_for(tmp_path, [local("demo", tiny_model_dir)]), host(8 * GiB)) as (origin, _):
+        refused = httpx.post(f"{origin}/api/adapters", json={"model": "demo", "name": "x", "source": str(other)})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "adapter_base_mismatch", refused.text
+        assert not ps(origin)["models"], "the check loaded the base"
+        assert "x" not in {m["id"] for m in httpx.get(f"{origin}/v1/models").json()["data"]}
+        (name, folder), *_ = adapter_dirs.items()
+        added = httpx.post(f"{origin}/api/adapters", json={"model": "demo", "name": name, "source": str(folder)})
+        assert added.status_code == 200, added.text  # its own base's adapter: taken while stopped, as before
+        answer = httpx.post(f"{origin}/v1/completions", json={**PROMPT, "model": name}, timeout=120)
+        assert answer.status_code == 200, answer.text

@@ -207,3 +207,27 @@ def test_demo_adapter_command(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert again.exit_code != 0 and "exists and is not an empty folder" in again.output
     bad = runner.invoke(demo_adapter, [str(tiny_model_dir), str(tmp_path / "bad"), "--targets", "nothing_here"])
     assert bad.exit_code != 0 and "cannot put LoRA on" in bad.output and "nothing_here" in bad.output
+
+
+def test_an_adapter_is_checked_on_its_base_from_the_headers_before_any_runner(
+    tiny_model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """What the runner finds once loaded (the test above), found from the two safetensors headers, so that an
+    adapter added to a stopped model is refused then, not at every later load of its base."""
+    from memserve.checkpoint.demo_encoder import write_demo_encoder, write_demo_encoder_adapter
+    from memserve.checkpoint.demo_vision import write_demo_vision_model
+    from memserve.checkpoint.facts import check_adapter_on_base
+    from memserve.checkpoint.locate import read_facts, with_adapter_sources
+
+    for adapter in adapter_dirs.values():
+        check_adapter_on_base(adapter, tiny_model_dir)  # its own base: passes
+    with pytest.raises(CheckpointError, match="takes 32 inputs and gives") as caught:
+        check_adapter_on_base(_other_base(tmp_path), tiny_model_dir)  # same names, other widths
+    assert caught.value.code == "adapter_base_mismatch" and caught.value.status_code == 400
+    classifier = write_demo_encoder(tmp_path / "electra", arch="electra", task="classify", labels=("a", "b")).path
+    check_adapter_on_base(write_demo_encoder_adapter(classifier, tmp_path / "spam"), classifier)  # its own
+    with pytest.raises(CheckpointError, match=r"which the base .* does not have") as caught:
+        with_adapter_sources(read_facts(str(classifier)), (str(adapter_dirs["ad1"]),))  # a decoder's, on it
+    assert caught.value.code == "adapter_base_mismatch"
+    vision = write_demo_vision_model(tmp_path / "llava").path  # a vision base's own (language-model) adapter
+    check_adapter_on_base(write_demo_adapter(vision, tmp_path / "vision-adapter").path, vision)

@@ -496,6 +496,61 @@ def read_adapter_facts(folder: Path) -> AdapterFacts:
     )
 
 
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+
+
+def check_adapter_on_base(adapter: Path, base: Path) -> None:
+    """CheckpointError when the PEFT adapter in folder ``adapter`` is sure not to fit the base checkpoint in folder
+    ``base``, read from both safetensors headers, as the runner would find once loaded (``runner/lora.py``):
+    a target whose base weight has other input or output widths (``adapter_base_mismatch``), or targets none of
+    which the base has. A target found under no name is left to the runner (checkpoint names may differ from
+    module paths): each is looked up as ``MODULE.weight``, else as the base weights whose names end with its last
+    three path components (``0.self_attn.q_proj``; a vision tower may have one too), and is a mismatch only when
+    none of them has its widths."""
+    adapter_tensors = _tensors_from_metadata(
+        _local_metadata(adapter / "adapter_model.safetensors", str(adapter)), str(adapter)
+    )
+    layers: dict[str, dict[str, list[int]]] = {}
+    for name, (_, shape) in adapter_tensors.items():
+        found = _LORA_KEY.match(name)
+        if found is not None and len(shape) == 2:
+            layers.setdefault(found["module"], {})[found["part"]] = shape
+    if not layers:
+        return
+    try:
+        meta = get_local_safetensors_metadata(base)
+    except Exception:  # a .bin checkpoint, an odd layout: its load will check
+        return
+    weights = {n: shape for n, (_, shape) in _tensors_from_metadata(meta, str(base)).items() if len(shape) == 2}
+    by_tail: dict[str, list[str]] = {}
+    for name in weights:
+        by_tail.setdefault(".".join(name.removesuffix(".weight").split(".")[-3:]), []).append(name)
+    seen = 0
+    for module, parts in sorted(layers.items()):
+        exact = f"{module}.weight"
+        candidates = [exact] if exact in weights else by_tail.get(".".join(module.split(".")[-3:]), [])
+        if not candidates or "A" not in parts or "B" not in parts:
+            continue
+        seen += 1
+        widths = (parts["A"][1], parts["B"][0])  # (in, out)
+        # a mismatch only when no candidate has these widths, either way round (GPT-2's Conv1D stores (in, out))
+        if all(widths not in ((weights[c][1], weights[c][0]), tuple(weights[c])) for c in candidates):
+            in_width, out_width = weights[candidates[0]][1], weights[candidates[0]][0]
+            raise CheckpointError(
+                f"adapter {adapter} was trained for another base: {module} takes {widths[0]} inputs and gives "
+                f"{widths[1]} outputs in the adapter, but {in_width} and {out_width} in {base} ({candidates[0]}); "
+                "add it to its own base",
+                code="adapter_base_mismatch",
+            )
+    if seen == 0:
+        first = min(layers)
+        raise CheckpointError(
+            f"adapter {adapter} targets {first} (and {len(layers) - 1} more), which the base {base} does not have; "
+            "it was trained for another architecture: add it to its own base",
+            code="adapter_base_mismatch",
+        )
+
+
 def _local_metadata(path: Path, source: str) -> SafetensorsRepoMetadata:
     try:
         return get_local_safetensors_metadata(path)

@@ -29,6 +29,7 @@ from typing import Literal
 
 from memserve.checkpoint.facts import (
     CheckpointFacts,
+    check_adapter_on_base,
     facts_from_metadata,
     parse_config,
     read_adapter_facts,
@@ -345,4 +346,9 @@ def with_adapter_sources(facts: CheckpointFacts | GgufFacts, sources: tuple[str,
             f"adapter {gguf} is a GGUF file, for a GGUF model served by llama.cpp; {facts.source} is served by "
             "memserve's runner, which takes PEFT adapter folders (adapter_config.json + adapter_model.safetensors)"
         )
-    return with_adapters(facts, tuple(read_adapter_facts(p) for p in paths))
+    adapters = tuple(read_adapter_facts(p) for p in paths)
+    base = Path(facts.source).expanduser()
+    if base.is_dir():  # a local checkpoint: each adapter checked on its headers, whether or not a runner is up
+        for path in paths:
+            check_adapter_on_base(path, base)
+    return with_adapters(facts, adapters)
