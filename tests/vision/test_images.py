@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -93,6 +94,23 @@ def test_allowed_urls_are_fetched_with_the_same_caps() -> None:
         asyncio.run(fetch("/gone", allowed))
     with pytest.raises(InvalidArgument, match="does not fetch"):
         asyncio.run(fetch("/cat.png", ImageLimits()))
+
+
+def test_a_fetch_is_timed_whole_not_per_read() -> None:
+    """A host that sends a byte every 0.1 s never trips httpx's per-read timeout; the fetch's own limit is whole."""
+
+    async def drip() -> AsyncIterator[bytes]:
+        for _ in range(60):
+            yield b"x"
+            await asyncio.sleep(0.1)
+
+    async def fetch() -> object:
+        async with serve(httpx.MockTransport(lambda request: httpx.Response(200, content=drip()))) as client:
+            return await load_images([ref("http://images.test/slow.png")], limits, client)
+
+    limits = ImageLimits(allow_urls=True, fetch_timeout_seconds=0.5)
+    with pytest.raises(InvalidArgument, match=r"took more than 0.5 s \(\d+ bytes came\)"):
+        asyncio.run(fetch())  # before: all 6 s of it read, then "not an image"
 
 
 def test_the_base64_cap_is_applied_before_decoding() -> None:

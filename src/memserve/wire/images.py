@@ -19,6 +19,7 @@ Why each check is where it is:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -167,8 +168,9 @@ async def fetch_image(ref: ImageRef, limits: ImageLimits, client: httpx.AsyncCli
         check_images([ref], limits)  # raises: the policy's message
     chunks: list[bytes] = []
     size = 0
-    try:
-        async with client.stream("GET", ref.url, timeout=limits.fetch_timeout_seconds) as response:
+    seconds = limits.fetch_timeout_seconds
+    try:  # httpx's timeout is per read: a host sending a byte a second would hold the request for ever; this is whole
+        async with asyncio.timeout(seconds), client.stream("GET", ref.url, timeout=seconds) as response:
             if response.status_code != 200:
                 raise _refuse(ref, f"fetching the image URL answered HTTP {response.status_code}; check the URL")
             declared = response.headers.get("content-length")
@@ -181,6 +183,10 @@ async def fetch_image(ref: ImageRef, limits: ImageLimits, client: httpx.AsyncCli
                 chunks.append(chunk)
     except httpx.HTTPError as exc:
         raise _refuse(ref, f"the image URL could not be fetched ({type(exc).__name__}: {exc}); check the URL") from None
+    except TimeoutError:
+        raise _refuse(
+            ref, f"fetching the image URL took more than {seconds:g} s ({size} bytes came); check the URL"
+        ) from None
     return _checked(ref, b"".join(chunks), limits)
 
 
