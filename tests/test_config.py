@@ -492,3 +492,11 @@ def test_an_adapter_name_that_clients_could_not_tell_apart_is_refused(
 ) -> None:
     with pytest.raises(ValidationError, match=re.escape(said)):
         Settings(models=[{"name": "base", "source": "x", "adapters": adapters}])
+
+
+def test_auth_off_unquoted_is_off_and_on_is_refused(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``auth: off`` as false; the README writes it unquoted, so it must mean off."""
+    assert load_settings(write(tmp_path, "auth: off\n")).auth == "off"
+    assert load_settings(write(tmp_path, 'auth: "keys"\n')).auth == "keys"
+    with pytest.raises(InvalidArgument, match="auth"):
+        load_settings(write(tmp_path, "auth: on\n"))  # true: keys or not? it does not say

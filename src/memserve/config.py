@@ -454,6 +454,13 @@ class Settings(BaseSettings):
         :func:`load_settings` adds the YAML file's data below these (:func:`_build`)."""
         return init_settings, env_settings
 
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_off_unquoted(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``auth: off`` as false (the README writes it so): that is "off". An
+        unquoted ``on``/``yes``/``true`` is left to fail: it does not say whether keys were meant."""
+        return "off" if value is False else value
+
     @field_validator("memory", "headroom", mode="before")
     @classmethod
     def _size_text(cls, value: Any) -> Any:

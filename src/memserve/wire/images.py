@@ -142,11 +142,15 @@ def _checked(ref: ImageRef, data: bytes, limits: ImageLimits) -> DecodedImage:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as image:
                 width, height, kind = image.width, image.height, str(image.format)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's words are for a developer
         raise _refuse(
-            ref, f"the image is too large to decode ({exc}); this server's limit is {limits.max_pixels} pixels"
+            ref,
+            f"the image is too large to decode (its header says more than {Image.MAX_IMAGE_PIXELS} pixels); this "
+            f"server's limit is {limits.max_pixels} pixels (images.max_image_pixels): scale it down",
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # its text names the BytesIO object it was given
+        raise _refuse(ref, f"the bytes are not an image this server reads ({', '.join(FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise _refuse(
             ref, f"the bytes are not an image this server reads ({', '.join(FORMATS)}): {type(exc).__name__}: {exc}"
         ) from None
