@@ -166,6 +166,7 @@ def test_serve_listens_on_the_socket_it_bound_and_stops_cleanly(tmp_path: Path) 
         found = re.search(r"memserve gateway on http://127\.0\.0\.1:(\d+) ", line)
         assert found, line
         assert found.group(1) != "0"
+        assert line.rstrip().endswith("auth: off"), line  # loopback: off by default, and the line says so
         # the socket listens from the start: this waits in its backlog until uvicorn accepts it
         assert httpx.get(f"http://127.0.0.1:{found.group(1)}/health", timeout=60).status_code == 200
         process.send_signal(signal.SIGTERM)

@@ -193,8 +193,10 @@ def _run(settings: Settings, sockets: list[socket.socket]) -> bool:
         f"{name} {d['usable_bytes'] / 2**30:.1f} GiB" for name, d in pool.ledger.to_json()["devices"].items()
     )
     say(
-        f"memserve gateway on http://{settings.host}:{port}  models: {names}  providers: {remote}  usable: {usable}",
+        f"memserve gateway on http://{settings.host}:{port}  models: {names}  providers: {remote}  usable: {usable}"
+        f"  auth: {settings.auth}" + ("" if settings.auth == "off" else " (requests need an API key)"),
         url=f"http://{settings.host}:{port}",
+        auth=settings.auth,
         models=[m.name for m in settings.models],
         providers=[p.name for p in settings.providers],
     )
