@@ -216,18 +216,17 @@ def test_an_adapter_is_checked_on_its_base_from_the_headers_before_any_runner(
     adapter added to a stopped model is refused then, not at every later load of its base."""
     from memserve.checkpoint.demo_encoder import write_demo_encoder, write_demo_encoder_adapter
     from memserve.checkpoint.demo_vision import write_demo_vision_model
-    from memserve.checkpoint.facts import check_adapter_on_base
+    from memserve.checkpoint.facts import check_adapters_on_base
     from memserve.checkpoint.locate import read_facts, with_adapter_sources
 
-    for adapter in adapter_dirs.values():
-        check_adapter_on_base(adapter, tiny_model_dir)  # its own base: passes
+    check_adapters_on_base(adapter_dirs.values(), tiny_model_dir)  # its own base: passes, the base read once
     with pytest.raises(CheckpointError, match="takes 32 inputs and gives") as caught:
-        check_adapter_on_base(_other_base(tmp_path), tiny_model_dir)  # same names, other widths
+        check_adapters_on_base([_other_base(tmp_path)], tiny_model_dir)  # same names, other widths
     assert caught.value.code == "adapter_base_mismatch" and caught.value.status_code == 400
     classifier = write_demo_encoder(tmp_path / "electra", arch="electra", task="classify", labels=("a", "b")).path
-    check_adapter_on_base(write_demo_encoder_adapter(classifier, tmp_path / "spam"), classifier)  # its own
+    check_adapters_on_base([write_demo_encoder_adapter(classifier, tmp_path / "spam")], classifier)  # its own
     with pytest.raises(CheckpointError, match=r"which the base .* does not have") as caught:
         with_adapter_sources(read_facts(str(classifier)), (str(adapter_dirs["ad1"]),))  # a decoder's, on it
     assert caught.value.code == "adapter_base_mismatch"
     vision = write_demo_vision_model(tmp_path / "llava").path  # a vision base's own (language-model) adapter
-    check_adapter_on_base(write_demo_adapter(vision, tmp_path / "vision-adapter").path, vision)
+    check_adapters_on_base([write_demo_adapter(vision, tmp_path / "vision-adapter").path], vision)

@@ -499,14 +499,32 @@ def read_adapter_facts(folder: Path) -> AdapterFacts:
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
 
 
-def check_adapter_on_base(adapter: Path, base: Path) -> None:
-    """CheckpointError when the PEFT adapter in folder ``adapter`` is sure not to fit the base checkpoint in folder
-    ``base``, read from both safetensors headers, as the runner would find once loaded (``runner/lora.py``):
-    a target whose base weight has other input or output widths (``adapter_base_mismatch``), or targets none of
-    which the base has. A target found under no name is left to the runner (checkpoint names may differ from
+def check_adapters_on_base(adapters: Iterable[Path], base: Path) -> None:
+    """CheckpointError when a PEFT adapter folder of ``adapters`` is sure not to fit the base checkpoint in folder
+    ``base`` (whose header is read once for all), read from both safetensors headers, as the runner would find
+    once loaded (``runner/lora.py``): a target whose base weight has other input or output widths
+    (``adapter_base_mismatch``), or targets none of which the base has. A target found under no name is left to the runner (checkpoint names may differ from
     module paths): each is looked up as ``MODULE.weight``, else as the base weights whose names end with its last
     three path components (``0.self_attn.q_proj``; a vision tower may have one too), and is a mismatch only when
     none of them has its widths."""
+    adapters = list(adapters)
+    if not adapters:
+        return
+    try:
+        meta = get_local_safetensors_metadata(base)
+    except Exception:  # a .bin checkpoint, an odd layout: its load will check
+        return
+    weights = {n: shape for n, (_, shape) in _tensors_from_metadata(meta, str(base)).items() if len(shape) == 2}
+    by_tail: dict[str, list[str]] = {}
+    for name in weights:
+        by_tail.setdefault(".".join(name.removesuffix(".weight").split(".")[-3:]), []).append(name)
+    for adapter in adapters:
+        _check_adapter_widths(adapter, base, weights, by_tail)
+
+
+def _check_adapter_widths(
+    adapter: Path, base: Path, weights: Mapping[str, list[int]], by_tail: Mapping[str, list[str]]
+) -> None:
     adapter_tensors = _tensors_from_metadata(
         _local_metadata(adapter / "adapter_model.safetensors", str(adapter)), str(adapter)
     )
@@ -517,14 +535,6 @@ def check_adapter_on_base(adapter: Path, base: Path) -> None:
             layers.setdefault(found["module"], {})[found["part"]] = shape
     if not layers:
         return
-    try:
-        meta = get_local_safetensors_metadata(base)
-    except Exception:  # a .bin checkpoint, an odd layout: its load will check
-        return
-    weights = {n: shape for n, (_, shape) in _tensors_from_metadata(meta, str(base)).items() if len(shape) == 2}
-    by_tail: dict[str, list[str]] = {}
-    for name in weights:
-        by_tail.setdefault(".".join(name.removesuffix(".weight").split(".")[-3:]), []).append(name)
     seen = 0
     for module, parts in sorted(layers.items()):
         exact = f"{module}.weight"

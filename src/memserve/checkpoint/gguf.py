@@ -486,9 +486,14 @@ def read_gguf_adapters(paths: tuple[Path, ...], base: GgufFacts) -> tuple[Adapte
     """``read_gguf_adapter`` for each of ``paths`` on ``base``, whose header is read once for all of them."""
     if not paths:
         return ()
-    files = [Path(f) for f in base.splits] or [Path(base.path)]
-    shapes = {t.name: t.dims for f in files for t in _read_header(f, base.source).tensors}
+    shapes = _tensor_dims(base)
     return tuple(read_gguf_adapter(p, base, shapes) for p in paths)
+
+
+def _tensor_dims(base: GgufFacts) -> dict[str, tuple[int, ...]]:
+    """Each tensor's dims in ``base``'s header (every split's), by name."""
+    files = [Path(f) for f in base.splits] or [Path(base.path)]
+    return {t.name: t.dims for f in files for t in _read_header(f, base.source).tensors}
 
 
 def read_gguf_adapter(
@@ -550,8 +555,7 @@ def _check_adapter_base(
             "its own base"
         )
     if shapes is None:
-        files = [Path(f) for f in base.splits] or [Path(base.path)]
-        shapes = {t.name: t.dims for f in files for t in _read_header(f, base.source).tensors}
+        shapes = _tensor_dims(base)
     for name, pair in sorted(pairs.items()):
         dims = shapes.get(name)
         a, b = pair[LORA_A].dims, pair[LORA_B].dims

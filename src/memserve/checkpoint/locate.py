@@ -29,7 +29,7 @@ from typing import Literal
 
 from memserve.checkpoint.facts import (
     CheckpointFacts,
-    check_adapter_on_base,
+    check_adapters_on_base,
     facts_from_metadata,
     parse_config,
     read_adapter_facts,
@@ -349,6 +349,5 @@ def with_adapter_sources(facts: CheckpointFacts | GgufFacts, sources: tuple[str,
     adapters = tuple(read_adapter_facts(p) for p in paths)
     base = Path(facts.source).expanduser()
     if base.is_dir():  # a local checkpoint: each adapter checked on its headers, whether or not a runner is up
-        for path in paths:
-            check_adapter_on_base(path, base)
+        check_adapters_on_base(paths, base)
     return with_adapters(facts, adapters)

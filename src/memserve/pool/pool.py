@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from memserve.checkpoint.facts import check_adapter_on_base
+from memserve.checkpoint.facts import check_adapters_on_base
 from memserve.checkpoint.locate import with_adapter_sources
 from memserve.config import Settings
 from memserve.engines.fit import read_model_facts
@@ -343,7 +343,7 @@ class ModelPool:
         base = Path(entry.config.source).expanduser()
         if base.is_dir():  # one stored before the add checked it on its base would fail every load of the base
             try:
-                check_adapter_on_base(Path(source), base)
+                check_adapters_on_base([Path(source)], base)
             except MemserveError as exc:
                 return exc.message
         entry.adapters[adapter] = source
