@@ -503,10 +503,10 @@ def check_adapters_on_base(adapters: Iterable[Path], base: Path) -> None:
     """CheckpointError when a PEFT adapter folder of ``adapters`` is sure not to fit the base checkpoint in folder
     ``base`` (whose header is read once for all), read from both safetensors headers, as the runner would find
     once loaded (``runner/lora.py``): a target whose base weight has other input or output widths
-    (``adapter_base_mismatch``), or targets none of which the base has. A target found under no name is left to the runner (checkpoint names may differ from
-    module paths): each is looked up as ``MODULE.weight``, else as the base weights whose names end with its last
-    three path components (``0.self_attn.q_proj``; a vision tower may have one too), and is a mismatch only when
-    none of them has its widths."""
+    (``adapter_base_mismatch``), or targets none of which the base has. A target found under no name is left to
+    the runner (checkpoint names may differ from module paths): each is looked up as ``MODULE.weight``, else as
+    the base weights whose names end with its last three path components (``0.self_attn.q_proj``; a vision tower
+    may have one too), and is a mismatch only when none of them has its widths."""
     adapters = list(adapters)
     if not adapters:
         return
